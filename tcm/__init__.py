@@ -1,0 +1,3 @@
+"""tcm: time-critical endpoint management on Twisted."""
+
+__version__ = "0.1.0"

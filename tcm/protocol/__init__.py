@@ -1,0 +1,1 @@
+"""The tcm wire protocol, version 1: envelopes, schemas, codec. Pure: no I/O, no reactor."""

@@ -1,0 +1,125 @@
+"""JSON Schemas of the tcm.v1 envelope and of each message type's `data`.
+
+These dictionaries are the normative schemas; docs/protocol.md quotes them and a test checks
+that every example in that document validates against them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_ID = {"type": "string", "minLength": 1, "maxLength": 128}
+_NAME = {"type": "string", "pattern": r"^[a-z][a-z0-9_.-]{0,63}$"}
+_JOB = {"type": "string", "minLength": 1, "maxLength": 64}
+
+ENVELOPE: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "type", "data"],
+    "properties": {
+        "id": _ID,
+        "type": {"type": "string", "minLength": 1, "maxLength": 64},
+        "sender": {"type": "string", "maxLength": 128},
+        "target": {"type": "string", "maxLength": 128},
+        "targets": {"type": "array", "items": {"type": "string", "maxLength": 128}},
+        "in_reply_to": _ID,
+        "expires": {"type": "number"},
+        "data": {"type": "object"},
+        "trace": {"type": "array", "items": {"type": "string", "maxLength": 256}},
+    },
+    "additionalProperties": False,
+}
+
+CAPABILITY = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": _NAME,
+        "streams": {"type": "boolean"},
+        "task": {"type": "boolean"},
+        "schema": {"type": "object"},
+    },
+}
+
+DATA: dict[str, dict[str, Any]] = {
+    # agent -> server, first message of a session
+    "hello": {
+        "type": "object",
+        "required": ["agent_version", "protocol", "capabilities"],
+        "properties": {
+            "agent_version": {"type": "string", "maxLength": 64},
+            "protocol": {"type": "integer", "minimum": 1},
+            "capabilities": {"type": "array", "items": CAPABILITY, "maxItems": 1024},
+            "hostname": {"type": "string", "maxLength": 255},
+            "platform": {"type": "string", "maxLength": 255},
+            "running": {"type": "array", "items": _JOB, "maxItems": 10000},
+        },
+    },
+    # server -> agent, answer to hello
+    "welcome": {
+        "type": "object",
+        "required": ["session", "keepalive", "poll_interval"],
+        "properties": {
+            "session": {"type": "string"},
+            "agent_id": {"type": "string"},
+            "keepalive": {"type": "number", "minimum": 0},
+            "poll_interval": {"type": "number", "minimum": 0},
+            "max_message_size": {"type": "integer", "minimum": 0},
+            "max_in_flight": {"type": "integer", "minimum": 1},
+            "server_version": {"type": "string"},
+        },
+    },
+    # server -> agent: run an action. The same bytes go to every target of a job.
+    "action.request": {
+        "type": "object",
+        "required": ["job", "action", "args"],
+        "properties": {
+            "job": _JOB,
+            "action": _NAME,
+            "args": {"type": "object"},
+            "timeout": {"type": "number", "exclusiveMinimum": 0},
+        },
+    },
+    # agent -> server: one call of the agent API (an HTTP request carried by the session)
+    "request": {
+        "type": "object",
+        "required": ["method", "path"],
+        "properties": {
+            "method": {"enum": ["GET", "POST", "PUT", "DELETE"]},
+            "path": {"type": "string", "pattern": "^/", "maxLength": 2048},
+            "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+            "body": {},
+        },
+    },
+    # server -> agent: the answer to a request
+    "response": {
+        "type": "object",
+        "required": ["status"],
+        "properties": {
+            "status": {"type": "integer", "minimum": 100, "maximum": 599},
+            "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+            "body": {},
+        },
+    },
+    # either way: a message could not be taken
+    "error": {
+        "type": "object",
+        "required": ["code", "message"],
+        "properties": {
+            "code": {"type": "string"},
+            "message": {"type": "string"},
+        },
+    },
+    # server -> agent: something the agent should fetch again (policies, profile, settings)
+    "notify": {
+        "type": "object",
+        "required": ["topic"],
+        "properties": {
+            "topic": {"type": "string", "maxLength": 64},
+            "version": {"type": ["integer", "string", "null"]},
+        },
+    },
+}
+
+# Which side may send which type (for docs and for the receivers' checks).
+AGENT_SENDS = frozenset({"hello", "request", "error"})
+SERVER_SENDS = frozenset({"welcome", "action.request", "response", "error", "notify"})
