@@ -1,0 +1,1 @@
+"""The endpoint agent. It ships without server code: never import tcm.server or tcm.store."""

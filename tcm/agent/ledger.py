@@ -1,0 +1,94 @@
+"""The agent's job ledger and result spool, on disk.
+
+One small JSON file per job under `jobs/` in the state directory records how far the job got:
+
+    started   the server allowed it to run and the handler was started
+    finished  the handler ended; the file holds the result until the server acknowledges it
+    acked     the server stored the result (kept for a while so a redelivery is not run again)
+    declined  the server said not to run it (expired, already finished)
+
+Each state is written atomically (temporary file + rename) *before* the step it guards, so a
+crash at any point leaves the agent knowing whether the job ran: a job is never run twice and a
+finished result survives a dropped connection, an agent restart and a server restart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from twisted.logger import Logger
+
+STARTED, FINISHED, ACKED, DECLINED = "started", "finished", "acked", "declined"
+KEEP_DONE = 7 * 24 * 3600.0
+
+
+class Ledger:
+    """Job states and spooled results, one file per job."""
+
+    _log = Logger()
+
+    def __init__(self, directory: str, fsync: bool = True):
+        self.directory = directory
+        self.fsync = fsync
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._load()
+
+    def _path(self, job_id: str) -> str:
+        return os.path.join(self.directory, f"{job_id}.json")
+
+    def _load(self) -> None:
+        now = time.time()
+        for name in os.listdir(self.directory):
+            path = os.path.join(self.directory, name)
+            if name.endswith(".tmp"):
+                os.unlink(path)  # a write that a crash interrupted: the old file stands
+                continue
+            if not name.endswith(".json"):
+                continue
+            try:
+                with open(path) as f:
+                    entry = json.load(f)
+            except (OSError, ValueError) as e:
+                self._log.warn("unreadable ledger entry {path}: {e}; moved aside", path=path, e=e)
+                os.replace(path, path + ".bad")
+                continue
+            if entry.get("state") in (ACKED, DECLINED) and now - entry.get("at", 0) > KEEP_DONE:
+                os.unlink(path)
+                continue
+            self._entries[entry["job"]] = entry
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        return self._entries.get(job_id)
+
+    def record(self, job_id: str, state: str, **fields: Any) -> dict[str, Any]:
+        entry = {"job": job_id, "state": state, "at": time.time(), **fields}
+        data = json.dumps(entry, separators=(",", ":")).encode()
+        path = self._path(job_id)
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        self._entries[job_id] = entry
+        return entry
+
+    def unacknowledged(self) -> list[dict[str, Any]]:
+        """Finished results the server has not acknowledged yet, oldest first."""
+        out = [e for e in self._entries.values() if e["state"] == FINISHED]
+        out.sort(key=lambda e: e["at"])
+        return out
+
+    def interrupted(self) -> list[dict[str, Any]]:
+        """Jobs started by an earlier run of the agent that never finished."""
+        return [e for e in self._entries.values() if e["state"] == STARTED]
+
+    def count(self, state: str) -> int:
+        return sum(1 for e in self._entries.values() if e["state"] == state)

@@ -1,0 +1,143 @@
+"""How the agent calls its server's agent API: one call, two transports.
+
+`ServerLink.call(method, path, body)` sends the call as a `request` envelope over the live
+session when there is one, and as an HTTPS request with the agent's client certificate when
+there is not (or when the session drops while the call is out: every agent API call is
+idempotent, so it is simply sent again). Code above this cannot tell which transport carried it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+import treq
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
+
+from tcm import pki
+
+
+@attrs.frozen
+class Response:
+    status: int
+    body: Any
+    transport: str  # "websocket" or "https"
+
+
+class CallFailed(Exception):
+    """An agent API call that got no answer (connection refused, lost, timed out)."""
+
+
+@attrs.define
+class Identity:
+    """What the agent presents and trusts on every connection."""
+
+    ca_pem: bytes
+    cert_pem: bytes | None = None
+    key_pem: bytes | None = None
+
+    def tls_options(self, hostname: str):
+        return pki.client_tls_options(hostname, self.ca_pem, self.cert_pem, self.key_pem)
+
+
+def split_url(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "wss") or not parts.hostname:
+        raise ValueError(f"server URL must be https://HOST[:PORT], not {url!r}")
+    return parts.hostname, parts.port or 443
+
+
+def server_endpoint(reactor: Any, url: str, identity: Identity, proxy: Any = None):
+    """The TLS client endpoint for a server URL, through an HTTP proxy when one is given."""
+    host, port = split_url(url)
+    if proxy is not None:
+        inner = proxy.endpoint_to(reactor, host, port)
+    else:
+        inner = HostnameEndpoint(reactor, host, port, timeout=15)
+    return wrapClientTLS(identity.tls_options(host), inner)
+
+
+@implementer(IAgentEndpointFactory)
+class _EndpointFactory:
+    def __init__(self, reactor: Any, identity: Identity, proxy: Any):
+        self._reactor = reactor
+        self._identity = identity
+        self._proxy = proxy
+
+    def endpointForURI(self, uri):
+        url = f"https://{uri.host.decode()}:{uri.port}"
+        return server_endpoint(self._reactor, url, self._identity, self._proxy)
+
+
+class HttpsClient:
+    """JSON calls to the agent API over HTTPS with mutual TLS."""
+
+    _log = Logger()
+
+    def __init__(self, reactor: Any, base_url: str, identity: Identity, proxy: Any = None,
+                 timeout: float = 30.0):
+        self._reactor = reactor
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = 2
+        pool.cachedConnectionTimeout = 60
+        self._pool = pool
+        agent = Agent.usingEndpointFactory(reactor, _EndpointFactory(reactor, identity, proxy),
+                                           pool=pool)
+        self._http = treq.client.HTTPClient(agent)
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    @inlineCallbacks
+    def call(self, method: str, path: str, body: Any = None, timeout: float | None = None):
+        data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        headers = {b"content-type": [b"application/json"]} if data is not None else {}
+        try:
+            resp = yield self._http.request(
+                method, self.base_url + path, data=data, headers=headers,
+                timeout=timeout or self.timeout,
+            )
+            raw = yield resp.content()
+        except Exception as e:
+            raise CallFailed(f"{method} {path} over HTTPS: {pki.describe_tls_error(e)}") from e
+        self.bytes_sent += len(data or b"") + len(path) + 64
+        self.bytes_received += len(raw)
+        parsed: Any = None
+        if raw:
+            try:
+                parsed = json.loads(raw)
+            except ValueError:
+                parsed = raw.decode("utf-8", "replace")
+        return Response(resp.code, parsed, "https")
+
+    def close(self) -> Deferred:
+        return self._pool.closeCachedConnections()
+
+
+class ServerLink:
+    """Agent API calls over the live session, or HTTPS without one."""
+
+    _log = Logger()
+
+    def __init__(self, https: HttpsClient):
+        self.https = https
+        self.session: Any = None  # an open AgentConnection, set by the agent
+
+    @inlineCallbacks
+    def call(self, method: str, path: str, body: Any = None, timeout: float | None = None):
+        session = self.session
+        if session is not None and session.is_open():
+            try:
+                return (yield session.request(method, path, body, timeout))
+            except CallFailed as e:
+                self._log.info("{method} {path}: {e}; sending over HTTPS", method=method,
+                               path=path, e=e)
+        return (yield self.https.call(method, path, body, timeout))

@@ -1,0 +1,233 @@
+"""Runs pushed actions exactly once and delivers their results until acknowledged.
+
+For each `action.request` (pushed on the session or fetched by a poll):
+
+1. The ledger decides whether the job is new here. A job that already ran is not run again;
+   its spooled result is sent again if the server has not acknowledged it; a job that an
+   earlier run of the agent started but never finished is reported failed ("interrupted").
+2. A request past its `expires` is answered `expired`, never run.
+3. The server is asked to accept it (`POST /agent/v1/jobs/{id}/accept`); only a `run` answer
+   starts the handler. The store on the server is the truth: a job that expired meanwhile or
+   that has a result is not started.
+4. The result is spooled on disk, then sent; the spool entry is kept until the server answers
+   that it stored it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import attrs
+import fastjsonschema
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from tcm.agent.ledger import ACKED, DECLINED, FINISHED, STARTED, Ledger
+from tcm.interfaces import ActionFailed, IActionContext, IActionHandler
+from tcm.protocol.envelope import Envelope
+
+
+@implementer(IActionContext)
+@attrs.define
+class ActionContext:
+    """What a handler gets while it runs one job."""
+
+    job_id: str
+    timeout: float | None
+    reactor: Any
+    state_dir: Any
+    _runner: ActionRunner
+    _seq: int = 0
+
+    def output(self, stream: str, text: str) -> None:
+        self._seq += 1
+        self._runner.send_output(self.job_id, self._seq, stream, text)
+
+
+class ActionRunner:
+    """Receives action requests, runs them through their handlers, reports results."""
+
+    _log = Logger()
+
+    def __init__(self, handlers: dict[str, Any], ledger: Ledger, link: Any, reactor: Any,
+                 state_dir: Any):
+        self.handlers = handlers
+        self.ledger = ledger
+        self.link = link
+        self.reactor = reactor
+        self.state_dir = state_dir
+        self._running: dict[str, Deferred] = {}
+        self._sending: set[str] = set()
+        self._validators: dict[str, Any] = {}
+        self.completed = 0
+
+    def running_jobs(self) -> list[str]:
+        return sorted(self._running)
+
+    def receive(self, env: Envelope) -> None:
+        """An action.request arrived (push or poll)."""
+        data = env.data
+        job_id = data["job"]
+        if job_id in self._running:
+            return  # a redelivery of a job running right now: its result will come
+        entry = self.ledger.get(job_id)
+        if entry is not None:
+            self._redelivered(job_id, entry)
+            return
+        now = self.reactor.seconds()
+        if env.is_expired(now):
+            self._log.info("job {job} arrived after it expired; not running it", job=job_id)
+            self._conclude(job_id, "expired", None, "request arrived after it expired", None)
+            return
+        handler = self.handlers.get(data["action"])
+        if handler is None:
+            self._conclude(job_id, "failed", None,
+                           f"unknown action {data['action']!r} on this agent", None)
+            return
+        problem = self._check_args(handler, data.get("args", {}))
+        if problem is not None:
+            self._conclude(job_id, "failed", None, f"invalid arguments: {problem}", None)
+            return
+        self._running[job_id] = Deferred()  # reserve: a second push during accept waits
+        d = self.link.call("POST", f"/agent/v1/jobs/{job_id}/accept", {})
+        d.addCallback(self._accepted, job_id, handler, data)
+        d.addErrback(self._accept_failed, job_id)
+
+    def _redelivered(self, job_id: str, entry: dict[str, Any]) -> None:
+        state = entry["state"]
+        if state == FINISHED:
+            self.send_result(job_id)
+        elif state == STARTED:
+            self._conclude(job_id, "failed", None,
+                           "interrupted: the agent stopped while the job was running",
+                           entry.get("started"))
+
+    def _check_args(self, handler: Any, args: dict[str, Any]) -> str | None:
+        name = handler.name
+        validator = self._validators.get(name)
+        if validator is None:
+            validator = self._validators[name] = fastjsonschema.compile(handler.schema or {})
+        try:
+            validator(args)
+        except fastjsonschema.JsonSchemaException as e:
+            return e.message
+        return None
+
+    def _accept_failed(self, failure, job_id: str) -> None:
+        self._running.pop(job_id, None)
+        self._log.warn("could not accept job {job}: {why}; it will be delivered again",
+                       job=job_id, why=failure.getErrorMessage())
+
+    def _accepted(self, response, job_id: str, handler: Any, data: dict[str, Any]) -> None:
+        decision = (response.body or {}).get("decision") if response.status == 200 else None
+        if decision != "run":
+            self._running.pop(job_id, None)
+            if response.status != 200:
+                self._log.warn("accept of job {job} answered {status}: {body}", job=job_id,
+                               status=response.status, body=response.body)
+                return
+            self._log.info("server declined job {job}: {decision}", job=job_id,
+                           decision=decision)
+            self.ledger.record(job_id, DECLINED, decision=decision)
+            return
+        started = time.time()
+        self.ledger.record(job_id, STARTED, started=started)
+        timeout = data.get("timeout")
+        ctx = ActionContext(job_id, timeout, self.reactor, self.state_dir, self)
+        d = maybeDeferred(handler.run, ctx, data.get("args", {}))
+        self._running[job_id] = d
+        timer = None
+        if timeout:
+            timer = self.reactor.callLater(timeout, d.cancel)
+
+        def succeeded(result: Any) -> None:
+            self._conclude(job_id, "succeeded", result, None, started)
+
+        def failed(f) -> None:
+            if f.check(ActionFailed):
+                self._conclude(job_id, "failed", f.value.result or None, f.value.reason, started)
+            elif f.check(CancelledError):
+                self._conclude(job_id, "failed", None, f"timed out after {timeout} s", started)
+            else:
+                self._log.failure("action {action} failed", f, action=data["action"])
+                self._conclude(job_id, "failed", None,
+                               f"{f.type.__name__}: {f.getErrorMessage()}", started)
+
+        def cleanup(_: Any) -> None:
+            if timer is not None and timer.active():
+                timer.cancel()
+            self._running.pop(job_id, None)
+
+        d.addCallbacks(succeeded, failed)
+        d.addBoth(cleanup)
+
+    def _conclude(self, job_id: str, state: str, result: Any, error: str | None,
+                  started: float | None) -> None:
+        """Spool a final outcome, then send it."""
+        self.ledger.record(job_id, FINISHED, outcome={
+            "state": state, "result": result, "error": error, "started": started,
+            "finished": time.time(),
+        })
+        self.completed += 1
+        self.send_result(job_id)
+
+    def send_result(self, job_id: str) -> None:
+        """Send a spooled result; on success mark it acknowledged, else keep it spooled."""
+        if job_id in self._sending:
+            return
+        entry = self.ledger.get(job_id)
+        if entry is None or entry["state"] != FINISHED:
+            return
+        self._sending.add(job_id)
+        d = self.link.call("POST", f"/agent/v1/jobs/{job_id}/result", entry["outcome"])
+
+        def answered(response) -> None:
+            if response.status == 200:
+                self.ledger.record(job_id, ACKED)
+            else:
+                self._log.warn("result of job {job} refused ({status}): {body}; kept",
+                               job=job_id, status=response.status, body=response.body)
+
+        def failed(f) -> None:
+            self._log.info("result of job {job} not delivered yet: {why}", job=job_id,
+                           why=f.getErrorMessage())
+
+        d.addCallbacks(answered, failed)
+        d.addBoth(lambda _: self._sending.discard(job_id))
+
+    def flush(self) -> None:
+        """Send every result still waiting in the spool (on each new session, and on a timer)."""
+        for entry in self.ledger.unacknowledged():
+            self.send_result(entry["job"])
+
+    def recover(self) -> None:
+        """At start: jobs an earlier run started but never finished are reported failed."""
+        for entry in self.ledger.interrupted():
+            if entry["job"] not in self._running:
+                self._conclude(entry["job"], "failed", None,
+                               "interrupted: the agent stopped while the job was running",
+                               entry.get("started"))
+
+    def send_output(self, job_id: str, seq: int, stream: str, text: str) -> None:
+        d = self.link.call("POST", f"/agent/v1/jobs/{job_id}/output",
+                           {"seq": seq, "stream": stream, "text": text})
+        d.addErrback(lambda f: self._log.debug("output chunk lost: {why}",
+                                               why=f.getErrorMessage()))
+
+
+def load_handlers() -> dict[str, Any]:
+    """Discover every IActionHandler plugin; verify each; name -> handler."""
+    from twisted.plugin import getPlugins
+    from zope.interface.verify import verifyObject
+
+    import tcm.plugins
+
+    handlers: dict[str, Any] = {}
+    for plugin in getPlugins(IActionHandler, tcm.plugins):
+        verifyObject(IActionHandler, plugin)
+        if plugin.name in handlers:
+            raise ValueError(f"two action handlers named {plugin.name!r}")
+        handlers[plugin.name] = plugin
+    return handlers

@@ -1,0 +1,275 @@
+"""The agent daemon: identity, enrollment, persistent session, runner, spool.
+
+State directory layout:
+    agent.json   agent id, server URL (written at enrollment)
+    key.pem      private key (0600), made here, never leaves the machine
+    cert.pem     certificate signed by the server's CA; its subject is the agent id
+    ca.pem       the CA this agent trusts for its server
+    jobs/        the ledger and result spool (ledger.py)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from typing import Any
+
+import attrs
+import treq
+from twisted.application import service
+from twisted.application.internet import ClientService, TimerService
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.logger import Logger
+from twisted.python.filepath import FilePath
+from twisted.web.client import Agent
+
+from tcm import pki
+from tcm.agent.backoff import backoff_policy
+from tcm.agent.ledger import FINISHED, Ledger
+from tcm.agent.link import HttpsClient, Identity, ServerLink, _EndpointFactory, server_endpoint
+from tcm.agent.runner import ActionRunner, load_handlers
+from tcm.agent.session import AgentClientFactory, SessionRefused
+
+
+class EnrollmentError(Exception):
+    """Enrollment was refused or could not be done; the message says why."""
+
+
+@attrs.define
+class AgentConfig:
+    state_dir: str
+    server: str | None = None
+    ca_cert: str | None = None
+    token: str | None = None
+    keepalive: float = 50.0
+    keepalive_timeout: float = 20.0
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    max_message_size: int = 1024 * 1024
+    spool_fsync: bool = True
+    flush_interval: float = 30.0
+
+
+class AgentState:
+    """The agent's files in its state directory."""
+
+    def __init__(self, directory: str):
+        self.dir = directory
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def read(self, name: str) -> bytes | None:
+        try:
+            with open(self.path(name), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def meta(self) -> dict[str, Any]:
+        raw = self.read("agent.json")
+        return json.loads(raw) if raw else {}
+
+    def enrolled(self) -> bool:
+        return self.read("cert.pem") is not None and "agent_id" in self.meta()
+
+    def identity(self) -> Identity:
+        ca = self.read("ca.pem")
+        if ca is None:
+            raise EnrollmentError(f"no CA certificate in {self.dir}: give --ca-cert")
+        return Identity(ca_pem=ca, cert_pem=self.read("cert.pem"), key_pem=self.read("key.pem"))
+
+
+@inlineCallbacks
+def enroll(reactor: Any, state: AgentState, server: str, ca_pem: bytes, token: str):
+    """Make a key, send a CSR with the token, keep the signed certificate."""
+    log = Logger(namespace="tcm.agent.enroll")
+    key_pem = state.read("key.pem")
+    if key_pem is None:
+        key_pem = pki.key_to_pem(pki.generate_key())
+        pki.write_private(state.path("key.pem"), key_pem)
+    csr = pki.make_csr(pki.load_key(key_pem))
+    identity = Identity(ca_pem=ca_pem)
+    http = treq.client.HTTPClient(
+        Agent.usingEndpointFactory(reactor, _EndpointFactory(reactor, identity, None))
+    )
+    url = server.rstrip("/") + "/agent/v1/enroll"
+    body = {"token": token, "csr": csr.decode(), "hostname": socket.gethostname()}
+    try:
+        resp = yield http.post(url, json=body, timeout=30)
+        payload = yield resp.json()
+    except Exception as e:
+        raise EnrollmentError(f"cannot reach {server} to enroll: {pki.describe_tls_error(e)}") \
+            from None
+    if resp.code != 201:
+        raise EnrollmentError(
+            f"enrollment refused by {server}: {payload.get('error', payload)} ({resp.code})"
+        )
+    pki.write_public(state.path("ca.pem"), ca_pem)
+    pki.write_public(state.path("cert.pem"), payload["certificate"].encode())
+    pki.write_public(state.path("agent.json"), json.dumps(
+        {"agent_id": payload["agent_id"], "server": server}, indent=1).encode())
+    log.info("enrolled with {server} as {agent}", server=server, agent=payload["agent_id"])
+    return payload["agent_id"]
+
+
+class AgentCore:
+    """Everything one agent holds, shared by its session, runner and control."""
+
+    _log = Logger()
+
+    def __init__(self, config: AgentConfig, reactor: Any = None, handlers: dict | None = None):
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.reactor = reactor
+        self.clock = reactor
+        self.config = config
+        self.state = AgentState(config.state_dir)
+        self.handlers = handlers if handlers is not None else load_handlers()
+        self.ledger = Ledger(self.state.path("jobs"), fsync=config.spool_fsync)
+        self.agent_id: str | None = None
+        self.server: str | None = None
+        self.link: ServerLink | None = None
+        self.runner: ActionRunner | None = None
+        self.protocol: Any = None  # the live WebSocket protocol, if any
+        self.mode = "disconnected"
+        self.connected_since: float | None = None
+        self.reconnects = 0
+        self.last_refusal: str | None = None
+
+    def capabilities(self) -> list[dict[str, Any]]:
+        return [
+            {"name": h.name, "streams": bool(h.streams), "task": bool(h.task)}
+            for h in sorted(self.handlers.values(), key=lambda h: h.name)
+        ]
+
+    @inlineCallbacks
+    def prepare(self):
+        """Enroll if needed, then build the link and runner."""
+        cfg = self.config
+        if not self.state.enrolled():
+            if not (cfg.server and cfg.token and cfg.ca_cert):
+                raise EnrollmentError(
+                    "not enrolled yet: give --server, --ca-cert and --token"
+                )
+            with open(cfg.ca_cert, "rb") as f:
+                ca_pem = f.read()
+            yield enroll(self.reactor, self.state, cfg.server, ca_pem, cfg.token)
+        meta = self.state.meta()
+        self.agent_id = meta["agent_id"]
+        self.server = cfg.server or meta["server"]
+        identity = self.state.identity()
+        https = HttpsClient(self.reactor, self.server, identity)
+        self.link = ServerLink(https)
+        self.runner = ActionRunner(self.handlers, self.ledger, self.link, self.reactor,
+                                   FilePath(self.state.dir))
+        self._log.info("agent {agent} for {server}; {n} results waiting in the spool",
+                       agent=self.agent_id, server=self.server, n=self.ledger.count(FINISHED))
+        return identity
+
+    def make_session_service(self, identity: Identity) -> ClientService:
+        cfg = self.config
+        assert self.server is not None
+        endpoint = server_endpoint(self.reactor, self.server, identity)
+        url = "wss://" + self.server.split("://", 1)[1].rstrip("/") + "/agent/v1/ws"
+        factory = AgentClientFactory(self, url, cfg.keepalive, cfg.keepalive_timeout,
+                                     cfg.max_message_size)
+        return ClientService(
+            endpoint, factory,
+            retryPolicy=backoff_policy(cfg.backoff_initial, 2.0, cfg.backoff_max),
+            clock=self.reactor,
+            prepareConnection=self._session_ready,
+        )
+
+    def _session_ready(self, protocol: Any) -> Deferred:
+        """ClientService waits on this: a session counts only once the server welcomed it."""
+        d = protocol.connection.welcomed
+
+        def welcomed(conn):
+            self.protocol = protocol
+            self.mode = "persistent"
+            self.connected_since = self.clock.seconds()
+            self.last_refusal = None
+            assert self.link is not None and self.runner is not None
+            self.link.session = conn
+            self._log.info("persistent session open (session {sid})",
+                           sid=conn.welcome.get("session"))
+            self.runner.flush()
+            return conn
+
+        def refused(f):
+            f.trap(SessionRefused)
+            # The session failed while ClientService still waits on this Deferred: it will
+            # count a failed attempt (and back off). It has no transition for the lost
+            # connection that follows, so that one notification is not passed on.
+            if hasattr(protocol, "_lostNotification"):
+                protocol._lostNotification = lambda reason: None
+            self.reconnects += 1
+            self.last_refusal = str(f.value)
+            self._log.warn("{why}", why=f.value)
+            return f
+
+        return d.addCallbacks(welcomed, refused)
+
+    def session_lost(self, protocol: Any, code: int | None, reason: str | None) -> None:
+        if protocol is self.protocol:
+            self.protocol = None
+            self.mode = "disconnected"
+            self.connected_since = None
+            assert self.link is not None
+            self.link.session = None
+            self.reconnects += 1
+            self._log.info("persistent session closed: {code} {reason}", code=code,
+                           reason=reason or "")
+
+    def notified(self, data: dict[str, Any]) -> None:
+        self._log.info("server notifies {topic}", topic=data.get("topic"))
+
+
+class AgentService(service.MultiService):
+    """Enrolls, then runs the session and the spool timer."""
+
+    _log = Logger()
+
+    def __init__(self, core: AgentCore):
+        super().__init__()
+        self.core = core
+
+    def startService(self):
+        service.Service.startService(self)
+        d = self.core.prepare()
+        d.addCallback(self._prepared)
+        d.addErrback(self._failed)
+
+    def _prepared(self, identity: Identity) -> None:
+        if not self.running:
+            return
+        core = self.core
+        assert core.runner is not None
+        core.runner.recover()
+        self.session_service = core.make_session_service(identity)
+        self.session_service.setServiceParent(self)
+        TimerService(core.config.flush_interval, core.runner.flush).setServiceParent(self)
+
+    def _failed(self, f):
+        if f.check(EnrollmentError):
+            self._log.error("{why}", why=f.getErrorMessage())
+        else:
+            self._log.failure("agent failed to start", f)
+        if self.core.reactor.running:
+            self.core.reactor.stop()
+
+    def stopService(self):
+        service.Service.stopService(self)
+        from twisted.internet.defer import DeferredList, maybeDeferred
+
+        return DeferredList([maybeDeferred(c.stopService) for c in reversed(list(self))
+                             if c.running])
+
+
+def make_agent_service(config: AgentConfig, reactor: Any = None) -> AgentService:
+    return AgentService(AgentCore(config, reactor))

@@ -1,0 +1,207 @@
+"""The agent's persistent session: a thin Autobahn client protocol around AgentConnection.
+
+`AgentConnection` sends `hello`, waits for `welcome` (its `welcomed` Deferred is what the
+ClientService's prepareConnection waits on, so a refused login counts as a failed attempt and
+grows the backoff), answers pushes through a table of handlers, and matches `response`
+envelopes to the calls that are waiting for them.
+"""
+
+from __future__ import annotations
+
+import platform
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+import tcm
+from tcm import pki
+from tcm.agent.link import CallFailed, Response
+from tcm.protocol import codes
+from tcm.protocol.envelope import Envelope, ProtocolError, decode, encode, error_for
+from tcm.wsbase import LeanWebSocketMixin
+
+
+class SessionRefused(Exception):
+    """The server closed or refused the session before welcome."""
+
+    def __init__(self, code: int | None, reason: str | None):
+        super().__init__(f"session refused: {code} {reason or ''}".strip())
+        self.code = code
+        self.reason = reason
+
+
+class AgentConnection:
+    """Session logic of one agent connection, independent of the socket."""
+
+    _log = Logger()
+
+    def __init__(self, agent: Any, send: Callable[[bytes], None], close: Callable[[int, str], None],
+                 clock: Any):
+        self.agent = agent
+        self._send = send
+        self._close = close
+        self.clock = clock
+        self.welcome: dict[str, Any] | None = None
+        self.welcomed: Deferred[AgentConnection] = Deferred()
+        self._pending: dict[str, tuple[Deferred[Response], Any]] = {}
+        self._open = False
+        self._handlers: dict[str, Callable[[Envelope], None]] = {
+            "welcome": self._on_welcome,
+            "action.request": self._on_action,
+            "response": self._on_response,
+            "error": self._on_error,
+            "notify": self._on_notify,
+        }
+
+    def is_open(self) -> bool:
+        return self._open
+
+    def start(self) -> None:
+        """The WebSocket is open: introduce ourselves."""
+        self.send(Envelope(type="hello", data={
+            "agent_version": tcm.__version__,
+            "protocol": 1,
+            "capabilities": self.agent.capabilities(),
+            "hostname": socket.gethostname(),
+            "platform": platform.platform(),
+            "running": self.agent.runner.running_jobs(),
+        }))
+
+    def send(self, env: Envelope) -> None:
+        self._send(encode(env))
+
+    def frame_received(self, payload: bytes) -> None:
+        try:
+            env = decode(payload, 0)
+        except ProtocolError as e:
+            self._log.warn("server sent a bad message: {e}", e=e)
+            self.send(error_for(e))
+            return
+        handler = self._handlers.get(env.type)
+        if handler is None:
+            self.send(env.reply("error", {"code": codes.ERR_UNEXPECTED,
+                                          "message": f"agents do not take {env.type!r}"}))
+            return
+        handler(env)
+
+    def _on_welcome(self, env: Envelope) -> None:
+        self.welcome = env.data
+        self._open = True
+        if not self.welcomed.called:
+            self.welcomed.callback(self)
+
+    def _on_action(self, env: Envelope) -> None:
+        self.agent.runner.receive(env)
+
+    def _on_notify(self, env: Envelope) -> None:
+        self.agent.notified(env.data)
+
+    def _on_response(self, env: Envelope) -> None:
+        pending = self._pending.pop(env.in_reply_to or "", None)
+        if pending is None:
+            return
+        d, timer = pending
+        timer.cancel()
+        d.callback(Response(env.data["status"], env.data.get("body"), "websocket"))
+
+    def _on_error(self, env: Envelope) -> None:
+        pending = self._pending.pop(env.in_reply_to or "", None)
+        msg = f"{env.data['code']}: {env.data['message']}"
+        if pending is not None:
+            d, timer = pending
+            timer.cancel()
+            d.errback(CallFailed(f"server error {msg}"))
+            return
+        self._log.warn("server reports an error for {ref}: {msg}", ref=env.in_reply_to, msg=msg)
+
+    def request(self, method: str, path: str, body: Any = None,
+                timeout: float | None = None) -> Deferred[Response]:
+        """One agent API call as a request envelope; fires with the Response."""
+        if not self._open:
+            raise CallFailed("no open session")
+        data: dict[str, Any] = {"method": method, "path": path}
+        if body is not None:
+            data["body"] = body
+        env = Envelope(type="request", data=data)
+        d: Deferred[Response] = Deferred()
+        timer = self.clock.callLater(timeout or 30.0, self._timed_out, env.id)
+        self._pending[env.id] = (d, timer)
+        self.send(env)
+        return d
+
+    def _timed_out(self, msg_id: str) -> None:
+        pending = self._pending.pop(msg_id, None)
+        if pending is not None:
+            pending[0].errback(CallFailed("no response within the timeout"))
+
+    def lost(self, code: int | None, reason: str | None) -> None:
+        """The connection is gone: fail waiting calls (they go again over HTTPS)."""
+        self._open = False
+        if not self.welcomed.called:
+            self.welcomed.errback(SessionRefused(code, reason))
+        pending, self._pending = self._pending, {}
+        for d, timer in pending.values():
+            if timer.active():
+                timer.cancel()
+            d.errback(CallFailed(f"session closed ({code} {reason or ''})"))
+
+
+class AgentClientProtocol(LeanWebSocketMixin, WebSocketClientProtocol):
+    """Thin adapter: frames in and out of AgentConnection."""
+
+    _log = Logger()
+    connection: AgentConnection | None = None
+
+    def connectionMade(self):
+        agent = self.factory.agent
+        self.connection = AgentConnection(agent, self._send_frame, self._close, agent.clock)
+        super().connectionMade()
+
+    def onConnect(self, response):
+        if response.protocol != codes.SUBPROTOCOL:
+            self.sendClose(codes.CLOSE_PROTOCOL_ERROR, "server did not accept tcm.v1")
+
+    def onOpen(self):
+        assert self.connection is not None
+        self.connection.start()
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.connection is not None and not isBinary:
+            self.connection.frame_received(payload)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self.connection is not None:
+            self.connection.lost(code, reason)
+        self.factory.agent.session_lost(self, code, reason)
+
+    def _send_frame(self, frame: bytes) -> None:
+        self.sendMessage(frame, isBinary=False)
+
+    def _close(self, code: int, reason: str) -> None:
+        self.sendClose(code, reason)
+
+    def tls_info(self) -> dict[str, Any]:
+        return pki.negotiated_tls(self.transport)
+
+
+class AgentClientFactory(WebSocketClientFactory):
+    protocol = AgentClientProtocol
+
+    def __init__(self, agent: Any, url: str, keepalive: float, keepalive_timeout: float,
+                 max_message_size: int):
+        super().__init__(url, protocols=[codes.SUBPROTOCOL])
+        self.agent = agent
+        self.setProtocolOptions(
+            autoPingInterval=keepalive,
+            autoPingTimeout=keepalive_timeout,
+            failByDrop=False,
+            maxFramePayloadSize=max_message_size,
+            maxMessagePayloadSize=max_message_size,
+            openHandshakeTimeout=30,
+            closeHandshakeTimeout=5,
+            perMessageCompressionOffers=[],
+        )

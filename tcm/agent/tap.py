@@ -1,0 +1,47 @@
+"""twistd tcm-agent: options and makeService."""
+
+from __future__ import annotations
+
+from twisted.python import usage
+
+from tcm.agent.service import AgentConfig, make_agent_service
+
+
+class Options(usage.Options):
+    synopsis = "--state-dir DIR [--server URL --ca-cert FILE --token TOKEN]"
+    longdesc = (
+        "The tcm endpoint agent. The first start enrolls with --server using --token and "
+        "--ca-cert; later starts need only --state-dir."
+    )
+    optParameters = [
+        ["state-dir", "d", None, "Directory for the agent's key, certificate and spool."],
+        ["server", "s", None, "Server URL, https://HOST:PORT (kept after enrollment)."],
+        ["ca-cert", None, None, "CA certificate (PEM) of the server, for enrollment."],
+        ["token", "t", None, "Enrollment token (needed once)."],
+        ["keepalive", None, 50.0, "Seconds between WebSocket pings.", float],
+        ["keepalive-timeout", None, 20.0, "Seconds to wait for a pong.", float],
+        ["backoff-max", None, 60.0, "Longest wait between reconnect attempts.", float],
+        ["backoff-initial", None, 1.0, "First wait between reconnect attempts.", float],
+    ]
+    optFlags = [
+        ["no-fsync", None, "Do not fsync the spool (survives a crash of the agent, not of "
+                           "the machine)."],
+    ]
+
+    def postOptions(self):
+        if not self["state-dir"]:
+            raise usage.UsageError("--state-dir is required")
+
+
+def makeService(options: Options):
+    return make_agent_service(AgentConfig(
+        state_dir=options["state-dir"],
+        server=options["server"],
+        ca_cert=options["ca-cert"],
+        token=options["token"],
+        keepalive=options["keepalive"],
+        keepalive_timeout=options["keepalive-timeout"],
+        backoff_initial=options["backoff-initial"],
+        backoff_max=options["backoff-max"],
+        spool_fsync=not options["no-fsync"],
+    ))

@@ -1,0 +1,1 @@
+"""The management server: agent endpoint, admin API, certificate authority, store access."""

@@ -1,0 +1,119 @@
+"""The agent API (/agent/v1/...): one resource tree for both transports.
+
+Over HTTPS the agent calls these resources directly; over a live session it sends a `request`
+envelope and the server renders the very same resource (envelope_http.py). The agent is
+identified by the subject of its client certificate in both cases.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import inlineCallbacks
+
+from tcm import pki
+from tcm.server.web import ApiError, JsonRouter, Reply, json_object
+from tcm.store.store import TokenRefused
+
+if TYPE_CHECKING:
+    from tcm.server.service import ServerCore
+
+OPEN_ROUTES = "enroll"  # the one agent route that needs no client certificate
+
+
+class AgentAPI(JsonRouter):
+    """/agent/v1: enrollment, job accept/output/result, work for pollers."""
+
+    def __init__(self, core: ServerCore):
+        super().__init__("/agent/v1")
+        self.core = core
+        self.route("POST", "/enroll", self.enroll)
+        self.route("POST", "/jobs/{job}/accept", self.accept)
+        self.route("POST", "/jobs/{job}/output", self.output)
+        self.route("POST", "/jobs/{job}/result", self.result)
+        self.route("GET", "/work", self.work)
+        self.route("GET", "/whoami", self.whoami)
+
+    def authorize(self, request, handler) -> None:
+        if handler == self.enroll:
+            return
+        request.agent_id = self.core.authenticate_agent(request)
+
+    # -- enrollment ----------------------------------------------------------------------
+    @inlineCallbacks
+    def enroll(self, request):
+        body = json_object(request)
+        token, csr = body.get("token"), body.get("csr")
+        if not isinstance(token, str) or not isinstance(csr, str):
+            raise ApiError(400, "enroll needs 'token' and 'csr' (PEM) strings")
+        hostname = str(body.get("hostname", ""))[:255]
+        now = self.core.clock.seconds()
+        try:
+            yield self.core.store.consume_token(token, now)
+        except TokenRefused as e:
+            self._log.warn("enrollment refused for {host}: {why}", host=hostname, why=str(e))
+            raise ApiError(403, str(e)) from None
+        agent_id = "a-" + os.urandom(10).hex()
+        try:
+            cert_pem = self.core.ca.sign_csr(csr.encode(), common_name=agent_id,
+                                             days=self.core.config.cert_days)
+        except ValueError as e:
+            raise ApiError(400, f"bad certificate request: {e}") from None
+        fingerprint = pki.fingerprint(pki.load_certificate(cert_pem))
+        yield self.core.store.add_agent(agent_id, hostname, fingerprint, now)
+        self.core.directory.add(agent_id, hostname)
+        self._log.info("agent {agent} enrolled ({host})", agent=agent_id, host=hostname)
+        return Reply(
+            {"agent_id": agent_id, "certificate": cert_pem.decode(),
+             "ca": self.core.ca.cert_pem.decode()},
+            status=201,
+        )
+
+    def whoami(self, request):
+        return {"agent_id": request.agent_id,
+                "transport": _carried_by(request)}
+
+    # -- jobs ----------------------------------------------------------------------------
+    def accept(self, request, job: str):
+        decision = self.core.jobs.accept(request.agent_id, job)
+        return {"decision": decision.value}
+
+    def output(self, request, job: str):
+        body = json_object(request)
+        seq, stream, text = body.get("seq"), body.get("stream"), body.get("text")
+        if not isinstance(seq, int) or stream not in ("stdout", "stderr", "log") \
+                or not isinstance(text, str):
+            raise ApiError(400, "output needs int 'seq', 'stream' (stdout/stderr/log), 'text'")
+        self.core.jobs.output(request.agent_id, job, seq, stream, text)
+        return Reply(None, status=204)
+
+    @inlineCallbacks
+    def result(self, request, job: str):
+        body = json_object(request)
+        state = body.get("state")
+        if state not in ("succeeded", "failed", "expired"):
+            raise ApiError(400, "result 'state' must be succeeded, failed or expired")
+        error = body.get("error")
+        if error is not None and not isinstance(error, str):
+            raise ApiError(400, "'error' must be a string")
+        stored = yield self.core.jobs.result(
+            request.agent_id, job, state, body.get("result"), error,
+            _number(body.get("started")), _number(body.get("finished")),
+        )
+        return {"stored": stored}
+
+    def work(self, request):
+        jobs = self.core.jobs.work_for(request.agent_id)
+        return {"requests": [j.request().to_dict() for j in jobs],
+                "poll_interval": self.core.config.poll_interval}
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _carried_by(request) -> str:
+    value = request.requestHeaders.getRawHeaders(b"x-tcm-transport")
+    return "websocket" if value == [b"websocket"] and hasattr(request.channel, "_done") \
+        else "https"

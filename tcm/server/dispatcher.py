@@ -1,0 +1,64 @@
+"""The one dispatcher every push goes through.
+
+It knows where each agent's session lives. Sessions are grouped by their *route*: a direct
+WebSocket connection is one route per session; a gateway link or another server node is one
+route for many agents, so a push to many agents behind it crosses that link once and fans out
+at the other end. Callers never care which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from twisted.logger import Logger
+
+from tcm.server.sessions import AgentSession, SessionRegistry
+
+
+class DirectRoute:
+    """Sessions on WebSocket connections of this process: one prepared frame for all."""
+
+    def __init__(self, prepare: Any):
+        self._prepare = prepare
+
+    def deliver(self, frame: bytes, sessions: list[AgentSession]) -> None:
+        if len(sessions) == 1:
+            sessions[0].transport.send_frame(frame)
+            return
+        prepared = self._prepare(frame)  # framed once, sent to every connection
+        for s in sessions:
+            s.transport.send_prepared(prepared)
+
+
+class Dispatcher:
+    """Push frames to agents wherever their sessions live."""
+
+    _log = Logger()
+
+    def __init__(self, registry: SessionRegistry):
+        self.registry = registry
+        self.pushed = 0
+
+    def push(self, frame: bytes, agent_ids: Iterable[str]) -> tuple[list[str], list[str]]:
+        """Send one frame to each agent that has a live session.
+
+        Returns (sent, offline) agent ids.
+        """
+        by_route: dict[Any, list[AgentSession]] = {}
+        sent: list[str] = []
+        offline: list[str] = []
+        for agent_id in agent_ids:
+            session = self.registry.get(agent_id)
+            if session is None:
+                offline.append(agent_id)
+                continue
+            by_route.setdefault(session.route, []).append(session)
+            sent.append(agent_id)
+        for route, sessions in by_route.items():
+            route.deliver(frame, sessions)
+        self.pushed += len(sent)
+        return sent, offline
+
+    def is_online(self, agent_id: str) -> bool:
+        return agent_id in self.registry

@@ -1,0 +1,103 @@
+"""Serve a `request` envelope with the same twisted.web resource tree that serves HTTPS.
+
+A real `twisted.web.server.Request` is built on an in-memory channel whose transport is the
+session's own connection, so resources see the same peer certificate, the same peer address and
+the same code path as for a request that came over HTTPS. Their response becomes a `response`
+envelope. Nothing above the transport can tell which one carried the request.
+"""
+
+from __future__ import annotations
+
+import json
+from io import BytesIO
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.web.http_headers import Headers
+from twisted.web.server import Request, Site
+
+from tcm.protocol.envelope import Envelope
+
+CARRIED_BY_HEADER = b"x-tcm-transport"
+
+
+class EnvelopeChannel:
+    """The part of an HTTP channel a Request uses, collecting the response in memory."""
+
+    factory = None
+
+    def __init__(self, site: Site, transport: Any, done: Deferred):
+        self.site = site
+        self.transport = transport
+        self._done = done
+        self.code = 500
+        self.headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+
+    def getPeer(self):
+        return self.transport.getPeer()
+
+    def getHost(self):
+        return self.transport.getHost()
+
+    def isSecure(self) -> bool:
+        return True
+
+    def writeHeaders(self, version, code, reason, headers) -> None:
+        self.code = int(code)
+        if isinstance(headers, Headers):
+            pairs = headers.getAllRawHeaders()
+        else:
+            pairs = ((k, [v]) for k, v in headers)
+        for name, values in pairs:
+            self.headers[name.decode("latin-1").lower()] = b", ".join(values).decode("latin-1")
+
+    def write(self, data: bytes) -> None:
+        self._body.append(data)
+
+    def writeSequence(self, seq) -> None:
+        self._body.extend(seq)
+
+    def registerProducer(self, producer, streaming) -> None:
+        pass
+
+    def unregisterProducer(self) -> None:
+        pass
+
+    def loseConnection(self) -> None:
+        pass
+
+    def requestDone(self, request: Request) -> None:
+        self._done.callback((self.code, self.headers, b"".join(self._body)))
+
+
+def render_envelope(site: Site, transport: Any, env: Envelope) -> Deferred[Envelope]:
+    """Render a `request` envelope on `site`; fires with the `response` envelope."""
+    data = env.data
+    body = data.get("body")
+    raw = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
+    done: Deferred = Deferred()
+    channel = EnvelopeChannel(site, transport, done)
+    request = site.requestFactory(channel)
+    request.clientproto = b"HTTP/1.0"  # no chunked encoding: the body is one envelope field
+    request.content = BytesIO(raw)
+    headers = request.requestHeaders
+    for name, value in (data.get("headers") or {}).items():
+        headers.setRawHeaders(name.encode("latin-1"), [value.encode("latin-1")])
+    if raw:
+        headers.setRawHeaders(b"content-type", [b"application/json"])
+    headers.setRawHeaders(b"content-length", [str(len(raw)).encode()])
+    headers.setRawHeaders(CARRIED_BY_HEADER, [b"websocket"])
+    request.requestReceived(data["method"].encode(), data["path"].encode(), b"HTTP/1.0")
+
+    def to_envelope(result: tuple[int, dict[str, str], bytes]) -> Envelope:
+        code, resp_headers, payload = result
+        out: dict[str, Any] = {"status": code}
+        if payload:
+            if resp_headers.get("content-type", "").startswith("application/json"):
+                out["body"] = json.loads(payload)
+            else:
+                out["body"] = payload.decode("utf-8", "replace")
+        return env.reply("response", out)
+
+    return done.addCallback(to_envelope)

@@ -1,0 +1,223 @@
+"""Jobs and the per-target state machine. Pure domain logic: no I/O, no reactor.
+
+A job is one action with arguments sent to a set of agents. Each (job, agent) pair is a
+*target* with a state:
+
+    pending --> delivered --> running --> succeeded | failed
+       |            |
+       +------------+--> expired   (TTL passed before the agent accepted it; never run after)
+
+The store holds the truth; `JobBook` is the server's working set of targets that are not
+finished yet, so that accept and result decisions need no database round trip.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+
+from tcm.protocol.envelope import Envelope, encode
+
+
+class TargetState(str, enum.Enum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    EXPIRED = "expired"
+
+
+TERMINAL = frozenset({TargetState.SUCCEEDED, TargetState.FAILED, TargetState.EXPIRED})
+NOT_STARTED = frozenset({TargetState.PENDING, TargetState.DELIVERED})
+ACTIVE = frozenset({TargetState.PENDING, TargetState.DELIVERED, TargetState.RUNNING})
+
+_ALLOWED: dict[TargetState, frozenset[TargetState]] = {
+    TargetState.PENDING: frozenset(
+        {TargetState.DELIVERED, TargetState.RUNNING, TargetState.EXPIRED}
+        | {TargetState.SUCCEEDED, TargetState.FAILED}
+    ),
+    TargetState.DELIVERED: frozenset(
+        {TargetState.RUNNING, TargetState.EXPIRED, TargetState.SUCCEEDED, TargetState.FAILED}
+    ),
+    TargetState.RUNNING: frozenset({TargetState.SUCCEEDED, TargetState.FAILED}),
+    TargetState.SUCCEEDED: frozenset(),
+    TargetState.FAILED: frozenset(),
+    TargetState.EXPIRED: frozenset(),
+}
+
+
+class InvalidTransition(Exception):
+    """A state change the target state machine does not allow."""
+
+
+def transition(current: TargetState, new: TargetState) -> TargetState:
+    """Return `new` if a target may go from `current` to it; raise InvalidTransition if not."""
+    if new not in _ALLOWED[current]:
+        raise InvalidTransition(f"{current.value} -> {new.value}")
+    return new
+
+
+class Accept(str, enum.Enum):
+    """The server's answer to an agent that wants to start a job."""
+
+    RUN = "run"  # go ahead (also when the agent already runs it: idempotent)
+    EXPIRED = "expired"  # TTL passed before the agent started it: do not run
+    FINISHED = "finished"  # a result is already stored: do not run again
+    UNKNOWN = "unknown"  # no such job for this agent
+
+
+@attrs.define
+class Job:
+    """An action with arguments for a set of agents, deliverable until `expires_at`."""
+
+    id: str
+    action: str
+    args: dict[str, Any]
+    created_at: float
+    expires_at: float
+    timeout: float | None = None
+    created_by: str = ""
+    _frame: bytes | None = attrs.field(default=None, init=False, repr=False)
+
+    def request(self) -> Envelope:
+        """The action.request every target of this job receives (the same for all)."""
+        data: dict[str, Any] = {"job": self.id, "action": self.action, "args": self.args}
+        if self.timeout is not None:
+            data["timeout"] = self.timeout
+        return Envelope(type="action.request", id=f"req-{self.id}", data=data,
+                        expires=self.expires_at)
+
+    def frame(self) -> bytes:
+        """The encoded request, encoded once for every target."""
+        if self._frame is None:
+            self._frame = encode(self.request())
+        return self._frame
+
+    def is_expired(self, now: float) -> bool:
+        return now >= self.expires_at
+
+
+@attrs.frozen
+class Change:
+    """A target's state change, to be written to the store."""
+
+    job_id: str
+    agent_id: str
+    state: TargetState
+    at: float
+
+
+class JobBook:
+    """The working set: jobs with at least one unfinished target, and those targets' states."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, Job] = {}
+        self._targets: dict[str, dict[str, TargetState]] = {}
+        self._by_agent: dict[str, set[str]] = {}
+
+    def add(self, job: Job, targets: dict[str, TargetState]) -> None:
+        """Track a job and its unfinished targets (all of them for a new job)."""
+        active = {a: s for a, s in targets.items() if s not in TERMINAL}
+        if not active:
+            return
+        self.jobs[job.id] = job
+        self._targets[job.id] = active
+        for agent_id in active:
+            self._by_agent.setdefault(agent_id, set()).add(job.id)
+
+    def state(self, job_id: str, agent_id: str) -> TargetState | None:
+        """The state of an unfinished target, or None if not tracked (finished or unknown)."""
+        return self._targets.get(job_id, {}).get(agent_id)
+
+    def deliverable(self, agent_id: str, now: float) -> list[Job]:
+        """Jobs to (re)send to an agent that (re)connects: unfinished and, unless already
+        running there, not expired. Oldest first."""
+        out = []
+        for job_id in self._by_agent.get(agent_id, ()):
+            job = self.jobs[job_id]
+            state = self._targets[job_id][agent_id]
+            if state is TargetState.RUNNING or not job.is_expired(now):
+                out.append(job)
+        out.sort(key=lambda j: j.created_at)
+        return out
+
+    def delivered(self, job_id: str, agent_ids: Iterable[str], now: float) -> list[Change]:
+        """Mark pending targets as delivered (sent on a live session or in a poll answer)."""
+        targets = self._targets.get(job_id)
+        if targets is None:
+            return []
+        changes = []
+        for agent_id in agent_ids:
+            if targets.get(agent_id) is TargetState.PENDING:
+                targets[agent_id] = TargetState.DELIVERED
+                changes.append(Change(job_id, agent_id, TargetState.DELIVERED, now))
+        return changes
+
+    def accept(self, job_id: str, agent_id: str, now: float) -> tuple[Accept, list[Change]]:
+        """An agent asks to start a job: decide, and say what changes."""
+        state = self.state(job_id, agent_id)
+        if state is None:
+            return Accept.UNKNOWN, []
+        if state is TargetState.RUNNING:
+            return Accept.RUN, []
+        if self.jobs[job_id].is_expired(now):
+            return Accept.EXPIRED, self._finish(job_id, agent_id, TargetState.EXPIRED, now)
+        self._targets[job_id][agent_id] = TargetState.RUNNING
+        return Accept.RUN, [Change(job_id, agent_id, TargetState.RUNNING, now)]
+
+    def finish(
+        self, job_id: str, agent_id: str, state: TargetState, now: float
+    ) -> list[Change]:
+        """A result (or an agent's `expired`) for a target: the change, or [] if it is
+        already finished or unknown here (a redelivered result is stored once)."""
+        current = self.state(job_id, agent_id)
+        if current is None:
+            return []
+        transition(current, state)
+        return self._finish(job_id, agent_id, state, now)
+
+    def expire(self, now: float) -> list[Change]:
+        """Targets whose job's TTL has passed before they were started."""
+        changes = []
+        for job_id, job in list(self.jobs.items()):
+            if not job.is_expired(now):
+                continue
+            for agent_id, state in list(self._targets[job_id].items()):
+                if state in NOT_STARTED:
+                    changes.extend(self._finish(job_id, agent_id, TargetState.EXPIRED, now))
+        return changes
+
+    def active_targets(self, job_id: str) -> dict[str, TargetState]:
+        return dict(self._targets.get(job_id, {}))
+
+    def _finish(
+        self, job_id: str, agent_id: str, state: TargetState, now: float
+    ) -> list[Change]:
+        targets = self._targets[job_id]
+        del targets[agent_id]
+        jobs_of_agent = self._by_agent[agent_id]
+        jobs_of_agent.discard(job_id)
+        if not jobs_of_agent:
+            del self._by_agent[agent_id]
+        if not targets:
+            del self._targets[job_id]
+            del self.jobs[job_id]
+        return [Change(job_id, agent_id, state, now)]
+
+
+def summarize(states: Iterable[str]) -> dict[str, int]:
+    """Counts of a job's targets, as the API reports them."""
+    counts = {s.value: 0 for s in TargetState}
+    total = 0
+    for s in states:
+        counts[s] = counts.get(s, 0) + 1
+        total += 1
+    counts["in_progress"] = counts["delivered"] + counts["running"]
+    counts["completed"] = counts["succeeded"] + counts["failed"] + counts["expired"]
+    counts["total"] = total
+    counts["progress"] = round(100.0 * counts["completed"] / total, 1) if total else 100.0
+    return counts

@@ -1,0 +1,228 @@
+"""JobService: creates jobs, delivers them, and records what agents report.
+
+Glue between the pure JobBook (jobs.py), the Store and the Dispatcher. Every push of a job,
+to a live session or to a poller, goes through `Dispatcher.push`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from tcm.server.dispatcher import Dispatcher
+from tcm.server.jobs import Accept, Change, Job, JobBook, TargetState, summarize
+from tcm.server.web import ApiError
+from tcm.store.store import Store
+
+MAX_TTL = 30 * 24 * 3600.0
+DEFAULT_TTL = 3600.0
+
+
+class JobService:
+    """Jobs from creation to stored results."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        store: Store,
+        dispatcher: Dispatcher,
+        clock: Any,
+        capabilities_of: Callable[[str], dict[str, Any] | None],
+        known_agents: Callable[[], list[str]],
+    ):
+        self.store = store
+        self.dispatcher = dispatcher
+        self.clock = clock
+        self.book = JobBook()
+        self._capabilities_of = capabilities_of
+        self._known_agents = known_agents
+        self._followers: dict[str, list[Callable[[dict[str, Any]], None]]] = {}
+        self._expiry = LoopingCall(self.expire)
+        self._expiry.clock = clock
+
+    @inlineCallbacks
+    def load(self):
+        """Rebuild the working set from the store (at startup)."""
+        active = yield self.store.load_active()
+        for row, states in active:
+            job = Job(
+                id=row["id"], action=row["action"], args=row["args"],
+                created_at=row["created_at"], expires_at=row["expires_at"],
+                timeout=row["timeout"], created_by=row["created_by"],
+            )
+            self.book.add(job, {a: TargetState(s) for a, s in states.items()})
+        self._log.info("loaded {n} unfinished jobs", n=len(self.book.jobs))
+
+    def start(self, interval: float = 1.0) -> None:
+        self._expiry.start(interval, now=False)
+
+    def stop(self) -> None:
+        if self._expiry.running:
+            self._expiry.stop()
+
+    # -- admin side ------------------------------------------------------------------
+    @inlineCallbacks
+    def create(
+        self, action: str, args: dict[str, Any], targets: list[str] | str,
+        ttl: float | None, timeout: float | None, created_by: str = "",
+    ):
+        """Create a job, store it, push it to the targets online now. Returns the job id."""
+        now = self.clock.seconds()
+        ttl = DEFAULT_TTL if ttl is None else ttl
+        if not 0 < ttl <= MAX_TTL:
+            raise ApiError(400, f"ttl must be in (0, {MAX_TTL:.0f}] seconds")
+        if timeout is not None and timeout <= 0:
+            raise ApiError(400, "timeout must be positive")
+        known = self._known_agents()
+        if targets == "all":
+            agent_ids = sorted(known)
+        else:
+            agent_ids = sorted(set(targets))
+            unknown = sorted(set(agent_ids) - set(known))
+            if unknown:
+                raise ApiError(400, "unknown agent ids", unknown=unknown[:50])
+        job = Job(
+            id=os.urandom(8).hex(), action=action, args=args, created_at=now,
+            expires_at=now + ttl, timeout=timeout, created_by=created_by,
+        )
+        yield self.store.create_job(
+            dict(id=job.id, action=action, args=args, created_at=now, expires_at=job.expires_at,
+                 timeout=timeout, created_by=created_by),
+            agent_ids, now,
+        )
+        self.book.add(job, {a: TargetState.PENDING for a in agent_ids})
+        self._deliver(job, agent_ids)
+        self._log.info(
+            "job {job} ({action}) created for {n} agents", job=job.id, action=action,
+            n=len(agent_ids),
+        )
+        return job.id
+
+    def _deliver(self, job: Job, agent_ids: list[str]) -> None:
+        now = self.clock.seconds()
+        capable, incapable = [], []
+        for agent_id in agent_ids:
+            caps = self._capabilities_of(agent_id)
+            if caps is None or job.action in caps:
+                capable.append(agent_id)
+            else:
+                incapable.append(agent_id)
+        for agent_id in incapable:
+            self._finish(job.id, agent_id, TargetState.FAILED, None,
+                         f"agent has no handler for action {job.action!r}", None, now)
+        sent, _offline = self.dispatcher.push(job.frame(), capable)
+        self._persist(self.book.delivered(job.id, sent, now))
+
+    def follow(self, job_id: str, callback: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+        """Call `callback(event)` for each output chunk and result of a job, until undone."""
+        self._followers.setdefault(job_id, []).append(callback)
+
+        def undo() -> None:
+            callbacks = self._followers.get(job_id, [])
+            if callback in callbacks:
+                callbacks.remove(callback)
+            if not callbacks:
+                self._followers.pop(job_id, None)
+
+        return undo
+
+    def _notify(self, job_id: str, event: dict[str, Any]) -> None:
+        for cb in list(self._followers.get(job_id, ())):
+            cb(event)
+
+    # -- agent side ------------------------------------------------------------------
+    def session_opened(self, agent_id: str) -> None:
+        """An agent has a live session: (re)send what it has not finished."""
+        now = self.clock.seconds()
+        for job in self.book.deliverable(agent_id, now):
+            self._deliver(job, [agent_id])
+
+    def work_for(self, agent_id: str) -> list[Job]:
+        """Jobs for an agent that polls over HTTP (marked delivered)."""
+        now = self.clock.seconds()
+        jobs = self.book.deliverable(agent_id, now)
+        for job in jobs:
+            self._persist(self.book.delivered(job.id, [agent_id], now))
+        return jobs
+
+    def accept(self, agent_id: str, job_id: str) -> Accept:
+        decision, changes = self.book.accept(job_id, agent_id, self.clock.seconds())
+        self._persist(changes)
+        if decision is Accept.UNKNOWN:
+            return decision
+        if decision is Accept.RUN and changes:
+            self._notify(job_id, {"event": "state", "agent": agent_id, "state": "running"})
+        return decision
+
+    def output(self, agent_id: str, job_id: str, seq: int, stream: str, text: str):
+        now = self.clock.seconds()
+        self._notify(job_id, {"event": "output", "agent": agent_id, "seq": seq,
+                              "stream": stream, "text": text})
+        return self.store.add_output(job_id, agent_id, seq, stream, text, now)
+
+    def result(
+        self, agent_id: str, job_id: str, state: str, result: Any, error: str | None,
+        started: float | None, finished: float | None,
+    ) -> Deferred[bool]:
+        """Record a target's outcome. Fires True when stored now, False for a duplicate."""
+        target_state = TargetState(state)
+        now = self.clock.seconds()
+        current = self.book.state(job_id, agent_id)
+        if current is None:
+            return succeed(False)  # already stored (a redelivered result), or unknown
+        if target_state not in (TargetState.SUCCEEDED, TargetState.FAILED, TargetState.EXPIRED):
+            raise ApiError(400, f"not a final state: {state}")
+        if target_state is TargetState.EXPIRED and current is TargetState.RUNNING:
+            raise ApiError(409, "job already running here; report its result")
+        return self._finish(job_id, agent_id, target_state, result, error, started,
+                            finished or now).addCallback(lambda _: True)
+
+    def _finish(self, job_id, agent_id, state, result, error, started, finished):
+        changes = self.book.finish(job_id, agent_id, state, self.clock.seconds())
+        if not changes:
+            return succeed(None)
+        d = self.store.store_result(job_id, agent_id, state.value, result, error, started,
+                                    finished)
+        self._notify(job_id, {"event": "result", "agent": agent_id, "state": state.value,
+                              "result": result, "error": error})
+        return d
+
+    def expire(self) -> None:
+        changes = self.book.expire(self.clock.seconds())
+        if changes:
+            self._log.info("{n} job targets expired before delivery", n=len(changes))
+            for ch in changes:
+                self._notify(ch.job_id, {"event": "result", "agent": ch.agent_id,
+                                         "state": "expired", "result": None, "error": None})
+        self._persist(changes)
+
+    def _persist(self, changes: list[Change]) -> None:
+        if changes:
+            self.store.set_states(changes).addErrback(
+                lambda f: self._log.failure("could not store job state changes", f)
+            )
+
+    # -- reading -----------------------------------------------------------------------
+    @inlineCallbacks
+    def status(self, job_id: str):
+        job = yield self.store.get_job(job_id)
+        if job is None:
+            raise ApiError(404, f"no such job: {job_id}")
+        targets = job.pop("targets")
+        job["counts"] = summarize(t["state"] for t in targets)
+        job["results"] = [
+            {
+                "agent": t["agent_id"], "state": t["state"], "result": t["result"],
+                "error": t["error"], "delivered_at": t["delivered_at"],
+                "started_at": t["started_at"], "finished_at": t["finished_at"],
+                "online": self.dispatcher.is_online(t["agent_id"]),
+            }
+            for t in targets
+        ]
+        return job

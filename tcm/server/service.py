@@ -1,0 +1,330 @@
+"""The management server: composition of store, CA, sessions, jobs and the HTTPS/WSS site."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from typing import Any
+
+import attrs
+from autobahn.twisted.resource import WebSocketResource
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+import tcm
+from tcm import pki
+from tcm.protocol import codes
+from tcm.protocol.envelope import Envelope
+from tcm.server.adminapi import AdminAPI
+from tcm.server.agentapi import AgentAPI
+from tcm.server.ca import CertificateAuthority, HandshakeLogger, server_tls_options
+from tcm.server.dispatcher import Dispatcher, DirectRoute
+from tcm.server.envelope_http import render_envelope
+from tcm.server.jobservice import JobService
+from tcm.server.sessions import AgentSession, SessionRegistry
+from tcm.server.web import ApiError
+from tcm.server.websocket import AgentServerFactory
+from tcm.store.store import Store
+
+
+@attrs.define
+class ServerConfig:
+    """Settings of one management server (twistd options map onto these)."""
+
+    state_dir: str
+    port: int = 8443
+    interface: str = "127.0.0.1"
+    hostnames: list[str] = attrs.field(factory=list)
+    database: str | None = None  # default: sqlite in state_dir
+    cert: str | None = None  # admin-supplied server certificate (PEM) ...
+    key: str | None = None  # ... and its key
+    keepalive: float = 50.0  # agents ping this often; below common 60 s LB idle timeouts
+    keepalive_timeout: float = 20.0
+    poll_interval: float = 60.0
+    handshake_timeout: float = 10.0
+    max_message_size: int = 1024 * 1024
+    max_in_flight: int = 64
+    cert_days: int = 365
+
+    @property
+    def database_url(self) -> str:
+        return self.database or f"sqlite:///{os.path.join(self.state_dir, 'tcm.sqlite')}"
+
+
+class AgentDirectory:
+    """Known agents in memory (id -> hostname, revoked): every request checks it."""
+
+    def __init__(self) -> None:
+        self._agents: dict[str, dict[str, Any]] = {}
+
+    def load(self, rows: list[dict[str, Any]]) -> None:
+        for r in rows:
+            self._agents[r["id"]] = {"hostname": r["hostname"], "revoked": bool(r["revoked"]),
+                                     "capabilities": None}
+
+    def add(self, agent_id: str, hostname: str) -> None:
+        self._agents[agent_id] = {"hostname": hostname, "revoked": False, "capabilities": None}
+
+    def get(self, agent_id: str) -> dict[str, Any] | None:
+        return self._agents.get(agent_id)
+
+    def ids(self) -> list[str]:
+        return [a for a, r in self._agents.items() if not r["revoked"]]
+
+    def __len__(self) -> int:
+        return len(self._agents)
+
+
+class AgentHub:
+    """What agent sessions call on the server."""
+
+    _log = Logger()
+
+    def __init__(self, core: ServerCore):
+        self.core = core
+        self.max_in_flight = core.config.max_in_flight
+
+    def welcome_for(self, session: AgentSession) -> dict[str, Any]:
+        cfg = self.core.config
+        return {
+            "session": session.id,
+            "agent_id": session.agent_id,
+            "keepalive": cfg.keepalive,
+            "poll_interval": cfg.poll_interval,
+            "max_message_size": cfg.max_message_size,
+            "max_in_flight": cfg.max_in_flight,
+            "server_version": tcm.__version__,
+        }
+
+    def session_opened(self, session: AgentSession, hello: dict[str, Any]) -> None:
+        core = self.core
+        core.registry.add(session)
+        record = core.directory.get(session.agent_id)
+        if record is not None:
+            record["capabilities"] = session.capabilities
+        now = core.clock.seconds()
+        core.store.agent_seen(
+            session.agent_id, now, hostname=hello.get("hostname"),
+            platform=hello.get("platform"), capabilities=list(session.capabilities.values()),
+        )
+        self._log.info("agent {agent} session open via {via} ({n} sessions)",
+                       agent=session.agent_id, via=session.via, n=len(core.registry))
+        core.jobs.session_opened(session.agent_id)
+
+    def session_closed(self, session: AgentSession) -> None:
+        core = self.core
+        if core.registry.remove(session):
+            core.store.agent_seen(session.agent_id, core.clock.seconds())
+            self._log.info("agent {agent} session closed", agent=session.agent_id)
+
+    def handle_request(self, session: AgentSession, env: Envelope) -> Deferred[Envelope]:
+        return render_envelope(self.core.site, session.transport.peer_transport, env)
+
+
+class ServerCore:
+    """Everything the server's parts share; built by makeService."""
+
+    _log = Logger()
+
+    def __init__(self, config: ServerConfig, reactor: Any = None):
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.reactor = reactor
+        self.clock = reactor
+        self.config = config
+        self.version = tcm.__version__
+        os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+        self.ca = CertificateAuthority.load_or_create(config.state_dir)
+        self.admin_token = _load_or_create_admin_token(config.state_dir)
+        self.store = Store(config.database_url, reactor=reactor)
+        self.directory = AgentDirectory()
+        self.registry = SessionRegistry()
+        self.settings: dict[str, Any] = {"persistent_connections": True}
+        self.hub = AgentHub(self)
+        self.site = self._make_site()
+        self.direct_route = DirectRoute(self.ws_factory.prepareMessage)
+        self.dispatcher = Dispatcher(self.registry)
+        self.jobs = JobService(
+            self.store, self.dispatcher, self.clock,
+            capabilities_of=self._capabilities_of, known_agents=self.directory.ids,
+        )
+
+    def _make_site(self) -> Site:
+        root = Resource()
+        api = Resource()
+        root.putChild(b"api", api)
+        self.admin_api = AdminAPI(self)
+        api.putChild(b"v1", self.admin_api)
+        agent = Resource()
+        root.putChild(b"agent", agent)
+        self.agent_api = AgentAPI(self)
+        self.ws_factory = AgentServerFactory(self, f"wss://{self.config.interface}")
+        v1 = _AgentV1(self.agent_api, WebSocketResource(self.ws_factory))
+        agent.putChild(b"v1", v1)
+        site = Site(root, timeout=60)
+        site.displayTracebacks = False
+        return site
+
+    def _capabilities_of(self, agent_id: str) -> dict[str, Any] | None:
+        session = self.registry.get(agent_id)
+        return session.capabilities if session is not None else None
+
+    # -- identity ----------------------------------------------------------------------
+    def authenticate_transport(self, transport: Any) -> str:
+        """The agent id of a connection's verified client certificate, or ApiError."""
+        agent_id = pki.peer_common_name(transport)
+        if agent_id is None:
+            raise ApiError(403, "client certificate required: enroll first")
+        record = self.directory.get(agent_id)
+        if record is None:
+            raise ApiError(403, f"unknown agent {agent_id}: enroll again")
+        if record["revoked"]:
+            raise ApiError(403, f"agent {agent_id} is revoked")
+        return agent_id
+
+    def authenticate_agent(self, request) -> str:
+        return self.authenticate_transport(request.channel.transport)
+
+    def persistent_enabled(self) -> bool:
+        return bool(self.settings.get("persistent_connections", True))
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def tls_options(self):
+        cfg = self.config
+        if cfg.cert and cfg.key:
+            with open(cfg.cert, "rb") as f:
+                cert_pem = f.read()
+            with open(cfg.key, "rb") as f:
+                key_pem = f.read()
+        else:
+            cert_path = os.path.join(cfg.state_dir, "server.pem")
+            key_path = os.path.join(cfg.state_dir, "server.key")
+            names = sorted({cfg.interface, *cfg.hostnames} - {"0.0.0.0", "::", ""})
+            if not os.path.exists(cert_path) or _names_changed(cert_path, names):
+                key_pem, cert_pem = self.ca.issue_server_certificate(names)
+                pki.write_private(key_path, key_pem)
+                pki.write_public(cert_path, cert_pem)
+            with open(cert_path, "rb") as f:
+                cert_pem = f.read()
+            with open(key_path, "rb") as f:
+                key_pem = f.read()
+        return server_tls_options(key_pem, cert_pem, [self.ca.cert_pem])
+
+    def start(self) -> Deferred:
+        self.store.open()
+        d = self.store.list_agents()
+        d.addCallback(self.directory.load)
+        d.addCallback(lambda _: self.store.get_settings())
+        d.addCallback(self.settings.update)
+        d.addCallback(lambda _: self.jobs.load())
+        d.addCallback(lambda _: self.jobs.start())
+        return d
+
+    def stop(self) -> None:
+        self.jobs.stop()
+        self.store.close()
+
+    def sweep_silent_sessions(self) -> None:
+        """Close sessions that sent nothing (not even a ping) for too long: half-open."""
+        cfg = self.config
+        deadline = self.clock.seconds() - (2 * cfg.keepalive + cfg.keepalive_timeout)
+        for session in self.registry.idle_since(deadline):
+            self._log.info("agent {agent} silent since {t:.0f}: closing", agent=session.agent_id,
+                           t=session.last_rx)
+            session.close(codes.CLOSE_KEEPALIVE)
+            session.transport.dropConnection(abort=True)
+
+
+class _AgentV1(Resource):
+    """/agent/v1: `ws` is the WebSocket endpoint; everything else is the agent API."""
+
+    def __init__(self, api: AgentAPI, ws: WebSocketResource):
+        super().__init__()
+        self._api = api
+        self._ws = ws
+
+    def getChild(self, path, request):
+        if path == b"ws":
+            return self._ws
+        request.postpath.insert(0, path)
+        request.prepath.pop()
+        return self._api
+
+    def render(self, request):
+        return self._api.render(request)
+
+
+def _load_or_create_admin_token(state_dir: str) -> str:
+    path = os.path.join(state_dir, "admin.token")
+    if os.path.exists(path):
+        with open(path) as f:
+            return f.read().strip()
+    token = secrets.token_urlsafe(32)
+    pki.write_private(path, token.encode() + b"\n")
+    return token
+
+
+def _names_changed(cert_path: str, names: list[str]) -> bool:
+    from cryptography import x509
+
+    with open(cert_path, "rb") as f:
+        cert = pki.load_certificate(f.read())
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return True
+    have = {str(v) for v in san.get_values_for_type(x509.DNSName)}
+    have |= {str(v) for v in san.get_values_for_type(x509.IPAddress)}
+    return not set(names) <= have
+
+
+class ServerService(service.MultiService):
+    """Starts the core (store, migrations, working set) before listening."""
+
+    def __init__(self, core: ServerCore):
+        super().__init__()
+        self.core = core
+
+    def startService(self):
+        # Listen only once the store is migrated and the working set loaded.
+        service.Service.startService(self)
+        d = self.core.start()
+        d.addCallback(lambda _: [child.startService() for child in self if self.running])
+        d.addErrback(self._fatal)
+
+    def _fatal(self, f):
+        Logger().failure("server failed to start", f)
+        self.core.reactor.stop()
+
+    def stopService(self):
+        service.Service.stopService(self)
+        from twisted.internet.defer import DeferredList, maybeDeferred
+
+        d = DeferredList([maybeDeferred(c.stopService) for c in reversed(list(self)) if c.running])
+
+        def stopped(_):
+            self.core.stop()
+
+        if isinstance(d, Deferred):
+            return d.addBoth(stopped)
+        stopped(None)
+        return d
+
+
+def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerService:
+    core = ServerCore(config, reactor)
+    top = ServerService(core)
+    endpoint = SSL4ServerEndpoint(
+        core.reactor, config.port, core.tls_options(), interface=config.interface, backlog=1024
+    )
+    listener = StreamServerEndpointService(endpoint, HandshakeLogger(core.site))
+    listener.setServiceParent(top)
+    TimerService(config.keepalive, core.sweep_silent_sessions).setServiceParent(top)
+    return top

@@ -1,0 +1,217 @@
+"""Agent sessions on the server: the session state machine and the registry of live sessions.
+
+`AgentSession` knows nothing of sockets: it gets decoded envelopes and talks to an
+`ISessionTransport`-like object (send bytes, close with a code). The Autobahn protocol in
+`websocket.py` is a thin adapter around it; tests drive it with a fake transport.
+
+Session rules (docs/protocol.md):
+- The first message must be `hello` within the handshake timeout, or the session is closed
+  with 4001; any other first message closes it with 4002.
+- A new session of an agent supersedes the old one: the old one is closed with 4000. One rule,
+  whoever connects last wins: a reconnecting agent is never locked out by its own half-open
+  old session.
+- A message that fails to decode gets an `error` naming its id; the session lives on.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from twisted.logger import Logger
+
+from tcm.protocol import codes
+from tcm.protocol.envelope import Envelope, ProtocolError, decode, encode, error_for, new_id
+
+
+class SessionTransport(Protocol):
+    """What a session needs from its connection."""
+
+    def send_frame(self, frame: bytes) -> None: ...
+    def send_prepared(self, prepared: Any) -> None: ...
+    def close(self, code: int, reason: str) -> None: ...
+
+
+class SessionState(enum.Enum):
+    AWAITING_HELLO = "awaiting-hello"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class AgentSession:
+    """One agent's persistent session, from hello to close."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        agent_id: str,
+        transport: SessionTransport,
+        hub: SessionHub,
+        now: float,
+        route: Any,
+        via: str = "direct",
+        max_message_size: int = 1024 * 1024,
+    ):
+        self.agent_id = agent_id
+        self.route = route
+        self.transport = transport
+        self.hub = hub
+        self.via = via
+        self.max_message_size = max_message_size
+        self.id = new_id()[:16]
+        self.state = SessionState.AWAITING_HELLO
+        self.connected_at = now
+        self.last_rx = now
+        self.capabilities: dict[str, dict[str, Any]] = {}
+        self.hostname = ""
+        self.in_flight = 0
+        self.info: dict[str, Any] = {}
+        self._handlers: dict[str, Callable[[Envelope], None]] = {
+            "hello": self._on_hello,
+            "request": self._on_request,
+            "error": self._on_error,
+        }
+
+    # -- input -------------------------------------------------------------------------
+    def frame_received(self, payload: bytes, now: float) -> None:
+        """One text frame from the agent."""
+        self.last_rx = now
+        try:
+            env = decode(payload, self.max_message_size)
+        except ProtocolError as e:
+            self._log.info(
+                "agent {agent} sent a bad message: {code}: {msg}",
+                agent=self.agent_id, code=e.code, msg=e.message,
+            )
+            self.send(error_for(e))
+            if self.state is SessionState.AWAITING_HELLO:
+                self.close(codes.CLOSE_PROTOCOL_ERROR, "first message must be a valid hello")
+            return
+        if self.state is SessionState.AWAITING_HELLO and env.type != "hello":
+            self.send(env.reply("error", {"code": codes.ERR_UNEXPECTED,
+                                          "message": "first message must be hello"}))
+            self.close(codes.CLOSE_PROTOCOL_ERROR, "first message must be hello")
+            return
+        handler = self._handlers.get(env.type)
+        if handler is None:
+            self.send(env.reply("error", {
+                "code": codes.ERR_UNEXPECTED,
+                "message": f"agents may not send {env.type!r}",
+            }))
+            return
+        handler(env)
+
+    def _on_hello(self, env: Envelope) -> None:
+        if self.state is not SessionState.AWAITING_HELLO:
+            self.send(env.reply("error", {"code": codes.ERR_UNEXPECTED,
+                                          "message": "hello already received"}))
+            return
+        data = env.data
+        self.capabilities = {c["name"]: c for c in data["capabilities"]}
+        self.hostname = data.get("hostname", "")
+        self.info = {
+            "agent_version": data["agent_version"],
+            "platform": data.get("platform", ""),
+        }
+        self.state = SessionState.OPEN
+        welcome = self.hub.welcome_for(self)
+        self.send(env.reply("welcome", welcome))
+        self.hub.session_opened(self, data)
+
+    def _on_request(self, env: Envelope) -> None:
+        if self.in_flight >= self.hub.max_in_flight:
+            self.send(env.reply("error", {
+                "code": codes.ERR_IN_FLIGHT,
+                "message": f"more than {self.hub.max_in_flight} requests in flight",
+            }))
+            return
+        self.in_flight += 1
+
+        def answered(response: Envelope) -> None:
+            self.in_flight -= 1
+            if self.state is not SessionState.CLOSED:
+                self.send(response)
+
+        self.hub.handle_request(self, env).addCallback(answered)
+
+    def _on_error(self, env: Envelope) -> None:
+        self._log.info(
+            "agent {agent} reports error for {ref}: {code}: {msg}",
+            agent=self.agent_id, ref=env.in_reply_to, code=env.data["code"],
+            msg=env.data["message"],
+        )
+
+    # -- output ------------------------------------------------------------------------
+    def send(self, env: Envelope) -> None:
+        self.transport.send_frame(encode(env))
+
+    def close(self, code: int, reason: str | None = None) -> None:
+        if self.state is SessionState.CLOSED:
+            return
+        self.transport.close(code, reason or codes.CLOSE_REASONS.get(code, ""))
+
+    def connection_lost(self) -> None:
+        """The connection is gone (closed by either side, or dropped)."""
+        if self.state is SessionState.CLOSED:
+            return
+        was_open = self.state is SessionState.OPEN
+        self.state = SessionState.CLOSED
+        if was_open:
+            self.hub.session_closed(self)
+
+
+class SessionHub(Protocol):
+    """What sessions call on the server (implemented by server.service.AgentHub)."""
+
+    max_in_flight: int
+
+    def welcome_for(self, session: AgentSession) -> dict[str, Any]: ...
+    def session_opened(self, session: AgentSession, hello: dict[str, Any]) -> None: ...
+    def session_closed(self, session: AgentSession) -> None: ...
+    def handle_request(self, session: AgentSession, env: Envelope) -> Any: ...
+
+
+class SessionRegistry:
+    """Live sessions by agent id, with the supersede rule."""
+
+    _log = Logger()
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, AgentSession] = {}
+
+    def add(self, session: AgentSession) -> AgentSession | None:
+        """Register an open session; returns the session it superseded, if any (closed)."""
+        old = self._sessions.get(session.agent_id)
+        self._sessions[session.agent_id] = session
+        if old is not None and old is not session:
+            self._log.info(
+                "agent {agent} opened a new session; closing the old one", agent=session.agent_id
+            )
+            old.close(codes.CLOSE_SUPERSEDED)
+            return old
+        return None
+
+    def remove(self, session: AgentSession) -> bool:
+        """Forget a closed session (but not its successor). True if it was the live one."""
+        if self._sessions.get(session.agent_id) is session:
+            del self._sessions[session.agent_id]
+            return True
+        return False
+
+    def get(self, agent_id: str) -> AgentSession | None:
+        return self._sessions.get(agent_id)
+
+    def __contains__(self, agent_id: str) -> bool:
+        return agent_id in self._sessions
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def all(self) -> list[AgentSession]:
+        return list(self._sessions.values())
+
+    def idle_since(self, deadline: float) -> list[AgentSession]:
+        """Sessions that received nothing since `deadline` (half-open, most likely)."""
+        return [s for s in self._sessions.values() if s.last_rx < deadline]

@@ -1,0 +1,66 @@
+"""twistd tcm-server: options and makeService."""
+
+from __future__ import annotations
+
+from twisted.python import usage
+
+from tcm.server.service import ServerConfig, make_server_service
+
+
+class Options(usage.Options):
+    synopsis = "--state-dir DIR [--port P] [--interface ADDR] [--hostname NAME ...]"
+    longdesc = (
+        "The tcm management server: admin REST API and agent endpoint (HTTPS and WSS) on one "
+        "TLS port. On first start it creates a CA, a server certificate and an admin API "
+        "token (admin.token) in the state directory."
+    )
+    optParameters = [
+        ["state-dir", "d", None, "Directory for the CA, certificates, token and database."],
+        ["port", "p", 8443, "TCP port for HTTPS and WSS.", int],
+        ["interface", "i", "127.0.0.1", "Address to listen on."],
+        ["database", None, None, "Database URL (default: SQLite in the state directory; "
+                                 "postgresql://... for several server nodes)."],
+        ["cert", None, None, "Server certificate (PEM, may include the chain) instead of a "
+                             "self-made one."],
+        ["key", None, None, "Private key of --cert (PEM)."],
+        ["keepalive", None, 50.0, "Seconds between the agents' WebSocket pings.", float],
+        ["poll-interval", None, 60.0, "Seconds between polls of agents in HTTP mode.", float],
+        ["handshake-timeout", None, 10.0, "Seconds an agent has to send hello.", float],
+        ["max-message-size", None, 1024 * 1024, "Largest accepted message, bytes.", int],
+        ["max-in-flight", None, 64, "Most requests one session may have unanswered.", int],
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self["hostnames"] = []
+
+    def opt_hostname(self, name):
+        """A DNS name or address agents use to reach this server (repeatable)."""
+        self["hostnames"].append(name)
+
+    def postOptions(self):
+        if not self["state-dir"]:
+            raise usage.UsageError("--state-dir is required")
+        if bool(self["cert"]) != bool(self["key"]):
+            raise usage.UsageError("--cert and --key go together")
+
+
+def config_from(options: Options) -> ServerConfig:
+    return ServerConfig(
+        state_dir=options["state-dir"],
+        port=options["port"],
+        interface=options["interface"],
+        hostnames=options["hostnames"],
+        database=options["database"],
+        cert=options["cert"],
+        key=options["key"],
+        keepalive=options["keepalive"],
+        poll_interval=options["poll-interval"],
+        handshake_timeout=options["handshake-timeout"],
+        max_message_size=options["max-message-size"],
+        max_in_flight=options["max-in-flight"],
+    )
+
+
+def makeService(options: Options):
+    return make_server_service(config_from(options))

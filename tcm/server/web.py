@@ -1,0 +1,146 @@
+"""JSON resources with a route table, for the admin API and the agent API.
+
+A handler gets (request, **path_params) and returns a JSON-able value, a `Reply`, or a
+Deferred of either. `ApiError` becomes a JSON error body with its status; anything else
+unexpected becomes a 500 with a logged traceback, never a hung request.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.internet.defer import maybeDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+MAX_BODY = 8 * 1024 * 1024
+
+
+class ApiError(Exception):
+    """An error answered to the client with `status` and a JSON body naming the reason."""
+
+    def __init__(self, status: int, message: str, **extra: Any):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.extra = extra
+
+
+@attrs.frozen
+class Reply:
+    body: Any
+    status: int = 200
+    headers: dict[str, str] = attrs.field(factory=dict)
+
+
+Handler = Callable[..., Any]
+
+
+def json_body(request, required: bool = True) -> Any:
+    """The request's JSON body; ApiError(400) when it is not JSON."""
+    raw = request.content.read(MAX_BODY + 1) if request.content is not None else b""
+    if len(raw) > MAX_BODY:
+        raise ApiError(413, f"request body over {MAX_BODY} bytes")
+    if not raw:
+        if required:
+            raise ApiError(400, "request body must be a JSON object")
+        return {}
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}") from None
+
+
+def json_object(request) -> dict[str, Any]:
+    body = json_body(request)
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return body
+
+
+class JsonRouter(Resource):
+    """A leaf resource that routes (method, path pattern) to handlers."""
+
+    isLeaf = True
+    _log = Logger()
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self._prefix = prefix.rstrip("/")
+        self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
+
+    def route(self, method: str, pattern: str, handler: Handler) -> None:
+        """Add a route; `{name}` in the pattern captures one path segment."""
+        regex = "^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "/?$"
+        self._routes.append((method, re.compile(regex), handler))
+
+    def authorize(self, request, handler: Handler) -> None:
+        """Raise ApiError unless the request may call this handler (subclasses decide)."""
+
+    def render(self, request):
+        path = request.path.decode("utf-8", "replace")
+        if not path.startswith(self._prefix):
+            self._finish(request, ApiError(404, "not found"))
+            return NOT_DONE_YET
+        sub = path[len(self._prefix):] or "/"
+        method = request.method.decode("ascii", "replace")
+        allowed = []
+        for m, regex, handler in self._routes:
+            match = regex.match(sub)
+            if match is None:
+                continue
+            if m != method:
+                allowed.append(m)
+                continue
+            d = maybeDeferred(self._call, request, handler, match.groupdict())
+            d.addCallbacks(lambda r: self._finish(request, r),
+                           lambda f: self._fail(request, f))
+            return NOT_DONE_YET
+        if allowed:
+            self._finish(
+                request, ApiError(405, f"method {method} not allowed here; use {allowed}")
+            )
+        else:
+            self._finish(request, ApiError(404, f"no such resource: {path}"))
+        return NOT_DONE_YET
+
+    def _call(self, request, handler: Handler, params: dict[str, str]) -> Any:
+        self.authorize(request, handler)
+        return handler(request, **params)
+
+    def _fail(self, request, failure: Failure) -> None:
+        if failure.check(ApiError):
+            return self._finish(request, failure.value)
+        self._log.failure("error serving {method} {path}", failure,
+                          method=request.method, path=request.path)
+        return self._finish(request, ApiError(500, "internal server error"))
+
+    def _finish(self, request, result: Any):
+        if getattr(request, "_disconnected", False) or request.finished:
+            return None
+        if isinstance(result, ApiError):
+            body: Any = {"error": result.message, **result.extra}
+            status = result.status
+            headers: dict[str, str] = {}
+        elif isinstance(result, Reply):
+            body, status, headers = result.body, result.status, result.headers
+        else:
+            body, status, headers = result, 200, {}
+        request.setResponseCode(status)
+        for k, v in headers.items():
+            request.setHeader(k, v)
+        if status == 204 or body is None:
+            request.finish()
+            return None
+        payload = json.dumps(body, separators=(",", ":"), default=str).encode()
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"content-length", str(len(payload)).encode())
+        request.write(payload)
+        request.finish()
+        return None

@@ -1,0 +1,112 @@
+"""The agents' WebSocket endpoint: a thin Autobahn adapter around AgentSession.
+
+The upgrade is refused with a clear HTTP status and reason before any session exists: wrong
+subprotocol (400), no or unknown client certificate (403), persistent connections switched
+off (503). After the upgrade every frame goes to the session unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.logger import Logger
+
+from tcm.protocol import codes
+from tcm.server.sessions import AgentSession
+from tcm.server.web import ApiError
+from tcm.wsbase import LeanWebSocketMixin
+
+if TYPE_CHECKING:
+    from tcm.server.service import ServerCore
+
+
+class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):
+    """One agent connection."""
+
+    _log = Logger()
+    session: AgentSession | None = None
+
+    def onConnect(self, request):
+        core: ServerCore = self.factory.core
+        if codes.SUBPROTOCOL not in request.protocols:
+            raise ConnectionDeny(
+                400, f"unsupported subprotocol {request.protocols!r}; this server speaks "
+                     f"{codes.SUBPROTOCOL}",
+            )
+        if not core.persistent_enabled():
+            raise ConnectionDeny(503, codes.CLOSE_REASONS[codes.CLOSE_PERSISTENT_OFF])
+        try:
+            agent_id = core.authenticate_transport(self.transport)
+        except ApiError as e:
+            self._log.info("WebSocket upgrade refused from {peer}: {why}",
+                           peer=self.peer, why=e.message)
+            raise ConnectionDeny(e.status, e.message) from None
+        self.session = AgentSession(
+            agent_id, self, core.hub, core.clock.seconds(), route=core.direct_route,
+            max_message_size=core.config.max_message_size,
+        )
+        return codes.SUBPROTOCOL
+
+    def onOpen(self):
+        core = self.factory.core
+        self._hello_timer = core.clock.callLater(
+            core.config.handshake_timeout, self._hello_timeout
+        )
+
+    def _hello_timeout(self):
+        self._hello_timer = None
+        if self.session is not None and self.session.state.value == "awaiting-hello":
+            self.session.close(codes.CLOSE_HELLO_TIMEOUT)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        session = self.session
+        if session is None:
+            return
+        if isBinary:
+            self.sendClose(codes.CLOSE_PROTOCOL_ERROR, "tcm.v1 uses text frames")
+            return
+        session.frame_received(payload, self.factory.core.clock.seconds())
+        if session.state.value == "open" and getattr(self, "_hello_timer", None) is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        timer = getattr(self, "_hello_timer", None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        if self.session is not None:
+            self.session.connection_lost()
+
+    # -- SessionTransport ------------------------------------------------------------------
+    def send_frame(self, frame: bytes) -> None:
+        self.sendMessage(frame, isBinary=False)
+
+    def send_prepared(self, prepared: Any) -> None:
+        self.sendPreparedMessage(prepared)
+
+    def close(self, code: int, reason: str) -> None:
+        self.sendClose(code, reason[:120])
+
+    @property
+    def peer_transport(self):
+        return self.transport
+
+
+class AgentServerFactory(WebSocketServerFactory):
+    protocol = AgentServerProtocol
+
+    def __init__(self, core: ServerCore, url: str):
+        super().__init__(url, protocols=[codes.SUBPROTOCOL])
+        self.core = core
+        cfg = core.config
+        self.setProtocolOptions(
+            maxFramePayloadSize=cfg.max_message_size,
+            maxMessagePayloadSize=cfg.max_message_size,
+            failByDrop=False,
+            autoPingInterval=0,  # agents ping; the server sweeps silent sessions (cheaper)
+            openHandshakeTimeout=cfg.handshake_timeout,
+            closeHandshakeTimeout=5,
+            perMessageCompressionAccept=lambda offers: None,
+        )

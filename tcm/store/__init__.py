@@ -1,0 +1,1 @@
+"""The server's store: SQLAlchemy Core tables, Alembic migrations, a threaded Store."""

@@ -1,0 +1,80 @@
+"""Tables of the tcm store (SQLAlchemy Core). Migrations in tcm/store/migrations mirror these."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+agents = sa.Table(
+    "agents",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("hostname", sa.String(255), nullable=False, server_default=""),
+    sa.Column("platform", sa.String(255), nullable=False, server_default=""),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("enrolled_at", sa.Float, nullable=False),
+    sa.Column("last_seen", sa.Float),
+    sa.Column("capabilities", sa.JSON, nullable=False, default=list),
+    sa.Column("revoked", sa.Boolean, nullable=False, server_default=sa.false()),
+)
+
+enrollment_tokens = sa.Table(
+    "enrollment_tokens",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),  # public part, shown in listings
+    sa.Column("secret_hash", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float),  # NULL: never
+    sa.Column("uses_left", sa.Integer),  # NULL: unlimited
+    sa.Column("used", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("description", sa.String(255), nullable=False, server_default=""),
+)
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("args", sa.JSON, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("timeout", sa.Float),
+    sa.Column("created_by", sa.String(64), nullable=False, server_default=""),
+)
+
+job_targets = sa.Table(
+    "job_targets",
+    metadata,
+    sa.Column("job_id", sa.String(64), sa.ForeignKey("jobs.id"), primary_key=True),
+    sa.Column("agent_id", sa.String(64), primary_key=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("delivered_at", sa.Float),
+    sa.Column("started_at", sa.Float),
+    sa.Column("finished_at", sa.Float),
+    sa.Column("result", sa.JSON),
+    sa.Column("error", sa.Text),
+    sa.Index("ix_job_targets_agent_state", "agent_id", "state"),
+    sa.Index("ix_job_targets_state", "state"),
+)
+
+job_output = sa.Table(
+    "job_output",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(64), nullable=False),
+    sa.Column("agent_id", sa.String(64), nullable=False),
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("stream", sa.String(16), nullable=False),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.UniqueConstraint("job_id", "agent_id", "seq", name="uq_job_output_seq"),
+)
+
+settings = sa.Table(
+    "settings",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.JSON, nullable=False),
+)

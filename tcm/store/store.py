@@ -1,0 +1,439 @@
+"""The Store: every SQL statement of the server, run off the reactor thread.
+
+SQLite (the embedded default) and PostgreSQL run the same SQLAlchemy Core statements. All
+statements run on the store's own thread pool (one thread for SQLite, whose writers serialise
+anyway). Target state changes, output chunks and results go through a write queue with
+*group commit*: everything queued while one transaction runs is written by the next one, and
+each caller's Deferred fires when its rows are committed. An agent's result is acknowledged
+only after that, so the agent's spool holds it until it is durable here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import Connection, Engine
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from tcm.store import schema as t
+
+T = TypeVar("T")
+
+MIGRATIONS = os.path.join(os.path.dirname(__file__), "migrations")
+
+
+class TokenRefused(Exception):
+    """An enrollment token that is unknown, expired or used up."""
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for a database URL (sqlite:///path or postgresql://...)."""
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"check_same_thread": False})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record):  # WAL: readers never block the writer
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=5000")
+            cur.close()
+
+        return engine
+    return sa.create_engine(url, pool_size=8, pool_pre_ping=True)
+
+
+def upgrade(engine: Engine) -> None:
+    """Bring the schema to the newest Alembic revision."""
+    cfg = Config()
+    cfg.set_main_option("script_location", MIGRATIONS)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+class WriteQueue:
+    """Group commit: rows queued while a transaction runs are written by the next one."""
+
+    _log = Logger()
+
+    def __init__(self, store: Store):
+        self._store = store
+        self._ops: list[tuple[Callable[[Connection], None], Deferred[None]]] = []
+        self._running = False
+
+    def submit(self, op: Callable[[Connection], None]) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self._ops.append((op, d))
+        if not self._running:
+            self._running = True
+            self._store._reactor.callLater(0, self._flush)
+        return d
+
+    def _flush(self) -> None:
+        batch, self._ops = self._ops, []
+        ops = [op for op, _ in batch]
+
+        def write(conn: Connection) -> None:
+            for op in ops:
+                op(conn)
+
+        d = self._store.transaction(write)
+
+        def done(result: Any) -> None:
+            for _, waiter in batch:
+                if isinstance(result, Exception):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(None)
+            if self._ops:
+                self._store._reactor.callLater(0, self._flush)
+            else:
+                self._running = False
+
+        def failed(f):
+            self._log.failure("store write of {n} operations failed", f, n=len(ops))
+            done(f.value)
+
+        d.addCallbacks(done, failed)
+
+    def idle(self) -> bool:
+        return not self._running and not self._ops
+
+
+class Store:
+    """The server's persistent state, with Deferred-returning methods."""
+
+    _log = Logger()
+
+    def __init__(self, url: str, reactor: Any = None, threads: int | None = None):
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self._reactor = reactor
+        self.url = url
+        self.engine = make_engine(url)
+        if threads is None:
+            threads = 1 if url.startswith("sqlite") else 4
+        self._pool = ThreadPool(minthreads=1, maxthreads=threads, name="tcm-store")
+        self.writes = WriteQueue(self)
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def open(self) -> None:
+        """Migrate the schema (blocking, at startup) and start the store's threads."""
+        upgrade(self.engine)
+        self._pool.start()
+
+    def close(self) -> None:
+        self._pool.stop()
+        self.engine.dispose()
+
+    def run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        """Run fn(*args) on the store's thread pool."""
+        return deferToThreadPool(self._reactor, self._pool, fn, *args)
+
+    def transaction(self, fn: Callable[[Connection], T]) -> Deferred[T]:
+        """Run fn(connection) in one transaction on the store's thread pool."""
+
+        def in_tx() -> T:
+            with self.engine.begin() as conn:
+                return fn(conn)
+
+        return self.run(in_tx)
+
+    def read(self, fn: Callable[[Connection], T]) -> Deferred[T]:
+        def in_conn() -> T:
+            with self.engine.connect() as conn:
+                return fn(conn)
+
+        return self.run(in_conn)
+
+    # -- settings ------------------------------------------------------------------------
+    def get_settings(self) -> Deferred[dict[str, Any]]:
+        return self.read(
+            lambda c: {r.key: r.value for r in c.execute(sa.select(t.settings))}
+        )
+
+    def set_setting(self, key: str, value: Any) -> Deferred[None]:
+        def op(c: Connection) -> None:
+            updated = c.execute(
+                t.settings.update().where(t.settings.c.key == key).values(value=value)
+            )
+            if updated.rowcount == 0:
+                c.execute(t.settings.insert().values(key=key, value=value))
+
+        return self.transaction(op)
+
+    # -- enrollment tokens -----------------------------------------------------------
+    def create_token(
+        self, ttl: float | None, uses: int | None, description: str = ""
+    ) -> Deferred[str]:
+        """A new enrollment token: returns the full token `<id>.<secret>` (shown once)."""
+        token_id = os.urandom(6).hex()
+        secret = os.urandom(24).hex()
+        now = time.time()
+        row = dict(
+            id=token_id,
+            secret_hash=hash_secret(secret),
+            created_at=now,
+            expires_at=(now + ttl) if ttl else None,
+            uses_left=uses,
+            description=description,
+        )
+        return self.transaction(lambda c: c.execute(t.enrollment_tokens.insert().values(**row)))\
+            .addCallback(lambda _: f"{token_id}.{secret}")
+
+    def list_tokens(self) -> Deferred[list[dict[str, Any]]]:
+        cols = [c for c in t.enrollment_tokens.c if c.name != "secret_hash"]
+        return self.read(
+            lambda c: [dict(r._mapping) for r in c.execute(sa.select(*cols))]
+        )
+
+    def consume_token(self, token: str, now: float) -> Deferred[str]:
+        """Use an enrollment token once. Fails with TokenRefused saying why."""
+
+        def op(c: Connection) -> str:
+            token_id, _, secret = token.partition(".")
+            row = c.execute(
+                sa.select(t.enrollment_tokens).where(t.enrollment_tokens.c.id == token_id)
+            ).first()
+            if row is None or not hmac.compare_digest(row.secret_hash, hash_secret(secret)):
+                raise TokenRefused("unknown enrollment token")
+            if row.expires_at is not None and now >= row.expires_at:
+                raise TokenRefused("enrollment token expired")
+            if row.uses_left is not None and row.uses_left <= 0:
+                raise TokenRefused("enrollment token used up")
+            values: dict[str, Any] = {"used": row.used + 1}
+            if row.uses_left is not None:
+                values["uses_left"] = row.uses_left - 1
+            c.execute(
+                t.enrollment_tokens.update()
+                .where(t.enrollment_tokens.c.id == token_id)
+                .values(**values)
+            )
+            return token_id
+
+        return self.transaction(op)
+
+    # -- agents ----------------------------------------------------------------------
+    def add_agent(self, agent_id: str, hostname: str, fingerprint: str, now: float):
+        row = dict(
+            id=agent_id, hostname=hostname, fingerprint=fingerprint, enrolled_at=now,
+            capabilities=[],
+        )
+        return self.transaction(lambda c: c.execute(t.agents.insert().values(**row)))
+
+    def agent_seen(
+        self, agent_id: str, now: float, hostname: str | None = None,
+        platform: str | None = None, capabilities: list | None = None,
+    ) -> Deferred[None]:
+        values: dict[str, Any] = {"last_seen": now}
+        if hostname is not None:
+            values["hostname"] = hostname
+        if platform is not None:
+            values["platform"] = platform
+        if capabilities is not None:
+            values["capabilities"] = capabilities
+
+        def op(c: Connection) -> None:
+            c.execute(t.agents.update().where(t.agents.c.id == agent_id).values(**values))
+
+        return self.writes.submit(op)
+
+    def get_agent(self, agent_id: str) -> Deferred[dict[str, Any] | None]:
+        def q(c: Connection):
+            row = c.execute(sa.select(t.agents).where(t.agents.c.id == agent_id)).first()
+            return dict(row._mapping) if row else None
+
+        return self.read(q)
+
+    def list_agents(self) -> Deferred[list[dict[str, Any]]]:
+        return self.read(
+            lambda c: [
+                dict(r._mapping)
+                for r in c.execute(sa.select(t.agents).order_by(t.agents.c.enrolled_at))
+            ]
+        )
+
+    def agent_ids(self, include_revoked: bool = False) -> Deferred[list[str]]:
+        q = sa.select(t.agents.c.id)
+        if not include_revoked:
+            q = q.where(t.agents.c.revoked == sa.false())
+        return self.read(lambda c: [r.id for r in c.execute(q)])
+
+    # -- jobs ------------------------------------------------------------------------
+    def create_job(self, job: dict[str, Any], agent_ids: list[str], now: float):
+        """Insert a job and one pending target per agent, in one transaction."""
+
+        def op(c: Connection) -> None:
+            c.execute(t.jobs.insert().values(**job))
+            if agent_ids:
+                c.execute(
+                    t.job_targets.insert(),
+                    [
+                        dict(job_id=job["id"], agent_id=a, state="pending", updated_at=now)
+                        for a in agent_ids
+                    ],
+                )
+
+        return self.transaction(op)
+
+    def set_states(self, changes: Iterable[Any]) -> Deferred[None]:
+        """Write state changes (jobs.Change) through the write queue."""
+        rows = [
+            dict(j=ch.job_id, a=ch.agent_id, s=ch.state.value, at=ch.at) for ch in changes
+        ]
+        if not rows:
+            return succeed(None)
+        jt = t.job_targets
+        by_state: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            by_state.setdefault(r["s"], []).append(r)
+
+        def op(c: Connection) -> None:
+            for state, batch in by_state.items():
+                values: dict[str, Any] = {"state": state, "updated_at": sa.bindparam("at")}
+                if state == "delivered":
+                    values["delivered_at"] = sa.bindparam("at")
+                elif state == "running":
+                    values["started_at"] = sa.bindparam("at")
+                else:
+                    values["finished_at"] = sa.bindparam("at")
+                stmt = (
+                    jt.update()
+                    .where(jt.c.job_id == sa.bindparam("j"))
+                    .where(jt.c.agent_id == sa.bindparam("a"))
+                    .where(jt.c.state.notin_(["succeeded", "failed", "expired"]))
+                    .values(**values)
+                )
+                c.execute(stmt, batch)
+
+        return self.writes.submit(op)
+
+    def store_result(
+        self, job_id: str, agent_id: str, state: str, result: Any, error: str | None,
+        started: float | None, finished: float,
+    ) -> Deferred[None]:
+        """Store a target's result, once: a target already finished keeps its first result."""
+        jt = t.job_targets
+
+        def op(c: Connection) -> None:
+            values: dict[str, Any] = dict(
+                state=state, result=result, error=error, finished_at=finished,
+                updated_at=finished,
+            )
+            if started is not None:
+                values["started_at"] = started
+            c.execute(
+                jt.update()
+                .where(jt.c.job_id == job_id)
+                .where(jt.c.agent_id == agent_id)
+                .where(jt.c.state.notin_(["succeeded", "failed", "expired"]))
+                .values(**values)
+            )
+
+        return self.writes.submit(op)
+
+    def add_output(self, job_id: str, agent_id: str, seq: int, stream: str, text: str,
+                   at: float) -> Deferred[None]:
+        row = dict(job_id=job_id, agent_id=agent_id, seq=seq, stream=stream, text=text, at=at)
+        jo = t.job_output
+
+        def op(c: Connection) -> None:
+            exists = c.execute(
+                sa.select(jo.c.id).where(jo.c.job_id == job_id)
+                .where(jo.c.agent_id == agent_id).where(jo.c.seq == seq)
+            ).first()
+            if exists is None:  # output is redelivered after a reconnect: keep one copy
+                c.execute(jo.insert().values(**row))
+
+        return self.writes.submit(op)
+
+    def get_output(self, job_id: str, after_id: int = 0) -> Deferred[list[dict[str, Any]]]:
+        jo = t.job_output
+        return self.read(
+            lambda c: [
+                dict(r._mapping)
+                for r in c.execute(
+                    sa.select(jo).where(jo.c.job_id == job_id).where(jo.c.id > after_id)
+                    .order_by(jo.c.id)
+                )
+            ]
+        )
+
+    def get_job(self, job_id: str) -> Deferred[dict[str, Any] | None]:
+        """A job with all its targets, or None."""
+
+        def q(c: Connection):
+            job = c.execute(sa.select(t.jobs).where(t.jobs.c.id == job_id)).first()
+            if job is None:
+                return None
+            targets = c.execute(
+                sa.select(t.job_targets).where(t.job_targets.c.job_id == job_id)
+                .order_by(t.job_targets.c.agent_id)
+            )
+            out = dict(job._mapping)
+            out["targets"] = [dict(r._mapping) for r in targets]
+            return out
+
+        return self.read(q)
+
+    def list_jobs(self, limit: int = 100) -> Deferred[list[dict[str, Any]]]:
+        jt = t.job_targets
+
+        def q(c: Connection):
+            jobs = [
+                dict(r._mapping)
+                for r in c.execute(
+                    sa.select(t.jobs).order_by(t.jobs.c.created_at.desc()).limit(limit)
+                )
+            ]
+            ids = [j["id"] for j in jobs]
+            counts: dict[str, dict[str, int]] = {}
+            if ids:
+                for r in c.execute(
+                    sa.select(jt.c.job_id, jt.c.state, sa.func.count())
+                    .where(jt.c.job_id.in_(ids)).group_by(jt.c.job_id, jt.c.state)
+                ):
+                    counts.setdefault(r[0], {})[r[1]] = r[2]
+            for j in jobs:
+                j["states"] = counts.get(j["id"], {})
+            return jobs
+
+        return self.read(q)
+
+    def load_active(self) -> Deferred[list[tuple[dict[str, Any], dict[str, str]]]]:
+        """Jobs with unfinished targets and those targets' states (to rebuild the JobBook)."""
+        jt = t.job_targets
+
+        def q(c: Connection):
+            rows = c.execute(
+                sa.select(jt.c.job_id, jt.c.agent_id, jt.c.state)
+                .where(jt.c.state.in_(["pending", "delivered", "running"]))
+            ).all()
+            by_job: dict[str, dict[str, str]] = {}
+            for r in rows:
+                by_job.setdefault(r.job_id, {})[r.agent_id] = r.state
+            if not by_job:
+                return []
+            jobs = c.execute(sa.select(t.jobs).where(t.jobs.c.id.in_(list(by_job)))).all()
+            return [(dict(j._mapping), by_job[j.id]) for j in jobs]
+
+        return self.read(q)

@@ -1,0 +1,36 @@
+"""What tcm's server and agent WebSocket protocols share on top of Autobahn.
+
+Autobahn prepares WAMP TLS channel bindings on every connection (which needs the TLS protocol
+itself as transport, while the server wraps it to log handshake failures) and formats debug
+lines per chunk received. tcm uses neither; at tens of thousands of connections both cost.
+"""
+
+from __future__ import annotations
+
+from autobahn.twisted.util import peer2str
+from autobahn.wamp.types import TransportDetails
+
+
+class LeanWebSocketMixin:
+    """Mix in before Autobahn's Twisted WebSocket protocol class."""
+
+    def connectionMade(self) -> None:
+        self._transport_details = TransportDetails(
+            channel_type=TransportDetails.CHANNEL_TYPE_TLS,
+            channel_framing=TransportDetails.CHANNEL_FRAMING_WEBSOCKET,
+            peer=peer2str(self.transport),
+            is_server=self.is_server,
+            is_secure=True,
+        )
+        self.peer = self._transport_details.peer
+        try:
+            self.transport.setTcpNoDelay(True)
+        except Exception:  # not a TCP socket (UNIX, memory): nothing to set
+            pass
+        self._connectionMade()
+
+    def _onOpen(self) -> None:
+        self.onOpen()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._dataReceived(data)
