@@ -1,0 +1,297 @@
+"""Keys, certificate requests, certificates and TLS options, shared by the agent and the server.
+
+Everything here is plain data in and out (PEM bytes, ``cryptography`` objects) except the
+TLS helpers at the end, which build Twisted connection creators and read live TLS
+transports. The certificate authority itself lives on the server side (``tcm.server.ca``).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL, crypto
+from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+
+__all__ = [
+    "cert_to_pem",
+    "client_tls_options",
+    "common_name",
+    "describe_tls_error",
+    "fingerprint",
+    "generate_key",
+    "key_to_pem",
+    "load_certificate",
+    "load_certificates",
+    "load_key",
+    "make_csr",
+    "negotiated_tls",
+    "not_after",
+    "peer_common_name",
+    "signature_hash",
+    "write_private",
+    "write_public",
+]
+
+
+# -- keys and requests -------------------------------------------------------------------
+
+
+def generate_key() -> ec.EllipticCurvePrivateKey:
+    """A new ECDSA P-256 private key (cheaper TLS handshakes than RSA-2048)."""
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def key_to_pem(key: CertificateIssuerPrivateKeyTypes) -> bytes:
+    """The key as unencrypted PKCS#8 PEM; protect it with file modes (``write_private``)."""
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def load_key(pem: bytes) -> CertificateIssuerPrivateKeyTypes:
+    """Load an unencrypted PEM private key (any format OpenSSL reads: PKCS#8, SEC1, PKCS#1)."""
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(
+        key,
+        ec.EllipticCurvePrivateKey
+        | rsa.RSAPrivateKey
+        | ed25519.Ed25519PrivateKey
+        | ed448.Ed448PrivateKey,
+    ):
+        raise ValueError(f"unsupported private key type {type(key).__name__}")
+    return key
+
+
+def make_csr(key: CertificateIssuerPrivateKeyTypes, common_name: str = "tcm-agent") -> bytes:
+    """A PEM certificate signing request for ``key``.
+
+    The subject is only a hint: the tcm CA decides the identity it certifies.
+    """
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .sign(key, signature_hash(key))
+    )
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def signature_hash(key: CertificateIssuerPrivateKeyTypes) -> hashes.SHA256 | None:
+    """The hash to sign with ``key``: SHA-256, or None for Ed25519/Ed448 (they hash inside)."""
+    if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
+        return None
+    return hashes.SHA256()
+
+
+# -- certificates ------------------------------------------------------------------------
+
+
+def load_certificate(pem: bytes) -> x509.Certificate:
+    """The first certificate of a PEM file (a leaf or a CA certificate)."""
+    return x509.load_pem_x509_certificate(pem)
+
+
+def load_certificates(pem: bytes) -> list[x509.Certificate]:
+    """Every certificate of a PEM bundle, in file order (a full chain, a CA bundle)."""
+    return x509.load_pem_x509_certificates(pem)
+
+
+def cert_to_pem(cert: x509.Certificate) -> bytes:
+    """The certificate as PEM."""
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def common_name(cert: x509.Certificate) -> str:
+    """The subject CN of ``cert``; ``ValueError`` when it has none."""
+    attributes = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not attributes:
+        raise ValueError(f"certificate {cert.subject.rfc4514_string()!r} has no common name")
+    value = attributes[0].value
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """The SHA-256 fingerprint of the DER certificate, lower-case hex without separators."""
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def not_after(cert: x509.Certificate) -> float:
+    """When ``cert`` expires, as seconds since the epoch."""
+    return cert.not_valid_after_utc.timestamp()
+
+
+# -- files -------------------------------------------------------------------------------
+
+
+def write_private(path: str, data: bytes) -> None:
+    """Atomically replace ``path`` with ``data``, readable by its owner only (0600)."""
+    _write_atomically(path, data, 0o600)
+
+
+def write_public(path: str, data: bytes) -> None:
+    """Atomically replace ``path`` with ``data``, world-readable (0644)."""
+    _write_atomically(path, data, 0o644)
+
+
+def _write_atomically(path: str, data: bytes, mode: int) -> None:
+    # The temporary file is created with its final mode, so a private key is never
+    # readable by others, not even for a moment; fchmod undoes whatever the umask removed.
+    tmp = f"{path}.{secrets.token_hex(4)}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(tmp, flags, mode)
+    try:
+        try:
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_directory(os.path.dirname(os.path.abspath(path)))
+
+
+def _fsync_directory(directory: str) -> None:
+    # Makes the rename itself durable; not possible on every platform (Windows).
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# -- TLS ---------------------------------------------------------------------------------
+
+
+def client_tls_options(
+    hostname: str,
+    ca_pem: bytes,
+    cert_pem: bytes | None = None,
+    key_pem: bytes | None = None,
+) -> IOpenSSLClientConnectionCreator:
+    """TLS 1.2+ client options that trust only ``ca_pem`` and verify ``hostname``.
+
+    ``ca_pem`` may hold several certificates (e.g. the admin's CA for a server certificate
+    from elsewhere); all of them are trusted. ``hostname`` may be a DNS name or an IP
+    literal (``"127.0.0.1"``, ``"::1"`` or ``"[::1]"``); an IP is checked against the
+    server certificate's IP SANs and is not sent as SNI. With ``cert_pem`` and ``key_pem``
+    the client presents that certificate (mutual TLS); extra certificates after the first
+    one in ``cert_pem`` are sent as its chain.
+    """
+    if (cert_pem is None) != (key_pem is None):
+        raise ValueError("give both cert_pem and key_pem, or neither")
+    authorities = load_certificates(ca_pem)
+    if not authorities:
+        raise ValueError("ca_pem holds no certificate")
+    trust_root = ssl.trustRootFromCertificates(
+        [ssl.Certificate(crypto.X509.from_cryptography(ca)) for ca in authorities]
+    )
+    extra: dict[str, Any] = {"raiseMinimumTo": ssl.TLSVersion.TLSv1_2}
+    if cert_pem is not None and key_pem is not None:
+        # cryptography objects rather than ssl.PrivateCertificate: the latter hands
+        # pyOpenSSL X509/PKey objects to the context, which pyOpenSSL 26 deprecates.
+        leaf, *chain = load_certificates(cert_pem)
+        extra.update(privateKey=load_key(key_pem), certificate=leaf)
+        if chain:
+            extra["extraCertChain"] = chain
+    if hostname.startswith("[") and hostname.endswith("]"):
+        hostname = hostname[1:-1]
+    return ssl.optionsForClientTLS(hostname, trustRoot=trust_root, extraCertificateOptions=extra)
+
+
+def peer_common_name(transport: object) -> str | None:
+    """The subject CN of the certificate the peer presented on ``transport``, or None.
+
+    ``transport`` may be a TLS transport, a protocol wrapper around one (attribute lookups
+    are forwarded), or a transport without TLS. With tcm's server options a certificate
+    is only ever present after it verified against the tcm CA.
+    """
+    get_peer_certificate = getattr(transport, "getPeerCertificate", None)
+    if get_peer_certificate is None:
+        return None
+    try:
+        peer = get_peer_certificate()
+    except (AttributeError, SSL.Error):
+        # The TLS connection is already gone, or the transport is not TLS after all.
+        return None
+    if peer is None:
+        return None
+    if isinstance(peer, crypto.X509):
+        peer = peer.to_cryptography()
+    try:
+        return common_name(peer)
+    except ValueError:
+        return None
+
+
+def negotiated_tls(transport: object) -> dict[str, str | None]:
+    """``{"version": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384"}`` for a TLS transport.
+
+    Both values are None when the transport is not TLS or the handshake has not completed.
+    """
+    result: dict[str, str | None] = {"version": None, "cipher": None}
+    get_handle = getattr(transport, "getHandle", None)
+    if get_handle is None:
+        return result
+    try:
+        handle = get_handle()
+    except AttributeError:
+        return result
+    if not isinstance(handle, SSL.Connection):
+        return result
+    cipher = handle.get_cipher_name()
+    if cipher is not None:
+        result["version"] = handle.get_protocol_version_name()
+        result["cipher"] = cipher
+    return result
+
+
+def describe_tls_error(error: BaseException) -> str:
+    """A short, stable reason for a TLS failure, fit for a log line or a metrics label.
+
+    ``OpenSSL.SSL.Error`` carries OpenSSL's error queue, ``[(library, function, reason),
+    ...]``; its reasons are fixed strings such as ``"certificate verify failed"`` or
+    ``"tlsv1 alert unknown ca"``.
+    """
+    if isinstance(error, SSL.SysCallError):
+        if len(error.args) == 2:
+            return str(error.args[1])
+        return "system call error"
+    if isinstance(error, SSL.Error):
+        queue = error.args[0] if error.args else None
+        if isinstance(queue, Sequence) and not isinstance(queue, str | bytes):
+            reasons: list[str] = []
+            for entry in queue:
+                reason = entry[-1] if isinstance(entry, tuple) and entry else str(entry)
+                if reason and reason not in reasons:
+                    reasons.append(str(reason))
+            if reasons:
+                return "; ".join(reasons)
+        elif queue:
+            return str(queue)
+        return "unknown TLS error"
+    # Twisted's own hostname check (service_identity) fails the handshake this way.
+    return str(error) or type(error).__name__

@@ -1,0 +1,535 @@
+"""The tcm certificate authority and the server side of TLS.
+
+The CA certifies agent identities: an agent sends a CSR, the server decides which identity
+(common name) the certificate carries. Agents trust the CA certificate for the server's
+certificate too, unless the admin installs a certificate of his own.
+
+One port serves enrolled agents (with a client certificate), enrolling agents, the admin
+CLI and browsers (without one), so ``server_tls_options`` asks for a client certificate,
+verifies any it gets against the tcm CA and lets the handshake go on without one. Whether
+a request needs a certificate is for the resource to decide (``tcm.pki.peer_common_name``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import stat
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificateIssuerPrivateKeyTypes,
+    CertificatePublicKeyTypes,
+)
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL, crypto
+from twisted.internet import ssl
+from twisted.internet.interfaces import (
+    IAddress,
+    IHandshakeListener,
+    IProtocol,
+    IProtocolNegotiationFactory,
+)
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from tcm import pki
+
+__all__ = [
+    "CertificateAuthority",
+    "CertificateError",
+    "HandshakeLogger",
+    "server_tls_options",
+]
+
+CA_CERT_FILE = "ca.pem"
+CA_KEY_FILE = "ca.key"
+
+#: Issued certificates start this much in the past, so a peer whose clock is a little
+#: behind the server's does not reject a certificate fresh from enrollment.
+CLOCK_SKEW = datetime.timedelta(minutes=5)
+
+#: Names every server certificate carries, so loopback clients can always verify it.
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+_ACCEPTED_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+_MINIMUM_RSA_BITS = 2048
+
+
+class CertificateError(ValueError):
+    """A certificate, key or request that tcm cannot use; the message says why."""
+
+
+class CertificateAuthority:
+    """tcm's own CA: an ECDSA P-256 key and a self-signed certificate that may only
+    sign end-entity certificates (path length 0)."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        key: CertificateIssuerPrivateKeyTypes,
+        certificate: x509.Certificate,
+        clock: Callable[[], float] = time.time,
+    ):
+        if _public_bytes(key.public_key()) != _public_bytes(certificate.public_key()):
+            raise CertificateError("the CA key does not belong to the CA certificate")
+        try:
+            constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
+        except x509.ExtensionNotFound:
+            constraints = None
+        if constraints is None or not constraints.value.ca:
+            raise CertificateError("the CA certificate is not a CA (BasicConstraints ca=False)")
+        self._key = key
+        self._clock = clock
+        self.certificate = certificate
+        self.cert_pem = pki.cert_to_pem(certificate)
+        self.fingerprint = pki.fingerprint(certificate)
+
+    @classmethod
+    def load_or_create(
+        cls,
+        directory: str,
+        name: str = "tcm CA",
+        clock: Callable[[], float] = time.time,
+    ) -> CertificateAuthority:
+        """The CA kept in ``directory`` (``ca.pem``, ``ca.key``); created on first use.
+
+        A missing certificate next to an existing key is made again from that key (a
+        crash between the two writes); a missing key is an error, never a new CA:
+        a new CA would cut off every enrolled agent.
+        """
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        cert_path = os.path.join(directory, CA_CERT_FILE)
+        key_path = os.path.join(directory, CA_KEY_FILE)
+        have_cert, have_key = os.path.exists(cert_path), os.path.exists(key_path)
+        if have_cert and not have_key:
+            raise CertificateError(
+                f"{cert_path} exists but {key_path} is missing: restore the key from a "
+                f"backup, or remove {cert_path} to start a new CA (every agent must then "
+                f"enroll again)"
+            )
+        if have_key:
+            key = _read_key(key_path)
+            if have_cert:
+                with open(cert_path, "rb") as f:
+                    certificate = pki.load_certificate(f.read())
+                ca = cls(key, certificate, clock)
+                cls._log.info(
+                    "loaded CA {fingerprint} from {directory}",
+                    fingerprint=ca.fingerprint,
+                    directory=directory,
+                )
+                return ca
+            cls._log.warn(
+                "{cert_path} is missing: making it again from the CA key", cert_path=cert_path
+            )
+        else:
+            key = pki.generate_key()
+            # The key first: a certificate without its key would be worthless.
+            pki.write_private(key_path, pki.key_to_pem(key))
+        certificate = _self_signed_ca(key, name, _utc(clock()))
+        pki.write_public(cert_path, pki.cert_to_pem(certificate))
+        ca = cls(key, certificate, clock)
+        cls._log.info(
+            "created CA {fingerprint} in {directory}",
+            fingerprint=ca.fingerprint,
+            directory=directory,
+        )
+        return ca
+
+    def sign_csr(
+        self,
+        csr_pem: bytes,
+        common_name: str,
+        days: int = 365,
+        client: bool = True,
+        server_names: Sequence[str] = (),
+    ) -> bytes:
+        """Certify the key of a CSR as ``common_name``; the PEM certificate.
+
+        The CSR's own subject and extensions are ignored: the server decides identities.
+        ``client`` grants clientAuth; ``server_names`` (DNS names or IP addresses) grant
+        serverAuth with those names as SANs.
+        """
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+        except ValueError as e:
+            raise CertificateError(f"not a PEM certificate signing request: {e}") from None
+        try:
+            public_key = csr.public_key()
+            valid = csr.is_signature_valid
+        except (UnsupportedAlgorithm, ValueError) as e:
+            raise CertificateError(f"unsupported key in certificate signing request: {e}") from None
+        if not valid:
+            raise CertificateError("certificate signing request signature does not verify")
+        return pki.cert_to_pem(self._issue(public_key, common_name, days, client, server_names))
+
+    def issue_server_certificate(
+        self, hostnames: Iterable[str], days: int = 825
+    ) -> tuple[bytes, bytes]:
+        """A new key and a serverAuth certificate for ``hostnames`` as ``(key_pem, cert_pem)``.
+
+        Names that parse as IP addresses become IP SANs, the rest DNS SANs; the loopback
+        names ``localhost``, ``127.0.0.1`` and ``::1`` are always added. The first name is
+        the common name. 825 days is the longest lifetime Apple platforms accept.
+        """
+        names = _unique([*hostnames, *LOOPBACK_NAMES])
+        key = pki.generate_key()
+        certificate = self._issue(key.public_key(), names[0], days, False, names)
+        return pki.key_to_pem(key), pki.cert_to_pem(certificate)
+
+    def is_issued_by(self, cert: x509.Certificate) -> bool:
+        """Whether this CA signed ``cert`` (issuer name and signature; not validity dates)."""
+        try:
+            cert.verify_directly_issued_by(self.certificate)
+        except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
+            return False
+        return True
+
+    def _issue(
+        self,
+        public_key: CertificatePublicKeyTypes,
+        common_name: str,
+        days: int,
+        client: bool,
+        server_names: Sequence[str],
+    ) -> x509.Certificate:
+        _check_public_key(public_key)
+        if days < 1:
+            raise CertificateError(f"days must be at least 1, not {days}")
+        if not client and not server_names:
+            raise CertificateError("a certificate needs client=True or server_names")
+        try:
+            subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        except ValueError as e:
+            raise CertificateError(f"unusable common name {common_name!r}: {e}") from None
+        now = _utc(self._clock())
+        # A certificate outliving its CA would fail verification from that day anyway.
+        expires = min(now + datetime.timedelta(days=days), self.certificate.not_valid_after_utc)
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
+        if server_names:
+            usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
+        try:
+            ca_key_id = self.certificate.extensions.get_extension_for_class(
+                x509.SubjectKeyIdentifier
+            ).value
+            authority_key_id = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+                ca_key_id
+            )
+        except x509.ExtensionNotFound:
+            authority_key_id = x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                self.certificate.public_key()  # type: ignore[arg-type]
+            )
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self.certificate.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_after(expires)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_leaf_key_usage(public_key), critical=True)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(authority_key_id, critical=False)
+        )
+        if server_names:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(_general_names(server_names)), critical=False
+            )
+        return builder.sign(self._key, pki.signature_hash(self._key))
+
+
+def _self_signed_ca(
+    key: CertificateIssuerPrivateKeyTypes, name: str, now: datetime.datetime
+) -> x509.Certificate:
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    public_key = key.public_key()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .sign(key, pki.signature_hash(key))
+    )
+
+
+def _leaf_key_usage(public_key: CertificatePublicKeyTypes) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        # Only RSA keys can encrypt a TLS 1.2 (non-ECDHE) pre-master secret.
+        key_encipherment=isinstance(public_key, rsa.RSAPublicKey),
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _check_public_key(public_key: CertificatePublicKeyTypes) -> None:
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        if not isinstance(public_key.curve, _ACCEPTED_CURVES):
+            raise CertificateError(
+                f"unsupported key: elliptic curve {public_key.curve.name} "
+                f"(use P-256, P-384 or P-521)"
+            )
+    elif isinstance(public_key, rsa.RSAPublicKey):
+        if public_key.key_size < _MINIMUM_RSA_BITS:
+            raise CertificateError(
+                f"unsupported key: RSA-{public_key.key_size} is too short "
+                f"(at least {_MINIMUM_RSA_BITS} bits)"
+            )
+    elif not isinstance(public_key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        raise CertificateError(f"unsupported key type {type(public_key).__name__}")
+
+
+def _general_names(names: Iterable[str]) -> list[x509.GeneralName]:
+    result: list[x509.GeneralName] = []
+    for name in _unique(names):
+        address = _parse_ip(name)
+        if address is not None:
+            result.append(x509.IPAddress(address))
+            continue
+        try:
+            result.append(x509.DNSName(name.encode("idna").decode("ascii")))
+        except UnicodeError as e:
+            raise CertificateError(f"not a usable host name: {name!r} ({e})") from None
+    return result
+
+
+def _parse_ip(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return None
+
+
+def _unique(names: Iterable[str]) -> list[str]:
+    """Names without blanks and duplicates (IP addresses compared by value), first wins."""
+    seen: set[object] = set()
+    result: list[str] = []
+    for raw in names:
+        name = raw.strip().lower()
+        if not name:
+            continue
+        address = _parse_ip(name)
+        if address is not None:
+            name = str(address)
+        key = address if address is not None else name
+        if key not in seen:
+            seen.add(key)
+            result.append(name)
+    return result
+
+
+def _utc(timestamp: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
+
+
+def _public_bytes(public_key: CertificatePublicKeyTypes) -> bytes:
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _read_key(path: str) -> CertificateIssuerPrivateKeyTypes:
+    with open(path, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode
+        pem = f.read()
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        CertificateAuthority._log.warn(
+            "{path} is accessible to other users (mode {mode:o}); it should be 0600",
+            path=path,
+            mode=stat.S_IMODE(mode),
+        )
+    try:
+        return pki.load_key(pem)
+    except ValueError as e:
+        raise CertificateError(f"cannot load the CA key {path}: {e}") from None
+
+
+# -- server TLS ----------------------------------------------------------------------------
+
+
+class _ServerCertificateOptions(ssl.CertificateOptions):
+    """``CertificateOptions`` whose context also names the acceptable client CAs and uses
+    a fixed session id context."""
+
+    def __init__(self, *, clientCAs: Sequence[x509.Certificate], **kwargs: object):
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self._clientCAs = list(clientCAs)
+
+    def _makeContext(self, skipCiphers: bool = False) -> SSL.Context:
+        ctx = super()._makeContext(skipCiphers)
+        # pyOpenSSL refuses changes to a context once a connection used it, so these
+        # go here, before getContext() caches the context and hands it out.
+        for authority in self._clientCAs:
+            # Without this list a client with several certificates cannot tell which
+            # one to send; Twisted does not send it by itself.
+            ctx.add_client_ca(authority)
+        # Twisted sets a random session id context per context; a fixed one keeps the
+        # meaning clear. Resuming a session with a verified client certificate needs one.
+        ctx.set_session_id(b"tcm")
+        return ctx
+
+
+def server_tls_options(
+    key_pem: bytes,
+    cert_pem: bytes,
+    ca_pems: Sequence[bytes],
+    chain_pems: Sequence[bytes] = (),
+) -> ssl.CertificateOptions:
+    """TLS 1.2+ server options: the server's key and certificate, optional client
+    certificates verified against ``ca_pems``, session tickets on.
+
+    The server certificate may come from anywhere (the admin's own CA); ``ca_pems`` only
+    decides which client certificates are accepted. Give the tcm CA alone: every client
+    certificate these CAs verify is taken as an agent identity (its CN) by
+    ``tcm.pki.peer_common_name``, so a public or corporate CA here would let its
+    certificates pose as agents. Certificates after the
+    first in ``cert_pem`` (a full chain file) and those in ``chain_pems`` are sent as the
+    chain. The context is built at once, so a key that does not fit the certificate fails
+    here and not at the first handshake.
+    """
+    try:
+        key = pki.load_key(key_pem)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        raise CertificateError(f"cannot load the server key: {e}") from None
+    leaf, *chain = _load_all(cert_pem, "the server certificate")
+    for pem in chain_pems:
+        chain.extend(_load_all(pem, "a chain certificate"))
+    authorities = [ca for pem in ca_pems for ca in _load_all(pem, "a client CA certificate")]
+    if not authorities:
+        raise CertificateError("at least one CA certificate is needed to verify clients")
+    if _public_bytes(key.public_key()) != _public_bytes(leaf.public_key()):
+        raise CertificateError("the server key does not belong to the server certificate")
+    options = _ServerCertificateOptions(
+        # cryptography objects for key, certificate and chain: pyOpenSSL 26 deprecates
+        # its own X509/PKey there. caCerts still goes into an X509Store, which wants X509.
+        privateKey=key,
+        certificate=leaf,
+        extraCertChain=chain or None,
+        verify=True,
+        caCerts=[crypto.X509.from_cryptography(ca) for ca in authorities],
+        requireCertificate=False,
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        enableSessionTickets=True,
+        clientCAs=authorities,
+    )
+    options.getContext()
+    return options
+
+
+def _load_all(pem: bytes, what: str) -> list[x509.Certificate]:
+    try:
+        certificates = pki.load_certificates(pem)
+    except ValueError as e:
+        raise CertificateError(f"cannot load {what}: {e}") from None
+    if not certificates:
+        raise CertificateError(f"no certificate in {what}")
+    return certificates
+
+
+# -- handshake failures ------------------------------------------------------------------
+
+
+@implementer(IHandshakeListener)
+class _HandshakeWatcher(ProtocolWrapper):
+    """Notices a connection that the TLS layer below it closed with an OpenSSL error."""
+
+    def handshakeCompleted(self) -> None:
+        # The wrapper provides IHandshakeListener, so pass it on to those who want it.
+        if IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if reason.check(SSL.Error) and self.transport is not None:
+            self.factory.handshakeFailed(self.transport.getPeer(), reason.value)
+        super().connectionLost(reason)
+
+
+@implementer(IProtocolNegotiationFactory)
+class HandshakeLogger(WrappingFactory[_HandshakeWatcher]):
+    """Wraps the factory *inside* TLS and logs TLS failures, which Twisted does silently.
+
+    A client certificate from a foreign CA, an old protocol version or a client that does
+    not speak TLS at all fail the handshake before any application code runs; this logs
+    one warning line per failure and counts them by OpenSSL reason in ``failures``.
+    """
+
+    protocol = _HandshakeWatcher
+    _log = Logger()
+
+    def __init__(self, wrappedFactory: object):
+        super().__init__(wrappedFactory)
+        #: OpenSSL reason -> number of connections that failed with it.
+        self.failures: dict[str, int] = {}
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """ALPN protocols of the wrapped factory. Twisted asks the factory right inside TLS;
+        without this a client that offers ALPN (curl, browsers) fails the handshake."""
+        inner = IProtocolNegotiationFactory(self.wrappedFactory, None)
+        return list(inner.acceptableProtocols()) if inner is not None else [b"http/1.1"]
+
+    def buildProtocol(self, addr: IAddress) -> IProtocol | None:  # type: ignore[override]
+        wrapped = self.wrappedFactory.buildProtocol(addr)
+        if wrapped is None:  # the wrapped factory refused the connection
+            return None
+        return self.protocol(self, wrapped)
+
+    # WrappingFactory keeps every live protocol in a dict; nothing here needs that, and
+    # at tens of thousands of connections it is memory for nothing.
+    def registerProtocol(self, p: ProtocolWrapper) -> None:
+        pass
+
+    def unregisterProtocol(self, p: ProtocolWrapper) -> None:
+        pass
+
+    def handshakeFailed(self, peer: IAddress, error: BaseException) -> None:
+        """Count and log one TLS failure."""
+        reason = pki.describe_tls_error(error)
+        self.failures[reason] = self.failures.get(reason, 0) + 1
+        self._log.warn(
+            "TLS handshake with {peer} failed: {reason}", peer=_format_address(peer), reason=reason
+        )
+
+
+def _format_address(address: IAddress) -> str:
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None:
+        return str(address)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
