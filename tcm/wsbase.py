@@ -7,22 +7,29 @@ lines per chunk received. tcm uses neither; at tens of thousands of connections 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from autobahn.twisted.util import peer2str
 from autobahn.wamp.types import TransportDetails
 
+# Autobahn's protocol classes are only partly typed (and inconsistently so across their
+# mixins); to the type checker this mixin stands on Any.
+_Base: Any = Any if TYPE_CHECKING else object
 
-class LeanWebSocketMixin:
+
+class LeanWebSocketMixin(_Base):
     """Mix in before Autobahn's Twisted WebSocket protocol class."""
 
     def connectionMade(self) -> None:
-        self._transport_details = TransportDetails(
+        me: Any = self  # attributes Autobahn's two base classes declare differently
+        me._transport_details = TransportDetails(
             channel_type=TransportDetails.CHANNEL_TYPE_TLS,
             channel_framing=TransportDetails.CHANNEL_FRAMING_WEBSOCKET,
             peer=peer2str(self.transport),
             is_server=self.is_server,
             is_secure=True,
         )
-        self.peer = self._transport_details.peer
+        me.peer = me._transport_details.peer
         try:
             self.transport.setTcpNoDelay(True)
         except Exception:  # not a TCP socket (UNIX, memory): nothing to set

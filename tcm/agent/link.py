@@ -81,8 +81,14 @@ class HttpsClient:
 
     _log = Logger()
 
-    def __init__(self, reactor: Any, base_url: str, identity: Identity, proxy: Any = None,
-                 timeout: float = 30.0):
+    def __init__(
+        self,
+        reactor: Any,
+        base_url: str,
+        identity: Identity,
+        proxy: Any = None,
+        timeout: float = 30.0,
+    ):
         self._reactor = reactor
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
@@ -90,8 +96,9 @@ class HttpsClient:
         pool.maxPersistentPerHost = 2
         pool.cachedConnectionTimeout = 60
         self._pool = pool
-        agent = Agent.usingEndpointFactory(reactor, _EndpointFactory(reactor, identity, proxy),
-                                           pool=pool)
+        agent = Agent.usingEndpointFactory(
+            reactor, _EndpointFactory(reactor, identity, proxy), pool=pool
+        )
         self._http = treq.client.HTTPClient(agent)
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -99,10 +106,15 @@ class HttpsClient:
     @inlineCallbacks
     def call(self, method: str, path: str, body: Any = None, timeout: float | None = None):
         data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
-        headers = {b"content-type": [b"application/json"]} if data is not None else {}
+        headers: dict[bytes | str, list[bytes | str]] = (
+            {b"content-type": [b"application/json"]} if data is not None else {}
+        )
         try:
             resp = yield self._http.request(
-                method, self.base_url + path, data=data, headers=headers,
+                method,
+                self.base_url + path,
+                data=data,
+                headers=headers,
                 timeout=timeout or self.timeout,
             )
             raw = yield resp.content()
@@ -138,6 +150,7 @@ class ServerLink:
             try:
                 return (yield session.request(method, path, body, timeout))
             except CallFailed as e:
-                self._log.info("{method} {path}: {e}; sending over HTTPS", method=method,
-                               path=path, e=e)
+                self._log.info(
+                    "{method} {path}: {e}; sending over HTTPS", method=method, path=path, e=e
+                )
         return (yield self.https.call(method, path, body, timeout))

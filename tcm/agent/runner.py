@@ -51,8 +51,9 @@ class ActionRunner:
 
     _log = Logger()
 
-    def __init__(self, handlers: dict[str, Any], ledger: Ledger, link: Any, reactor: Any,
-                 state_dir: Any):
+    def __init__(
+        self, handlers: dict[str, Any], ledger: Ledger, link: Any, reactor: Any, state_dir: Any
+    ):
         self.handlers = handlers
         self.ledger = ledger
         self.link = link
@@ -83,8 +84,9 @@ class ActionRunner:
             return
         handler = self.handlers.get(data["action"])
         if handler is None:
-            self._conclude(job_id, "failed", None,
-                           f"unknown action {data['action']!r} on this agent", None)
+            self._conclude(
+                job_id, "failed", None, f"unknown action {data['action']!r} on this agent", None
+            )
             return
         problem = self._check_args(handler, data.get("args", {}))
         if problem is not None:
@@ -100,9 +102,13 @@ class ActionRunner:
         if state == FINISHED:
             self.send_result(job_id)
         elif state == STARTED:
-            self._conclude(job_id, "failed", None,
-                           "interrupted: the agent stopped while the job was running",
-                           entry.get("started"))
+            self._conclude(
+                job_id,
+                "failed",
+                None,
+                "interrupted: the agent stopped while the job was running",
+                entry.get("started"),
+            )
 
     def _check_args(self, handler: Any, args: dict[str, Any]) -> str | None:
         name = handler.name
@@ -111,25 +117,31 @@ class ActionRunner:
             validator = self._validators[name] = fastjsonschema.compile(handler.schema or {})
         try:
             validator(args)
-        except fastjsonschema.JsonSchemaException as e:
+        except fastjsonschema.JsonSchemaValueException as e:
             return e.message
         return None
 
     def _accept_failed(self, failure, job_id: str) -> None:
         self._running.pop(job_id, None)
-        self._log.warn("could not accept job {job}: {why}; it will be delivered again",
-                       job=job_id, why=failure.getErrorMessage())
+        self._log.warn(
+            "could not accept job {job}: {why}; it will be delivered again",
+            job=job_id,
+            why=failure.getErrorMessage(),
+        )
 
     def _accepted(self, response, job_id: str, handler: Any, data: dict[str, Any]) -> None:
         decision = (response.body or {}).get("decision") if response.status == 200 else None
         if decision != "run":
             self._running.pop(job_id, None)
             if response.status != 200:
-                self._log.warn("accept of job {job} answered {status}: {body}", job=job_id,
-                               status=response.status, body=response.body)
+                self._log.warn(
+                    "accept of job {job} answered {status}: {body}",
+                    job=job_id,
+                    status=response.status,
+                    body=response.body,
+                )
                 return
-            self._log.info("server declined job {job}: {decision}", job=job_id,
-                           decision=decision)
+            self._log.info("server declined job {job}: {decision}", job=job_id, decision=decision)
             self.ledger.record(job_id, DECLINED, decision=decision)
             return
         started = time.time()
@@ -152,8 +164,9 @@ class ActionRunner:
                 self._conclude(job_id, "failed", None, f"timed out after {timeout} s", started)
             else:
                 self._log.failure("action {action} failed", f, action=data["action"])
-                self._conclude(job_id, "failed", None,
-                               f"{f.type.__name__}: {f.getErrorMessage()}", started)
+                self._conclude(
+                    job_id, "failed", None, f"{f.type.__name__}: {f.getErrorMessage()}", started
+                )
 
         def cleanup(_: Any) -> None:
             if timer is not None and timer.active():
@@ -163,13 +176,21 @@ class ActionRunner:
         d.addCallbacks(succeeded, failed)
         d.addBoth(cleanup)
 
-    def _conclude(self, job_id: str, state: str, result: Any, error: str | None,
-                  started: float | None) -> None:
+    def _conclude(
+        self, job_id: str, state: str, result: Any, error: str | None, started: float | None
+    ) -> None:
         """Spool a final outcome, then send it."""
-        self.ledger.record(job_id, FINISHED, outcome={
-            "state": state, "result": result, "error": error, "started": started,
-            "finished": time.time(),
-        })
+        self.ledger.record(
+            job_id,
+            FINISHED,
+            outcome={
+                "state": state,
+                "result": result,
+                "error": error,
+                "started": started,
+                "finished": time.time(),
+            },
+        )
         self.completed += 1
         self.send_result(job_id)
 
@@ -187,12 +208,17 @@ class ActionRunner:
             if response.status == 200:
                 self.ledger.record(job_id, ACKED)
             else:
-                self._log.warn("result of job {job} refused ({status}): {body}; kept",
-                               job=job_id, status=response.status, body=response.body)
+                self._log.warn(
+                    "result of job {job} refused ({status}): {body}; kept",
+                    job=job_id,
+                    status=response.status,
+                    body=response.body,
+                )
 
         def failed(f) -> None:
-            self._log.info("result of job {job} not delivered yet: {why}", job=job_id,
-                           why=f.getErrorMessage())
+            self._log.info(
+                "result of job {job} not delivered yet: {why}", job=job_id, why=f.getErrorMessage()
+            )
 
         d.addCallbacks(answered, failed)
         d.addBoth(lambda _: self._sending.discard(job_id))
@@ -206,15 +232,19 @@ class ActionRunner:
         """At start: jobs an earlier run started but never finished are reported failed."""
         for entry in self.ledger.interrupted():
             if entry["job"] not in self._running:
-                self._conclude(entry["job"], "failed", None,
-                               "interrupted: the agent stopped while the job was running",
-                               entry.get("started"))
+                self._conclude(
+                    entry["job"],
+                    "failed",
+                    None,
+                    "interrupted: the agent stopped while the job was running",
+                    entry.get("started"),
+                )
 
     def send_output(self, job_id: str, seq: int, stream: str, text: str) -> None:
-        d = self.link.call("POST", f"/agent/v1/jobs/{job_id}/output",
-                           {"seq": seq, "stream": stream, "text": text})
-        d.addErrback(lambda f: self._log.debug("output chunk lost: {why}",
-                                               why=f.getErrorMessage()))
+        d = self.link.call(
+            "POST", f"/agent/v1/jobs/{job_id}/output", {"seq": seq, "stream": stream, "text": text}
+        )
+        d.addErrback(lambda f: self._log.debug("output chunk lost: {why}", why=f.getErrorMessage()))
 
 
 def load_handlers() -> dict[str, Any]:

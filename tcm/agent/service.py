@@ -101,16 +101,19 @@ def enroll(reactor: Any, state: AgentState, server: str, ca_pem: bytes, token: s
         resp = yield http.post(url, json=body, timeout=30)
         payload = yield resp.json()
     except Exception as e:
-        raise EnrollmentError(f"cannot reach {server} to enroll: {pki.describe_tls_error(e)}") \
-            from None
+        raise EnrollmentError(
+            f"cannot reach {server} to enroll: {pki.describe_tls_error(e)}"
+        ) from None
     if resp.code != 201:
         raise EnrollmentError(
             f"enrollment refused by {server}: {payload.get('error', payload)} ({resp.code})"
         )
     pki.write_public(state.path("ca.pem"), ca_pem)
     pki.write_public(state.path("cert.pem"), payload["certificate"].encode())
-    pki.write_public(state.path("agent.json"), json.dumps(
-        {"agent_id": payload["agent_id"], "server": server}, indent=1).encode())
+    pki.write_public(
+        state.path("agent.json"),
+        json.dumps({"agent_id": payload["agent_id"], "server": server}, indent=1).encode(),
+    )
     log.info("enrolled with {server} as {agent}", server=server, agent=payload["agent_id"])
     return payload["agent_id"]
 
@@ -153,9 +156,7 @@ class AgentCore:
         cfg = self.config
         if not self.state.enrolled():
             if not (cfg.server and cfg.token and cfg.ca_cert):
-                raise EnrollmentError(
-                    "not enrolled yet: give --server, --ca-cert and --token"
-                )
+                raise EnrollmentError("not enrolled yet: give --server, --ca-cert and --token")
             with open(cfg.ca_cert, "rb") as f:
                 ca_pem = f.read()
             yield enroll(self.reactor, self.state, cfg.server, ca_pem, cfg.token)
@@ -165,10 +166,15 @@ class AgentCore:
         identity = self.state.identity()
         https = HttpsClient(self.reactor, self.server, identity)
         self.link = ServerLink(https)
-        self.runner = ActionRunner(self.handlers, self.ledger, self.link, self.reactor,
-                                   FilePath(self.state.dir))
-        self._log.info("agent {agent} for {server}; {n} results waiting in the spool",
-                       agent=self.agent_id, server=self.server, n=self.ledger.count(FINISHED))
+        self.runner = ActionRunner(
+            self.handlers, self.ledger, self.link, self.reactor, FilePath(self.state.dir)
+        )
+        self._log.info(
+            "agent {agent} for {server}; {n} results waiting in the spool",
+            agent=self.agent_id,
+            server=self.server,
+            n=self.ledger.count(FINISHED),
+        )
         return identity
 
     def make_session_service(self, identity: Identity) -> ClientService:
@@ -176,10 +182,12 @@ class AgentCore:
         assert self.server is not None
         endpoint = server_endpoint(self.reactor, self.server, identity)
         url = "wss://" + self.server.split("://", 1)[1].rstrip("/") + "/agent/v1/ws"
-        factory = AgentClientFactory(self, url, cfg.keepalive, cfg.keepalive_timeout,
-                                     cfg.max_message_size)
+        factory = AgentClientFactory(
+            self, url, cfg.keepalive, cfg.keepalive_timeout, cfg.max_message_size
+        )
         return ClientService(
-            endpoint, factory,
+            endpoint,
+            factory,
             retryPolicy=backoff_policy(cfg.backoff_initial, 2.0, cfg.backoff_max),
             clock=self.reactor,
             prepareConnection=self._session_ready,
@@ -196,8 +204,9 @@ class AgentCore:
             self.last_refusal = None
             assert self.link is not None and self.runner is not None
             self.link.session = conn
-            self._log.info("persistent session open (session {sid})",
-                           sid=conn.welcome.get("session"))
+            self._log.info(
+                "persistent session open (session {sid})", sid=conn.welcome.get("session")
+            )
             self.runner.flush()
             return conn
 
@@ -223,8 +232,9 @@ class AgentCore:
             assert self.link is not None
             self.link.session = None
             self.reconnects += 1
-            self._log.info("persistent session closed: {code} {reason}", code=code,
-                           reason=reason or "")
+            self._log.info(
+                "persistent session closed: {code} {reason}", code=code, reason=reason or ""
+            )
 
     def notified(self, data: dict[str, Any]) -> None:
         self._log.info("server notifies {topic}", topic=data.get("topic"))
@@ -267,8 +277,9 @@ class AgentService(service.MultiService):
         service.Service.stopService(self)
         from twisted.internet.defer import DeferredList, maybeDeferred
 
-        return DeferredList([maybeDeferred(c.stopService) for c in reversed(list(self))
-                             if c.running])
+        return DeferredList(
+            [maybeDeferred(c.stopService) for c in reversed(list(self)) if c.running]
+        )
 
 
 def make_agent_service(config: AgentConfig, reactor: Any = None) -> AgentService:

@@ -39,8 +39,13 @@ class AgentConnection:
 
     _log = Logger()
 
-    def __init__(self, agent: Any, send: Callable[[bytes], None], close: Callable[[int, str], None],
-                 clock: Any):
+    def __init__(
+        self,
+        agent: Any,
+        send: Callable[[bytes], None],
+        close: Callable[[int, str], None],
+        clock: Any,
+    ):
         self.agent = agent
         self._send = send
         self._close = close
@@ -62,14 +67,19 @@ class AgentConnection:
 
     def start(self) -> None:
         """The WebSocket is open: introduce ourselves."""
-        self.send(Envelope(type="hello", data={
-            "agent_version": tcm.__version__,
-            "protocol": 1,
-            "capabilities": self.agent.capabilities(),
-            "hostname": socket.gethostname(),
-            "platform": platform.platform(),
-            "running": self.agent.runner.running_jobs(),
-        }))
+        self.send(
+            Envelope(
+                type="hello",
+                data={
+                    "agent_version": tcm.__version__,
+                    "protocol": 1,
+                    "capabilities": self.agent.capabilities(),
+                    "hostname": socket.gethostname(),
+                    "platform": platform.platform(),
+                    "running": self.agent.runner.running_jobs(),
+                },
+            )
+        )
 
     def send(self, env: Envelope) -> None:
         self._send(encode(env))
@@ -83,8 +93,12 @@ class AgentConnection:
             return
         handler = self._handlers.get(env.type)
         if handler is None:
-            self.send(env.reply("error", {"code": codes.ERR_UNEXPECTED,
-                                          "message": f"agents do not take {env.type!r}"}))
+            self.send(
+                env.reply(
+                    "error",
+                    {"code": codes.ERR_UNEXPECTED, "message": f"agents do not take {env.type!r}"},
+                )
+            )
             return
         handler(env)
 
@@ -118,8 +132,9 @@ class AgentConnection:
             return
         self._log.warn("server reports an error for {ref}: {msg}", ref=env.in_reply_to, msg=msg)
 
-    def request(self, method: str, path: str, body: Any = None,
-                timeout: float | None = None) -> Deferred[Response]:
+    def request(
+        self, method: str, path: str, body: Any = None, timeout: float | None = None
+    ) -> Deferred[Response]:
         """One agent API call as a request envelope; fires with the Response."""
         if not self._open:
             raise CallFailed("no open session")
@@ -150,7 +165,7 @@ class AgentConnection:
             d.errback(CallFailed(f"session closed ({code} {reason or ''})"))
 
 
-class AgentClientProtocol(LeanWebSocketMixin, WebSocketClientProtocol):
+class AgentClientProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type: ignore[misc]
     """Thin adapter: frames in and out of AgentConnection."""
 
     _log = Logger()
@@ -191,8 +206,14 @@ class AgentClientProtocol(LeanWebSocketMixin, WebSocketClientProtocol):
 class AgentClientFactory(WebSocketClientFactory):
     protocol = AgentClientProtocol
 
-    def __init__(self, agent: Any, url: str, keepalive: float, keepalive_timeout: float,
-                 max_message_size: int):
+    def __init__(
+        self,
+        agent: Any,
+        url: str,
+        keepalive: float,
+        keepalive_timeout: float,
+        max_message_size: int,
+    ):
         super().__init__(url, protocols=[codes.SUBPROTOCOL])
         self.agent = agent
         self.setProtocolOptions(

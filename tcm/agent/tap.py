@@ -24,8 +24,11 @@ class Options(usage.Options):
         ["backoff-initial", None, 1.0, "First wait between reconnect attempts.", float],
     ]
     optFlags = [
-        ["no-fsync", None, "Do not fsync the spool (survives a crash of the agent, not of "
-                           "the machine)."],
+        [
+            "no-fsync",
+            None,
+            "Do not fsync the spool (survives a crash of the agent, not of the machine).",
+        ],
     ]
 
     def postOptions(self):
@@ -34,14 +37,16 @@ class Options(usage.Options):
 
 
 def makeService(options: Options):
-    return make_agent_service(AgentConfig(
-        state_dir=options["state-dir"],
-        server=options["server"],
-        ca_cert=options["ca-cert"],
-        token=options["token"],
-        keepalive=options["keepalive"],
-        keepalive_timeout=options["keepalive-timeout"],
-        backoff_initial=options["backoff-initial"],
-        backoff_max=options["backoff-max"],
-        spool_fsync=not options["no-fsync"],
-    ))
+    return make_agent_service(
+        AgentConfig(
+            state_dir=options["state-dir"],
+            server=options["server"],
+            ca_cert=options["ca-cert"],
+            token=options["token"],
+            keepalive=options["keepalive"],
+            keepalive_timeout=options["keepalive-timeout"],
+            backoff_initial=options["backoff-initial"],
+            backoff_max=options["backoff-max"],
+            spool_fsync=not options["no-fsync"],
+        )
+    )

@@ -89,7 +89,7 @@ def _check(obj: dict[str, Any]) -> str:
     msg_id = obj.get("id") if isinstance(obj.get("id"), str) else None
     try:
         _validate_envelope(obj)
-    except fastjsonschema.JsonSchemaException as e:
+    except fastjsonschema.JsonSchemaValueException as e:
         raise ProtocolError(codes.ERR_SCHEMA, f"envelope: {e.message}", msg_id) from None
     mtype = obj["type"]
     validator = _validate_data.get(mtype)
@@ -97,7 +97,7 @@ def _check(obj: dict[str, Any]) -> str:
         raise ProtocolError(codes.ERR_UNKNOWN_TYPE, f"unknown message type {mtype!r}", msg_id)
     try:
         validator(obj["data"])
-    except fastjsonschema.JsonSchemaException as e:
+    except fastjsonschema.JsonSchemaValueException as e:
         raise ProtocolError(codes.ERR_SCHEMA, f"{mtype}: {e.message}", msg_id) from None
     return mtype
 

@@ -56,8 +56,9 @@ class AgentAPI(JsonRouter):
             raise ApiError(403, str(e)) from None
         agent_id = "a-" + os.urandom(10).hex()
         try:
-            cert_pem = self.core.ca.sign_csr(csr.encode(), common_name=agent_id,
-                                             days=self.core.config.cert_days)
+            cert_pem = self.core.ca.sign_csr(
+                csr.encode(), common_name=agent_id, days=self.core.config.cert_days
+            )
         except ValueError as e:
             raise ApiError(400, f"bad certificate request: {e}") from None
         fingerprint = pki.fingerprint(pki.load_certificate(cert_pem))
@@ -65,14 +66,16 @@ class AgentAPI(JsonRouter):
         self.core.directory.add(agent_id, hostname)
         self._log.info("agent {agent} enrolled ({host})", agent=agent_id, host=hostname)
         return Reply(
-            {"agent_id": agent_id, "certificate": cert_pem.decode(),
-             "ca": self.core.ca.cert_pem.decode()},
+            {
+                "agent_id": agent_id,
+                "certificate": cert_pem.decode(),
+                "ca": self.core.ca.cert_pem.decode(),
+            },
             status=201,
         )
 
     def whoami(self, request):
-        return {"agent_id": request.agent_id,
-                "transport": _carried_by(request)}
+        return {"agent_id": request.agent_id, "transport": _carried_by(request)}
 
     # -- jobs ----------------------------------------------------------------------------
     def accept(self, request, job: str):
@@ -82,8 +85,11 @@ class AgentAPI(JsonRouter):
     def output(self, request, job: str):
         body = json_object(request)
         seq, stream, text = body.get("seq"), body.get("stream"), body.get("text")
-        if not isinstance(seq, int) or stream not in ("stdout", "stderr", "log") \
-                or not isinstance(text, str):
+        if (
+            not isinstance(seq, int)
+            or stream not in ("stdout", "stderr", "log")
+            or not isinstance(text, str)
+        ):
             raise ApiError(400, "output needs int 'seq', 'stream' (stdout/stderr/log), 'text'")
         self.core.jobs.output(request.agent_id, job, seq, stream, text)
         return Reply(None, status=204)
@@ -98,15 +104,22 @@ class AgentAPI(JsonRouter):
         if error is not None and not isinstance(error, str):
             raise ApiError(400, "'error' must be a string")
         stored = yield self.core.jobs.result(
-            request.agent_id, job, state, body.get("result"), error,
-            _number(body.get("started")), _number(body.get("finished")),
+            request.agent_id,
+            job,
+            state,
+            body.get("result"),
+            error,
+            _number(body.get("started")),
+            _number(body.get("finished")),
         )
         return {"stored": stored}
 
     def work(self, request):
         jobs = self.core.jobs.work_for(request.agent_id)
-        return {"requests": [j.request().to_dict() for j in jobs],
-                "poll_interval": self.core.config.poll_interval}
+        return {
+            "requests": [j.request().to_dict() for j in jobs],
+            "poll_interval": self.core.config.poll_interval,
+        }
 
 
 def _number(value: Any) -> float | None:
@@ -115,5 +128,4 @@ def _number(value: Any) -> float | None:
 
 def _carried_by(request) -> str:
     value = request.requestHeaders.getRawHeaders(b"x-tcm-transport")
-    return "websocket" if value == [b"websocket"] and hasattr(request.channel, "_done") \
-        else "https"
+    return "websocket" if value == [b"websocket"] and hasattr(request.channel, "_done") else "https"

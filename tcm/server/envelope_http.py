@@ -80,7 +80,7 @@ def render_envelope(site: Site, transport: Any, env: Envelope) -> Deferred[Envel
     channel = EnvelopeChannel(site, transport, done)
     request = site.requestFactory(channel)
     request.clientproto = b"HTTP/1.0"  # no chunked encoding: the body is one envelope field
-    request.content = BytesIO(raw)
+    request.content = BytesIO(raw)  # type: ignore[assignment]
     headers = request.requestHeaders
     for name, value in (data.get("headers") or {}).items():
         headers.setRawHeaders(name.encode("latin-1"), [value.encode("latin-1")])

@@ -22,7 +22,7 @@ import attrs
 from tcm.protocol.envelope import Envelope, encode
 
 
-class TargetState(str, enum.Enum):
+class TargetState(enum.StrEnum):
     PENDING = "pending"
     DELIVERED = "delivered"
     RUNNING = "running"
@@ -61,7 +61,7 @@ def transition(current: TargetState, new: TargetState) -> TargetState:
     return new
 
 
-class Accept(str, enum.Enum):
+class Accept(enum.StrEnum):
     """The server's answer to an agent that wants to start a job."""
 
     RUN = "run"  # go ahead (also when the agent already runs it: idempotent)
@@ -88,8 +88,9 @@ class Job:
         data: dict[str, Any] = {"job": self.id, "action": self.action, "args": self.args}
         if self.timeout is not None:
             data["timeout"] = self.timeout
-        return Envelope(type="action.request", id=f"req-{self.id}", data=data,
-                        expires=self.expires_at)
+        return Envelope(
+            type="action.request", id=f"req-{self.id}", data=data, expires=self.expires_at
+        )
 
     def frame(self) -> bytes:
         """The encoded request, encoded once for every target."""
@@ -169,9 +170,7 @@ class JobBook:
         self._targets[job_id][agent_id] = TargetState.RUNNING
         return Accept.RUN, [Change(job_id, agent_id, TargetState.RUNNING, now)]
 
-    def finish(
-        self, job_id: str, agent_id: str, state: TargetState, now: float
-    ) -> list[Change]:
+    def finish(self, job_id: str, agent_id: str, state: TargetState, now: float) -> list[Change]:
         """A result (or an agent's `expired`) for a target: the change, or [] if it is
         already finished or unknown here (a redelivered result is stored once)."""
         current = self.state(job_id, agent_id)
@@ -194,9 +193,7 @@ class JobBook:
     def active_targets(self, job_id: str) -> dict[str, TargetState]:
         return dict(self._targets.get(job_id, {}))
 
-    def _finish(
-        self, job_id: str, agent_id: str, state: TargetState, now: float
-    ) -> list[Change]:
+    def _finish(self, job_id: str, agent_id: str, state: TargetState, now: float) -> list[Change]:
         targets = self._targets[job_id]
         del targets[agent_id]
         jobs_of_agent = self._by_agent[agent_id]
@@ -209,9 +206,9 @@ class JobBook:
         return [Change(job_id, agent_id, state, now)]
 
 
-def summarize(states: Iterable[str]) -> dict[str, int]:
+def summarize(states: Iterable[str]) -> dict[str, Any]:
     """Counts of a job's targets, as the API reports them."""
-    counts = {s.value: 0 for s in TargetState}
+    counts: dict[str, Any] = {s.value: 0 for s in TargetState}
     total = 0
     for s in states:
         counts[s] = counts.get(s, 0) + 1

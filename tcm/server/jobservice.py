@@ -52,9 +52,13 @@ class JobService:
         active = yield self.store.load_active()
         for row, states in active:
             job = Job(
-                id=row["id"], action=row["action"], args=row["args"],
-                created_at=row["created_at"], expires_at=row["expires_at"],
-                timeout=row["timeout"], created_by=row["created_by"],
+                id=row["id"],
+                action=row["action"],
+                args=row["args"],
+                created_at=row["created_at"],
+                expires_at=row["expires_at"],
+                timeout=row["timeout"],
+                created_by=row["created_by"],
             )
             self.book.add(job, {a: TargetState(s) for a, s in states.items()})
         self._log.info("loaded {n} unfinished jobs", n=len(self.book.jobs))
@@ -69,8 +73,13 @@ class JobService:
     # -- admin side ------------------------------------------------------------------
     @inlineCallbacks
     def create(
-        self, action: str, args: dict[str, Any], targets: list[str] | str,
-        ttl: float | None, timeout: float | None, created_by: str = "",
+        self,
+        action: str,
+        args: dict[str, Any],
+        targets: list[str] | str,
+        ttl: float | None,
+        timeout: float | None,
+        created_by: str = "",
     ):
         """Create a job, store it, push it to the targets online now. Returns the job id."""
         now = self.clock.seconds()
@@ -88,18 +97,33 @@ class JobService:
             if unknown:
                 raise ApiError(400, "unknown agent ids", unknown=unknown[:50])
         job = Job(
-            id=os.urandom(8).hex(), action=action, args=args, created_at=now,
-            expires_at=now + ttl, timeout=timeout, created_by=created_by,
+            id=os.urandom(8).hex(),
+            action=action,
+            args=args,
+            created_at=now,
+            expires_at=now + ttl,
+            timeout=timeout,
+            created_by=created_by,
         )
         yield self.store.create_job(
-            dict(id=job.id, action=action, args=args, created_at=now, expires_at=job.expires_at,
-                 timeout=timeout, created_by=created_by),
-            agent_ids, now,
+            dict(
+                id=job.id,
+                action=action,
+                args=args,
+                created_at=now,
+                expires_at=job.expires_at,
+                timeout=timeout,
+                created_by=created_by,
+            ),
+            agent_ids,
+            now,
         )
         self.book.add(job, {a: TargetState.PENDING for a in agent_ids})
         self._deliver(job, agent_ids)
         self._log.info(
-            "job {job} ({action}) created for {n} agents", job=job.id, action=action,
+            "job {job} ({action}) created for {n} agents",
+            job=job.id,
+            action=action,
             n=len(agent_ids),
         )
         return job.id
@@ -114,8 +138,15 @@ class JobService:
             else:
                 incapable.append(agent_id)
         for agent_id in incapable:
-            self._finish(job.id, agent_id, TargetState.FAILED, None,
-                         f"agent has no handler for action {job.action!r}", None, now)
+            self._finish(
+                job.id,
+                agent_id,
+                TargetState.FAILED,
+                None,
+                f"agent has no handler for action {job.action!r}",
+                None,
+                now,
+            )
         sent, _offline = self.dispatcher.push(job.frame(), capable)
         self._persist(self.book.delivered(job.id, sent, now))
 
@@ -162,13 +193,21 @@ class JobService:
 
     def output(self, agent_id: str, job_id: str, seq: int, stream: str, text: str):
         now = self.clock.seconds()
-        self._notify(job_id, {"event": "output", "agent": agent_id, "seq": seq,
-                              "stream": stream, "text": text})
+        self._notify(
+            job_id,
+            {"event": "output", "agent": agent_id, "seq": seq, "stream": stream, "text": text},
+        )
         return self.store.add_output(job_id, agent_id, seq, stream, text, now)
 
     def result(
-        self, agent_id: str, job_id: str, state: str, result: Any, error: str | None,
-        started: float | None, finished: float | None,
+        self,
+        agent_id: str,
+        job_id: str,
+        state: str,
+        result: Any,
+        error: str | None,
+        started: float | None,
+        finished: float | None,
     ) -> Deferred[bool]:
         """Record a target's outcome. Fires True when stored now, False for a duplicate."""
         target_state = TargetState(state)
@@ -180,17 +219,25 @@ class JobService:
             raise ApiError(400, f"not a final state: {state}")
         if target_state is TargetState.EXPIRED and current is TargetState.RUNNING:
             raise ApiError(409, "job already running here; report its result")
-        return self._finish(job_id, agent_id, target_state, result, error, started,
-                            finished or now).addCallback(lambda _: True)
+        return self._finish(
+            job_id, agent_id, target_state, result, error, started, finished or now
+        ).addCallback(lambda _: True)
 
     def _finish(self, job_id, agent_id, state, result, error, started, finished):
         changes = self.book.finish(job_id, agent_id, state, self.clock.seconds())
         if not changes:
             return succeed(None)
-        d = self.store.store_result(job_id, agent_id, state.value, result, error, started,
-                                    finished)
-        self._notify(job_id, {"event": "result", "agent": agent_id, "state": state.value,
-                              "result": result, "error": error})
+        d = self.store.store_result(job_id, agent_id, state.value, result, error, started, finished)
+        self._notify(
+            job_id,
+            {
+                "event": "result",
+                "agent": agent_id,
+                "state": state.value,
+                "result": result,
+                "error": error,
+            },
+        )
         return d
 
     def expire(self) -> None:
@@ -198,8 +245,16 @@ class JobService:
         if changes:
             self._log.info("{n} job targets expired before delivery", n=len(changes))
             for ch in changes:
-                self._notify(ch.job_id, {"event": "result", "agent": ch.agent_id,
-                                         "state": "expired", "result": None, "error": None})
+                self._notify(
+                    ch.job_id,
+                    {
+                        "event": "result",
+                        "agent": ch.agent_id,
+                        "state": "expired",
+                        "result": None,
+                        "error": None,
+                    },
+                )
         self._persist(changes)
 
     def _persist(self, changes: list[Change]) -> None:
@@ -218,9 +273,13 @@ class JobService:
         job["counts"] = summarize(t["state"] for t in targets)
         job["results"] = [
             {
-                "agent": t["agent_id"], "state": t["state"], "result": t["result"],
-                "error": t["error"], "delivered_at": t["delivered_at"],
-                "started_at": t["started_at"], "finished_at": t["finished_at"],
+                "agent": t["agent_id"],
+                "state": t["state"],
+                "result": t["result"],
+                "error": t["error"],
+                "delivered_at": t["delivered_at"],
+                "started_at": t["started_at"],
+                "finished_at": t["finished_at"],
                 "online": self.dispatcher.is_online(t["agent_id"]),
             }
             for t in targets

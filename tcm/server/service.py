@@ -10,7 +10,7 @@ import attrs
 from autobahn.twisted.resource import WebSocketResource
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService, TimerService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.logger import Logger
 from twisted.web.resource import Resource
@@ -23,7 +23,7 @@ from tcm.protocol.envelope import Envelope
 from tcm.server.adminapi import AdminAPI
 from tcm.server.agentapi import AgentAPI
 from tcm.server.ca import CertificateAuthority, HandshakeLogger, server_tls_options
-from tcm.server.dispatcher import Dispatcher, DirectRoute
+from tcm.server.dispatcher import DirectRoute, Dispatcher
 from tcm.server.envelope_http import render_envelope
 from tcm.server.jobservice import JobService
 from tcm.server.sessions import AgentSession, SessionRegistry
@@ -64,8 +64,11 @@ class AgentDirectory:
 
     def load(self, rows: list[dict[str, Any]]) -> None:
         for r in rows:
-            self._agents[r["id"]] = {"hostname": r["hostname"], "revoked": bool(r["revoked"]),
-                                     "capabilities": None}
+            self._agents[r["id"]] = {
+                "hostname": r["hostname"],
+                "revoked": bool(r["revoked"]),
+                "capabilities": None,
+            }
 
     def add(self, agent_id: str, hostname: str) -> None:
         self._agents[agent_id] = {"hostname": hostname, "revoked": False, "capabilities": None}
@@ -109,11 +112,18 @@ class AgentHub:
             record["capabilities"] = session.capabilities
         now = core.clock.seconds()
         core.store.agent_seen(
-            session.agent_id, now, hostname=hello.get("hostname"),
-            platform=hello.get("platform"), capabilities=list(session.capabilities.values()),
+            session.agent_id,
+            now,
+            hostname=hello.get("hostname"),
+            platform=hello.get("platform"),
+            capabilities=list(session.capabilities.values()),
         )
-        self._log.info("agent {agent} session open via {via} ({n} sessions)",
-                       agent=session.agent_id, via=session.via, n=len(core.registry))
+        self._log.info(
+            "agent {agent} session open via {via} ({n} sessions)",
+            agent=session.agent_id,
+            via=session.via,
+            n=len(core.registry),
+        )
         core.jobs.session_opened(session.agent_id)
 
     def session_closed(self, session: AgentSession) -> None:
@@ -152,8 +162,11 @@ class ServerCore:
         self.direct_route = DirectRoute(self.ws_factory.prepareMessage)
         self.dispatcher = Dispatcher(self.registry)
         self.jobs = JobService(
-            self.store, self.dispatcher, self.clock,
-            capabilities_of=self._capabilities_of, known_agents=self.directory.ids,
+            self.store,
+            self.dispatcher,
+            self.clock,
+            capabilities_of=self._capabilities_of,
+            known_agents=self.directory.ids,
         )
 
     def _make_site(self) -> Site:
@@ -217,15 +230,31 @@ class ServerCore:
                 key_pem = f.read()
         return server_tls_options(key_pem, cert_pem, [self.ca.cert_pem])
 
-    def start(self) -> Deferred:
+    @inlineCallbacks
+    def start(self):
+        """Migrate and open the store, then load agents, settings and unfinished jobs."""
+        self._write_server_json()
         self.store.open()
-        d = self.store.list_agents()
-        d.addCallback(self.directory.load)
-        d.addCallback(lambda _: self.store.get_settings())
-        d.addCallback(self.settings.update)
-        d.addCallback(lambda _: self.jobs.load())
-        d.addCallback(lambda _: self.jobs.start())
-        return d
+        self.directory.load((yield self.store.list_agents()))
+        self.settings.update((yield self.store.get_settings()))
+        yield self.jobs.load()
+        self.jobs.start()
+
+    def _write_server_json(self) -> None:
+        """Where the admin CLI finds this server when given only --state-dir."""
+        import json
+
+        cfg = self.config
+        host = cfg.interface if cfg.interface not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        pki.write_public(
+            os.path.join(cfg.state_dir, "server.json"),
+            json.dumps(
+                {"url": f"https://{host}:{cfg.port}", "ca": "ca.pem", "token": "admin.token"},
+                indent=1,
+            ).encode(),
+        )
 
     def stop(self) -> None:
         self.jobs.stop()
@@ -236,8 +265,11 @@ class ServerCore:
         cfg = self.config
         deadline = self.clock.seconds() - (2 * cfg.keepalive + cfg.keepalive_timeout)
         for session in self.registry.idle_since(deadline):
-            self._log.info("agent {agent} silent since {t:.0f}: closing", agent=session.agent_id,
-                           t=session.last_rx)
+            self._log.info(
+                "agent {agent} silent since {t:.0f}: closing",
+                agent=session.agent_id,
+                t=session.last_rx,
+            )
             session.close(codes.CLOSE_KEEPALIVE)
             session.transport.dropConnection(abort=True)
 

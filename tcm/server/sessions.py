@@ -28,9 +28,12 @@ from tcm.protocol.envelope import Envelope, ProtocolError, decode, encode, error
 class SessionTransport(Protocol):
     """What a session needs from its connection."""
 
+    peer_transport: Any  # the connection under the session (peer certificate, address)
+
     def send_frame(self, frame: bytes) -> None: ...
     def send_prepared(self, prepared: Any) -> None: ...
     def close(self, code: int, reason: str) -> None: ...
+    def dropConnection(self, abort: bool = False) -> None: ...
 
 
 class SessionState(enum.Enum):
@@ -83,30 +86,44 @@ class AgentSession:
         except ProtocolError as e:
             self._log.info(
                 "agent {agent} sent a bad message: {code}: {msg}",
-                agent=self.agent_id, code=e.code, msg=e.message,
+                agent=self.agent_id,
+                code=e.code,
+                msg=e.message,
             )
             self.send(error_for(e))
             if self.state is SessionState.AWAITING_HELLO:
                 self.close(codes.CLOSE_PROTOCOL_ERROR, "first message must be a valid hello")
             return
         if self.state is SessionState.AWAITING_HELLO and env.type != "hello":
-            self.send(env.reply("error", {"code": codes.ERR_UNEXPECTED,
-                                          "message": "first message must be hello"}))
+            self.send(
+                env.reply(
+                    "error",
+                    {"code": codes.ERR_UNEXPECTED, "message": "first message must be hello"},
+                )
+            )
             self.close(codes.CLOSE_PROTOCOL_ERROR, "first message must be hello")
             return
         handler = self._handlers.get(env.type)
         if handler is None:
-            self.send(env.reply("error", {
-                "code": codes.ERR_UNEXPECTED,
-                "message": f"agents may not send {env.type!r}",
-            }))
+            self.send(
+                env.reply(
+                    "error",
+                    {
+                        "code": codes.ERR_UNEXPECTED,
+                        "message": f"agents may not send {env.type!r}",
+                    },
+                )
+            )
             return
         handler(env)
 
     def _on_hello(self, env: Envelope) -> None:
         if self.state is not SessionState.AWAITING_HELLO:
-            self.send(env.reply("error", {"code": codes.ERR_UNEXPECTED,
-                                          "message": "hello already received"}))
+            self.send(
+                env.reply(
+                    "error", {"code": codes.ERR_UNEXPECTED, "message": "hello already received"}
+                )
+            )
             return
         data = env.data
         self.capabilities = {c["name"]: c for c in data["capabilities"]}
@@ -122,10 +139,15 @@ class AgentSession:
 
     def _on_request(self, env: Envelope) -> None:
         if self.in_flight >= self.hub.max_in_flight:
-            self.send(env.reply("error", {
-                "code": codes.ERR_IN_FLIGHT,
-                "message": f"more than {self.hub.max_in_flight} requests in flight",
-            }))
+            self.send(
+                env.reply(
+                    "error",
+                    {
+                        "code": codes.ERR_IN_FLIGHT,
+                        "message": f"more than {self.hub.max_in_flight} requests in flight",
+                    },
+                )
+            )
             return
         self.in_flight += 1
 
@@ -139,7 +161,9 @@ class AgentSession:
     def _on_error(self, env: Envelope) -> None:
         self._log.info(
             "agent {agent} reports error for {ref}: {code}: {msg}",
-            agent=self.agent_id, ref=env.in_reply_to, code=env.data["code"],
+            agent=self.agent_id,
+            ref=env.in_reply_to,
+            code=env.data["code"],
             msg=env.data["message"],
         )
 

@@ -18,10 +18,19 @@ class Options(usage.Options):
         ["state-dir", "d", None, "Directory for the CA, certificates, token and database."],
         ["port", "p", 8443, "TCP port for HTTPS and WSS.", int],
         ["interface", "i", "127.0.0.1", "Address to listen on."],
-        ["database", None, None, "Database URL (default: SQLite in the state directory; "
-                                 "postgresql://... for several server nodes)."],
-        ["cert", None, None, "Server certificate (PEM, may include the chain) instead of a "
-                             "self-made one."],
+        [
+            "database",
+            None,
+            None,
+            "Database URL (default: SQLite in the state directory; "
+            "postgresql://... for several server nodes).",
+        ],
+        [
+            "cert",
+            None,
+            None,
+            "Server certificate (PEM, may include the chain) instead of a self-made one.",
+        ],
         ["key", None, None, "Private key of --cert (PEM)."],
         ["keepalive", None, 50.0, "Seconds between the agents' WebSocket pings.", float],
         ["poll-interval", None, 60.0, "Seconds between polls of agents in HTTP mode.", float],

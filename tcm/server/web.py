@@ -88,7 +88,7 @@ class JsonRouter(Resource):
         if not path.startswith(self._prefix):
             self._finish(request, ApiError(404, "not found"))
             return NOT_DONE_YET
-        sub = path[len(self._prefix):] or "/"
+        sub = path[len(self._prefix) :] or "/"
         method = request.method.decode("ascii", "replace")
         allowed = []
         for m, regex, handler in self._routes:
@@ -99,13 +99,10 @@ class JsonRouter(Resource):
                 allowed.append(m)
                 continue
             d = maybeDeferred(self._call, request, handler, match.groupdict())
-            d.addCallbacks(lambda r: self._finish(request, r),
-                           lambda f: self._fail(request, f))
+            d.addCallbacks(lambda r: self._finish(request, r), lambda f: self._fail(request, f))
             return NOT_DONE_YET
         if allowed:
-            self._finish(
-                request, ApiError(405, f"method {method} not allowed here; use {allowed}")
-            )
+            self._finish(request, ApiError(405, f"method {method} not allowed here; use {allowed}"))
         else:
             self._finish(request, ApiError(404, f"no such resource: {path}"))
         return NOT_DONE_YET
@@ -117,8 +114,9 @@ class JsonRouter(Resource):
     def _fail(self, request, failure: Failure) -> None:
         if failure.check(ApiError):
             return self._finish(request, failure.value)
-        self._log.failure("error serving {method} {path}", failure,
-                          method=request.method, path=request.path)
+        self._log.failure(
+            "error serving {method} {path}", failure, method=request.method, path=request.path
+        )
         return self._finish(request, ApiError(500, "internal server error"))
 
     def _finish(self, request, result: Any):

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from tcm.server.service import ServerCore
 
 
-class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):
+class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type: ignore[misc]
     """One agent connection."""
 
     _log = Logger()
@@ -32,28 +32,32 @@ class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):
         core: ServerCore = self.factory.core
         if codes.SUBPROTOCOL not in request.protocols:
             raise ConnectionDeny(
-                400, f"unsupported subprotocol {request.protocols!r}; this server speaks "
-                     f"{codes.SUBPROTOCOL}",
+                400,
+                f"unsupported subprotocol {request.protocols!r}; this server speaks "
+                f"{codes.SUBPROTOCOL}",
             )
         if not core.persistent_enabled():
             raise ConnectionDeny(503, codes.CLOSE_REASONS[codes.CLOSE_PERSISTENT_OFF])
         try:
             agent_id = core.authenticate_transport(self.transport)
         except ApiError as e:
-            self._log.info("WebSocket upgrade refused from {peer}: {why}",
-                           peer=self.peer, why=e.message)
+            self._log.info(
+                "WebSocket upgrade refused from {peer}: {why}", peer=self.peer, why=e.message
+            )
             raise ConnectionDeny(e.status, e.message) from None
         self.session = AgentSession(
-            agent_id, self, core.hub, core.clock.seconds(), route=core.direct_route,
+            agent_id,
+            self,
+            core.hub,
+            core.clock.seconds(),
+            route=core.direct_route,
             max_message_size=core.config.max_message_size,
         )
         return codes.SUBPROTOCOL
 
     def onOpen(self):
         core = self.factory.core
-        self._hello_timer = core.clock.callLater(
-            core.config.handshake_timeout, self._hello_timeout
-        )
+        self._hello_timer = core.clock.callLater(core.config.handshake_timeout, self._hello_timeout)
 
     def _hello_timeout(self):
         self._hello_timer = None

@@ -32,6 +32,9 @@ T = TypeVar("T")
 
 MIGRATIONS = os.path.join(os.path.dirname(__file__), "migrations")
 
+# A fixed condition (no expanding IN parameter), so it works in executemany batches too.
+UNFINISHED = sa.text("job_targets.state NOT IN ('succeeded', 'failed', 'expired')")
+
 
 class TokenRefused(Exception):
     """An enrollment token that is unknown, expired or used up."""
@@ -167,9 +170,7 @@ class Store:
 
     # -- settings ------------------------------------------------------------------------
     def get_settings(self) -> Deferred[dict[str, Any]]:
-        return self.read(
-            lambda c: {r.key: r.value for r in c.execute(sa.select(t.settings))}
-        )
+        return self.read(lambda c: {r.key: r.value for r in c.execute(sa.select(t.settings))})
 
     def set_setting(self, key: str, value: Any) -> Deferred[None]:
         def op(c: Connection) -> None:
@@ -197,14 +198,13 @@ class Store:
             uses_left=uses,
             description=description,
         )
-        return self.transaction(lambda c: c.execute(t.enrollment_tokens.insert().values(**row)))\
-            .addCallback(lambda _: f"{token_id}.{secret}")
+        return self.transaction(
+            lambda c: c.execute(t.enrollment_tokens.insert().values(**row))
+        ).addCallback(lambda _: f"{token_id}.{secret}")
 
     def list_tokens(self) -> Deferred[list[dict[str, Any]]]:
         cols = [c for c in t.enrollment_tokens.c if c.name != "secret_hash"]
-        return self.read(
-            lambda c: [dict(r._mapping) for r in c.execute(sa.select(*cols))]
-        )
+        return self.read(lambda c: [dict(r._mapping) for r in c.execute(sa.select(*cols))])
 
     def consume_token(self, token: str, now: float) -> Deferred[str]:
         """Use an enrollment token once. Fails with TokenRefused saying why."""
@@ -235,14 +235,21 @@ class Store:
     # -- agents ----------------------------------------------------------------------
     def add_agent(self, agent_id: str, hostname: str, fingerprint: str, now: float):
         row = dict(
-            id=agent_id, hostname=hostname, fingerprint=fingerprint, enrolled_at=now,
+            id=agent_id,
+            hostname=hostname,
+            fingerprint=fingerprint,
+            enrolled_at=now,
             capabilities=[],
         )
         return self.transaction(lambda c: c.execute(t.agents.insert().values(**row)))
 
     def agent_seen(
-        self, agent_id: str, now: float, hostname: str | None = None,
-        platform: str | None = None, capabilities: list | None = None,
+        self,
+        agent_id: str,
+        now: float,
+        hostname: str | None = None,
+        platform: str | None = None,
+        capabilities: list | None = None,
     ) -> Deferred[None]:
         values: dict[str, Any] = {"last_seen": now}
         if hostname is not None:
@@ -297,9 +304,7 @@ class Store:
 
     def set_states(self, changes: Iterable[Any]) -> Deferred[None]:
         """Write state changes (jobs.Change) through the write queue."""
-        rows = [
-            dict(j=ch.job_id, a=ch.agent_id, s=ch.state.value, at=ch.at) for ch in changes
-        ]
+        rows = [dict(j=ch.job_id, a=ch.agent_id, s=ch.state.value, at=ch.at) for ch in changes]
         if not rows:
             return succeed(None)
         jt = t.job_targets
@@ -320,7 +325,7 @@ class Store:
                     jt.update()
                     .where(jt.c.job_id == sa.bindparam("j"))
                     .where(jt.c.agent_id == sa.bindparam("a"))
-                    .where(jt.c.state.notin_(["succeeded", "failed", "expired"]))
+                    .where(UNFINISHED)
                     .values(**values)
                 )
                 c.execute(stmt, batch)
@@ -328,15 +333,24 @@ class Store:
         return self.writes.submit(op)
 
     def store_result(
-        self, job_id: str, agent_id: str, state: str, result: Any, error: str | None,
-        started: float | None, finished: float,
+        self,
+        job_id: str,
+        agent_id: str,
+        state: str,
+        result: Any,
+        error: str | None,
+        started: float | None,
+        finished: float,
     ) -> Deferred[None]:
         """Store a target's result, once: a target already finished keeps its first result."""
         jt = t.job_targets
 
         def op(c: Connection) -> None:
             values: dict[str, Any] = dict(
-                state=state, result=result, error=error, finished_at=finished,
+                state=state,
+                result=result,
+                error=error,
+                finished_at=finished,
                 updated_at=finished,
             )
             if started is not None:
@@ -345,21 +359,24 @@ class Store:
                 jt.update()
                 .where(jt.c.job_id == job_id)
                 .where(jt.c.agent_id == agent_id)
-                .where(jt.c.state.notin_(["succeeded", "failed", "expired"]))
+                .where(UNFINISHED)
                 .values(**values)
             )
 
         return self.writes.submit(op)
 
-    def add_output(self, job_id: str, agent_id: str, seq: int, stream: str, text: str,
-                   at: float) -> Deferred[None]:
+    def add_output(
+        self, job_id: str, agent_id: str, seq: int, stream: str, text: str, at: float
+    ) -> Deferred[None]:
         row = dict(job_id=job_id, agent_id=agent_id, seq=seq, stream=stream, text=text, at=at)
         jo = t.job_output
 
         def op(c: Connection) -> None:
             exists = c.execute(
-                sa.select(jo.c.id).where(jo.c.job_id == job_id)
-                .where(jo.c.agent_id == agent_id).where(jo.c.seq == seq)
+                sa.select(jo.c.id)
+                .where(jo.c.job_id == job_id)
+                .where(jo.c.agent_id == agent_id)
+                .where(jo.c.seq == seq)
             ).first()
             if exists is None:  # output is redelivered after a reconnect: keep one copy
                 c.execute(jo.insert().values(**row))
@@ -372,7 +389,9 @@ class Store:
             lambda c: [
                 dict(r._mapping)
                 for r in c.execute(
-                    sa.select(jo).where(jo.c.job_id == job_id).where(jo.c.id > after_id)
+                    sa.select(jo)
+                    .where(jo.c.job_id == job_id)
+                    .where(jo.c.id > after_id)
                     .order_by(jo.c.id)
                 )
             ]
@@ -386,7 +405,8 @@ class Store:
             if job is None:
                 return None
             targets = c.execute(
-                sa.select(t.job_targets).where(t.job_targets.c.job_id == job_id)
+                sa.select(t.job_targets)
+                .where(t.job_targets.c.job_id == job_id)
                 .order_by(t.job_targets.c.agent_id)
             )
             out = dict(job._mapping)
@@ -410,7 +430,8 @@ class Store:
             if ids:
                 for r in c.execute(
                     sa.select(jt.c.job_id, jt.c.state, sa.func.count())
-                    .where(jt.c.job_id.in_(ids)).group_by(jt.c.job_id, jt.c.state)
+                    .where(jt.c.job_id.in_(ids))
+                    .group_by(jt.c.job_id, jt.c.state)
                 ):
                     counts.setdefault(r[0], {})[r[1]] = r[2]
             for j in jobs:
@@ -425,8 +446,9 @@ class Store:
 
         def q(c: Connection):
             rows = c.execute(
-                sa.select(jt.c.job_id, jt.c.agent_id, jt.c.state)
-                .where(jt.c.state.in_(["pending", "delivered", "running"]))
+                sa.select(jt.c.job_id, jt.c.agent_id, jt.c.state).where(
+                    jt.c.state.in_(["pending", "delivered", "running"])
+                )
             ).all()
             by_job: dict[str, dict[str, str]] = {}
             for r in rows:

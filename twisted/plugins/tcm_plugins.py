@@ -3,9 +3,14 @@
 from twisted.application.service import ServiceMaker
 
 tcmServer = ServiceMaker(
-    "tcm management server", "tcm.server.tap", "tcm management server (API, agents, jobs)",
+    "tcm management server",
+    "tcm.server.tap",
+    "tcm management server (API, agents, jobs)",
     "tcm-server",
 )
 tcmAgent = ServiceMaker(
-    "tcm endpoint agent", "tcm.agent.tap", "tcm endpoint agent", "tcm-agent",
+    "tcm endpoint agent",
+    "tcm.agent.tap",
+    "tcm endpoint agent",
+    "tcm-agent",
 )

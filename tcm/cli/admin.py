@@ -1,0 +1,399 @@
+"""`tcm`: the administrator's command line. It speaks only the REST API.
+
+Where to reach the server comes from, in order: --url/--ca-cert/--token, the TCM_URL /
+TCM_CA_CERT / TCM_TOKEN environment variables, or --state-dir (TCM_STATE_DIR) on the server
+machine, whose server.json, ca.pem and admin.token say it all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import ssl
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+
+class CliError(Exception):
+    """A failure to report on stderr with exit status 2."""
+
+
+class Api:
+    """A tiny JSON client for /api/v1 over HTTPS, trusting the tcm CA."""
+
+    def __init__(self, url: str, ca_cert: str | None, token: str):
+        self.url = url.rstrip("/")
+        self.token = token
+        self.context = ssl.create_default_context(cafile=ca_cert)
+
+    def call(self, method: str, path: str, body: Any = None, timeout: float = 60) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(
+            self.url + "/api/v1" + path,
+            data=data,
+            method=method,
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, context=self.context, timeout=timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            raw = e.read()
+            try:
+                message = json.loads(raw).get("error", raw.decode())
+            except ValueError:
+                message = raw.decode("utf-8", "replace")
+            raise CliError(f"{method} {path}: {e.code} {message}") from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise CliError(f"cannot reach {self.url}: {reason}") from None
+        return json.loads(raw) if raw else None
+
+
+def connect(args: argparse.Namespace) -> Api:
+    state_dir = args.state_dir or os.environ.get("TCM_STATE_DIR")
+    url = args.url or os.environ.get("TCM_URL")
+    ca = args.ca_cert or os.environ.get("TCM_CA_CERT")
+    token = args.token or os.environ.get("TCM_TOKEN")
+    if state_dir:
+        try:
+            with open(os.path.join(state_dir, "server.json")) as f:
+                meta = json.load(f)
+        except OSError as e:
+            raise CliError(f"no server state in {state_dir}: {e.strerror}") from None
+        url = url or meta["url"]
+        ca = ca or os.path.join(state_dir, meta.get("ca", "ca.pem"))
+        if not token:
+            try:
+                with open(os.path.join(state_dir, meta.get("token", "admin.token"))) as f:
+                    token = f.read().strip()
+            except OSError as e:
+                raise CliError(f"cannot read the admin token: {e.strerror}") from None
+    if not (url and token):
+        raise CliError(
+            "say where the server is: --state-dir DIR, or --url, --ca-cert and "
+            "--token (or TCM_URL, TCM_CA_CERT, TCM_TOKEN)"
+        )
+    return Api(url, ca, token)
+
+
+def _arg_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_args_kv(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CliError(f"--arg takes KEY=VALUE, not {pair!r}")
+        out[key] = _arg_value(value)
+    return out
+
+
+def _ts(value: float | None) -> str:
+    if not value:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(str(c))) for w, c in zip(widths, row, strict=True)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    for row in rows:
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+    return "\n".join(lines)
+
+
+def _dump(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+def cmd_status(api: Api, args) -> int:
+    _dump(api.call("GET", "/status"))
+    return 0
+
+
+def cmd_token_create(api: Api, args) -> int:
+    body: dict[str, Any] = {"description": args.description or ""}
+    if args.ttl is not None:
+        body["ttl"] = args.ttl
+    if args.uses is not None:
+        body["uses"] = args.uses
+    result = api.call("POST", "/tokens", body)
+    if args.json:
+        _dump(result)
+    else:
+        print(result["token"])
+    return 0
+
+
+def cmd_token_list(api: Api, args) -> int:
+    tokens = api.call("GET", "/tokens")["tokens"]
+    if args.json:
+        _dump(tokens)
+        return 0
+    rows = [
+        [
+            t["id"],
+            _ts(t["created_at"]),
+            _ts(t["expires_at"]),
+            "-" if t["uses_left"] is None else str(t["uses_left"]),
+            str(t["used"]),
+            t["description"],
+        ]
+        for t in tokens
+    ]
+    print(_table(rows, ["ID", "CREATED", "EXPIRES", "USES LEFT", "USED", "DESCRIPTION"]))
+    return 0
+
+
+def cmd_agents(api: Api, args) -> int:
+    agents = api.call("GET", "/agents")["agents"]
+    if args.json:
+        _dump(agents)
+        return 0
+    rows = [
+        [
+            a["id"],
+            a["hostname"],
+            "yes" if a["online"] else "no",
+            _ts(a["connected_since"]),
+            _ts(a["last_seen"]),
+        ]
+        for a in agents
+    ]
+    print(_table(rows, ["ID", "HOSTNAME", "ONLINE", "CONNECTED SINCE", "LAST SEEN"]))
+    return 0
+
+
+def _summary(job: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "job": job["id"],
+        "action": job["action"],
+        "counts": job["counts"],
+        "results": [
+            {"agent": r["agent"], "state": r["state"], "result": r["result"], "error": r["error"]}
+            for r in job["results"]
+        ],
+    }
+
+
+def _progress_line(job: dict[str, Any]) -> str:
+    c = job["counts"]
+    return (
+        f"job {job['id']}: {c['completed']}/{c['total']} completed "
+        f"(succeeded {c['succeeded']}, failed {c['failed']}, expired {c['expired']}, "
+        f"in progress {c['in_progress']}, not started {c['pending']})"
+    )
+
+
+def _print_job(job: dict[str, Any]) -> None:
+    print(f"job {job['id']}  action {job['action']}  args {json.dumps(job['args'])}")
+    print(
+        f"created {_ts(job['created_at'])}  expires {_ts(job['expires_at'])}  "
+        f"by {job['created_by']}"
+    )
+    print(_progress_line(job))
+    rows = []
+    for r in job["results"]:
+        detail = r["error"] or ""
+        if not detail and r["result"] is not None:
+            detail = json.dumps(r["result"])
+        if len(detail) > 80:
+            detail = detail[:77] + "..."
+        rows.append([r["agent"], r["state"], detail])
+    print(_table(rows, ["AGENT", "STATE", "RESULT / ERROR"]))
+
+
+def wait_for(api: Api, job_id: str, timeout: float | None, quiet: bool) -> dict[str, Any]:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    last = ""
+    delay = 0.05
+    while True:
+        job = api.call("GET", f"/jobs/{job_id}")
+        line = _progress_line(job)
+        if line != last and not quiet:
+            print(line, file=sys.stderr, flush=True)
+            last = line
+        c = job["counts"]
+        if c["completed"] >= c["total"]:
+            return job
+        if deadline is not None and time.monotonic() >= deadline:
+            return job
+        time.sleep(delay)
+        delay = min(0.5, delay * 1.5)
+
+
+def cmd_run(api: Api, args) -> int:
+    body: dict[str, Any] = {"action": args.action, "args": parse_args_kv(args.arg or [])}
+    if args.args_json:
+        extra = _arg_value(args.args_json)
+        if not isinstance(extra, dict):
+            raise CliError("--args-json must be a JSON object")
+        body["args"].update(extra)
+    body["targets"] = "all" if args.targets == "all" else [t for t in args.targets.split(",") if t]
+    if args.ttl is not None:
+        body["ttl"] = args.ttl
+    if args.timeout is not None:
+        body["timeout"] = args.timeout
+    job_id = api.call("POST", "/jobs", body)["job"]
+    if not args.wait:
+        if args.json:
+            _dump({"job": job_id})
+        else:
+            print(job_id)
+        return 0
+    job = wait_for(api, job_id, args.wait_timeout, quiet=False)
+    if args.json:
+        print(json.dumps(_summary(job)))
+    else:
+        _print_job(job)
+    c = job["counts"]
+    return 0 if c["succeeded"] == c["total"] else 1
+
+
+def cmd_jobs_show(api: Api, args) -> int:
+    job = api.call("GET", f"/jobs/{args.id}")
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    **_summary(job),
+                    "args": job["args"],
+                    "created_at": job["created_at"],
+                    "expires_at": job["expires_at"],
+                }
+            )
+        )
+    else:
+        _print_job(job)
+    return 0
+
+
+def cmd_jobs_list(api: Api, args) -> int:
+    jobs = api.call("GET", "/jobs")["jobs"]
+    if args.json:
+        _dump(jobs)
+        return 0
+    rows = []
+    for j in jobs:
+        states = j["states"]
+        done = sum(states.get(s, 0) for s in ("succeeded", "failed", "expired"))
+        rows.append(
+            [
+                j["id"],
+                j["action"],
+                _ts(j["created_at"]),
+                f"{done}/{sum(states.values())}",
+                str(states.get("failed", 0)),
+            ]
+        )
+    print(_table(rows, ["JOB", "ACTION", "CREATED", "DONE", "FAILED"]))
+    return 0
+
+
+def cmd_jobs_follow(api: Api, args) -> int:
+    """Print a job's output as it arrives, until every target has finished."""
+    after = 0
+    while True:
+        chunks = api.call("GET", f"/jobs/{args.id}/output?after={after}")["output"]
+        for c in chunks:
+            after = max(after, c["id"])
+            prefix = f"[{c['agent_id']}] " if not args.raw else ""
+            stream = sys.stderr if c["stream"] == "stderr" else sys.stdout
+            for line in c["text"].splitlines(keepends=True):
+                stream.write(prefix + line)
+            stream.flush()
+        job = api.call("GET", f"/jobs/{args.id}")
+        if job["counts"]["completed"] >= job["counts"]["total"] and not chunks:
+            print(_progress_line(job), file=sys.stderr)
+            return 0
+        time.sleep(0.2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tcm", description="Administer a tcm server.")
+    p.add_argument("--state-dir", help="server state directory (on the server machine)")
+    p.add_argument("--url", help="server URL, https://HOST:PORT")
+    p.add_argument("--ca-cert", help="CA certificate to trust for the server")
+    p.add_argument("--token", help="admin API token")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("status", help="server status")
+    s.set_defaults(func=cmd_status)
+
+    tok = sub.add_parser("token", help="enrollment tokens")
+    toksub = tok.add_subparsers(dest="token_command", required=True)
+    s = toksub.add_parser("create", help="create an enrollment token (printed once)")
+    s.add_argument("--ttl", type=float, help="seconds until it expires (default: never)")
+    s.add_argument("--uses", type=int, help="how many enrollments it allows (default: any)")
+    s.add_argument("--description")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_token_create)
+    s = toksub.add_parser("list", help="list enrollment tokens")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_token_list)
+
+    s = sub.add_parser("agents", help="list agents")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_agents)
+
+    s = sub.add_parser("run", help="run an action on agents")
+    s.add_argument("action")
+    s.add_argument(
+        "--arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an argument; VALUE is JSON if it parses, else a string",
+    )
+    s.add_argument("--args-json", help="all arguments as one JSON object")
+    s.add_argument("--targets", required=True, help="'all' or agent ids separated by commas")
+    s.add_argument("--ttl", type=float, help="seconds the job may wait for offline agents")
+    s.add_argument("--timeout", type=float, help="seconds the action may run on an agent")
+    s.add_argument("--wait", action="store_true", help="wait for every target to finish")
+    s.add_argument("--wait-timeout", type=float, help="stop waiting after this many seconds")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_run)
+
+    jobs = sub.add_parser("jobs", help="jobs")
+    jsub = jobs.add_subparsers(dest="jobs_command", required=True)
+    s = jsub.add_parser("list")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_jobs_list)
+    s = jsub.add_parser("show")
+    s.add_argument("id")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_jobs_show)
+    s = jsub.add_parser("follow", help="print a job's output as it arrives")
+    s.add_argument("id")
+    s.add_argument("--raw", action="store_true", help="no agent prefix")
+    s.set_defaults(func=cmd_jobs_follow)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(connect(args), args)
+    except CliError as e:
+        print(f"tcm: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

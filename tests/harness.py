@@ -1,0 +1,244 @@
+"""Real processes for integration tests: twistd tcm-server / tcm-agent on loopback, and the CLI.
+
+Every wait is bounded; every process is killed at teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+PYTHON = sys.executable
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = 20.0,
+    interval: float = 0.05,
+    what: str = "condition",
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Process:
+    """A twistd service in the foreground, its output in a log file."""
+
+    def __init__(self, name: str, args: list[str], log_path: str, env: dict | None = None):
+        self.name = name
+        self.args = args
+        self.log_path = log_path
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(self.env or {}))
+        self.proc = subprocess.Popen(
+            [
+                PYTHON,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+                "-n",
+                "--pidfile=",
+                *self.args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=os.path.dirname(self.log_path),
+        )
+        log.close()
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def count(self, text: str) -> int:
+        return self.log().count(text)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, as a crash."""
+        if self.alive():
+            self.proc.kill()  # type: ignore[union-attr]
+            self.proc.wait(10)  # type: ignore[union-attr]
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if not self.alive():
+            return
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class Server(Process):
+    def __init__(
+        self,
+        base: str,
+        port: int | None = None,
+        extra: list[str] | None = None,
+        name: str = "server",
+    ):
+        self.state_dir = os.path.join(base, name)
+        os.makedirs(self.state_dir, exist_ok=True)
+        self.port = port or free_port()
+        self.extra = extra or []
+        super().__init__(name, [], os.path.join(base, f"{name}.log"))
+        self._set_args()
+
+    def _set_args(self) -> None:
+        self.args = [
+            "tcm-server",
+            "--state-dir",
+            self.state_dir,
+            "--port",
+            str(self.port),
+            *self.extra,
+        ]
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def ca(self) -> str:
+        return os.path.join(self.state_dir, "ca.pem")
+
+    def start(self) -> None:
+        super().start()
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        def ready() -> bool:
+            if not self.alive():
+                raise AssertionError(f"server exited:\n{self.log()[-3000:]}")
+            if not os.path.exists(os.path.join(self.state_dir, "server.json")):
+                return False
+            return self.cli_result("status").returncode == 0
+
+        wait_until(ready, timeout, 0.1, "server to answer")
+
+    def cli_result(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [PYTHON, "-m", "tcm.cli.admin", "--state-dir", self.state_dir, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def cli(self, *args: str, timeout: float = 120) -> str:
+        r = self.cli_result(*args, timeout=timeout)
+        if r.returncode not in (0, 1):
+            raise AssertionError(
+                f"tcm {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
+            )
+        return r.stdout
+
+    def cli_json(self, *args: str, timeout: float = 120) -> Any:
+        return json.loads(self.cli(*args, "--json", timeout=timeout))
+
+    def token(self, uses: int | None = None, ttl: float | None = None) -> str:
+        args = ["token", "create"]
+        if uses is not None:
+            args += ["--uses", str(uses)]
+        if ttl is not None:
+            args += ["--ttl", str(ttl)]
+        return self.cli(*args).strip()
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return json.loads(self.cli("jobs", "show", job_id, "--json"))
+
+    def agents(self) -> list[dict[str, Any]]:
+        return json.loads(self.cli("agents", "--json"))
+
+
+class AgentProc(Process):
+    SESSION_OPEN = "persistent session open"
+
+    def __init__(
+        self,
+        base: str,
+        name: str,
+        server: Server | None = None,
+        token: str | None = None,
+        extra: list[str] | None = None,
+    ):
+        self.state_dir = os.path.join(base, name)
+        os.makedirs(self.state_dir, exist_ok=True)
+        args = [
+            "tcm-agent",
+            "--state-dir",
+            self.state_dir,
+            "--backoff-max",
+            "2",
+            "--backoff-initial",
+            "0.2",
+            *(extra or []),
+        ]
+        if server is not None and token is not None:
+            args += ["--server", server.url, "--ca-cert", server.ca, "--token", token]
+        super().__init__(name, args, os.path.join(base, f"{name}.log"))
+
+    @property
+    def agent_id(self) -> str:
+        with open(os.path.join(self.state_dir, "agent.json")) as f:
+            return json.load(f)["agent_id"]
+
+    def start(self, wait: bool = True, sessions: int | None = None) -> None:
+        before = self.count(self.SESSION_OPEN)
+        super().start()
+        if wait:
+            self.wait_session(before + 1 if sessions is None else sessions)
+
+    def wait_session(self, n: int, timeout: float = 30.0) -> None:
+        def opened() -> bool:
+            if not self.alive():
+                raise AssertionError(f"agent {self.name} exited:\n{self.log()[-3000:]}")
+            return self.count(self.SESSION_OPEN) >= n
+
+        wait_until(opened, timeout, 0.05, f"agent {self.name} session #{n}")
+
+    def ledger(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        d = os.path.join(self.state_dir, "jobs")
+        if os.path.isdir(d):
+            for name in os.listdir(d):
+                if name.endswith(".json"):
+                    with open(os.path.join(d, name)) as f:
+                        entry = json.load(f)
+                    out[entry["job"]] = entry
+        return out
