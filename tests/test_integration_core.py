@@ -270,3 +270,68 @@ def _wait_done(server: Server, job_id: str, timeout: float = 30) -> dict:
         return job if job["counts"]["completed"] == job["counts"]["total"] else None
 
     return wait_until(done, timeout, 0.1, f"job {job_id} to finish")
+
+
+def test_example_plugin_installed_separately_runs_end_to_end(base, server, agents, tmp_path):
+    """The example plugin, pip-installed into its own directory (as a separate distribution
+    would be), is discovered by a real agent, declared in its hello and run by a job."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    src = tmp_path / "example-src"
+    shutil.copytree(os.path.join(ROOT, "examples", "tcm-example-plugin"), src)
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    assert (target / "tcm" / "plugins" / "example_disk_usage.py").exists()
+    agent = AgentProc(base, "plugin-agent", server, server.token(uses=1))
+    agent.env = {"PYTHONPATH": str(target)}
+    agent.start()
+    try:
+        out = server.cli_json(
+            "run",
+            "example.disk_usage",
+            "--arg",
+            f"path={base}",
+            "--targets",
+            agent.agent_id,
+            "--wait",
+        )
+        r = out["results"][0]
+        assert r["state"] == "succeeded", r
+        assert r["result"]["total"] > 0 and r["result"]["path"] == base
+        listed = {a["id"]: a for a in server.agents()}
+        assert "example.disk_usage" in listed[agent.agent_id]["capabilities"]
+        # an agent without the plugin fails such a job at once, with a reason
+        other = server.cli_json(
+            "run",
+            "example.disk_usage",
+            "--arg",
+            f"path={base}",
+            "--targets",
+            agents[0].agent_id,
+            "--wait",
+        )
+        assert other["results"][0]["state"] == "failed"
+        assert "no handler" in other["results"][0]["error"]
+    finally:
+        agent.stop()
