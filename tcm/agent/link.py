@@ -16,7 +16,9 @@ import attrs
 import treq
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
@@ -54,14 +56,65 @@ def split_url(url: str) -> tuple[str, int]:
     return parts.hostname, parts.port or 443
 
 
-def server_endpoint(reactor: Any, url: str, identity: Identity, proxy: Any = None):
-    """The TLS client endpoint for a server URL, through an HTTP proxy when one is given."""
+@attrs.define
+class Traffic:
+    """Bytes on the wire (TLS records included) of one connection."""
+
+    sent: int = 0
+    received: int = 0
+
+
+class _CountingProtocol(ProtocolWrapper):
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.traffic.received += len(data)
+        super().dataReceived(data)
+
+    def write(self, data: bytes) -> None:
+        self.factory.traffic.sent += len(data)
+        super().write(data)
+
+    def writeSequence(self, data) -> None:
+        data = list(data)
+        self.factory.traffic.sent += sum(len(d) for d in data)
+        super().writeSequence(data)
+
+
+class _CountingFactory(WrappingFactory):
+    protocol = _CountingProtocol
+
+    def __init__(self, wrapped: Any, traffic: Traffic):
+        super().__init__(wrapped)
+        self.traffic = traffic
+
+
+@implementer(IStreamClientEndpoint)
+class CountingEndpoint:
+    """Counts the bytes of each connection it makes; used under TLS, so it sees the wire."""
+
+    def __init__(self, inner: Any):
+        self._inner = inner
+        self.current = Traffic()
+
+    def connect(self, factory: Any):
+        self.current = traffic = Traffic()
+        d = self._inner.connect(_CountingFactory(factory, traffic))
+        return d.addCallback(lambda wrapper: wrapper.wrappedProtocol)
+
+
+def server_endpoint(
+    reactor: Any, url: str, identity: Identity, proxy: Any = None, count: bool = False
+):
+    """The TLS client endpoint for a server URL, through an HTTP proxy when one is given.
+
+    With count=True the TLS endpoint stands on a CountingEndpoint (returned second)."""
     host, port = split_url(url)
     if proxy is not None:
         inner = proxy.endpoint_to(reactor, host, port)
     else:
         inner = HostnameEndpoint(reactor, host, port, timeout=15)
-    return wrapClientTLS(identity.tls_options(host), inner)
+    counting = CountingEndpoint(inner) if count else None
+    endpoint = wrapClientTLS(identity.tls_options(host), counting or inner)
+    return (endpoint, counting) if count else endpoint
 
 
 @implementer(IAgentEndpointFactory)

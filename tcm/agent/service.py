@@ -19,17 +19,29 @@ import attrs
 import treq
 from twisted.application import service
 from twisted.application.internet import ClientService, TimerService
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    inlineCallbacks,
+    maybeDeferred,
+)
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 from twisted.web.client import Agent
+from zope.interface import implementer
 
 from tcm import pki
 from tcm.agent.backoff import backoff_policy
+from tcm.agent.control import control_service
 from tcm.agent.ledger import FINISHED, Ledger
 from tcm.agent.link import HttpsClient, Identity, ServerLink, _EndpointFactory, server_endpoint
+from tcm.agent.modes import ConnectionMode
+from tcm.agent.poller import Poller
 from tcm.agent.runner import ActionRunner, load_handlers
 from tcm.agent.session import AgentClientFactory, SessionRefused
+from tcm.protocol import codes
 
 
 class EnrollmentError(Exception):
@@ -49,6 +61,9 @@ class AgentConfig:
     max_message_size: int = 1024 * 1024
     spool_fsync: bool = True
     flush_interval: float = 30.0
+    proxy: str | None = None  # http://[user:pass@]host:port, for WSS and HTTPS alike
+    long_poll: bool = True  # use long-polls in HTTP mode where the server allows them
+    control_socket: bool = True
 
 
 class AgentState:
@@ -139,10 +154,15 @@ class AgentCore:
         self.link: ServerLink | None = None
         self.runner: ActionRunner | None = None
         self.protocol: Any = None  # the live WebSocket protocol, if any
-        self.mode = "disconnected"
+        self.mode = ConnectionMode(self.clock, self._mode_changed)
+        self.poller = Poller(self, long_poll=config.long_poll)
+        self.proxy: Any = None
+        self.session_service: ClientService | None = None
+        self.counting: Any = None
         self.connected_since: float | None = None
         self.reconnects = 0
         self.last_refusal: str | None = None
+        self.user_disconnected = False
 
     def capabilities(self) -> list[dict[str, Any]]:
         return [
@@ -164,7 +184,11 @@ class AgentCore:
         self.agent_id = meta["agent_id"]
         self.server = cfg.server or meta["server"]
         identity = self.state.identity()
-        https = HttpsClient(self.reactor, self.server, identity)
+        if cfg.proxy:
+            from tcm.agent.proxy import HTTPProxy
+
+            self.proxy = HTTPProxy.parse(cfg.proxy)
+        https = HttpsClient(self.reactor, self.server, identity, self.proxy)
         self.link = ServerLink(https)
         self.runner = ActionRunner(
             self.handlers, self.ledger, self.link, self.reactor, FilePath(self.state.dir)
@@ -180,18 +204,36 @@ class AgentCore:
     def make_session_service(self, identity: Identity) -> ClientService:
         cfg = self.config
         assert self.server is not None
-        endpoint = server_endpoint(self.reactor, self.server, identity)
+        endpoint, self.counting = server_endpoint(
+            self.reactor, self.server, identity, self.proxy, count=True
+        )
         url = "wss://" + self.server.split("://", 1)[1].rstrip("/") + "/agent/v1/ws"
         factory = AgentClientFactory(
             self, url, cfg.keepalive, cfg.keepalive_timeout, cfg.max_message_size
         )
-        return ClientService(
-            endpoint,
+        self.session_service = ClientService(
+            _AttemptWatcher(endpoint, self._attempt_failed),
             factory,
             retryPolicy=backoff_policy(cfg.backoff_initial, 2.0, cfg.backoff_max),
             clock=self.reactor,
             prepareConnection=self._session_ready,
         )
+        return self.session_service
+
+    # -- mode changes -----------------------------------------------------------------
+    def _mode_changed(self, old: str, new: str, reason: str) -> None:
+        self._log.info("connection mode {old} -> {new}: {reason}", old=old, new=new, reason=reason)
+
+    def _fall_back(self, reason: str) -> None:
+        """No session: work over HTTPS until the session is back."""
+        self.poller.start(reason)
+
+    def _attempt_failed(self, reason: str) -> None:
+        """A connection attempt failed before the WebSocket opened (TCP, TLS, proxy)."""
+        self.reconnects += 1
+        self.last_refusal = reason
+        self._log.warn("persistent connection attempt failed: {why}", why=reason)
+        self._fall_back(f"persistent connection failed: {reason}")
 
     def _session_ready(self, protocol: Any) -> Deferred:
         """ClientService waits on this: a session counts only once the server welcomed it."""
@@ -199,7 +241,6 @@ class AgentCore:
 
         def welcomed(conn):
             self.protocol = protocol
-            self.mode = "persistent"
             self.connected_since = self.clock.seconds()
             self.last_refusal = None
             assert self.link is not None and self.runner is not None
@@ -207,6 +248,8 @@ class AgentCore:
             self._log.info(
                 "persistent session open (session {sid})", sid=conn.welcome.get("session")
             )
+            self.poller.stop()
+            self.mode.event("session_open", "persistent session open")
             self.runner.flush()
             return conn
 
@@ -218,30 +261,121 @@ class AgentCore:
             if hasattr(protocol, "_lostNotification"):
                 protocol._lostNotification = lambda reason: None
             self.reconnects += 1
-            self.last_refusal = str(f.value)
-            self._log.warn("{why}", why=f.value)
+            why = describe_close(f.value.code, f.value.reason)
+            self.last_refusal = why
+            self._log.warn("persistent session refused: {why}", why=why)
+            self._fall_back(f"persistent session refused: {why}")
             return f
 
         return d.addCallbacks(welcomed, refused)
 
     def session_lost(self, protocol: Any, code: int | None, reason: str | None) -> None:
-        if protocol is self.protocol:
-            self.protocol = None
-            self.mode = "disconnected"
-            self.connected_since = None
-            assert self.link is not None
-            self.link.session = None
-            self.reconnects += 1
-            self._log.info(
-                "persistent session closed: {code} {reason}", code=code, reason=reason or ""
-            )
+        if protocol is not self.protocol:
+            return
+        self.protocol = None
+        self.connected_since = None
+        assert self.link is not None
+        self.link.session = None
+        why = describe_close(code, reason)
+        self._log.info("persistent session closed: {why}", why=why)
+        self.mode.event("session_lost", why)
+        self._fall_back(f"persistent session closed: {why}")
 
     def notified(self, data: dict[str, Any]) -> None:
         self._log.info("server notifies {topic}", topic=data.get("topic"))
 
+    # -- local control (tcm-agent status / disconnect / reconnect) -----------------------
+    def user_disconnect(self) -> dict[str, Any]:
+        if not self.user_disconnected:
+            self.user_disconnected = True
+            self._log.info("persistent connection terminated on the agent (tcm-agent disconnect)")
+            if self.protocol is not None:
+                self.protocol.sendClose(
+                    codes.CLOSE_BY_AGENT_USER, codes.CLOSE_REASONS[codes.CLOSE_BY_AGENT_USER]
+                )
+            if self.session_service is not None and self.session_service.running:
+                self.session_service.stopService()
+            self.mode.event("user_disconnect", "terminated by tcm-agent disconnect")
+            self._fall_back("persistent connection terminated on the agent")
+        return {"mode": self.mode.state, "persistent_disabled": True}
+
+    def user_reconnect(self) -> dict[str, Any]:
+        if self.user_disconnected:
+            self.user_disconnected = False
+            self._log.info("persistent connection allowed again (tcm-agent reconnect)")
+            if self.session_service is not None and not self.session_service.running:
+                self.session_service.startService()
+        return {"mode": self.mode.state, "persistent_disabled": False}
+
+    def status(self) -> dict[str, Any]:
+        """The Network Status: where the agent connects, how, and what is waiting."""
+        proto = self.protocol
+        traffic = self.counting.current if self.counting is not None else None
+        conn = proto.connection if proto is not None else None
+        poller = self.poller
+        return {
+            "agent_id": self.agent_id,
+            "server": self.server,
+            "proxy": str(self.proxy) if self.proxy is not None else None,
+            "mode": self.mode.state,
+            "mode_since": self.mode.since,
+            "persistent": {
+                "connected": proto is not None,
+                "connected_since": self.connected_since,
+                "session": (conn.welcome or {}).get("session") if conn else None,
+                "tls": proto.tls_info() if proto is not None else None,
+                "bytes_sent": traffic.sent if traffic and proto is not None else 0,
+                "bytes_received": traffic.received if traffic and proto is not None else 0,
+                "disabled_by_user": self.user_disconnected,
+            },
+            "http": {
+                "polling": poller.running,
+                "long_poll": poller.long_poll if poller.use_long_poll else 0,
+                "poll_interval": poller.poll_interval,
+                "polls": poller.polls,
+                "last_poll": poller.last_poll,
+                "last_poll_ok": poller.last_poll_ok,
+                "last_error": poller.last_error,
+            },
+            "reconnect_attempts": self.reconnects,
+            "last_refusal": self.last_refusal,
+            "results_waiting": self.ledger.count(FINISHED),
+            "jobs_running": len(self.runner.running_jobs()) if self.runner else 0,
+            "mode_history": list(self.mode.history)[-5:],
+        }
+
+
+def describe_close(code: int | None, reason: str | None) -> str:
+    """A close code and reason as one line, with tcm's meaning of the code."""
+    meaning = codes.CLOSE_REASONS.get(code or 0)
+    text = f"{code}" if code is not None else "no close code"
+    if reason:
+        text += f" {reason}"
+    if meaning and (not reason or meaning not in reason):
+        text += f" ({meaning})"
+    return text
+
+
+@implementer(IStreamClientEndpoint)
+class _AttemptWatcher:
+    """Tells the agent when a connection attempt fails below the WebSocket (TCP, TLS,
+    proxy), so it can fall back at once while ClientService retries."""
+
+    def __init__(self, inner: Any, on_failure: Any):
+        self._inner = inner
+        self._on_failure = on_failure
+
+    def connect(self, factory: Any):
+        def failed(f):
+            if not f.check(CancelledError):
+                self._on_failure(pki.describe_tls_error(f.value))
+            return f
+
+        return self._inner.connect(factory).addErrback(failed)
+
 
 class AgentService(service.MultiService):
-    """Enrolls, then runs the session and the spool timer."""
+    """Enrolls, then runs the session, the control socket and the spool timer."""
 
     _log = Logger()
 
@@ -261,8 +395,9 @@ class AgentService(service.MultiService):
         core = self.core
         assert core.runner is not None
         core.runner.recover()
-        self.session_service = core.make_session_service(identity)
-        self.session_service.setServiceParent(self)
+        if core.config.control_socket:
+            control_service(core, core.state.dir).setServiceParent(self)
+        core.make_session_service(identity).setServiceParent(self)
         TimerService(core.config.flush_interval, core.runner.flush).setServiceParent(self)
 
     def _failed(self, f):
@@ -275,8 +410,7 @@ class AgentService(service.MultiService):
 
     def stopService(self):
         service.Service.stopService(self)
-        from twisted.internet.defer import DeferredList, maybeDeferred
-
+        self.core.poller.stop()
         return DeferredList(
             [maybeDeferred(c.stopService) for c in reversed(list(self)) if c.running]
         )

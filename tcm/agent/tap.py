@@ -18,12 +18,20 @@ class Options(usage.Options):
         ["server", "s", None, "Server URL, https://HOST:PORT (kept after enrollment)."],
         ["ca-cert", None, None, "CA certificate (PEM) of the server, for enrollment."],
         ["token", "t", None, "Enrollment token (needed once)."],
+        [
+            "proxy",
+            None,
+            None,
+            "HTTP proxy for WSS and HTTPS: http://[user:pass@]host:port "
+            "(CONNECT; TLS stays end to end).",
+        ],
         ["keepalive", None, 50.0, "Seconds between WebSocket pings.", float],
         ["keepalive-timeout", None, 20.0, "Seconds to wait for a pong.", float],
         ["backoff-max", None, 60.0, "Longest wait between reconnect attempts.", float],
         ["backoff-initial", None, 1.0, "First wait between reconnect attempts.", float],
     ]
     optFlags = [
+        ["no-long-poll", None, "In HTTP mode, poll at the interval only (no long-polls)."],
         [
             "no-fsync",
             None,
@@ -34,6 +42,13 @@ class Options(usage.Options):
     def postOptions(self):
         if not self["state-dir"]:
             raise usage.UsageError("--state-dir is required")
+        if self["proxy"]:
+            from tcm.agent.proxy import HTTPProxy
+
+            try:
+                HTTPProxy.parse(self["proxy"])
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from None
 
 
 def makeService(options: Options):
@@ -48,5 +63,7 @@ def makeService(options: Options):
             backoff_initial=options["backoff-initial"],
             backoff_max=options["backoff-max"],
             spool_fsync=not options["no-fsync"],
+            proxy=options["proxy"],
+            long_poll=not options["no-long-poll"],
         )
     )

@@ -324,6 +324,29 @@ def cmd_jobs_follow(api: Api, args) -> int:
         time.sleep(0.2)
 
 
+def cmd_settings_get(api: Api, args) -> int:
+    settings = api.call("GET", "/settings")
+    if args.key:
+        if args.key not in settings:
+            raise CliError(f"no setting {args.key!r}; there are {sorted(settings)}")
+        print(json.dumps(settings[args.key]))
+    elif args.json:
+        _dump(settings)
+    else:
+        for k in sorted(settings):
+            print(f"{k} = {json.dumps(settings[k])}")
+    return 0
+
+
+def cmd_settings_set(api: Api, args) -> int:
+    value = _arg_value(args.value)
+    if isinstance(value, str) and value.lower() in ("on", "off", "yes", "no"):
+        value = value.lower() in ("on", "yes")
+    settings = api.call("PUT", "/settings", {args.key: value})
+    print(f"{args.key} = {json.dumps(settings[args.key])}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tcm", description="Administer a tcm server.")
     p.add_argument("--state-dir", help="server state directory (on the server machine)")
@@ -367,6 +390,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wait-timeout", type=float, help="stop waiting after this many seconds")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_run)
+
+    st = sub.add_parser("settings", help="server settings changeable at run time")
+    stsub = st.add_subparsers(dest="settings_command", required=True)
+    s = stsub.add_parser("get")
+    s.add_argument("key", nargs="?")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_settings_get)
+    s = stsub.add_parser("set", help="e.g. tcm settings set persistent_connections false")
+    s.add_argument("key")
+    s.add_argument("value", help="JSON value (true/false, numbers) or on/off")
+    s.set_defaults(func=cmd_settings_set)
 
     jobs = sub.add_parser("jobs", help="jobs")
     jsub = jobs.add_subparsers(dest="jobs_command", required=True)

@@ -1,7 +1,7 @@
-"""`tcm-agent`: look at and control the agent on this machine.
+"""`tcm-agent`: look at and control the agent on this machine (the Network Status).
 
-`info` reads the agent's state directory. The live status and control commands (status,
-disconnect, reconnect) talk to the running agent over its control socket.
+`status`, `disconnect` and `reconnect` talk to the running agent over the control socket in
+its state directory (only its own user can open it); `info` reads the state directory alone.
 """
 
 from __future__ import annotations
@@ -9,8 +9,84 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
+import time
 from typing import Any
+
+SOCKET_NAME = "control.sock"
+
+
+class ControlError(Exception):
+    pass
+
+
+def control(state_dir: str, command: str, timeout: float = 10.0) -> dict[str, Any]:
+    """Send one command to the running agent; its JSON answer."""
+    path = os.path.join(state_dir, SOCKET_NAME)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+    except FileNotFoundError:
+        raise ControlError(f"no agent running with state directory {state_dir}") from None
+    except PermissionError:
+        raise ControlError(f"not allowed to open {path} (run as the agent's user)") from None
+    except OSError as e:
+        raise ControlError(f"cannot reach the agent at {path}: {e.strerror}") from None
+    with s:
+        s.sendall(json.dumps({"command": command}).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    answer = json.loads(data)
+    if not answer.get("ok"):
+        raise ControlError(answer.get("error", "the agent refused the command"))
+    return answer
+
+
+def _ago(t: float | None) -> str:
+    if not t:
+        return "never"
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t))} ({time.time() - t:.0f} s ago)"
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024:.2f} KB" if n >= 1024 else f"{n} B"
+
+
+def print_status(st: dict[str, Any]) -> None:
+    p, h = st["persistent"], st["http"]
+    print("Network Status")
+    print(f"  Agent:              {st['agent_id']}")
+    print(f"  Server:             {st['server']}")
+    print(f"  Proxy:              {st['proxy'] or 'none'}")
+    mode = {"persistent": "Persistent", "http": "HTTP (polling)", "disconnected": "Disconnected"}[
+        st["mode"]
+    ]
+    print(f"  Server connection:  {mode}, since {_ago(st['mode_since'])}")
+    if p["connected"]:
+        tls = p["tls"] or {}
+        print(f"  Cryptographic protocol: {tls.get('version')}")
+        print(f"  Cipher suite:       {tls.get('cipher')}")
+        print(f"  Connected since:    {_ago(p['connected_since'])}")
+        print(f"  Sent:               {_size(p['bytes_sent'])}")
+        print(f"  Received:           {_size(p['bytes_received'])}")
+    if p["disabled_by_user"]:
+        print("  Persistent connection terminated here (tcm-agent reconnect to allow it)")
+    print(
+        f"  Last poll:          {_ago(h['last_poll'])}"
+        + (f" (error: {h['last_error']})" if h["last_error"] else "")
+    )
+    print(
+        f"  Reconnect attempts: {st['reconnect_attempts']}"
+        + (f" (last: {st['last_refusal']})" if st["last_refusal"] else "")
+    )
+    print(f"  Results waiting:    {st['results_waiting']}")
+    print(f"  Jobs running:       {st['jobs_running']}")
 
 
 def agent_info(state_dir: str) -> dict[str, Any]:
@@ -51,7 +127,25 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("info", help="identity, server and spool from the state directory")
     s.add_argument("--json", action="store_true")
+    s = sub.add_parser("status", help="the running agent's Network Status")
+    s.add_argument("--json", action="store_true")
+    sub.add_parser("disconnect", help="terminate the persistent connection (stay on HTTPS)")
+    sub.add_parser("reconnect", help="allow the persistent connection again")
     args = p.parse_args(argv)
+    if args.command in ("status", "disconnect", "reconnect"):
+        try:
+            answer = control(args.state_dir, args.command)
+        except ControlError as e:
+            print(f"tcm-agent: {e}", file=sys.stderr)
+            return 2
+        if args.command == "status":
+            if args.json:
+                print(json.dumps(answer["status"], indent=2))
+            else:
+                print_status(answer["status"])
+        else:
+            print(f"mode: {answer['mode']}")
+        return 0
     if args.command == "info":
         info = agent_info(args.state_dir)
         if args.json:

@@ -35,6 +35,8 @@ class AdminAPI(JsonRouter):
         self.route("GET", "/jobs", self.jobs)
         self.route("GET", "/jobs/{job}", self.job)
         self.route("GET", "/jobs/{job}/output", self.job_output)
+        self.route("GET", "/settings", self.settings)
+        self.route("PUT", "/settings", self.change_settings)
 
     def authorize(self, request, handler) -> None:
         raw = request.getHeader(b"authorization") or b""
@@ -61,9 +63,12 @@ class AdminAPI(JsonRouter):
             "hostname": row["hostname"],
             "platform": row["platform"],
             "online": session is not None,
+            "mode": "persistent" if session else self.core.http_mode_of(row["id"]),
             "via": session.via if session else None,
             "connected_since": session.connected_at if session else None,
-            "last_seen": self.core.clock.seconds() if session else row["last_seen"],
+            "last_seen": self.core.clock.seconds()
+            if session
+            else max(row["last_seen"] or 0, self.core.last_poll.get(row["id"], 0)) or None,
             "enrolled_at": row["enrolled_at"],
             "revoked": bool(row["revoked"]),
             "capabilities": [c["name"] for c in row["capabilities"] or []],
@@ -85,9 +90,11 @@ class AdminAPI(JsonRouter):
     def create_token(self, request):
         body = json_object(request)
         ttl, uses = body.get("ttl"), body.get("uses")
-        if ttl is not None and (not isinstance(ttl, (int, float)) or ttl <= 0):
+        if ttl is not None and (
+            isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0
+        ):
             raise ApiError(400, "'ttl' must be a positive number of seconds")
-        if uses is not None and (not isinstance(uses, int) or uses < 1):
+        if uses is not None and (isinstance(uses, bool) or not isinstance(uses, int) or uses < 1):
             raise ApiError(400, "'uses' must be a positive integer")
         token = yield self.core.store.create_token(ttl, uses, str(body.get("description", "")))
         return Reply({"token": token, "ttl": ttl, "uses": uses}, status=201)
@@ -126,6 +133,15 @@ class AdminAPI(JsonRouter):
 
     def job(self, request, job: str):
         return self.core.jobs.status(job)
+
+    def settings(self, request):
+        return dict(self.core.settings)
+
+    def change_settings(self, request):
+        body = json_object(request)
+        if not body:
+            raise ApiError(400, "give at least one setting to change")
+        return self.core.change_settings(body)
 
     @inlineCallbacks
     def job_output(self, request, job: str):

@@ -33,6 +33,8 @@ class AgentAPI(JsonRouter):
         self.route("POST", "/jobs/{job}/output", self.output)
         self.route("POST", "/jobs/{job}/result", self.result)
         self.route("GET", "/work", self.work)
+        self.route("GET", "/settings", self.settings)
+        self.route("GET", "/settings", self.settings)
         self.route("GET", "/whoami", self.whoami)
 
     def authorize(self, request, handler) -> None:
@@ -49,18 +51,18 @@ class AgentAPI(JsonRouter):
             raise ApiError(400, "enroll needs 'token' and 'csr' (PEM) strings")
         hostname = str(body.get("hostname", ""))[:255]
         now = self.core.clock.seconds()
-        try:
-            yield self.core.store.consume_token(token, now)
-        except TokenRefused as e:
-            self._log.warn("enrollment refused for {host}: {why}", host=hostname, why=str(e))
-            raise ApiError(403, str(e)) from None
         agent_id = "a-" + os.urandom(10).hex()
-        try:
+        try:  # the CSR is checked first: a refused request does not use up the token
             cert_pem = self.core.ca.sign_csr(
                 csr.encode(), common_name=agent_id, days=self.core.config.cert_days
             )
         except ValueError as e:
             raise ApiError(400, f"bad certificate request: {e}") from None
+        try:
+            yield self.core.store.consume_token(token, now)
+        except TokenRefused as e:
+            self._log.warn("enrollment refused for {host}: {why}", host=hostname, why=str(e))
+            raise ApiError(403, str(e)) from None
         fingerprint = pki.fingerprint(pki.load_certificate(cert_pem))
         yield self.core.store.add_agent(agent_id, hostname, fingerprint, now)
         self.core.directory.add(agent_id, hostname)
@@ -114,11 +116,41 @@ class AgentAPI(JsonRouter):
         )
         return {"stored": stored}
 
-    def work(self, request):
-        jobs = self.core.jobs.work_for(request.agent_id)
+    def settings(self, request):
+        """What an agent needs to know to reach this server well."""
+        s = self.core.settings
         return {
-            "requests": [j.request().to_dict() for j in jobs],
-            "poll_interval": self.core.config.poll_interval,
+            "persistent_connections": s["persistent_connections"],
+            "poll_interval": s["poll_interval"],
+            "long_poll": s["long_poll"],
+            "keepalive": self.core.config.keepalive,
+        }
+
+    def work(self, request):
+        """Jobs for an agent in HTTP mode; with `?wait=S`, a long-poll held up to S seconds
+        (at most the server's `long_poll` setting) and answered as soon as work is pushed."""
+        core = self.core
+        agent_id = request.agent_id
+        try:
+            wait = float(request.args.get(b"wait", [b"0"])[0])
+        except ValueError:
+            raise ApiError(400, "'wait' must be a number of seconds") from None
+        wait = max(0.0, min(wait, float(core.settings["long_poll"])))
+        core.agent_polled(agent_id)
+        jobs = core.jobs.work_for(agent_id)
+        if jobs or wait <= 0:
+            return self._work_answer([j.request().to_dict() for j in jobs])
+        waiter = core.polls.wait(agent_id, wait)
+        request.notifyFinish().addErrback(lambda _: core.polls.cancel(waiter))
+        return waiter.deferred.addCallback(self._work_answer)
+
+    def _work_answer(self, requests: list) -> dict[str, Any]:
+        s = self.core.settings
+        return {
+            "requests": requests,
+            "poll_interval": s["poll_interval"],
+            "long_poll": s["long_poll"],
+            "persistent_connections": s["persistent_connections"],
         }
 
 

@@ -1,9 +1,9 @@
 """The one dispatcher every push goes through.
 
-It knows where each agent's session lives. Sessions are grouped by their *route*: a direct
-WebSocket connection is one route per session; a gateway link or another server node is one
-route for many agents, so a push to many agents behind it crosses that link once and fans out
-at the other end. Callers never care which.
+It knows where each agent's session lives, and which agents in HTTP mode hold a long-poll.
+Sessions are grouped by their *route*: direct WebSocket connections share one route; a gateway
+link or another server node is one route for many agents, so a push to many agents behind it
+crosses that link once and fans out at the other end. Callers never care which.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ class Dispatcher:
 
     _log = Logger()
 
-    def __init__(self, registry: SessionRegistry):
+    def __init__(self, registry: SessionRegistry, polls: Any = None):
         self.registry = registry
+        self.polls = polls
         self.pushed = 0
 
     def push(self, frame: bytes, agent_ids: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -45,11 +46,14 @@ class Dispatcher:
 
         Returns (sent, offline) agent ids.
         """
-        by_route: dict[Any, list[AgentSession]] = {}
+        by_route: dict[Any, list[Any]] = {}
         sent: list[str] = []
         offline: list[str] = []
+        polls = self.polls
         for agent_id in agent_ids:
-            session = self.registry.get(agent_id)
+            session: Any = self.registry.get(agent_id)
+            if session is None and polls is not None:
+                session = polls.get(agent_id)  # an agent in HTTP mode, waiting on a long-poll
             if session is None:
                 offline.append(agent_id)
                 continue

@@ -12,7 +12,7 @@ import json
 from io import BytesIO
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 
@@ -71,9 +71,32 @@ class EnvelopeChannel:
         self._done.callback((self.code, self.headers, b"".join(self._body)))
 
 
+WEBSOCKET_PATH = "/agent/v1/ws"
+
+
+def _refuse(data: dict[str, Any]) -> str | None:
+    """Why a request envelope cannot be rendered as an HTTP request, or None."""
+    if data["path"].split("?", 1)[0].rstrip("/") == WEBSOCKET_PATH:
+        return "the WebSocket endpoint cannot be requested over a session"
+    for name, value in (data.get("headers") or {}).items():
+        try:
+            name.encode("latin-1")
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            return f"header {name!r}: HTTP header names and values must be Latin-1"
+    try:
+        data["path"].encode("ascii")
+    except UnicodeEncodeError:
+        return "the path must be ASCII (percent-encode the rest)"
+    return None
+
+
 def render_envelope(site: Site, transport: Any, env: Envelope) -> Deferred[Envelope]:
     """Render a `request` envelope on `site`; fires with the `response` envelope."""
     data = env.data
+    refusal = _refuse(data)
+    if refusal is not None:
+        return succeed(env.reply("response", {"status": 400, "body": {"error": refusal}}))
     body = data.get("body")
     raw = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
     done: Deferred = Deferred()

@@ -105,6 +105,10 @@ class JobService:
             timeout=timeout,
             created_by=created_by,
         )
+        try:
+            job.frame()  # encodable, or nothing is stored
+        except (TypeError, ValueError) as e:
+            raise ApiError(400, f"job cannot be encoded: {e}") from None
         yield self.store.create_job(
             dict(
                 id=job.id,

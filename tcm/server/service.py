@@ -26,6 +26,7 @@ from tcm.server.ca import CertificateAuthority, HandshakeLogger, server_tls_opti
 from tcm.server.dispatcher import DirectRoute, Dispatcher
 from tcm.server.envelope_http import render_envelope
 from tcm.server.jobservice import JobService
+from tcm.server.polls import PollRegistry
 from tcm.server.sessions import AgentSession, SessionRegistry
 from tcm.server.web import ApiError
 from tcm.server.websocket import AgentServerFactory
@@ -46,6 +47,8 @@ class ServerConfig:
     keepalive: float = 50.0  # agents ping this often; below common 60 s LB idle timeouts
     keepalive_timeout: float = 20.0
     poll_interval: float = 60.0
+    long_poll: float = 30.0  # most seconds the server holds a poll; 0: plain polling only
+    persistent_connections: bool = True
     handshake_timeout: float = 10.0
     max_message_size: int = 1024 * 1024
     max_in_flight: int = 64
@@ -54,6 +57,44 @@ class ServerConfig:
     @property
     def database_url(self) -> str:
         return self.database or f"sqlite:///{os.path.join(self.state_dir, 'tcm.sqlite')}"
+
+
+class RuntimeSettings(dict):
+    """Settings an admin changes while the server runs (`tcm settings set`), kept in the store.
+
+    Defaults come from the command line; a stored value wins over the default.
+    """
+
+    TYPES: dict[str, tuple[type, ...]] = {
+        "persistent_connections": (bool,),
+        "poll_interval": (int, float),
+        "long_poll": (int, float),
+    }
+
+    def __init__(self, config: ServerConfig):
+        super().__init__(
+            persistent_connections=config.persistent_connections,
+            poll_interval=config.poll_interval,
+            long_poll=config.long_poll,
+        )
+
+    def validate(self, changes: dict[str, Any], ignore_unknown: bool = False) -> dict[str, Any]:
+        clean: dict[str, Any] = {}
+        for key, value in changes.items():
+            types = self.TYPES.get(key)
+            if types is None:
+                if ignore_unknown:
+                    continue
+                raise ApiError(400, f"unknown setting {key!r}", known=sorted(self.TYPES))
+            if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+                raise ApiError(400, f"setting {key!r} must be {types[0].__name__}")
+            number: Any = value
+            if key == "poll_interval" and not 1 <= number <= 86400:
+                raise ApiError(400, "poll_interval must be 1..86400 seconds")
+            if key == "long_poll" and not 0 <= number <= 300:
+                raise ApiError(400, "long_poll must be 0..300 seconds (0: off)")
+            clean[key] = value
+        return clean
 
 
 class AgentDirectory:
@@ -98,7 +139,8 @@ class AgentHub:
             "session": session.id,
             "agent_id": session.agent_id,
             "keepalive": cfg.keepalive,
-            "poll_interval": cfg.poll_interval,
+            "poll_interval": self.core.settings["poll_interval"],
+            "long_poll": self.core.settings["long_poll"],
             "max_message_size": cfg.max_message_size,
             "max_in_flight": cfg.max_in_flight,
             "server_version": tcm.__version__,
@@ -156,11 +198,13 @@ class ServerCore:
         self.store = Store(config.database_url, reactor=reactor)
         self.directory = AgentDirectory()
         self.registry = SessionRegistry()
-        self.settings: dict[str, Any] = {"persistent_connections": True}
+        self.settings = RuntimeSettings(config)
         self.hub = AgentHub(self)
         self.site = self._make_site()
         self.direct_route = DirectRoute(self.ws_factory.prepareMessage)
-        self.dispatcher = Dispatcher(self.registry)
+        self.polls = PollRegistry(self.clock)
+        self.last_poll: dict[str, float] = {}
+        self.dispatcher = Dispatcher(self.registry, self.polls)
         self.jobs = JobService(
             self.store,
             self.dispatcher,
@@ -205,8 +249,39 @@ class ServerCore:
     def authenticate_agent(self, request) -> str:
         return self.authenticate_transport(request.channel.transport)
 
+    def agent_polled(self, agent_id: str) -> None:
+        """An agent in HTTP mode polled: remember when (for `tcm agents`)."""
+        self.last_poll[agent_id] = self.clock.seconds()
+
+    def http_mode_of(self, agent_id: str) -> str | None:
+        """ "http" for an agent without a session that polled lately; else None."""
+        last = self.last_poll.get(agent_id)
+        window = 2 * float(self.settings["poll_interval"]) + float(self.settings["long_poll"])
+        if last is not None and self.clock.seconds() - last <= window:
+            return "http"
+        return None
+
     def persistent_enabled(self) -> bool:
-        return bool(self.settings.get("persistent_connections", True))
+        return bool(self.settings["persistent_connections"])
+
+    @inlineCallbacks
+    def change_settings(self, changes: dict[str, Any]):
+        """Validate, store and apply setting changes at run time."""
+        clean = self.settings.validate(changes)
+        for key, value in clean.items():
+            yield self.store.set_setting(key, value)
+        before = self.persistent_enabled()
+        self.settings.update(clean)
+        if before and not self.persistent_enabled():
+            sessions = self.registry.all()
+            self._log.info(
+                "persistent connections switched off: closing {n} sessions", n=len(sessions)
+            )
+            for session in sessions:
+                session.close(codes.CLOSE_PERSISTENT_OFF)
+        elif not before and self.persistent_enabled():
+            self._log.info("persistent connections switched on")
+        return dict(self.settings)
 
     # -- lifecycle ---------------------------------------------------------------------
     def tls_options(self):
@@ -236,7 +311,8 @@ class ServerCore:
         self._write_server_json()
         self.store.open()
         self.directory.load((yield self.store.list_agents()))
-        self.settings.update((yield self.store.get_settings()))
+        stored = yield self.store.get_settings()
+        self.settings.update(self.settings.validate(stored, ignore_unknown=True))
         yield self.jobs.load()
         self.jobs.start()
 

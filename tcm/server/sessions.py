@@ -115,7 +115,24 @@ class AgentSession:
                 )
             )
             return
-        handler(env)
+        try:
+            handler(env)
+        except Exception:
+            self._log.failure(
+                "handling {type} {id} from agent {agent}",
+                type=env.type,
+                id=env.id,
+                agent=self.agent_id,
+            )
+            self.send(
+                env.reply(
+                    "error",
+                    {
+                        "code": codes.ERR_INTERNAL,
+                        "message": "the server failed to handle this message",
+                    },
+                )
+            )
 
     def _on_hello(self, env: Envelope) -> None:
         if self.state is not SessionState.AWAITING_HELLO:

@@ -14,6 +14,14 @@ class Options(usage.Options):
         "TLS port. On first start it creates a CA, a server certificate and an admin API "
         "token (admin.token) in the state directory."
     )
+    optFlags = [
+        [
+            "no-persistent",
+            None,
+            "Start with persistent connections switched off (agents use "
+            "HTTPS polling); `tcm settings set` changes it at run time.",
+        ],
+    ]
     optParameters = [
         ["state-dir", "d", None, "Directory for the CA, certificates, token and database."],
         ["port", "p", 8443, "TCP port for HTTPS and WSS.", int],
@@ -34,6 +42,13 @@ class Options(usage.Options):
         ["key", None, None, "Private key of --cert (PEM)."],
         ["keepalive", None, 50.0, "Seconds between the agents' WebSocket pings.", float],
         ["poll-interval", None, 60.0, "Seconds between polls of agents in HTTP mode.", float],
+        [
+            "long-poll",
+            None,
+            30.0,
+            "Most seconds a poll is held open waiting for work (0: plain polling).",
+            float,
+        ],
         ["handshake-timeout", None, 10.0, "Seconds an agent has to send hello.", float],
         ["max-message-size", None, 1024 * 1024, "Largest accepted message, bytes.", int],
         ["max-in-flight", None, 64, "Most requests one session may have unanswered.", int],
@@ -65,6 +80,8 @@ def config_from(options: Options) -> ServerConfig:
         key=options["key"],
         keepalive=options["keepalive"],
         poll_interval=options["poll-interval"],
+        long_poll=options["long-poll"],
+        persistent_connections=not options["no-persistent"],
         handshake_timeout=options["handshake-timeout"],
         max_message_size=options["max-message-size"],
         max_in_flight=options["max-in-flight"],

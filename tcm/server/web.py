@@ -42,6 +42,10 @@ class Reply:
 Handler = Callable[..., Any]
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def json_body(request, required: bool = True) -> Any:
     """The request's JSON body; ApiError(400) when it is not JSON."""
     raw = request.content.read(MAX_BODY + 1) if request.content is not None else b""
@@ -52,8 +56,8 @@ def json_body(request, required: bool = True) -> Any:
             raise ApiError(400, "request body must be a JSON object")
         return {}
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ApiError(400, f"request body is not valid JSON: {e}") from None
 
 
