@@ -240,7 +240,8 @@ class AgentCore:
         d = protocol.connection.welcomed
 
         def welcomed(conn):
-            self.protocol = protocol
+            # ClientService hands us a proxy of the protocol; keep the protocol itself.
+            self.protocol = conn.protocol
             self.connected_since = self.clock.seconds()
             self.last_refusal = None
             assert self.link is not None and self.runner is not None

@@ -50,6 +50,7 @@ class AgentConnection:
         self._send = send
         self._close = close
         self.clock = clock
+        self.protocol: Any = None  # the WebSocket protocol carrying this connection
         self.welcome: dict[str, Any] | None = None
         self.welcomed: Deferred[AgentConnection] = Deferred()
         self._pending: dict[str, tuple[Deferred[Response], Any]] = {}
@@ -174,6 +175,7 @@ class AgentClientProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type:
     def connectionMade(self):
         agent = self.factory.agent
         self.connection = AgentConnection(agent, self._send_frame, self._close, agent.clock)
+        self.connection.protocol = self
         super().connectionMade()
 
     def onConnect(self, response):

@@ -66,6 +66,7 @@ class AdminAPI(JsonRouter):
             "mode": "persistent" if session else self.core.http_mode_of(row["id"]),
             "via": session.via if session else None,
             "connected_since": session.connected_at if session else None,
+            "tls": session.tls if session else None,
             "last_seen": self.core.clock.seconds()
             if session
             else max(row["last_seen"] or 0, self.core.last_poll.get(row["id"], 0)) or None,

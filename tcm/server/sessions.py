@@ -71,6 +71,7 @@ class AgentSession:
         self.hostname = ""
         self.in_flight = 0
         self.info: dict[str, Any] = {}
+        self.tls: dict[str, Any] | None = None
         self._handlers: dict[str, Callable[[Envelope], None]] = {
             "hello": self._on_hello,
             "request": self._on_request,

@@ -13,6 +13,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny
 from twisted.logger import Logger
 
+from tcm import pki
 from tcm.protocol import codes
 from tcm.server.sessions import AgentSession
 from tcm.server.web import ApiError
@@ -53,6 +54,7 @@ class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type:
             route=core.direct_route,
             max_message_size=core.config.max_message_size,
         )
+        self.session.tls = pki.negotiated_tls(self.transport)
         return codes.SUBPROTOCOL
 
     def onOpen(self):

@@ -1,0 +1,76 @@
+"""One agent API, two transports: the same resource answers a request whether it came over
+HTTPS or as a `request` envelope on the session, and the caller cannot tell the difference
+but for the transport it asked about."""
+
+from __future__ import annotations
+
+import pytest_twisted
+from twisted.web.server import Request
+
+from tests.inproc import inproc_server  # noqa: F401  (fixture)
+
+
+def _spy(router, name: str, calls: list):
+    """Record each call of the route handler `name` (the real one is still called)."""
+    for i, (method, regex, handler) in enumerate(router._routes):
+        if getattr(handler, "__name__", "") == name:
+
+            def recording(request, _h=handler, **params):
+                calls.append((type(request), request.agent_id, _h))
+                return _h(request, **params)
+
+            router._routes[i] = (method, regex, recording)
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_handler_answers_both_transports(inproc_server):  # noqa: F811
+    server = inproc_server
+    api = server.service.core.agent_api
+    calls: list = []
+    _spy(api, "whoami", calls)
+    _spy(api, "settings", calls)
+    client, _welcome, identity = await server.session()
+
+    over_https = await server.agent_https("GET", "/agent/v1/whoami", identity=identity)
+    over_ws = await client.request("GET", "/agent/v1/whoami")
+    assert over_https.status == over_ws["data"]["status"] == 200
+    assert over_https.body == {"agent_id": identity.agent_id, "transport": "https"}
+    assert over_ws["data"]["body"] == {"agent_id": identity.agent_id, "transport": "websocket"}
+
+    s_https = await server.agent_https("GET", "/agent/v1/settings", identity=identity)
+    s_ws = await client.request("GET", "/agent/v1/settings")
+    assert s_https.body == s_ws["data"]["body"]  # identical answers, byte for byte as JSON
+
+    # every call went through the same handler objects, as real twisted.web Requests,
+    # with the agent identified from the same client certificate
+    assert len(calls) == 4
+    assert calls[0][2] is calls[1][2] and calls[0][2].__name__ == "whoami"
+    assert calls[2][2] is calls[3][2] and calls[2][2].__name__ == "settings"
+    assert all(issubclass(c[0], Request) for c in calls)
+    assert {c[1] for c in calls} == {identity.agent_id}
+    await client.shut()
+
+
+@pytest_twisted.ensureDeferred
+async def test_job_result_over_either_transport_is_stored_once(inproc_server):  # noqa: F811
+    server = inproc_server
+    client, _welcome, identity = await server.session()
+    reply = await server.admin(
+        "POST", "/api/v1/jobs", {"action": "ping", "targets": [identity.agent_id]}
+    )
+    job = reply.body["job"]
+    pushed = await client.wait_message(lambda m: m.get("type") == "action.request")
+    assert pushed["data"]["job"] == job
+    accept = await client.request("POST", f"/agent/v1/jobs/{job}/accept", {})
+    assert accept["data"]["body"] == {"decision": "run"}
+    outcome = {"state": "succeeded", "result": {"pong": True}}
+    first = await server.agent_https(
+        "POST", f"/agent/v1/jobs/{job}/result", outcome, identity=identity
+    )
+    again = await client.request("POST", f"/agent/v1/jobs/{job}/result", outcome)
+    assert first.body == {"stored": True}
+    assert again["data"]["body"] == {"stored": False}  # a redelivery is acknowledged, not stored
+    status = await server.admin("GET", f"/api/v1/jobs/{job}")
+    assert status.body["counts"]["succeeded"] == 1
+    assert status.body["results"][0]["result"] == {"pong": True}
+    await client.shut()
