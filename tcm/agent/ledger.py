@@ -52,6 +52,12 @@ class Ledger:
             try:
                 with open(path) as f:
                     entry = json.load(f)
+                if not (
+                    isinstance(entry, dict)
+                    and isinstance(entry.get("job"), str)
+                    and isinstance(entry.get("state"), str)
+                ):
+                    raise ValueError("not a ledger entry")
             except (OSError, ValueError) as e:
                 self._log.warn("unreadable ledger entry {path}: {e}; moved aside", path=path, e=e)
                 os.replace(path, path + ".bad")

@@ -86,7 +86,8 @@ def validate(envelope: Envelope) -> None:
 
 
 def _check(obj: dict[str, Any]) -> str:
-    msg_id = obj.get("id") if isinstance(obj.get("id"), str) else None
+    raw_id = obj.get("id")
+    msg_id = raw_id if isinstance(raw_id, str) and 0 < len(raw_id) <= 128 else None
     try:
         _validate_envelope(obj)
     except fastjsonschema.JsonSchemaValueException as e:
@@ -106,6 +107,13 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
 def decode(payload: bytes | str, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> Envelope:
     """Parse and validate one frame's payload into an Envelope.
 
@@ -116,7 +124,9 @@ def decode(payload: bytes | str, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> En
             codes.ERR_TOO_LARGE, f"message of {len(payload)} bytes over the limit of {max_size}"
         )
     try:
-        obj = json.loads(payload, parse_constant=_reject_constant)
+        if isinstance(payload, bytes):
+            payload = payload.decode("utf-8")  # strictly: JSON text frames are UTF-8
+        obj = json.loads(payload, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ProtocolError(codes.ERR_MALFORMED, f"not valid JSON: {e}") from None
     if not isinstance(obj, dict):

@@ -34,7 +34,6 @@ class AgentAPI(JsonRouter):
         self.route("POST", "/jobs/{job}/result", self.result)
         self.route("GET", "/work", self.work)
         self.route("GET", "/settings", self.settings)
-        self.route("GET", "/settings", self.settings)
         self.route("GET", "/whoami", self.whoami)
 
     def authorize(self, request, handler) -> None:

@@ -21,6 +21,30 @@ from tcm.protocol.envelope import Envelope
 CARRIED_BY_HEADER = b"x-tcm-transport"
 
 
+class PeerView:
+    """What a resource may learn of the connection under a session (who and how), without
+    access to the connection itself: no resource can write to it or take it over."""
+
+    __slots__ = ("_transport",)
+    negotiatedProtocol = None
+    disconnecting = False
+
+    def __init__(self, transport: Any):
+        self._transport = transport
+
+    def getPeer(self):
+        return self._transport.getPeer()
+
+    def getHost(self):
+        return self._transport.getHost()
+
+    def getPeerCertificate(self):
+        return self._transport.getPeerCertificate()
+
+    def getHandle(self):
+        return self._transport.getHandle()
+
+
 class EnvelopeChannel:
     """The part of an HTTP channel a Request uses, collecting the response in memory."""
 
@@ -100,7 +124,7 @@ def render_envelope(site: Site, transport: Any, env: Envelope) -> Deferred[Envel
     body = data.get("body")
     raw = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
     done: Deferred = Deferred()
-    channel = EnvelopeChannel(site, transport, done)
+    channel = EnvelopeChannel(site, PeerView(transport), done)
     request = site.requestFactory(channel)
     request.clientproto = b"HTTP/1.0"  # no chunked encoding: the body is one envelope field
     request.content = BytesIO(raw)  # type: ignore[assignment]

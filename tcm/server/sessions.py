@@ -174,7 +174,19 @@ class AgentSession:
             if self.state is not SessionState.CLOSED:
                 self.send(response)
 
-        self.hub.handle_request(self, env).addCallback(answered)
+        def failed(f) -> Envelope:
+            self._log.failure(
+                "request {path} from agent {agent} failed",
+                f,
+                path=env.data.get("path"),
+                agent=self.agent_id,
+            )
+            return env.reply(
+                "error",
+                {"code": codes.ERR_INTERNAL, "message": "the server failed to answer this request"},
+            )
+
+        self.hub.handle_request(self, env).addErrback(failed).addCallback(answered)
 
     def _on_error(self, env: Envelope) -> None:
         self._log.info(

@@ -106,6 +106,7 @@ class JsonRouter(Resource):
             d.addCallbacks(lambda r: self._finish(request, r), lambda f: self._fail(request, f))
             return NOT_DONE_YET
         if allowed:
+            request.setHeader(b"allow", ", ".join(sorted(set(allowed))).encode())
             self._finish(request, ApiError(405, f"method {method} not allowed here; use {allowed}"))
         else:
             self._finish(request, ApiError(404, f"no such resource: {path}"))

@@ -66,6 +66,12 @@ class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type:
         if self.session is not None and self.session.state.value == "awaiting-hello":
             self.session.close(codes.CLOSE_HELLO_TIMEOUT)
 
+    def onPing(self, payload: bytes) -> None:
+        # Agents ping, the server answers; a ping is the proof of life the sweep looks for.
+        if self.session is not None:
+            self.session.last_rx = self.factory.core.clock.seconds()
+        super().onPing(payload)
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         session = self.session
         if session is None:
