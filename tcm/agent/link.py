@@ -102,16 +102,23 @@ class CountingEndpoint:
 
 
 def server_endpoint(
-    reactor: Any, url: str, identity: Identity, proxy: Any = None, count: bool = False
+    reactor: Any,
+    url: str,
+    identity: Identity,
+    proxy: Any = None,
+    count: bool = False,
+    bind: str | None = None,
 ):
-    """The TLS client endpoint for a server URL, through an HTTP proxy when one is given.
+    """The TLS client endpoint for a server URL, through an HTTP proxy when one is given,
+    from source address `bind` when one is given (the swarm spreads its agents over several).
 
     With count=True the TLS endpoint stands on a CountingEndpoint (returned second)."""
     host, port = split_url(url)
     if proxy is not None:
         inner = proxy.endpoint_to(reactor, host, port)
     else:
-        inner = HostnameEndpoint(reactor, host, port, timeout=15)
+        bind_address = (bind, 0) if bind else None
+        inner = HostnameEndpoint(reactor, host, port, timeout=15, bindAddress=bind_address)
     counting = CountingEndpoint(inner) if count else None
     endpoint = wrapClientTLS(identity.tls_options(host), counting or inner)
     return (endpoint, counting) if count else endpoint
@@ -119,14 +126,15 @@ def server_endpoint(
 
 @implementer(IAgentEndpointFactory)
 class _EndpointFactory:
-    def __init__(self, reactor: Any, identity: Identity, proxy: Any):
+    def __init__(self, reactor: Any, identity: Identity, proxy: Any, bind: str | None = None):
         self._reactor = reactor
         self._identity = identity
         self._proxy = proxy
+        self._bind = bind
 
     def endpointForURI(self, uri):
         url = f"https://{uri.host.decode()}:{uri.port}"
-        return server_endpoint(self._reactor, url, self._identity, self._proxy)
+        return server_endpoint(self._reactor, url, self._identity, self._proxy, bind=self._bind)
 
 
 class HttpsClient:
@@ -141,6 +149,7 @@ class HttpsClient:
         identity: Identity,
         proxy: Any = None,
         timeout: float = 30.0,
+        bind: str | None = None,
     ):
         self._reactor = reactor
         self.base_url = base_url.rstrip("/")
@@ -150,7 +159,7 @@ class HttpsClient:
         pool.cachedConnectionTimeout = 60
         self._pool = pool
         agent = Agent.usingEndpointFactory(
-            reactor, _EndpointFactory(reactor, identity, proxy), pool=pool
+            reactor, _EndpointFactory(reactor, identity, proxy, bind), pool=pool
         )
         self._http = treq.client.HTTPClient(agent)
         self.bytes_sent = 0

@@ -11,6 +11,7 @@ are sent on each successful poll. The session keeps trying to come back meanwhil
 from __future__ import annotations
 
 import json
+import random
 from typing import Any
 
 from twisted.logger import Logger
@@ -39,12 +40,13 @@ class Poller:
         self._inflight: Any = None
         self._failures = 0
 
-    def start(self, reason: str) -> None:
+    def start(self, reason: str, delay: float = 0.0) -> None:
+        """Start polling after `delay` seconds (a lost session often comes back first)."""
         if self.running:
             return
         self.running = True
         self._log.info("polling over HTTPS ({reason})", reason=reason)
-        self._schedule(0)
+        self._schedule(delay)
 
     def stop(self) -> None:
         if not self.running:
@@ -109,4 +111,5 @@ class Poller:
         self.core.mode.event("poll_failed", why)
         # soon after the first failure, then backing off to the poll interval
         delay = RETRY_AFTER_ERROR * 2 ** min(self._failures - 1, 10)
-        self._schedule(min(self.poll_interval, delay))
+        # jittered, so agents that lost their server together do not poll in step
+        self._schedule(min(self.poll_interval, delay) * (0.5 + 0.5 * random.random()))

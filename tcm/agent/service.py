@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 from typing import Any
 
@@ -64,6 +65,8 @@ class AgentConfig:
     proxy: str | None = None  # http://[user:pass@]host:port, for WSS and HTTPS alike
     long_poll: bool = True  # use long-polls in HTTP mode where the server allows them
     control_socket: bool = True
+    bind_address: str | None = None  # source address of connections (swarm)
+    fallback_delay: float = 2.0  # seconds (jittered) before the first poll after a session loss
 
 
 class AgentState:
@@ -98,7 +101,14 @@ class AgentState:
 
 
 @inlineCallbacks
-def enroll(reactor: Any, state: AgentState, server: str, ca_pem: bytes, token: str):
+def enroll(
+    reactor: Any,
+    state: AgentState,
+    server: str,
+    ca_pem: bytes,
+    token: str,
+    bind: str | None = None,
+):
     """Make a key, send a CSR with the token, keep the signed certificate."""
     log = Logger(namespace="tcm.agent.enroll")
     key_pem = state.read("key.pem")
@@ -108,7 +118,7 @@ def enroll(reactor: Any, state: AgentState, server: str, ca_pem: bytes, token: s
     csr = pki.make_csr(pki.load_key(key_pem))
     identity = Identity(ca_pem=ca_pem)
     http = treq.client.HTTPClient(
-        Agent.usingEndpointFactory(reactor, _EndpointFactory(reactor, identity, None))
+        Agent.usingEndpointFactory(reactor, _EndpointFactory(reactor, identity, None, bind))
     )
     url = server.rstrip("/") + "/agent/v1/enroll"
     body = {"token": token, "csr": csr.decode(), "hostname": socket.gethostname()}
@@ -179,7 +189,7 @@ class AgentCore:
                 raise EnrollmentError("not enrolled yet: give --server, --ca-cert and --token")
             with open(cfg.ca_cert, "rb") as f:
                 ca_pem = f.read()
-            yield enroll(self.reactor, self.state, cfg.server, ca_pem, cfg.token)
+            yield enroll(self.reactor, self.state, cfg.server, ca_pem, cfg.token, cfg.bind_address)
         meta = self.state.meta()
         self.agent_id = meta["agent_id"]
         self.server = cfg.server or meta["server"]
@@ -188,7 +198,7 @@ class AgentCore:
             from tcm.agent.proxy import HTTPProxy
 
             self.proxy = HTTPProxy.parse(cfg.proxy)
-        https = HttpsClient(self.reactor, self.server, identity, self.proxy)
+        https = HttpsClient(self.reactor, self.server, identity, self.proxy, bind=cfg.bind_address)
         self.link = ServerLink(https)
         self.runner = ActionRunner(
             self.handlers, self.ledger, self.link, self.reactor, FilePath(self.state.dir)
@@ -205,7 +215,7 @@ class AgentCore:
         cfg = self.config
         assert self.server is not None
         endpoint, self.counting = server_endpoint(
-            self.reactor, self.server, identity, self.proxy, count=True
+            self.reactor, self.server, identity, self.proxy, count=True, bind=cfg.bind_address
         )
         url = "wss://" + self.server.split("://", 1)[1].rstrip("/") + "/agent/v1/ws"
         factory = AgentClientFactory(
@@ -224,9 +234,12 @@ class AgentCore:
     def _mode_changed(self, old: str, new: str, reason: str) -> None:
         self._log.info("connection mode {old} -> {new}: {reason}", old=old, new=new, reason=reason)
 
-    def _fall_back(self, reason: str) -> None:
-        """No session: work over HTTPS until the session is back."""
-        self.poller.start(reason)
+    def _fall_back(self, reason: str, at_once: bool = False) -> None:
+        """No session: work over HTTPS until the session is back. The first poll waits a
+        jittered moment (the session often comes straight back, as after a server restart,
+        and a fleet should not poll in one wave); the owner's disconnect polls at once."""
+        delay = 0.0 if at_once else self.config.fallback_delay * (0.5 + 0.5 * random.random())
+        self.poller.start(reason, delay)
 
     def _attempt_failed(self, reason: str) -> None:
         """A connection attempt failed before the WebSocket opened (TCP, TLS, proxy)."""
@@ -297,7 +310,7 @@ class AgentCore:
             if self.session_service is not None and self.session_service.running:
                 self.session_service.stopService()
             self.mode.event("user_disconnect", "terminated by tcm-agent disconnect")
-            self._fall_back("persistent connection terminated on the agent")
+            self._fall_back("persistent connection terminated on the agent", at_once=True)
         return {"mode": self.mode.state, "persistent_disabled": True}
 
     def user_reconnect(self) -> dict[str, Any]:

@@ -131,7 +131,40 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--json", action="store_true")
     sub.add_parser("disconnect", help="terminate the persistent connection (stay on HTTPS)")
     sub.add_parser("reconnect", help="allow the persistent connection again")
+    s = sub.add_parser("swarm", help="run many real agents in this process (load tests)")
+    s.add_argument("--count", type=int, required=True, help="number of agents")
+    s.add_argument("--server", help="server URL (needed to enroll)")
+    s.add_argument("--ca-cert", help="server CA certificate (needed to enroll)")
+    s.add_argument("--token", help="enrollment token with at least --count uses")
+    s.add_argument("--source-addresses", help="e.g. 127.0.0.2-127.0.0.9 (loopback only)")
+    s.add_argument(
+        "--state-dir",
+        dest="swarm_state_dir",
+        default="./swarm-state",
+        help="one subdirectory per agent (kept: a second run reconnects)",
+    )
+    s.add_argument(
+        "--first",
+        type=int,
+        default=0,
+        help="number of the first agent (to run several swarm processes on one state directory)",
+    )
+    s.add_argument("--rate", type=float, default=500.0, help="agents started per second")
+    s.add_argument("--keepalive", type=float, default=50.0)
+    s.add_argument("--backoff-max", type=float, default=60.0)
+    s.add_argument("--duration", type=float, help="stop after this many seconds")
+    s.add_argument("--verbose", action="store_true", help="every agent's info log lines")
     args = p.parse_args(argv)
+    if args.command == "swarm":
+        from tcm.agent import swarm
+
+        args.state_dir = args.swarm_state_dir
+        try:
+            args.source_addresses and swarm.parse_sources(args.source_addresses)
+        except ValueError as e:
+            print(f"tcm-agent: {e}", file=sys.stderr)
+            return 2
+        return swarm.run(args)
     if args.command in ("status", "disconnect", "reconnect"):
         try:
             answer = control(args.state_dir, args.command)
