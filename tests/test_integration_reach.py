@@ -149,7 +149,13 @@ def test_same_job_reaches_an_agent_in_each_mode(server, agents):
     # persistent connections switched off on the server: HTTPS long-poll
     server.cli("settings", "set", "persistent_connections", "false")
     try:
-        st = wait_mode(agent, "http")
+        wait_mode(agent, "http")
+        st = wait_until(
+            lambda: (lambda s: s if s["http"]["last_poll_ok"] else None)(status(agent)),
+            10,
+            0.1,
+            "first poll answered",
+        )
         assert st["http"]["polling"] and st["http"]["long_poll"] == 5
         assert "4005" in st["mode_history"][-1]["reason"]
         t0 = time.monotonic()
@@ -191,7 +197,13 @@ def test_plain_polling_gets_work_at_the_next_poll(base, server):
     agent.start()
     try:
         assert agent_cli(agent, "disconnect").returncode == 0
-        st = wait_mode(agent, "http")
+        wait_mode(agent, "http")
+        st = wait_until(
+            lambda: (lambda s: s if s["http"]["last_poll_ok"] else None)(status(agent)),
+            10,
+            0.1,
+            "first poll answered",
+        )
         assert st["http"]["long_poll"] == 0
         j = counted_job(server, [agent])
         job = wait_done(server, j, timeout=15)
@@ -225,3 +237,83 @@ def test_switch_off_and_on_under_load_loses_nothing_runs_nothing_twice(server, a
         assert runs_of(a) - before[a.name] == len(jobs), a.name
         history = status(a)["mode_history"]
         assert [h["to"] for h in history][-2:] == ["http", "persistent"]
+
+
+@pytest.fixture
+def proxy_factory(tmp_path):
+    from tests.test_proxy import TINYPROXY, Tinyproxy
+
+    if TINYPROXY is None:
+        pytest.fail("tinyproxy is not installed: apt-get install tinyproxy (.ci/run does)")
+    started = []
+
+    def start(connect_ports, basic_auth=None):
+        directory = tmp_path / f"tinyproxy{len(started)}"
+        directory.mkdir()
+        proxy = Tinyproxy(str(directory), connect_ports, basic_auth)
+        proxy.start()
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for p in started:
+        p.stop()
+
+
+def test_agent_through_a_real_proxy_enrolls_connects_and_polls(base, server, proxy_factory):
+    proxy = proxy_factory([server.port], basic_auth=("agent", "s3cret"))
+    url = f"http://agent:s3cret@127.0.0.1:{proxy.port}"
+    agent = with_counter(
+        AgentProc(
+            base, "proxied", server, server.token(uses=1), extra=AGENT_ARGS + ["--proxy", url]
+        )
+    )
+    agent.start()
+    try:
+        st = wait_mode(agent, "persistent")
+        assert st["proxy"] == f"http://agent:***@127.0.0.1:{proxy.port}"
+        assert "s3cret" not in agent.log()
+        j = counted_job(server, [agent])
+        assert wait_done(server, j)["results"][0]["state"] == "succeeded"
+        # the same proxy carries the HTTPS fallback
+        assert agent_cli(agent, "disconnect").returncode == 0
+        wait_mode(agent, "http")
+        j = counted_job(server, [agent])
+        assert wait_done(server, j)["results"][0]["state"] == "succeeded"
+        assert runs_of(agent) == 2
+        assert proxy.log_text().count(f"CONNECT 127.0.0.1:{server.port}") >= 3  # enroll, WSS, HTTPS
+    finally:
+        agent.stop()
+
+
+def test_proxy_that_forbids_connect_is_named_as_the_reason(base, server, proxy_factory):
+    agent = AgentProc(base, "blocked", server, server.token(uses=1), extra=AGENT_ARGS)
+    agent.start()  # enrolled directly
+    agent.stop()
+    proxy = proxy_factory([443])  # CONNECT only to 443: not to the server's port
+    agent.args += ["--proxy", f"http://127.0.0.1:{proxy.port}"]
+    agent.start(wait=False)
+    try:
+        expected = f"refused CONNECT to 127.0.0.1:{server.port}: 403"
+
+        def reason_given():
+            r = agent_cli(agent, "status", "--json")
+            if r.returncode != 0:  # the control socket is not up yet
+                return None
+            st = json.loads(r.stdout)
+            return (
+                st
+                if (
+                    st["mode"] == "disconnected"
+                    and expected in (st["last_refusal"] or "")
+                    and expected in (st["http"]["last_error"] or "")
+                )
+                else None
+            )
+
+        st = wait_until(reason_given, 20, 0.2, "the proxy refusal in the status")
+        assert st["persistent"]["connected"] is False
+        assert expected in agent.log()  # and a clear log line, not a hang
+        assert agent.alive()
+    finally:
+        agent.stop()

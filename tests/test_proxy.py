@@ -545,7 +545,14 @@ def test_bad_values():
 # -- integration: a real tinyproxy, a real TLS server -----------------------------------------
 
 TINYPROXY = shutil.which("tinyproxy") or shutil.which("tinyproxy", path="/usr/bin:/usr/sbin")
-needs_tinyproxy = pytest.mark.skipif(TINYPROXY is None, reason="tinyproxy is not installed")
+# tinyproxy is part of the test environment (.ci/run installs it): missing, the tests fail.
+needs_tinyproxy = pytest.mark.usefixtures("tinyproxy_installed")
+
+
+@pytest.fixture
+def tinyproxy_installed():
+    if TINYPROXY is None:
+        pytest.fail("tinyproxy is not installed: apt-get install tinyproxy (.ci/run does)")
 
 
 class Tinyproxy:

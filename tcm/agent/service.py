@@ -108,6 +108,7 @@ def enroll(
     ca_pem: bytes,
     token: str,
     bind: str | None = None,
+    proxy: Any = None,
 ):
     """Make a key, send a CSR with the token, keep the signed certificate."""
     log = Logger(namespace="tcm.agent.enroll")
@@ -118,7 +119,7 @@ def enroll(
     csr = pki.make_csr(pki.load_key(key_pem))
     identity = Identity(ca_pem=ca_pem)
     http = treq.client.HTTPClient(
-        Agent.usingEndpointFactory(reactor, _EndpointFactory(reactor, identity, None, bind))
+        Agent.usingEndpointFactory(reactor, _EndpointFactory(reactor, identity, proxy, bind))
     )
     url = server.rstrip("/") + "/agent/v1/enroll"
     body = {"token": token, "csr": csr.decode(), "hostname": socket.gethostname()}
@@ -184,20 +185,28 @@ class AgentCore:
     def prepare(self):
         """Enroll if needed, then build the link and runner."""
         cfg = self.config
+        if cfg.proxy:
+            from tcm.agent.proxy import HTTPProxy
+
+            self.proxy = HTTPProxy.parse(cfg.proxy)
         if not self.state.enrolled():
             if not (cfg.server and cfg.token and cfg.ca_cert):
                 raise EnrollmentError("not enrolled yet: give --server, --ca-cert and --token")
             with open(cfg.ca_cert, "rb") as f:
                 ca_pem = f.read()
-            yield enroll(self.reactor, self.state, cfg.server, ca_pem, cfg.token, cfg.bind_address)
+            yield enroll(
+                self.reactor,
+                self.state,
+                cfg.server,
+                ca_pem,
+                cfg.token,
+                cfg.bind_address,
+                self.proxy,
+            )
         meta = self.state.meta()
         self.agent_id = meta["agent_id"]
         self.server = cfg.server or meta["server"]
         identity = self.state.identity()
-        if cfg.proxy:
-            from tcm.agent.proxy import HTTPProxy
-
-            self.proxy = HTTPProxy.parse(cfg.proxy)
         https = HttpsClient(self.reactor, self.server, identity, self.proxy, bind=cfg.bind_address)
         self.link = ServerLink(https)
         self.runner = ActionRunner(
