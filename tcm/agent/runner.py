@@ -62,6 +62,7 @@ class ActionRunner:
         self._running: dict[str, Deferred] = {}
         self._sending: set[str] = set()
         self._validators: dict[str, Any] = {}
+        self._received: dict[str, float] = {}  # job -> when its request arrived here
         self.completed = 0
 
     def running_jobs(self) -> list[str]:
@@ -77,6 +78,7 @@ class ActionRunner:
         if entry is not None:
             self._redelivered(job_id, entry)
             return
+        self._received[job_id] = time.time()
         now = self.reactor.seconds()
         if env.is_expired(now):
             self._log.info("job {job} arrived after it expired; not running it", job=job_id)
@@ -123,6 +125,7 @@ class ActionRunner:
 
     def _accept_failed(self, failure, job_id: str) -> None:
         self._running.pop(job_id, None)
+        self._received.pop(job_id, None)
         self._log.warn(
             "could not accept job {job}: {why}; it will be delivered again",
             job=job_id,
@@ -133,6 +136,7 @@ class ActionRunner:
         decision = (response.body or {}).get("decision") if response.status == 200 else None
         if decision != "run":
             self._running.pop(job_id, None)
+            self._received.pop(job_id, None)
             if response.status != 200:
                 self._log.warn(
                     "accept of job {job} answered {status}: {body}",
@@ -187,6 +191,7 @@ class ActionRunner:
                 "state": state,
                 "result": result,
                 "error": error,
+                "received": self._received.pop(job_id, None),
                 "started": started,
                 "finished": time.time(),
             },

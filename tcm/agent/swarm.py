@@ -17,7 +17,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import resource
 import sys
 import time
 from typing import Any
@@ -29,6 +28,7 @@ from twisted.logger import Logger
 from tcm.agent.modes import DISCONNECTED, HTTP, PERSISTENT
 from tcm.agent.runner import load_handlers
 from tcm.agent.service import AgentConfig, AgentCore, AgentService
+from tcm.limits import raise_descriptor_limit
 
 
 def parse_sources(spec: str | None) -> list[str | None]:
@@ -49,13 +49,6 @@ def parse_sources(spec: str | None) -> list[str | None]:
         if address is not None and not ipaddress.ip_address(address).is_loopback:
             raise ValueError(f"swarm source addresses must be loopback, not {address}")
     return out
-
-
-def raise_descriptor_limit() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 class Swarm(service.MultiService):

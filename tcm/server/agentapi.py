@@ -112,6 +112,7 @@ class AgentAPI(JsonRouter):
             error,
             _number(body.get("started")),
             _number(body.get("finished")),
+            _number(body.get("received")),
         )
         return {"stored": stored}
 

@@ -212,6 +212,7 @@ class JobService:
         error: str | None,
         started: float | None,
         finished: float | None,
+        received: float | None = None,
     ) -> Deferred[bool]:
         """Record a target's outcome. Fires True when stored now, False for a duplicate."""
         target_state = TargetState(state)
@@ -224,14 +225,16 @@ class JobService:
         if target_state is TargetState.EXPIRED and current is TargetState.RUNNING:
             raise ApiError(409, "job already running here; report its result")
         return self._finish(
-            job_id, agent_id, target_state, result, error, started, finished or now
+            job_id, agent_id, target_state, result, error, started, finished or now, received
         ).addCallback(lambda _: True)
 
-    def _finish(self, job_id, agent_id, state, result, error, started, finished):
+    def _finish(self, job_id, agent_id, state, result, error, started, finished, received=None):
         changes = self.book.finish(job_id, agent_id, state, self.clock.seconds())
         if not changes:
             return succeed(None)
-        d = self.store.store_result(job_id, agent_id, state.value, result, error, started, finished)
+        d = self.store.store_result(
+            job_id, agent_id, state.value, result, error, started, finished, received
+        )
         self._notify(
             job_id,
             {
@@ -282,6 +285,7 @@ class JobService:
                 "result": t["result"],
                 "error": t["error"],
                 "delivered_at": t["delivered_at"],
+                "received_at": t["received_at"],
                 "started_at": t["started_at"],
                 "finished_at": t["finished_at"],
                 "online": self.dispatcher.is_online(t["agent_id"]),

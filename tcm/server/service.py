@@ -18,6 +18,7 @@ from twisted.web.server import Site
 
 import tcm
 from tcm import pki
+from tcm.limits import raise_descriptor_limit
 from tcm.protocol import codes
 from tcm.protocol.envelope import Envelope
 from tcm.server.adminapi import AdminAPI
@@ -427,6 +428,8 @@ class ServerService(service.MultiService):
 
 
 def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerService:
+    limit = raise_descriptor_limit()
+    Logger().info("this process may hold about {n} connections (descriptor limit)", n=limit)
     core = ServerCore(config, reactor)
     top = ServerService(core)
     endpoint = SSL4ServerEndpoint(

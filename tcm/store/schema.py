@@ -51,6 +51,7 @@ job_targets = sa.Table(
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("delivered_at", sa.Float),
+    sa.Column("received_at", sa.Float),  # reported by the agent
     sa.Column("started_at", sa.Float),
     sa.Column("finished_at", sa.Float),
     sa.Column("result", sa.JSON),

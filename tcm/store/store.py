@@ -341,6 +341,7 @@ class Store:
         error: str | None,
         started: float | None,
         finished: float,
+        received: float | None = None,
     ) -> Deferred[None]:
         """Store a target's result, once: a target already finished keeps its first result."""
         jt = t.job_targets
@@ -355,6 +356,8 @@ class Store:
             )
             if started is not None:
                 values["started_at"] = started
+            if received is not None:
+                values["received_at"] = received
             c.execute(
                 jt.update()
                 .where(jt.c.job_id == job_id)

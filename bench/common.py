@@ -1,0 +1,173 @@
+"""What every benchmark shares: real processes on loopback, bounded waits, figures as a table
+and as JSON. Nothing here is a stand-in: the server is `twistd tcm-server`, the agents are
+`tcm-agent swarm` processes running the real agent code."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from tcm.cli.admin import Api  # noqa: E402
+from tests.harness import PYTHON, Server, free_port, wait_until  # noqa: E402
+
+# Sessions one swarm process holds at most: the descriptor limit (20,000) less headroom.
+PER_SWARM = 9000
+SOURCES = "127.0.0.2-127.0.0.17"
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "mem_gib": round(psutil.virtual_memory().total / 2**30),
+        "python": sys.version.split()[0],
+    }
+
+
+class BenchServer(Server):
+    """A twistd tcm-server for a benchmark, with its API at hand."""
+
+    def api(self) -> Api:
+        with open(os.path.join(self.state_dir, "admin.token")) as f:
+            return Api(self.url, self.ca, f.read().strip())
+
+    def status(self) -> dict[str, Any]:
+        return self.api().call("GET", "/status")
+
+    def ps(self) -> psutil.Process:
+        assert self.proc is not None
+        return psutil.Process(self.proc.pid)
+
+    def wait_sessions(self, n: int, timeout: float) -> float:
+        t0 = time.monotonic()
+        wait_until(lambda: self.status()["sessions"] >= n, timeout, 0.25, f"{n} sessions")
+        return time.monotonic() - t0
+
+
+class SwarmProcs:
+    """`tcm-agent swarm` processes sharing one state directory, PER_SWARM agents each."""
+
+    def __init__(self, base: str, server: BenchServer, count: int, token: str,
+                 extra: list[str] | None = None):
+        self.base = base
+        self.server = server
+        self.count = count
+        self.token = token
+        self.extra = extra or []
+        self.state_dir = os.path.join(base, "swarm")
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self) -> None:
+        first = 0
+        while first < self.count:
+            n = min(PER_SWARM, self.count - first)
+            log = open(os.path.join(self.base, f"swarm-{first}.log"), "ab")
+            self.procs.append(subprocess.Popen(
+                [PYTHON, "-m", "tcm.cli.agent", "swarm", "--count", str(n), "--first",
+                 str(first), "--server", self.server.url, "--ca-cert", self.server.ca,
+                 "--token", self.token, "--source-addresses", SOURCES, "--state-dir",
+                 self.state_dir, "--rate", "1500", *self.extra],
+                stdout=log, stderr=subprocess.STDOUT,
+            ))
+            log.close()
+            first += n
+
+    def rss(self) -> int:
+        return sum(psutil.Process(p.pid).memory_info().rss for p in self.procs)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+        self.procs = []
+
+
+def cpu_percent(proc: psutil.Process, seconds: float) -> float:
+    """CPU use of a process over `seconds`, in % of one core."""
+    before = proc.cpu_times()
+    time.sleep(seconds)
+    after = proc.cpu_times()
+    used = (after.user - before.user) + (after.system - before.system)
+    return 100.0 * used / seconds
+
+
+def run_job(api: Api, body: dict[str, Any], total: int, timeout: float) -> dict[str, Any]:
+    """Create a job; wait until every target finished; per-target times (server clock)."""
+    created = api.call("POST", "/jobs", body)["job"]
+    deadline = time.monotonic() + timeout
+    while True:
+        job = api.call("GET", f"/jobs/{created}")
+        if job["counts"]["completed"] >= total or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    t0 = job["created_at"]
+    accepted = sorted(r["started_at"] - t0 for r in job["results"] if r["started_at"])
+    stored = sorted(r["finished_at"] - t0 for r in job["results"] if r["finished_at"])
+    return {
+        "job": created,
+        "counts": job["counts"],
+        "accepted": accepted,  # the agent had it and asked to run it (server clock)
+        "stored": stored,  # its result stored (server clock)
+    }
+
+
+def pct(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    k = min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))
+    return sorted(values)[k]
+
+
+def summary(values: list[float]) -> dict[str, float | None]:
+    return {"p50": pct(values, 50), "p99": pct(values, 99),
+            "last": max(values) if values else None, "n": len(values)}
+
+
+def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    head = [c[1] for c in columns]
+    body = []
+    for r in rows:
+        line = []
+        for key, _ in columns:
+            v: Any = r
+            for part in key.split("."):
+                v = v.get(part) if isinstance(v, dict) else None
+            line.append(f"{v:.3f}" if isinstance(v, float) else str(v))
+        body.append(line)
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
+              for i, h in enumerate(head)]
+    out = ["  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))]
+    out += ["  ".join(c.rjust(w) for c, w in zip(b, widths, strict=True)) for b in body]
+    return "\n".join(out)
+
+
+def emit(name: str, rows: list[dict[str, Any]], columns: list[tuple[str, str]],
+         notes: list[str] | None = None) -> None:
+    print(table(rows, columns))
+    for n in notes or []:
+        print(n)
+    print(json.dumps({"bench": name, "machine": machine(), "rows": rows}, default=str))
+
+
+def bounded(seconds: float) -> Callable[[], bool]:
+    deadline = time.monotonic() + seconds
+    return lambda: time.monotonic() < deadline
+
+
+__all__ = ["BenchServer", "SwarmProcs", "free_port", "wait_until", "PYTHON", "ROOT"]
