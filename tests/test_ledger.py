@@ -71,10 +71,12 @@ def test_reload_from_disk(jobs_dir, clock):
     first = Ledger(jobs_dir, fsync=False)
     first.record("j1", STARTED, started=1.0)
     first.record("j2", FINISHED, outcome={"state": "succeeded", "result": {"pong": True}})
-    first.record("j3", ACKED)
+    first.record("j3", DECLINED, decision="expired")
+    first.record("j4", ACKED)
     again = Ledger(jobs_dir, fsync=False)
     for job_id in ("j1", "j2", "j3"):
         assert again.get(job_id) == first.get(job_id)
+    assert first.get("j4")["state"] == ACKED and again.get("j4") is None  # not kept on disk
     assert again.get("j2")["outcome"]["result"] == {"pong": True}
 
 
@@ -148,7 +150,8 @@ def test_other_files_are_ignored(jobs_dir):
 def test_old_done_entries_are_pruned_at_load(jobs_dir, clock):
     ledger = Ledger(jobs_dir, fsync=False)
     clock.now = 1_000_000.0
-    ledger.record("old-acked", ACKED)
+    ledger.record("old-acked", ACKED)  # stored on the server: its file goes at once
+    assert "old-acked.json" not in files(jobs_dir)
     ledger.record("old-declined", DECLINED, decision="expired")
     ledger.record("old-finished", FINISHED, outcome={})  # never acknowledged: kept
     ledger.record("old-started", STARTED)  # must still be reported: kept
@@ -156,7 +159,7 @@ def test_old_done_entries_are_pruned_at_load(jobs_dir, clock):
     ledger.record("recent-acked", ACKED)
 
     clock.now = 1_000_000.0 + KEEP_DONE  # exactly KEEP_DONE old: kept
-    assert Ledger(jobs_dir, fsync=False).get("old-acked") is not None
+    assert Ledger(jobs_dir, fsync=False).get("old-declined") is not None
 
     clock.now = 1_000_000.0 + KEEP_DONE + 1
     again = Ledger(jobs_dir, fsync=False)
@@ -164,10 +167,8 @@ def test_old_done_entries_are_pruned_at_load(jobs_dir, clock):
     assert again.get("old-declined") is None
     assert again.get("old-finished")["state"] == FINISHED
     assert again.get("old-started")["state"] == STARTED
-    assert again.get("recent-acked")["state"] == ACKED
-    assert files(jobs_dir) == [
-        "old-finished.json", "old-started.json", "recent-acked.json",
-    ]  # fmt: skip
+    assert again.get("recent-acked") is None
+    assert files(jobs_dir) == ["old-finished.json", "old-started.json"]
 
 
 def test_an_entry_written_long_ago_is_pruned(jobs_dir):

@@ -4,7 +4,8 @@ One small JSON file per job under `jobs/` in the state directory records how far
 
     started   the server allowed it to run and the handler was started
     finished  the handler ended; the file holds the result until the server acknowledges it
-    acked     the server stored the result (kept for a while so a redelivery is not run again)
+    acked     the server stored the result: the file is removed (the server never sends a
+              stored job again); the agent remembers the id while it runs
     declined  the server said not to run it (expired, already finished)
 
 Each state is written atomically (temporary file + rename) *before* the step it guards, so a
@@ -72,6 +73,15 @@ class Ledger:
 
     def record(self, job_id: str, state: str, **fields: Any) -> dict[str, Any]:
         entry = {"job": job_id, "state": state, "at": time.time(), **fields}
+        if state == ACKED:
+            # Stored on the server: nothing on disk is needed any more. Removing the file is
+            # one system call where rewriting it is four, at every job of every agent.
+            try:
+                os.unlink(self._path(job_id))
+            except FileNotFoundError:
+                pass
+            self._entries[job_id] = entry
+            return entry
         data = json.dumps(entry, separators=(",", ":")).encode()
         path = self._path(job_id)
         tmp = path + ".tmp"

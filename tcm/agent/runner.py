@@ -61,7 +61,6 @@ class ActionRunner:
         self.state_dir = state_dir
         self._running: dict[str, Deferred] = {}
         self._sending: set[str] = set()
-        self._validators: dict[str, Any] = {}
         self._received: dict[str, float] = {}  # job -> when its request arrived here
         self.completed = 0
 
@@ -113,10 +112,7 @@ class ActionRunner:
             )
 
     def _check_args(self, handler: Any, args: dict[str, Any]) -> str | None:
-        name = handler.name
-        validator = self._validators.get(name)
-        if validator is None:
-            validator = self._validators[name] = fastjsonschema.compile(handler.schema or {})
+        validator = _validator_for(handler)
         try:
             validator(args)
         except fastjsonschema.JsonSchemaValueException as e:
@@ -250,6 +246,18 @@ class ActionRunner:
             "POST", f"/agent/v1/jobs/{job_id}/output", {"seq": seq, "stream": stream, "text": text}
         )
         d.addErrback(lambda f: self._log.debug("output chunk lost: {why}", why=f.getErrorMessage()))
+
+
+_VALIDATORS: dict[int, tuple[Any, Any]] = {}
+
+
+def _validator_for(handler: Any) -> Any:
+    """The compiled argument validator of a handler, compiled once per process (a swarm
+    shares its handlers among thousands of agents)."""
+    cached = _VALIDATORS.get(id(handler))
+    if cached is None or cached[0] is not handler:
+        cached = _VALIDATORS[id(handler)] = (handler, fastjsonschema.compile(handler.schema or {}))
+    return cached[1]
 
 
 def load_handlers() -> dict[str, Any]:

@@ -25,18 +25,21 @@ class PeerView:
     """What a resource may learn of the connection under a session (who and how), without
     access to the connection itself: no resource can write to it or take it over."""
 
-    __slots__ = ("_transport",)
+    __slots__ = ("_transport", "_peer", "_host", "tcm_agent_id")
     negotiatedProtocol = None
     disconnecting = False
 
-    def __init__(self, transport: Any):
+    def __init__(self, transport: Any, agent_id: str | None = None):
         self._transport = transport
+        self._peer = transport.getPeer()  # a session's addresses do not change: ask once
+        self._host = transport.getHost()
+        self.tcm_agent_id = agent_id  # verified when the session's connection was accepted
 
     def getPeer(self):
-        return self._transport.getPeer()
+        return self._peer
 
     def getHost(self):
-        return self._transport.getHost()
+        return self._host
 
     def getPeerCertificate(self):
         return self._transport.getPeerCertificate()
@@ -124,7 +127,8 @@ def render_envelope(site: Site, transport: Any, env: Envelope) -> Deferred[Envel
     body = data.get("body")
     raw = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
     done: Deferred = Deferred()
-    channel = EnvelopeChannel(site, PeerView(transport), done)
+    view = transport if isinstance(transport, PeerView) else PeerView(transport)
+    channel = EnvelopeChannel(site, view, done)
     request = site.requestFactory(channel)
     request.clientproto = b"HTTP/1.0"  # no chunked encoding: the body is one envelope field
     request.content = BytesIO(raw)  # type: ignore[assignment]

@@ -15,9 +15,11 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from tcm.server.dispatcher import Dispatcher
-from tcm.server.jobs import Accept, Change, Job, JobBook, TargetState, summarize
+from tcm.server.jobs import TERMINAL, Accept, Change, Job, JobBook, TargetState, summarize
 from tcm.server.web import ApiError
 from tcm.store.store import Store
+
+TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
 
 MAX_TTL = 30 * 24 * 3600.0
 DEFAULT_TTL = 3600.0
@@ -233,7 +235,15 @@ class JobService:
         if not changes:
             return succeed(None)
         d = self.store.store_result(
-            job_id, agent_id, state.value, result, error, started, finished, received
+            job_id,
+            agent_id,
+            state.value,
+            result,
+            error,
+            started,
+            finished,
+            received,
+            stored=self.clock.seconds(),
         )
         self._notify(
             job_id,
@@ -286,6 +296,7 @@ class JobService:
                 "error": t["error"],
                 "delivered_at": t["delivered_at"],
                 "received_at": t["received_at"],
+                "stored_at": t["updated_at"] if t["state"] in TERMINAL_VALUES else None,
                 "started_at": t["started_at"],
                 "finished_at": t["finished_at"],
                 "online": self.dispatcher.is_online(t["agent_id"]),

@@ -236,10 +236,19 @@ class ServerCore:
 
     # -- identity ----------------------------------------------------------------------
     def authenticate_transport(self, transport: Any) -> str:
-        """The agent id of a connection's verified client certificate, or ApiError."""
-        agent_id = pki.peer_common_name(transport)
+        """The agent id of a connection's verified client certificate, or ApiError.
+
+        The subject is read once per connection and kept on it; whether the agent is known
+        and not revoked is checked on every request."""
+        agent_id = getattr(transport, "tcm_agent_id", None)
         if agent_id is None:
-            raise ApiError(403, "client certificate required: enroll first")
+            agent_id = pki.peer_common_name(transport)
+            if agent_id is None:
+                raise ApiError(403, "client certificate required: enroll first")
+            try:
+                transport.tcm_agent_id = agent_id
+            except AttributeError:  # a transport that takes no attributes: read it each time
+                pass
         record = self.directory.get(agent_id)
         if record is None:
             raise ApiError(403, f"unknown agent {agent_id}: enroll again")

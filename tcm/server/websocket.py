@@ -15,6 +15,7 @@ from twisted.logger import Logger
 
 from tcm import pki
 from tcm.protocol import codes
+from tcm.server.envelope_http import PeerView
 from tcm.server.sessions import AgentSession
 from tcm.server.web import ApiError
 from tcm.wsbase import LeanWebSocketMixin
@@ -55,6 +56,7 @@ class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type:
             max_message_size=core.config.max_message_size,
         )
         self.session.tls = pki.negotiated_tls(self.transport)
+        self.peer_view = PeerView(self.transport, agent_id)
         return codes.SUBPROTOCOL
 
     def onOpen(self):
@@ -103,7 +105,7 @@ class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type:
 
     @property
     def peer_transport(self):
-        return self.transport
+        return self.peer_view
 
 
 class AgentServerFactory(WebSocketServerFactory):

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Connection, Engine
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -71,53 +71,119 @@ def upgrade(engine: Engine) -> None:
         command.upgrade(cfg, "head")
 
 
+def _target_update(**values: Any):
+    """UPDATE of one unfinished job target per row, for executemany."""
+    jt = t.job_targets
+    return (
+        jt.update()
+        .where(jt.c.job_id == sa.bindparam("j"))
+        .where(jt.c.agent_id == sa.bindparam("a"))
+        .where(UNFINISHED)
+        .values(**values)
+    )
+
+
+# Row kinds the write queue batches: one prebuilt statement each, one executemany per flush.
+BATCHED: dict[str, Any] = {
+    "delivered": _target_update(
+        state="delivered", updated_at=sa.bindparam("at"), delivered_at=sa.bindparam("at")
+    ),
+    "running": _target_update(
+        state="running", updated_at=sa.bindparam("at"), started_at=sa.bindparam("at")
+    ),
+    "expired": _target_update(
+        state="expired", updated_at=sa.bindparam("at"), finished_at=sa.bindparam("at")
+    ),
+    "result": _target_update(
+        state=sa.bindparam("state"),
+        result=sa.bindparam("result", type_=sa.JSON),
+        error=sa.bindparam("error"),
+        finished_at=sa.bindparam("finished"),
+        updated_at=sa.bindparam("stored"),
+        started_at=sa.func.coalesce(
+            sa.bindparam("started", type_=sa.Float), t.job_targets.c.started_at
+        ),
+        received_at=sa.bindparam("received", type_=sa.Float),
+    ),
+    "seen": t.agents.update()
+    .where(t.agents.c.id == sa.bindparam("agent"))
+    .values(last_seen=sa.bindparam("at")),
+}
+# A state change and a result for the same target in one flush: states first.
+BATCH_ORDER = ["delivered", "running", "expired", "result", "seen"]
+
+
 class WriteQueue:
-    """Group commit: rows queued while a transaction runs are written by the next one."""
+    """Group commit. Rows and operations queued while a transaction runs are written by the
+    next one, in one transaction; rows of the same kind go in one executemany. Each caller's
+    Deferred fires once its rows are committed."""
 
     _log = Logger()
 
     def __init__(self, store: Store):
         self._store = store
-        self._ops: list[tuple[Callable[[Connection], None], Deferred[None]]] = []
+        self._rows: dict[str, list[dict[str, Any]]] = {}
+        self._ops: list[Callable[[Connection], None]] = []
+        self._waiters: list[Deferred[None]] = []
         self._running = False
+        self.flushes = 0
+        self.rows_written = 0
 
     def submit(self, op: Callable[[Connection], None]) -> Deferred[None]:
+        """Queue an operation of its own (run after the batched rows)."""
+        self._ops.append(op)
+        return self._wait()
+
+    def add(self, kind: str, rows: list[dict[str, Any]]) -> Deferred[None]:
+        """Queue rows of a batched kind (see BATCHED)."""
+        self._rows.setdefault(kind, []).extend(rows)
+        return self._wait()
+
+    def _wait(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
-        self._ops.append((op, d))
+        self._waiters.append(d)
         if not self._running:
             self._running = True
             self._store._reactor.callLater(0, self._flush)
         return d
 
     def _flush(self) -> None:
-        batch, self._ops = self._ops, []
-        ops = [op for op, _ in batch]
+        rows, self._rows = self._rows, {}
+        ops, self._ops = self._ops, []
+        waiters, self._waiters = self._waiters, []
+        count = sum(len(r) for r in rows.values()) + len(ops)
 
         def write(conn: Connection) -> None:
+            for kind in BATCH_ORDER:
+                batch = rows.get(kind)
+                if batch:
+                    conn.execute(BATCHED[kind], batch)
             for op in ops:
                 op(conn)
 
         d = self._store.transaction(write)
 
         def done(result: Any) -> None:
-            for _, waiter in batch:
+            self.flushes += 1
+            self.rows_written += count
+            for waiter in waiters:
                 if isinstance(result, Exception):
                     waiter.errback(result)
                 else:
                     waiter.callback(None)
-            if self._ops:
+            if self._waiters:
                 self._store._reactor.callLater(0, self._flush)
             else:
                 self._running = False
 
         def failed(f):
-            self._log.failure("store write of {n} operations failed", f, n=len(ops))
+            self._log.failure("store write of {n} rows and operations failed", f, n=count)
             done(f.value)
 
         d.addCallbacks(done, failed)
 
     def idle(self) -> bool:
-        return not self._running and not self._ops
+        return not self._running and not self._waiters
 
 
 class Store:
@@ -251,6 +317,8 @@ class Store:
         platform: str | None = None,
         capabilities: list | None = None,
     ) -> Deferred[None]:
+        if hostname is None and platform is None and capabilities is None:
+            return self.writes.add("seen", [{"agent": agent_id, "at": now}])
         values: dict[str, Any] = {"last_seen": now}
         if hostname is not None:
             values["hostname"] = hostname
@@ -304,33 +372,15 @@ class Store:
 
     def set_states(self, changes: Iterable[Any]) -> Deferred[None]:
         """Write state changes (jobs.Change) through the write queue."""
-        rows = [dict(j=ch.job_id, a=ch.agent_id, s=ch.state.value, at=ch.at) for ch in changes]
-        if not rows:
-            return succeed(None)
-        jt = t.job_targets
         by_state: dict[str, list[dict[str, Any]]] = {}
-        for r in rows:
-            by_state.setdefault(r["s"], []).append(r)
-
-        def op(c: Connection) -> None:
-            for state, batch in by_state.items():
-                values: dict[str, Any] = {"state": state, "updated_at": sa.bindparam("at")}
-                if state == "delivered":
-                    values["delivered_at"] = sa.bindparam("at")
-                elif state == "running":
-                    values["started_at"] = sa.bindparam("at")
-                else:
-                    values["finished_at"] = sa.bindparam("at")
-                stmt = (
-                    jt.update()
-                    .where(jt.c.job_id == sa.bindparam("j"))
-                    .where(jt.c.agent_id == sa.bindparam("a"))
-                    .where(UNFINISHED)
-                    .values(**values)
-                )
-                c.execute(stmt, batch)
-
-        return self.writes.submit(op)
+        for ch in changes:
+            by_state.setdefault(ch.state.value, []).append(
+                {"j": ch.job_id, "a": ch.agent_id, "at": ch.at}
+            )
+        if not by_state:
+            return succeed(None)
+        waits = [self.writes.add(state, rows) for state, rows in by_state.items()]
+        return waits[0] if len(waits) == 1 else gatherResults(waits).addCallback(lambda _: None)
 
     def store_result(
         self,
@@ -342,31 +392,21 @@ class Store:
         started: float | None,
         finished: float,
         received: float | None = None,
+        stored: float | None = None,
     ) -> Deferred[None]:
         """Store a target's result, once: a target already finished keeps its first result."""
-        jt = t.job_targets
-
-        def op(c: Connection) -> None:
-            values: dict[str, Any] = dict(
-                state=state,
-                result=result,
-                error=error,
-                finished_at=finished,
-                updated_at=finished,
-            )
-            if started is not None:
-                values["started_at"] = started
-            if received is not None:
-                values["received_at"] = received
-            c.execute(
-                jt.update()
-                .where(jt.c.job_id == job_id)
-                .where(jt.c.agent_id == agent_id)
-                .where(UNFINISHED)
-                .values(**values)
-            )
-
-        return self.writes.submit(op)
+        row = {
+            "j": job_id,
+            "a": agent_id,
+            "state": state,
+            "result": result,
+            "error": error,
+            "started": started,
+            "finished": finished,
+            "received": received,
+            "stored": stored if stored is not None else finished,
+        }
+        return self.writes.add("result", [row])
 
     def add_output(
         self, job_id: str, agent_id: str, seq: int, stream: str, text: str, at: float

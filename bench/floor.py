@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""The floor of this stack: a minimal Twisted + Autobahn TLS server broadcasting one prepared
+message to N WebSocket connections, with no tcm code in the path.
+
+`python bench/floor.py --count N` starts one server process (ECDSA P-256 certificate, like
+tcm's) and client processes (up to 9,000 connections each, over several loopback source
+addresses), waits until all N are open, broadcasts once, and prints the arrival times
+(client clock minus the send time written in the message: one machine, one clock).
+
+Roles --role server / --role clients are the child processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+PER_PROCESS = 9000
+
+
+def serve(args) -> int:
+    from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+    from twisted.internet import reactor, ssl
+    from twisted.internet.endpoints import SSL4ServerEndpoint
+    from twisted.protocols.basic import LineReceiver
+    from twisted.internet.stdio import StandardIO
+
+    from tcm.limits import raise_descriptor_limit
+    from tcm.server.ca import CertificateAuthority
+
+    raise_descriptor_limit()
+    ca = CertificateAuthority.load_or_create(args.dir)
+    key_pem, cert_pem = ca.issue_server_certificate(["127.0.0.1"])
+    from tcm import pki
+
+    options = ssl.CertificateOptions(
+        privateKey=pki.load_key(key_pem), certificate=pki.load_certificate(cert_pem),
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+    )
+    conns: list = []
+
+    class Proto(WebSocketServerProtocol):
+        def onOpen(self):
+            conns.append(self)
+
+        def onClose(self, *a):
+            if self in conns:
+                conns.remove(self)
+
+    factory = WebSocketServerFactory(f"wss://127.0.0.1:{args.port}")
+    factory.protocol = Proto
+    factory.setProtocolOptions(autoPingInterval=0, failByDrop=False)
+
+    class Control(LineReceiver):
+        delimiter = b"\n"
+
+        def lineReceived(self, line):
+            if line == b"count":
+                self.sendLine(str(len(conns)).encode())
+            elif line == b"go":
+                sent = time.time()
+                prepared = factory.prepareMessage(json.dumps({"t": sent}).encode())
+                for c in conns:
+                    c.sendPreparedMessage(prepared)
+                self.sendLine(json.dumps({"sent": sent, "to": len(conns),
+                                          "send_s": time.time() - sent}).encode())
+
+    StandardIO(Control())
+    SSL4ServerEndpoint(reactor, args.port, options, interface="127.0.0.1",
+                       backlog=2048).listen(factory)
+    reactor.run()
+    return 0
+
+
+def clients(args) -> int:
+    from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+    from twisted.internet import reactor, ssl
+    from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+
+    from tcm.limits import raise_descriptor_limit
+
+    raise_descriptor_limit()
+    with open(os.path.join(args.dir, "ca.pem"), "rb") as f:
+        ca = ssl.Certificate.loadPEM(f.read())
+    creator = ssl.optionsForClientTLS("127.0.0.1", trustRoot=ca)
+    arrivals: list[float] = []
+    opened = [0]
+
+    class Proto(WebSocketClientProtocol):
+        def onOpen(self):
+            opened[0] += 1
+            if opened[0] == args.count:
+                print(json.dumps({"opened": opened[0]}), flush=True)
+
+        def onMessage(self, payload, is_binary):
+            arrivals.append(time.time() - json.loads(payload)["t"])
+            if len(arrivals) == args.count:
+                print(json.dumps({"arrivals": arrivals}), flush=True)
+                reactor.callLater(0.5, reactor.stop)
+
+    factory = WebSocketClientFactory(f"wss://127.0.0.1:{args.port}")
+    factory.protocol = Proto
+    factory.setProtocolOptions(autoPingInterval=0, failByDrop=False)
+    sources = [f"127.0.1.{i}" for i in range(1, 17)]
+
+    def connect(i: int) -> None:
+        ep = HostnameEndpoint(reactor, "127.0.0.1", args.port,
+                              bindAddress=(sources[i % len(sources)], 0))
+        wrapClientTLS(creator, ep).connect(factory).addErrback(lambda f: None)
+
+    def start(i=0):
+        for j in range(i, min(args.count, i + 50)):
+            connect(j)
+        if i + 50 < args.count:
+            reactor.callLater(0.02, start, i + 50)
+
+    reactor.callWhenRunning(start)
+    reactor.callLater(args.timeout, reactor.stop)
+    reactor.run()
+    return 0
+
+
+def measure(count: int, timeout: float = 180.0) -> dict:
+    """Run one broadcast to `count` connections; the arrival figures."""
+    sys.path.insert(0, ROOT)
+    from tests.harness import free_port
+
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="tcm-floor-") as d:
+        server = subprocess.Popen(
+            [sys.executable, __file__, "--role", "server", "--port", str(port), "--dir", d],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+        )
+        time.sleep(1.0)
+        procs = []
+        left = count
+        while left > 0:
+            n = min(PER_PROCESS, left)
+            procs.append(subprocess.Popen(
+                [sys.executable, __file__, "--role", "clients", "--port", str(port), "--dir", d,
+                 "--count", str(n), "--timeout", str(timeout)],
+                stdout=subprocess.PIPE, text=True, bufsize=1,
+            ))
+            left -= n
+        try:
+            t0 = time.monotonic()
+            for p in procs:
+                assert p.stdout is not None
+                line = p.stdout.readline()
+                assert json.loads(line).get("opened"), line
+            connect_s = time.monotonic() - t0
+            assert server.stdin is not None and server.stdout is not None
+            server.stdin.write("go\n")
+            server.stdin.flush()
+            sent = json.loads(server.stdout.readline())
+            arrivals: list[float] = []
+            for p in procs:
+                assert p.stdout is not None
+                arrivals.extend(json.loads(p.stdout.readline())["arrivals"])
+        finally:
+            for p in procs:
+                p.kill()
+            server.kill()
+    arrivals.sort()
+    return {
+        "count": count,
+        "connect_s": connect_s,
+        "send_loop_s": sent["send_s"],
+        "p50": arrivals[len(arrivals) // 2],
+        "p99": arrivals[int(len(arrivals) * 0.99) - 1],
+        "last": arrivals[-1],
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--role", choices=["server", "clients"])
+    p.add_argument("--port", type=int)
+    p.add_argument("--dir")
+    p.add_argument("--count", type=int, default=1000)
+    p.add_argument("--timeout", type=float, default=180.0)
+    args = p.parse_args()
+    if args.role == "server":
+        return serve(args)
+    if args.role == "clients":
+        return clients(args)
+    print(json.dumps(measure(args.count, args.timeout)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

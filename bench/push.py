@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Push a `ping` job to N connected agents, side by side with the ways a user would otherwise
+get it there, in one run on one machine:
+
+  tcm           persistent WSS sessions (the default)
+  long-poll     the same agents in HTTP mode, the server holding their polls (up to 30 s)
+  poll-60s      the same agents in HTTP mode polling every 60 s (the legacy way)
+  floor         a bare Twisted + Autobahn TLS server broadcasting one prepared message to
+                N connections (bench/floor.py): what this stack cannot beat
+
+For tcm modes, times are from the job's creation (server clock) to each agent receiving the
+request (agent clock, same machine) and to each result being stored (server clock).
+
+Usage: .venv/bin/python bench/push.py [--counts 1000,10000] [--modes tcm,long-poll,poll-60s,floor]
+       [--rounds 3] [--work DIR]
+Everything it starts, it stops; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import BenchServer, SwarmProcs, emit, run_job, summary  # noqa: E402
+from floor import measure as floor_measure  # noqa: E402
+
+
+def wait_mode(server: BenchServer, persistent: bool, n: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sessions = server.status()["sessions"]
+        if (sessions >= n) if persistent else (sessions == 0):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"agents did not reach persistent={persistent} in {timeout} s")
+
+
+def tcm_rows(mode: str, n: int, results: list[dict]) -> dict:
+    received = [x for r in results for x in r["received"]]
+    stored_last = [max(r["stored"]) for r in results if r["stored"]]
+    return {
+        "mode": mode,
+        "agents": n,
+        "rounds": len(results),
+        "succeeded": min(r["counts"]["succeeded"] for r in results),
+        "delivery": summary(received),
+        "all_stored_s": max(stored_last) if stored_last else None,
+        "all_stored_median_s": sorted(stored_last)[len(stored_last) // 2] if stored_last
+        else None,
+    }
+
+
+def run_tcm_job(server: BenchServer, n: int, timeout: float) -> dict:
+    api = server.api()
+    out = run_job(api, {"action": "ping", "targets": "all", "ttl": timeout + 60}, n, timeout)
+    job = api.call("GET", f"/jobs/{out['job']}")
+    t0 = job["created_at"]
+    out["received"] = sorted(r["received_at"] - t0 for r in job["results"] if r["received_at"])
+    out["stored"] = sorted(r["stored_at"] - t0 for r in job["results"] if r["stored_at"])
+    return out
+
+
+def bench_count(n: int, modes: list[str], rounds: int, work: str) -> list[dict]:
+    rows: list[dict] = []
+    base = os.path.join(work, f"n{n}")
+    os.makedirs(base, exist_ok=True)
+    tcm_modes = [m for m in modes if m != "floor"]
+    if tcm_modes:
+        server = BenchServer(base, port=None, extra=["--poll-interval", "60", "--long-poll", "30"])
+        server.start()
+        server.cli("settings", "set", "persistent_connections", "true")
+        server.cli("settings", "set", "poll_interval", "60")
+        server.cli("settings", "set", "long_poll", "30")
+        swarm = SwarmProcs(base, server, n, server.token(uses=n + 10),
+                           extra=["--backoff-max", "5"])
+        try:
+            swarm.start()
+            server.wait_sessions(n, timeout=max(300, n / 20))
+            time.sleep(2)
+            if "tcm" in tcm_modes:
+                run_tcm_job(server, n, 60)  # warm-up
+                rows.append(tcm_rows("tcm", n, [run_tcm_job(server, n, 60)
+                                                for _ in range(rounds)]))
+            if "poll-60s" in tcm_modes or "long-poll" in tcm_modes:
+                server.cli("settings", "set", "long_poll", "0")
+                server.cli("settings", "set", "persistent_connections", "false")
+                wait_mode(server, False, n, 120)
+                time.sleep(65)  # every agent has polled once and learned there is no long-poll
+                if "poll-60s" in tcm_modes:
+                    rows.append(tcm_rows("poll-60s", n, [run_tcm_job(server, n, 150)]))
+                if "long-poll" in tcm_modes:
+                    server.cli("settings", "set", "long_poll", "30")
+                    time.sleep(65)  # each agent's next poll answer turns its long-polls on
+                    rows.append(tcm_rows("long-poll", n, [run_tcm_job(server, n, 90)
+                                                          for _ in range(rounds)]))
+                server.cli("settings", "set", "persistent_connections", "true")
+        finally:
+            swarm.stop()
+            server.stop()
+    if "floor" in modes:
+        floors = [floor_measure(n) for _ in range(rounds)]
+        rows.append({
+            "mode": "floor", "agents": n, "rounds": rounds, "succeeded": n,
+            "delivery": {"p50": sorted(f["p50"] for f in floors)[rounds // 2],
+                         "p99": sorted(f["p99"] for f in floors)[rounds // 2],
+                         "last": sorted(f["last"] for f in floors)[rounds // 2], "n": n},
+            "all_stored_s": None,
+        })
+    floor_last = next((r["delivery"]["last"] for r in rows if r["mode"] == "floor"), None)
+    poll_last = next((r["delivery"]["last"] for r in rows if r["mode"] == "poll-60s"), None)
+    for r in rows:
+        last = r["delivery"]["last"]
+        r["last_vs_floor"] = round(last / floor_last, 2) if floor_last and last else None
+        r["faster_than_poll_60s"] = round(poll_last / last, 1) if poll_last and last else None
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--counts", default="1000,10000")
+    p.add_argument("--modes", default="tcm,long-poll,poll-60s,floor")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--work", default="/tmp/tcm-bench-push",
+                   help="kept between runs: agents enrolled once reconnect next time")
+    p.add_argument("--fresh", action="store_true", help="forget earlier identities first")
+    args = p.parse_args()
+    if args.fresh:
+        shutil.rmtree(args.work, ignore_errors=True)
+    modes = args.modes.split(",")
+    rows: list[dict] = []
+    for n in [int(x) for x in args.counts.split(",")]:
+        rows.extend(bench_count(n, modes, args.rounds, args.work))
+    emit("push", rows, [
+        ("mode", "mode"), ("agents", "N"), ("succeeded", "ok"),
+        ("delivery.p50", "deliver p50 s"), ("delivery.p99", "p99 s"),
+        ("delivery.last", "last s"), ("all_stored_s", "all stored s"),
+        ("last_vs_floor", "x floor"), ("faster_than_poll_60s", "x faster than poll"),
+    ])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
