@@ -57,8 +57,9 @@ class BenchServer(Server):
 class SwarmProcs:
     """`tcm-agent swarm` processes sharing one state directory, PER_SWARM agents each."""
 
-    def __init__(self, base: str, server: BenchServer, count: int, token: str,
-                 extra: list[str] | None = None):
+    def __init__(
+        self, base: str, server: BenchServer, count: int, token: str, extra: list[str] | None = None
+    ):
         self.base = base
         self.server = server
         self.count = count
@@ -72,13 +73,35 @@ class SwarmProcs:
         while first < self.count:
             n = min(PER_SWARM, self.count - first)
             log = open(os.path.join(self.base, f"swarm-{first}.log"), "ab")
-            self.procs.append(subprocess.Popen(
-                [PYTHON, "-m", "tcm.cli.agent", "swarm", "--count", str(n), "--first",
-                 str(first), "--server", self.server.url, "--ca-cert", self.server.ca,
-                 "--token", self.token, "--source-addresses", SOURCES, "--state-dir",
-                 self.state_dir, "--rate", "1500", *self.extra],
-                stdout=log, stderr=subprocess.STDOUT,
-            ))
+            self.procs.append(
+                subprocess.Popen(
+                    [
+                        PYTHON,
+                        "-m",
+                        "tcm.cli.agent",
+                        "swarm",
+                        "--count",
+                        str(n),
+                        "--first",
+                        str(first),
+                        "--server",
+                        self.server.url,
+                        "--ca-cert",
+                        self.server.ca,
+                        "--token",
+                        self.token,
+                        "--source-addresses",
+                        SOURCES,
+                        "--state-dir",
+                        self.state_dir,
+                        "--rate",
+                        "1500",
+                        *self.extra,
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
             log.close()
             first += n
 
@@ -135,8 +158,12 @@ def pct(values: list[float], p: float) -> float | None:
 
 
 def summary(values: list[float]) -> dict[str, float | None]:
-    return {"p50": pct(values, 50), "p99": pct(values, 99),
-            "last": max(values) if values else None, "n": len(values)}
+    return {
+        "p50": pct(values, 50),
+        "p99": pct(values, 99),
+        "last": max(values) if values else None,
+        "n": len(values),
+    }
 
 
 def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
@@ -150,15 +177,20 @@ def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
                 v = v.get(part) if isinstance(v, dict) else None
             line.append(f"{v:.3f}" if isinstance(v, float) else str(v))
         body.append(line)
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
-              for i, h in enumerate(head)]
+    widths = [
+        max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)
+    ]
     out = ["  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))]
     out += ["  ".join(c.rjust(w) for c, w in zip(b, widths, strict=True)) for b in body]
     return "\n".join(out)
 
 
-def emit(name: str, rows: list[dict[str, Any]], columns: list[tuple[str, str]],
-         notes: list[str] | None = None) -> None:
+def emit(
+    name: str,
+    rows: list[dict[str, Any]],
+    columns: list[tuple[str, str]],
+    notes: list[str] | None = None,
+) -> None:
     print(table(rows, columns))
     for n in notes or []:
         print(n)

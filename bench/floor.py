@@ -30,10 +30,10 @@ def serve(args) -> int:
     from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
     from twisted.internet import reactor, ssl
     from twisted.internet.endpoints import SSL4ServerEndpoint
-    from twisted.protocols.basic import LineReceiver
     from twisted.internet.stdio import StandardIO
+    from twisted.protocols.basic import LineReceiver
 
-    from tcm.limits import raise_descriptor_limit
+    from tcm.process import raise_descriptor_limit
     from tcm.server.ca import CertificateAuthority
 
     raise_descriptor_limit()
@@ -42,7 +42,8 @@ def serve(args) -> int:
     from tcm import pki
 
     options = ssl.CertificateOptions(
-        privateKey=pki.load_key(key_pem), certificate=pki.load_certificate(cert_pem),
+        privateKey=pki.load_key(key_pem),
+        certificate=pki.load_certificate(cert_pem),
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
     )
     conns: list = []
@@ -70,12 +71,16 @@ def serve(args) -> int:
                 prepared = factory.prepareMessage(json.dumps({"t": sent}).encode())
                 for c in conns:
                     c.sendPreparedMessage(prepared)
-                self.sendLine(json.dumps({"sent": sent, "to": len(conns),
-                                          "send_s": time.time() - sent}).encode())
+                self.sendLine(
+                    json.dumps(
+                        {"sent": sent, "to": len(conns), "send_s": time.time() - sent}
+                    ).encode()
+                )
 
     StandardIO(Control())
-    SSL4ServerEndpoint(reactor, args.port, options, interface="127.0.0.1",
-                       backlog=2048).listen(factory)
+    SSL4ServerEndpoint(reactor, args.port, options, interface="127.0.0.1", backlog=2048).listen(
+        factory
+    )
     reactor.run()
     return 0
 
@@ -85,7 +90,7 @@ def clients(args) -> int:
     from twisted.internet import reactor, ssl
     from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 
-    from tcm.limits import raise_descriptor_limit
+    from tcm.process import raise_descriptor_limit
 
     raise_descriptor_limit()
     with open(os.path.join(args.dir, "ca.pem"), "rb") as f:
@@ -112,8 +117,9 @@ def clients(args) -> int:
     sources = [f"127.0.1.{i}" for i in range(1, 17)]
 
     def connect(i: int) -> None:
-        ep = HostnameEndpoint(reactor, "127.0.0.1", args.port,
-                              bindAddress=(sources[i % len(sources)], 0))
+        ep = HostnameEndpoint(
+            reactor, "127.0.0.1", args.port, bindAddress=(sources[i % len(sources)], 0)
+        )
         wrapClientTLS(creator, ep).connect(factory).addErrback(lambda f: None)
 
     def start(i=0):
@@ -137,18 +143,37 @@ def measure(count: int, timeout: float = 180.0) -> dict:
     with tempfile.TemporaryDirectory(prefix="tcm-floor-") as d:
         server = subprocess.Popen(
             [sys.executable, __file__, "--role", "server", "--port", str(port), "--dir", d],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
         )
         time.sleep(1.0)
         procs = []
         left = count
         while left > 0:
             n = min(PER_PROCESS, left)
-            procs.append(subprocess.Popen(
-                [sys.executable, __file__, "--role", "clients", "--port", str(port), "--dir", d,
-                 "--count", str(n), "--timeout", str(timeout)],
-                stdout=subprocess.PIPE, text=True, bufsize=1,
-            ))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--role",
+                        "clients",
+                        "--port",
+                        str(port),
+                        "--dir",
+                        d,
+                        "--count",
+                        str(n),
+                        "--timeout",
+                        str(timeout),
+                    ],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    bufsize=1,
+                )
+            )
             left -= n
         try:
             t0 = time.monotonic()

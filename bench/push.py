@@ -50,8 +50,7 @@ def tcm_rows(mode: str, n: int, results: list[dict]) -> dict:
         "succeeded": min(r["counts"]["succeeded"] for r in results),
         "delivery": summary(received),
         "all_stored_s": max(stored_last) if stored_last else None,
-        "all_stored_median_s": sorted(stored_last)[len(stored_last) // 2] if stored_last
-        else None,
+        "all_stored_median_s": sorted(stored_last)[len(stored_last) // 2] if stored_last else None,
     }
 
 
@@ -76,16 +75,14 @@ def bench_count(n: int, modes: list[str], rounds: int, work: str) -> list[dict]:
         server.cli("settings", "set", "persistent_connections", "true")
         server.cli("settings", "set", "poll_interval", "60")
         server.cli("settings", "set", "long_poll", "30")
-        swarm = SwarmProcs(base, server, n, server.token(uses=n + 10),
-                           extra=["--backoff-max", "5"])
+        swarm = SwarmProcs(base, server, n, server.token(uses=n + 10), extra=["--backoff-max", "5"])
         try:
             swarm.start()
             server.wait_sessions(n, timeout=max(300, n / 20))
             time.sleep(2)
             if "tcm" in tcm_modes:
                 run_tcm_job(server, n, 60)  # warm-up
-                rows.append(tcm_rows("tcm", n, [run_tcm_job(server, n, 60)
-                                                for _ in range(rounds)]))
+                rows.append(tcm_rows("tcm", n, [run_tcm_job(server, n, 60) for _ in range(rounds)]))
             if "poll-60s" in tcm_modes or "long-poll" in tcm_modes:
                 server.cli("settings", "set", "long_poll", "0")
                 server.cli("settings", "set", "persistent_connections", "false")
@@ -96,21 +93,32 @@ def bench_count(n: int, modes: list[str], rounds: int, work: str) -> list[dict]:
                 if "long-poll" in tcm_modes:
                     server.cli("settings", "set", "long_poll", "30")
                     time.sleep(65)  # each agent's next poll answer turns its long-polls on
-                    rows.append(tcm_rows("long-poll", n, [run_tcm_job(server, n, 90)
-                                                          for _ in range(rounds)]))
+                    rows.append(
+                        tcm_rows(
+                            "long-poll", n, [run_tcm_job(server, n, 90) for _ in range(rounds)]
+                        )
+                    )
                 server.cli("settings", "set", "persistent_connections", "true")
         finally:
             swarm.stop()
             server.stop()
     if "floor" in modes:
         floors = [floor_measure(n) for _ in range(rounds)]
-        rows.append({
-            "mode": "floor", "agents": n, "rounds": rounds, "succeeded": n,
-            "delivery": {"p50": sorted(f["p50"] for f in floors)[rounds // 2],
-                         "p99": sorted(f["p99"] for f in floors)[rounds // 2],
-                         "last": sorted(f["last"] for f in floors)[rounds // 2], "n": n},
-            "all_stored_s": None,
-        })
+        rows.append(
+            {
+                "mode": "floor",
+                "agents": n,
+                "rounds": rounds,
+                "succeeded": n,
+                "delivery": {
+                    "p50": sorted(f["p50"] for f in floors)[rounds // 2],
+                    "p99": sorted(f["p99"] for f in floors)[rounds // 2],
+                    "last": sorted(f["last"] for f in floors)[rounds // 2],
+                    "n": n,
+                },
+                "all_stored_s": None,
+            }
+        )
     floor_last = next((r["delivery"]["last"] for r in rows if r["mode"] == "floor"), None)
     poll_last = next((r["delivery"]["last"] for r in rows if r["mode"] == "poll-60s"), None)
     for r in rows:
@@ -125,8 +133,11 @@ def main() -> int:
     p.add_argument("--counts", default="1000,10000")
     p.add_argument("--modes", default="tcm,long-poll,poll-60s,floor")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--work", default="/tmp/tcm-bench-push",
-                   help="kept between runs: agents enrolled once reconnect next time")
+    p.add_argument(
+        "--work",
+        default="/tmp/tcm-bench",
+        help="kept between runs: agents enrolled once reconnect next time",
+    )
     p.add_argument("--fresh", action="store_true", help="forget earlier identities first")
     args = p.parse_args()
     if args.fresh:
@@ -135,12 +146,21 @@ def main() -> int:
     rows: list[dict] = []
     for n in [int(x) for x in args.counts.split(",")]:
         rows.extend(bench_count(n, modes, args.rounds, args.work))
-    emit("push", rows, [
-        ("mode", "mode"), ("agents", "N"), ("succeeded", "ok"),
-        ("delivery.p50", "deliver p50 s"), ("delivery.p99", "p99 s"),
-        ("delivery.last", "last s"), ("all_stored_s", "all stored s"),
-        ("last_vs_floor", "x floor"), ("faster_than_poll_60s", "x faster than poll"),
-    ])
+    emit(
+        "push",
+        rows,
+        [
+            ("mode", "mode"),
+            ("agents", "N"),
+            ("succeeded", "ok"),
+            ("delivery.p50", "deliver p50 s"),
+            ("delivery.p99", "p99 s"),
+            ("delivery.last", "last s"),
+            ("all_stored_s", "all stored s"),
+            ("last_vs_floor", "x floor"),
+            ("faster_than_poll_60s", "x faster than poll"),
+        ],
+    )
     return 0
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-
 from types import SimpleNamespace
 from typing import Any
 

@@ -93,6 +93,12 @@ class Ledger:
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        if self.fsync:  # the rename itself must reach the disk before the step it guards
+            dir_fd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
         self._entries[job_id] = entry
         return entry
 

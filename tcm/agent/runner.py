@@ -67,8 +67,8 @@ class ActionRunner:
     def running_jobs(self) -> list[str]:
         return sorted(self._running)
 
-    def receive(self, env: Envelope) -> None:
-        """An action.request arrived (push or poll)."""
+    def receive(self, env: Envelope, received: float | None = None) -> None:
+        """An action.request arrived (push or poll), at `received` (epoch) if known."""
         data = env.data
         job_id = data["job"]
         if job_id in self._running:
@@ -77,7 +77,7 @@ class ActionRunner:
         if entry is not None:
             self._redelivered(job_id, entry)
             return
-        self._received[job_id] = time.time()
+        self._received[job_id] = received or time.time()
         now = self.reactor.seconds()
         if env.is_expired(now):
             self._log.info("job {job} arrived after it expired; not running it", job=job_id)

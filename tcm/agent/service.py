@@ -42,7 +42,10 @@ from tcm.agent.modes import ConnectionMode
 from tcm.agent.poller import Poller
 from tcm.agent.runner import ActionRunner, load_handlers
 from tcm.agent.session import AgentClientFactory, SessionRefused
+from tcm.process import stop_with_failure
 from tcm.protocol import codes
+
+DEFAULT_KEEPALIVE = 50.0
 
 
 class EnrollmentError(Exception):
@@ -55,7 +58,7 @@ class AgentConfig:
     server: str | None = None
     ca_cert: str | None = None
     token: str | None = None
-    keepalive: float = 50.0
+    keepalive: float | None = None  # None: as the server's welcome says (50 s until then)
     keepalive_timeout: float = 20.0
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
@@ -228,7 +231,11 @@ class AgentCore:
         )
         url = "wss://" + self.server.split("://", 1)[1].rstrip("/") + "/agent/v1/ws"
         factory = AgentClientFactory(
-            self, url, cfg.keepalive, cfg.keepalive_timeout, cfg.max_message_size
+            self,
+            url,
+            cfg.keepalive or DEFAULT_KEEPALIVE,
+            cfg.keepalive_timeout,
+            cfg.max_message_size,
         )
         self.session_service = ClientService(
             _AttemptWatcher(endpoint, self._attempt_failed),
@@ -273,6 +280,8 @@ class AgentCore:
             )
             self.poller.stop()
             self.mode.event("session_open", "persistent session open")
+            if self.config.keepalive is None:
+                self._adopt_keepalive(conn.protocol, conn.welcome.get("keepalive"))
             self.runner.flush()
             return conn
 
@@ -291,6 +300,21 @@ class AgentCore:
             return f
 
         return d.addCallbacks(welcomed, refused)
+
+    def _adopt_keepalive(self, protocol: Any, keepalive: Any) -> None:
+        """Ping as often as the server asks (it closes sessions that stay silent for
+        2 x keepalive + timeout), from this connection's next ping on."""
+        if not isinstance(keepalive, (int, float)) or keepalive <= 0:
+            return
+        keepalive = float(keepalive)
+        protocol.factory.autoPingInterval = keepalive  # later connections
+        if protocol.autoPingInterval == keepalive:
+            return
+        protocol.autoPingInterval = keepalive
+        pending = getattr(protocol, "autoPingPendingCall", None)
+        if pending is not None:  # the first ping was scheduled at open with the old value
+            pending.cancel()
+            protocol.autoPingPendingCall = self.clock.callLater(keepalive, protocol._sendAutoPing)
 
     def session_lost(self, protocol: Any, code: int | None, reason: str | None) -> None:
         if protocol is not self.protocol:
@@ -402,9 +426,10 @@ class AgentService(service.MultiService):
 
     _log = Logger()
 
-    def __init__(self, core: AgentCore):
+    def __init__(self, core: AgentCore, exit_on_failure: bool = True):
         super().__init__()
         self.core = core
+        self.exit_on_failure = exit_on_failure  # a swarm member's failure ends only itself
 
     def startService(self):
         service.Service.startService(self)
@@ -428,8 +453,8 @@ class AgentService(service.MultiService):
             self._log.error("{why}", why=f.getErrorMessage())
         else:
             self._log.failure("agent failed to start", f)
-        if self.core.reactor.running:
-            self.core.reactor.stop()
+        if self.exit_on_failure:
+            stop_with_failure(self.core.reactor)
 
     def stopService(self):
         service.Service.stopService(self)

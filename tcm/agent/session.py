@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import platform
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -94,12 +95,7 @@ class AgentConnection:
             return
         handler = self._handlers.get(env.type)
         if handler is None:
-            self.send(
-                env.reply(
-                    "error",
-                    {"code": codes.ERR_UNEXPECTED, "message": f"agents do not take {env.type!r}"},
-                )
-            )
+            self.send(env.error_reply(codes.ERR_UNEXPECTED, f"agents do not take {env.type!r}"))
             return
         handler(env)
 
@@ -110,7 +106,9 @@ class AgentConnection:
             self.welcomed.callback(self)
 
     def _on_action(self, env: Envelope) -> None:
-        self.agent.runner.receive(env)
+        # Note the arrival now; act on it on the next reactor turn, after whatever else the
+        # reactor has read, so that reading stays ahead of the work reading brings.
+        self.clock.callLater(0, self.agent.runner.receive, env, time.time())
 
     def _on_notify(self, env: Envelope) -> None:
         self.agent.notified(env.data)

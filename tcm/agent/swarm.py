@@ -3,7 +3,8 @@
 Each swarm member is a full agent: the same AgentCore and AgentService as `twistd tcm-agent`,
 with its own key, certificate and ledger in its own state directory, its own mutual-TLS
 session with keepalive, its own HTTPS fallback, and the real action handlers (loaded once and
-shared). Only what cannot be shared per process differs: no control socket per member, the
+shared). Each swarm process writes its counts to `swarm-<first>.json` in the state directory
+every 2 s. Only what cannot be shared per process differs: no control socket per member, the
 ledger is not fsynced (it still survives the process, not the machine), and connections come
 from several source addresses so that one (source, destination) pair does not run out of
 ports. Identities are kept in the state directory: a second run reconnects without enrolling.
@@ -28,7 +29,7 @@ from twisted.logger import Logger
 from tcm.agent.modes import DISCONNECTED, HTTP, PERSISTENT
 from tcm.agent.runner import load_handlers
 from tcm.agent.service import AgentConfig, AgentCore, AgentService
-from tcm.limits import raise_descriptor_limit
+from tcm.process import raise_descriptor_limit
 
 
 def parse_sources(spec: str | None) -> list[str | None]:
@@ -135,7 +136,7 @@ class Swarm(service.MultiService):
             )
             core = AgentCore(config, self.reactor, handlers=self.handlers)
             self.cores.append(core)
-            AgentService(core).setServiceParent(self)
+            AgentService(core, exit_on_failure=False).setServiceParent(self)
 
     def counts(self) -> dict[str, Any]:
         modes = {PERSISTENT: 0, HTTP: 0, DISCONNECTED: 0}
@@ -159,7 +160,7 @@ class Swarm(service.MultiService):
 
     def report(self) -> None:
         counts = self.counts()
-        path = os.path.join(self.state_dir, "swarm.json")
+        path = os.path.join(self.state_dir, f"swarm-{self.first}.json")
         with open(path + ".tmp", "w") as f:
             json.dump(counts, f)
         os.replace(path + ".tmp", path)

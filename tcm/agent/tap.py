@@ -25,7 +25,14 @@ class Options(usage.Options):
             "HTTP proxy for WSS and HTTPS: http://[user:pass@]host:port "
             "(CONNECT; TLS stays end to end).",
         ],
-        ["keepalive", None, 50.0, "Seconds between WebSocket pings.", float],
+        [
+            "keepalive",
+            None,
+            None,
+            "Seconds between WebSocket pings (default: as the server "
+            "says in its welcome; 50 until then).",
+            float,
+        ],
         ["keepalive-timeout", None, 20.0, "Seconds to wait for a pong.", float],
         ["backoff-max", None, 60.0, "Longest wait between reconnect attempts.", float],
         ["backoff-initial", None, 1.0, "First wait between reconnect attempts.", float],

@@ -66,7 +66,8 @@ def connect(args: argparse.Namespace) -> Api:
         except OSError as e:
             raise CliError(f"no server state in {state_dir}: {e.strerror}") from None
         url = url or meta["url"]
-        ca = ca or os.path.join(state_dir, meta.get("ca", "ca.pem"))
+        if not ca and meta.get("ca"):
+            ca = os.path.join(state_dir, meta["ca"])
         if not token:
             try:
                 with open(os.path.join(state_dir, meta.get("token", "admin.token"))) as f:

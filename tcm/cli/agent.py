@@ -150,7 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         help="number of the first agent (to run several swarm processes on one state directory)",
     )
     s.add_argument("--rate", type=float, default=500.0, help="agents started per second")
-    s.add_argument("--keepalive", type=float, default=50.0)
+    s.add_argument(
+        "--keepalive",
+        type=float,
+        default=None,
+        help="seconds between pings (default: as the server says)",
+    )
     s.add_argument("--backoff-max", type=float, default=60.0)
     s.add_argument("--duration", type=float, help="stop after this many seconds")
     s.add_argument("--verbose", action="store_true", help="every agent's info log lines")

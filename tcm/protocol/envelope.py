@@ -56,6 +56,10 @@ class Envelope:
         """An envelope answering this one."""
         return Envelope(type=type, data=data, in_reply_to=self.id, **kw)
 
+    def error_reply(self, code: str, message: str) -> Envelope:
+        """The `error` envelope that answers this one."""
+        return Envelope(type="error", data={"code": code, "message": message}, in_reply_to=self.id)
+
     def is_expired(self, now: float) -> bool:
         return self.expires is not None and now >= self.expires
 

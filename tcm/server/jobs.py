@@ -121,12 +121,13 @@ class JobBook:
         self._by_agent: dict[str, set[str]] = {}
 
     def add(self, job: Job, targets: dict[str, TargetState]) -> None:
-        """Track a job and its unfinished targets (all of them for a new job)."""
+        """Track a job and (more of) its unfinished targets: all of them for a new job, one
+        again when its result could not be stored."""
         active = {a: s for a, s in targets.items() if s not in TERMINAL}
         if not active:
             return
         self.jobs[job.id] = job
-        self._targets[job.id] = active
+        self._targets.setdefault(job.id, {}).update(active)
         for agent_id in active:
             self._by_agent.setdefault(agent_id, set()).add(job.id)
 

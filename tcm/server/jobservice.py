@@ -13,6 +13,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from tcm.server.dispatcher import Dispatcher
 from tcm.server.jobs import TERMINAL, Accept, Change, Job, JobBook, TargetState, summarize
@@ -45,6 +46,7 @@ class JobService:
         self._capabilities_of = capabilities_of
         self._known_agents = known_agents
         self._followers: dict[str, list[Callable[[dict[str, Any]], None]]] = {}
+        self._committing: dict[tuple[str, str], Deferred] = {}  # results not yet committed
         self._expiry = LoopingCall(self.expire)
         self._expiry.clock = clock
 
@@ -219,6 +221,9 @@ class JobService:
         """Record a target's outcome. Fires True when stored now, False for a duplicate."""
         target_state = TargetState(state)
         now = self.clock.seconds()
+        committing = self._committing.get((job_id, agent_id))
+        if committing is not None:  # the same result again while the first is committed:
+            return self._after(committing, False)  # acknowledged once that commit is done
         current = self.book.state(job_id, agent_id)
         if current is None:
             return succeed(False)  # already stored (a redelivered result), or unknown
@@ -231,9 +236,12 @@ class JobService:
         ).addCallback(lambda _: True)
 
     def _finish(self, job_id, agent_id, state, result, error, started, finished, received=None):
+        previous = self.book.state(job_id, agent_id)
+        job = self.book.jobs.get(job_id)
         changes = self.book.finish(job_id, agent_id, state, self.clock.seconds())
         if not changes:
             return succeed(None)
+        key = (job_id, agent_id)
         d = self.store.store_result(
             job_id,
             agent_id,
@@ -245,6 +253,21 @@ class JobService:
             received,
             stored=self.clock.seconds(),
         )
+        self._committing[key] = d
+
+        def committed(value):
+            self._committing.pop(key, None)
+            return value
+
+        def not_committed(f):
+            # Not stored: back into the working set, so that the agent (which keeps the
+            # result until it is acknowledged) sends it again and it is stored then.
+            self._committing.pop(key, None)
+            if job is not None and previous is not None:
+                self.book.add(job, {agent_id: previous})
+            return f
+
+        d.addCallbacks(committed, not_committed)
         self._notify(
             job_id,
             {
@@ -256,6 +279,21 @@ class JobService:
             },
         )
         return d
+
+    @staticmethod
+    def _after(d: Deferred, value: Any) -> Deferred:
+        """A Deferred firing with `value` once `d` has fired (leaving d's result alone)."""
+        out: Deferred = Deferred()
+
+        def fire(result):
+            if isinstance(result, Failure):
+                out.errback(result)
+            else:
+                out.callback(value)
+            return result
+
+        d.addBoth(fire)
+        return out
 
     def expire(self) -> None:
         changes = self.book.expire(self.clock.seconds())

@@ -18,7 +18,7 @@ from twisted.web.server import Site
 
 import tcm
 from tcm import pki
-from tcm.limits import raise_descriptor_limit
+from tcm.process import raise_descriptor_limit, stop_with_failure
 from tcm.protocol import codes
 from tcm.protocol.envelope import Envelope
 from tcm.server.adminapi import AdminAPI
@@ -337,7 +337,13 @@ class ServerCore:
         pki.write_public(
             os.path.join(cfg.state_dir, "server.json"),
             json.dumps(
-                {"url": f"https://{host}:{cfg.port}", "ca": "ca.pem", "token": "admin.token"},
+                {
+                    "url": f"https://{host}:{cfg.port}",
+                    # with an admin-supplied certificate the CLI trusts the system store (or
+                    # --ca-cert); the tcm CA then only verifies agents
+                    "ca": None if cfg.cert else "ca.pem",
+                    "token": "admin.token",
+                },
                 indent=1,
             ).encode(),
         )
@@ -356,8 +362,9 @@ class ServerCore:
                 agent=session.agent_id,
                 t=session.last_rx,
             )
+            # A close frame with 4008; if the peer is really gone, Autobahn drops the TCP
+            # connection when its close handshake times out (closeHandshakeTimeout).
             session.close(codes.CLOSE_KEEPALIVE)
-            session.transport.dropConnection(abort=True)
 
 
 class _AgentV1(Resource):
@@ -410,6 +417,11 @@ class ServerService(service.MultiService):
         super().__init__()
         self.core = core
 
+    def privilegedStartService(self):
+        # twistd binds ports here, before startService; the listener binds in startService
+        # below instead, once the store is migrated and the working set loaded.
+        service.Service.privilegedStartService(self)
+
     def startService(self):
         # Listen only once the store is migrated and the working set loaded.
         service.Service.startService(self)
@@ -419,7 +431,7 @@ class ServerService(service.MultiService):
 
     def _fatal(self, f):
         Logger().failure("server failed to start", f)
-        self.core.reactor.stop()
+        stop_with_failure(self.core.reactor)
 
     def stopService(self):
         service.Service.stopService(self)

@@ -96,25 +96,12 @@ class AgentSession:
                 self.close(codes.CLOSE_PROTOCOL_ERROR, "first message must be a valid hello")
             return
         if self.state is SessionState.AWAITING_HELLO and env.type != "hello":
-            self.send(
-                env.reply(
-                    "error",
-                    {"code": codes.ERR_UNEXPECTED, "message": "first message must be hello"},
-                )
-            )
+            self.send(env.error_reply(codes.ERR_UNEXPECTED, "first message must be hello"))
             self.close(codes.CLOSE_PROTOCOL_ERROR, "first message must be hello")
             return
         handler = self._handlers.get(env.type)
         if handler is None:
-            self.send(
-                env.reply(
-                    "error",
-                    {
-                        "code": codes.ERR_UNEXPECTED,
-                        "message": f"agents may not send {env.type!r}",
-                    },
-                )
-            )
+            self.send(env.error_reply(codes.ERR_UNEXPECTED, f"agents may not send {env.type!r}"))
             return
         try:
             handler(env)
@@ -126,22 +113,12 @@ class AgentSession:
                 agent=self.agent_id,
             )
             self.send(
-                env.reply(
-                    "error",
-                    {
-                        "code": codes.ERR_INTERNAL,
-                        "message": "the server failed to handle this message",
-                    },
-                )
+                env.error_reply(codes.ERR_INTERNAL, "the server failed to handle this message")
             )
 
     def _on_hello(self, env: Envelope) -> None:
         if self.state is not SessionState.AWAITING_HELLO:
-            self.send(
-                env.reply(
-                    "error", {"code": codes.ERR_UNEXPECTED, "message": "hello already received"}
-                )
-            )
+            self.send(env.error_reply(codes.ERR_UNEXPECTED, "hello already received"))
             return
         data = env.data
         self.capabilities = {c["name"]: c for c in data["capabilities"]}
@@ -158,12 +135,8 @@ class AgentSession:
     def _on_request(self, env: Envelope) -> None:
         if self.in_flight >= self.hub.max_in_flight:
             self.send(
-                env.reply(
-                    "error",
-                    {
-                        "code": codes.ERR_IN_FLIGHT,
-                        "message": f"more than {self.hub.max_in_flight} requests in flight",
-                    },
+                env.error_reply(
+                    codes.ERR_IN_FLIGHT, f"more than {self.hub.max_in_flight} requests in flight"
                 )
             )
             return
@@ -181,10 +154,7 @@ class AgentSession:
                 path=env.data.get("path"),
                 agent=self.agent_id,
             )
-            return env.reply(
-                "error",
-                {"code": codes.ERR_INTERNAL, "message": "the server failed to answer this request"},
-            )
+            return env.error_reply(codes.ERR_INTERNAL, "the server failed to answer this request")
 
         self.hub.handle_request(self, env).addErrback(failed).addCallback(answered)
 

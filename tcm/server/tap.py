@@ -40,7 +40,15 @@ class Options(usage.Options):
             "Server certificate (PEM, may include the chain) instead of a self-made one.",
         ],
         ["key", None, None, "Private key of --cert (PEM)."],
-        ["keepalive", None, 50.0, "Seconds between the agents' WebSocket pings.", float],
+        [
+            "keepalive",
+            None,
+            50.0,
+            "Seconds between the agents' WebSocket pings (sent to "
+            "agents in welcome); silent sessions are closed after "
+            "2 x keepalive + 20 s.",
+            float,
+        ],
         ["poll-interval", None, 60.0, "Seconds between polls of agents in HTTP mode.", float],
         [
             "long-poll",

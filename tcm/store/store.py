@@ -53,7 +53,9 @@ def make_engine(url: str) -> Engine:
         def _pragmas(dbapi_conn, _record):  # WAL: readers never block the writer
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
+            # FULL: a result is acknowledged to its agent after its commit, so the commit must
+            # survive a power loss too; group commit pays the fsync once per batch.
+            cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=5000")
             cur.close()

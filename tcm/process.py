@@ -1,8 +1,10 @@
-"""Process limits that a server or a swarm holding many connections needs."""
+"""Process-level concerns of the daemons: the descriptor limit, exiting on a failed start."""
 
 from __future__ import annotations
 
+import os
 import resource
+from typing import Any
 
 
 def raise_descriptor_limit() -> int:
@@ -15,3 +17,13 @@ def raise_descriptor_limit() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def stop_with_failure(reactor: Any) -> None:
+    """Stop the reactor (now, or as soon as it runs) and exit with status 1 afterwards:
+    a daemon that cannot start must not linger, nor report success to its supervisor."""
+    reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+    if reactor.running:
+        reactor.stop()
+    else:
+        reactor.callWhenRunning(reactor.stop)

@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Sessions one server process holds over mutual TLS: RSS per session, idle CPU with the
+default keepalive (agents ping every 50 s), and how fast N agents get connected.
+
+Starts a twistd tcm-server and `tcm-agent swarm` processes (real agents) on loopback; the
+agents were enrolled on a first run and keep their identities in --work, so the connect time
+is the reconnect of already-enrolled agents (TLS handshake + upgrade + hello/welcome).
+
+Usage: .venv/bin/python bench/sessions.py [--counts 1000,10000,19000] [--idle 60] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import BenchServer, SwarmProcs, cpu_percent, emit  # noqa: E402
+
+
+def measure(n: int, idle: float, work: str) -> dict:
+    base = os.path.join(work, f"n{n}")
+    os.makedirs(base, exist_ok=True)
+    enrolled = os.path.isdir(os.path.join(base, "swarm"))
+    server = BenchServer(base)
+    server.start()
+    swarm = SwarmProcs(base, server, n, server.token(uses=n + 10), extra=["--backoff-max", "5"])
+    try:
+        time.sleep(1)
+        rss0 = server.ps().memory_info().rss
+        t0 = time.monotonic()
+        swarm.start()
+        server.wait_sessions(n, timeout=max(600, n / 10))
+        connect_s = time.monotonic() - t0
+        time.sleep(5)  # settle: handshakes, hellos and their store writes done
+        rss1 = server.ps().memory_info().rss
+        cpu = cpu_percent(server.ps(), idle)
+        sessions = server.status()["sessions"]
+        swarm_rss = swarm.rss()
+    finally:
+        swarm.stop()
+        server.stop()
+    return {
+        "sessions": sessions,
+        "target": n,
+        "connect_s": round(connect_s, 2),
+        "accepts_per_s": round(n / connect_s, 1),
+        "first_run_enrolled": not enrolled,
+        "server_rss_mb": round(rss1 / 2**20, 1),
+        "rss_per_session_kb": round((rss1 - rss0) / n / 1024, 1),
+        "idle_cpu_pct": round(cpu, 2),
+        "idle_window_s": idle,
+        "swarm_rss_per_agent_kb": round(swarm_rss / n / 1024, 1),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--counts", default="1000,10000,19000")
+    p.add_argument(
+        "--idle",
+        type=float,
+        default=60.0,
+        help="seconds of idle CPU sampling (>= keepalive to include pings)",
+    )
+    p.add_argument("--work", default="/tmp/tcm-bench")
+    args = p.parse_args()
+    rows = [measure(int(n), args.idle, args.work) for n in args.counts.split(",")]
+    emit(
+        "sessions",
+        rows,
+        [
+            ("sessions", "sessions"),
+            ("connect_s", "connect s"),
+            ("accepts_per_s", "accepts/s"),
+            ("rss_per_session_kb", "KB/session"),
+            ("server_rss_mb", "server MB"),
+            ("idle_cpu_pct", "idle CPU %"),
+            ("swarm_rss_per_agent_kb", "swarm KB/agent"),
+            ("first_run_enrolled", "enrolled now"),
+        ],
+        notes=["connect s includes enrollment when 'enrolled now' is True (first run)."],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

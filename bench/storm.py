@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Reconnect storm: N connected agents, the server restarted (stopped, started again at
+once); how long until 50 / 99 / 100 % of the agents have a session again, how many attempts
+failed meanwhile, the server's peak CPU and RSS, and that a job created right after the
+restart reaches every agent exactly once.
+
+Usage: .venv/bin/python bench/storm.py [--counts 10000] [--kill] [--work DIR]
+       --kill restarts with SIGKILL instead of SIGTERM (a crash, not a shutdown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import BenchServer, SwarmProcs, emit, run_job  # noqa: E402
+
+
+def swarm_attempts(state_dir: str) -> int:
+    total = 0
+    for path in glob.glob(os.path.join(state_dir, "swarm-*.json")):
+        try:
+            with open(path) as f:
+                total += json.load(f)["reconnect_attempts"]
+        except (OSError, ValueError, KeyError):
+            pass
+    return total
+
+
+class Sampler(threading.Thread):
+    """Peak CPU (% of one core) and RSS of the server process, sampled every 0.5 s."""
+
+    def __init__(self, server: BenchServer):
+        super().__init__(daemon=True)
+        self.server = server
+        self.peak_cpu = 0.0
+        self.peak_rss = 0
+        self.stop_at = time.monotonic() + 600
+        self.running = True
+
+    def run(self) -> None:
+        while self.running and time.monotonic() < self.stop_at:
+            try:
+                proc = self.server.ps()
+                proc.cpu_percent(None)
+                time.sleep(0.5)
+                self.peak_cpu = max(self.peak_cpu, proc.cpu_percent(None))
+                self.peak_rss = max(self.peak_rss, proc.memory_info().rss)
+            except Exception:
+                time.sleep(0.1)
+
+
+def measure(n: int, kill: bool, work: str) -> dict:
+    base = os.path.join(work, f"n{n}")
+    os.makedirs(base, exist_ok=True)
+    server = BenchServer(base)
+    server.start()
+    swarm = SwarmProcs(base, server, n, server.token(uses=n + 10))
+    try:
+        swarm.start()
+        server.wait_sessions(n, timeout=max(600, n / 10))
+        time.sleep(3)
+        attempts_before = swarm_attempts(swarm.state_dir)
+        t0 = time.monotonic()
+        if kill:
+            server.kill()
+        else:
+            server.signal(signal.SIGTERM)
+            server.proc.wait(60)  # type: ignore[union-attr]
+        down_s = time.monotonic() - t0
+        server.start()  # same port, same state
+        sampler = Sampler(server)
+        sampler.start()
+        marks: dict[str, float] = {}
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            s = server.status()["sessions"]
+            for name, frac in (("50", 0.5), ("99", 0.99), ("100", 1.0)):
+                if name not in marks and s >= frac * n:
+                    marks[name] = time.monotonic() - t0
+            if "100" in marks:
+                break
+            time.sleep(0.25)
+        sampler.running = False
+        job = run_job(server.api(), {"action": "ping", "targets": "all"}, n, 120)
+        attempts = swarm_attempts(swarm.state_dir) - attempts_before
+    finally:
+        swarm.stop()
+        server.stop()
+    return {
+        "agents": n,
+        "restart": "SIGKILL" if kill else "SIGTERM",
+        "server_down_s": round(down_s, 2),
+        "back_50pct_s": marks.get("50"),
+        "back_99pct_s": marks.get("99"),
+        "back_100pct_s": marks.get("100"),
+        "failed_attempts": attempts,
+        "peak_cpu_pct": sampler.peak_cpu,
+        "peak_rss_mb": round(sampler.peak_rss / 2**20, 1),
+        "job_after": job["counts"],
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--counts", default="10000")
+    p.add_argument("--kill", action="store_true")
+    p.add_argument("--work", default="/tmp/tcm-bench")
+    args = p.parse_args()
+    rows = [measure(int(n), args.kill, args.work) for n in args.counts.split(",")]
+    emit(
+        "storm",
+        rows,
+        [
+            ("agents", "agents"),
+            ("restart", "restart"),
+            ("back_50pct_s", "50% s"),
+            ("back_99pct_s", "99% s"),
+            ("back_100pct_s", "100% s"),
+            ("failed_attempts", "failed attempts"),
+            ("peak_cpu_pct", "peak CPU %"),
+            ("peak_rss_mb", "peak RSS MB"),
+            ("job_after.succeeded", "job ok after"),
+        ],
+        notes=["times from the stop signal; the server starts again at once on the same port"],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
