@@ -17,6 +17,16 @@ from autobahn.wamp.types import TransportDetails
 _Base: Any = Any if TYPE_CHECKING else object
 
 
+def bind_options(factory: Any) -> None:
+    """Give `factory` its own protocol subclass that carries the factory's WebSocket options
+    as class attributes. Autobahn copies every option it does not find on the protocol into
+    each connection's __dict__ (some forty of them); on the class they cost nothing per
+    connection, and each factory keeps its own values."""
+    base = factory.protocol
+    options = {name: getattr(factory, name) for name in base.CONFIG_ATTRS}
+    factory.protocol = type(base.__name__, (base,), {**options, "__module__": base.__module__})
+
+
 class LeanWebSocketMixin(_Base):
     """Mix in before Autobahn's Twisted WebSocket protocol class."""
 

@@ -32,7 +32,7 @@ class Echo:
 
     name = "echo"
     streams = False
-    task = False
+    task = True  # asks the server before it runs (the accept gate)
     schema = {
         "type": "object",
         "properties": {"text": {"type": "string", "maxLength": 10}},
@@ -78,7 +78,7 @@ class Refuses:
 
     name = "refuses"
     streams = False
-    task = False
+    task = True  # asks the server before it runs (the accept gate)
     schema: dict[str, Any] = {}
 
     def run(self, context, args):
@@ -91,7 +91,7 @@ class Crashes:
 
     name = "crashes"
     streams = False
-    task = False
+    task = True  # asks the server before it runs (the accept gate)
     schema: dict[str, Any] = {}
 
     def run(self, context, args):
@@ -498,3 +498,71 @@ def test_jobs_run_independently(w):
     w.slow.pending[1].callback({"n": 2})
     assert w.runner.running_jobs() == ["j1"]
     assert w.state("j2") == FINISHED and w.state("j1") == STARTED
+
+
+class QuickPing:
+    """A quick action: neither a task nor streaming."""
+
+    name = "quickping"
+    streams = False
+    task = False
+    schema: dict = {"type": "object"}
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def run(self, context, args):
+        self.runs += 1
+        return {"pong": True}
+
+
+def quick_runner(tmp_path):
+    from twisted.internet.task import Clock
+
+    from tcm.agent.ledger import Ledger
+    from tcm.agent.runner import ActionRunner
+
+    clock = Clock()
+    clock.advance(1000.0)
+    link = FakeLink()
+    handler = QuickPing()
+    runner = ActionRunner(
+        {"quickping": handler}, Ledger(str(tmp_path), fsync=False), link, clock, None
+    )
+    return runner, link, handler, clock
+
+
+def quick_request(job: str, expires: float):
+    from tcm.protocol.envelope import Envelope
+
+    return Envelope(
+        type="action.request",
+        id=f"req-{job}",
+        expires=expires,
+        data={"job": job, "action": "quickping", "args": {}},
+    )
+
+
+def test_a_quick_action_runs_without_the_accept_round_trip(tmp_path):
+    runner, link, handler, _clock = quick_runner(tmp_path)
+    runner.receive(quick_request("q1", 2000.0))
+    assert handler.runs == 1
+    assert link.paths() == ["POST /agent/v1/jobs/q1/result"]
+    assert link.calls[0][2]["state"] == "succeeded"
+    link.answer(200, {"stored": True})
+    runner.receive(quick_request("q1", 2000.0))  # redelivered: the ledger knows it
+    assert handler.runs == 1
+
+
+def test_expiry_is_judged_on_the_server_clock(tmp_path):
+    runner, link, handler, _clock = quick_runner(tmp_path)
+    # this machine's clock says 1000; the server's says 1500: a request expiring at 1200
+    # has expired, though it would not have on the local clock
+    runner.learn_server_time(1500.0)
+    runner.receive(quick_request("q2", 1200.0))
+    assert handler.runs == 0
+    assert link.calls[0][2]["state"] == "expired"
+    # and the other way round: the server is behind, the request is still good
+    runner.learn_server_time(800.0)
+    runner.receive(quick_request("q3", 900.0))
+    assert handler.runs == 1

@@ -84,6 +84,7 @@ class Poller:
         self._failures = 0
         self.poll_interval = float(body.get("poll_interval", self.poll_interval))
         self.long_poll = float(body.get("long_poll", 0))
+        self.core.runner.learn_server_time(body.get("server_time"))
         self.core.mode.event("poll_ok", "HTTPS poll answered")
         for raw in body.get("requests", []):
             try:

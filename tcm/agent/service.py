@@ -307,7 +307,7 @@ class AgentCore:
         if not isinstance(keepalive, (int, float)) or keepalive <= 0:
             return
         keepalive = float(keepalive)
-        protocol.factory.autoPingInterval = keepalive  # later connections
+        type(protocol).autoPingInterval = keepalive  # later connections (wsbase.bind_options)
         if protocol.autoPingInterval == keepalive:
             return
         protocol.autoPingInterval = keepalive

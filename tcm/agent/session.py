@@ -23,7 +23,7 @@ from tcm import pki
 from tcm.agent.link import CallFailed, Response
 from tcm.protocol import codes
 from tcm.protocol.envelope import Envelope, ProtocolError, decode, encode, error_for
-from tcm.wsbase import LeanWebSocketMixin
+from tcm.wsbase import LeanWebSocketMixin, bind_options
 
 
 class SessionRefused(Exception):
@@ -101,6 +101,7 @@ class AgentConnection:
 
     def _on_welcome(self, env: Envelope) -> None:
         self.welcome = env.data
+        self.agent.runner.learn_server_time(env.data.get("server_time"))
         self._open = True
         if not self.welcomed.called:
             self.welcomed.callback(self)
@@ -226,3 +227,4 @@ class AgentClientFactory(WebSocketClientFactory):
             closeHandshakeTimeout=5,
             perMessageCompressionOffers=[],
         )
+        bind_options(self)

@@ -66,6 +66,7 @@ DATA: dict[str, dict[str, Any]] = {
             "max_message_size": {"type": "integer", "minimum": 0},
             "max_in_flight": {"type": "integer", "minimum": 1},
             "server_version": {"type": "string"},
+            "server_time": {"type": "number"},
         },
     },
     # server -> agent: run an action. The same bytes go to every target of a job.

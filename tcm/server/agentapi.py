@@ -151,6 +151,7 @@ class AgentAPI(JsonRouter):
             "poll_interval": s["poll_interval"],
             "long_poll": s["long_poll"],
             "persistent_connections": s["persistent_connections"],
+            "server_time": self.core.clock.seconds(),
         }
 
 

@@ -145,6 +145,7 @@ class AgentHub:
             "max_message_size": cfg.max_message_size,
             "max_in_flight": cfg.max_in_flight,
             "server_version": tcm.__version__,
+            "server_time": self.core.clock.seconds(),
         }
 
     def session_opened(self, session: AgentSession, hello: dict[str, Any]) -> None:

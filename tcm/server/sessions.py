@@ -16,6 +16,7 @@ Session rules (docs/protocol.md):
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -23,6 +24,28 @@ from twisted.logger import Logger
 
 from tcm.protocol import codes
 from tcm.protocol.envelope import Envelope, ProtocolError, decode, encode, error_for, new_id
+
+
+class Interner:
+    """Shares equal, read-only dicts between sessions: most agents declare the same
+    capabilities, run the same version and negotiate the same TLS, and at tens of thousands
+    of sessions one copy each is what memory per session is made of."""
+
+    def __init__(self, limit: int = 4096):
+        self._cache: dict[str, Any] = {}
+        self._limit = limit
+
+    def __call__(self, value: Any) -> Any:
+        key = json.dumps(value, sort_keys=True, separators=(",", ":"))
+        shared = self._cache.get(key)
+        if shared is None:
+            if len(self._cache) >= self._limit:
+                self._cache.clear()
+            shared = self._cache[key] = value
+        return shared
+
+
+intern = Interner()
 
 
 class SessionTransport(Protocol):
@@ -121,12 +144,11 @@ class AgentSession:
             self.send(env.error_reply(codes.ERR_UNEXPECTED, "hello already received"))
             return
         data = env.data
-        self.capabilities = {c["name"]: c for c in data["capabilities"]}
+        self.capabilities = intern({c["name"]: c for c in data["capabilities"]})
         self.hostname = data.get("hostname", "")
-        self.info = {
-            "agent_version": data["agent_version"],
-            "platform": data.get("platform", ""),
-        }
+        self.info = intern(
+            {"agent_version": data["agent_version"], "platform": data.get("platform", "")}
+        )
         self.state = SessionState.OPEN
         welcome = self.hub.welcome_for(self)
         self.send(env.reply("welcome", welcome))

@@ -16,9 +16,9 @@ from twisted.logger import Logger
 from tcm import pki
 from tcm.protocol import codes
 from tcm.server.envelope_http import PeerView
-from tcm.server.sessions import AgentSession
+from tcm.server.sessions import AgentSession, intern
 from tcm.server.web import ApiError
-from tcm.wsbase import LeanWebSocketMixin
+from tcm.wsbase import LeanWebSocketMixin, bind_options
 
 if TYPE_CHECKING:
     from tcm.server.service import ServerCore
@@ -55,7 +55,7 @@ class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type:
             route=core.direct_route,
             max_message_size=core.config.max_message_size,
         )
-        self.session.tls = pki.negotiated_tls(self.transport)
+        self.session.tls = intern(pki.negotiated_tls(self.transport))
         self.peer_view = PeerView(self.transport, agent_id)
         return codes.SUBPROTOCOL
 
@@ -124,3 +124,4 @@ class AgentServerFactory(WebSocketServerFactory):
             closeHandshakeTimeout=5,
             perMessageCompressionAccept=lambda offers: None,
         )
+        bind_options(self)
