@@ -135,18 +135,21 @@ def run_job(api: Api, body: dict[str, Any], total: int, timeout: float) -> dict[
     created = api.call("POST", "/jobs", body)["job"]
     deadline = time.monotonic() + timeout
     while True:
-        job = api.call("GET", f"/jobs/{created}")
+        job = api.call("GET", f"/jobs/{created}?results=false")  # counts only: cheap
         if job["counts"]["completed"] >= total or time.monotonic() > deadline:
             break
         time.sleep(0.2)
+    job = api.call("GET", f"/jobs/{created}")  # every target, once, at the end
     t0 = job["created_at"]
-    accepted = sorted(r["started_at"] - t0 for r in job["results"] if r["started_at"])
-    stored = sorted(r["finished_at"] - t0 for r in job["results"] if r["finished_at"])
+    results = job["results"]
     return {
         "job": created,
         "counts": job["counts"],
-        "accepted": accepted,  # the agent had it and asked to run it (server clock)
-        "stored": stored,  # its result stored (server clock)
+        # server clock: written to the agent's session; agent clock (same machine): the
+        # agent had the request; server clock: its result stored
+        "sent": sorted(r["delivered_at"] - t0 for r in results if r["delivered_at"]),
+        "received": sorted(r["received_at"] - t0 for r in results if r["received_at"]),
+        "stored": sorted(r["stored_at"] - t0 for r in results if r["stored_at"]),
     }
 
 
@@ -202,4 +205,4 @@ def bounded(seconds: float) -> Callable[[], bool]:
     return lambda: time.monotonic() < deadline
 
 
-__all__ = ["BenchServer", "SwarmProcs", "free_port", "wait_until", "PYTHON", "ROOT"]
+__all__ = ["Api", "BenchServer", "SwarmProcs", "free_port", "wait_until", "PYTHON", "ROOT"]

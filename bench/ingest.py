@@ -144,7 +144,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--count", type=int, default=10000)
     p.add_argument("--baseline-count", type=int, default=2000)
-    p.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test")
+    p.add_argument("--postgres", default="postgresql+psycopg2://postgres@127.0.0.1:5432/test")
     p.add_argument("--no-postgres", dest="postgres", action="store_const", const=None)
     args = p.parse_args()
     task.react(lambda reactor: run(reactor, args))

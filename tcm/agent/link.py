@@ -91,12 +91,13 @@ class _CountingFactory(WrappingFactory):
 class CountingEndpoint:
     """Counts the bytes of each connection it makes; used under TLS, so it sees the wire."""
 
-    def __init__(self, inner: Any):
+    def __init__(self, inner: Any, total: Traffic | None = None):
         self._inner = inner
         self.current = Traffic()
+        self._total = total  # count every connection into one (the HTTPS fallback's)
 
     def connect(self, factory: Any):
-        self.current = traffic = Traffic()
+        self.current = traffic = self._total or Traffic()
         d = self._inner.connect(_CountingFactory(factory, traffic))
         return d.addCallback(lambda wrapper: wrapper.wrappedProtocol)
 
@@ -108,6 +109,7 @@ def server_endpoint(
     proxy: Any = None,
     count: bool = False,
     bind: str | None = None,
+    traffic: Traffic | None = None,
 ):
     """The TLS client endpoint for a server URL, through an HTTP proxy when one is given,
     from source address `bind` when one is given (the swarm spreads its agents over several).
@@ -118,7 +120,9 @@ def server_endpoint(
         inner = proxy.endpoint_to(reactor, host, port)
     else:
         bind_address = (bind, 0) if bind else None
-        inner = HostnameEndpoint(reactor, host, port, timeout=15, bindAddress=bind_address)
+        inner = HostnameEndpoint(reactor, host, port, timeout=30, bindAddress=bind_address)
+    if traffic is not None:  # add this connection's bytes to a running total
+        inner = CountingEndpoint(inner, traffic)
     counting = CountingEndpoint(inner) if count else None
     endpoint = wrapClientTLS(identity.tls_options(host), counting or inner)
     return (endpoint, counting) if count else endpoint
@@ -126,15 +130,30 @@ def server_endpoint(
 
 @implementer(IAgentEndpointFactory)
 class _EndpointFactory:
-    def __init__(self, reactor: Any, identity: Identity, proxy: Any, bind: str | None = None):
+    def __init__(
+        self,
+        reactor: Any,
+        identity: Identity,
+        proxy: Any,
+        bind: str | None = None,
+        traffic: Traffic | None = None,
+    ):
         self._reactor = reactor
         self._identity = identity
         self._proxy = proxy
         self._bind = bind
+        self._traffic = traffic
 
     def endpointForURI(self, uri):
         url = f"https://{uri.host.decode()}:{uri.port}"
-        return server_endpoint(self._reactor, url, self._identity, self._proxy, bind=self._bind)
+        return server_endpoint(
+            self._reactor,
+            url,
+            self._identity,
+            self._proxy,
+            bind=self._bind,
+            traffic=self._traffic,
+        )
 
 
 class HttpsClient:
@@ -158,12 +177,11 @@ class HttpsClient:
         pool.maxPersistentPerHost = 2
         pool.cachedConnectionTimeout = 60
         self._pool = pool
+        self.traffic = Traffic()  # bytes on the wire of every HTTPS connection, TLS included
         agent = Agent.usingEndpointFactory(
-            reactor, _EndpointFactory(reactor, identity, proxy, bind), pool=pool
+            reactor, _EndpointFactory(reactor, identity, proxy, bind, self.traffic), pool=pool
         )
         self._http = treq.client.HTTPClient(agent)
-        self.bytes_sent = 0
-        self.bytes_received = 0
 
     @inlineCallbacks
     def call(self, method: str, path: str, body: Any = None, timeout: float | None = None):
@@ -182,8 +200,6 @@ class HttpsClient:
             raw = yield resp.content()
         except Exception as e:
             raise CallFailed(f"{method} {path} over HTTPS: {pki.describe_tls_error(e)}") from e
-        self.bytes_sent += len(data or b"") + len(path) + 64
-        self.bytes_received += len(raw)
         parsed: Any = None
         if raw:
             try:

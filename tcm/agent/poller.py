@@ -97,7 +97,9 @@ class Poller:
         # Where the server allows long-polls the next poll goes out at once (and is held);
         # otherwise at the poll interval.
         long_polling = self.use_long_poll and self.long_poll > 0
-        self._schedule(0 if long_polling else self.poll_interval)
+        # +-10 %: agents that fell back together (a server switch) drift apart instead of
+        # polling in one wave forever
+        self._schedule(0 if long_polling else self.poll_interval * random.uniform(0.9, 1.1))
 
     def _failed(self, failure: Any) -> None:
         self._inflight = None

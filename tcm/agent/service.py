@@ -69,7 +69,7 @@ class AgentConfig:
     long_poll: bool = True  # use long-polls in HTTP mode where the server allows them
     control_socket: bool = True
     bind_address: str | None = None  # source address of connections (swarm)
-    fallback_delay: float = 2.0  # seconds (jittered) before the first poll after a session loss
+    fallback_delay: float = 30.0  # seconds (jittered) before polling after a session loss
 
 
 class AgentState:
@@ -251,18 +251,24 @@ class AgentCore:
         self._log.info("connection mode {old} -> {new}: {reason}", old=old, new=new, reason=reason)
 
     def _fall_back(self, reason: str, at_once: bool = False) -> None:
-        """No session: work over HTTPS until the session is back. The first poll waits a
-        jittered moment (the session often comes straight back, as after a server restart,
-        and a fleet should not poll in one wave); the owner's disconnect polls at once."""
+        """No session: work over HTTPS until the session is back.
+
+        When the server (or a proxy, or the endpoint's owner) says no on purpose, polling
+        starts at once. After a session that was simply lost (a server restart, a network
+        blip) the first poll waits `fallback_delay` seconds, jittered: the session usually
+        comes back first, and ten thousand agents polling while they also reconnect would
+        double the load of a reconnect storm."""
         delay = 0.0 if at_once else self.config.fallback_delay * (0.5 + 0.5 * random.random())
         self.poller.start(reason, delay)
 
-    def _attempt_failed(self, reason: str) -> None:
-        """A connection attempt failed before the WebSocket opened (TCP, TLS, proxy)."""
+    def _attempt_failed(self, reason: str, deliberate: bool = False) -> None:
+        """A connection attempt failed before the WebSocket opened (TCP, TLS, proxy).
+        `deliberate`: something said no on purpose (a proxy refusing CONNECT), not a
+        server that is down or busy."""
         self.reconnects += 1
         self.last_refusal = reason
         self._log.warn("persistent connection attempt failed: {why}", why=reason)
-        self._fall_back(f"persistent connection failed: {reason}")
+        self._fall_back(f"persistent connection failed: {reason}", at_once=deliberate)
 
     def _session_ready(self, protocol: Any) -> Deferred:
         """ClientService waits on this: a session counts only once the server welcomed it."""
@@ -296,7 +302,7 @@ class AgentCore:
             why = describe_close(f.value.code, f.value.reason)
             self.last_refusal = why
             self._log.warn("persistent session refused: {why}", why=why)
-            self._fall_back(f"persistent session refused: {why}")
+            self._fall_back(f"persistent session refused: {why}", at_once=switched_off(f.value))
             return f
 
         return d.addCallbacks(welcomed, refused)
@@ -326,7 +332,9 @@ class AgentCore:
         why = describe_close(code, reason)
         self._log.info("persistent session closed: {why}", why=why)
         self.mode.event("session_lost", why)
-        self._fall_back(f"persistent session closed: {why}")
+        self._fall_back(
+            f"persistent session closed: {why}", at_once=code == codes.CLOSE_PERSISTENT_OFF
+        )
 
     def notified(self, data: dict[str, Any]) -> None:
         self._log.info("server notifies {topic}", topic=data.get("topic"))
@@ -383,6 +391,8 @@ class AgentCore:
                 "last_poll": poller.last_poll,
                 "last_poll_ok": poller.last_poll_ok,
                 "last_error": poller.last_error,
+                "bytes_sent": self.link.https.traffic.sent if self.link else 0,
+                "bytes_received": self.link.https.traffic.received if self.link else 0,
             },
             "reconnect_attempts": self.reconnects,
             "last_refusal": self.last_refusal,
@@ -390,6 +400,12 @@ class AgentCore:
             "jobs_running": len(self.runner.running_jobs()) if self.runner else 0,
             "mode_history": list(self.mode.history)[-5:],
         }
+
+
+def switched_off(refusal: Any) -> bool:
+    """Did the server refuse the session because persistent connections are off?"""
+    text = f"{refusal.code} {refusal.reason or ''}"
+    return refusal.code == codes.CLOSE_PERSISTENT_OFF or "[503]" in text
 
 
 def describe_close(code: int | None, reason: str | None) -> str:
@@ -415,7 +431,9 @@ class _AttemptWatcher:
     def connect(self, factory: Any):
         def failed(f):
             if not f.check(CancelledError):
-                self._on_failure(pki.describe_tls_error(f.value))
+                from tcm.agent.proxy import ProxyError
+
+                self._on_failure(pki.describe_tls_error(f.value), bool(f.check(ProxyError)))
             return f
 
         return self._inner.connect(factory).addErrback(failed)

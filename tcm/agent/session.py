@@ -223,7 +223,7 @@ class AgentClientFactory(WebSocketClientFactory):
             failByDrop=False,
             maxFramePayloadSize=max_message_size,
             maxMessagePayloadSize=max_message_size,
-            openHandshakeTimeout=30,
+            openHandshakeTimeout=60,  # generous: a slow handshake in a storm is not wasted
             closeHandshakeTimeout=5,
             perMessageCompressionOffers=[],
         )

@@ -224,16 +224,14 @@ def wait_for(api: Api, job_id: str, timeout: float | None, quiet: bool) -> dict[
     last = ""
     delay = 0.05
     while True:
-        job = api.call("GET", f"/jobs/{job_id}")
+        job = api.call("GET", f"/jobs/{job_id}?results=false")  # counts: cheap to poll
         line = _progress_line(job)
         if line != last and not quiet:
             print(line, file=sys.stderr, flush=True)
             last = line
         c = job["counts"]
-        if c["completed"] >= c["total"]:
-            return job
-        if deadline is not None and time.monotonic() >= deadline:
-            return job
+        if c["completed"] >= c["total"] or (deadline is not None and time.monotonic() >= deadline):
+            return api.call("GET", f"/jobs/{job_id}")  # now with every target's result
         time.sleep(delay)
         delay = min(0.5, delay * 1.5)
 
@@ -318,7 +316,7 @@ def cmd_jobs_follow(api: Api, args) -> int:
             for line in c["text"].splitlines(keepends=True):
                 stream.write(prefix + line)
             stream.flush()
-        job = api.call("GET", f"/jobs/{args.id}")
+        job = api.call("GET", f"/jobs/{args.id}?results=false")
         if job["counts"]["completed"] >= job["counts"]["total"] and not chunks:
             print(_progress_line(job), file=sys.stderr)
             return 0

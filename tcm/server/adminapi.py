@@ -133,7 +133,9 @@ class AdminAPI(JsonRouter):
         return {"jobs": rows}
 
     def job(self, request, job: str):
-        return self.core.jobs.status(job)
+        """A job; `?results=false` gives its counts only (cheap to poll for big jobs)."""
+        results = request.args.get(b"results", [b"true"])[0].lower() not in (b"false", b"0")
+        return self.core.jobs.status(job, results=results)
 
     def settings(self, request):
         return dict(self.core.settings)

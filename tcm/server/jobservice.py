@@ -320,7 +320,15 @@ class JobService:
 
     # -- reading -----------------------------------------------------------------------
     @inlineCallbacks
-    def status(self, job_id: str):
+    def status(self, job_id: str, results: bool = True):
+        """A job's counts and, unless results=False, every target's state and result."""
+        if not results:
+            job = yield self.store.get_job_counts(job_id)
+            if job is None:
+                raise ApiError(404, f"no such job: {job_id}")
+            states = job.pop("states")
+            job["counts"] = summarize(s for s, n in states.items() for _ in range(n))
+            return job
         job = yield self.store.get_job(job_id)
         if job is None:
             raise ApiError(404, f"no such job: {job_id}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from typing import Any
@@ -50,7 +51,7 @@ class ServerConfig:
     poll_interval: float = 60.0
     long_poll: float = 30.0  # most seconds the server holds a poll; 0: plain polling only
     persistent_connections: bool = True
-    handshake_timeout: float = 10.0
+    handshake_timeout: float = 30.0
     max_message_size: int = 1024 * 1024
     max_in_flight: int = 64
     cert_days: int = 365
@@ -98,6 +99,11 @@ class RuntimeSettings(dict):
         return clean
 
 
+def describe(hostname: str, platform: str, capabilities: Any) -> str:
+    """What the store keeps about an agent from its hello, as one comparable value."""
+    return json.dumps([hostname or "", platform or "", capabilities or []], sort_keys=True)
+
+
 class AgentDirectory:
     """Known agents in memory (id -> hostname, revoked): every request checks it."""
 
@@ -110,6 +116,7 @@ class AgentDirectory:
                 "hostname": r["hostname"],
                 "revoked": bool(r["revoked"]),
                 "capabilities": None,
+                "described": describe(r["hostname"], r["platform"], r["capabilities"]),
             }
 
     def add(self, agent_id: str, hostname: str) -> None:
@@ -155,13 +162,20 @@ class AgentHub:
         if record is not None:
             record["capabilities"] = session.capabilities
         now = core.clock.seconds()
-        core.store.agent_seen(
-            session.agent_id,
-            now,
-            hostname=hello.get("hostname"),
-            platform=hello.get("platform"),
-            capabilities=list(session.capabilities.values()),
-        )
+        capabilities = list(session.capabilities.values())
+        described = describe(hello.get("hostname", ""), hello.get("platform", ""), capabilities)
+        if record is not None and record.get("described") == described:
+            core.store.agent_seen(session.agent_id, now)  # unchanged: one batched row
+        else:
+            core.store.agent_seen(
+                session.agent_id,
+                now,
+                hostname=hello.get("hostname"),
+                platform=hello.get("platform"),
+                capabilities=capabilities,
+            )
+            if record is not None:
+                record["described"] = described
         self._log.info(
             "agent {agent} session open via {via} ({n} sessions)",
             agent=session.agent_id,
@@ -378,6 +392,11 @@ class _AgentV1(Resource):
 
     def getChild(self, path, request):
         if path == b"ws":
+            # The WebSocket takes this connection over: the HTTP channel's idle timer would
+            # keep the channel (and its request) alive for another minute per session.
+            set_timeout = getattr(request.channel, "setTimeout", None)
+            if set_timeout is not None:
+                set_timeout(None)
             return self._ws
         request.postpath.insert(0, path)
         request.prepath.pop()
@@ -455,7 +474,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     core = ServerCore(config, reactor)
     top = ServerService(core)
     endpoint = SSL4ServerEndpoint(
-        core.reactor, config.port, core.tls_options(), interface=config.interface, backlog=1024
+        core.reactor, config.port, core.tls_options(), interface=config.interface, backlog=4096
     )
     listener = StreamServerEndpointService(endpoint, HandshakeLogger(core.site))
     listener.setServiceParent(top)

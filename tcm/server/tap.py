@@ -30,8 +30,8 @@ class Options(usage.Options):
             "database",
             None,
             None,
-            "Database URL (default: SQLite in the state directory; "
-            "postgresql://... for several server nodes).",
+            "Database URL (default: SQLite in the state directory; PostgreSQL with "
+            "postgresql+psycopg2://USER@HOST/DB and the [postgres] extra).",
         ],
         [
             "cert",
@@ -57,7 +57,7 @@ class Options(usage.Options):
             "Most seconds a poll is held open waiting for work (0: plain polling).",
             float,
         ],
-        ["handshake-timeout", None, 10.0, "Seconds an agent has to send hello.", float],
+        ["handshake-timeout", None, 30.0, "Seconds an agent has to send hello.", float],
         ["max-message-size", None, 1024 * 1024, "Largest accepted message, bytes.", int],
         ["max-in-flight", None, 64, "Most requests one session may have unanswered.", int],
     ]

@@ -442,6 +442,27 @@ class Store:
             ]
         )
 
+    def get_job_counts(self, job_id: str) -> Deferred[dict[str, Any] | None]:
+        """A job with the number of its targets in each state (no per-target rows), or None."""
+        jt = t.job_targets
+
+        def q(c: Connection):
+            job = c.execute(sa.select(t.jobs).where(t.jobs.c.id == job_id)).first()
+            if job is None:
+                return None
+            out = dict(job._mapping)
+            out["states"] = {
+                r[0]: r[1]
+                for r in c.execute(
+                    sa.select(jt.c.state, sa.func.count())
+                    .where(jt.c.job_id == job_id)
+                    .group_by(jt.c.state)
+                )
+            }
+            return out
+
+        return self.read(q)
+
     def get_job(self, job_id: str) -> Deferred[dict[str, Any] | None]:
         """A job with all its targets, or None."""
 
