@@ -69,7 +69,7 @@ class AgentConfig:
     long_poll: bool = True  # use long-polls in HTTP mode where the server allows them
     control_socket: bool = True
     bind_address: str | None = None  # source address of connections (swarm)
-    fallback_delay: float = 30.0  # seconds (jittered) before polling after a session loss
+    fallback_delay: float = 60.0  # seconds (jittered) before polling after a session loss
 
 
 class AgentState:
