@@ -139,18 +139,7 @@ def test_command_run_failure_has_reason(server, agents):
 def test_stopped_agent_runs_job_once_when_back_within_ttl(base, server, agents):
     agent = agents[2]
     counter = os.path.join(base, "counter-within-ttl")
-    agent.stop()
-    wait_until(lambda: not _online(server, agent.agent_id), 10, 0.1, "agent offline")
-    job_id = server.cli(
-        "run",
-        "command.run",
-        "--args-json",
-        json.dumps({"argv": counter_command(counter)}),
-        "--targets",
-        agent.agent_id,
-        "--ttl",
-        "60",
-    ).strip()
+    job_id = _counted_job_for_stopped_agent(server, agent, counter, ttl=60)
     assert server.job(job_id)["counts"]["pending"] == 1
     time.sleep(0.5)
     assert runs(counter) == 0
@@ -169,18 +158,7 @@ def test_stopped_agent_runs_job_once_when_back_within_ttl(base, server, agents):
 def test_agent_back_after_ttl_never_runs_it(base, server, agents):
     agent = agents[2]
     counter = os.path.join(base, "counter-after-ttl")
-    agent.stop()
-    wait_until(lambda: not _online(server, agent.agent_id), 10, 0.1, "agent offline")
-    job_id = server.cli(
-        "run",
-        "command.run",
-        "--args-json",
-        json.dumps({"argv": counter_command(counter)}),
-        "--targets",
-        agent.agent_id,
-        "--ttl",
-        "1",
-    ).strip()
+    job_id = _counted_job_for_stopped_agent(server, agent, counter, ttl=1)
     job = _wait_done(server, job_id, timeout=10)
     assert job["results"][0]["state"] == "expired"
     agent.start()
@@ -251,6 +229,23 @@ def test_agent_killed_after_finishing_before_ack_still_delivers(base, server, ag
     assert runs(counter) == 1
     # acknowledged: the result left the spool
     wait_until(lambda: job_id not in agent.ledger(), 10, 0.05, "spooled result removed")
+
+
+def _counted_job_for_stopped_agent(server: Server, agent: AgentProc, counter: str, ttl: float):
+    """Stop the agent, wait until the server sees it offline, then create a job for it whose
+    every run leaves a line in `counter`."""
+    agent.stop()
+    wait_until(lambda: not _online(server, agent.agent_id), 10, 0.1, "agent offline")
+    return server.cli(
+        "run",
+        "command.run",
+        "--args-json",
+        json.dumps({"argv": counter_command(counter)}),
+        "--targets",
+        agent.agent_id,
+        "--ttl",
+        str(ttl),
+    ).strip()
 
 
 def _online(server: Server, agent_id: str) -> bool:

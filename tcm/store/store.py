@@ -61,7 +61,12 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return sa.create_engine(url, pool_size=8, pool_pre_ping=True)
+    options: dict[str, Any] = {"pool_size": 8, "pool_pre_ping": True}
+    if url.startswith("postgresql+psycopg2") or url.startswith("postgresql://"):
+        # psycopg2 runs an executemany UPDATE row by row unless asked to batch it: the
+        # write queue's batches are executemany UPDATEs
+        options["executemany_mode"] = "values_plus_batch"
+    return sa.create_engine(url, **options)
 
 
 def upgrade(engine: Engine) -> None:
