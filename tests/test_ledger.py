@@ -182,3 +182,16 @@ def test_an_entry_written_long_ago_is_pruned(jobs_dir):
     assert ledger.get("ancient") is None
     assert ledger.get("no-at") is None
     assert files(jobs_dir) == []
+
+
+def test_acknowledged_jobs_are_remembered_in_a_bounded_set(jobs_dir):
+    from tcm.agent.ledger import RECENT
+
+    ledger = Ledger(jobs_dir, fsync=False)
+    for i in range(RECENT + 10):
+        ledger.record(f"j{i}", FINISHED, outcome={})
+        ledger.record(f"j{i}", ACKED)
+    assert ledger.get(f"j{RECENT + 9}")["state"] == ACKED  # recent: still known
+    assert ledger.get("j0") is None  # the oldest are forgotten: memory does not grow
+    assert files(jobs_dir) == []
+    assert ledger.count(ACKED) == RECENT and ledger.count(FINISHED) == 0

@@ -18,12 +18,14 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import OrderedDict
 from typing import Any
 
 from twisted.logger import Logger
 
 STARTED, FINISHED, ACKED, DECLINED = "started", "finished", "acked", "declined"
 KEEP_DONE = 7 * 24 * 3600.0
+RECENT = 1024  # acknowledged job ids remembered in memory
 
 
 class Ledger:
@@ -36,6 +38,7 @@ class Ledger:
         self.fsync = fsync
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self._entries: dict[str, dict[str, Any]] = {}
+        self._acked: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._load()
 
     def _path(self, job_id: str) -> str:
@@ -69,18 +72,23 @@ class Ledger:
             self._entries[entry["job"]] = entry
 
     def get(self, job_id: str) -> dict[str, Any] | None:
-        return self._entries.get(job_id)
+        return self._entries.get(job_id) or self._acked.get(job_id)
 
     def record(self, job_id: str, state: str, **fields: Any) -> dict[str, Any]:
         entry = {"job": job_id, "state": state, "at": time.time(), **fields}
         if state == ACKED:
             # Stored on the server: nothing on disk is needed any more. Removing the file is
-            # one system call where rewriting it is four, at every job of every agent.
+            # one system call where rewriting it is four, at every job of every agent. The id
+            # is remembered among the last RECENT acknowledged jobs only: the server never
+            # sends a stored job again, so memory need not grow with every job ever run.
             try:
                 os.unlink(self._path(job_id))
             except FileNotFoundError:
                 pass
-            self._entries[job_id] = entry
+            self._entries.pop(job_id, None)
+            self._acked[job_id] = entry
+            while len(self._acked) > RECENT:
+                self._acked.popitem(last=False)
             return entry
         data = json.dumps(entry, separators=(",", ":")).encode()
         path = self._path(job_id)
@@ -113,4 +121,6 @@ class Ledger:
         return [e for e in self._entries.values() if e["state"] == STARTED]
 
     def count(self, state: str) -> int:
+        if state == ACKED:
+            return len(self._acked)  # the recently acknowledged ones it remembers
         return sum(1 for e in self._entries.values() if e["state"] == state)
