@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -198,11 +197,6 @@ def emit(
     for n in notes or []:
         print(n)
     print(json.dumps({"bench": name, "machine": machine(), "rows": rows}, default=str))
-
-
-def bounded(seconds: float) -> Callable[[], bool]:
-    deadline = time.monotonic() + seconds
-    return lambda: time.monotonic() < deadline
 
 
 __all__ = ["Api", "BenchServer", "SwarmProcs", "free_port", "wait_until", "PYTHON", "ROOT"]

@@ -19,7 +19,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
-SOCKET_NAME = "control.sock"
+from tcm.agent import CONTROL_SOCKET
 
 
 class ControlProtocol(LineOnlyReceiver):
@@ -65,7 +65,7 @@ class ControlFactory(Factory):
 
 
 def control_service(core: Any, state_dir: str) -> StreamServerEndpointService:
-    path = os.path.join(state_dir, SOCKET_NAME)
+    path = os.path.join(state_dir, CONTROL_SOCKET)
     if os.path.exists(path):
         os.unlink(path)  # left by an agent that did not stop cleanly
     endpoint = UNIXServerEndpoint(core.reactor, path, mode=0o600, wantPID=False)

@@ -40,6 +40,7 @@ from tcm.agent.ledger import FINISHED, Ledger
 from tcm.agent.link import HttpsClient, Identity, ServerLink, _EndpointFactory, server_endpoint
 from tcm.agent.modes import ConnectionMode
 from tcm.agent.poller import Poller
+from tcm.agent.proxy import HTTPProxy, ProxyError
 from tcm.agent.runner import ActionRunner, load_handlers
 from tcm.agent.session import AgentClientFactory, SessionRefused
 from tcm.process import stop_with_failure
@@ -189,8 +190,6 @@ class AgentCore:
         """Enroll if needed, then build the link and runner."""
         cfg = self.config
         if cfg.proxy:
-            from tcm.agent.proxy import HTTPProxy
-
             self.proxy = HTTPProxy.parse(cfg.proxy)
         if not self.state.enrolled():
             if not (cfg.server and cfg.token and cfg.ca_cert):
@@ -431,8 +430,6 @@ class _AttemptWatcher:
     def connect(self, factory: Any):
         def failed(f):
             if not f.check(CancelledError):
-                from tcm.agent.proxy import ProxyError
-
                 self._on_failure(pki.describe_tls_error(f.value), bool(f.check(ProxyError)))
             return f
 

@@ -74,7 +74,7 @@ class AgentConnection:
                 type="hello",
                 data={
                     "agent_version": tcm.__version__,
-                    "protocol": 1,
+                    "protocol": codes.PROTOCOL_VERSION,
                     "capabilities": self.agent.capabilities(),
                     "hostname": socket.gethostname(),
                     "platform": platform.platform(),

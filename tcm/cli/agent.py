@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-SOCKET_NAME = "control.sock"
+from tcm.agent import CONTROL_SOCKET
 
 
 class ControlError(Exception):
@@ -23,7 +23,7 @@ class ControlError(Exception):
 
 def control(state_dir: str, command: str, timeout: float = 10.0) -> dict[str, Any]:
     """Send one command to the running agent; its JSON answer."""
-    path = os.path.join(state_dir, SOCKET_NAME)
+    path = os.path.join(state_dir, CONTROL_SOCKET)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:

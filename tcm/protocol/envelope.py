@@ -76,8 +76,6 @@ def _compile(schema: dict[str, Any]):
 _validate_envelope = _compile(schemas.ENVELOPE)
 _validate_data = {name: _compile(schema) for name, schema in schemas.DATA.items()}
 
-KNOWN_TYPES = frozenset(schemas.DATA)
-
 
 def encode(envelope: Envelope) -> bytes:
     """Serialise an envelope to the UTF-8 JSON text of one WebSocket text frame."""

@@ -19,8 +19,6 @@ from tcm.store.store import TokenRefused
 if TYPE_CHECKING:
     from tcm.server.service import ServerCore
 
-OPEN_ROUTES = "enroll"  # the one agent route that needs no client certificate
-
 
 class AgentAPI(JsonRouter):
     """/agent/v1: enrollment, job accept/output/result, work for pollers."""

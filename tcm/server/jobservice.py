@@ -45,7 +45,6 @@ class JobService:
         self.book = JobBook()
         self._capabilities_of = capabilities_of
         self._known_agents = known_agents
-        self._followers: dict[str, list[Callable[[dict[str, Any]], None]]] = {}
         self._committing: dict[tuple[str, str], Deferred] = {}  # results not yet committed
         self._expiry = LoopingCall(self.expire)
         self._expiry.clock = clock
@@ -158,23 +157,6 @@ class JobService:
         sent, _offline = self.dispatcher.push(job.frame(), capable)
         self._persist(self.book.delivered(job.id, sent, now))
 
-    def follow(self, job_id: str, callback: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
-        """Call `callback(event)` for each output chunk and result of a job, until undone."""
-        self._followers.setdefault(job_id, []).append(callback)
-
-        def undo() -> None:
-            callbacks = self._followers.get(job_id, [])
-            if callback in callbacks:
-                callbacks.remove(callback)
-            if not callbacks:
-                self._followers.pop(job_id, None)
-
-        return undo
-
-    def _notify(self, job_id: str, event: dict[str, Any]) -> None:
-        for cb in list(self._followers.get(job_id, ())):
-            cb(event)
-
     # -- agent side ------------------------------------------------------------------
     def session_opened(self, agent_id: str) -> None:
         """An agent has a live session: (re)send what it has not finished."""
@@ -193,18 +175,10 @@ class JobService:
     def accept(self, agent_id: str, job_id: str) -> Accept:
         decision, changes = self.book.accept(job_id, agent_id, self.clock.seconds())
         self._persist(changes)
-        if decision is Accept.UNKNOWN:
-            return decision
-        if decision is Accept.RUN and changes:
-            self._notify(job_id, {"event": "state", "agent": agent_id, "state": "running"})
         return decision
 
     def output(self, agent_id: str, job_id: str, seq: int, stream: str, text: str):
         now = self.clock.seconds()
-        self._notify(
-            job_id,
-            {"event": "output", "agent": agent_id, "seq": seq, "stream": stream, "text": text},
-        )
         return self.store.add_output(job_id, agent_id, seq, stream, text, now)
 
     def result(
@@ -268,16 +242,6 @@ class JobService:
             return f
 
         d.addCallbacks(committed, not_committed)
-        self._notify(
-            job_id,
-            {
-                "event": "result",
-                "agent": agent_id,
-                "state": state.value,
-                "result": result,
-                "error": error,
-            },
-        )
         return d
 
     @staticmethod
@@ -299,17 +263,6 @@ class JobService:
         changes = self.book.expire(self.clock.seconds())
         if changes:
             self._log.info("{n} job targets expired before delivery", n=len(changes))
-            for ch in changes:
-                self._notify(
-                    ch.job_id,
-                    {
-                        "event": "result",
-                        "agent": ch.agent_id,
-                        "state": "expired",
-                        "result": None,
-                        "error": None,
-                    },
-                )
         self._persist(changes)
 
     def _persist(self, changes: list[Change]) -> None:

@@ -134,7 +134,6 @@ class WriteQueue:
         self._waiters: list[Deferred[None]] = []
         self._running = False
         self.flushes = 0
-        self.rows_written = 0
 
     def submit(self, op: Callable[[Connection], None]) -> Deferred[None]:
         """Queue an operation of its own (run after the batched rows)."""
@@ -172,7 +171,6 @@ class WriteQueue:
 
         def done(result: Any) -> None:
             self.flushes += 1
-            self.rows_written += count
             for waiter in waiters:
                 if isinstance(result, Exception):
                     waiter.errback(result)
