@@ -130,6 +130,11 @@ class Hub:
         self.closed: list[Any] = []
         self.known = {"a-1", "a-2", "a-3"}
 
+    persistent = True
+
+    def persistent_enabled(self) -> bool:
+        return self.persistent
+
     def authenticate_agent_id(self, agent_id: str) -> str:
         if agent_id not in self.known:
             raise ApiError(403, f"unknown agent {agent_id}: enroll again")
@@ -191,9 +196,10 @@ def _pair():
     link_closes: list[tuple[int, str]] = []
 
     def to_node(data: bytes) -> None:
-        header, payload = link.decode(data, link.SERVER_SENDS)
-        if header["t"] != "welcome":
-            relay.from_server(header, payload)
+        outer, body = link.decode(data, link.SERVER_SENDS)
+        for header, payload in link.unbatch(outer, body, link.SERVER_SENDS):
+            if header["t"] != "welcome":
+                relay.from_server(header, payload)
 
     node = NodeLink("ts1", to_node, lambda c, r: link_closes.append((c, r)), hub, clock)
     relay.prepare = lambda payload: ("prepared", payload)
@@ -201,6 +207,7 @@ def _pair():
         link.encode({"t": "hello", "name": "ts1", "role": "taskserver", "url": "wss://x"})
     )
     relay.upstream = Upstream(node)
+    clock.advance(0)
     return clock, hub, relay, node, link_closes
 
 
@@ -219,6 +226,7 @@ def test_a_relayed_agent_gets_a_real_session_and_a_push_crosses_once():
     for agent_id, conn in conns.items():
         conn.relay_conn = relay.opened(conn, agent_id, "tcp4:10.0.0.9:4000", {})
         relay.from_agent(conn.relay_conn, _hello())
+    clock.advance(0)
     assert [s.agent_id for s in hub.opened] == ["a-1", "a-2"]
     assert all(s.channel == "task" and s.route is node for s in hub.opened)
     welcome = decode(conns["a-1"].frames[0], 0)
@@ -226,17 +234,29 @@ def test_a_relayed_agent_gets_a_real_session_and_a_push_crosses_once():
     assert hub.opened[0].transport.peer_transport.getPeer().host == "10.0.0.9"
     # a push to both: one link message, framed once at the node, sent to each connection
     node.deliver(b'{"frame":1}', hub.opened)
+    clock.advance(0)
     assert node.pushes == 1
     assert conns["a-1"].prepared == [("prepared", b'{"frame":1}')]
     assert conns["a-2"].prepared == [("prepared", b'{"frame":1}')]
 
 
 def test_unknown_agent_at_a_node_is_closed_with_a_reason():
-    _, hub, relay, node, _ = _pair()
+    clock, hub, relay, node, _ = _pair()
     conn = AgentConn()
     relay.opened(conn, "a-unknown", "tcp4:1.2.3.4:5", {})
+    clock.advance(0)
     assert conn.closed is not None and conn.closed[0] == codes.CLOSE_UNAUTHORIZED
     assert "unknown agent" in conn.closed[1]
+    assert hub.opened == []
+
+
+def test_no_relayed_sessions_while_persistent_connections_are_off():
+    clock, hub, relay, node, _ = _pair()
+    hub.persistent = False
+    conn = AgentConn()
+    relay.opened(conn, "a-1", "tcp4:1.2.3.4:5", {})
+    clock.advance(0)
+    assert conn.closed is not None and conn.closed[0] == codes.CLOSE_PERSISTENT_OFF
     assert hub.opened == []
 
 
@@ -255,7 +275,7 @@ def test_frames_before_hello_close_the_link():
 
 
 def test_link_loss_ends_every_session_and_the_node_closes_its_agents():
-    _, hub, relay, node, _ = _pair()
+    clock, hub, relay, node, _ = _pair()
     conn = AgentConn()
     conn.relay_conn = relay.opened(conn, "a-1", "tcp4:1.2.3.4:5", {})
     relay.from_agent(conn.relay_conn, _hello())
@@ -268,13 +288,14 @@ def test_link_loss_ends_every_session_and_the_node_closes_its_agents():
 
 
 def test_node_is_full_at_its_maximum_and_a_server_close_reaches_the_agent():
-    _, hub, relay, node, _ = _pair()
+    clock, hub, relay, node, _ = _pair()
     conns = [AgentConn(), AgentConn()]
     for i, conn in enumerate(conns):
         conn.relay_conn = relay.opened(conn, f"a-{i + 1}", "tcp4:1.2.3.4:5", {})
         relay.from_agent(conn.relay_conn, _hello())
     assert relay.refusal() == (503, "this node is full (2 clients)")
     hub.opened[0].close(codes.CLOSE_SUPERSEDED)
+    clock.advance(0)
     assert conns[0].closed is not None and conns[0].closed[0] == codes.CLOSE_SUPERSEDED
 
 
@@ -290,9 +311,46 @@ def test_silent_agent_connections_are_swept():
 
 
 def test_session_errors_go_back_through_the_node():
-    _, hub, relay, node, _ = _pair()
+    clock, hub, relay, node, _ = _pair()
     conn = AgentConn()
     conn.relay_conn = relay.opened(conn, "a-1", "tcp4:1.2.3.4:5", {})
     relay.from_agent(conn.relay_conn, b"not json")
+    clock.advance(0)
     reply = json.loads(conn.frames[0])
     assert reply["type"] == "error" and reply["data"]["code"] == codes.ERR_MALFORMED
+
+
+def test_messages_of_one_turn_leave_as_one_batch():
+    clock = Clock()
+    sent: list[bytes] = []
+    writer = link.LinkWriter(sent.append, clock)
+    writer.send({"t": "frame", "c": 1}, b"one")
+    writer.send({"t": "close", "c": 2, "code": 4000, "reason": "x"})
+    assert sent == []
+    clock.advance(0)
+    (frame,) = sent
+    header, payload = link.decode(frame, link.SERVER_SENDS)
+    assert header["t"] == "batch"
+    parts = link.unbatch(header, payload, link.SERVER_SENDS)
+    assert parts == [
+        ({"t": "frame", "c": 1}, b"one"),
+        ({"t": "close", "c": 2, "code": 4000, "reason": "x"}, b""),
+    ]
+    writer.send({"t": "frame", "c": 1}, b"alone")
+    clock.advance(0)
+    assert link.decode(sent[-1], link.SERVER_SENDS) == ({"t": "frame", "c": 1}, b"alone")
+
+
+def test_a_full_batch_goes_at_once_and_bad_batches_are_refused():
+    clock = Clock()
+    sent: list[bytes] = []
+    writer = link.LinkWriter(sent.append, clock, max_batch=100)
+    writer.send({"t": "frame", "c": 1}, b"x" * 120)
+    assert len(sent) == 1  # over the limit: not held for the end of the turn
+    with pytest.raises(link.LinkError, match="add up"):
+        link.decode(link.encode({"t": "batch", "n": [5]}, b"abc"), link.NODE_SENDS)
+    inner = link.encode({"t": "batch", "n": [1]}, b"x")
+    outer = link.encode({"t": "batch", "n": [len(inner)]}, inner)
+    header, payload = link.decode(outer, link.NODE_SENDS)
+    with pytest.raises(link.LinkError, match="unexpected"):
+        link.unbatch(header, payload, link.NODE_SENDS)  # no batch inside a batch

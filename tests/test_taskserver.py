@@ -119,7 +119,7 @@ def test_two_task_servers_spread_failover_and_exactly_once(stack):
     listing = _taskservers(server)
     assert all(listing[n]["link"]["frames_out"] == frames[n] for n in ("ts1", "ts2"))
 
-    # A long task; ts2 stops while it runs.
+    # A long task; ts2 dies while it runs.
     gate = base / "go"
     script = f'echo started; while [ ! -e "{gate}" ]; do sleep 0.05; done; echo finished'
     out = server.cli(
@@ -134,7 +134,7 @@ def test_two_task_servers_spread_failover_and_exactly_once(stack):
     job_id = json.loads(out)["job"]
     wait_until(lambda: server.job(job_id)["counts"]["running"] == 6, 30, 0.1, "all six running")
     moved = [a for a in agents if on[a.agent_id] == "ts2"]
-    ts2.stop()
+    ts2.kill()  # dies: no drain, no goodbye
     # Its agents go to ts1 (a notify from the server), within their backoff.
     for a in moved:
         wait_until(lambda a=a: a.count(TASK_OPEN) >= 2, 30, 0.05, f"{a.name} moved to ts1")

@@ -18,6 +18,11 @@ Server -> node:
   {"t": "frame", "c"} + payload                           a frame for one agent
   {"t": "push", "c": [c1, c2, ...]} + payload             one frame for many: fan-out here
   {"t": "close", "c", "code", "reason"}                   close that agent connection
+Either way:
+  {"t": "batch", "n": [len1, len2, ...]} + messages       several link messages, back to back
+
+Messages written in one reactor turn go out as one `batch` (LinkWriter): when many agents
+answer at once, the link carries a few large WebSocket frames instead of one per message.
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ WS_PATH = "/link/v1/ws"
 ENROLL_PATH = "/link/v1/enroll"
 NODE_PREFIX = "node:"  # the CN of a node's certificate; agent ids never contain ':'
 
-NODE_SENDS = frozenset({"hello", "open", "frame", "closed"})
-SERVER_SENDS = frozenset({"welcome", "frame", "push", "close"})
+NODE_SENDS = frozenset({"hello", "open", "frame", "closed", "batch"})
+SERVER_SENDS = frozenset({"welcome", "frame", "push", "close", "batch"})
+MAX_BATCH = 256 * 1024  # bytes of messages gathered before a batch goes out anyway
 ROLES = frozenset({"taskserver", "gateway"})
 
 _INT_FIELDS = {"open": ("c",), "frame": ("c",), "closed": ("c",), "close": ("c", "code")}
@@ -69,6 +75,14 @@ def decode(message: bytes, allowed: frozenset[str]) -> tuple[dict[str, Any], byt
             isinstance(c, int) and not isinstance(c, bool) for c in conns
         ):
             raise LinkError("link message 'push' needs a list of connection numbers 'c'")
+    if kind == "batch":
+        sizes = header.get("n")
+        if (
+            not isinstance(sizes, list)
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes)
+            or sum(sizes) != len(payload)
+        ):
+            raise LinkError("link message 'batch' needs sizes 'n' that add up to its payload")
     if kind == "open" and not isinstance(header.get("agent"), str):
         raise LinkError("link message 'open' needs the agent id")
     if kind == "hello":
@@ -77,3 +91,59 @@ def decode(message: bytes, allowed: frozenset[str]) -> tuple[dict[str, Any], byt
         if not isinstance(header.get("url"), str):
             raise LinkError("node hello needs the url agents use to reach it")
     return header, payload
+
+
+def unbatch(header: dict[str, Any], payload: bytes, allowed: frozenset[str]):
+    """The messages of a decoded link message: itself, or a batch's parts (no nested batch)."""
+    if header["t"] != "batch":
+        return [(header, payload)]
+    parts, at = [], 0
+    inner = allowed - {"batch"}
+    for size in header["n"]:
+        parts.append(decode(payload[at : at + size], inner))
+        at += size
+    return parts
+
+
+class LinkWriter:
+    """Sends link messages; those written in one reactor turn leave together as one batch."""
+
+    def __init__(self, send: Any, clock: Any, max_batch: int = MAX_BATCH):
+        self._send = send
+        self._clock = clock
+        self._max = max_batch
+        self._pending: list[bytes] = []
+        self._size = 0
+        self._call: Any = None
+        self.messages = 0
+        self.frames = 0
+
+    def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        message = encode(header, payload)
+        self._pending.append(message)
+        self._size += len(message)
+        self.messages += 1
+        if self._size >= self._max:
+            self.flush()
+        elif self._call is None:
+            self._call = self._clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+        pending, self._pending, self._size = self._pending, [], 0
+        if not pending:
+            return
+        self.frames += 1
+        if len(pending) == 1:
+            self._send(pending[0])
+        else:
+            self._send(encode({"t": "batch", "n": [len(m) for m in pending]}, b"".join(pending)))
+
+    def discard(self) -> None:
+        """The link is gone: drop what was not sent."""
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+        self._pending, self._size = [], 0

@@ -39,6 +39,9 @@ class UpstreamProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type: ig
 
     def onOpen(self):
         f = self.factory
+        self.writer = link.LinkWriter(
+            lambda data: self.sendMessage(data, isBinary=True), f.relay.clock
+        )
         self.send(
             {
                 "t": "hello",
@@ -50,7 +53,7 @@ class UpstreamProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type: ig
         )
 
     def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
-        self.sendMessage(link.encode(header, payload), isBinary=True)
+        self.writer.send(header, payload)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if not isBinary:
@@ -58,10 +61,15 @@ class UpstreamProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type: ig
             return
         try:
             header, body = link.decode(payload, link.SERVER_SENDS)
+            messages = link.unbatch(header, body, link.SERVER_SENDS)
         except link.LinkError as e:
             self._log.warn("server sent a bad link message: {e}", e=e)
             self.sendClose(codes.CLOSE_PROTOCOL_ERROR, str(e)[:120])
             return
+        for header, body in messages:
+            self._message(header, body)
+
+    def _message(self, header: dict[str, Any], body: bytes) -> None:
         if header["t"] == "welcome":
             if not self.up:
                 self.up = True
@@ -74,6 +82,9 @@ class UpstreamProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type: ig
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         relay: Relay = self.factory.relay
+        writer = getattr(self, "writer", None)
+        if writer is not None:
+            writer.discard()
         if self.up:
             self.up = False
             self._log.warn(

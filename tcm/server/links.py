@@ -87,7 +87,7 @@ class NodeLink:
         channel: str = "task",
     ):
         self.name = name
-        self._send = send
+        self._writer = link.LinkWriter(send, clock)
         self._close = close
         self.hub = hub
         self.clock = clock
@@ -116,14 +116,15 @@ class NodeLink:
     # -- link messages -------------------------------------------------------------------
     def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
         self.frames_out += 1
-        self._send(link.encode(header, payload))
+        self._writer.send(header, payload)
 
     def message_received(self, message: bytes) -> None:
         try:
-            header, payload = link.decode(message, link.NODE_SENDS)
-            if not self.ready and header["t"] != "hello":
-                raise link.LinkError("the first link message must be hello")
-            getattr(self, "_on_" + header["t"])(header, payload)
+            outer, body = link.decode(message, link.NODE_SENDS)
+            for header, payload in link.unbatch(outer, body, link.NODE_SENDS):
+                if not self.ready and header["t"] != "hello":
+                    raise link.LinkError("the first link message must be hello")
+                getattr(self, "_on_" + header["t"])(header, payload)
         except link.LinkError as e:
             self._log.warn("node {node} sent a bad link message: {e}", node=self.name, e=e)
             self._close(codes.CLOSE_PROTOCOL_ERROR, str(e)[:120])
@@ -143,6 +144,10 @@ class NodeLink:
         conn, agent_id = header["c"], header["agent"]
         if conn in self.sessions:
             raise link.LinkError(f"connection {conn} is already open")
+        if not self.hub.persistent_enabled():
+            code = codes.CLOSE_PERSISTENT_OFF
+            self.send({"t": "close", "c": conn, "code": code, "reason": codes.CLOSE_REASONS[code]})
+            return
         try:
             self.hub.authenticate_agent_id(agent_id)
         except ApiError as e:
@@ -180,6 +185,7 @@ class NodeLink:
 
     def lost(self) -> None:
         """The link is gone: every session it carried is gone with it."""
+        self._writer.discard()
         sessions, self.sessions = self.sessions, {}
         for session in sessions.values():
             session.connection_lost()

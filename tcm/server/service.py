@@ -166,6 +166,9 @@ class AgentHub:
     def link_keepalive(self) -> float:
         return self.core.config.keepalive / 2
 
+    def persistent_enabled(self) -> bool:
+        return self.core.persistent_enabled()
+
     def authenticate_agent_id(self, agent_id: str) -> str:
         """A node vouches for an agent it verified: is the agent known and not revoked?"""
         record = self.core.directory.get(agent_id)
@@ -407,7 +410,7 @@ class ServerCore:
             self._log.info(
                 "persistent connections switched off: closing {n} sessions", n=len(sessions)
             )
-            for session in sessions:
+            for session in sessions + self.task_registry.all():
                 session.close(codes.CLOSE_PERSISTENT_OFF)
         elif not before and self.persistent_enabled():
             self._log.info("persistent connections switched on")

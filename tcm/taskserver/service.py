@@ -149,7 +149,8 @@ class TaskServerService(service.MultiService):
             n=self.config.max_clients,
         )
         for child in self:
-            child.startService()
+            if not child.running:  # added while this service runs: already started
+                child.startService()
 
     def _sweep(self) -> None:
         cfg = self.config
