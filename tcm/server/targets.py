@@ -69,6 +69,10 @@ class FilterError(ValueError):
         self.position = position
 
 
+class UnknownTarget(LookupError):
+    """A target name with no saved target."""
+
+
 # -- tokens ------------------------------------------------------------------------------
 
 
