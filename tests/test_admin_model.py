@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest_twisted
 
 from tcm.server.inventory import digest
+from tcm.server.targets import most_specific
 from tests.inproc import inproc_server, wait_for  # noqa: F401
 
 CAPS = ("ping", "inventory.collect")
@@ -382,5 +383,30 @@ async def test_roles_refuse_with_a_reason_and_the_audit_log_records_who_did_what
         await server.admin("GET", f"/api/v1/audit?since={log[-1]['at'] + 1}", token=operator)
     )
     assert later["entries"] == []
+    await a.shut()
+    await b.shut()
+
+
+@pytest_twisted.ensureDeferred
+async def test_resolve_targets_and_the_most_specific_target(inproc_server):  # noqa: F811
+    server = inproc_server
+    a, _, ida = await server.session(capabilities=CAPS)
+    b, _, idb = await server.session(capabilities=CAPS)
+    for body in (
+        {"name": "everyone", "filter": "online"},
+        {"name": "just-a", "agents": [ida.agent_id]},
+        {"name": "online-too", "filter": "online"},
+    ):
+        await ok(await server.admin("POST", "/api/v1/targets", body), 201)
+    assert await server.core.resolve_target("just-a") == {ida.agent_id}
+    everything = await server.core.resolve_targets()
+    assert everything == {
+        "everyone": {ida.agent_id, idb.agent_id},
+        "just-a": {ida.agent_id},
+        "online-too": {ida.agent_id, idb.agent_id},
+    }
+    assert await server.core.resolve_targets(["just-a", "nope"]) == {"just-a": {ida.agent_id}}
+    assert most_specific(everything, ida.agent_id) == "just-a"
+    assert most_specific(everything, idb.agent_id) == "online-too"  # a tie: by name
     await a.shut()
     await b.shut()
