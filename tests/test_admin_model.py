@@ -407,6 +407,6 @@ async def test_resolve_targets_and_the_most_specific_target(inproc_server):  # n
     }
     assert await server.core.resolve_targets(["just-a", "nope"]) == {"just-a": {ida.agent_id}}
     assert most_specific(everything, ida.agent_id) == "just-a"
-    assert most_specific(everything, idb.agent_id) == "online-too"  # a tie: by name
+    assert most_specific(everything, idb.agent_id) == "everyone"  # a tie: by name
     await a.shut()
     await b.shut()
