@@ -68,6 +68,12 @@ def test_a_job_to_a_target_reaches_exactly_its_members(server, agents):
     assert {r["id"] for r in rows} == set(ids[:2])
     assert all(r["online"] == "yes" and r["groups"] == "web" for r in rows)
 
+    # a bad filter: the CLI points at the error
+    r = server.cli_result("targets", "create", "bad", "--filter", "memory.total > 8 GiB")
+    assert r.returncode == 2
+    assert "400 bad filter" in r.stderr and "at position 17" in r.stderr
+    assert "\n  memory.total > 8 GiB\n                   ^" in r.stderr
+
     # the succeeded agents of that job, saved as a static target
     server.cli("targets", "create", "pinged", "--from-job", out["job"], "--state", "succeeded")
     shown = server.cli_json("targets", "show", "pinged")

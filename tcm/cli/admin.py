@@ -48,9 +48,18 @@ class Api:
         except urllib.error.HTTPError as e:
             raw = e.read()
             try:
-                message = json.loads(raw).get("error", raw.decode())
-            except ValueError:
-                message = raw.decode("utf-8", "replace")
+                error = json.loads(raw)
+                message = error.get("error", raw.decode())
+            except (ValueError, AttributeError):
+                error, message = {}, raw.decode("utf-8", "replace")
+            position = error.get("position") if isinstance(error, dict) else None
+            if (
+                isinstance(body, dict)
+                and isinstance(body.get("filter"), str)
+                and position is not None
+            ):
+                # point at the error in the filter the user typed
+                message += f"\n  {body['filter']}\n  {' ' * int(position)}^"
             raise CliError(f"{method} {path}: {e.code} {message}") from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
