@@ -247,6 +247,22 @@ def peer_common_name(transport: object) -> str | None:
         return None
 
 
+def peer_fingerprint(transport: object) -> str | None:
+    """The SHA-256 fingerprint of the peer's certificate on ``transport``, or None."""
+    get_peer_certificate = getattr(transport, "getPeerCertificate", None)
+    if get_peer_certificate is None:
+        return None
+    try:
+        peer = get_peer_certificate()
+    except (AttributeError, SSL.Error):
+        return None
+    if peer is None:
+        return None
+    if isinstance(peer, crypto.X509):
+        peer = peer.to_cryptography()
+    return fingerprint(peer)
+
+
 def negotiated_tls(transport: object) -> dict[str, str | None]:
     """``{"version": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384"}`` for a TLS transport.
 

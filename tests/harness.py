@@ -112,7 +112,9 @@ class Server(Process):
         port: int | None = None,
         extra: list[str] | None = None,
         name: str = "server",
+        plugin: str = "tcm-server",
     ):
+        self.plugin = plugin  # "tcm": the all-in-one service
         self.state_dir = os.path.join(base, name)
         os.makedirs(self.state_dir, exist_ok=True)
         self.port = port or free_port()
@@ -122,7 +124,7 @@ class Server(Process):
 
     def _set_args(self) -> None:
         self.args = [
-            "tcm-server",
+            self.plugin,
             "--state-dir",
             self.state_dir,
             "--port",
@@ -242,3 +244,63 @@ class AgentProc(Process):
                         entry = json.load(f)
                     out[entry["job"]] = entry
         return out
+
+
+class TaskServerProc(Process):
+    """twistd tcm-taskserver, enrolled with `server` on its first start."""
+
+    LINK_UP = "link to "
+
+    def __init__(
+        self,
+        base: str,
+        name: str,
+        server: Server,
+        port: int | None = None,
+        max_clients: int | None = None,
+        extra: list[str] | None = None,
+    ):
+        self.node = name
+        self.server = server
+        self.state_dir = os.path.join(base, name)
+        os.makedirs(self.state_dir, exist_ok=True)
+        self.port = port or free_port()
+        self.max_clients = max_clients
+        super().__init__(name, [], os.path.join(base, f"{name}.log"))
+        self.extra = extra or []
+
+    def start(self, wait: bool = True) -> None:
+        args = [
+            "tcm-taskserver",
+            "--server",
+            self.server.url,
+            "--state-dir",
+            self.state_dir,
+            "--port",
+            str(self.port),
+            *self.extra,
+        ]
+        if not os.path.exists(os.path.join(self.state_dir, "node.json")):
+            enroll = ["taskservers", "enroll", self.node]
+            if self.max_clients is not None:
+                enroll += ["--max-clients", str(self.max_clients)]
+            token = self.server.cli(*enroll).strip()
+            args += ["--ca-cert", self.server.ca, "--token", token]
+        self.args = args
+        super().start()
+        if wait:
+            wait_until(
+                lambda: self._check_alive() and self._up(),
+                30,
+                0.05,
+                f"task server {self.node} link",
+            )
+
+    def _check_alive(self) -> bool:
+        if not self.alive():
+            raise AssertionError(f"task server {self.node} exited:\n{self.log()[-3000:]}")
+        return True
+
+    def _up(self) -> bool:
+        listing = self.server.cli_json("taskservers")
+        return any(t["name"] == self.node and t["state"] in ("up", "full") for t in listing)

@@ -24,4 +24,13 @@ def test_upgrade_is_idempotent(tmp_path):
     upgrade(engine)  # a restart runs it again: nothing to do, nothing breaks
     with engine.connect() as conn:
         version = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
-    assert version == "0003"
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from tcm.store.store import MIGRATIONS
+
+    cfg = Config()
+    cfg.set_main_option("script_location", MIGRATIONS)
+    heads = ScriptDirectory.from_config(cfg).get_heads()
+    assert len(heads) == 1  # one line of revisions
+    assert version == heads[0]

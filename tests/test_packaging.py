@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-SERVICES = ["tcm-server", "tcm-agent"]
+SERVICES = ["tcm-server", "tcm-agent", "tcm-taskserver", "tcm"]
 
 
 def test_twistd_lists_every_service():

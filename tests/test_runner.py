@@ -120,7 +120,14 @@ class FakeLink:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, Any, Deferred]] = []
 
-    def call(self, method: str, path: str, body: Any = None, timeout: float | None = None):
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        timeout: float | None = None,
+        via: Any = None,
+    ):
         d: Deferred = Deferred()
         self.calls.append((method, path, body, d))
         return d

@@ -254,15 +254,28 @@ class ServerLink:
     def __init__(self, https: HttpsClient):
         self.https = https
         self.session: Any = None  # an open AgentConnection, set by the agent
+        self.task_session: Any = None  # the open task-client session, if any
 
     @inlineCallbacks
-    def call(self, method: str, path: str, body: Any = None, timeout: float | None = None):
-        session = self.session
-        if session is not None and session.is_open():
-            try:
-                return (yield session.request(method, path, body, timeout))
-            except CallFailed as e:
-                self._log.info(
-                    "{method} {path}: {e}; sending over HTTPS", method=method, path=path, e=e
-                )
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        timeout: float | None = None,
+        via: Any = None,
+    ):
+        """Over `via` (the session a job came on) while it is open, else the core
+        session, else HTTPS."""
+        for session in (via, self.session) if via is not None else (self.session,):
+            if session is not None and session.is_open():
+                try:
+                    return (yield session.request(method, path, body, timeout))
+                except CallFailed as e:
+                    self._log.info(
+                        "{method} {path}: {e}; trying the next way",
+                        method=method,
+                        path=path,
+                        e=e,
+                    )
         return (yield self.https.call(method, path, body, timeout))

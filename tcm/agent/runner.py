@@ -62,16 +62,20 @@ class ActionRunner:
         self._running: dict[str, Deferred] = {}
         self._sending: set[str] = set()
         self._received: dict[str, float] = {}  # job -> when its request arrived here
+        self._via: dict[str, Any] = {}  # job -> the session it came on (a task session)
         self.clock_offset = 0.0  # server clock minus this machine's clock
         self.completed = 0
 
     def running_jobs(self) -> list[str]:
         return sorted(self._running)
 
-    def receive(self, env: Envelope, received: float | None = None) -> None:
-        """An action.request arrived (push or poll), at `received` (epoch) if known."""
+    def receive(self, env: Envelope, received: float | None = None, via: Any = None) -> None:
+        """An action.request arrived (push or poll), at `received` (epoch) if known, on
+        session `via` (its output and result go back that way while it is open)."""
         data = env.data
         job_id = data["job"]
+        if via is not None and via is not getattr(self.link, "session", None):
+            self._via[job_id] = via
         if job_id in self._running:
             return  # a redelivery of a job running right now: its result will come
         entry = self.ledger.get(job_id)
@@ -101,7 +105,7 @@ class ActionRunner:
             self._start(job_id, handler, data)
             return
         self._running[job_id] = Deferred()  # reserve: a second push during accept waits
-        d = self.link.call("POST", f"/agent/v1/jobs/{job_id}/accept", {})
+        d = self.link.call("POST", f"/agent/v1/jobs/{job_id}/accept", {}, via=self._via.get(job_id))
         d.addCallback(self._accepted, job_id, handler, data)
         d.addErrback(self._accept_failed, job_id)
 
@@ -139,6 +143,7 @@ class ActionRunner:
     def _accept_failed(self, failure, job_id: str) -> None:
         self._running.pop(job_id, None)
         self._received.pop(job_id, None)
+        self._via.pop(job_id, None)
         self._log.warn(
             "could not accept job {job}: {why}; it will be delivered again",
             job=job_id,
@@ -150,6 +155,7 @@ class ActionRunner:
         if decision != "run":
             self._running.pop(job_id, None)
             self._received.pop(job_id, None)
+            self._via.pop(job_id, None)
             if response.status != 200:
                 self._log.warn(
                     "accept of job {job} answered {status}: {body}",
@@ -224,11 +230,14 @@ class ActionRunner:
         if entry is None or entry["state"] != FINISHED:
             return
         self._sending.add(job_id)
-        d = self.link.call("POST", f"/agent/v1/jobs/{job_id}/result", entry["outcome"])
+        d = self.link.call(
+            "POST", f"/agent/v1/jobs/{job_id}/result", entry["outcome"], via=self._via.get(job_id)
+        )
 
         def answered(response) -> None:
             if response.status == 200:
                 self.ledger.record(job_id, ACKED)
+                self._via.pop(job_id, None)
             else:
                 self._log.warn(
                     "result of job {job} refused ({status}): {body}; kept",
@@ -264,7 +273,10 @@ class ActionRunner:
 
     def send_output(self, job_id: str, seq: int, stream: str, text: str) -> None:
         d = self.link.call(
-            "POST", f"/agent/v1/jobs/{job_id}/output", {"seq": seq, "stream": stream, "text": text}
+            "POST",
+            f"/agent/v1/jobs/{job_id}/output",
+            {"seq": seq, "stream": stream, "text": text},
+            via=self._via.get(job_id),
         )
         d.addErrback(lambda f: self._log.debug("output chunk lost: {why}", why=f.getErrorMessage()))
 

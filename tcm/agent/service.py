@@ -43,6 +43,7 @@ from tcm.agent.poller import Poller
 from tcm.agent.proxy import HTTPProxy, ProxyError
 from tcm.agent.runner import ActionRunner, load_handlers
 from tcm.agent.session import AgentClientFactory, SessionRefused
+from tcm.agent.taskclient import TaskClient
 from tcm.process import stop_with_failure
 from tcm.protocol import codes
 
@@ -178,6 +179,8 @@ class AgentCore:
         self.reconnects = 0
         self.last_refusal: str | None = None
         self.user_disconnected = False
+        self.identity: Identity | None = None
+        self.task_client = TaskClient(self)
 
     def capabilities(self) -> list[dict[str, Any]]:
         return [
@@ -208,7 +211,7 @@ class AgentCore:
         meta = self.state.meta()
         self.agent_id = meta["agent_id"]
         self.server = cfg.server or meta["server"]
-        identity = self.state.identity()
+        identity = self.identity = self.state.identity()
         https = HttpsClient(self.reactor, self.server, identity, self.proxy, bind=cfg.bind_address)
         self.link = ServerLink(https)
         self.runner = ActionRunner(
@@ -286,7 +289,11 @@ class AgentCore:
             self.poller.stop()
             self.mode.event("session_open", "persistent session open")
             if self.config.keepalive is None:
-                self._adopt_keepalive(conn.protocol, conn.welcome.get("keepalive"))
+                self.adopt_keepalive(conn.protocol, conn.welcome.get("keepalive"))
+            if "task_server" in conn.welcome:
+                self.task_client.assign(
+                    conn.welcome["task_server"], conn.welcome.get("task_server_status")
+                )
             self.runner.flush()
             return conn
 
@@ -306,12 +313,18 @@ class AgentCore:
 
         return d.addCallbacks(welcomed, refused)
 
-    def _adopt_keepalive(self, protocol: Any, keepalive: Any) -> None:
+    def session_keepalive(self) -> float:
+        """The keepalive the core session runs with now (the server's, once welcomed)."""
+        return float(self.config.keepalive or self._keepalive or DEFAULT_KEEPALIVE)
+
+    _keepalive: float | None = None
+
+    def adopt_keepalive(self, protocol: Any, keepalive: Any) -> None:
         """Ping as often as the server asks (it closes sessions that stay silent for
         2 x keepalive + timeout), from this connection's next ping on."""
         if not isinstance(keepalive, (int, float)) or keepalive <= 0:
             return
-        keepalive = float(keepalive)
+        keepalive = self._keepalive = float(keepalive)
         type(protocol).autoPingInterval = keepalive  # later connections (wsbase.bind_options)
         if protocol.autoPingInterval == keepalive:
             return
@@ -336,7 +349,14 @@ class AgentCore:
         )
 
     def notified(self, data: dict[str, Any]) -> None:
-        self._log.info("server notifies {topic}", topic=data.get("topic"))
+        topic = data.get("topic")
+        self._log.info("server notifies {topic}", topic=topic)
+        if topic == "task_server":
+            task_server = data.get("task_server")
+            self.task_client.assign(
+                task_server if isinstance(task_server, dict) else None,
+                str(data.get("task_server_status") or ""),
+            )
 
     # -- local control (tcm-agent status / disconnect / reconnect) -----------------------
     def user_disconnect(self) -> dict[str, Any]:
@@ -349,6 +369,7 @@ class AgentCore:
                 )
             if self.session_service is not None and self.session_service.running:
                 self.session_service.stopService()
+            self.task_client.stop()
             self.mode.event("user_disconnect", "terminated by tcm-agent disconnect")
             self._fall_back("persistent connection terminated on the agent", at_once=True)
         return {"mode": self.mode.state, "persistent_disabled": True}
@@ -393,6 +414,7 @@ class AgentCore:
                 "bytes_sent": self.link.https.traffic.sent if self.link else 0,
                 "bytes_received": self.link.https.traffic.received if self.link else 0,
             },
+            "task": self.task_client.status(),
             "reconnect_attempts": self.reconnects,
             "last_refusal": self.last_refusal,
             "results_waiting": self.ledger.count(FINISHED),
@@ -474,6 +496,7 @@ class AgentService(service.MultiService):
     def stopService(self):
         service.Service.stopService(self)
         self.core.poller.stop()
+        self.core.task_client.stop()
         return DeferredList(
             [maybeDeferred(c.stopService) for c in reversed(list(self)) if c.running]
         )

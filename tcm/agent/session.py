@@ -109,7 +109,7 @@ class AgentConnection:
     def _on_action(self, env: Envelope) -> None:
         # Note the arrival now; act on it on the next reactor turn, after whatever else the
         # reactor has read, so that reading stays ahead of the work reading brings.
-        self.clock.callLater(0, self.agent.runner.receive, env, time.time())
+        self.clock.callLater(0, self.agent.runner.receive, env, time.time(), self)
 
     def _on_notify(self, env: Envelope) -> None:
         self.agent.notified(env.data)

@@ -174,6 +174,38 @@ def cmd_token_list(api: Api, args) -> int:
     return 0
 
 
+def cmd_taskservers(api: Api, args) -> int:
+    listing = api.call("GET", "/taskservers")
+    if args.json:
+        _dump(listing["taskservers"])
+        return 0
+    rows = [
+        [
+            t["name"],
+            t["state"],
+            f"{t['clients']}",
+            f"{t['assigned']}/{t['max_clients']}",
+            t["url"] or "-",
+        ]
+        for t in listing["taskservers"]
+    ]
+    print(_table(rows, ["NAME", "STATE", "CLIENTS", "ASSIGNED/MAX", "URL"]))
+    print(f"policy: {listing['policy']}")
+    return 0
+
+
+def cmd_taskservers_enroll(api: Api, args) -> int:
+    body: dict[str, Any] = {"name": args.name, "ttl": args.ttl}
+    if args.max_clients is not None:
+        body["max_clients"] = args.max_clients
+    reply = api.call("POST", "/taskservers", body)
+    if args.json:
+        _dump(reply)
+    else:
+        print(reply["token"])
+    return 0
+
+
 def cmd_agents(api: Api, args) -> int:
     agents = api.call("GET", "/agents")["agents"]
     if args.json:
@@ -328,7 +360,7 @@ def cmd_jobs_follow(api: Api, args) -> int:
     """Print a job's output as it arrives, until every target has finished."""
     after = 0
     while True:
-        chunks = api.call("GET", f"/jobs/{args.id}/output?after={after}")["output"]
+        chunks = api.call("GET", f"/jobs/{args.id}/output?after={after}&wait=10")["output"]
         for c in chunks:
             after = max(after, c["id"])
             prefix = f"[{c['agent_id']}] " if not args.raw else ""
@@ -340,7 +372,6 @@ def cmd_jobs_follow(api: Api, args) -> int:
         if job["counts"]["completed"] >= job["counts"]["total"] and not chunks:
             print(_progress_line(job), file=sys.stderr)
             return 0
-        time.sleep(0.2)
 
 
 def cmd_settings_get(api: Api, args) -> int:
@@ -684,6 +715,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="server status")
     s.set_defaults(func=cmd_status)
+
+    ts = sub.add_parser("taskservers", help="task servers: list, enroll")
+    ts.add_argument("--json", action="store_true")
+    ts.set_defaults(func=cmd_taskservers)
+    tssub = ts.add_subparsers(dest="taskservers_command")
+    s = tssub.add_parser(
+        "enroll", help="register a task server; prints its one-time token (for --token)"
+    )
+    s.add_argument("name", help="the task server's name, e.g. ts1")
+    s.add_argument("--max-clients", type=int, help="its maximum of agents (default: server's)")
+    s.add_argument("--ttl", type=float, default=3600, help="seconds the token is valid")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_taskservers_enroll)
 
     tok = sub.add_parser("token", help="enrollment tokens")
     toksub = tok.add_subparsers(dest="token_command", required=True)

@@ -85,6 +85,25 @@ def print_status(st: dict[str, Any]) -> None:
         f"  Reconnect attempts: {st['reconnect_attempts']}"
         + (f" (last: {st['last_refusal']})" if st["last_refusal"] else "")
     )
+    t = st.get("task")
+    if t is not None:
+        print("Task Server Connection")
+        print(f"  Task server:        {t['task_server'] or 'none'} ({t['assignment']})")
+        if t["url"]:
+            print(f"  Address:            {t['url']}")
+        if t["connected"]:
+            tls = t["tls"] or {}
+            print("  State:              Connected")
+            print(f"  Cryptographic protocol: {tls.get('version')}")
+            print(f"  Connected since:    {_ago(t['connected_since'])}")
+            print(f"  Sent:               {_size(t['bytes_sent'])}")
+            print(f"  Received:           {_size(t['bytes_received'])}")
+        elif t["url"]:
+            print("  State:              Connecting")
+        print(
+            f"  Reconnect attempts: {t['reconnect_attempts']}"
+            + (f" (last: {t['last_refusal']})" if t["last_refusal"] else "")
+        )
     print(f"  Results waiting:    {st['results_waiting']}")
     print(f"  Jobs running:       {st['jobs_running']}")
 

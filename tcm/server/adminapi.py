@@ -101,6 +101,11 @@ class AdminAPI(JsonRouter):
         )
         self.route("GET", "/audit", self.audit)
 
+        self.route("GET", "/taskservers", self.taskservers)
+        self.route(
+            "POST", "/taskservers", self.register_taskserver, "admin", "register task servers"
+        )
+
     def route(
         self, method: str, pattern: str, handler, permission: str | None = None, doing=None
     ) -> None:
@@ -271,7 +276,95 @@ class AdminAPI(JsonRouter):
             after_id = int(after)
         except ValueError:
             raise ApiError(400, "'after' must be an integer") from None
-        return {"output": (yield self.core.store.get_output(job, after_id))}
+        try:
+            wait = float(request.args.get(b"wait", [b"0"])[0])
+        except ValueError:
+            raise ApiError(400, "'wait' must be a number of seconds") from None
+        if not 0 <= wait <= 60:
+            raise ApiError(400, "'wait' must be 0..60 seconds")
+        rows = yield self.core.store.get_output(job, after_id)
+        if not rows and wait > 0:
+            # Follow live: answered as soon as the job's next output is stored (or its
+            # targets finish), at the latest after `wait` seconds.
+            yield self.core.jobs.output_waiter(job, wait)
+            rows = yield self.core.store.get_output(job, after_id)
+        return {"output": rows}
+
+    # -- task servers --------------------------------------------------------------------
+    def taskservers(self, request):
+        """Registered task servers with their state and client counts."""
+        core = self.core
+        out = []
+        for name in sorted(core.nodes.task_servers()):
+            record = core.nodes.records[name]
+            node = core.nodes.links.get(name)
+            assignments = core.assignments
+            connected = node is not None and node.ready
+            if record.get("revoked"):
+                state = "revoked"
+            elif record.get("fingerprint") is None:
+                state = "awaiting enrollment"
+            elif not connected:
+                state = "down"
+            elif assignments.full(name):
+                state = "full"
+            else:
+                state = "up"
+            out.append(
+                {
+                    "name": name,
+                    "url": node.url if connected else record.get("url"),
+                    "state": state,
+                    "clients": node.open_sessions() if connected else 0,
+                    "assigned": assignments.counts.get(name, 0),
+                    "max_clients": assignments.capacity(name)
+                    if connected
+                    else record.get("max_clients") or assignments.default_max,
+                    "registered_at": record["registered_at"],
+                    "enrolled_at": record.get("enrolled_at"),
+                    "link": {
+                        "frames_in": node.frames_in,
+                        "frames_out": node.frames_out,
+                        "pushes": node.pushes,
+                    }
+                    if connected
+                    else None,
+                }
+            )
+        return {"policy": core.assignments.policy, "taskservers": out}
+
+    @inlineCallbacks
+    def register_taskserver(self, request):
+        """Register a task server; the answer holds its one-time enrollment token."""
+        from tcm.server.nodeapi import NODE_NAME
+        from tcm.store.store import TokenRefused
+
+        body = json_object(request)
+        name = body.get("name")
+        if not isinstance(name, str) or not NODE_NAME.match(name):
+            raise ApiError(400, "'name' must be a node name like 'ts1' (a-z, 0-9, _ . -)")
+        max_clients = body.get("max_clients")
+        if max_clients is not None and (
+            isinstance(max_clients, bool) or not isinstance(max_clients, int) or max_clients < 1
+        ):
+            raise ApiError(400, "'max_clients' must be a positive integer")
+        ttl = body.get("ttl", 3600)
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= 30 * 86400:
+            raise ApiError(400, "'ttl' must be a number of seconds up to 30 days")
+        try:
+            secret = yield self.core.store.register_node(
+                name, "taskserver", max_clients, float(ttl), self.core.clock.seconds()
+            )
+        except TokenRefused as e:
+            raise ApiError(409, str(e)) from None
+        yield self.core.reload_nodes()
+        yield self.core.audit(
+            request.who, "taskserver.register", name, {"max_clients": max_clients, "ttl": ttl}
+        )
+        return Reply(
+            {"name": name, "token": f"{name}.{secret}", "ttl": ttl, "max_clients": max_clients},
+            status=201,
+        )
 
     # -- selections and targets ----------------------------------------------------------
     @inlineCallbacks

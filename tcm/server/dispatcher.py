@@ -36,22 +36,32 @@ class Dispatcher:
 
     _log = Logger()
 
-    def __init__(self, registry: SessionRegistry, polls: Any = None):
+    def __init__(
+        self, registry: SessionRegistry, polls: Any = None, task_registry: Any = None
+    ) -> None:
         self.registry = registry
         self.polls = polls
+        self.task_registry = task_registry
         self.pushed = 0
 
-    def push(self, frame: bytes, agent_ids: Iterable[str]) -> tuple[list[str], list[str]]:
+    def push(
+        self, frame: bytes, agent_ids: Iterable[str], task: bool = False
+    ) -> tuple[list[str], list[str]]:
         """Send one frame to each agent that has a live session.
 
+        A task goes over the agent's task-client session (through its task server) when it
+        has one, else over its own session, else to its waiting long-poll.
         Returns (sent, offline) agent ids.
         """
         by_route: dict[Any, list[Any]] = {}
         sent: list[str] = []
         offline: list[str] = []
         polls = self.polls
+        tasks = self.task_registry if task else None
         for agent_id in agent_ids:
-            session: Any = self.registry.get(agent_id)
+            session: Any = tasks.get(agent_id) if tasks is not None else None
+            if session is None:
+                session = self.registry.get(agent_id)
             if session is None and polls is not None:
                 session = polls.get(agent_id)  # an agent in HTTP mode, waiting on a long-poll
             if session is None:

@@ -47,6 +47,7 @@ class JobService:
         self._capabilities_of = capabilities_of
         self._known_agents = known_agents
         self._committing: dict[tuple[str, str], Deferred] = {}  # results not yet committed
+        self._output_waiters: dict[str, list[Deferred]] = {}  # job -> followers waiting
         self._expiry = LoopingCall(self.expire)
         self._expiry.clock = clock
 
@@ -138,11 +139,15 @@ class JobService:
 
     def _deliver(self, job: Job, agent_ids: list[str]) -> None:
         now = self.clock.seconds()
-        capable, incapable = [], []
+        capable: list[str] = []
+        tasks: list[str] = []
+        incapable: list[str] = []
         for agent_id in agent_ids:
             caps = self._capabilities_of(agent_id)
-            if caps is None or job.action in caps:
+            if caps is None:
                 capable.append(agent_id)
+            elif job.action in caps:
+                (tasks if caps[job.action].get("task") else capable).append(agent_id)
             else:
                 incapable.append(agent_id)
         for agent_id in incapable:
@@ -156,13 +161,20 @@ class JobService:
                 now,
             )
         sent, _offline = self.dispatcher.push(job.frame(), capable)
+        if tasks:
+            sent += self.dispatcher.push(job.frame(), tasks, task=True)[0]
         self._persist(self.book.delivered(job.id, sent, now))
 
     # -- agent side ------------------------------------------------------------------
-    def session_opened(self, agent_id: str) -> None:
-        """An agent has a live session: (re)send what it has not finished."""
+    def session_opened(self, agent_id: str, channel: str = "core") -> None:
+        """An agent has a live session: (re)send what it has not finished. A task session
+        (through a task server) gets the unfinished tasks that are not running yet."""
         now = self.clock.seconds()
         for job in self.book.deliverable(agent_id, now):
+            if channel == "task":
+                caps = self._capabilities_of(agent_id) or {}
+                if not caps.get(job.action, {}).get("task"):
+                    continue
             self._deliver(job, [agent_id])
 
     def work_for(self, agent_id: str) -> list[Job]:
@@ -180,7 +192,33 @@ class JobService:
 
     def output(self, agent_id: str, job_id: str, seq: int, stream: str, text: str):
         now = self.clock.seconds()
-        return self.store.add_output(job_id, agent_id, seq, stream, text, now)
+        d = self.store.add_output(job_id, agent_id, seq, stream, text, now)
+        d.addCallback(lambda _: self._wake_followers(job_id))
+        return d
+
+    def output_waiter(self, job_id: str, timeout: float) -> Deferred:
+        """Fires when the job's next output is stored or a target finishes, or after
+        `timeout` seconds (whichever is first)."""
+        d: Deferred = Deferred()
+        waiters = self._output_waiters.setdefault(job_id, [])
+        waiters.append(d)
+        timer = self.clock.callLater(timeout, self._unwait, job_id, d)
+        d.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
+        return d
+
+    def _unwait(self, job_id: str, d: Deferred) -> None:
+        waiters = self._output_waiters.get(job_id, [])
+        if d in waiters:
+            waiters.remove(d)
+            if not waiters:
+                self._output_waiters.pop(job_id, None)
+        if not d.called:
+            d.callback(None)
+
+    def _wake_followers(self, job_id: str) -> None:
+        for d in self._output_waiters.pop(job_id, []):
+            if not d.called:
+                d.callback(None)
 
     def result(
         self,
@@ -234,6 +272,7 @@ class JobService:
 
         def committed(value):
             self._committing.pop(key, None)
+            self._wake_followers(job_id)
             return value
 
         def not_committed(f):

@@ -28,6 +28,9 @@ from tcm.server.ca import CertificateAuthority, HandshakeLogger, server_tls_opti
 from tcm.server.dispatcher import DirectRoute, Dispatcher
 from tcm.server.envelope_http import render_envelope
 from tcm.server.jobservice import JobService
+from tcm.server.links import NodeLinkFactory
+from tcm.server.nodeapi import LinkV1, NodeAPI
+from tcm.server.nodes import DEFAULT_MAX_CLIENTS, NodeDirectory, TaskServerAssignments
 from tcm.server.polls import PollRegistry
 from tcm.server.roles import Principal, TokenBook
 from tcm.server.sessions import AgentSession, SessionRegistry
@@ -62,6 +65,8 @@ class ServerConfig:
     max_message_size: int = 1024 * 1024
     max_in_flight: int = 64
     cert_days: int = 365
+    taskserver_policy: str = "fewest"  # or "capacity" (docs/operating.md)
+    taskserver_max_clients: int = DEFAULT_MAX_CLIENTS
 
     @property
     def database_url(self) -> str:
@@ -160,10 +165,93 @@ class AgentHub:
             "max_in_flight": cfg.max_in_flight,
             "server_version": tcm.__version__,
             "server_time": self.core.clock.seconds(),
+            **(self.task_server_for(session.agent_id) if session.channel == "core" else {}),
         }
+
+    # -- task servers --------------------------------------------------------------------
+    @property
+    def link_keepalive(self) -> float:
+        return self.core.config.keepalive / 2
+
+    def authenticate_agent_id(self, agent_id: str) -> str:
+        """A node vouches for an agent it verified: is the agent known and not revoked?"""
+        record = self.core.directory.get(agent_id)
+        if record is None:
+            raise ApiError(403, f"unknown agent {agent_id}: enroll again")
+        if record["revoked"]:
+            raise ApiError(403, f"agent {agent_id} is revoked")
+        return agent_id
+
+    def task_server_for(self, agent_id: str) -> dict[str, Any]:
+        """Assign the agent a task server (or say why there is none), for welcome/notify."""
+        assignments = self.core.assignments
+        name, why = assignments.assign(agent_id)
+        if name is None:
+            return {"task_server": None, "task_server_status": why}
+        return {
+            "task_server": {"name": name, "url": assignments.url_of(name)},
+            "task_server_status": why,
+        }
+
+    def link_opened(self, node: Any) -> None:
+        core = self.core
+        self._log.info(
+            "{role} {name} linked ({url}, max {max} clients)",
+            role=node.role,
+            name=node.name,
+            url=node.url,
+            max=node.max_clients,
+        )
+        old = core.nodes.links.get(node.name)
+        core.nodes.links[node.name] = node
+        if old is not None and old is not node:
+            old._close(codes.CLOSE_SUPERSEDED, "a newer link of this node replaced this one")
+        core.store.node_reported(node.name, node.url or "")
+        if node.role != "taskserver":
+            return
+        record = core.nodes.records.get(node.name, {})
+        limits = [m for m in (record.get("max_clients"), node.max_clients) if m]
+        core.assignments.up(node.name, node.url or "", min(limits) if limits else None)
+        # Agents that found no task server so far get this one.
+        for session in core.registry.all():
+            if core.assignments.of(session.agent_id) is None:
+                self._tell_task_server(session, "a task server became available")
+
+    def link_closed(self, node: Any) -> None:
+        core = self.core
+        name, role = node.name, node.role
+        if core.nodes.links.get(name) is not node:
+            return  # superseded by a newer link of the same node
+        del core.nodes.links[name]
+        self._log.warn("{role} {name} link lost", role=role, name=name)
+        if role != "taskserver":
+            return
+        moved = core.assignments.down(name)
+        for agent_id in moved:
+            session = core.registry.get(agent_id)
+            if session is not None:
+                self._tell_task_server(session, f"task server {name} is down")
+
+    def _tell_task_server(self, session: AgentSession, reason: str) -> None:
+        data = self.task_server_for(session.agent_id)
+        target = data["task_server"]
+        self._log.info(
+            "agent {agent}: task server {name} ({why})",
+            agent=session.agent_id,
+            name=target["name"] if target else None,
+            why=f"{reason}; {data['task_server_status']}",
+        )
+        session.send(Envelope(type="notify", data={"topic": "task_server", **data}))
 
     def session_opened(self, session: AgentSession, hello: dict[str, Any]) -> None:
         core = self.core
+        if session.channel == "task":
+            core.task_registry.add(session)
+            self._log.info(
+                "agent {agent} task session open via {via}", agent=session.agent_id, via=session.via
+            )
+            core.jobs.session_opened(session.agent_id, channel="task")
+            return
         core.registry.add(session)
         record = core.directory.get(session.agent_id)
         if record is not None:
@@ -193,7 +281,12 @@ class AgentHub:
 
     def session_closed(self, session: AgentSession) -> None:
         core = self.core
+        if session.channel == "task":
+            if core.task_registry.remove(session):
+                self._log.info("agent {agent} task session closed", agent=session.agent_id)
+            return
         if core.registry.remove(session):
+            core.assignments.release(session.agent_id)
             core.store.agent_seen(session.agent_id, core.clock.seconds())
             self._log.info("agent {agent} session closed", agent=session.agent_id)
 
@@ -222,13 +315,18 @@ class ServerCore:
         self.store = Store(config.database_url, reactor=reactor)
         self.directory = AgentDirectory()
         self.registry = SessionRegistry()
+        self.task_registry = SessionRegistry()  # agents' task-client sessions (via nodes)
+        self.nodes = NodeDirectory()
+        self.assignments = TaskServerAssignments(
+            config.taskserver_policy, config.taskserver_max_clients
+        )
         self.settings = RuntimeSettings(config)
         self.hub = AgentHub(self)
         self.site = self._make_site()
         self.direct_route = DirectRoute(self.ws_factory.prepareMessage)
         self.polls = PollRegistry(self.clock)
         self.last_poll: dict[str, float] = {}
-        self.dispatcher = Dispatcher(self.registry, self.polls)
+        self.dispatcher = Dispatcher(self.registry, self.polls, self.task_registry)
         self.jobs = JobService(
             self.store,
             self.dispatcher,
@@ -249,6 +347,13 @@ class ServerCore:
         self.ws_factory = AgentServerFactory(self, f"wss://{self.config.interface}")
         v1 = _AgentV1(self.agent_api, WebSocketResource(self.ws_factory))
         agent.putChild(b"v1", v1)
+        links = Resource()
+        root.putChild(b"link", links)
+        self.node_api = NodeAPI(self)
+        self.link_factory = NodeLinkFactory(self, f"wss://{self.config.interface}")
+        ws: Any = WebSocketResource(self.link_factory)
+        links.putChild(b"v1", LinkV1(self.node_api, ws))
+        self.root = root
         site = Site(root, timeout=60)
         site.displayTracebacks = False
         return site
@@ -438,10 +543,16 @@ class ServerCore:
         self.store.open()
         self.directory.load((yield self.store.list_agents()))
         self.tokens.load((yield self.store.list_api_tokens(include_hashes=True)))
+        yield self.reload_nodes()
         stored = yield self.store.get_settings()
         self.settings.update(self.settings.validate(stored, ignore_unknown=True))
         yield self.jobs.load()
         self.jobs.start()
+
+    @inlineCallbacks
+    def reload_nodes(self):
+        self.nodes.load((yield self.store.list_nodes()))
+        self.assignments.registered = len(self.nodes.task_servers())
 
     def _write_server_json(self) -> None:
         """Where the admin CLI finds this server when given only --state-dir."""
@@ -474,6 +585,8 @@ class ServerCore:
         cfg = self.config
         deadline = self.clock.seconds() - (2 * cfg.keepalive + cfg.keepalive_timeout)
         for session in self.registry.idle_since(deadline):
+            if session.route is not self.direct_route:
+                continue  # relayed: the node watches its agents, the link watches the node
             self._log.info(
                 "agent {agent} silent since {t:.0f}: closing",
                 agent=session.agent_id,

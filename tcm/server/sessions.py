@@ -94,6 +94,7 @@ class AgentSession:
         self.hostname = ""
         self.in_flight = 0
         self.info: dict[str, Any] = {}
+        self.channel = "core"  # or "task": a task-client session, carried by a task server
         self.tls: dict[str, Any] | None = None
         self._handlers: dict[str, Callable[[Envelope], None]] = {
             "hello": self._on_hello,

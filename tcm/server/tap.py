@@ -60,6 +60,19 @@ class Options(usage.Options):
         ["handshake-timeout", None, 30.0, "Seconds an agent has to send hello.", float],
         ["max-message-size", None, 1024 * 1024, "Largest accepted message, bytes.", int],
         ["max-in-flight", None, 64, "Most requests one session may have unanswered.", int],
+        [
+            "taskserver-policy",
+            None,
+            "fewest",
+            "How agents are spread over task servers: fewest (agents) or capacity (free places).",
+        ],
+        [
+            "taskserver-max-clients",
+            None,
+            5000,
+            "Most agents assigned to one task server (unless registered with its own maximum).",
+            int,
+        ],
     ]
 
     def __init__(self):
@@ -75,6 +88,10 @@ class Options(usage.Options):
             raise usage.UsageError("--state-dir is required")
         if bool(self["cert"]) != bool(self["key"]):
             raise usage.UsageError("--cert and --key go together")
+        if self["taskserver-policy"] not in ("fewest", "capacity"):
+            raise usage.UsageError("--taskserver-policy must be fewest or capacity")
+        if self["taskserver-max-clients"] < 1:
+            raise usage.UsageError("--taskserver-max-clients must be at least 1")
 
 
 def config_from(options: Options) -> ServerConfig:
@@ -93,6 +110,8 @@ def config_from(options: Options) -> ServerConfig:
         handshake_timeout=options["handshake-timeout"],
         max_message_size=options["max-message-size"],
         max_in_flight=options["max-in-flight"],
+        taskserver_policy=options["taskserver-policy"],
+        taskserver_max_clients=options["taskserver-max-clients"],
     )
 
 

@@ -152,3 +152,18 @@ audit_log = sa.Table(
     sa.Column("details", sa.JSON, nullable=False),
     sa.Index("ix_audit_log_at", "at"),
 )
+
+nodes = sa.Table(
+    "nodes",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("url", sa.String(512)),  # where agents reach it (reported by the node)
+    sa.Column("max_clients", sa.Integer),  # NULL: the server's default
+    sa.Column("fingerprint", sa.String(64)),  # of its certificate, once enrolled
+    sa.Column("registered_at", sa.Float, nullable=False),
+    sa.Column("enrolled_at", sa.Float),
+    sa.Column("token_hash", sa.String(64)),  # one-time enrollment secret, until used
+    sa.Column("token_expires", sa.Float),
+    sa.Column("revoked", sa.Boolean, nullable=False, server_default=sa.false()),
+)

@@ -307,6 +307,72 @@ class Store:
 
         return self.transaction(op)
 
+    # -- relay nodes (task servers, gateways) ---------------------------------------
+    def register_node(
+        self, name: str, role: str, max_clients: int | None, ttl: float, now: float
+    ) -> Deferred[str]:
+        """Register a node (or issue a new enrollment secret for it); returns the secret."""
+        secret = os.urandom(24).hex()
+        n = t.nodes
+
+        def op(c: Connection) -> str:
+            row = c.execute(sa.select(n).where(n.c.name == name)).first()
+            values = dict(
+                role=role,
+                max_clients=max_clients,
+                token_hash=hash_secret(secret),
+                token_expires=now + ttl,
+                revoked=False,
+            )
+            if row is None:
+                c.execute(n.insert().values(name=name, registered_at=now, **values))
+            elif row.role != role:
+                raise TokenRefused(f"{name!r} is already registered as a {row.role}")
+            else:
+                c.execute(n.update().where(n.c.name == name).values(**values))
+            return secret
+
+        return self.transaction(op)
+
+    def enroll_node(self, name: str, secret: str, fingerprint: str, now: float) -> Deferred[str]:
+        """Use a node's one-time enrollment secret; records its certificate. Its role."""
+        n = t.nodes
+
+        def op(c: Connection) -> str:
+            row = c.execute(sa.select(n).where(n.c.name == name)).first()
+            if (
+                row is None
+                or row.token_hash is None
+                or not hmac.compare_digest(row.token_hash, hash_secret(secret))
+            ):
+                raise TokenRefused(f"no enrollment pending for node {name!r} with this token")
+            if row.token_expires is not None and now >= row.token_expires:
+                raise TokenRefused(f"the enrollment token of node {name!r} expired")
+            c.execute(
+                n.update()
+                .where(n.c.name == name)
+                .values(fingerprint=fingerprint, enrolled_at=now, token_hash=None)
+            )
+            return str(row.role)
+
+        return self.transaction(op)
+
+    def node_reported(self, name: str, url: str) -> Deferred[None]:
+        n = t.nodes
+
+        def op(c: Connection) -> None:
+            c.execute(n.update().where(n.c.name == name).values(url=url))
+
+        return self.transaction(op)
+
+    def list_nodes(self) -> Deferred[list[dict[str, Any]]]:
+        cols = [c for c in t.nodes.c if c.name != "token_hash"]
+        return self.read(
+            lambda c: [
+                dict(r._mapping) for r in c.execute(sa.select(*cols).order_by(t.nodes.c.name))
+            ]
+        )
+
     # -- agents ----------------------------------------------------------------------
     def add_agent(self, agent_id: str, hostname: str, fingerprint: str, now: float):
         row = dict(

@@ -14,3 +14,15 @@ tcmAgent = ServiceMaker(
     "tcm endpoint agent",
     "tcm-agent",
 )
+tcmTaskServer = ServiceMaker(
+    "tcm task server",
+    "tcm.taskserver.tap",
+    "tcm task server (agents' task sessions, relayed to the management server)",
+    "tcm-taskserver",
+)
+tcmAllInOne = ServiceMaker(
+    "tcm all-in-one",
+    "tcm.allinone",
+    "tcm management server and task server in one process (embedded defaults)",
+    "tcm",
+)

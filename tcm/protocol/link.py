@@ -1,0 +1,79 @@
+"""The node link (tcm.link.v1): how a relay node carries many agent sessions to a server.
+
+A relay node (a task server, later a gateway) terminates the agents' TLS and WebSocket and
+holds one persistent mutual-TLS WebSocket to the management server. Over it, every agent
+connection at the node is a numbered *connection* (`c`); the server runs each one's tcm.v1
+session exactly as if the agent were connected directly, and the node only moves frames.
+
+Each link message is one binary WebSocket frame: a JSON header, a newline, and an optional
+payload (an agent's tcm.v1 frame, byte for byte: it is never re-encoded).
+
+Node -> server:
+  {"t": "hello", "name", "role", "url", "max_clients"}   first message of the link
+  {"t": "open", "c", "agent", "peer", "tls"}              an agent connection was accepted
+  {"t": "frame", "c"} + payload                           a frame from that agent
+  {"t": "closed", "c"}                                    the agent connection is gone
+Server -> node:
+  {"t": "welcome", "keepalive"}                           answer to hello
+  {"t": "frame", "c"} + payload                           a frame for one agent
+  {"t": "push", "c": [c1, c2, ...]} + payload             one frame for many: fan-out here
+  {"t": "close", "c", "code", "reason"}                   close that agent connection
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+SUBPROTOCOL = "tcm.link.v1"
+WS_PATH = "/link/v1/ws"
+ENROLL_PATH = "/link/v1/enroll"
+NODE_PREFIX = "node:"  # the CN of a node's certificate; agent ids never contain ':'
+
+NODE_SENDS = frozenset({"hello", "open", "frame", "closed"})
+SERVER_SENDS = frozenset({"welcome", "frame", "push", "close"})
+ROLES = frozenset({"taskserver", "gateway"})
+
+_INT_FIELDS = {"open": ("c",), "frame": ("c",), "closed": ("c",), "close": ("c", "code")}
+
+
+class LinkError(ValueError):
+    """A link message that cannot be taken; the link is closed with the reason."""
+
+
+def encode(header: dict[str, Any], payload: bytes = b"") -> bytes:
+    return json.dumps(header, separators=(",", ":")).encode() + b"\n" + payload
+
+
+def decode(message: bytes, allowed: frozenset[str]) -> tuple[dict[str, Any], bytes]:
+    """Split and check one link message; LinkError says what is wrong."""
+    head, sep, payload = message.partition(b"\n")
+    if not sep:
+        raise LinkError("link message without a header line")
+    try:
+        header = json.loads(head)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LinkError(f"link header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise LinkError("link header must be a JSON object")
+    kind = header.get("t")
+    if kind not in allowed:
+        raise LinkError(f"unexpected link message type {kind!r}")
+    for field in _INT_FIELDS.get(kind, ()):
+        value = header.get(field)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise LinkError(f"link message {kind!r} needs a non-negative integer {field!r}")
+    if kind == "push":
+        conns = header.get("c")
+        if not isinstance(conns, list) or not all(
+            isinstance(c, int) and not isinstance(c, bool) for c in conns
+        ):
+            raise LinkError("link message 'push' needs a list of connection numbers 'c'")
+    if kind == "open" and not isinstance(header.get("agent"), str):
+        raise LinkError("link message 'open' needs the agent id")
+    if kind == "hello":
+        if header.get("role") not in ROLES:
+            raise LinkError(f"node role must be one of {sorted(ROLES)}")
+        if not isinstance(header.get("url"), str):
+            raise LinkError("node hello needs the url agents use to reach it")
+    return header, payload

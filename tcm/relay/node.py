@@ -1,0 +1,141 @@
+"""A relay node's identity: its key, its certificate from the tcm CA, and enrollment.
+
+State directory:
+    node.json   name, role, server URL (written at enrollment)
+    key.pem     private key (0600), made here
+    cert.pem    certificate `node:NAME`, for the link (client) and for agents (server)
+    ca.pem      the tcm CA: verifies the server and the agents
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+from urllib.parse import urlsplit
+
+import treq
+from twisted.internet.abstract import isIPAddress
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, wrapClientTLS
+from twisted.logger import Logger
+from twisted.web.client import Agent
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
+
+from tcm import pki
+from tcm.protocol import link
+
+
+class NodeEnrollmentError(Exception):
+    """The node could not enroll; the message says why."""
+
+
+class NodeState:
+    """The node's files in its state directory."""
+
+    def __init__(self, directory: str):
+        self.dir = directory
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def read(self, name: str) -> bytes | None:
+        try:
+            with open(self.path(name), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def meta(self) -> dict[str, Any]:
+        raw = self.read("node.json")
+        return json.loads(raw) if raw else {}
+
+    def enrolled(self) -> bool:
+        return self.read("cert.pem") is not None and "name" in self.meta()
+
+    def tls(self) -> tuple[bytes, bytes, bytes]:
+        """(ca_pem, cert_pem, key_pem)."""
+        ca, cert, key = self.read("ca.pem"), self.read("cert.pem"), self.read("key.pem")
+        if ca is None or cert is None or key is None:
+            raise NodeEnrollmentError(f"{self.dir} holds no node identity: enroll first")
+        return ca, cert, key
+
+    def store_identity(self, name: str, role: str, server: str, ca: bytes, cert: bytes) -> None:
+        pki.write_public(self.path("ca.pem"), ca)
+        pki.write_public(self.path("cert.pem"), cert)
+        pki.write_public(
+            self.path("node.json"),
+            json.dumps({"name": name, "role": role, "server": server}, indent=1).encode(),
+        )
+
+    def key_pem(self) -> bytes:
+        key = self.read("key.pem")
+        if key is None:
+            key = pki.key_to_pem(pki.generate_key())
+            pki.write_private(self.path("key.pem"), key)
+        return key
+
+
+def split_url(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "wss") or not parts.hostname:
+        raise ValueError(f"server URL must be https://HOST[:PORT], not {url!r}")
+    return parts.hostname, parts.port or 443
+
+
+def client_endpoint(reactor: Any, url: str, tls_options: Any):
+    """A TLS client endpoint to the host and port of `url`."""
+    host, port = split_url(url)
+    if isIPAddress(host):
+        inner: Any = TCP4ClientEndpoint(reactor, host, port, timeout=30)
+    else:
+        inner = HostnameEndpoint(reactor, host, port, timeout=30)
+    return wrapClientTLS(tls_options, inner)
+
+
+@implementer(IAgentEndpointFactory)
+class _Endpoints:
+    def __init__(self, reactor: Any, ca_pem: bytes):
+        self._reactor = reactor
+        self._ca = ca_pem
+
+    def endpointForURI(self, uri):
+        host = uri.host.decode()
+        url = f"https://{host}:{uri.port}"
+        return client_endpoint(self._reactor, url, pki.client_tls_options(host, self._ca))
+
+
+@inlineCallbacks
+def enroll_node(
+    reactor: Any,
+    state: NodeState,
+    server: str,
+    ca_pem: bytes,
+    token: str,
+    hostnames: list[str],
+):
+    """Send a CSR with the one-time token `NAME.SECRET`; keep the certificate. The name."""
+    log = Logger(namespace="tcm.relay.enroll")
+    name, sep, secret = token.partition(".")
+    if not sep or not name or not secret:
+        raise NodeEnrollmentError("a node token looks like NAME.SECRET (tcm taskservers enroll)")
+    csr = pki.make_csr(pki.load_key(state.key_pem()), common_name=link.NODE_PREFIX + name)
+    http = treq.client.HTTPClient(Agent.usingEndpointFactory(reactor, _Endpoints(reactor, ca_pem)))
+    url = server.rstrip("/") + link.ENROLL_PATH
+    body = {"name": name, "token": secret, "csr": csr.decode(), "hostnames": hostnames}
+    try:
+        resp = yield http.post(url, json=body, timeout=30)
+        payload = yield resp.json()
+    except Exception as e:
+        raise NodeEnrollmentError(
+            f"cannot reach {server} to enroll: {pki.describe_tls_error(e)}"
+        ) from None
+    if resp.code != 201:
+        raise NodeEnrollmentError(
+            f"node enrollment refused by {server}: {payload.get('error', payload)} ({resp.code})"
+        )
+    state.store_identity(name, payload["role"], server, ca_pem, payload["certificate"].encode())
+    log.info("enrolled with {server} as node {name}", server=server, name=name)
+    return name

@@ -1,0 +1,145 @@
+"""A relay node's link to its server: one persistent mutual-TLS WebSocket (tcm.link.v1).
+
+`ClientService` keeps it up with capped exponential backoff; the link counts as up once the
+server answered the node's hello, and only then does the edge accept agents.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from tcm.protocol import codes, link
+from tcm.relay.edge import Relay
+from tcm.wsbase import LeanWebSocketMixin, bind_options
+
+
+class LinkClosed(Exception):
+    """The server closed or refused the link before welcoming the node."""
+
+
+class UpstreamProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type: ignore[misc]
+    """The node's end of the link: hello, then frames both ways."""
+
+    _log = Logger()
+    welcomed: Deferred | None = None
+    up = False
+
+    def connectionMade(self):
+        self.welcomed = Deferred()
+        super().connectionMade()
+
+    def onConnect(self, response):
+        if response.protocol != link.SUBPROTOCOL:
+            self.sendClose(codes.CLOSE_PROTOCOL_ERROR, "server did not accept tcm.link.v1")
+
+    def onOpen(self):
+        f = self.factory
+        self.send(
+            {
+                "t": "hello",
+                "name": f.name,
+                "role": f.role,
+                "url": f.url,
+                "max_clients": f.relay.max_clients,
+            }
+        )
+
+    def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        self.sendMessage(link.encode(header, payload), isBinary=True)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if not isBinary:
+            self.sendClose(codes.CLOSE_PROTOCOL_ERROR, "node links use binary frames")
+            return
+        try:
+            header, body = link.decode(payload, link.SERVER_SENDS)
+        except link.LinkError as e:
+            self._log.warn("server sent a bad link message: {e}", e=e)
+            self.sendClose(codes.CLOSE_PROTOCOL_ERROR, str(e)[:120])
+            return
+        if header["t"] == "welcome":
+            if not self.up:
+                self.up = True
+                self.factory.relay.upstream = self
+                self._log.info("link to {server} up", server=self.factory.server)
+                assert self.welcomed is not None
+                self.welcomed.callback(self)
+            return
+        self.factory.relay.from_server(header, body)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        relay: Relay = self.factory.relay
+        if self.up:
+            self.up = False
+            self._log.warn(
+                "link to {server} lost: {code} {reason}",
+                server=self.factory.server,
+                code=code,
+                reason=reason or "",
+            )
+            if relay.upstream is self:
+                relay.upstream_lost()
+        elif self.welcomed is not None and not self.welcomed.called:
+            self._log.warn(
+                "link to {server} refused: {code} {reason}",
+                server=self.factory.server,
+                code=code,
+                reason=reason or "",
+            )
+            self.welcomed.errback(LinkClosed(f"{code} {reason or ''}"))
+
+
+class UpstreamFactory(WebSocketClientFactory):
+    protocol = UpstreamProtocol
+
+    def __init__(
+        self, relay: Relay, server: str, name: str, role: str, url: str, keepalive: float = 25.0
+    ):
+        ws_url = "wss://" + server.split("://", 1)[1].rstrip("/") + link.WS_PATH
+        super().__init__(ws_url, protocols=[link.SUBPROTOCOL])
+        self.relay = relay
+        self.server = server
+        self.name = name
+        self.role = role
+        self.url = url
+        size = 64 * 1024 * 1024
+        self.setProtocolOptions(
+            autoPingInterval=keepalive,
+            autoPingTimeout=20,
+            failByDrop=False,
+            maxFramePayloadSize=size,
+            maxMessagePayloadSize=size,
+            openHandshakeTimeout=30,
+            closeHandshakeTimeout=5,
+            perMessageCompressionOffers=[],
+        )
+        bind_options(self)
+
+
+def upstream_service(
+    reactor: Any, endpoint: Any, factory: UpstreamFactory, backoff_max: float = 30.0
+) -> ClientService:
+    """Keep the link up; a link refused before welcome counts as a failed attempt."""
+    return ClientService(
+        endpoint,
+        factory,
+        retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=backoff_max, factor=2.0),
+        clock=reactor,
+        prepareConnection=_welcomed,
+    )
+
+
+def _welcomed(proto: Any) -> Deferred:
+    def refused(f):
+        # ClientService counts the failed attempt; it has no transition for the lost
+        # connection that follows, so that one notification is not passed on.
+        if hasattr(proto, "_lostNotification"):
+            proto._lostNotification = lambda reason: None
+        return f
+
+    return proto.welcomed.addErrback(refused)

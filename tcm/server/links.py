@@ -1,0 +1,268 @@
+"""The server's end of node links: agent sessions carried by task servers (and gateways).
+
+A `NodeLink` is one connected relay node. Each agent connection at the node becomes an
+ordinary `AgentSession` here, with a `RelayedTransport` instead of a WebSocket: the session
+rules (hello, supersede, requests, errors) are the same code as for a direct connection. The
+link is also the sessions' *route*: the dispatcher hands it every session of a push at once,
+and the push crosses the link once and fans out at the node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.logger import Logger
+
+from tcm import pki
+from tcm.protocol import codes, link
+from tcm.server.envelope_http import PeerView
+from tcm.server.sessions import AgentSession, SessionState, intern
+from tcm.server.web import ApiError
+from tcm.wsbase import LeanWebSocketMixin, bind_options
+
+
+class RelayedConnection:
+    """What the agent API may learn of an agent connection held by a node."""
+
+    __slots__ = ("_peer", "_host")
+
+    def __init__(self, peer: str | None, host: Any):
+        self._peer = _address(peer)
+        self._host = host
+
+    def getPeer(self):
+        return self._peer
+
+    def getHost(self):
+        return self._host
+
+    def getPeerCertificate(self):
+        return None  # verified by the node; the session carries the agent id
+
+    def getHandle(self):
+        return None
+
+
+class RelayedTransport:
+    """A session's transport when its agent is connected to a node: frames go over the link."""
+
+    __slots__ = ("link", "conn", "peer_transport")
+
+    def __init__(self, link: NodeLink, conn: int, peer_transport: Any):
+        self.link = link
+        self.conn = conn
+        self.peer_transport = peer_transport
+
+    def send_frame(self, frame: bytes) -> None:
+        self.link.send({"t": "frame", "c": self.conn}, frame)
+
+    def send_prepared(self, prepared: Any) -> None:  # the link route never prepares
+        self.send_frame(prepared)
+
+    def close(self, code: int, reason: str) -> None:
+        self.link.send({"t": "close", "c": self.conn, "code": code, "reason": reason[:120]})
+
+    def dropConnection(self, abort: bool = False) -> None:
+        self.close(codes.CLOSE_NORMAL, "closed by the server")
+
+
+class NodeLink:
+    """One connected node and the agent sessions it carries (the link's domain logic)."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        name: str,
+        send: Callable[[bytes], None],
+        close: Callable[[int, str], None],
+        hub: Any,
+        clock: Any,
+        host: Any = None,
+        max_message_size: int = 1024 * 1024,
+        channel: str = "task",
+    ):
+        self.name = name
+        self._send = send
+        self._close = close
+        self.hub = hub
+        self.clock = clock
+        self.host = host
+        self.max_message_size = max_message_size
+        self.channel = channel
+        self.role: str | None = None
+        self.url: str | None = None
+        self.max_clients: int | None = None
+        self.sessions: dict[int, AgentSession] = {}
+        self.frames_in = 0
+        self.frames_out = 0
+        self.pushes = 0
+        self.ready = False
+
+    # -- route ---------------------------------------------------------------------------
+    def deliver(self, frame: bytes, sessions: list[AgentSession]) -> None:
+        """One frame for several sessions on this link: sent once, fanned out by the node."""
+        if len(sessions) == 1:
+            sessions[0].transport.send_frame(frame)
+            return
+        conns = [s.transport.conn for s in sessions]  # type: ignore[attr-defined]
+        self.pushes += 1
+        self.send({"t": "push", "c": conns}, frame)
+
+    # -- link messages -------------------------------------------------------------------
+    def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        self.frames_out += 1
+        self._send(link.encode(header, payload))
+
+    def message_received(self, message: bytes) -> None:
+        try:
+            header, payload = link.decode(message, link.NODE_SENDS)
+            if not self.ready and header["t"] != "hello":
+                raise link.LinkError("the first link message must be hello")
+            getattr(self, "_on_" + header["t"])(header, payload)
+        except link.LinkError as e:
+            self._log.warn("node {node} sent a bad link message: {e}", node=self.name, e=e)
+            self._close(codes.CLOSE_PROTOCOL_ERROR, str(e)[:120])
+
+    def _on_hello(self, header: dict[str, Any], payload: bytes) -> None:
+        if self.ready:
+            raise link.LinkError("hello already received")
+        self.role = header["role"]
+        self.url = header["url"]
+        max_clients = header.get("max_clients")
+        self.max_clients = max_clients if isinstance(max_clients, int) else None
+        self.ready = True
+        self.send({"t": "welcome", "keepalive": self.hub.link_keepalive})
+        self.hub.link_opened(self)
+
+    def _on_open(self, header: dict[str, Any], payload: bytes) -> None:
+        conn, agent_id = header["c"], header["agent"]
+        if conn in self.sessions:
+            raise link.LinkError(f"connection {conn} is already open")
+        try:
+            self.hub.authenticate_agent_id(agent_id)
+        except ApiError as e:
+            self.send(
+                {"t": "close", "c": conn, "code": codes.CLOSE_UNAUTHORIZED, "reason": e.message}
+            )
+            return
+        relayed = RelayedConnection(header.get("peer"), self.host)
+        transport = RelayedTransport(self, conn, PeerView(relayed, agent_id))
+        session = AgentSession(
+            agent_id,
+            transport,
+            self.hub,
+            self.clock.seconds(),
+            route=self,
+            via=f"{self.role or 'node'}:{self.name}",
+            max_message_size=self.max_message_size,
+        )
+        session.channel = self.channel
+        tls = header.get("tls")
+        session.tls = intern(tls) if isinstance(tls, dict) else None
+        self.sessions[conn] = session
+
+    def _on_frame(self, header: dict[str, Any], payload: bytes) -> None:
+        session = self.sessions.get(header["c"])
+        if session is None:
+            return  # closed here a moment ago; the node will hear of it
+        self.frames_in += 1
+        session.frame_received(payload, self.clock.seconds())
+
+    def _on_closed(self, header: dict[str, Any], payload: bytes) -> None:
+        session = self.sessions.pop(header["c"], None)
+        if session is not None:
+            session.connection_lost()
+
+    def lost(self) -> None:
+        """The link is gone: every session it carried is gone with it."""
+        sessions, self.sessions = self.sessions, {}
+        for session in sessions.values():
+            session.connection_lost()
+        if self.ready:
+            self.ready = False
+            self.hub.link_closed(self)
+
+    def open_sessions(self) -> int:
+        return sum(1 for s in self.sessions.values() if s.state is SessionState.OPEN)
+
+
+class NodeLinkProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type: ignore[misc]
+    """Thin adapter: binary link messages in and out of a NodeLink."""
+
+    _log = Logger()
+    node: NodeLink | None = None
+
+    def onConnect(self, request):
+        core = self.factory.core
+        if link.SUBPROTOCOL not in request.protocols:
+            raise ConnectionDeny(400, f"node links speak {link.SUBPROTOCOL}")
+        cn = pki.peer_common_name(self.transport)
+        if cn is None or not cn.startswith(link.NODE_PREFIX):
+            raise ConnectionDeny(403, "a node certificate is required (enroll the node first)")
+        name = cn[len(link.NODE_PREFIX) :]
+        refusal = core.nodes.refusal(name, pki.peer_fingerprint(self.transport))
+        if refusal is not None:
+            self._log.info("node link from {name} refused: {why}", name=name, why=refusal)
+            raise ConnectionDeny(403, refusal)
+        self.node = NodeLink(
+            name,
+            lambda data: self.sendMessage(data, isBinary=True),
+            self.sendClose,
+            core.hub,
+            core.clock,
+            host=self.transport.getHost(),
+            max_message_size=core.config.max_message_size,
+        )
+        return link.SUBPROTOCOL
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.node is None:
+            return
+        if not isBinary:
+            self.sendClose(codes.CLOSE_PROTOCOL_ERROR, "node links use binary frames")
+            return
+        self.node.message_received(payload)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self.node is not None:
+            self.node.lost()
+
+
+class NodeLinkFactory(WebSocketServerFactory):
+    protocol = NodeLinkProtocol
+
+    def __init__(self, core: Any, url: str):
+        super().__init__(url, protocols=[link.SUBPROTOCOL])
+        self.core = core
+        size = core.config.max_message_size * 64  # a push carries many connection numbers
+        self.setProtocolOptions(
+            maxFramePayloadSize=size,
+            maxMessagePayloadSize=size,
+            failByDrop=False,
+            autoPingInterval=core.config.keepalive / 2,
+            autoPingTimeout=core.config.keepalive_timeout,
+            openHandshakeTimeout=30,
+            closeHandshakeTimeout=5,
+            perMessageCompressionAccept=lambda offers: None,
+        )
+        bind_options(self)
+
+
+def _address(peer: str | None) -> Any:
+    """'tcp4:1.2.3.4:5678' (as a node reports it) as an address object."""
+    if not isinstance(peer, str):
+        return IPv4Address("TCP", "0.0.0.0", 0)
+    kind, _, rest = peer.partition(":")
+    host, _, port = rest.rpartition(":")
+    try:
+        number = int(port)
+    except ValueError:
+        number = 0
+    if kind == "tcp6":
+        return IPv6Address("TCP", host, number)
+    return IPv4Address("TCP", host or "0.0.0.0", number)

@@ -1,0 +1,247 @@
+"""The task server: a relay node for agents' task-client sessions.
+
+On first start it enrolls with the management server (a one-time token from `tcm taskservers
+enroll NAME`), then keeps its link to the server up and accepts agents on `/task/v1/ws`
+(WSS, mutual TLS with the agents' certificates). Tasks for its agents come over the link once
+per push and fan out here; results and output go back the same way. See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import attrs
+from autobahn.twisted.resource import WebSocketResource
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from tcm import pki
+from tcm.process import raise_descriptor_limit, stop_with_failure
+from tcm.protocol import codes
+from tcm.relay.edge import EdgeFactory, Relay
+from tcm.relay.node import NodeEnrollmentError, NodeState, client_endpoint, enroll_node
+from tcm.relay.upstream import UpstreamFactory, upstream_service
+from tcm.server.ca import server_tls_options
+from tcm.taskserver import WS_PATH
+
+
+@attrs.define
+class TaskServerConfig:
+    state_dir: str
+    server: str | None = None  # the management server's URL
+    port: int = 8444
+    interface: str = "127.0.0.1"
+    hostnames: list[str] = attrs.field(factory=list)
+    ca_cert: str | None = None  # the tcm CA (for enrollment)
+    token: str | None = None  # NAME.SECRET from `tcm taskservers enroll NAME`
+    max_clients: int = 5000
+    keepalive: float = 50.0  # what agents are told to ping at comes from the server
+    drain_grace: float = 2.0  # seconds between telling agents to go and stopping
+
+    def url(self) -> str:
+        host = self.hostnames[0] if self.hostnames else self.interface
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"wss://{host}:{self.port}{WS_PATH}"
+
+
+def edge_site(resource: Resource) -> Site:
+    root = Resource()
+    task = Resource()
+    v1 = Resource()
+    root.putChild(b"task", task)
+    task.putChild(b"v1", v1)
+    v1.putChild(b"ws", resource)
+    site = Site(root, timeout=60)
+    site.displayTracebacks = False
+    return site
+
+
+class TaskServerService(service.MultiService):
+    """Enroll if needed; then the edge listener, the link and the keepalive sweep."""
+
+    _log = Logger()
+
+    def __init__(self, config: TaskServerConfig, reactor: Any = None):
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.reactor = reactor
+        self.config = config
+        self.state = NodeState(config.state_dir)
+        self.relay = Relay(reactor, config.max_clients, channel="task")
+        self.node_name: str | None = None
+
+    def privilegedStartService(self):
+        service.Service.privilegedStartService(self)
+
+    def startService(self):
+        service.Service.startService(self)
+        d = self._prepare()
+        d.addCallback(self._start_children)
+        d.addErrback(self._fatal)
+
+    @inlineCallbacks
+    def _prepare(self):
+        cfg = self.config
+        if not self.state.enrolled():
+            if not (cfg.server and cfg.token and cfg.ca_cert):
+                raise NodeEnrollmentError(
+                    "not enrolled yet: give --server, --ca-cert and --token "
+                    "(from `tcm taskservers enroll NAME`)"
+                )
+            with open(cfg.ca_cert, "rb") as f:
+                ca_pem = f.read()
+            names = sorted({cfg.interface, *cfg.hostnames} - {"0.0.0.0", "::", ""})
+            yield enroll_node(self.reactor, self.state, cfg.server, ca_pem, cfg.token, names)
+        meta = self.state.meta()
+        self.node_name = meta["name"]
+        server = cfg.server or meta["server"]
+        ca_pem, cert_pem, key_pem = self.state.tls()
+        self.build(server, ca_pem, cert_pem, key_pem)
+
+    def build(self, server: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> None:
+        cfg = self.config
+        assert self.node_name is not None
+        edge = EdgeFactory(self.relay, cfg.url())
+        listener = StreamServerEndpointService(
+            SSL4ServerEndpoint(
+                self.reactor,
+                cfg.port,
+                server_tls_options(key_pem, cert_pem, [ca_pem]),
+                interface=cfg.interface,
+                backlog=4096,
+            ),
+            edge_site(_resource(WebSocketResource(edge))),
+        )
+        listener.setServiceParent(self)
+        self.add_link(server, ca_pem, cert_pem, key_pem, cfg.url())
+
+    def add_link(self, server: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes, url: str):
+        from urllib.parse import urlsplit
+
+        assert self.node_name is not None
+        host = urlsplit(server).hostname or "127.0.0.1"
+        tls = pki.client_tls_options(host, ca_pem, cert_pem, key_pem)
+        factory = UpstreamFactory(self.relay, server, self.node_name, "taskserver", url)
+        upstream_service(
+            self.reactor, client_endpoint(self.reactor, server, tls), factory
+        ).setServiceParent(self)
+        TimerService(self.config.keepalive, self._sweep).setServiceParent(self)
+
+    def _start_children(self, _):
+        if not self.running:
+            return
+        self._log.info(
+            "task server {name}: agents at {url}, at most {n} clients",
+            name=self.node_name,
+            url=self.config.url(),
+            n=self.config.max_clients,
+        )
+        for child in self:
+            child.startService()
+
+    def _sweep(self) -> None:
+        cfg = self.config
+        self.relay.sweep(self.reactor.seconds() - (2 * cfg.keepalive + 20.0))
+
+    def _fatal(self, f):
+        if f.check(NodeEnrollmentError):
+            self._log.error("{why}", why=f.getErrorMessage())
+        else:
+            self._log.failure("task server failed to start", f)
+        stop_with_failure(self.reactor)
+
+    def stopService(self):
+        """Drain: tell the agents to reconnect elsewhere, give them a moment, then stop."""
+        service.Service.stopService(self)
+        n = self.relay.close_all(codes.CLOSE_DRAIN)
+        from twisted.internet.defer import DeferredList, maybeDeferred
+        from twisted.internet.task import deferLater
+
+        wait: Deferred = deferLater(
+            self.reactor, min(self.config.drain_grace, 1.0) if n else 0, lambda: None
+        )
+        if n:
+            self._log.info("draining: told {n} agents to reconnect elsewhere", n=n)
+
+        def stop_children(_):
+            return DeferredList(
+                [maybeDeferred(c.stopService) for c in reversed(list(self)) if c.running]
+            )
+
+        return wait.addCallback(stop_children)
+
+
+class EmbeddedTaskServer(TaskServerService):
+    """The task server of the all-in-one `twistd tcm`: same relay and link, but its agent
+    endpoint is mounted on the management server's own site (one port), and its identity
+    comes straight from the server's CA (registered as node `local`, no token)."""
+
+    NAME = "local"
+
+    def __init__(self, core: Any, max_clients: int = 5000):
+        cfg = core.config
+        super().__init__(
+            TaskServerConfig(
+                state_dir=os.path.join(cfg.state_dir, "taskserver"),
+                port=cfg.port,
+                interface=cfg.interface,
+                hostnames=list(cfg.hostnames),
+                max_clients=max_clients,
+                keepalive=cfg.keepalive,
+            ),
+            core.reactor,
+        )
+        self.core = core
+
+    @inlineCallbacks
+    def _prepare(self):
+        core, state = self.core, self.state
+        cert_pem = state.read("cert.pem")
+        records = {r["name"]: r for r in (yield core.store.list_nodes())}
+        record = records.get(self.NAME)
+        fingerprint = pki.fingerprint(pki.load_certificate(cert_pem)) if cert_pem else None
+        if cert_pem is None or record is None or record.get("fingerprint") != fingerprint:
+            csr = pki.make_csr(pki.load_key(state.key_pem()), common_name="node:" + self.NAME)
+            cert_pem = core.ca.sign_csr(
+                csr, "node:" + self.NAME, days=core.config.cert_days, client=True
+            )
+            now = core.clock.seconds()
+            secret = yield core.store.register_node(self.NAME, "taskserver", None, 60.0, now)
+            fingerprint = pki.fingerprint(pki.load_certificate(cert_pem))
+            yield core.store.enroll_node(self.NAME, secret, fingerprint, now)
+            state.store_identity(self.NAME, "taskserver", "", core.ca.cert_pem, cert_pem)
+            yield core.reload_nodes()
+        self.node_name = self.NAME
+        cfg = self.config
+        host = cfg.interface if cfg.interface not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        server = f"https://{f'[{host}]' if ':' in host else host}:{cfg.port}"
+        edge = EdgeFactory(self.relay, cfg.url())
+        task = Resource()
+        v1 = Resource()
+        core.root.putChild(b"task", task)
+        task.putChild(b"v1", v1)
+        v1.putChild(b"ws", WebSocketResource(edge))
+        self.add_link(server, core.ca.cert_pem, cert_pem, state.key_pem(), cfg.url())
+
+
+def _resource(r: Any) -> Resource:
+    return r
+
+
+def make_taskserver_service(config: TaskServerConfig, reactor: Any = None) -> TaskServerService:
+    limit = raise_descriptor_limit()
+    Logger().info("this process may hold about {n} connections (descriptor limit)", n=limit)
+    os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+    return TaskServerService(config, reactor)

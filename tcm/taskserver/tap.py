@@ -1,0 +1,56 @@
+"""twistd tcm-taskserver: options and makeService."""
+
+from __future__ import annotations
+
+from twisted.python import usage
+
+from tcm.taskserver.service import TaskServerConfig, make_taskserver_service
+
+
+class Options(usage.Options):
+    synopsis = "--server URL --state-dir DIR [--port P] [--ca-cert ca.pem --token NAME.SECRET]"
+    longdesc = (
+        "A tcm task server: holds agents' task-client sessions (WSS, mutual TLS) and relays "
+        "tasks and their results over one link to the management server. Register it first "
+        "with `tcm taskservers enroll NAME`; the first start enrolls with that token."
+    )
+    optParameters = [
+        ["server", "s", None, "The management server's URL (https://HOST:PORT)."],
+        ["state-dir", "d", None, "Directory for the node's key, certificate and CA."],
+        ["port", "p", 8444, "TCP port for the agents' task sessions (WSS).", int],
+        ["interface", "i", "127.0.0.1", "Address to listen on."],
+        ["ca-cert", None, None, "The tcm CA certificate (the server's ca.pem), to enroll."],
+        ["token", None, None, "One-time enrollment token NAME.SECRET (tcm taskservers enroll)."],
+        ["max-clients", None, 5000, "Most agent sessions this task server holds.", int],
+        ["keepalive", None, 50.0, "Seconds between the agents' pings (as the server's).", float],
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self["hostnames"] = []
+
+    def opt_hostname(self, name):
+        """A DNS name or address agents use to reach this task server (repeatable)."""
+        self["hostnames"].append(name)
+
+    def postOptions(self):
+        if not self["state-dir"]:
+            raise usage.UsageError("--state-dir is required")
+        if self["max-clients"] < 1:
+            raise usage.UsageError("--max-clients must be at least 1")
+
+
+def makeService(options: Options):
+    return make_taskserver_service(
+        TaskServerConfig(
+            state_dir=options["state-dir"],
+            server=options["server"],
+            port=options["port"],
+            interface=options["interface"],
+            hostnames=options["hostnames"],
+            ca_cert=options["ca-cert"],
+            token=options["token"],
+            max_clients=options["max-clients"],
+            keepalive=options["keepalive"],
+        )
+    )
