@@ -11,6 +11,7 @@ import os
 import secrets
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -222,8 +223,8 @@ def client_tls_options(
     return ssl.optionsForClientTLS(hostname, trustRoot=trust_root, extraCertificateOptions=extra)
 
 
-def peer_common_name(transport: object) -> str | None:
-    """The subject CN of the certificate the peer presented on ``transport``, or None.
+def peer_certificate(transport: object) -> x509.Certificate | None:
+    """The certificate the peer presented on ``transport``, or None.
 
     ``transport`` may be a TLS transport, a protocol wrapper around one (attribute lookups
     are forwarded), or a transport without TLS. With tcm's server options a certificate
@@ -237,10 +238,16 @@ def peer_common_name(transport: object) -> str | None:
     except (AttributeError, SSL.Error):
         # The TLS connection is already gone, or the transport is not TLS after all.
         return None
-    if peer is None:
-        return None
     if isinstance(peer, crypto.X509):
         peer = peer.to_cryptography()
+    return peer
+
+
+def peer_common_name(transport: object) -> str | None:
+    """The subject CN of the peer's certificate on ``transport`` (see peer_certificate)."""
+    peer = peer_certificate(transport)
+    if peer is None:
+        return None
     try:
         return common_name(peer)
     except ValueError:
@@ -249,18 +256,16 @@ def peer_common_name(transport: object) -> str | None:
 
 def peer_fingerprint(transport: object) -> str | None:
     """The SHA-256 fingerprint of the peer's certificate on ``transport``, or None."""
-    get_peer_certificate = getattr(transport, "getPeerCertificate", None)
-    if get_peer_certificate is None:
-        return None
-    try:
-        peer = get_peer_certificate()
-    except (AttributeError, SSL.Error):
-        return None
-    if peer is None:
-        return None
-    if isinstance(peer, crypto.X509):
-        peer = peer.to_cryptography()
-    return fingerprint(peer)
+    peer = peer_certificate(transport)
+    return None if peer is None else fingerprint(peer)
+
+
+def split_url(url: str) -> tuple[str, int]:
+    """(host, port) of an https:// or wss:// URL; ValueError for anything else."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "wss") or not parts.hostname:
+        raise ValueError(f"server URL must be https://HOST[:PORT], not {url!r}")
+    return parts.hostname, parts.port or 443
 
 
 def negotiated_tls(transport: object) -> dict[str, str | None]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from typing import Any
-from urllib.parse import urlsplit
 
 import attrs
 import treq
@@ -64,11 +63,7 @@ class Identity:
         return options
 
 
-def split_url(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    if parts.scheme not in ("https", "wss") or not parts.hostname:
-        raise ValueError(f"server URL must be https://HOST[:PORT], not {url!r}")
-    return parts.hostname, parts.port or 443
+split_url = pki.split_url
 
 
 @attrs.define

@@ -11,7 +11,6 @@ State directory layout:
 from __future__ import annotations
 
 import json
-import os
 import random
 import socket
 from typing import Any
@@ -46,6 +45,7 @@ from tcm.agent.session import AgentClientFactory, SessionRefused
 from tcm.agent.taskclient import TaskClient
 from tcm.process import stop_with_failure
 from tcm.protocol import codes
+from tcm.statedir import StateDir
 
 DEFAULT_KEEPALIVE = 50.0
 
@@ -74,26 +74,10 @@ class AgentConfig:
     fallback_delay: float = 60.0  # seconds (jittered) before polling after a session loss
 
 
-class AgentState:
+class AgentState(StateDir):
     """The agent's files in its state directory."""
 
-    def __init__(self, directory: str):
-        self.dir = directory
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.dir, name)
-
-    def read(self, name: str) -> bytes | None:
-        try:
-            with open(self.path(name), "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
-
-    def meta(self) -> dict[str, Any]:
-        raw = self.read("agent.json")
-        return json.loads(raw) if raw else {}
+    META = "agent.json"
 
     def enrolled(self) -> bool:
         return self.read("cert.pem") is not None and "agent_id" in self.meta()

@@ -10,9 +10,7 @@ State directory:
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
-from urllib.parse import urlsplit
 
 import treq
 from twisted.internet.abstract import isIPAddress
@@ -25,32 +23,17 @@ from zope.interface import implementer
 
 from tcm import pki
 from tcm.protocol import link
+from tcm.statedir import StateDir
 
 
 class NodeEnrollmentError(Exception):
     """The node could not enroll; the message says why."""
 
 
-class NodeState:
+class NodeState(StateDir):
     """The node's files in its state directory."""
 
-    def __init__(self, directory: str):
-        self.dir = directory
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.dir, name)
-
-    def read(self, name: str) -> bytes | None:
-        try:
-            with open(self.path(name), "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
-
-    def meta(self) -> dict[str, Any]:
-        raw = self.read("node.json")
-        return json.loads(raw) if raw else {}
+    META = "node.json"
 
     def enrolled(self) -> bool:
         return self.read("cert.pem") is not None and "name" in self.meta()
@@ -78,16 +61,9 @@ class NodeState:
         return key
 
 
-def split_url(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    if parts.scheme not in ("https", "wss") or not parts.hostname:
-        raise ValueError(f"server URL must be https://HOST[:PORT], not {url!r}")
-    return parts.hostname, parts.port or 443
-
-
 def client_endpoint(reactor: Any, url: str, tls_options: Any):
     """A TLS client endpoint to the host and port of `url`."""
-    host, port = split_url(url)
+    host, port = pki.split_url(url)
     if isIPAddress(host):
         inner: Any = TCP4ClientEndpoint(reactor, host, port, timeout=30)
     else:

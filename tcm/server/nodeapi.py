@@ -12,7 +12,6 @@ import re
 from typing import TYPE_CHECKING
 
 from twisted.internet.defer import inlineCallbacks
-from twisted.web.resource import Resource
 
 from tcm import pki
 from tcm.protocol import link
@@ -79,25 +78,3 @@ class NodeAPI(JsonRouter):
             },
             status=201,
         )
-
-
-class LinkV1(Resource):
-    """/link/v1: `ws` is the node link's WebSocket endpoint, the rest the node API."""
-
-    def __init__(self, api: NodeAPI, ws: Resource):
-        super().__init__()
-        self._api = api
-        self._ws = ws
-
-    def getChild(self, path, request):
-        if path == b"ws":
-            set_timeout = getattr(request.channel, "setTimeout", None)
-            if set_timeout is not None:
-                set_timeout(None)
-            return self._ws
-        request.postpath.insert(0, path)
-        request.prepath.pop()
-        return self._api
-
-    def render(self, request):
-        return self._api.render(request)

@@ -29,13 +29,13 @@ from tcm.server.dispatcher import DirectRoute, Dispatcher
 from tcm.server.envelope_http import render_envelope
 from tcm.server.jobservice import JobService
 from tcm.server.links import NodeLinkFactory
-from tcm.server.nodeapi import LinkV1, NodeAPI
+from tcm.server.nodeapi import NodeAPI
 from tcm.server.nodes import DEFAULT_MAX_CLIENTS, NodeDirectory, TaskServerAssignments
 from tcm.server.polls import PollRegistry
 from tcm.server.roles import Principal, TokenBook
 from tcm.server.sessions import AgentSession, SessionRegistry
 from tcm.server.targets import FilterError, Target, UnknownTarget
-from tcm.server.web import ApiError
+from tcm.server.web import ApiError, ApiWithWebSocket
 from tcm.server.websocket import AgentServerFactory
 from tcm.store.store import Store
 
@@ -348,14 +348,14 @@ class ServerCore:
         root.putChild(b"agent", agent)
         self.agent_api = AgentAPI(self)
         self.ws_factory = AgentServerFactory(self, f"wss://{self.config.interface}")
-        v1 = _AgentV1(self.agent_api, WebSocketResource(self.ws_factory))
+        v1 = ApiWithWebSocket(self.agent_api, WebSocketResource(self.ws_factory))
         agent.putChild(b"v1", v1)
         links = Resource()
         root.putChild(b"link", links)
         self.node_api = NodeAPI(self)
         self.link_factory = NodeLinkFactory(self, f"wss://{self.config.interface}")
         ws: Any = WebSocketResource(self.link_factory)
-        links.putChild(b"v1", LinkV1(self.node_api, ws))
+        links.putChild(b"v1", ApiWithWebSocket(self.node_api, ws))
         self.root = root
         site = Site(root, timeout=60)
         site.displayTracebacks = False
@@ -598,30 +598,6 @@ class ServerCore:
             # A close frame with 4008; if the peer is really gone, Autobahn drops the TCP
             # connection when its close handshake times out (closeHandshakeTimeout).
             session.close(codes.CLOSE_KEEPALIVE)
-
-
-class _AgentV1(Resource):
-    """/agent/v1: `ws` is the WebSocket endpoint; everything else is the agent API."""
-
-    def __init__(self, api: AgentAPI, ws: WebSocketResource):
-        super().__init__()
-        self._api = api
-        self._ws = ws
-
-    def getChild(self, path, request):
-        if path == b"ws":
-            # The WebSocket takes this connection over: the HTTP channel's idle timer would
-            # keep the channel (and its request) alive for another minute per session.
-            set_timeout = getattr(request.channel, "setTimeout", None)
-            if set_timeout is not None:
-                set_timeout(None)
-            return self._ws
-        request.postpath.insert(0, path)
-        request.prepath.pop()
-        return self._api
-
-    def render(self, request):
-        return self._api.render(request)
 
 
 def _load_or_create_admin_token(state_dir: str) -> str:

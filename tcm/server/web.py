@@ -147,3 +147,27 @@ class JsonRouter(Resource):
         request.write(payload)
         request.finish()
         return None
+
+
+class ApiWithWebSocket(Resource):
+    """A JSON API whose child `ws` is a WebSocket endpoint (/agent/v1, /link/v1)."""
+
+    def __init__(self, api: Resource, ws: Any):  # ws: an Autobahn WebSocketResource
+        super().__init__()
+        self._api = api
+        self._ws = ws
+
+    def getChild(self, path, request):
+        if path == b"ws":
+            # The WebSocket takes this connection over: the HTTP channel's idle timer would
+            # keep the channel (and its request) alive for another minute per session.
+            set_timeout = getattr(request.channel, "setTimeout", None)
+            if set_timeout is not None:
+                set_timeout(None)
+            return self._ws
+        request.postpath.insert(0, path)
+        request.prepath.pop()
+        return self._api
+
+    def render(self, request):
+        return self._api.render(request)
