@@ -304,3 +304,19 @@ class TaskServerProc(Process):
     def _up(self) -> bool:
         listing = self.server.cli_json("taskservers")
         return any(t["name"] == self.node and t["state"] in ("up", "full") for t in listing)
+
+
+def start_agents(base: str, server: Server, n: int, prefix: str = "agent") -> list[AgentProc]:
+    """`n` agents enrolled with one token, started together, each with its session open."""
+    token = server.token(uses=n)
+    procs = [AgentProc(base, f"{prefix}{i}", server, token) for i in range(n)]
+    try:
+        for p in procs:
+            p.start(wait=False)
+        for p in procs:
+            p.wait_session(1)
+    except BaseException:
+        for p in procs:
+            p.stop()
+        raise
+    return procs

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tests.harness import PYTHON, AgentProc, Server
+from tests.harness import PYTHON, Server, start_agents
 
 pytestmark = pytest.mark.integration
 
@@ -30,12 +30,7 @@ def server(base):
 
 @pytest.fixture(scope="module")
 def agents(base, server):
-    token = server.token(uses=3)
-    procs = [AgentProc(base, f"agent{i}", server, token) for i in range(3)]
-    for p in procs:
-        p.start(wait=False)
-    for p in procs:
-        p.wait_session(1)
+    procs = start_agents(base, server, 3)
     yield procs
     for p in procs:
         p.stop()

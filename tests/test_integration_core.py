@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.harness import AgentProc, Server, wait_until
+from tests.harness import AgentProc, Server, start_agents, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -32,12 +32,7 @@ def server(base):
 
 @pytest.fixture(scope="module")
 def agents(base, server):
-    token = server.token(uses=3)
-    procs = [AgentProc(base, f"agent{i}", server, token) for i in range(3)]
-    for p in procs:
-        p.start(wait=False)
-    for p in procs:
-        p.wait_session(1)
+    procs = start_agents(base, server, 3)
     yield procs
     for p in procs:
         p.stop()

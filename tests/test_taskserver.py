@@ -23,6 +23,7 @@ from tests.harness import (
     Process,
     Server,
     TaskServerProc,
+    start_agents,
     wait_until,
 )
 
@@ -65,13 +66,7 @@ def stack(tmp_path):
 
 
 def _agents(base, server: Server, n: int, add) -> list[AgentProc]:
-    token = server.token(uses=n)
-    agents = [add(AgentProc(str(base), f"agent{i}", server, token)) for i in range(n)]
-    for a in agents:
-        a.start(wait=False)
-    for a in agents:
-        a.wait_session(1)
-    return agents
+    return [add(a) for a in start_agents(str(base), server, n)]
 
 
 def _wait_task_sessions(agents: list[AgentProc], n: int = 1) -> None:
