@@ -24,4 +24,4 @@ def test_upgrade_is_idempotent(tmp_path):
     upgrade(engine)  # a restart runs it again: nothing to do, nothing breaks
     with engine.connect() as conn:
         version = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
-    assert version == "0002"
+    assert version == "0004"

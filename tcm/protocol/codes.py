@@ -18,6 +18,7 @@ CLOSE_DRAIN = 4006
 CLOSE_REVOKED = 4007
 CLOSE_KEEPALIVE = 4008
 CLOSE_BY_AGENT_USER = 4009
+CLOSE_BY_PROFILE = 4010
 
 CLOSE_REASONS = {
     CLOSE_SUPERSEDED: "superseded by a newer session of the same agent",
@@ -30,6 +31,7 @@ CLOSE_REASONS = {
     CLOSE_REVOKED: "agent certificate revoked",
     CLOSE_KEEPALIVE: "keepalive timeout",
     CLOSE_BY_AGENT_USER: "persistent connection terminated on the agent",
+    CLOSE_BY_PROFILE: "persistent connections are off in the agent's connection profile",
 }
 
 # Codes carried in the data of an `error` envelope.

@@ -37,6 +37,18 @@ class AdminAPI(JsonRouter):
         self.route("GET", "/jobs/{job}/output", self.job_output)
         self.route("GET", "/settings", self.settings)
         self.route("PUT", "/settings", self.change_settings)
+        self.route("GET", "/ca", self.ca)
+        self.route("GET", "/policies", self.policies)
+        self.route("POST", "/policies", self.create_policy)
+        self.route("GET", "/policies/{name}", self.policy)
+        self.route("PUT", "/policies/{name}", self.update_policy)
+        self.route("DELETE", "/policies/{name}", self.delete_policy)
+        self.route("POST", "/policies/{name}/push", self.push_policy)
+        self.route("GET", "/profiles", self.profiles)
+        self.route("POST", "/profiles", self.create_profile)
+        self.route("GET", "/profiles/{name}", self.profile)
+        self.route("PUT", "/profiles/{name}", self.update_profile)
+        self.route("DELETE", "/profiles/{name}", self.delete_profile)
 
     def authorize(self, request, handler) -> None:
         raw = request.getHeader(b"authorization") or b""
@@ -73,6 +85,7 @@ class AdminAPI(JsonRouter):
             "enrolled_at": row["enrolled_at"],
             "revoked": bool(row["revoked"]),
             "capabilities": [c["name"] for c in row["capabilities"] or []],
+            **self.core.agent_config.running(row["id"]),
         }
 
     @inlineCallbacks
@@ -97,8 +110,13 @@ class AdminAPI(JsonRouter):
             raise ApiError(400, "'ttl' must be a positive number of seconds")
         if uses is not None and (isinstance(uses, bool) or not isinstance(uses, int) or uses < 1):
             raise ApiError(400, "'uses' must be a positive integer")
-        token = yield self.core.store.create_token(ttl, uses, str(body.get("description", "")))
-        return Reply({"token": token, "ttl": ttl, "uses": uses}, status=201)
+        profile = body.get("profile")
+        if profile is not None:
+            self.core.agent_config.get_profile(str(profile))  # 404 when there is none
+        token = yield self.core.store.create_token(
+            ttl, uses, str(body.get("description", "")), profile
+        )
+        return Reply({"token": token, "ttl": ttl, "uses": uses, "profile": profile}, status=201)
 
     @inlineCallbacks
     def tokens(self, request):
@@ -154,3 +172,65 @@ class AdminAPI(JsonRouter):
         except ValueError:
             raise ApiError(400, "'after' must be an integer") from None
         return {"output": (yield self.core.store.get_output(job, after_id))}
+
+    def ca(self, request):
+        """The CA certificate agents trust (PEM), for install packages."""
+        return {"ca": self.core.ca.cert_pem.decode()}
+
+    # -- policies ------------------------------------------------------------------------
+    def policies(self, request):
+        cfg = self.core.agent_config
+        return {
+            "policies": [cfg.policy_view(p) for _, p in sorted(cfg.policies.items())],
+            "types": sorted(cfg.known_policy_types()),
+        }
+
+    @inlineCallbacks
+    def policy(self, request, name: str):
+        """A policy, with what each of its agents reports running."""
+        cfg = self.core.agent_config
+        view = cfg.policy_view(cfg.get_policy(name))
+        agents = yield cfg.members(view["targets"])
+        view["agents"] = {a: cfg.running(a)["policies"].get(name) for a in sorted(agents)}
+        return view
+
+    def create_policy(self, request):
+        body = json_object(request)
+        d = self.core.agent_config.create_policy(body)
+        return d.addCallback(lambda view: Reply(view, status=201))
+
+    def update_policy(self, request, name: str):
+        return self.core.agent_config.update_policy(name, json_object(request))
+
+    def delete_policy(self, request, name: str):
+        return self.core.agent_config.delete_policy(name)
+
+    def push_policy(self, request, name: str):
+        """PushPolicy: {"agents": {id: {"status": pushed|not connected|empty policy|failed}}}.
+        `?wait=S`: how long to wait for each connected agent's report (default 10 s)."""
+        try:
+            wait = float(request.args.get(b"wait", [b"10"])[0])
+        except ValueError:
+            raise ApiError(400, "'wait' must be a number of seconds") from None
+        if not 0 < wait <= 120:
+            raise ApiError(400, "'wait' must be 0..120 seconds")
+        return self.core.agent_config.push(name, wait)
+
+    # -- connection profiles -------------------------------------------------------------
+    def profiles(self, request):
+        cfg = self.core.agent_config
+        return {"profiles": [cfg.profile_view(p) for _, p in sorted(cfg.profiles.items())]}
+
+    def profile(self, request, name: str):
+        cfg = self.core.agent_config
+        return cfg.profile_view(cfg.get_profile(name))
+
+    def create_profile(self, request):
+        d = self.core.agent_config.create_profile(json_object(request))
+        return d.addCallback(lambda view: Reply(view, status=201))
+
+    def update_profile(self, request, name: str):
+        return self.core.agent_config.update_profile(name, json_object(request))
+
+    def delete_profile(self, request, name: str):
+        return self.core.agent_config.delete_profile(name)

@@ -24,6 +24,7 @@ from tcm.protocol import codes
 from tcm.protocol.envelope import Envelope
 from tcm.server.adminapi import AdminAPI
 from tcm.server.agentapi import AgentAPI
+from tcm.server.agentconfig import ConfigService
 from tcm.server.ca import CertificateAuthority, HandshakeLogger, server_tls_options
 from tcm.server.dispatcher import DirectRoute, Dispatcher
 from tcm.server.envelope_http import render_envelope
@@ -182,6 +183,7 @@ class AgentHub:
             via=session.via,
             n=len(core.registry),
         )
+        core.agent_config.session_opened(session.agent_id, hello)
         core.jobs.session_opened(session.agent_id)
 
     def session_closed(self, session: AgentSession) -> None:
@@ -227,6 +229,9 @@ class ServerCore:
             self.clock,
             capabilities_of=self._capabilities_of,
             known_agents=self.directory.ids,
+        )
+        self.agent_config = ConfigService(
+            self.store, self.dispatcher, self.clock, self.resolve_target
         )
 
     def _make_site(self) -> Site:
@@ -338,6 +343,7 @@ class ServerCore:
         self.directory.load((yield self.store.list_agents()))
         stored = yield self.store.get_settings()
         self.settings.update(self.settings.validate(stored, ignore_unknown=True))
+        yield self.agent_config.load()
         yield self.jobs.load()
         self.jobs.start()
 
