@@ -129,12 +129,23 @@ class ConfigService:
         self.agents = {r["agent_id"]: r for r in (yield self.store.load_agent_config())}
 
     # -- targets -----------------------------------------------------------------------
+    def _resolve(self, target: str) -> Deferred:
+        """A target's members; none (logged) for a target deleted or broken since it was
+        assigned, so one bad assignment does not keep agents from their other policies."""
+
+        def missing(f: Any) -> set[str]:
+            f.trap(LookupError, ValueError)
+            self._log.warn("target {t} is assigned but gives no agents: {e}", t=target, e=f.value)
+            return set()
+
+        return self.resolve_target(target).addErrback(missing)
+
     @inlineCallbacks
     def members(self, targets: Iterable[str]):
         """Agent ids in any of the targets."""
         out: set[str] = set()
         for target in targets:
-            out |= set((yield self.resolve_target(target)))
+            out |= set((yield self._resolve(target)))
         return out
 
     @inlineCallbacks
@@ -146,6 +157,10 @@ class ConfigService:
                 yield self.resolve_target(target)
             except ApiError as e:
                 raise ApiError(400, f"target {target!r}: {e.message}") from None
+            except LookupError:
+                raise ApiError(400, f"no such target: {target!r}") from None
+            except ValueError as e:  # a stored filter that no longer parses
+                raise ApiError(400, f"target {target!r}: {e}") from None
         return list(dict.fromkeys(targets))
 
     # -- policies ----------------------------------------------------------------------
@@ -455,7 +470,7 @@ class ConfigService:
             for a in profile["assignments"]:
                 target = a["target"]
                 if target not in size:
-                    size[target] = set((yield self.resolve_target(target)))
+                    size[target] = set((yield self._resolve(target)))
                 for agent_id in size[target]:
                     candidates.setdefault(agent_id, []).append(
                         (profile["name"], a["priority"], len(size[target]))
@@ -476,7 +491,7 @@ class ConfigService:
         candidates = []
         for profile in self.profiles.values():
             for a in profile["assignments"]:
-                members = set((yield self.resolve_target(a["target"])))
+                members = set((yield self._resolve(a["target"])))
                 if agent_id in members:
                     candidates.append((profile["name"], a["priority"], len(members)))
         enrolled = self.agents.get(agent_id, {}).get("enrollment_profile")

@@ -15,6 +15,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from tcm.server import inventory
 from tcm.server.dispatcher import Dispatcher
 from tcm.server.jobs import TERMINAL, Accept, Change, Job, JobBook, TargetState, summarize
 from tcm.server.web import ApiError
@@ -228,6 +229,8 @@ class JobService:
             stored=self.clock.seconds(),
         )
         self._committing[key] = d
+        if job is not None and job.action == inventory.ACTION:
+            self._store_inventory(agent_id, result)
 
         def committed(value):
             self._committing.pop(key, None)
@@ -243,6 +246,18 @@ class JobService:
 
         d.addCallbacks(committed, not_committed)
         return d
+
+    def _store_inventory(self, agent_id: str, result: Any) -> None:
+        """Keep an inventory result per data class. Queued in the same reactor turn as the
+        result itself, it is committed in the same transaction (the write queue's flush), so
+        the agent's acknowledgement covers both; a failure fails both, and the agent's
+        resent result writes both again."""
+        collected = inventory.read_result(result, self.clock.seconds())
+        if collected is None:
+            return
+        self.store.store_inventory(agent_id, collected, self.clock.seconds()).addErrback(
+            lambda f: None  # logged by the write queue; the result's own Deferred fails too
+        )
 
     @staticmethod
     def _after(d: Deferred, value: Any) -> Deferred:

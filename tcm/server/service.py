@@ -30,10 +30,17 @@ from tcm.server.dispatcher import DirectRoute, Dispatcher
 from tcm.server.envelope_http import render_envelope
 from tcm.server.jobservice import JobService
 from tcm.server.polls import PollRegistry
+from tcm.server.roles import Principal, TokenBook
 from tcm.server.sessions import AgentSession, SessionRegistry
+from tcm.server.targets import Target, UnknownTarget
 from tcm.server.web import ApiError
 from tcm.server.websocket import AgentServerFactory
 from tcm.store.store import Store
+
+# Fields of an agent view that are not inventory classes (see ServerCore.agent_views).
+VIEW_FIELDS = frozenset(
+    {"id", "name", "platform", "online", "mode", "group", "enrolled_at", "last_seen"}
+)
 
 
 @attrs.define
@@ -213,6 +220,7 @@ class ServerCore:
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
         self.ca = CertificateAuthority.load_or_create(config.state_dir)
         self.admin_token = _load_or_create_admin_token(config.state_dir)
+        self.tokens = TokenBook(self.admin_token)
         self.store = Store(config.database_url, reactor=reactor)
         self.directory = AgentDirectory()
         self.registry = SessionRegistry()
@@ -313,6 +321,76 @@ class ServerCore:
             self._log.info("persistent connections switched on")
         return dict(self.settings)
 
+    # -- targets -----------------------------------------------------------------------
+    @inlineCallbacks
+    def agent_views(self, roots: frozenset[str] | set[str] = frozenset()):
+        """The views filters are evaluated on, one per agent not revoked, built now.
+
+        A view has `id`, `name` (the host name the agent gave), `platform`, `online` (a live
+        session), `mode` ("persistent", "http" or None), `group` (its groups' names),
+        `enrolled_at`, `last_seen`, and each inventory class named in `roots` (e.g. `os`,
+        `memory`) as stored. Fires with a list of dicts."""
+        rows = yield self.store.list_agents()
+        groups = yield self.store.group_memberships()
+        classes = set(roots) - VIEW_FIELDS
+        inventory = (yield self.store.inventory_data(classes)) if classes else {}
+        views = []
+        for r in rows:
+            if r["revoked"]:
+                continue
+            agent_id = r["id"]
+            session = self.registry.get(agent_id)
+            view: dict[str, Any] = dict(inventory.get(agent_id, {}))
+            view.update(
+                id=agent_id,
+                name=r["hostname"],
+                platform=r["platform"],
+                online=session is not None,
+                mode="persistent" if session is not None else self.http_mode_of(agent_id),
+                group=groups.get(agent_id, []),
+                enrolled_at=r["enrolled_at"],
+                last_seen=r["last_seen"],
+            )
+            views.append(view)
+        return views
+
+    @inlineCallbacks
+    def load_target(self, name: str):
+        """The saved Target of that name; UnknownTarget when there is none."""
+        row = yield self.store.get_target(name)
+        if row is None:
+            raise UnknownTarget(name)
+        agents = row["agents"]
+        return Target(
+            name=row["name"],
+            filter=row["filter"],
+            agents=tuple(agents) if agents is not None else None,
+            description=row["description"],
+        )
+
+    @inlineCallbacks
+    def resolve_target(self, name: str):
+        """The ids of a target's members now: Deferred[set[str]].
+
+        A filter is evaluated on the agents' current views (inventory, groups, online
+        state); a fixed list keeps the agents that still exist and are not revoked. Fails
+        with UnknownTarget, or FilterError for a stored filter that no longer parses."""
+        target = yield self.load_target(name)
+        views = yield self.agent_views(target.roots())
+        return target.members(views)
+
+    def audit(
+        self,
+        who: str | Principal,
+        action: str,
+        obj: str = "",
+        details: dict[str, Any] | None = None,
+    ) -> Deferred[None]:
+        """Write an audit log entry (who, what, on what, details, now); fires once it is
+        committed."""
+        actor = who.name if isinstance(who, Principal) else who
+        return self.store.audit(actor, action, obj, details or {}, self.clock.seconds())
+
     # -- lifecycle ---------------------------------------------------------------------
     def tls_options(self):
         cfg = self.config
@@ -341,6 +419,7 @@ class ServerCore:
         self._write_server_json()
         self.store.open()
         self.directory.load((yield self.store.list_agents()))
+        self.tokens.load((yield self.store.list_api_tokens(include_hashes=True)))
         stored = yield self.store.get_settings()
         self.settings.update(self.settings.validate(stored, ignore_unknown=True))
         yield self.agent_config.load()

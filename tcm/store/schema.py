@@ -140,3 +140,76 @@ agent_config = sa.Table(
     sa.Column("policies", sa.JSON, nullable=False, default=dict),
     sa.Column("reported_at", sa.Float),
 )
+
+# -- the administrator's model (revision 0003) --------------------------------------------
+
+targets = sa.Table(
+    "targets",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("filter", sa.Text),  # a filter expression, evaluated live ...
+    sa.Column("agents", sa.JSON),  # ... or a fixed list of agent ids
+    sa.Column("description", sa.String(255), nullable=False, server_default=""),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("created_by", sa.String(64), nullable=False, server_default=""),
+)
+
+agent_groups = sa.Table(
+    "agent_groups",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("description", sa.String(255), nullable=False, server_default=""),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+group_members = sa.Table(
+    "group_members",
+    metadata,
+    sa.Column(
+        "group_name",
+        sa.String(64),
+        sa.ForeignKey("agent_groups.name", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("agent_id", sa.String(64), primary_key=True),
+    sa.Index("ix_group_members_agent", "agent_id"),
+)
+
+inventory = sa.Table(
+    "inventory",
+    metadata,
+    sa.Column("agent_id", sa.String(64), primary_key=True),
+    sa.Column("class", sa.String(64), primary_key=True),
+    sa.Column("data", sa.JSON, nullable=False),
+    sa.Column("digest", sa.String(64), nullable=False),
+    sa.Column("collected_at", sa.Float, nullable=False),
+    sa.Column("changed_at", sa.Float, nullable=False),
+    sa.Index("ix_inventory_class_digest", "class", "digest"),
+)
+
+api_tokens = sa.Table(
+    "api_tokens",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),  # public part of the token
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("secret_hash", sa.String(64), nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("target", sa.String(64)),  # NULL: not scoped
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("created_by", sa.String(64), nullable=False, server_default=""),
+    sa.Column("expires_at", sa.Float),  # NULL: never
+    sa.Column("revoked_at", sa.Float),
+    sa.Index("ix_api_tokens_name", "name"),
+)
+
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("actor", sa.String(64), nullable=False),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("object", sa.String(255), nullable=False, server_default=""),
+    sa.Column("details", sa.JSON, nullable=False),
+    sa.Index("ix_audit_log_at", "at"),
+)

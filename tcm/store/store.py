@@ -40,6 +40,10 @@ class TokenRefused(Exception):
     """An enrollment token that is unknown, expired or used up."""
 
 
+class Conflict(Exception):
+    """A name already taken (a target, a group, an active API token)."""
+
+
 def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -626,6 +630,331 @@ class Store:
                 c.execute(ac.insert().values(agent_id=agent_id, **{"policies": {}, **values}))
 
         return self.writes.submit(op)
+
+    # -- targets -----------------------------------------------------------------------
+    def create_target(self, row: dict[str, Any]) -> Deferred[None]:
+        """Insert a target; Conflict when the name is taken."""
+        tg = t.targets
+
+        def op(c: Connection) -> None:
+            if c.execute(sa.select(tg.c.name).where(tg.c.name == row["name"])).first():
+                raise Conflict(f"target {row['name']!r} exists")
+            c.execute(tg.insert().values(**row))
+
+        return self.transaction(op)
+
+    def get_target(self, name: str) -> Deferred[dict[str, Any] | None]:
+        def q(c: Connection):
+            row = c.execute(sa.select(t.targets).where(t.targets.c.name == name)).first()
+            return dict(row._mapping) if row else None
+
+        return self.read(q)
+
+    def list_targets(self) -> Deferred[list[dict[str, Any]]]:
+        return self.read(
+            lambda c: [
+                dict(r._mapping) for r in c.execute(sa.select(t.targets).order_by(t.targets.c.name))
+            ]
+        )
+
+    def delete_target(self, name: str) -> Deferred[bool]:
+        return self.transaction(
+            lambda c: c.execute(t.targets.delete().where(t.targets.c.name == name)).rowcount > 0
+        )
+
+    # -- groups ------------------------------------------------------------------------
+    def create_group(
+        self, name: str, description: str, now: float, agents: list[str]
+    ) -> Deferred[None]:
+        g, gm = t.agent_groups, t.group_members
+
+        def op(c: Connection) -> None:
+            if c.execute(sa.select(g.c.name).where(g.c.name == name)).first():
+                raise Conflict(f"group {name!r} exists")
+            c.execute(g.insert().values(name=name, description=description, created_at=now))
+            if agents:
+                c.execute(gm.insert(), [dict(group_name=name, agent_id=a) for a in agents])
+
+        return self.transaction(op)
+
+    def list_groups(self) -> Deferred[list[dict[str, Any]]]:
+        g, gm = t.agent_groups, t.group_members
+
+        def q(c: Connection):
+            counts: dict[str, int] = dict(
+                c.execute(sa.select(gm.c.group_name, sa.func.count()).group_by(gm.c.group_name))
+                .tuples()
+                .all()
+            )
+            return [
+                {**dict(r._mapping), "members": counts.get(r.name, 0)}
+                for r in c.execute(sa.select(g).order_by(g.c.name))
+            ]
+
+        return self.read(q)
+
+    def get_group(self, name: str) -> Deferred[dict[str, Any] | None]:
+        g, gm = t.agent_groups, t.group_members
+
+        def q(c: Connection):
+            row = c.execute(sa.select(g).where(g.c.name == name)).first()
+            if row is None:
+                return None
+            members = c.execute(
+                sa.select(gm.c.agent_id).where(gm.c.group_name == name).order_by(gm.c.agent_id)
+            )
+            return {**dict(row._mapping), "agents": [r.agent_id for r in members]}
+
+        return self.read(q)
+
+    def delete_group(self, name: str) -> Deferred[bool]:
+        g, gm = t.agent_groups, t.group_members
+
+        def op(c: Connection) -> bool:
+            c.execute(gm.delete().where(gm.c.group_name == name))
+            return c.execute(g.delete().where(g.c.name == name)).rowcount > 0
+
+        return self.transaction(op)
+
+    def change_group(self, name: str, add: list[str], remove: list[str]) -> Deferred[bool]:
+        """Add and remove members; False when there is no such group."""
+        g, gm = t.agent_groups, t.group_members
+
+        def op(c: Connection) -> bool:
+            if c.execute(sa.select(g.c.name).where(g.c.name == name)).first() is None:
+                return False
+            if remove:
+                c.execute(
+                    gm.delete().where(gm.c.group_name == name).where(gm.c.agent_id.in_(remove))
+                )
+            if add:
+                have = {
+                    r.agent_id
+                    for r in c.execute(
+                        sa.select(gm.c.agent_id)
+                        .where(gm.c.group_name == name)
+                        .where(gm.c.agent_id.in_(add))
+                    )
+                }
+                new = [a for a in dict.fromkeys(add) if a not in have]
+                if new:
+                    c.execute(gm.insert(), [dict(group_name=name, agent_id=a) for a in new])
+            return True
+
+        return self.transaction(op)
+
+    def group_memberships(self) -> Deferred[dict[str, list[str]]]:
+        """agent id -> the names of its groups."""
+        gm = t.group_members
+
+        def q(c: Connection):
+            out: dict[str, list[str]] = {}
+            for r in c.execute(sa.select(gm).order_by(gm.c.group_name)):
+                out.setdefault(r.agent_id, []).append(r.group_name)
+            return out
+
+        return self.read(q)
+
+    # -- inventory ---------------------------------------------------------------------
+    def store_inventory(self, agent_id: str, collected: Any, now: float) -> Deferred[None]:
+        """Write an inventory.Collected through the write queue (with the job's result).
+
+        A class the agent sent in full replaces the stored one; a class it found unchanged
+        keeps its data and gets the new collection time. An unchanged class whose digest the
+        server holds for another agent only (the refresh job listed every digest held) takes
+        that agent's data: equal digests, equal data."""
+        inv = t.inventory
+
+        def upsert(c: Connection, cls: str, data: Any, digest: str) -> None:
+            where = (inv.c.agent_id == agent_id) & (inv.c["class"] == cls)
+            row = c.execute(sa.select(inv.c.digest, inv.c.collected_at).where(where)).first()
+            at = collected.collected_at
+            if row is None:
+                values = {"agent_id": agent_id, "class": cls, "data": data, "digest": digest}
+                c.execute(inv.insert().values(**values, collected_at=at, changed_at=now))
+            elif row.digest == digest:  # unchanged: newer collection time only
+                c.execute(inv.update().where(where).values(collected_at=max(row.collected_at, at)))
+            else:
+                c.execute(
+                    inv.update()
+                    .where(where)
+                    .values(data=data, digest=digest, collected_at=at, changed_at=now)
+                )
+
+        def op(c: Connection) -> None:
+            for cls, (data, digest) in collected.changed.items():
+                upsert(c, cls, data, digest)
+            for cls, digest in collected.unchanged.items():
+                mine = c.execute(
+                    sa.select(inv.c.digest)
+                    .where(inv.c.agent_id == agent_id)
+                    .where(inv.c["class"] == cls)
+                ).first()
+                if mine is not None and mine.digest == digest:
+                    upsert(c, cls, None, digest)
+                    continue
+                other = c.execute(
+                    sa.select(inv.c.data)
+                    .where(inv.c["class"] == cls)
+                    .where(inv.c.digest == digest)
+                    .limit(1)
+                ).first()
+                if other is not None:
+                    upsert(c, cls, other.data, digest)
+                # else: nothing to go by; the class stays stale and is asked again in full
+
+        return self.writes.submit(op)
+
+    def get_inventory(self, agent_id: str) -> Deferred[dict[str, dict[str, Any]]]:
+        """class -> {data, digest, collected_at, changed_at} of one agent."""
+        inv = t.inventory
+
+        def q(c: Connection):
+            return {
+                r._mapping["class"]: {
+                    "data": r.data,
+                    "digest": r.digest,
+                    "collected_at": r.collected_at,
+                    "changed_at": r.changed_at,
+                }
+                for r in c.execute(sa.select(inv).where(inv.c.agent_id == agent_id))
+            }
+
+        return self.read(q)
+
+    def inventory_data(self, classes: Iterable[str]) -> Deferred[dict[str, dict[str, Any]]]:
+        """agent id -> {class: data} for the given classes (what filters read)."""
+        inv = t.inventory
+        wanted = sorted(set(classes))
+
+        def q(c: Connection):
+            out: dict[str, dict[str, Any]] = {}
+            if not wanted:
+                return out
+            rows = c.execute(
+                sa.select(inv.c.agent_id, inv.c["class"], inv.c.data).where(
+                    inv.c["class"].in_(wanted)
+                )
+            )
+            for r in rows:
+                out.setdefault(r.agent_id, {})[r._mapping["class"]] = r.data
+            return out
+
+        return self.read(q)
+
+    def inventory_times(self) -> Deferred[dict[tuple[str, str], tuple[float, str]]]:
+        """(agent, class) -> (collected_at, digest) of every stored class."""
+        inv = t.inventory
+
+        def q(c: Connection):
+            return {
+                (r.agent_id, r._mapping["class"]): (r.collected_at, r.digest)
+                for r in c.execute(
+                    sa.select(inv.c.agent_id, inv.c["class"], inv.c.collected_at, inv.c.digest)
+                )
+            }
+
+        return self.read(q)
+
+    # -- API tokens --------------------------------------------------------------------
+    def create_api_token(
+        self,
+        name: str,
+        role: str,
+        target: str | None,
+        expires_at: float | None,
+        created_by: str,
+        now: float,
+    ) -> Deferred[tuple[str, dict[str, Any]]]:
+        """A new API token: (the full token `<id>.<secret>`, shown once; its row)."""
+        at = t.api_tokens
+        token_id = os.urandom(6).hex()
+        secret = os.urandom(24).hex()
+        row = dict(
+            id=token_id,
+            name=name,
+            secret_hash=hash_secret(secret),
+            role=role,
+            target=target,
+            created_at=now,
+            created_by=created_by,
+            expires_at=expires_at,
+            revoked_at=None,
+        )
+
+        def op(c: Connection):
+            taken = c.execute(
+                sa.select(at.c.id).where(at.c.name == name).where(at.c.revoked_at.is_(None))
+            ).first()
+            if taken is not None:
+                raise Conflict(f"an API token named {name!r} exists; revoke it first")
+            c.execute(at.insert().values(**row))
+            return f"{token_id}.{secret}", row
+
+        return self.transaction(op)
+
+    def list_api_tokens(self, include_hashes: bool = False) -> Deferred[list[dict[str, Any]]]:
+        at = t.api_tokens
+        cols = [c for c in at.c if include_hashes or c.name != "secret_hash"]
+        return self.read(
+            lambda c: [
+                dict(r._mapping) for r in c.execute(sa.select(*cols).order_by(at.c.created_at))
+            ]
+        )
+
+    def revoke_api_token(self, name: str, now: float) -> Deferred[list[str]]:
+        """Revoke the active token(s) of that name; the ids revoked."""
+        at = t.api_tokens
+
+        def op(c: Connection) -> list[str]:
+            ids = [
+                r.id
+                for r in c.execute(
+                    sa.select(at.c.id).where(at.c.name == name).where(at.c.revoked_at.is_(None))
+                )
+            ]
+            if ids:
+                c.execute(at.update().where(at.c.id.in_(ids)).values(revoked_at=now))
+            return ids
+
+        return self.transaction(op)
+
+    # -- audit -------------------------------------------------------------------------
+    def audit(
+        self, actor: str, action: str, obj: str, details: dict[str, Any], at: float
+    ) -> Deferred[None]:
+        row = dict(at=at, actor=actor, action=action, object=obj[:255], details=details)
+
+        def op(c: Connection) -> None:
+            c.execute(t.audit_log.insert().values(**row))
+
+        return self.writes.submit(op)
+
+    def list_audit(self, since: float | None = None, limit: int = 1000):
+        al = t.audit_log
+        q = sa.select(al).order_by(al.c.id.desc()).limit(limit)
+        if since is not None:
+            q = q.where(al.c.at >= since)
+
+        def read(c: Connection):
+            return [dict(r._mapping) for r in c.execute(q)][::-1]
+
+        return self.read(read)
+
+    def job_agents(self, job_id: str, states: Iterable[str] | None = None):
+        """The agent ids of a job's targets (in the given states), or None: no such job."""
+        jt = t.job_targets
+        wanted = None if states is None else list(states)
+
+        def q(c: Connection):
+            if c.execute(sa.select(t.jobs.c.id).where(t.jobs.c.id == job_id)).first() is None:
+                return None
+            sel = sa.select(jt.c.agent_id).where(jt.c.job_id == job_id)
+            if wanted is not None:
+                sel = sel.where(jt.c.state.in_(wanted))
+            return sorted(r.agent_id for r in c.execute(sel))
+
+        return self.read(q)
 
 
 def _upsert(c: Connection, table: sa.Table, key: str, row: dict[str, Any]) -> None:
