@@ -131,12 +131,15 @@ class ProfileKeeper:
                 pass
         else:
             pki.write_public(self.path, json.dumps(profile, indent=1).encode())
-        self._log.info(
-            "connection profile {name} v{version} in force ({why})",
-            name=(profile or {}).get("name"),
-            version=(profile or {}).get("version"),
-            why=why,
-        )
+        if profile is None:
+            self._log.info("no connection profile: command-line settings ({why})", why=why)
+        else:
+            self._log.info(
+                "connection profile {name} v{version} in force ({why})",
+                name=profile.get("name"),
+                version=profile.get("version"),
+                why=why,
+            )
         self._configure(live=True)
 
     def _configure(self, live: bool) -> None:

@@ -429,6 +429,8 @@ class AgentCore:
         service = self.session_service
         if not on:
             if self.protocol is not None:
+                assert self.link is not None
+                self.link.session = None  # calls from here on go over HTTPS
                 self.protocol.sendClose(
                     codes.CLOSE_BY_PROFILE, codes.CLOSE_REASONS[codes.CLOSE_BY_PROFILE]
                 )
@@ -452,6 +454,7 @@ class AgentCore:
         parent = old.parent if old is not None else None
         if old is not None:
             if self.protocol is not None:
+                self.link.session = None
                 self.protocol.sendClose(codes.CLOSE_NORMAL, "connection profile changed")
             if parent is not None:
                 old.disownServiceParent()  # stops it
