@@ -60,7 +60,7 @@ class Process:
 
     def start(self) -> None:
         log = open(self.log_path, "ab")
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **(self.env or {}))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})}
         twistd = [PYTHON, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
         self.proc = subprocess.Popen(
             [self.executable, *self.args] if self.executable else [*twistd, *self.args],

@@ -142,10 +142,13 @@ def source_tree() -> str | None:
     return None
 
 
-def build_wheels(source: str, dest: str) -> None:
+def build_wheels(source: str, dest: str, timeout: float | None = None) -> None:
     """`pip wheel` the tcm source and all its dependencies into dest."""
     cmd = [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", dest, source]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise CliError(f"pip wheel took over {timeout} s") from None
     if done.returncode != 0:
         raise CliError(f"pip wheel failed ({done.returncode}):\n{done.stderr[-3000:]}")
 
