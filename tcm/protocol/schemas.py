@@ -134,7 +134,6 @@ SERVER_SENDS = frozenset({"welcome", "action.request", "response", "error", "not
 # Names of policies, connection profiles and policy types (also targets, by convention).
 NAME_PATTERN = r"^[a-z][a-z0-9_.-]{0,63}$"
 
-_SECONDS = {"type": "number", "exclusiveMinimum": 0}
 _URL = {"type": "string", "pattern": r"^(https|wss)://[^/\s]+", "maxLength": 512}
 
 # A connection profile's settings: how an agent reaches its servers. The server checks a

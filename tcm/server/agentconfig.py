@@ -61,9 +61,6 @@ def check_profile_settings(settings: Any) -> dict[str, Any]:
         _profile_validator(settings)
     except fastjsonschema.JsonSchemaValueException as e:
         raise ApiError(400, f"bad profile setting: {e.message}") from None
-    for key, value in settings.items():
-        if isinstance(value, bool) and PROFILE_SETTINGS["properties"][key].get("type") == "number":
-            raise ApiError(400, f"bad profile setting: {key} must be a number, not a boolean")
     low, high = settings.get("backoff_initial"), settings.get("backoff_max")
     if low is not None and high is not None and low > high:
         raise ApiError(400, "bad profile setting: backoff_initial is above backoff_max")
