@@ -199,7 +199,10 @@ def test_push_policy_statuses(api, agents, server):
         0.1,
         "the first inventory run",
     )
-    assert run["ok"] and "hostname" in run["result"]["classes"]
+    assert run["ok"] and run["result"] == {"classes": ["hostname"]}
+    # the collected class is in the server's inventory, as from an inventory.collect job
+    stored = api.call("GET", f"/agents/{a.agent_id}/inventory")
+    assert "hostname" in stored["classes"]
 
 
 def test_profile_with_persistent_off_drops_to_http_and_back_without_restart(api, agents, server):
@@ -225,6 +228,13 @@ def test_profile_with_persistent_off_drops_to_http_and_back_without_restart(api,
     )
     assert status["profile"]["name"] == "http-only" and status["profile"]["version"] == 1
     assert "persistent_connections" in status["profile"]["applied"]
+    text = subprocess.run(
+        [PYTHON, "-m", "tcm.cli.agent", "--state-dir", a.state_dir, "status"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    assert "Connection profile: http-only v1" in text
     view = wait_until(
         lambda: (
             (v := next(x for x in server.agents() if x["id"] == a.agent_id))["profile"]

@@ -29,6 +29,7 @@ from twisted.logger import Logger
 
 from tcm.protocol.envelope import Envelope, encode
 from tcm.protocol.schemas import NAME_PATTERN, PROFILE_SETTINGS
+from tcm.server import inventory
 from tcm.server.dispatcher import Dispatcher
 from tcm.server.web import ApiError
 
@@ -349,6 +350,7 @@ class ConfigService:
         row = self.agents.setdefault(agent_id, {"agent_id": agent_id, "policies": {}})
         merged = dict(row.get("policies") or {})
         for name, report in reports.items():
+            report = self._keep_inventory(agent_id, name, report)
             if report["state"] == "removed":
                 merged.pop(name, None)
             else:
@@ -362,6 +364,25 @@ class ConfigService:
         row["reported_at"] = self.clock.seconds()
         self.store.set_agent_config(agent_id, policies=merged, reported_at=row["reported_at"])
         return {"stored": len(reports)}
+
+    def _keep_inventory(self, agent_id: str, name: str, report: dict[str, Any]) -> dict:
+        """An inventory.schedule run's result goes where inventory.collect jobs' results go
+        (the per-class inventory store); the policy keeps only which classes it collected."""
+        policy = self.policies.get(name)
+        run = report.get("last_run")
+        if policy is None or policy["type"] != "inventory.schedule" or not isinstance(run, dict):
+            return report
+        result = run.get("result")
+        if not run.get("ok") or not isinstance(result, dict):
+            return report
+        now = self.clock.seconds()
+        collected = inventory.read_result(result, now)
+        if collected is not None:
+            self.store.store_inventory(agent_id, collected, now).addErrback(
+                lambda f: self._log.failure("storing inventory of {agent}", f, agent=agent_id)
+            )
+        classes = sorted(result.get("classes") or {})
+        return {**report, "last_run": {**run, "result": {"classes": classes}}}
 
     # -- connection profiles -----------------------------------------------------------
     def get_profile(self, name: str) -> dict[str, Any]:
