@@ -534,3 +534,38 @@ async def test_nothing_is_streamed_after_cancel(context):
     await eventually(lambda: pid_gone(pid))
     await deferLater(context.reactor, 0.1)
     assert context.chunks == [("stdout", f"{pid}\n")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_inventory_sends_only_classes_whose_digest_is_not_known(context):
+    first = await InventoryAction().run(context, {"classes": ["os", "hostname", "cpu"]})
+    assert first["unchanged"] == []
+    known = {
+        "os": first["digests"]["os"],  # one digest, as a string
+        "hostname": ["0" * 64, first["digests"]["hostname"]],  # among others (a list)
+        "cpu": ["0" * 64],  # not this agent's: sent in full
+    }
+    second = await InventoryAction().run(
+        context, {"classes": ["os", "hostname", "cpu"], "known": known}
+    )
+    assert second["unchanged"] == ["os", "hostname"]
+    assert list(second["classes"]) == ["cpu"]
+    assert set(second["digests"]) == {"os", "hostname", "cpu"}
+    assert second["digests"]["os"] == first["digests"]["os"]
+
+
+def test_inventory_schema_takes_known_digests():
+    check = fastjsonschema.compile(InventoryAction.schema)
+    check({"classes": ["os"], "known": {"os": "ab", "cpu": ["cd", "ef"]}})
+    with pytest.raises(fastjsonschema.JsonSchemaException):
+        check({"known": {"os": 3}})
+    with pytest.raises(fastjsonschema.JsonSchemaException):
+        check({"known": ["os"]})
+
+
+def test_server_knows_the_same_inventory_classes_and_digest():
+    from tcm.server import inventory as server_inventory
+
+    assert server_inventory.CLASSES == tuple(inventory.COLLECTORS)
+    data = {"b": [1, 2], "a": "é"}
+    assert server_inventory.digest(data) == inventory.digest(data)

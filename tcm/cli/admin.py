@@ -8,12 +8,16 @@ machine, whose server.json, ca.pem and admin.token say it all.
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import os
+import re
 import ssl
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -44,9 +48,18 @@ class Api:
         except urllib.error.HTTPError as e:
             raw = e.read()
             try:
-                message = json.loads(raw).get("error", raw.decode())
-            except ValueError:
-                message = raw.decode("utf-8", "replace")
+                error = json.loads(raw)
+                message = error.get("error", raw.decode())
+            except (ValueError, AttributeError):
+                error, message = {}, raw.decode("utf-8", "replace")
+            position = error.get("position") if isinstance(error, dict) else None
+            if (
+                isinstance(body, dict)
+                and isinstance(body.get("filter"), str)
+                and position is not None
+            ):
+                # point at the error in the filter the user typed
+                message += f"\n  {body['filter']}\n  {' ' * int(position)}^"
             raise CliError(f"{method} {path}: {e.code} {message}") from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
@@ -251,7 +264,14 @@ def cmd_run(api: Api, args) -> int:
         if not isinstance(extra, dict):
             raise CliError("--args-json must be a JSON object")
         body["args"].update(extra)
-    body["targets"] = "all" if args.targets == "all" else [t for t in args.targets.split(",") if t]
+    if (args.targets is None) == (args.target is None):
+        raise CliError("give --targets (ids or 'all') or --target NAME")
+    if args.target is not None:
+        body["target"] = args.target
+    else:
+        body["targets"] = (
+            "all" if args.targets == "all" else [t for t in args.targets.split(",") if t]
+        )
     if args.ttl is not None:
         body["ttl"] = args.ttl
     if args.timeout is not None:
@@ -354,6 +374,314 @@ def cmd_settings_set(api: Api, args) -> int:
     return 0
 
 
+# -- targets, groups, selections -----------------------------------------------------------
+
+DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([smhdw]?)\s*$")
+UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def duration(text: str) -> float:
+    """Seconds from '90', '90s', '15m', '1h', '2d', '1w'."""
+    m = DURATION.match(text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90s, 15m, 1h, 2d)")
+    return float(m.group(1)) * UNIT_SECONDS[m.group(2)]
+
+
+def _q(value: str) -> str:
+    return urllib.parse.quote(value, safe="")
+
+
+def _selection(args) -> dict[str, Any]:
+    """The selection options of a command as an API body."""
+    body: dict[str, Any] = {}
+    if getattr(args, "filter", None) is not None:
+        body["filter"] = args.filter
+    if getattr(args, "agents", None) is not None:
+        body["agents"] = [a for a in args.agents.split(",") if a]
+    if getattr(args, "from_job", None) is not None:
+        body["from_job"] = args.from_job
+    if getattr(args, "state", None):
+        body["state"] = args.state
+    if getattr(args, "of_target", None) is not None:
+        body["target"] = args.of_target
+    return body
+
+
+def _print_members(members: list[dict[str, Any]], as_csv: bool, as_json: bool) -> None:
+    if as_json:
+        _dump(members)
+    elif as_csv:
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["id", "name", "platform", "online", "mode", "groups"])
+        for m in members:
+            writer.writerow(
+                [
+                    m["id"],
+                    m["name"],
+                    m["platform"],
+                    "yes" if m["online"] else "no",
+                    m["mode"] or "",
+                    " ".join(m["group"]),
+                ]
+            )
+        sys.stdout.write(out.getvalue())
+    else:
+        rows = [
+            [m["id"], m["name"], "yes" if m["online"] else "no", ",".join(m["group"])]
+            for m in members
+        ]
+        print(_table(rows, ["ID", "NAME", "ONLINE", "GROUPS"]))
+
+
+def cmd_targets_create(api: Api, args) -> int:
+    body = {"name": args.name, "description": args.description or "", **_selection(args)}
+    target = api.call("POST", "/targets", body)
+    if args.json:
+        _dump(target)
+    else:
+        what = target["filter"] if target["filter"] is not None else target["agents"]
+        print(f"target {target['name']} ({target['kind']}): {what}")
+    return 0
+
+
+def cmd_targets_list(api: Api, args) -> int:
+    targets = api.call("GET", "/targets")["targets"]
+    if args.json:
+        _dump(targets)
+        return 0
+    rows = [
+        [
+            t["name"],
+            t["kind"],
+            t["filter"] if t["filter"] is not None else f"{len(t['agents'])} agents",
+            t["description"],
+        ]
+        for t in targets
+    ]
+    print(_table(rows, ["NAME", "KIND", "FILTER / AGENTS", "DESCRIPTION"]))
+    return 0
+
+
+def cmd_targets_show(api: Api, args) -> int:
+    target = api.call("GET", f"/targets/{_q(args.name)}")
+    if args.json:
+        _dump(target)
+        return 0
+    print(f"target {target['name']} ({target['kind']}), {target['members']} members now")
+    if target["filter"] is not None:
+        print(f"filter: {target['filter']}")
+    else:
+        print(f"agents: {', '.join(target['agents'])}")
+    print(f"created {_ts(target['created_at'])} by {target['created_by']}")
+    if target["description"]:
+        print(target["description"])
+    return 0
+
+
+def cmd_targets_delete(api: Api, args) -> int:
+    api.call("DELETE", f"/targets/{_q(args.name)}")
+    return 0
+
+
+def cmd_targets_members(api: Api, args) -> int:
+    members = api.call("GET", f"/targets/{_q(args.name)}/members")["members"]
+    _print_members(members, args.csv, args.json)
+    return 0
+
+
+def cmd_select(api: Api, args) -> int:
+    members = api.call("POST", "/selection", _selection(args))["members"]
+    _print_members(members, args.csv, args.json)
+    return 0
+
+
+def _print_group(group: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _dump(group)
+        return
+    print(f"group {group['name']}: {len(group['agents'])} members")
+    for agent in group["agents"]:
+        print(f"  {agent}")
+
+
+def cmd_groups_create(api: Api, args) -> int:
+    body: dict[str, Any] = {"name": args.name, "description": args.description or ""}
+    if args.agents:
+        body["agents"] = [a for a in args.agents.split(",") if a]
+    _print_group(api.call("POST", "/groups", body), args.json)
+    return 0
+
+
+def cmd_groups_list(api: Api, args) -> int:
+    groups = api.call("GET", "/groups")["groups"]
+    if args.json:
+        _dump(groups)
+        return 0
+    rows = [[g["name"], str(g["members"]), g["description"]] for g in groups]
+    print(_table(rows, ["NAME", "MEMBERS", "DESCRIPTION"]))
+    return 0
+
+
+def cmd_groups_show(api: Api, args) -> int:
+    _print_group(api.call("GET", f"/groups/{_q(args.name)}"), args.json)
+    return 0
+
+
+def cmd_groups_delete(api: Api, args) -> int:
+    api.call("DELETE", f"/groups/{_q(args.name)}")
+    return 0
+
+
+def cmd_groups_add(api: Api, args) -> int:
+    group = api.call("POST", f"/groups/{_q(args.name)}/members", {"add": args.agents})
+    _print_group(group, args.json)
+    return 0
+
+
+def cmd_groups_remove(api: Api, args) -> int:
+    group = api.call("POST", f"/groups/{_q(args.name)}/members", {"remove": args.agents})
+    _print_group(group, args.json)
+    return 0
+
+
+# -- inventory ------------------------------------------------------------------------------
+
+
+def cmd_inventory_show(api: Api, args) -> int:
+    inv = api.call("GET", f"/agents/{_q(args.agent)}/inventory")
+    if args.json:
+        _dump(inv)
+        return 0
+    for name in sorted(inv["classes"]):
+        c = inv["classes"][name]
+        print(f"[{name}]  collected {_ts(c['collected_at'])}  changed {_ts(c['changed_at'])}")
+        print(json.dumps(c["data"], indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_inventory_stale(api: Api, args) -> int:
+    query = [("older_than", str(args.older_than))]
+    if args.target:
+        query.append(("target", args.target))
+    for cls in args.cls or []:
+        query.append(("class", cls))
+    stale = api.call("GET", "/inventory/stale?" + urllib.parse.urlencode(query))["stale"]
+    if args.json:
+        _dump(stale)
+        return 0
+    rows = [
+        [s["agent"], s["class"], _ts(s["collected_at"]) if s["collected_at"] else "never"]
+        for s in stale
+    ]
+    print(_table(rows, ["AGENT", "CLASS", "COLLECTED"]))
+    return 0
+
+
+def cmd_inventory_refresh(api: Api, args) -> int:
+    body: dict[str, Any] = {"older_than": args.older_than if args.stale else 0}
+    if args.target:
+        body["target"] = args.target
+    if args.cls:
+        body["classes"] = args.cls
+    if args.ttl is not None:
+        body["ttl"] = args.ttl
+    jobs = api.call("POST", "/inventory/refresh", body)["jobs"]
+    if args.wait:
+        jobs = [
+            {**j, "counts": wait_for(api, j["job"], args.wait_timeout, quiet=True)["counts"]}
+            for j in jobs
+        ]
+    if args.json:
+        _dump(jobs)
+        return 0
+    if not jobs:
+        print("nothing to refresh")
+    for j in jobs:
+        line = f"job {j['job']}: {','.join(j['classes'])} from {len(j['agents'])} agents"
+        if "counts" in j:
+            line += f" ({j['counts']['succeeded']}/{j['counts']['total']} succeeded)"
+        print(line)
+    if args.wait:
+        return 0 if all(j["counts"]["succeeded"] == j["counts"]["total"] for j in jobs) else 1
+    return 0
+
+
+# -- API tokens and the audit log -----------------------------------------------------------
+
+
+def cmd_apitoken_create(api: Api, args) -> int:
+    body: dict[str, Any] = {"name": args.name, "role": args.role}
+    if args.target:
+        body["target"] = args.target
+    if args.ttl is not None:
+        body["ttl"] = args.ttl
+    result = api.call("POST", "/apitokens", body)
+    if args.json:
+        _dump(result)
+    else:
+        print(result["token"])
+    return 0
+
+
+def cmd_apitoken_list(api: Api, args) -> int:
+    tokens = api.call("GET", "/apitokens")["tokens"]
+    if args.json:
+        _dump(tokens)
+        return 0
+    rows = [
+        [
+            t["name"],
+            t["id"],
+            t["role"],
+            t["target"] or "-",
+            _ts(t["created_at"]),
+            _ts(t["expires_at"]),
+            "revoked " + _ts(t["revoked_at"]) if t["revoked_at"] else "active",
+        ]
+        for t in tokens
+    ]
+    print(_table(rows, ["NAME", "ID", "ROLE", "TARGET", "CREATED", "EXPIRES", "STATE"]))
+    return 0
+
+
+def cmd_apitoken_revoke(api: Api, args) -> int:
+    api.call("DELETE", f"/apitokens/{_q(args.name)}")
+    return 0
+
+
+def cmd_audit(api: Api, args) -> int:
+    query = [("limit", str(args.limit))]
+    if args.since is not None:
+        query.append(("since", str(time.time() - args.since)))
+    entries = api.call("GET", "/audit?" + urllib.parse.urlencode(query))["entries"]
+    if args.json:
+        _dump(entries)
+        return 0
+    rows = [
+        [_ts(e["at"]), e["actor"], e["action"], e["object"], json.dumps(e["details"])[:60]]
+        for e in entries
+    ]
+    print(_table(rows, ["WHEN", "WHO", "WHAT", "ON", "DETAILS"]))
+    return 0
+
+
+def _selection_options(s: argparse.ArgumentParser, with_filter: bool = True) -> None:
+    group = s.add_mutually_exclusive_group(required=True)
+    if with_filter:
+        group.add_argument("--filter", help="a filter expression, e.g. 'os.family == \"debian\"'")
+    group.add_argument("--agents", help="agent ids separated by commas")
+    group.add_argument("--from-job", metavar="JOBID", help="the agents of a job ...")
+    group.add_argument("--of-target", metavar="NAME", help="a target's members now")
+    s.add_argument(
+        "--state",
+        action="append",
+        choices=["pending", "delivered", "running", "succeeded", "failed", "expired"],
+        help="... in this state (repeatable; with --from-job)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tcm", description="Administer a tcm server.")
     p.add_argument("--state-dir", help="server state directory (on the server machine)")
@@ -391,7 +719,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="an argument; VALUE is JSON if it parses, else a string",
     )
     s.add_argument("--args-json", help="all arguments as one JSON object")
-    s.add_argument("--targets", required=True, help="'all' or agent ids separated by commas")
+    s.add_argument("--targets", help="'all' or agent ids separated by commas")
+    s.add_argument("--target", help="a saved target: its members when the job is created")
     s.add_argument("--ttl", type=float, help="seconds the job may wait for offline agents")
     s.add_argument("--timeout", type=float, help="seconds the action may run on an agent")
     s.add_argument("--wait", action="store_true", help="wait for every target to finish")
@@ -409,6 +738,113 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("key")
     s.add_argument("value", help="JSON value (true/false, numbers) or on/off")
     s.set_defaults(func=cmd_settings_set)
+
+    tg = sub.add_parser("targets", help="targets: saved selections of agents")
+    tgsub = tg.add_subparsers(dest="targets_command", required=True)
+    s = tgsub.add_parser(
+        "create", help="save a filter (evaluated live) or a selection (fixed) as a target"
+    )
+    s.add_argument("name")
+    _selection_options(s)
+    s.add_argument("--description")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_targets_create)
+    s = tgsub.add_parser("list")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_targets_list)
+    s = tgsub.add_parser("show")
+    s.add_argument("name")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_targets_show)
+    s = tgsub.add_parser("delete")
+    s.add_argument("name")
+    s.set_defaults(func=cmd_targets_delete)
+    s = tgsub.add_parser("members", help="a target's members now")
+    s.add_argument("name")
+    s.add_argument("--csv", action="store_true", help="as CSV (id,name,platform,online,...)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_targets_members)
+
+    s = sub.add_parser("select", help="list the agents of a selection without saving it")
+    _selection_options(s)
+    s.add_argument("--csv", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_select)
+
+    gr = sub.add_parser("groups", help="groups: named sets of agents")
+    grsub = gr.add_subparsers(dest="groups_command", required=True)
+    s = grsub.add_parser("create")
+    s.add_argument("name")
+    s.add_argument("--agents", help="first members, ids separated by commas")
+    s.add_argument("--description")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_groups_create)
+    s = grsub.add_parser("list")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_groups_list)
+    s = grsub.add_parser("show")
+    s.add_argument("name")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_groups_show)
+    s = grsub.add_parser("delete")
+    s.add_argument("name")
+    s.set_defaults(func=cmd_groups_delete)
+    for verb, func in (("add", cmd_groups_add), ("remove", cmd_groups_remove)):
+        s = grsub.add_parser(verb, help=f"{verb} agents")
+        s.add_argument("name")
+        s.add_argument("agents", nargs="+", metavar="AGENT")
+        s.add_argument("--json", action="store_true")
+        s.set_defaults(func=func)
+
+    inv = sub.add_parser("inventory", help="inventory per agent and data class")
+    invsub = inv.add_subparsers(dest="inventory_command", required=True)
+    s = invsub.add_parser("show", help="an agent's stored inventory")
+    s.add_argument("agent")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_inventory_show)
+    for verb in ("stale", "refresh"):
+        s = invsub.add_parser(
+            verb,
+            help="list (agent, class) collected before --older-than, or never"
+            if verb == "stale"
+            else "collect classes now (with --stale: only the stale ones)",
+        )
+        s.add_argument(
+            "--older-than", type=duration, default=3600.0, help="e.g. 30m, 1h, 2d (default 1h)"
+        )
+        s.add_argument("--target", help="only this target's members")
+        s.add_argument("--class", dest="cls", action="append", help="only this class")
+        s.add_argument("--json", action="store_true")
+        if verb == "stale":
+            s.set_defaults(func=cmd_inventory_stale)
+        else:
+            s.add_argument("--stale", action="store_true", help="only what is stale")
+            s.add_argument("--ttl", type=float, help="seconds the jobs wait for offline agents")
+            s.add_argument("--wait", action="store_true", help="wait for the jobs to finish")
+            s.add_argument("--wait-timeout", type=float)
+            s.set_defaults(func=cmd_inventory_refresh)
+
+    at = sub.add_parser("apitoken", help="named admin API tokens with roles")
+    atsub = at.add_subparsers(dest="apitoken_command", required=True)
+    s = atsub.add_parser("create", help="create an API token (printed once)")
+    s.add_argument("name")
+    s.add_argument("--role", required=True, choices=["viewer", "operator", "admin"])
+    s.add_argument("--target", help="scope: its jobs may go to this target's members only")
+    s.add_argument("--ttl", type=duration, help="valid for this long (e.g. 30d; default ever)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_apitoken_create)
+    s = atsub.add_parser("list")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_apitoken_list)
+    s = atsub.add_parser("revoke")
+    s.add_argument("name")
+    s.set_defaults(func=cmd_apitoken_revoke)
+
+    s = sub.add_parser("audit", help="the audit log: who changed what, when")
+    s.add_argument("--since", type=duration, help="only the last ... (e.g. 1h, 7d)")
+    s.add_argument("--limit", type=int, default=1000)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_audit)
 
     jobs = sub.add_parser("jobs", help="jobs")
     jsub = jobs.add_subparsers(dest="jobs_command", required=True)

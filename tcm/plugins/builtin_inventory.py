@@ -14,7 +14,7 @@ import platform
 import shutil
 import socket
 import subprocess
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import psutil
@@ -315,28 +315,41 @@ def digest(data: Any) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def collect(classes: Sequence[str]) -> dict[str, Any]:
-    """Run the named collectors (blocking); returns {"classes": ..., "digests": ...}.
+def collect(
+    classes: Sequence[str], known: Mapping[str, Sequence[str]] | None = None
+) -> dict[str, Any]:
+    """Run the named collectors (blocking); returns {"classes", "digests", "unchanged"}.
 
-    Raises ActionFailed, with what was collected as its result, when a collector fails.
+    `digests` has every class collected; `classes` has the data of those whose digest is not
+    among the `known` digests of that class (the server holds that data already), and
+    `unchanged` names the others. Raises ActionFailed, with what was collected as its
+    result, when a collector fails.
     """
-    collected: dict[str, Any] = {}
+    known = known or {}
+    sent: dict[str, Any] = {}
+    digests: dict[str, str] = {}
+    unchanged: list[str] = []
+
+    def result() -> dict[str, Any]:
+        return {"classes": sent, "digests": digests, "unchanged": unchanged}
+
     for name in classes:
         try:
-            collected[name] = COLLECTORS[name]()
+            data = COLLECTORS[name]()
         except Exception as e:
-            partial = {"classes": collected, "digests": _digests(collected)}
-            raise ActionFailed(f"collecting {name!r} failed: {e!r}", result=partial) from e
-    return {"classes": collected, "digests": _digests(collected)}
-
-
-def _digests(collected: dict[str, Any]) -> dict[str, str]:
-    return {name: digest(data) for name, data in collected.items()}
+            raise ActionFailed(f"collecting {name!r} failed: {e!r}", result=result()) from e
+        digests[name] = digest(data)
+        if digests[name] in known.get(name, ()):
+            unchanged.append(name)
+        else:
+            sent[name] = data
+    return result()
 
 
 @implementer(IPlugin, IActionHandler)
 class InventoryAction:
-    """Collect inventory data classes (all by default) with a digest of each."""
+    """Collect inventory data classes (all by default) with a digest of each; classes whose
+    digest the server says it knows come back as their digest only."""
 
     name = "inventory.collect"
     streams = False
@@ -350,13 +363,30 @@ class InventoryAction:
                 "items": {"type": "string", "maxLength": 64},
                 "minItems": 1,
                 "maxItems": 64,
-            }
+            },
+            # class -> the digest(s) the server holds for it: such a class comes back as its
+            # digest only, named in `unchanged` (a list: one job asks many agents)
+            "known": {
+                "type": "object",
+                "maxProperties": 64,
+                "additionalProperties": {
+                    "anyOf": [
+                        {"type": "string", "maxLength": 64},
+                        {
+                            "type": "array",
+                            "items": {"type": "string", "maxLength": 64},
+                            "maxItems": 256,
+                        },
+                    ]
+                },
+            },
         },
         "additionalProperties": False,
     }
 
     def run(self, context: IActionContext, args: dict[str, Any]) -> Deferred[dict[str, Any]]:
-        """Collect in the reactor's thread pool: {"classes", "collected_at", "digests"}."""
+        """Collect in the reactor's thread pool: {"classes", "collected_at", "digests",
+        "unchanged"}."""
         requested = args.get("classes")
         classes = list(COLLECTORS) if requested is None else list(dict.fromkeys(requested))
         unknown = [name for name in classes if name not in COLLECTORS]
@@ -365,8 +395,12 @@ class InventoryAction:
                 f"unknown inventory class(es) {', '.join(unknown)}; "
                 f"valid classes: {', '.join(COLLECTORS)}"
             )
+        known = {
+            name: [value] if isinstance(value, str) else list(value)
+            for name, value in (args.get("known") or {}).items()
+        }
         reactor = context.reactor
-        d = deferToThreadPool(reactor, reactor.getThreadPool(), collect, classes)
+        d = deferToThreadPool(reactor, reactor.getThreadPool(), collect, classes, known)
 
         def stamp(result: dict[str, Any]) -> dict[str, Any]:
             # Stamped back on the reactor thread, with the reactor's clock.

@@ -580,13 +580,15 @@ class AdminAPI(JsonRouter):
                 created_by=request.principal,
             )
             created.append({"job": job_id, "classes": list(job.classes), "agents": job.agents})
+        if not created:
+            return {"jobs": []}  # nothing stale: nothing changed, nothing to audit
         yield self.core.audit(
             request.who,
             "inventory.refresh",
             body.get("target") or "",
             {"older_than": older_than, "jobs": [c["job"] for c in created]},
         )
-        return Reply({"jobs": created}, status=201 if created else 200)
+        return Reply({"jobs": created}, status=201)
 
     # -- API tokens and the audit log ------------------------------------------------------
     @inlineCallbacks

@@ -32,7 +32,7 @@ from tcm.server.jobservice import JobService
 from tcm.server.polls import PollRegistry
 from tcm.server.roles import Principal, TokenBook
 from tcm.server.sessions import AgentSession, SessionRegistry
-from tcm.server.targets import Target, UnknownTarget
+from tcm.server.targets import FilterError, Target, UnknownTarget
 from tcm.server.web import ApiError
 from tcm.server.websocket import AgentServerFactory
 from tcm.store.store import Store
@@ -360,13 +360,7 @@ class ServerCore:
         row = yield self.store.get_target(name)
         if row is None:
             raise UnknownTarget(name)
-        agents = row["agents"]
-        return Target(
-            name=row["name"],
-            filter=row["filter"],
-            agents=tuple(agents) if agents is not None else None,
-            description=row["description"],
-        )
+        return Target.from_row(row)
 
     @inlineCallbacks
     def resolve_target(self, name: str):
@@ -378,6 +372,35 @@ class ServerCore:
         target = yield self.load_target(name)
         views = yield self.agent_views(target.roots())
         return target.members(views)
+
+    @inlineCallbacks
+    def resolve_targets(self, names: list[str] | None = None):
+        """Members now of several targets (all saved ones by default), evaluated on one set of
+        views: Deferred[dict[name, set[agent_id]]]. A target that is unknown is left out;
+        one whose stored filter no longer parses has no members. With
+        `targets.most_specific(result, agent_id)` this picks an agent's most specific
+        target."""
+        rows = yield self.store.list_targets()
+        wanted = None if names is None else set(names)
+        found = []
+        for row in rows:
+            if wanted is not None and row["name"] not in wanted:
+                continue
+            found.append(Target.from_row(row))
+        roots: set[str] = set()
+        for target in found:
+            try:
+                roots |= target.roots()
+            except FilterError:
+                pass
+        views = yield self.agent_views(roots)
+        out: dict[str, set[str]] = {}
+        for target in found:
+            try:
+                out[target.name] = target.members(views)
+            except FilterError:
+                out[target.name] = set()
+        return out
 
     def audit(
         self,

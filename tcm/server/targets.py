@@ -460,6 +460,17 @@ class Target:
     agents: tuple[str, ...] | None = None
     description: str = ""
 
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Target:
+        """A Target from its stored row (name, filter, agents, description)."""
+        agents = row["agents"]
+        return cls(
+            name=row["name"],
+            filter=row["filter"],
+            agents=tuple(agents) if agents is not None else None,
+            description=row.get("description", ""),
+        )
+
     def members(self, views: Iterable[View]) -> set[str]:
         """The ids of the agents (among `views`) that this target selects now."""
         if self.filter is not None:

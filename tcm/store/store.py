@@ -639,7 +639,10 @@ class Store:
         def op(c: Connection) -> None:
             if c.execute(sa.select(tg.c.name).where(tg.c.name == row["name"])).first():
                 raise Conflict(f"target {row['name']!r} exists")
-            c.execute(tg.insert().values(**row))
+            try:
+                c.execute(tg.insert().values(**row))
+            except sa.exc.IntegrityError:  # created meanwhile by another server process
+                raise Conflict(f"target {row['name']!r} exists") from None
 
         return self.transaction(op)
 
@@ -671,7 +674,10 @@ class Store:
         def op(c: Connection) -> None:
             if c.execute(sa.select(g.c.name).where(g.c.name == name)).first():
                 raise Conflict(f"group {name!r} exists")
-            c.execute(g.insert().values(name=name, description=description, created_at=now))
+            try:
+                c.execute(g.insert().values(name=name, description=description, created_at=now))
+            except sa.exc.IntegrityError:  # created meanwhile by another server process
+                raise Conflict(f"group {name!r} exists") from None
             if agents:
                 c.execute(gm.insert(), [dict(group_name=name, agent_id=a) for a in agents])
 
