@@ -19,6 +19,7 @@ import pytest
 from tcm.cli.admin import Api, CliError
 from tests.conftest import ROOT
 from tests.harness import PYTHON, AgentProc, Server, wait_until
+from tests.test_integration_reach import proxy_factory  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -260,6 +261,34 @@ def test_profile_with_persistent_off_drops_to_http_and_back_without_restart(api,
     assert a.proc.pid == pid and a.alive()  # no restart
     assert "connection profile http-only v2 in force" in a.log()
     api.call("DELETE", "/profiles/http-only")
+
+
+def test_profile_proxy_and_back_reconnect_without_restart(api, agents, server, proxy_factory):  # noqa: F811
+    _a, b = agents
+    pid = b.proc.pid
+    make_target(api, "prof-b", [b])
+    proxy = proxy_factory([server.port])
+    url = f"http://127.0.0.1:{proxy.port}"
+    opened = b.count(AgentProc.SESSION_OPEN)
+    api.call(
+        "POST",
+        "/profiles",
+        {"name": "via-proxy", "settings": {"proxy": url}, "targets": ["prof-b"]},
+    )
+    b.wait_session(opened + 1, timeout=30)
+    status = wait_until(
+        lambda: (s := agent_status(b))["mode"] == "persistent" and s["proxy"] == url and s,
+        20,
+        0.1,
+        "the agent's session through the proxy",
+    )
+    assert status["profile"]["applied"] == ["proxy"]
+    assert "CONNECT 127.0.0.1:" in proxy.log_text()
+    # the profile deleted: straight to the server again
+    api.call("DELETE", "/profiles/via-proxy")
+    b.wait_session(opened + 2, timeout=30)
+    wait_until(lambda: agent_status(b)["proxy"] is None, 20, 0.1, "a direct connection")
+    assert b.proc.pid == pid and b.alive()
 
 
 def test_bad_policy_and_profile_input_is_refused_with_a_reason(api, agents):
