@@ -214,6 +214,12 @@ def test_profile_with_persistent_off_drops_to_http_and_back_without_restart(api,
     api.call(
         "POST",
         "/profiles",
+        {"name": "base", "settings": {"persistent_connections": True}, "targets": ["prof-a"]},
+    )
+    wait_until(lambda: agent_status(a)["profile"]["name"] == "base", 20, 0.1, "the base profile")
+    api.call(
+        "POST",
+        "/profiles",
         {
             "name": "http-only",
             "settings": {"persistent_connections": False, "poll_interval": 2},
@@ -248,8 +254,9 @@ def test_profile_with_persistent_off_drops_to_http_and_back_without_restart(api,
     )
     assert view["online"] is False
 
-    # Back on: the notify reaches it through its held long-poll; the session comes back.
-    api.call("PUT", "/profiles/http-only", {"settings": {"persistent_connections": True}})
+    # Moved back (http-only no longer assigned, so `base` wins again): the notify reaches it
+    # through its held long-poll, and the session comes back.
+    api.call("PUT", "/profiles/http-only", {"targets": []})
     a.wait_session(opened + 1, timeout=30)
     status = wait_until(
         lambda: (s := agent_status(a))["mode"] == "persistent" and s,
@@ -257,10 +264,11 @@ def test_profile_with_persistent_off_drops_to_http_and_back_without_restart(api,
         0.1,
         "the agent back on its session",
     )
-    assert status["profile"]["version"] == 2
+    assert status["profile"]["name"] == "base"
     assert a.proc.pid == pid and a.alive()  # no restart
-    assert "connection profile http-only v2 in force" in a.log()
+    assert "connection profile base v1 in force" in a.log()
     api.call("DELETE", "/profiles/http-only")
+    api.call("DELETE", "/profiles/base")
 
 
 def test_profile_proxy_and_back_reconnect_without_restart(api, agents, server, proxy_factory):  # noqa: F811

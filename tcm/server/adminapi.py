@@ -706,7 +706,11 @@ class AdminAPI(JsonRouter):
             raise ApiError(400, "'wait' must be a number of seconds") from None
         if not 0 < wait <= 120:
             raise ApiError(400, "'wait' must be 0..120 seconds")
-        self.core.agent_config.get_policy(name)  # 404 before anything is written
+        policy = self.core.agent_config.get_policy(name)  # 404 before anything is written
+        # a token scoped to a target may push only to agents inside it, as for jobs
+        yield self._check_scope(
+            request, sorted((yield self.core.agent_config.members(policy["targets"])))
+        )
         result = yield self.core.agent_config.push(name, wait)
         statuses: dict[str, int] = {}
         for entry in result["agents"].values():

@@ -579,3 +579,15 @@ class ConfigService:
         types = hello.get("policy_types")
         if isinstance(types, list):
             self.agent_policy_types[agent_id] = set(types)
+        running = hello.get("profile")
+        if "profile" in hello and (running or None) != self._profile_ref(agent_id):
+            # what the agent runs from its first message on (it reports again after fetching)
+            name = running["name"] if running else None
+            version = running.get("version") if running else None
+            self.report_profile(agent_id, {"name": name, "version": version})
+
+    def _profile_ref(self, agent_id: str) -> dict[str, Any] | None:
+        row = self.agents.get(agent_id) or {}
+        if not row.get("profile"):
+            return None
+        return {"name": row["profile"], "version": row.get("profile_version")}
