@@ -325,3 +325,62 @@ def test_bad_policy_and_profile_input_is_refused_with_a_reason(api, agents):
     assert "unknown profile setting(s) colour" in reasons[3]
     assert "keepalive" in reasons[4]
     assert "proxy" in reasons[5]
+
+
+def test_cli_for_policies_and_profiles(server, agents, tmp_path):
+    a, _b = agents
+    make_target(api_of(server), "cli-a", [a])
+    doc = tmp_path / "doc.json"
+    doc.write_text(json.dumps({"every": 7200, "command": {"argv": ["true"]}}))
+    created = server.cli_json(
+        "policies", "create", "cli-cmd", "--type", "command.schedule", "--document", str(doc),
+        "--target", "cli-a",
+    )  # fmt: skip
+    assert created["version"] == 1 and created["document"]["every"] == 7200
+    updated = server.cli_json(
+        "policies", "update", "cli-cmd", "--document", '{"cron": "0 3 * * *", "command": '
+        '{"argv": ["true"]}}',
+    )  # fmt: skip
+    assert updated["version"] == 2 and updated["document"]["cron"] == "0 3 * * *"
+    assert "cli-cmd" in server.cli("policies", "list")
+    shown = wait_until(
+        lambda: (
+            (p := server.cli_json("policies", "show", "cli-cmd"))["agents"][a.agent_id]
+            and p["agents"][a.agent_id]["version"] == 2
+            and p
+        ),
+        20,
+        0.1,
+        "the agent's report in policies show",
+    )
+    assert shown["agents"][a.agent_id]["state"] == "applied"
+    assert a.agent_id in server.cli("policies", "show", "cli-cmd")
+    bad = server.cli_result("policies", "create", "x", "--type", "command.schedule",
+                            "--document", '{"every": 5}')  # fmt: skip
+    assert bad.returncode == 2 and "400 bad command.schedule document" in bad.stderr
+    bad = server.cli_result("policies", "create", "x", "--type", "t", "--document", "nofile")
+    assert bad.returncode == 2 and "cannot read the document file" in bad.stderr
+    assert "deleted policy cli-cmd" in server.cli("policies", "delete", "cli-cmd")
+
+    made = server.cli_json(
+        "profiles", "create", "cli-prof", "--set", "poll_interval=90", "--set", "long_poll=false",
+        "--target", "cli-a", "--priority", "-5",
+    )  # fmt: skip
+    assert made["settings"] == {"poll_interval": 90, "long_poll": False}
+    assert made["assignments"] == [{"target": "cli-a", "priority": -5}]
+    changed = server.cli_json(
+        "profiles", "update", "cli-prof", "--set", "keepalive=45", "--unset", "long_poll"
+    )
+    assert changed["version"] == 2 and changed["settings"] == {"poll_interval": 90, "keepalive": 45}
+    assert "cli-prof" in server.cli("profiles", "list")
+    assert "keepalive = 45" in server.cli("profiles", "show", "cli-prof")
+    bad = server.cli_result("profiles", "update", "cli-prof", "--set", "keepalive=often")
+    assert bad.returncode == 2 and "400 bad profile setting" in bad.stderr
+    bad = server.cli_result("profiles", "create", "cli-bad", "--set", "colour=blue")
+    assert bad.returncode == 2 and "unknown profile setting(s) colour" in bad.stderr
+    assert "deleted profile cli-prof" in server.cli("profiles", "delete", "cli-prof")
+
+
+def api_of(server: Server) -> Api:
+    with open(os.path.join(server.state_dir, "admin.token")) as f:
+        return Api(server.url, server.ca, f.read().strip())

@@ -878,4 +878,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as the importable module, not as __main__: the command modules it loads
+    # (tcm.cli.config, tcm.cli.package) raise tcm.cli.admin.CliError, which main() catches.
+    from tcm.cli.admin import main as _main
+
+    sys.exit(_main())
