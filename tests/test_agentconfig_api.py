@@ -203,3 +203,38 @@ async def test_roles_for_policies_and_profiles(inproc_server):  # noqa: F811
     assert refused.status == 403 and other.agent_id in refused.body["error"]
     audit = (await server.admin("GET", "/api/v1/audit")).body
     assert any(e["action"] == "policy.push" and e["object"] == "narrow" for e in audit["entries"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_fetches_share_target_resolutions_but_see_their_own_session(inproc_server):  # noqa: F811
+    server = inproc_server
+    core = server.core
+    resolved: list[str] = []
+    real = core.agent_config.resolve_target
+
+    def spy(name):
+        resolved.append(name)
+        return real(name)
+
+    core.agent_config.resolve_target = spy
+    a_client, _w, a = await server.session()
+    reply = await server.admin("POST", "/api/v1/targets", {"name": "on", "filter": "online"})
+    assert reply.status == 201, reply
+    body = {"name": "p-on", "type": "agent.settings", "document": {"spool_fsync": True}}
+    await server.admin("POST", "/api/v1/policies", {**body, "targets": ["on"]})
+    assert resolved == ["on", "on"]  # checking the target, then whom to tell
+    mine = await a_client.request("GET", "/agent/v1/policies")
+    assert [p["name"] for p in mine["data"]["body"]["policies"]] == ["p-on"]
+    assert len(resolved) == 2  # answered from the resolution just made
+    # a session opened after that resolution: resolved afresh, and it is a member
+    b_client, _w, b = await server.session()
+    theirs = await b_client.request("GET", "/agent/v1/policies")
+    assert [p["name"] for p in theirs["data"]["body"]["policies"]] == ["p-on"]
+    assert len(resolved) == 3
+    again = await a_client.request("GET", "/agent/v1/policies")
+    assert again["data"]["body"] == mine["data"]["body"] and len(resolved) == 3
+    # an agent without a session (HTTP mode) trusts nothing cached: it is not online
+    c = await server.enroll_identity()
+    theirs = await server.agent_https("GET", "/agent/v1/policies", identity=c)
+    assert theirs.body == {"policies": []} and len(resolved) == 4
+    await gatherResults([a_client.shut(), b_client.shut()])

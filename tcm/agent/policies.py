@@ -28,6 +28,10 @@ from tcm.schedule import Schedule, ScheduleError
 APPLIED, FAILED, REMOVED = "applied", "failed", "removed"
 
 
+def _key(entry: dict[str, Any]) -> tuple[Any, Any]:
+    return (entry.get("version"), entry.get("state"))
+
+
 def load_policy_handlers() -> dict[str, Any]:
     """Discover every IPolicyHandler plugin; verify each; type -> handler."""
     from twisted.plugin import getPlugins
@@ -130,6 +134,8 @@ class PolicyEngine:
         self.fetches = 0
         self._fetching: Deferred | None = None
         self._again = False
+        self._again_all = False
+        self._reported: dict[str, tuple[Any, Any]] = {}  # name -> (version, state) acknowledged
 
     # -- stored --------------------------------------------------------------------------
     def restore(self) -> None:
@@ -236,10 +242,15 @@ class PolicyEngine:
         return report
 
     # -- talking to the server ---------------------------------------------------------------
-    def fetch(self, why: str) -> Deferred:
-        """Fetch what applies and reconcile; a fetch asked for while one runs runs after it."""
+    def fetch(self, why: str, report_all: bool = False) -> Deferred:
+        """Fetch what applies and reconcile; a fetch asked for while one runs runs after it.
+
+        Reported are the policies whose version or state the server has not acknowledged
+        yet; with `report_all` (the server notified: perhaps a PushPolicy waiting for this
+        agent's answer) every policy."""
         if self._fetching is not None:
             self._again = True
+            self._again_all = self._again_all or report_all
             return self._fetching
         self._log.info("fetching policies ({why})", why=why)
         self.fetches += 1
@@ -251,17 +262,31 @@ class PolicyEngine:
             return self.reconcile(list((response.body or {}).get("policies", [])))
 
         def send(report: dict[str, Any]) -> Any:
-            if report:
-                return self.core.link.call(
-                    "POST", "/agent/v1/policies/status", {"policies": report}
-                )
-            return None
+            if not report_all:
+                report = {
+                    name: entry
+                    for name, entry in report.items()
+                    if self._reported.get(name) != _key(entry)
+                }
+            if not report:
+                return None
+            d = self.core.link.call("POST", "/agent/v1/policies/status", {"policies": report})
+
+            def acknowledged(response: Any) -> None:
+                if response.status == 200:
+                    for name, entry in report.items():
+                        if entry.get("state") == REMOVED:
+                            self._reported.pop(name, None)
+                        else:
+                            self._reported[name] = _key(entry)
+
+            return d.addCallback(acknowledged)
 
         def done(result: Any) -> Any:
             self._fetching = None
             if self._again:
-                self._again = False
-                self.fetch("changed while fetching")
+                again_all, self._again, self._again_all = self._again_all, False, False
+                self.fetch("changed while fetching", again_all)
             return result
 
         d.addCallback(got)

@@ -48,6 +48,7 @@ class ProfileKeeper:
         self.current: dict[str, Any] | None = None  # {name, version, settings}
         self.last_error: str | None = None
         self.fetches = 0
+        self.reported: dict[str, Any] | None = None  # what the server acknowledged last
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -97,14 +98,19 @@ class ProfileKeeper:
             if response.status != 200:
                 raise RuntimeError(f"profile answered {response.status}: {response.body}")
             self.apply((response.body or {}).get("profile"), why)
-            return self.core.link.call(
-                "POST",
-                "/agent/v1/profile/status",
-                {
-                    "name": (self.current or {}).get("name"),
-                    "version": (self.current or {}).get("version"),
-                },
-            )
+            running = {
+                "name": (self.current or {}).get("name"),
+                "version": (self.current or {}).get("version"),
+            }
+            if running == self.reported:
+                return None  # the server knows (this process told it, or the hello did)
+            d = self.core.link.call("POST", "/agent/v1/profile/status", running)
+
+            def acknowledged(response: Any) -> None:
+                if response.status == 200:
+                    self.reported = running
+
+            return d.addCallback(acknowledged)
 
         d.addCallback(got)
         d.addErrback(

@@ -316,6 +316,11 @@ class AgentCore:
             if self.config.keepalive is None:
                 self._adopt_keepalive(conn.protocol, conn.welcome.get("keepalive"))
             self.runner.flush()
+            # the hello told the server which profile this agent runs
+            self.profile.reported = {
+                "name": (self.profile.current or {}).get("name"),
+                "version": (self.profile.current or {}).get("version"),
+            }
             self.fetch_config("session start")
             return conn
 
@@ -369,7 +374,8 @@ class AgentCore:
         topic = data.get("topic")
         self._log.info("server notifies {topic}", topic=topic)
         if topic == "policies":
-            self.policies.fetch(f"the server notified a change of {data.get('name') or 'policies'}")
+            what = data.get("name") or "policies"
+            self.policies.fetch(f"the server notified a change of {what}", report_all=True)
         elif topic == "profile":
             self.profile.fetch("the server notified a profile change")
 

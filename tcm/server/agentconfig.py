@@ -26,6 +26,7 @@ from typing import Any
 import fastjsonschema
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from tcm.protocol.envelope import Envelope, encode
 from tcm.protocol.schemas import NAME_PATTERN, PROFILE_SETTINGS
@@ -36,6 +37,7 @@ from tcm.server.web import ApiError
 NAME = re.compile(NAME_PATTERN)
 PUSHED, NOT_CONNECTED, EMPTY, FAILED = "pushed", "not connected", "empty policy", "failed"
 DEFAULT_PUSH_WAIT = 10.0
+MEMBERS_TTL = 2.0  # seconds a target's members may be reused for agents' fetches
 _profile_validator = fastjsonschema.compile(PROFILE_SETTINGS)
 
 ResolveTarget = Callable[[str], Deferred]  # target name -> Deferred[set of agent ids]
@@ -119,6 +121,9 @@ class ConfigService:
         self.agents: dict[str, dict[str, Any]] = {}  # agent -> agent_config row
         self.pending: dict[str, set[str]] = {}  # agent -> topics to tell at its next poll
         self._waiters: dict[tuple[str, str], list[tuple[int, Deferred]]] = {}
+        self._members_cache: dict[str, tuple[float, frozenset[str]]] = {}
+        self._resolving: dict[str, tuple[float, list[Deferred]]] = {}
+        self._opened_at: dict[str, float] = {}  # agent -> when its session was registered
 
     @inlineCallbacks
     def load(self):
@@ -127,23 +132,55 @@ class ConfigService:
         self.agents = {r["agent_id"]: r for r in (yield self.store.load_agent_config())}
 
     # -- targets -----------------------------------------------------------------------
-    def _resolve(self, target: str) -> Deferred:
+    def _resolve(self, target: str, since: float | None = None) -> Deferred:
         """A target's members; none (logged) for a target deleted or broken since it was
-        assigned, so one bad assignment does not keep agents from their other policies."""
+        assigned, so one bad assignment does not keep agents from their other policies.
+
+        With `since` (agents fetching: thousands at once in a reconnect storm) the answer may
+        come from a resolution that started at or after `since` (the fetching agent's session
+        start, so a filter on `online` sees it) and is at most MEMBERS_TTL seconds old, or
+        share one under way; without, (a change an admin makes) it is resolved afresh."""
+        if since is not None:
+            hit = self._members_cache.get(target)
+            now = self.clock.seconds()
+            if hit is not None and hit[0] >= since and now - hit[0] < MEMBERS_TTL:
+                return succeed(hit[1])
+            running = self._resolving.get(target)
+            if running is not None and running[0] >= since:
+                shared: Deferred = Deferred()
+                running[1].append(shared)
+                return shared
+        started = self.clock.seconds()
+        waiters: list[Deferred] = []
+        self._resolving[target] = (started, waiters)
 
         def missing(f: Any) -> set[str]:
             f.trap(LookupError, ValueError)
             self._log.warn("target {t} is assigned but gives no agents: {e}", t=target, e=f.value)
             return set()
 
-        return self.resolve_target(target).addErrback(missing)
+        def done(result: Any) -> Any:
+            if self._resolving.get(target, (None, None))[1] is waiters:
+                del self._resolving[target]
+            if isinstance(result, Failure):
+                for w in waiters:
+                    w.errback(result)
+                return result
+            members = frozenset(result)
+            if started >= self._members_cache.get(target, (float("-inf"),))[0]:
+                self._members_cache[target] = (started, members)
+            for w in waiters:
+                w.callback(members)
+            return members
+
+        return self.resolve_target(target).addErrback(missing).addBoth(done)
 
     @inlineCallbacks
-    def members(self, targets: Iterable[str]):
-        """Agent ids in any of the targets."""
+    def members(self, targets: Iterable[str], since: float | None = None):
+        """Agent ids in any of the targets (see _resolve for `since`)."""
         out: set[str] = set()
         for target in targets:
-            out |= set((yield self._resolve(target)))
+            out |= set((yield self._resolve(target, since)))
         return out
 
     @inlineCallbacks
@@ -260,12 +297,20 @@ class ConfigService:
         agents = yield self.members(targets)
         self.notify(agents, "policies", version, name)
 
+    def _since(self, agent_id: str) -> float:
+        """How fresh target members must be for an agent's fetch: from its session's start
+        (a session's agent is online in every resolution since), else now (HTTP mode)."""
+        if agent_id in self.dispatcher.registry and agent_id in self._opened_at:
+            return self._opened_at[agent_id]
+        return self.clock.seconds()
+
     @inlineCallbacks
     def policies_for(self, agent_id: str):
         """The policies that apply to one agent (what GET /agent/v1/policies answers)."""
         out = []
+        since = self._since(agent_id)
         for policy in sorted(self.policies.values(), key=lambda p: p["name"]):
-            if agent_id in (yield self.members(policy["targets"])):
+            if agent_id in (yield self.members(policy["targets"], since)):
                 out.append({k: policy[k] for k in ("name", "type", "version", "document")})
         self.pending.get(agent_id, set()).discard("policies")
         return out
@@ -507,9 +552,10 @@ class ConfigService:
     def profile_for(self, agent_id: str):
         """The profile that applies to one agent ({name, version, settings}) or None."""
         candidates = []
+        since = self._since(agent_id)
         for profile in self.profiles.values():
             for a in profile["assignments"]:
-                members = set((yield self._resolve(a["target"])))
+                members = set((yield self._resolve(a["target"], since)))
                 if agent_id in members:
                     candidates.append((profile["name"], a["priority"], len(members)))
         enrolled = self.agents.get(agent_id, {}).get("enrollment_profile")
@@ -575,6 +621,7 @@ class ConfigService:
 
     def session_opened(self, agent_id: str, hello: dict[str, Any]) -> None:
         """An agent fetches policies and profile at session start: nothing is pending."""
+        self._opened_at[agent_id] = self.clock.seconds()
         self.pending.pop(agent_id, None)
         types = hello.get("policy_types")
         if isinstance(types, list):
