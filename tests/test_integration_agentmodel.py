@@ -309,6 +309,12 @@ def test_bad_policy_and_profile_input_is_refused_with_a_reason(api, agents):
             {"name": "x", "type": "inventory.schedule", "document": {"every": "often"}},
         ),
         ("POST", "/policies", {"name": "x", "type": "inventory.schedule", "targets": ["nope"]}),
+        (
+            "POST",
+            "/policies",
+            {"name": "x", "type": "inventory.schedule", "document": {"cron": "0 25 * * *"}},
+        ),
+        ("POST", "/policies", {"name": "x", "type": "agent.settings", "doc": {}}),
         ("POST", "/profiles", {"name": "p", "settings": {"colour": "blue"}}),
         ("POST", "/profiles", {"name": "p", "settings": {"keepalive": -1}}),
         ("POST", "/profiles", {"name": "p", "settings": {"proxy": "socks://x"}}),
@@ -322,9 +328,11 @@ def test_bad_policy_and_profile_input_is_refused_with_a_reason(api, agents):
     assert "unknown policy type 'no.such.type'" in reasons[0]
     assert "bad inventory.schedule document" in reasons[1]
     assert "no such target: 'nope'" in reasons[2]
-    assert "unknown profile setting(s) colour" in reasons[3]
-    assert "keepalive" in reasons[4]
-    assert "proxy" in reasons[5]
+    assert "cron hour: '25' is outside 0-23" in reasons[3]
+    assert "unknown field(s) doc for a policy" in reasons[4]
+    assert "unknown profile setting(s) colour" in reasons[5]
+    assert "keepalive" in reasons[6]
+    assert "proxy" in reasons[7]
 
 
 def test_cli_for_policies_and_profiles(server, agents, tmp_path):

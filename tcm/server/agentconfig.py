@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 
 from tcm.protocol.envelope import Envelope, encode
 from tcm.protocol.schemas import NAME_PATTERN, PROFILE_SETTINGS
+from tcm.schedule import Cron, ScheduleError
 from tcm.server import inventory
 from tcm.server.dispatcher import Dispatcher
 from tcm.server.web import ApiError
@@ -47,6 +48,14 @@ def check_name(kind: str, name: Any) -> str:
     if not isinstance(name, str) or not NAME.match(name):
         raise ApiError(400, f"{kind} name must match {NAME_PATTERN}, got {name!r}")
     return name
+
+
+def _only(body: dict[str, Any], kind: str, allowed: set[str]) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise ApiError(
+            400, f"unknown field(s) {', '.join(unknown)} for a {kind}", known=sorted(allowed)
+        )
 
 
 def check_profile_settings(settings: Any) -> dict[str, Any]:
@@ -226,6 +235,11 @@ class ConfigService:
             validator(document)
         except fastjsonschema.JsonSchemaValueException as e:
             raise ApiError(400, f"bad {policy_type} document: {e.message}") from None
+        if "cron" in (handler.schema.get("properties") or {}) and "cron" in document:
+            try:
+                Cron.parse(document["cron"])
+            except ScheduleError as e:
+                raise ApiError(400, f"bad {policy_type} document: {e}") from None
 
     def policy_view(self, policy: dict[str, Any]) -> dict[str, Any]:
         return {k: policy[k] for k in ("name", "type", "version", "document", "targets")} | {
@@ -241,6 +255,7 @@ class ConfigService:
 
     @inlineCallbacks
     def create_policy(self, body: dict[str, Any]):
+        _only(body, "policy", {"name", "type", "document", "targets"})
         name = check_name("policy", body.get("name"))
         if name in self.policies:
             raise ApiError(409, f"policy {name} exists; use update")
@@ -454,6 +469,7 @@ class ConfigService:
 
     @inlineCallbacks
     def create_profile(self, body: dict[str, Any]):
+        _only(body, "profile", {"name", "settings", "targets", "priority"})
         name = check_name("profile", body.get("name"))
         if name in self.profiles:
             raise ApiError(409, f"profile {name} exists; use update")
