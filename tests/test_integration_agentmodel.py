@@ -392,3 +392,49 @@ def test_cli_for_policies_and_profiles(server, agents, tmp_path):
 def api_of(server: Server) -> Api:
     with open(os.path.join(server.state_dir, "admin.token")) as f:
         return Api(server.url, server.ca, f.read().strip())
+
+
+def test_policies_run_on_their_schedule_offline_and_after_a_restart(tmp_path):
+    """A command.schedule keeps running while the server is down, and after the agent
+    restarts without it (from policies.json)."""
+    server = Server(str(tmp_path), extra=SERVER_ARGS)
+    server.start()
+    agent = AgentProc(str(tmp_path), "sched", server, server.token(uses=1), extra=AGENT_ARGS)
+    marks = tmp_path / "marks"
+    try:
+        agent.start()
+        api = api_of(server)
+        make_target(api, "sched", [agent])
+        command = {"argv": ["sh", "-c", f"echo run >> {marks}"]}
+        api.call(
+            "POST",
+            "/policies",
+            {
+                "name": "tick",
+                "type": "command.schedule",
+                "document": {"every": 1, "command": command, "run_now": True},
+                "targets": ["sched"],
+            },
+        )
+
+        def runs() -> int:
+            return marks.read_text().count("run") if marks.exists() else 0
+
+        wait_until(lambda: runs() >= 2, 20, 0.1, "two scheduled runs")
+        last = wait_until(
+            lambda: (reported(api, "tick")[agent.agent_id] or {}).get("last_run"),
+            20,
+            0.1,
+            "a run report",
+        )
+        assert last["ok"] and last["result"]["exit_code"] == 0
+        server.stop()
+        before = runs()
+        wait_until(lambda: runs() >= before + 2, 20, 0.1, "runs with the server down")
+        agent.stop()
+        agent.start(wait=False)  # no server to connect to: the stored policy runs anyway
+        before = runs()
+        wait_until(lambda: runs() >= before + 2, 30, 0.1, "runs after a restart, offline")
+    finally:
+        agent.stop()
+        server.stop()
