@@ -88,8 +88,9 @@ class IPolicyHandler(Interface):
     schema = Attribute("JSON Schema (dict) of the policy document.")
 
     def apply(context: IPolicyContext, document: dict):  # type: ignore[misc]
-        """Put a (validated) policy document in force: returns an IAppliedPolicy or a Deferred
-        of one. Raising (or failing with) `ActionFailed` reports the policy failed here."""
+        """Put a (validated) policy document in force: returns an IAppliedPolicy (None:
+        nothing to undo) or a Deferred of one. Raising (or failing with) `ActionFailed`
+        reports the policy failed here."""
 
 
 # A schedule in a policy document, for handlers' schemas: every N seconds, or a cron line

@@ -237,3 +237,34 @@ def test_a_bad_profile_from_the_server_is_refused_and_the_old_one_kept(tmp_path)
     core.profile.apply({"name": "bad", "version": 1, "settings": {"poll_interval": "often"}})
     assert core.profile.current["name"] == "ok"
     assert "profile refused" in core.profile.status()["error"]
+
+
+def test_a_corrupt_or_malformed_policies_file_is_ignored_not_fatal(tmp_path):
+    with open(os.path.join(tmp_path, "policies.json"), "w") as f:
+        f.write('{"policies": [{"name": "ok", "type": "agent.settings", "version": 1, '
+                '"document": {"spool_fsync": false}}, {"name": 3}, "junk"]}')  # fmt: skip
+    core, _ = make_core(tmp_path, Recorder())
+    core.policies.restore()
+    assert sorted(core.policies.policies) == ["ok"] and core.ledger.fsync is False
+    with open(os.path.join(tmp_path, "policies.json"), "w") as f:
+        f.write("{not json")
+    core2, _ = make_core(tmp_path, Recorder())
+    core2.policies.restore()
+    assert core2.policies.policies == {}
+
+
+def test_a_handler_that_returns_no_policy_object_fails_the_policy(tmp_path):
+    @implementer(IPolicyHandler)
+    class Wrong:
+        type = "test.wrong"
+        schema: dict = {}
+
+        def apply(self, context, document):
+            return "started"
+
+    core, _ = make_core(tmp_path, Recorder())
+    core.policies.handlers["test.wrong"] = Wrong()
+    report = core.policies.reconcile(
+        [{"name": "w", "type": "test.wrong", "version": 1, "document": {"x": 1}}]
+    ).result
+    assert report["w"]["state"] == FAILED and "not a policy" in report["w"]["error"]

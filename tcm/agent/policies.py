@@ -22,7 +22,8 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from tcm import pki
-from tcm.interfaces import ActionFailed, IPolicyContext, IPolicyHandler
+from tcm.agent.runner import validator_for
+from tcm.interfaces import ActionFailed, IAppliedPolicy, IPolicyContext, IPolicyHandler
 from tcm.schedule import Schedule, ScheduleError
 
 APPLIED, FAILED, REMOVED = "applied", "failed", "removed"
@@ -148,7 +149,15 @@ class PolicyEngine:
         except ValueError as e:
             self._log.warn("ignoring unreadable {path}: {e}", path=self.path, e=e)
             return
-        for policy in stored.get("policies", []):
+        for policy in stored.get("policies", []) if isinstance(stored, dict) else []:
+            if not (
+                isinstance(policy, dict)
+                and isinstance(policy.get("name"), str)
+                and isinstance(policy.get("type"), str)
+                and isinstance(policy.get("version"), int)
+            ):
+                self._log.warn("ignoring a malformed stored policy: {p!r}", p=policy)
+                continue
             self.policies[policy["name"]] = policy
             self._apply(policy, restored=True)
 
@@ -167,7 +176,7 @@ class PolicyEngine:
         if not policy.get("document"):
             return self._set(name, version, APPLIED, None)  # an empty policy: nothing to do
         try:
-            fastjsonschema.validate(handler.schema, policy["document"])
+            validator_for(handler)(policy["document"])  # compiled once per handler
         except fastjsonschema.JsonSchemaValueException as e:
             return self._set(name, version, FAILED, f"invalid document: {e.message}")
         ctx = PolicyContext(
@@ -176,7 +185,11 @@ class PolicyEngine:
         d = maybeDeferred(handler.apply, ctx, policy["document"])
 
         def applied(running: Any) -> None:
-            self.applied[name] = running
+            if running is not None and not IAppliedPolicy.providedBy(running):
+                self._set(name, version, FAILED, f"handler returned {running!r}, not a policy")
+                return
+            if running is not None:
+                self.applied[name] = running
             self._set(name, version, APPLIED, None)
 
         def failed(f: Any) -> None:
