@@ -18,7 +18,8 @@ async def target_of(server, name: str, agent_ids: list[str]) -> None:
 @pytest_twisted.ensureDeferred
 async def test_policies_and_profile_fetched_the_same_over_both_transports(inproc_server):  # noqa: F811
     server = inproc_server
-    client, _welcome, identity = await server.session()
+    client, welcome, identity = await server.session()
+    assert welcome["data"]["policy_count"] == welcome["data"]["profile_count"] == 0
     await target_of(server, "one", [identity.agent_id])
     body = {
         "name": "inv",

@@ -403,6 +403,8 @@ def test_policies_run_on_their_schedule_offline_and_after_a_restart(tmp_path):
     marks = tmp_path / "marks"
     try:
         agent.start()
+        # a server without policies or profiles: nothing fetched at session start
+        assert "fetching policies (session start)" not in agent.log()
         api = api_of(server)
         make_target(api, "sched", [agent])
         command = {"argv": ["sh", "-c", f"echo run >> {marks}"]}

@@ -321,7 +321,7 @@ class AgentCore:
                 "name": (self.profile.current or {}).get("name"),
                 "version": (self.profile.current or {}).get("version"),
             }
-            self.fetch_config("session start")
+            self.fetch_config("session start", conn.welcome)
             return conn
 
         def refused(f):
@@ -379,10 +379,15 @@ class AgentCore:
         elif topic == "profile":
             self.profile.fetch("the server notified a profile change")
 
-    def fetch_config(self, why: str) -> None:
-        """At session start and when HTTP mode starts: fetch profile and policies."""
-        self.profile.fetch(why)
-        self.policies.fetch(why)
+    def fetch_config(self, why: str, welcome: dict[str, Any] | None = None) -> None:
+        """At session start and when HTTP mode starts: fetch profile and policies. A
+        welcome saying the server has none of one kind spares the fetch when the agent has
+        none either (a reconnect storm on a server without policies costs nothing more)."""
+        welcome = welcome or {}
+        if not (welcome.get("profile_count") == 0 and self.profile.current is None):
+            self.profile.fetch(why)
+        if not (welcome.get("policy_count") == 0 and not self.policies.policies):
+            self.policies.fetch(why)
 
     def polling_started(self) -> None:
         """The first poll of an HTTP-mode period was answered."""

@@ -72,6 +72,8 @@ DATA: dict[str, dict[str, Any]] = {
             "max_in_flight": {"type": "integer", "minimum": 1},
             "server_version": {"type": "string"},
             "server_time": {"type": "number"},
+            "policy_count": {"type": "integer", "minimum": 0},
+            "profile_count": {"type": "integer", "minimum": 0},
         },
     },
     # server -> agent: run an action. The same bytes go to every target of a job.

@@ -161,6 +161,9 @@ class AgentHub:
             "max_in_flight": cfg.max_in_flight,
             "server_version": tcm.__version__,
             "server_time": self.core.clock.seconds(),
+            # none of either: an agent that has none need not fetch them at session start
+            "policy_count": len(self.core.agent_config.policies),
+            "profile_count": len(self.core.agent_config.profiles),
         }
 
     def session_opened(self, session: AgentSession, hello: dict[str, Any]) -> None:
