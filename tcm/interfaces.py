@@ -43,14 +43,59 @@ class IActionHandler(Interface):
         """
 
 
+class IPolicyContext(Interface):
+    """What a policy handler gets from the agent for one version of one policy."""
+
+    policy = Attribute("The policy's name (str).")
+    version = Attribute("The policy's version (int).")
+    restored = Attribute(
+        "True when the agent re-applies a stored policy at its start rather than a new version "
+        "just received: a handler may skip what it does once per version (an immediate run)."
+    )
+    reactor = Attribute("The reactor: its clock for schedules, processes, threads.")
+    state_dir = Attribute("A FilePath of a directory the handler may use for its own files.")
+
+    def schedule(spec: dict, run, now: bool = False):  # type: ignore[misc]
+        """Call `run()` on a schedule: spec {"every": seconds} or {"cron": "m h dom mon dow"}
+        (validate it with SCHEDULE_SCHEMA below). `now`: also once at once. Returns an object
+        with `stop()`. A Deferred returned by `run` is waited for before the next run is
+        planned, so runs of one policy never overlap."""
+
+    def run_action(name: str, args: dict):  # type: ignore[misc]
+        """Run one of the agent's actions locally (its arguments checked against its schema);
+        a Deferred firing with the action's result dict, or failing with ActionFailed."""
+
+    def report(result: dict | None = None, error: str | None = None) -> None:  # type: ignore[misc]
+        """Send the outcome of one run to the server (kept as the policy's `last_run`)."""
+
+    def set_agent_settings(settings: dict) -> None:  # type: ignore[misc]
+        """Change the agent's own settings (what `agent.settings` documents name); an empty
+        dict restores the agent's defaults."""
+
+
+class IAppliedPolicy(Interface):
+    """A policy version in force on an agent, as `IPolicyHandler.apply` returns it."""
+
+    def stop():  # type: ignore[misc]
+        """The version is replaced or the policy no longer applies: undo what apply set up
+        (cancel schedules). May return a Deferred."""
+
+
 class IPolicyHandler(Interface):
     """A type of policy document an agent can apply: getPlugins(IPolicyHandler, tcm.plugins)."""
 
-    type = Attribute("Policy type name, e.g. 'inventory.schedule'.")
+    type = Attribute("Policy type name, e.g. 'inventory.schedule' ([a-z][a-z0-9_.-]*).")
     schema = Attribute("JSON Schema (dict) of the policy document.")
 
-    def apply(context: IActionContext, document: dict):  # type: ignore[misc]
-        """Apply a policy document (or its new version). Returns a dict or Deferred of one."""
+    def apply(context: IPolicyContext, document: dict):  # type: ignore[misc]
+        """Put a (validated) policy document in force: returns an IAppliedPolicy (None:
+        nothing to undo) or a Deferred of one. Raising (or failing with) `ActionFailed`
+        reports the policy failed here."""
 
-    def remove(context: IActionContext):  # type: ignore[misc]
-        """The policy no longer applies to this agent: undo schedules it set up."""
+
+# A schedule in a policy document, for handlers' schemas: every N seconds, or a cron line
+# (minute hour day-of-month month day-of-week; `*`, `*/n`, `a-b`, `a,b`; local time).
+SCHEDULE_SCHEMA: dict = {
+    "every": {"type": "number", "minimum": 1},
+    "cron": {"type": "string", "minLength": 9, "maxLength": 128},
+}

@@ -43,25 +43,27 @@ def wait_until(
 class Process:
     """A twistd service in the foreground, its output in a log file."""
 
-    def __init__(self, name: str, args: list[str], log_path: str, env: dict | None = None):
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        log_path: str,
+        env: dict | None = None,
+        executable: str | None = None,
+    ):
         self.name = name
         self.args = args
         self.log_path = log_path
         self.env = env
+        self.executable = executable  # a program to run with `args` instead of twistd
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         log = open(self.log_path, "ab")
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **(self.env or {}))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})}
+        twistd = [PYTHON, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
         self.proc = subprocess.Popen(
-            [
-                PYTHON,
-                "-c",
-                "from twisted.scripts.twistd import run; run()",
-                "-n",
-                "--pidfile=",
-                *self.args,
-            ],
+            [self.executable, *self.args] if self.executable else [*twistd, *self.args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,

@@ -19,14 +19,20 @@ import fastjsonschema
 import tcm, tcm.plugins
 from twisted.plugin import getPlugins
 from zope.interface.verify import verifyObject
-from tcm.interfaces import IActionHandler
+from tcm.interfaces import IActionHandler, IPolicyHandler
 
 handlers = {h.name: h for h in getPlugins(IActionHandler, tcm.plugins)}
+policies = {p.type: p for p in getPlugins(IPolicyHandler, tcm.plugins)}
+verifyObject(IPolicyHandler, policies["example.disk_watch"])
+fastjsonschema.compile(policies["example.disk_watch"].schema)(
+    {"path": sys.argv[1], "min_free": 0, "every": 60}
+)
 handler = handlers["example.disk_usage"]
 verifyObject(IActionHandler, handler)
 fastjsonschema.compile(handler.schema)({"path": sys.argv[1]})
 print(json.dumps({
     "names": sorted(handlers),
+    "policy_types": sorted(policies),
     "module": sys.modules[type(handler).__module__].__file__,
     "tcm": tcm.__file__,
     "result": handler.run(None, {"path": sys.argv[1]}),  # the example ignores its context
@@ -62,6 +68,7 @@ def probe(plugin_root: Path, cwd: Path) -> dict:
 
 def check(found: dict, plugin_root: Path, path: Path) -> None:
     assert {"example.disk_usage", "ping", "inventory.collect", "command.run"} <= set(found["names"])
+    assert {"example.disk_watch", "inventory.schedule"} <= set(found["policy_types"])
     assert Path(found["module"]).resolve().is_relative_to(plugin_root.resolve())
     assert Path(found["tcm"]).resolve() == (ROOT / "tcm" / "__init__.py").resolve()
     usage = shutil.disk_usage(path)

@@ -23,6 +23,7 @@ _TRANSITIONS: dict[str, dict[str, str]] = {
     "poll_ok": {DISCONNECTED: HTTP},
     "poll_failed": {HTTP: DISCONNECTED},
     "user_disconnect": {PERSISTENT: HTTP},
+    "profile_http": {PERSISTENT: HTTP},
 }
 
 

@@ -39,12 +39,15 @@ class Poller:
         self._timer: Any = None
         self._inflight: Any = None
         self._failures = 0
+        self.profile_poll_interval: float | None = None  # a connection profile's, wins
+        self._answered_since_start = False
 
     def start(self, reason: str, delay: float = 0.0) -> None:
         """Start polling after `delay` seconds (a lost session often comes back first)."""
         if self.running:
             return
         self.running = True
+        self._answered_since_start = False
         self._log.info("polling over HTTPS ({reason})", reason=reason)
         self._schedule(delay)
 
@@ -82,17 +85,25 @@ class Poller:
         self.last_poll_ok = self.core.clock.seconds()
         self.last_error = None
         self._failures = 0
-        self.poll_interval = float(body.get("poll_interval", self.poll_interval))
+        self.poll_interval = self.profile_poll_interval or float(
+            body.get("poll_interval", self.poll_interval)
+        )
         self.long_poll = float(body.get("long_poll", 0))
         self.core.runner.learn_server_time(body.get("server_time"))
         self.core.mode.event("poll_ok", "HTTPS poll answered")
+        if not self._answered_since_start:
+            self._answered_since_start = True
+            self.core.polling_started()
         for raw in body.get("requests", []):
             try:
                 env = decode(json.dumps(raw))
             except ProtocolError as e:
                 self._log.warn("poll returned a bad request: {e}", e=e)
                 continue
-            self.core.runner.receive(env)
+            if env.type == "notify":
+                self.core.notified(env.data)
+            else:
+                self.core.runner.receive(env)
         self.core.runner.flush()
         # Where the server allows long-polls the next poll goes out at once (and is held);
         # otherwise at the poll interval.

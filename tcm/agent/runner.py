@@ -39,9 +39,12 @@ class ActionContext:
     reactor: Any
     state_dir: Any
     _runner: ActionRunner
+    local: bool = False  # run for a policy on the agent itself: no job, output not streamed
     _seq: int = 0
 
     def output(self, stream: str, text: str) -> None:
+        if self.local:
+            return
         self._seq += 1
         self._runner.send_output(self.job_id, self._seq, stream, text)
 
@@ -133,7 +136,7 @@ class ActionRunner:
             )
 
     def _check_args(self, handler: Any, args: dict[str, Any]) -> str | None:
-        validator = _validator_for(handler)
+        validator = validator_for(handler)
         try:
             validator(args)
         except fastjsonschema.JsonSchemaValueException as e:
@@ -284,7 +287,7 @@ class ActionRunner:
 _VALIDATORS: dict[int, tuple[Any, Any]] = {}
 
 
-def _validator_for(handler: Any) -> Any:
+def validator_for(handler: Any) -> Any:
     """The compiled argument validator of a handler, compiled once per process (a swarm
     shares its handlers among thousands of agents)."""
     cached = _VALIDATORS.get(id(handler))

@@ -6,6 +6,8 @@ State directory layout:
     cert.pem     certificate signed by the server's CA; its subject is the agent id
     ca.pem       the CA this agent trusts for its server
     jobs/        the ledger and result spool (ledger.py)
+    policies.json  the policies in force (policies.py)
+    profile.json   the connection profile in force (profile.py)
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import attrs
 import treq
 from twisted.application import service
-from twisted.application.internet import ClientService, TimerService
+from twisted.application.internet import ClientService
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -27,6 +29,7 @@ from twisted.internet.defer import (
     maybeDeferred,
 )
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 from twisted.web.client import Agent
@@ -38,11 +41,14 @@ from tcm.agent.control import control_service
 from tcm.agent.ledger import FINISHED, Ledger
 from tcm.agent.link import HttpsClient, Identity, ServerLink, _EndpointFactory, server_endpoint
 from tcm.agent.modes import ConnectionMode
+from tcm.agent.policies import PolicyEngine, load_policy_handlers
 from tcm.agent.poller import Poller
+from tcm.agent.profile import ProfileKeeper
 from tcm.agent.proxy import HTTPProxy, ProxyError
-from tcm.agent.runner import ActionRunner, load_handlers
+from tcm.agent.runner import ActionContext, ActionRunner, load_handlers, validator_for
 from tcm.agent.session import AgentClientFactory, SessionRefused
 from tcm.agent.taskclient import TaskClient
+from tcm.interfaces import ActionFailed
 from tcm.process import stop_with_failure
 from tcm.protocol import codes
 from tcm.statedir import StateDir
@@ -138,7 +144,13 @@ class AgentCore:
 
     _log = Logger()
 
-    def __init__(self, config: AgentConfig, reactor: Any = None, handlers: dict | None = None):
+    def __init__(
+        self,
+        config: AgentConfig,
+        reactor: Any = None,
+        handlers: dict | None = None,
+        policy_handlers: dict | None = None,
+    ):
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
@@ -165,6 +177,17 @@ class AgentCore:
         self.user_disconnected = False
         self.identity: Identity | None = None
         self.task_client = TaskClient(self)
+        self.defaults = attrs.evolve(config)  # what an agent.settings or a profile changes
+        self.policies = PolicyEngine(
+            self,
+            policy_handlers if policy_handlers is not None else load_policy_handlers(),
+            self.state.dir,
+        )
+        self.profile = ProfileKeeper(self)
+        self.flush_loop: LoopingCall | None = None
+
+    def state_filepath(self) -> FilePath:
+        return FilePath(self.state.dir)
 
     def capabilities(self) -> list[dict[str, Any]]:
         return [
@@ -195,6 +218,7 @@ class AgentCore:
         meta = self.state.meta()
         self.agent_id = meta["agent_id"]
         self.server = cfg.server or meta["server"]
+        self.profile.restore()  # may set server, proxy and timings before the first connection
         identity = self.identity = self.state.identity()
         https = HttpsClient(self.reactor, self.server, identity, self.proxy, bind=cfg.bind_address)
         self.link = ServerLink(https)
@@ -226,7 +250,10 @@ class AgentCore:
         self.session_service = ClientService(
             _AttemptWatcher(endpoint, self._attempt_failed),
             factory,
-            retryPolicy=backoff_policy(cfg.backoff_initial, 2.0, cfg.backoff_max),
+            # read at each attempt: a connection profile may change the backoff at run time
+            retryPolicy=lambda attempt: backoff_policy(
+                self.config.backoff_initial, 2.0, self.config.backoff_max
+            )(attempt),
             clock=self.reactor,
             prepareConnection=self._session_ready,
         )
@@ -279,6 +306,12 @@ class AgentCore:
                     conn.welcome["task_server"], conn.welcome.get("task_server_status")
                 )
             self.runner.flush()
+            # the hello told the server which profile this agent runs
+            self.profile.reported = {
+                "name": (self.profile.current or {}).get("name"),
+                "version": (self.profile.current or {}).get("version"),
+            }
+            self.fetch_config("session start", conn.welcome)
             return conn
 
         def refused(f):
@@ -333,14 +366,119 @@ class AgentCore:
         )
 
     def notified(self, data: dict[str, Any]) -> None:
+        """The server says something changed: fetch it again."""
         topic = data.get("topic")
         self._log.info("server notifies {topic}", topic=topic)
-        if topic == "task_server":
+        if topic == "policies":
+            what = data.get("name") or "policies"
+            self.policies.fetch(f"the server notified a change of {what}", report_all=True)
+        elif topic == "profile":
+            self.profile.fetch("the server notified a profile change")
+        elif topic == "task_server":
             task_server = data.get("task_server")
             self.task_client.assign(
                 task_server if isinstance(task_server, dict) else None,
                 str(data.get("task_server_status") or ""),
             )
+
+    def fetch_config(self, why: str, welcome: dict[str, Any] | None = None) -> None:
+        """At session start and when HTTP mode starts: fetch profile and policies. A
+        welcome saying the server has none of one kind spares the fetch when the agent has
+        none either (a reconnect storm on a server without policies costs nothing more)."""
+        welcome = welcome or {}
+        if not (welcome.get("profile_count") == 0 and self.profile.current is None):
+            self.profile.fetch(why)
+        if not (welcome.get("policy_count") == 0 and not self.policies.policies):
+            self.policies.fetch(why)
+
+    def polling_started(self) -> None:
+        """The first poll of an HTTP-mode period was answered."""
+        self.fetch_config("HTTP mode")
+
+    # -- what policies may use ----------------------------------------------------------
+    def run_action_locally(self, name: str, args: dict[str, Any]) -> Deferred:
+        """Run one of this agent's actions for a policy (no job, no server round trip)."""
+        handler = self.handlers.get(name)
+        if handler is None:
+            raise ActionFailed(f"no action {name!r} on this agent")
+        try:
+            validator_for(handler)(args)
+        except Exception as e:
+            raise ActionFailed(f"invalid arguments for {name}: {e}") from None
+        assert self.runner is not None
+        context = ActionContext(
+            f"policy-{name}", None, self.reactor, self.state_filepath(), self.runner, local=True
+        )
+        return maybeDeferred(handler.run, context, args)
+
+    def set_agent_settings(self, settings: dict[str, Any]) -> None:
+        """Apply an agent.settings document; {} restores the defaults."""
+        interval = settings.get("flush_interval", self.defaults.flush_interval)
+        fsync = settings.get("spool_fsync", self.defaults.spool_fsync)
+        self.ledger.fsync = bool(fsync)
+        if interval != self.config.flush_interval:
+            self.config.flush_interval = float(interval)
+            if self.flush_loop is not None and self.flush_loop.running:
+                self.flush_loop.stop()
+                self.flush_loop.start(self.config.flush_interval, now=False)
+        self._log.info(
+            "agent settings: flush every {interval} s, spool fsync {fsync}",
+            interval=self.config.flush_interval,
+            fsync=self.ledger.fsync,
+        )
+
+    def start_flush_loop(self) -> None:
+        assert self.runner is not None
+        self.flush_loop = LoopingCall(self.runner.flush)
+        self.flush_loop.clock = self.reactor
+        self.flush_loop.start(self.config.flush_interval, now=True)
+
+    # -- connection profile --------------------------------------------------------------
+    def persistent_allowed(self) -> bool:
+        return not self.user_disconnected and self.profile.persistent_connections()
+
+    def set_persistent(self, on: bool, reason: str) -> None:
+        """A connection profile switches persistent connections on or off (no restart)."""
+        service = self.session_service
+        if not on:
+            if self.protocol is not None:
+                assert self.link is not None
+                self.link.session = None  # calls from here on go over HTTPS
+                self.protocol.sendClose(
+                    codes.CLOSE_BY_PROFILE, codes.CLOSE_REASONS[codes.CLOSE_BY_PROFILE]
+                )
+            if service is not None and service.running:
+                service.stopService()
+            self.task_client.stop()
+            self.mode.event("profile_http", reason)
+            self._fall_back(reason, at_once=True)
+        elif not self.user_disconnected and service is not None and not service.running:
+            self._log.info("persistent connections on again ({reason})", reason=reason)
+            service.startService()
+
+    def rebuild_connections(self, reason: str) -> None:
+        """Servers or proxy changed: new HTTPS client and a new session service."""
+        self._log.info("reconnecting: {reason}", reason=reason)
+        assert self.identity is not None and self.link is not None and self.server is not None
+        cfg = self.config
+        self.link.https = HttpsClient(
+            self.reactor, self.server, self.identity, self.proxy, bind=cfg.bind_address
+        )
+        old = self.session_service
+        parent = old.parent if old is not None else None
+        if old is not None:
+            if self.protocol is not None:
+                self.link.session = None
+                self.protocol.sendClose(codes.CLOSE_NORMAL, "connection profile changed")
+            if parent is not None:
+                old.disownServiceParent()  # stops it
+            elif old.running:
+                old.stopService()
+        new = self.make_session_service(self.identity)
+        if parent is not None:
+            new.setServiceParent(parent)  # starts it: the parent runs
+            if not self.persistent_allowed():
+                new.stopService()
 
     # -- local control (tcm-agent status / disconnect / reconnect) -----------------------
     def user_disconnect(self) -> dict[str, Any]:
@@ -362,7 +500,11 @@ class AgentCore:
         if self.user_disconnected:
             self.user_disconnected = False
             self._log.info("persistent connection allowed again (tcm-agent reconnect)")
-            if self.session_service is not None and not self.session_service.running:
+            if (
+                self.session_service is not None
+                and not self.session_service.running
+                and self.persistent_allowed()
+            ):
                 self.session_service.startService()
         return {"mode": self.mode.state, "persistent_disabled": False}
 
@@ -404,6 +546,11 @@ class AgentCore:
             "results_waiting": self.ledger.count(FINISHED),
             "jobs_running": len(self.runner.running_jobs()) if self.runner else 0,
             "mode_history": list(self.mode.history)[-5:],
+            "profile": self.profile.status(),
+            "policies": {
+                name: dict(entry, type=self.policies.policies.get(name, {}).get("type"))
+                for name, entry in sorted(self.policies.status.items())
+            },
         }
 
 
@@ -466,8 +613,14 @@ class AgentService(service.MultiService):
         core.runner.recover()
         if core.config.control_socket:
             control_service(core, core.state.dir).setServiceParent(self)
-        core.make_session_service(identity).setServiceParent(self)
-        TimerService(core.config.flush_interval, core.runner.flush).setServiceParent(self)
+        core.policies.restore()
+        session = core.make_session_service(identity)
+        session.setServiceParent(self)
+        if not core.profile.persistent_connections():
+            session.stopService()
+            core.mode.event("profile_http", "persistent connections off in the profile")
+            core._fall_back("persistent connections off in the connection profile", at_once=True)
+        core.start_flush_loop()
 
     def _failed(self, f):
         if f.check(EnrollmentError):
@@ -481,6 +634,9 @@ class AgentService(service.MultiService):
         service.Service.stopService(self)
         self.core.poller.stop()
         self.core.task_client.stop()
+        self.core.policies.stop_all()
+        if self.core.flush_loop is not None and self.core.flush_loop.running:
+            self.core.flush_loop.stop()
         return DeferredList(
             [maybeDeferred(c.stopService) for c in reversed(list(self)) if c.running]
         )

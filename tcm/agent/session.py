@@ -79,6 +79,8 @@ class AgentConnection:
                     "hostname": socket.gethostname(),
                     "platform": platform.platform(),
                     "running": self.agent.runner.running_jobs(),
+                    "policy_types": sorted(self.agent.policies.handlers),
+                    "profile": _profile_ref(self.agent.profile.current),
                 },
             )
         )
@@ -163,6 +165,12 @@ class AgentConnection:
             if timer.active():
                 timer.cancel()
             d.errback(CallFailed(f"session closed ({code} {reason or ''})"))
+
+
+def _profile_ref(profile: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not profile:
+        return None
+    return {"name": profile["name"], "version": profile["version"]}
 
 
 class AgentClientProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type: ignore[misc]

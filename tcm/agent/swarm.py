@@ -27,6 +27,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from tcm.agent.modes import DISCONNECTED, HTTP, PERSISTENT
+from tcm.agent.policies import load_policy_handlers
 from tcm.agent.runner import load_handlers
 from tcm.agent.service import AgentConfig, AgentCore, AgentService
 from tcm.process import raise_descriptor_limit
@@ -84,6 +85,7 @@ class Swarm(service.MultiService):
         self.first = first
         self.agent_options = agent_options
         self.handlers = load_handlers()
+        self.policy_handlers = load_policy_handlers()
         self.cores: list[AgentCore] = []
         self._next = 0
         self._starter: LoopingCall | None = None
@@ -134,7 +136,9 @@ class Swarm(service.MultiService):
                 bind_address=self.sources[i % len(self.sources)],
                 **self.agent_options,
             )
-            core = AgentCore(config, self.reactor, handlers=self.handlers)
+            core = AgentCore(
+                config, self.reactor, handlers=self.handlers, policy_handlers=self.policy_handlers
+            )
             self.cores.append(core)
             AgentService(core, exit_on_failure=False).setServiceParent(self)
 

@@ -146,6 +146,8 @@ def cmd_token_create(api: Api, args) -> int:
         body["ttl"] = args.ttl
     if args.uses is not None:
         body["uses"] = args.uses
+    if args.profile is not None:
+        body["profile"] = args.profile
     result = api.call("POST", "/tokens", body)
     if args.json:
         _dump(result)
@@ -206,6 +208,11 @@ def cmd_taskservers_enroll(api: Api, args) -> int:
     return 0
 
 
+def _profile_ref(profile: dict[str, Any] | None) -> str:
+    """The profile an agent reports running, as NAME vN."""
+    return f"{profile['name']} v{profile['version']}" if profile else "-"
+
+
 def cmd_agents(api: Api, args) -> int:
     agents = api.call("GET", "/agents")["agents"]
     if args.json:
@@ -218,10 +225,11 @@ def cmd_agents(api: Api, args) -> int:
             "yes" if a["online"] else "no",
             _ts(a["connected_since"]),
             _ts(a["last_seen"]),
+            _profile_ref(a.get("profile")),
         ]
         for a in agents
     ]
-    print(_table(rows, ["ID", "HOSTNAME", "ONLINE", "CONNECTED SINCE", "LAST SEEN"]))
+    print(_table(rows, ["ID", "HOSTNAME", "ONLINE", "CONNECTED SINCE", "LAST SEEN", "PROFILE"]))
     return 0
 
 
@@ -735,6 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ttl", type=float, help="seconds until it expires (default: never)")
     s.add_argument("--uses", type=int, help="how many enrollments it allows (default: any)")
     s.add_argument("--description")
+    s.add_argument("--profile", help="agents enrolling with it get this connection profile")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_token_create)
     s = toksub.add_parser("list", help="list enrollment tokens")
@@ -894,6 +903,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("id")
     s.add_argument("--raw", action="store_true", help="no agent prefix")
     s.set_defaults(func=cmd_jobs_follow)
+
+    from tcm.cli.config import add_commands
+
+    add_commands(sub)
     return p
 
 
@@ -909,4 +922,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as the importable module, not as __main__: the command modules it loads
+    # (tcm.cli.config, tcm.cli.package) raise tcm.cli.admin.CliError, which main() catches.
+    from tcm.cli.admin import main as _main
+
+    sys.exit(_main())

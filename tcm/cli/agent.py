@@ -106,6 +106,20 @@ def print_status(st: dict[str, Any]) -> None:
         )
     print(f"  Results waiting:    {st['results_waiting']}")
     print(f"  Jobs running:       {st['jobs_running']}")
+    profile = st.get("profile")
+    if profile and profile.get("name"):
+        print(f"  Connection profile: {profile['name']} v{profile['version']}")
+        if profile.get("stored_only"):
+            print(f"    stored, not applied: {', '.join(profile['stored_only'])}")
+    else:
+        print("  Connection profile: none (command-line settings)")
+    if profile and profile.get("error"):
+        print(f"    {profile['error']}")
+    for name, policy in (st.get("policies") or {}).items():
+        why = f": {policy['error']}" if policy.get("error") else ""
+        print(
+            f"  Policy {name} ({policy.get('type')}) v{policy['version']}: {policy['state']}{why}"
+        )
 
 
 def agent_info(state_dir: str) -> dict[str, Any]:

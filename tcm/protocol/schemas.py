@@ -52,6 +52,11 @@ DATA: dict[str, dict[str, Any]] = {
             "hostname": {"type": "string", "maxLength": 255},
             "platform": {"type": "string", "maxLength": 255},
             "running": {"type": "array", "items": _JOB, "maxItems": 10000},
+            "policy_types": {"type": "array", "items": _NAME, "maxItems": 1024},
+            "profile": {
+                "type": ["object", "null"],
+                "properties": {"name": _NAME, "version": {"type": "integer"}},
+            },
         },
     },
     # server -> agent, answer to hello
@@ -67,6 +72,8 @@ DATA: dict[str, dict[str, Any]] = {
             "max_in_flight": {"type": "integer", "minimum": 1},
             "server_version": {"type": "string"},
             "server_time": {"type": "number"},
+            "policy_count": {"type": "integer", "minimum": 0},
+            "profile_count": {"type": "integer", "minimum": 0},
         },
     },
     # server -> agent: run an action. The same bytes go to every target of a job.
@@ -117,6 +124,7 @@ DATA: dict[str, dict[str, Any]] = {
         "properties": {
             "topic": {"type": "string", "maxLength": 64},
             "version": {"type": ["integer", "string", "null"]},
+            "name": {"type": "string", "maxLength": 64},
         },
     },
 }
@@ -124,3 +132,33 @@ DATA: dict[str, dict[str, Any]] = {
 # Which side may send which type (for docs and for the receivers' checks).
 AGENT_SENDS = frozenset({"hello", "request", "error"})
 SERVER_SENDS = frozenset({"welcome", "action.request", "response", "error", "notify"})
+
+# Names of policies, connection profiles and policy types (also targets, by convention).
+NAME_PATTERN = r"^[a-z][a-z0-9_.-]{0,63}$"
+
+_URL = {"type": "string", "pattern": r"^(https|wss)://[^/\s]+", "maxLength": 512}
+
+# A connection profile's settings: how an agent reaches its servers. The server checks a
+# profile against this before storing it; the agent checks what it receives again.
+PROFILE_SETTINGS: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "servers": {"type": "array", "items": _URL, "minItems": 1, "maxItems": 16},
+        "gateways": {"type": "array", "items": _URL, "maxItems": 64},
+        "task_servers": {"type": "array", "items": _URL, "maxItems": 64},
+        "proxy": {
+            "type": ["string", "null"],
+            "pattern": r"^http://([^@/\s]+@)?[^:/\s]+:[0-9]{1,5}/?$",
+        },
+        "persistent_connections": {"type": "boolean"},
+        "keepalive": {"type": "number", "minimum": 5, "maximum": 3600},
+        "keepalive_timeout": {"type": "number", "minimum": 1, "maximum": 600},
+        "poll_interval": {"type": "number", "minimum": 1, "maximum": 86400},
+        "long_poll": {"type": "boolean"},
+        "backoff_initial": {"type": "number", "minimum": 0.05, "maximum": 3600},
+        "backoff_max": {"type": "number", "minimum": 0.1, "maximum": 86400},
+        "fallback_delay": {"type": "number", "minimum": 0, "maximum": 3600},
+    },
+}
+PROFILE_KEYS = tuple(PROFILE_SETTINGS["properties"])

@@ -100,6 +100,18 @@ class AdminAPI(JsonRouter):
             "DELETE", "/apitokens/{name}", self.revoke_api_token, "admin", "revoke API tokens"
         )
         self.route("GET", "/audit", self.audit)
+        self.route("GET", "/ca", self.ca)
+        self.route("GET", "/policies", self.policies)
+        self.route("POST", "/policies", self.create_policy, "admin", "create policies")
+        self.route("GET", "/policies/{name}", self.policy)
+        self.route("PUT", "/policies/{name}", self.update_policy, "admin", "change policies")
+        self.route("DELETE", "/policies/{name}", self.delete_policy, "admin", "delete policies")
+        self.route("POST", "/policies/{name}/push", self.push_policy, "policy", "push policies")
+        self.route("GET", "/profiles", self.profiles)
+        self.route("POST", "/profiles", self.create_profile, "admin", "create profiles")
+        self.route("GET", "/profiles/{name}", self.profile)
+        self.route("PUT", "/profiles/{name}", self.update_profile, "admin", "change profiles")
+        self.route("DELETE", "/profiles/{name}", self.delete_profile, "admin", "delete profiles")
 
         self.route("GET", "/taskservers", self.taskservers)
         self.route(
@@ -163,6 +175,7 @@ class AdminAPI(JsonRouter):
             "enrolled_at": row["enrolled_at"],
             "revoked": bool(row["revoked"]),
             "capabilities": [c["name"] for c in row["capabilities"] or []],
+            **self.core.agent_config.running(row["id"]),
         }
 
     @inlineCallbacks
@@ -188,14 +201,17 @@ class AdminAPI(JsonRouter):
         if uses is not None and (isinstance(uses, bool) or not isinstance(uses, int) or uses < 1):
             raise ApiError(400, "'uses' must be a positive integer")
         description = str(body.get("description", ""))
-        token = yield self.core.store.create_token(ttl, uses, description)
+        profile = body.get("profile")
+        if profile is not None and profile not in self.core.agent_config.profiles:
+            raise ApiError(400, f"no such profile: {profile!r}")
+        token = yield self.core.store.create_token(ttl, uses, description, profile)
         yield self.core.audit(
             request.who,
             "token.create",
             token.partition(".")[0],
-            {"ttl": ttl, "uses": uses, "description": description},
+            {"ttl": ttl, "uses": uses, "description": description, "profile": profile},
         )
-        return Reply({"token": token, "ttl": ttl, "uses": uses}, status=201)
+        return Reply({"token": token, "ttl": ttl, "uses": uses, "profile": profile}, status=201)
 
     @inlineCallbacks
     def tokens(self, request):
@@ -729,3 +745,101 @@ class AdminAPI(JsonRouter):
         if not 1 <= limit <= 100000:
             raise ApiError(400, "'limit' must be 1..100000")
         return {"entries": (yield self.core.store.list_audit(since, limit))}
+
+    def ca(self, request):
+        """The CA certificate agents trust (PEM), for install packages."""
+        return {"ca": self.core.ca.cert_pem.decode()}
+
+    # -- policies ------------------------------------------------------------------------
+    def policies(self, request):
+        cfg = self.core.agent_config
+        return {
+            "policies": [cfg.policy_view(p) for _, p in sorted(cfg.policies.items())],
+            "types": sorted(cfg.known_policy_types()),
+        }
+
+    @inlineCallbacks
+    def policy(self, request, name: str):
+        """A policy, with what each of its agents reports running."""
+        cfg = self.core.agent_config
+        view = cfg.policy_view(cfg.get_policy(name))
+        agents = yield cfg.members(view["targets"])
+        view["agents"] = {a: cfg.running(a)["policies"].get(name) for a in sorted(agents)}
+        return view
+
+    @inlineCallbacks
+    def create_policy(self, request):
+        view = yield self.core.agent_config.create_policy(json_object(request))
+        yield self._audit_policy(request, "policy.create", view)
+        return Reply(view, status=201)
+
+    @inlineCallbacks
+    def update_policy(self, request, name: str):
+        view = yield self.core.agent_config.update_policy(name, json_object(request))
+        yield self._audit_policy(request, "policy.update", view)
+        return view
+
+    @inlineCallbacks
+    def delete_policy(self, request, name: str):
+        result = yield self.core.agent_config.delete_policy(name)
+        yield self.core.audit(request.who, "policy.delete", name)
+        return result
+
+    def _audit_policy(self, request, action: str, view: dict[str, Any]):
+        details = {k: view[k] for k in ("type", "version", "targets", "document")}
+        return self.core.audit(request.who, action, view["name"], details)
+
+    @inlineCallbacks
+    def push_policy(self, request, name: str):
+        """PushPolicy: {"agents": {id: {"status": pushed|not connected|empty policy|failed}}}.
+        `?wait=S`: how long to wait for each connected agent's report (default 10 s)."""
+        try:
+            wait = float(request.args.get(b"wait", [b"10"])[0])
+        except ValueError:
+            raise ApiError(400, "'wait' must be a number of seconds") from None
+        if not 0 < wait <= 120:
+            raise ApiError(400, "'wait' must be 0..120 seconds")
+        policy = self.core.agent_config.get_policy(name)  # 404 before anything is written
+        # a token scoped to a target may push only to agents inside it, as for jobs
+        yield self._check_scope(
+            request, sorted((yield self.core.agent_config.members(policy["targets"])))
+        )
+        result = yield self.core.agent_config.push(name, wait)
+        statuses: dict[str, int] = {}
+        for entry in result["agents"].values():
+            statuses[entry["status"]] = statuses.get(entry["status"], 0) + 1
+        yield self.core.audit(
+            request.who, "policy.push", name, {"version": result["version"], "statuses": statuses}
+        )
+        return result
+
+    # -- connection profiles -------------------------------------------------------------
+    def profiles(self, request):
+        cfg = self.core.agent_config
+        return {"profiles": [cfg.profile_view(p) for _, p in sorted(cfg.profiles.items())]}
+
+    def profile(self, request, name: str):
+        cfg = self.core.agent_config
+        return cfg.profile_view(cfg.get_profile(name))
+
+    @inlineCallbacks
+    def create_profile(self, request):
+        view = yield self.core.agent_config.create_profile(json_object(request))
+        yield self._audit_profile(request, "profile.create", view)
+        return Reply(view, status=201)
+
+    @inlineCallbacks
+    def update_profile(self, request, name: str):
+        view = yield self.core.agent_config.update_profile(name, json_object(request))
+        yield self._audit_profile(request, "profile.update", view)
+        return view
+
+    @inlineCallbacks
+    def delete_profile(self, request, name: str):
+        result = yield self.core.agent_config.delete_profile(name)
+        yield self.core.audit(request.who, "profile.delete", name)
+        return result
+
+    def _audit_profile(self, request, action: str, view: dict[str, Any]):
+        details = {k: view[k] for k in ("version", "settings", "assignments")}
+        return self.core.audit(request.who, action, view["name"], details)

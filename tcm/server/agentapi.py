@@ -33,6 +33,10 @@ class AgentAPI(JsonRouter):
         self.route("GET", "/work", self.work)
         self.route("GET", "/settings", self.settings)
         self.route("GET", "/whoami", self.whoami)
+        self.route("GET", "/policies", self.policies)
+        self.route("POST", "/policies/status", self.policy_status)
+        self.route("GET", "/profile", self.profile)
+        self.route("POST", "/profile/status", self.profile_status)
 
     def authorize(self, request, handler) -> None:
         if handler == self.enroll:
@@ -56,13 +60,15 @@ class AgentAPI(JsonRouter):
         except ValueError as e:
             raise ApiError(400, f"bad certificate request: {e}") from None
         try:
-            yield self.core.store.consume_token(token, now)
+            token_row = yield self.core.store.consume_token_row(token, now)
         except TokenRefused as e:
             self._log.warn("enrollment refused for {host}: {why}", host=hostname, why=str(e))
             raise ApiError(403, str(e)) from None
         fingerprint = pki.fingerprint(pki.load_certificate(cert_pem))
         yield self.core.store.add_agent(agent_id, hostname, fingerprint, now)
         self.core.directory.add(agent_id, hostname)
+        if token_row.get("profile"):
+            yield self.core.agent_config.set_enrollment_profile(agent_id, token_row["profile"])
         self._log.info("agent {agent} enrolled ({host})", agent=agent_id, host=hostname)
         return Reply(
             {
@@ -124,6 +130,26 @@ class AgentAPI(JsonRouter):
             "keepalive": self.core.config.keepalive,
         }
 
+    # -- policies and connection profile -------------------------------------------------
+    @inlineCallbacks
+    def policies(self, request):
+        """The policies that apply to this agent, with their versions and documents."""
+        return {"policies": (yield self.core.agent_config.policies_for(request.agent_id))}
+
+    def policy_status(self, request):
+        """The agent reports what it runs: {"policies": {name: {version, state, ...}}}."""
+        body = json_object(request)
+        return self.core.agent_config.report_policies(request.agent_id, body.get("policies"))
+
+    @inlineCallbacks
+    def profile(self, request):
+        """The connection profile that applies to this agent (null: none)."""
+        return {"profile": (yield self.core.agent_config.profile_for(request.agent_id))}
+
+    def profile_status(self, request):
+        """The agent reports the profile it runs: {"name", "version"} (nulls: none)."""
+        return self.core.agent_config.report_profile(request.agent_id, json_object(request))
+
     def work(self, request):
         """Jobs for an agent in HTTP mode; with `?wait=S`, a long-poll held up to S seconds
         (at most the server's `long_poll` setting) and answered as soon as work is pushed."""
@@ -136,8 +162,9 @@ class AgentAPI(JsonRouter):
         wait = max(0.0, min(wait, float(core.settings["long_poll"])))
         core.agent_polled(agent_id)
         jobs = core.jobs.work_for(agent_id)
-        if jobs or wait <= 0:
-            return self._work_answer([j.request().to_dict() for j in jobs])
+        notices = core.agent_config.notices_for(agent_id)
+        if jobs or notices or wait <= 0:
+            return self._work_answer(notices + [j.request().to_dict() for j in jobs])
         waiter = core.polls.wait(agent_id, wait)
         request.notifyFinish().addErrback(lambda _: core.polls.cancel(waiter))
         return waiter.deferred.addCallback(self._work_answer)

@@ -24,6 +24,7 @@ from tcm.protocol import codes
 from tcm.protocol.envelope import Envelope
 from tcm.server.adminapi import AdminAPI
 from tcm.server.agentapi import AgentAPI
+from tcm.server.agentconfig import ConfigService
 from tcm.server.ca import CertificateAuthority, HandshakeLogger, server_tls_options
 from tcm.server.dispatcher import DirectRoute, Dispatcher
 from tcm.server.envelope_http import render_envelope
@@ -166,6 +167,9 @@ class AgentHub:
             "server_version": tcm.__version__,
             "server_time": self.core.clock.seconds(),
             **(self.task_server_for(session.agent_id) if session.channel == "core" else {}),
+            # none of either: an agent that has none need not fetch them at session start
+            "policy_count": len(self.core.agent_config.policies),
+            "profile_count": len(self.core.agent_config.profiles),
         }
 
     # -- task servers --------------------------------------------------------------------
@@ -280,6 +284,7 @@ class AgentHub:
             via=session.via,
             n=len(core.registry),
         )
+        core.agent_config.session_opened(session.agent_id, hello)
         core.jobs.session_opened(session.agent_id)
 
     def session_closed(self, session: AgentSession) -> None:
@@ -336,6 +341,9 @@ class ServerCore:
             self.clock,
             capabilities_of=self._capabilities_of,
             known_agents=self.directory.ids,
+        )
+        self.agent_config = ConfigService(
+            self.store, self.dispatcher, self.clock, self.resolve_target
         )
 
     def _make_site(self) -> Site:
@@ -549,6 +557,7 @@ class ServerCore:
         yield self.reload_nodes()
         stored = yield self.store.get_settings()
         self.settings.update(self.settings.validate(stored, ignore_unknown=True))
+        yield self.agent_config.load()
         yield self.jobs.load()
         self.jobs.start()
 

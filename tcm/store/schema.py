@@ -29,6 +29,7 @@ enrollment_tokens = sa.Table(
     sa.Column("uses_left", sa.Integer),  # NULL: unlimited
     sa.Column("used", sa.Integer, nullable=False, server_default="0"),
     sa.Column("description", sa.String(255), nullable=False, server_default=""),
+    sa.Column("profile", sa.String(64)),  # agents enrolling with it get this profile (0004)
 )
 
 jobs = sa.Table(
@@ -78,6 +79,66 @@ settings = sa.Table(
     metadata,
     sa.Column("key", sa.String(64), primary_key=True),
     sa.Column("value", sa.JSON, nullable=False),
+)
+
+# -- policies and connection profiles (migration 0004) ----------------------------------
+policies = sa.Table(
+    "policies",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("document", sa.JSON, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+policy_assignments = sa.Table(
+    "policy_assignments",
+    metadata,
+    sa.Column(
+        "policy",
+        sa.String(64),
+        sa.ForeignKey("policies.name", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("target", sa.String(64), primary_key=True),
+)
+
+profiles = sa.Table(
+    "profiles",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("settings", sa.JSON, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+profile_assignments = sa.Table(
+    "profile_assignments",
+    metadata,
+    sa.Column(
+        "profile",
+        sa.String(64),
+        sa.ForeignKey("profiles.name", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("target", sa.String(64), primary_key=True),
+    sa.Column("priority", sa.Integer, nullable=False, server_default="0"),
+)
+
+# What each agent reported it runs: its profile and each policy's version and state, and
+# the profile its enrollment token named.
+agent_config = sa.Table(
+    "agent_config",
+    metadata,
+    sa.Column("agent_id", sa.String(64), primary_key=True),
+    sa.Column("enrollment_profile", sa.String(64)),
+    sa.Column("profile", sa.String(64)),
+    sa.Column("profile_version", sa.Integer),
+    sa.Column("policies", sa.JSON, nullable=False, default=dict),
+    sa.Column("reported_at", sa.Float),
 )
 
 # -- the administrator's model (revision 0003) --------------------------------------------

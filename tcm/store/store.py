@@ -259,9 +259,14 @@ class Store:
 
     # -- enrollment tokens -----------------------------------------------------------
     def create_token(
-        self, ttl: float | None, uses: int | None, description: str = ""
+        self,
+        ttl: float | None,
+        uses: int | None,
+        description: str = "",
+        profile: str | None = None,
     ) -> Deferred[str]:
-        """A new enrollment token: returns the full token `<id>.<secret>` (shown once)."""
+        """A new enrollment token: returns the full token `<id>.<secret>` (shown once).
+        An agent enrolling with a token that names a `profile` gets that profile."""
         token_id = os.urandom(6).hex()
         secret = os.urandom(24).hex()
         now = time.time()
@@ -272,6 +277,7 @@ class Store:
             expires_at=(now + ttl) if ttl else None,
             uses_left=uses,
             description=description,
+            profile=profile,
         )
         return self.transaction(
             lambda c: c.execute(t.enrollment_tokens.insert().values(**row))
@@ -282,9 +288,14 @@ class Store:
         return self.read(lambda c: [dict(r._mapping) for r in c.execute(sa.select(*cols))])
 
     def consume_token(self, token: str, now: float) -> Deferred[str]:
-        """Use an enrollment token once. Fails with TokenRefused saying why."""
+        """Use an enrollment token once; returns its id. Fails with TokenRefused saying why."""
+        return self.consume_token_row(token, now).addCallback(lambda row: row["id"])
 
-        def op(c: Connection) -> str:
+    def consume_token_row(self, token: str, now: float) -> Deferred[dict[str, Any]]:
+        """Use an enrollment token once; returns its row (id, profile, ...) without the
+        secret. Fails with TokenRefused saying why."""
+
+        def op(c: Connection) -> dict[str, Any]:
             token_id, _, secret = token.partition(".")
             row = c.execute(
                 sa.select(t.enrollment_tokens).where(t.enrollment_tokens.c.id == token_id)
@@ -303,7 +314,9 @@ class Store:
                 .where(t.enrollment_tokens.c.id == token_id)
                 .values(**values)
             )
-            return token_id
+            out = dict(row._mapping)
+            out.pop("secret_hash", None)
+            return out
 
         return self.transaction(op)
 
@@ -598,6 +611,91 @@ class Store:
             return [(dict(j._mapping), by_job[j.id]) for j in jobs]
 
         return self.read(q)
+
+    # -- policies and connection profiles --------------------------------------------
+    def load_policies(self) -> Deferred[list[dict[str, Any]]]:
+        """Every policy with the names of its targets."""
+        return self.read(
+            lambda c: _with_children(
+                c, t.policies, t.policy_assignments, "policy", ["target"], "targets"
+            )
+        )
+
+    def save_policy(self, policy: dict[str, Any], targets: list[str]) -> Deferred[None]:
+        """Insert or replace a policy and its assignments, in one transaction."""
+        pa = t.policy_assignments
+
+        def op(c: Connection) -> None:
+            _upsert(c, t.policies, "name", policy)
+            c.execute(pa.delete().where(pa.c.policy == policy["name"]))
+            if targets:
+                c.execute(pa.insert(), [{"policy": policy["name"], "target": x} for x in targets])
+
+        return self.transaction(op)
+
+    def delete_policy(self, name: str) -> Deferred[None]:
+        def op(c: Connection) -> None:
+            c.execute(t.policy_assignments.delete().where(t.policy_assignments.c.policy == name))
+            c.execute(t.policies.delete().where(t.policies.c.name == name))
+
+        return self.transaction(op)
+
+    def load_profiles(self) -> Deferred[list[dict[str, Any]]]:
+        """Every connection profile with its assignments ({target, priority})."""
+        return self.read(
+            lambda c: _with_children(
+                c,
+                t.profiles,
+                t.profile_assignments,
+                "profile",
+                ["target", "priority"],
+                "assignments",
+            )
+        )
+
+    def save_profile(
+        self, profile: dict[str, Any], assignments: list[dict[str, Any]]
+    ) -> Deferred[None]:
+        pa = t.profile_assignments
+
+        def op(c: Connection) -> None:
+            _upsert(c, t.profiles, "name", profile)
+            c.execute(pa.delete().where(pa.c.profile == profile["name"]))
+            if assignments:
+                c.execute(
+                    pa.insert(),
+                    [
+                        {
+                            "profile": profile["name"],
+                            "target": a["target"],
+                            "priority": a["priority"],
+                        }
+                        for a in assignments
+                    ],
+                )
+
+        return self.transaction(op)
+
+    def delete_profile(self, name: str) -> Deferred[None]:
+        def op(c: Connection) -> None:
+            c.execute(t.profile_assignments.delete().where(t.profile_assignments.c.profile == name))
+            c.execute(t.profiles.delete().where(t.profiles.c.name == name))
+
+        return self.transaction(op)
+
+    def load_agent_config(self) -> Deferred[list[dict[str, Any]]]:
+        return self.read(lambda c: [dict(r._mapping) for r in c.execute(sa.select(t.agent_config))])
+
+    def set_agent_config(self, agent_id: str, **values: Any) -> Deferred[None]:
+        """Set columns of an agent's agent_config row (made when missing)."""
+
+        def op(c: Connection) -> None:
+            ac = t.agent_config
+            updated = c.execute(ac.update().where(ac.c.agent_id == agent_id).values(**values))
+            if updated.rowcount == 0:
+                c.execute(ac.insert().values(agent_id=agent_id, **{"policies": {}, **values}))
+
+        return self.writes.submit(op)
 
     # -- targets -----------------------------------------------------------------------
     def create_target(self, row: dict[str, Any]) -> Deferred[None]:
@@ -929,3 +1027,29 @@ class Store:
             return sorted(r.agent_id for r in c.execute(sel))
 
         return self.read(q)
+
+
+def _upsert(c: Connection, table: sa.Table, key: str, row: dict[str, Any]) -> None:
+    updated = c.execute(table.update().where(table.c[key] == row[key]).values(**row))
+    if updated.rowcount == 0:
+        c.execute(table.insert().values(**row))
+
+
+def _with_children(
+    c: Connection,
+    parent: sa.Table,
+    child: sa.Table,
+    fk: str,
+    columns: list[str],
+    field: str,
+) -> list[dict[str, Any]]:
+    """Rows of `parent`, each with a list of its `child` rows (only `columns`) in `field`."""
+    out = {r.name: {**dict(r._mapping), field: []} for r in c.execute(sa.select(parent))}
+    for r in c.execute(sa.select(child).order_by(*[child.c[n] for n in columns])):
+        row = out.get(r._mapping[fk])
+        if row is not None:
+            values = [r._mapping[n] for n in columns]
+            row[field].append(
+                values[0] if len(columns) == 1 else dict(zip(columns, values, strict=True))
+            )
+    return list(out.values())

@@ -1,0 +1,202 @@
+"""The agent's connection profile: how it reaches its server, changed without a restart.
+
+The profile in force is kept in `profile.json` in the state directory (an install package
+puts its profile there too), so it holds from the first connection of the next start. A
+profile's settings override the agent's command-line settings; a setting the profile does
+not name keeps the command-line value.
+
+Applied at run time:
+    servers                 the first is the server; a change reconnects (HTTPS and session)
+    proxy                   a change reconnects through the new proxy (null: direct)
+    persistent_connections  off: the session is closed (4011) and the agent works over HTTPS;
+                            on: the session service starts again
+    keepalive               the live session pings at the new interval from its next ping
+    keepalive_timeout, backoff_initial, backoff_max, fallback_delay
+                            from the next connection attempt / fallback on
+    poll_interval, long_poll  from the next poll
+Stored and shown, not acted on yet (the agent has no mechanism for them): gateways,
+task_servers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import fastjsonschema
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from tcm import pki
+from tcm.agent.proxy import HTTPProxy
+from tcm.protocol.schemas import PROFILE_SETTINGS
+
+STORED_ONLY = ("gateways", "task_servers")
+APPLIED = tuple(k for k in PROFILE_SETTINGS["properties"] if k not in STORED_ONLY)
+_validate = fastjsonschema.compile(PROFILE_SETTINGS)
+
+
+class ProfileKeeper:
+    """The profile in force on one agent."""
+
+    _log = Logger()
+
+    def __init__(self, core: Any):
+        self.core = core
+        self.path = os.path.join(core.state.dir, "profile.json")
+        self.current: dict[str, Any] | None = None  # {name, version, settings}
+        self.last_error: str | None = None
+        self.fetches = 0
+        self.reported: dict[str, Any] | None = None  # what the server acknowledged last
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return (self.current or {}).get("settings") or {}
+
+    def persistent_connections(self) -> bool:
+        return bool(self.settings.get("persistent_connections", True))
+
+    def restore(self) -> None:
+        """At start, before the first connection: the stored profile's settings."""
+        try:
+            with open(self.path, "rb") as f:
+                stored = json.load(f)
+        except FileNotFoundError:
+            return
+        except ValueError as e:
+            self._log.warn("ignoring unreadable {path}: {e}", path=self.path, e=e)
+            return
+        if not self._valid(stored):
+            return
+        self.current = stored
+        self._configure(live=False)
+        self._log.info(
+            "connection profile {name} v{version} (stored)",
+            name=stored.get("name"),
+            version=stored.get("version"),
+        )
+
+    def _valid(self, profile: Any) -> bool:
+        if profile is None:
+            return True
+        try:
+            if not isinstance(profile, dict) or not isinstance(profile.get("name"), str):
+                raise ValueError("a profile needs a name")
+            _validate(profile.get("settings") or {})
+        except (ValueError, fastjsonschema.JsonSchemaValueException) as e:
+            self.last_error = f"profile refused: {getattr(e, 'message', e)}"
+            self._log.warn("{why}", why=self.last_error)
+            return False
+        return True
+
+    def fetch(self, why: str) -> Deferred:
+        self.fetches += 1
+        d = self.core.link.call("GET", "/agent/v1/profile")
+
+        def got(response: Any) -> Any:
+            if response.status != 200:
+                raise RuntimeError(f"profile answered {response.status}: {response.body}")
+            self.apply((response.body or {}).get("profile"), why)
+            running = {
+                "name": (self.current or {}).get("name"),
+                "version": (self.current or {}).get("version"),
+            }
+            if running == self.reported:
+                return None  # the server knows (this process told it, or the hello did)
+            d = self.core.link.call("POST", "/agent/v1/profile/status", running)
+
+            def acknowledged(response: Any) -> None:
+                if response.status == 200:
+                    self.reported = running
+
+            return d.addCallback(acknowledged)
+
+        d.addCallback(got)
+        d.addErrback(
+            lambda f: self._log.warn("profile fetch failed: {why}", why=f.getErrorMessage())
+        )
+        return d
+
+    def apply(self, profile: dict[str, Any] | None, why: str = "") -> None:
+        """Put a profile (None: no profile) in force now, without a restart."""
+        if not self._valid(profile):
+            return
+        old = self.current
+        same = (old or {}).get("name") == (profile or {}).get("name") and (old or {}).get(
+            "version"
+        ) == (profile or {}).get("version")
+        if same:
+            return
+        self.current = profile
+        self.last_error = None
+        if profile is None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        else:
+            pki.write_public(self.path, json.dumps(profile, indent=1).encode())
+        if profile is None:
+            self._log.info("no connection profile: command-line settings ({why})", why=why)
+        else:
+            self._log.info(
+                "connection profile {name} v{version} in force ({why})",
+                name=profile.get("name"),
+                version=profile.get("version"),
+                why=why,
+            )
+        self._configure(live=True)
+
+    def _configure(self, live: bool) -> None:
+        """Set the agent's connection settings from the profile (defaults where unnamed)."""
+        core = self.core
+        s = self.settings
+        d = core.defaults
+        cfg = core.config
+        server = s["servers"][0] if s.get("servers") else (d.server or core.state.meta()["server"])
+        proxy_text = s["proxy"] if "proxy" in s else d.proxy
+        reconnect = []
+        if server != core.server:
+            reconnect.append(f"server {core.server} -> {server}")
+            core.server = server
+        if (proxy_text or None) != (str(core.proxy) if core.proxy is not None else None):
+            core.proxy = HTTPProxy.parse(proxy_text) if proxy_text else None
+            reconnect.append(f"proxy {proxy_text or 'none'}")
+        cfg.keepalive = s.get("keepalive", d.keepalive)
+        cfg.keepalive_timeout = s.get("keepalive_timeout", d.keepalive_timeout)
+        cfg.backoff_initial = s.get("backoff_initial", d.backoff_initial)
+        cfg.backoff_max = s.get("backoff_max", d.backoff_max)
+        cfg.fallback_delay = s.get("fallback_delay", d.fallback_delay)
+        core.poller.profile_poll_interval = s.get("poll_interval")
+        if s.get("poll_interval"):
+            core.poller.poll_interval = float(s["poll_interval"])
+        core.poller.use_long_poll = s.get("long_poll", d.long_poll)
+        if not live:
+            return
+        if cfg.keepalive is not None and core.protocol is not None:
+            core._adopt_keepalive(core.protocol, cfg.keepalive)
+        if reconnect and core.session_service is not None:
+            core.rebuild_connections("; ".join(reconnect))
+        on = self.persistent_connections()
+        if not on and (core.protocol is not None or _running(core.session_service)):
+            core.set_persistent(False, "persistent connections off in the connection profile")
+        elif on and not _running(core.session_service):
+            core.set_persistent(True, "persistent connections on in the connection profile")
+
+    def status(self) -> dict[str, Any] | None:
+        if self.current is None:
+            return None if self.last_error is None else {"error": self.last_error}
+        s = self.settings
+        return {
+            "name": self.current.get("name"),
+            "version": self.current.get("version"),
+            "settings": s,
+            "applied": sorted(k for k in s if k in APPLIED),
+            "stored_only": sorted(k for k in s if k in STORED_ONLY),
+            "error": self.last_error,
+        }
+
+
+def _running(service: Any) -> bool:
+    return service is not None and bool(service.running)
