@@ -191,7 +191,12 @@ class AgentClientProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type:
 
     def onOpen(self):
         assert self.connection is not None
-        self.connection.start()
+        try:
+            self.connection.start()
+        except Exception:
+            # Autobahn would swallow it and leave the session waiting for a welcome forever.
+            self._log.failure("could not start the session")
+            self.sendClose(codes.CLOSE_NORMAL, "agent failed to start the session")
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.connection is not None and not isBinary:

@@ -49,6 +49,14 @@ class TaskClient:
     def capabilities(self) -> list[dict[str, Any]]:
         return self.core.capabilities()
 
+    @property
+    def policies(self) -> Any:
+        return self.core.policies
+
+    @property
+    def profile(self) -> Any:
+        return self.core.profile
+
     def notified(self, data: dict[str, Any]) -> None:
         self.core.notified(data)
 
