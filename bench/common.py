@@ -68,9 +68,14 @@ class SwarmProcs:
         self.procs: list[subprocess.Popen] = []
 
     def start(self) -> None:
+        # As few processes as the descriptor limit allows, with the agents spread evenly over
+        # them: 10,000 as 2 x 5,000 rather than 9,000 + 1,000, so that neither process is the
+        # one every other waits for.
+        processes = -(-self.count // PER_SWARM)
+        per = -(-self.count // processes) if processes else 0
         first = 0
         while first < self.count:
-            n = min(PER_SWARM, self.count - first)
+            n = min(per, self.count - first)
             log = open(os.path.join(self.base, f"swarm-{first}.log"), "ab")
             self.procs.append(
                 subprocess.Popen(
