@@ -64,6 +64,46 @@ def dump(core) -> None:
         print("  one is referred to by", type(referrer).__name__, repr(referrer)[:100])
 
 
+class GcClock:
+    """Time spent in the garbage collector, per generation (gc.callbacks)."""
+
+    def __init__(self) -> None:
+        self.seconds = [0.0, 0.0, 0.0]
+        self.runs = [0, 0, 0]
+        self._t0 = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.seconds[info["generation"]] += time.perf_counter() - self._t0
+            self.runs[info["generation"]] += 1
+
+
+async def push_round(server, n: int, round_: int) -> None:
+    """A ping job to every agent, with the garbage collector's share of the server's time."""
+    clock = GcClock()
+    gc.callbacks.append(clock)
+    cpu0 = time.process_time()
+    t0 = time.monotonic()
+    try:
+        reply = await server.admin("POST", "/api/v1/jobs", {"action": "ping", "targets": "all"})
+        job = reply.body["job"]
+        while time.monotonic() - t0 < 120:
+            status = await server.admin("GET", f"/api/v1/jobs/{job}?results=false")
+            if status.body["counts"]["completed"] >= n:
+                break
+            await sleep(0.2)
+    finally:
+        gc.callbacks.remove(clock)
+    cpu = time.process_time() - cpu0
+    gcs = ", ".join(f"gen{g}: {clock.seconds[g]:.2f} s in {clock.runs[g]} runs" for g in range(3))
+    print(
+        f"job {round_}: {n} results in {time.monotonic() - t0:.2f} s, server CPU {cpu:.2f} s, "
+        f"garbage collector {sum(clock.seconds):.2f} s ({gcs})"
+    )
+
+
 def sleep(seconds: float):
     return deferLater(reactor, seconds, lambda: None)
 
@@ -165,6 +205,13 @@ async def run(args: argparse.Namespace) -> None:
                     print("     ", line)
         if args.dump:
             dump(core)
+        for round_ in range(args.jobs):
+            if args.freeze:
+                gc.collect()
+                gc.freeze()
+            await push_round(server, n, round_)
+            if args.freeze:
+                gc.unfreeze()
     finally:
         if swarm is not None and swarm.poll() is None:
             swarm.send_signal(signal.SIGTERM)
@@ -180,6 +227,13 @@ def main() -> int:
     p.add_argument("--count", type=int, default=2000)
     p.add_argument("--tracemalloc", action="store_true")
     p.add_argument("--dump", action="store_true", help="print one session's objects")
+    p.add_argument("--jobs", type=int, default=0, help="ping jobs to all, timing the GC")
+    p.add_argument(
+        "--freeze",
+        action="store_true",
+        help="gc.freeze() before each job (the server also "
+        "settles its heap by itself: tcm/server/heap.py)",
+    )
     p.add_argument("--trim", action="store_true", help="also RSS after glibc malloc_trim(0)")
     p.add_argument("--frames", type=int, default=1, help="traceback depth for --tracemalloc")
     p.add_argument("--top", type=int, default=40)

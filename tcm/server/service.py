@@ -27,6 +27,7 @@ from tcm.server.agentapi import AgentAPI
 from tcm.server.ca import CertificateAuthority, HandshakeLogger, server_tls_options
 from tcm.server.dispatcher import DirectRoute, Dispatcher
 from tcm.server.envelope_http import render_envelope
+from tcm.server.heap import HeapSettler
 from tcm.server.jobservice import JobService
 from tcm.server.polls import PollRegistry
 from tcm.server.sessions import AgentSession, SessionRegistry
@@ -479,4 +480,6 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     listener = StreamServerEndpointService(endpoint, HandshakeLogger(core.site))
     listener.setServiceParent(top)
     TimerService(config.keepalive, core.sweep_silent_sessions).setServiceParent(top)
+    # tcm/server/heap.py: full garbage collections kept off long-lived objects (sessions)
+    HeapSettler(lambda: len(core.registry)).setServiceParent(top)
     return top
