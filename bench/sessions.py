@@ -18,13 +18,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import BenchServer, SwarmProcs, cpu_percent, emit  # noqa: E402
+from common import BenchServer, SwarmProcs, cpu_percent, emit, swarm_state_dir  # noqa: E402
 
 
 def measure(n: int, idle: float, work: str) -> dict:
     base = os.path.join(work, f"n{n}")
     os.makedirs(base, exist_ok=True)
-    enrolled = os.path.isdir(os.path.join(base, "swarm"))
+    swarm_dir = swarm_state_dir(base)
+    enrolled = os.path.exists(os.path.join(swarm_dir, "agent-000000", "cert.pem"))
     server = BenchServer(base)
     server.start()
     swarm = SwarmProcs(base, server, n, server.token(uses=n + 10), extra=["--backoff-max", "5"])

@@ -11,6 +11,7 @@ Usage: .venv/bin/python bench/storm.py [--counts 10000] [--kill] [--work DIR]
 from __future__ import annotations
 
 import argparse
+import datetime
 import glob
 import json
 import os
@@ -58,6 +59,22 @@ class Sampler(threading.Thread):
                 time.sleep(0.1)
 
 
+def sessions_opened(log_path: str, offset: int) -> list[float]:
+    """Epoch times of the sessions the server opened, from its log after byte `offset`.
+
+    The server's own record, second resolution: during a storm an admin API call waits in
+    the same accept queue as ten thousand agents (up to 47 s here), so /status sees the
+    sessions late."""
+    times = []
+    with open(log_path, "rb") as f:
+        f.seek(offset)
+        for line in f:
+            if b"] agent " in line and b" session open via " in line:
+                stamp = line[:24].decode()  # 2026-11-27T08:08:26+0000
+                times.append(datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S%z").timestamp())
+    return times
+
+
 def measure(n: int, kill: bool, work: str) -> dict:
     base = os.path.join(work, f"n{n}")
     os.makedirs(base, exist_ok=True)
@@ -69,7 +86,9 @@ def measure(n: int, kill: bool, work: str) -> dict:
         server.wait_sessions(n, timeout=max(600, n / 10))
         time.sleep(3)
         attempts_before = swarm_attempts(swarm.state_dir)
+        log_offset = os.path.getsize(server.log_path)
         t0 = time.monotonic()
+        t0_epoch = time.time()
         if kill:
             server.kill()
         else:
@@ -90,6 +109,13 @@ def measure(n: int, kill: bool, work: str) -> dict:
                 break
             time.sleep(0.25)
         sampler.running = False
+        opened = sorted(sessions_opened(server.log_path, log_offset))
+        # the log's stamps are whole seconds: a mark is late by up to 1 s, never early
+        logged = {
+            name: round(opened[int(frac * n) - 1] + 1 - t0_epoch, 1)
+            for name, frac in (("50", 0.5), ("99", 0.99), ("100", 1.0))
+            if len(opened) >= int(frac * n)
+        }
         job = run_job(server.api(), {"action": "ping", "targets": "all"}, n, 120)
         attempts = swarm_attempts(swarm.state_dir) - attempts_before
     finally:
@@ -99,9 +125,12 @@ def measure(n: int, kill: bool, work: str) -> dict:
         "agents": n,
         "restart": "SIGKILL" if kill else "SIGTERM",
         "server_down_s": round(down_s, 2),
-        "back_50pct_s": marks.get("50"),
-        "back_99pct_s": marks.get("99"),
-        "back_100pct_s": marks.get("100"),
+        "back_50pct_s": logged.get("50"),
+        "back_99pct_s": logged.get("99"),
+        "back_100pct_s": logged.get("100"),
+        "api_saw_50pct_s": marks.get("50"),
+        "api_saw_99pct_s": marks.get("99"),
+        "api_saw_100pct_s": marks.get("100"),
         "failed_attempts": attempts,
         "peak_cpu_pct": sampler.peak_cpu,
         "peak_rss_mb": round(sampler.peak_rss / 2**20, 1),
@@ -125,12 +154,16 @@ def main() -> int:
             ("back_50pct_s", "50% s"),
             ("back_99pct_s", "99% s"),
             ("back_100pct_s", "100% s"),
+            ("api_saw_99pct_s", "99% via API s"),
             ("failed_attempts", "failed attempts"),
             ("peak_cpu_pct", "peak CPU %"),
             ("peak_rss_mb", "peak RSS MB"),
             ("job_after.succeeded", "job ok after"),
         ],
-        notes=["times from the stop signal; the server starts again at once on the same port"],
+        notes=[
+            "times from the stop signal; the server starts again at once on the same port;",
+            "back: sessions opened per the server's log; via API: when /status showed them",
+        ],
     )
     return 0
 

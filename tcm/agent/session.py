@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.websocket.types import ConnectingRequest
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
@@ -184,6 +185,24 @@ class AgentClientProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type:
         self.connection = AgentConnection(agent, self._send_frame, self._close, agent.clock)
         self.connection.protocol = self
         super().connectionMade()
+
+    def startHandshake(self) -> None:
+        """Send the opening handshake, as Autobahn's own does when onConnecting is not
+        overridden (tcm's is not), without its debug line: Autobahn pformat()s every
+        connection's transport details for it, shown or not, a tenth of a swarm's CPU when
+        thousands of agents reconnect at once."""
+        factory = self.factory
+        self._actuallyStartHandshake(
+            ConnectingRequest(
+                host=factory.host,
+                port=factory.port,
+                resource=factory.resource,
+                headers=factory.headers,
+                useragent=factory.useragent,
+                origin=factory.origin,
+                protocols=factory.protocols,
+            )
+        )
 
     def onConnect(self, response):
         if response.protocol != codes.SUBPROTOCOL:

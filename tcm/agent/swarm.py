@@ -15,6 +15,7 @@ several swarm processes.
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import json
 import os
@@ -92,6 +93,7 @@ class Swarm(service.MultiService):
         self._reporter = LoopingCall(self.report)
         self._reporter.clock = reactor
         self.started_at = 0.0
+        self.gc_frozen = False
 
     def member_dir(self, i: int) -> str:
         return os.path.join(self.state_dir, f"agent-{self.first + i:06d}")
@@ -164,6 +166,7 @@ class Swarm(service.MultiService):
 
     def report(self) -> None:
         counts = self.counts()
+        self._tune_gc(counts)
         path = os.path.join(self.state_dir, f"swarm-{self.first}.json")
         with open(path + ".tmp", "w") as f:
             json.dump(counts, f)
@@ -173,6 +176,24 @@ class Swarm(service.MultiService):
             "{disconnected} disconnected, {completed} jobs done",
             **counts,
         )
+
+    def _tune_gc(self, counts: dict[str, Any]) -> None:
+        """Keep Python's full garbage collections off the swarm's settled agents.
+
+        One swarm process holds thousands of agents' objects, which a real agent process
+        never does: each full collection walks millions of objects (and a push or a reconnect
+        storm triggers several, seconds of one core that no real agent would spend). Once
+        every agent has its session, they are moved out of the collector's sight
+        (gc.freeze); as soon as one loses it, they are given back (gc.unfreeze), so that what
+        the lost sessions leave behind is collected as usual."""
+        settled = counts["started"] == self.count and counts["persistent"] == self.count
+        if settled and not self.gc_frozen:
+            gc.collect()
+            gc.freeze()
+            self.gc_frozen = True
+        elif not settled and self.gc_frozen:
+            gc.unfreeze()
+            self.gc_frozen = False
 
     def stopService(self):
         for loop in (self._starter, self._reporter):

@@ -48,6 +48,7 @@ __all__ = [
     "CertificateAuthority",
     "CertificateError",
     "HandshakeLogger",
+    "release_handshake_buffers",
     "server_tls_options",
 ]
 
@@ -461,6 +462,52 @@ def _load_all(pem: bytes, what: str) -> list[x509.Certificate]:
     if not certificates:
         raise CertificateError(f"no certificate in {what}")
     return certificates
+
+
+# -- memory of idle connections -----------------------------------------------------------
+
+try:  # pyOpenSSL's OpenSSL binding: not public API, so used only if it has what is needed
+    from OpenSSL._util import ffi as _ffi
+    from OpenSSL._util import lib as _lib
+
+    _HAVE_BIO = all(
+        hasattr(_lib, name) for name in ("BIO_new", "BIO_s_mem", "BIO_get_mem_data", "SSL_set_bio")
+    )
+except ImportError:  # pragma: no cover - a pyOpenSSL without it: nothing is released
+    _HAVE_BIO = False
+
+
+def release_handshake_buffers(connection: object) -> bool:
+    """Give an established TLS connection fresh, empty memory BIOs.
+
+    Twisted runs OpenSSL over two memory BIOs per connection; each keeps the capacity of the
+    largest chunk it ever held (the handshake: certificates, key shares with ML-KEM's
+    kilobyte-sized keys), about 5 KB per connection that an idle session never uses again.
+    OpenSSL has no call to shrink them, but it frees the old ones when it is given new ones.
+    Done only when both are empty (nothing received and not yet decrypted, nothing
+    encrypted and not yet sent), so no byte is lost; True if it was done.
+    """
+    if not _HAVE_BIO or not isinstance(connection, SSL.Connection):
+        return False
+    ssl_ptr = getattr(connection, "_ssl", None)
+    into = getattr(connection, "_into_ssl", None)
+    out = getattr(connection, "_from_ssl", None)
+    if ssl_ptr is None or into is None or out is None:  # a socket BIO, or another pyOpenSSL
+        return False
+    pending = _ffi.new("char **")
+    if _lib.BIO_get_mem_data(into, pending) != 0 or _lib.BIO_get_mem_data(out, pending) != 0:
+        return False
+    new_into = _lib.BIO_new(_lib.BIO_s_mem())
+    new_out = _lib.BIO_new(_lib.BIO_s_mem())
+    if new_into == _ffi.NULL or new_out == _ffi.NULL:  # out of memory: keep the old ones
+        for bio in (new_into, new_out):
+            if bio != _ffi.NULL:
+                _lib.BIO_free(bio)
+        return False
+    _lib.SSL_set_bio(ssl_ptr, new_into, new_out)  # frees the old pair
+    connection._into_ssl = new_into  # type: ignore[attr-defined]
+    connection._from_ssl = new_out  # type: ignore[attr-defined]
+    return True
 
 
 # -- handshake failures ------------------------------------------------------------------

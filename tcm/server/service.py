@@ -28,6 +28,7 @@ from tcm.server.agentconfig import ConfigService
 from tcm.server.ca import CertificateAuthority, HandshakeLogger, server_tls_options
 from tcm.server.dispatcher import DirectRoute, Dispatcher
 from tcm.server.envelope_http import render_envelope
+from tcm.server.heap import HeapSettler
 from tcm.server.jobservice import JobService
 from tcm.server.links import NodeLinkFactory
 from tcm.server.nodeapi import NodeAPI
@@ -682,4 +683,6 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     listener = StreamServerEndpointService(endpoint, HandshakeLogger(core.site))
     listener.setServiceParent(top)
     TimerService(config.keepalive, core.sweep_silent_sessions).setServiceParent(top)
+    # tcm/server/heap.py: full garbage collections kept off long-lived objects (sessions)
+    HeapSettler(lambda: len(core.registry)).setServiceParent(top)
     return top

@@ -69,6 +69,26 @@ class AgentSession:
     """One agent's persistent session, from hello to close."""
 
     _log = Logger()
+    # One of these per connected agent, tens of thousands per process: no instance dict,
+    # and the message handlers looked up by name on the class, not bound per session.
+    __slots__ = (
+        "agent_id",
+        "route",
+        "transport",
+        "hub",
+        "via",
+        "max_message_size",
+        "id",
+        "state",
+        "connected_at",
+        "last_rx",
+        "capabilities",
+        "hostname",
+        "in_flight",
+        "info",
+        "tls",
+    )
+    _HANDLERS = {"hello": "_on_hello", "request": "_on_request", "error": "_on_error"}
 
     def __init__(
         self,
@@ -96,11 +116,6 @@ class AgentSession:
         self.info: dict[str, Any] = {}
         self.channel = "core"  # or "task": a task-client session, carried by a task server
         self.tls: dict[str, Any] | None = None
-        self._handlers: dict[str, Callable[[Envelope], None]] = {
-            "hello": self._on_hello,
-            "request": self._on_request,
-            "error": self._on_error,
-        }
 
     # -- input -------------------------------------------------------------------------
     def frame_received(self, payload: bytes, now: float) -> None:
@@ -123,10 +138,11 @@ class AgentSession:
             self.send(env.error_reply(codes.ERR_UNEXPECTED, "first message must be hello"))
             self.close(codes.CLOSE_PROTOCOL_ERROR, "first message must be hello")
             return
-        handler = self._handlers.get(env.type)
-        if handler is None:
+        name = self._HANDLERS.get(env.type)
+        if name is None:
             self.send(env.error_reply(codes.ERR_UNEXPECTED, f"agents may not send {env.type!r}"))
             return
+        handler: Callable[[Envelope], None] = getattr(self, name)
         try:
             handler(env)
         except Exception:
