@@ -87,6 +87,7 @@ class AgentSession:
         "in_flight",
         "info",
         "tls",
+        "channel",
     )
     _HANDLERS = {"hello": "_on_hello", "request": "_on_request", "error": "_on_error"}
 
