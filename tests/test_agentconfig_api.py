@@ -239,3 +239,37 @@ async def test_fetches_share_target_resolutions_but_see_their_own_session(inproc
     theirs = await server.agent_https("GET", "/agent/v1/policies", identity=c)
     assert theirs.body == {"policies": []} and len(resolved) == 4
     await gatherResults([a_client.shut(), b_client.shut()])
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_agent_running_a_deleted_profile_is_told_even_outside_its_target(inproc_server):  # noqa: F811
+    server = inproc_server
+    client, _, identity = await server.session()
+    other = await server.enroll_identity()
+    await target_of(server, "one", [identity.agent_id])
+    reply = await server.admin(
+        "POST", "/api/v1/profiles", {"name": "p", "settings": {"keepalive": 30}, "targets": ["one"]}
+    )
+    assert reply.status == 201
+    await client.wait_message(
+        lambda m: m.get("type") == "notify" and m["data"]["topic"] == "profile"
+    )
+    sent = await client.request("POST", "/agent/v1/profile/status", {"name": "p", "version": 1})
+    assert sent["data"]["body"] == {"stored": True}
+    # the agent leaves the profile's targets (told, as its profile changed) ...
+    await target_of(server, "two", [other.agent_id])
+    reply = await server.admin("PUT", "/api/v1/profiles/p", {"targets": ["two"]})
+    assert reply.status == 200, reply
+    await client.wait_message(
+        lambda m: m.get("type") == "notify" and m["data"]["topic"] == "profile"
+    )
+    # ... but has not fetched since, and still says it runs p
+    # ... then the profile is deleted: it still runs it, so it is told
+    client.messages.clear()
+    reply = await server.admin("DELETE", "/api/v1/profiles/p")
+    assert reply.status == 200, reply
+    note = await client.wait_message(
+        lambda m: m.get("type") == "notify" and m["data"]["topic"] == "profile"
+    )
+    assert note["data"]["topic"] == "profile"
+    await client.shut()

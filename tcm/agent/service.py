@@ -449,7 +449,7 @@ class AgentCore:
                 )
             if service is not None and service.running:
                 service.stopService()
-            self.task_client.stop()
+            self.task_client.assign(None, reason)  # the next welcome assigns one again
             self.mode.event("profile_http", reason)
             self._fall_back(reason, at_once=True)
         elif not self.user_disconnected and service is not None and not service.running:
@@ -491,7 +491,7 @@ class AgentCore:
                 )
             if self.session_service is not None and self.session_service.running:
                 self.session_service.stopService()
-            self.task_client.stop()
+            self.task_client.assign(None, "terminated by tcm-agent disconnect")
             self.mode.event("user_disconnect", "terminated by tcm-agent disconnect")
             self._fall_back("persistent connection terminated on the agent", at_once=True)
         return {"mode": self.mode.state, "persistent_disabled": True}

@@ -538,6 +538,10 @@ class ConfigService:
             for a in set(before) | set(after)
             if before.get(a) != after.get(a) or after.get(a) in changed
         }
+        # ... and every agent that says it runs a changed profile, member or not now: an
+        # agent that left the profile's target meanwhile (a filter on a field that the
+        # profile itself changes, such as `online`) must not keep a deleted profile.
+        agents |= {a for a, row in self.agents.items() if row.get("profile") in changed}
         self.notify(agents, "profile", None, None)
 
     @inlineCallbacks
