@@ -361,3 +361,55 @@ def test_bad_task_server_registrations_and_enrollments(stack):
     Process.start(again)
     assert again.proc is not None and again.proc.wait(30) == 1
     assert "no enrollment pending for node 'ts1'" in again.log()
+
+
+def test_server_killed_mid_task_with_a_task_server_loses_nothing(stack):
+    base, add = stack
+    server = add(Server(str(base)))
+    server.start()
+    ts = add(TaskServerProc(str(base), "ts1", server))
+    ts.start()
+    agents = _agents(base, server, 2, add)
+    _wait_task_sessions(agents)
+    gate = base / "go"
+    script = f'echo started; while [ ! -e "{gate}" ]; do sleep 0.05; done; echo finished'
+    job_id = json.loads(
+        server.cli(
+            "run",
+            "command.run",
+            "--args-json",
+            json.dumps({"argv": ["sh", "-c", script]}),
+            "--targets",
+            "all",
+            "--json",
+        )
+    )["job"]
+    wait_until(lambda: server.job(job_id)["counts"]["running"] == 2, 30, 0.1, "both running")
+    server.kill()  # the management server dies; the task server and the agents stay
+    gate.write_text("go")  # the tasks finish while it is down: results wait in the spools
+    for a in agents:
+        wait_until(
+            lambda a=a: (a.ledger().get(job_id) or {}).get("state") == "finished",
+            30,
+            0.1,
+            f"{a.name} finished the task",
+        )
+    server.start()
+    # the link comes back, the agents get their task sessions again, the results are stored
+    for a in agents:
+        wait_until(lambda a=a: a.count(TASK_OPEN) >= 2, 60, 0.1, f"{a.name} task session again")
+    result = wait_until(
+        lambda: (lambda j: j if j["counts"]["completed"] == 2 else None)(server.job(job_id)),
+        60,
+        0.2,
+        "both results stored",
+    )
+    assert result["counts"]["succeeded"] == 2
+    assert all(r["result"]["stdout"] == "started\nfinished\n" for r in result["results"])
+    for a in agents:
+        assert a.ledger().get(job_id) is None or a.ledger()[job_id]["state"] == "acked"
+    job = _run(
+        server, "command.run", "--arg", 'argv=["echo","after"]', "--targets", "all", "--wait"
+    )
+    assert job["counts"]["succeeded"] == 2
+    assert _taskservers(server)["ts1"]["state"] == "up"
