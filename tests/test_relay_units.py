@@ -124,11 +124,25 @@ def test_unknown_policy_is_refused():
 class Hub:
     max_in_flight = 4
     link_keepalive = 25.0
+    server_name = "s1"
 
     def __init__(self) -> None:
         self.opened: list[Any] = []
         self.closed: list[Any] = []
         self.known = {"a-1", "a-2", "a-3"}
+        self.revoked: list[str] = []
+        self.persistent = True
+
+    def revoked_agents(self) -> list[str]:
+        return list(self.revoked)
+
+    def core_sessions_allowed(self) -> bool:
+        return self.persistent
+
+    def render_relayed(self, view, env):
+        from twisted.internet.defer import succeed
+
+        return succeed(env.reply("response", {"status": 200, "body": {"agent": view.tcm_agent_id}}))
 
     def authenticate_agent_id(self, agent_id: str) -> str:
         if agent_id not in self.known:

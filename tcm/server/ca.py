@@ -154,12 +154,14 @@ class CertificateAuthority:
         days: int = 365,
         client: bool = True,
         server_names: Sequence[str] = (),
+        unit: str | None = None,
     ) -> bytes:
         """Certify the key of a CSR as ``common_name``; the PEM certificate.
 
         The CSR's own subject and extensions are ignored: the server decides identities.
         ``client`` grants clientAuth; ``server_names`` (DNS names or IP addresses) grant
-        serverAuth with those names as SANs.
+        serverAuth with those names as SANs. ``unit`` becomes the subject's OU: an agent's
+        certificate names the server it belongs to there (gateways route by it).
         """
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
@@ -172,7 +174,9 @@ class CertificateAuthority:
             raise CertificateError(f"unsupported key in certificate signing request: {e}") from None
         if not valid:
             raise CertificateError("certificate signing request signature does not verify")
-        return pki.cert_to_pem(self._issue(public_key, common_name, days, client, server_names))
+        return pki.cert_to_pem(
+            self._issue(public_key, common_name, days, client, server_names, unit)
+        )
 
     def issue_server_certificate(
         self, hostnames: Iterable[str], days: int = 825
@@ -203,6 +207,7 @@ class CertificateAuthority:
         days: int,
         client: bool,
         server_names: Sequence[str],
+        unit: str | None = None,
     ) -> x509.Certificate:
         _check_public_key(public_key)
         if days < 1:
@@ -210,7 +215,10 @@ class CertificateAuthority:
         if not client and not server_names:
             raise CertificateError("a certificate needs client=True or server_names")
         try:
-            subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+            attributes = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+            if unit:
+                attributes.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit))
+            subject = x509.Name(attributes)
         except ValueError as e:
             raise CertificateError(f"unusable common name {common_name!r}: {e}") from None
         now = _utc(self._clock())

@@ -60,6 +60,8 @@ class ServerConfig:
     cert_days: int = 365
     taskserver_policy: str = "fewest"  # or "capacity" (docs/operating.md)
     taskserver_max_clients: int = DEFAULT_MAX_CLIENTS
+    name: str | None = None  # this server's name, in its agents' certificates (gateways)
+    metrics_port: int | None = None  # /metrics and /status on loopback
 
     @property
     def database_url(self) -> str:
@@ -133,6 +135,9 @@ class AgentDirectory:
     def ids(self) -> list[str]:
         return [a for a, r in self._agents.items() if not r["revoked"]]
 
+    def revoked_ids(self) -> list[str]:
+        return [a for a, r in self._agents.items() if r["revoked"]]
+
     def __len__(self) -> int:
         return len(self._agents)
 
@@ -166,6 +171,22 @@ class AgentHub:
     def link_keepalive(self) -> float:
         return self.core.config.keepalive / 2
 
+    @property
+    def server_name(self) -> str:
+        return self.core.name
+
+    def revoked_agents(self) -> list[str]:
+        """Agents a gateway must refuse (sent at link welcome; changes follow)."""
+        return self.core.directory.revoked_ids()
+
+    def core_sessions_allowed(self) -> bool:
+        """May a relayed agent open its own session (not when persistent is switched off)?"""
+        return self.core.persistent_enabled()
+
+    def render_relayed(self, view: Any, env: Envelope) -> Deferred[Envelope]:
+        """An agent's HTTPS call carried by a gateway: the same resource tree answers it."""
+        return render_envelope(self.core.site, view, env, carried_by=b"https")
+
     def authenticate_agent_id(self, agent_id: str) -> str:
         """A node vouches for an agent it verified: is the agent known and not revoked?"""
         record = self.core.directory.get(agent_id)
@@ -195,8 +216,8 @@ class AgentHub:
             url=node.url,
             max=node.max_clients,
         )
-        old = core.nodes.links.get(node.name)
-        core.nodes.links[node.name] = node
+        old = core.nodes.links.get(node.key)
+        core.nodes.links[node.key] = node
         if old is not None and old is not node:
             old._close(codes.CLOSE_SUPERSEDED, "a newer link of this node replaced this one")
         core.store.node_reported(node.name, node.url or "")
@@ -212,10 +233,10 @@ class AgentHub:
 
     def link_closed(self, node: Any) -> None:
         core = self.core
-        name, role = node.name, node.role
-        if core.nodes.links.get(name) is not node:
+        name, role, key = node.name, node.role, node.key
+        if core.nodes.links.get(key) is not node:
             return  # superseded by a newer link of the same node
-        del core.nodes.links[name]
+        del core.nodes.links[key]
         self._log.warn("{role} {name} link lost", role=role, name=name)
         if role != "taskserver":
             return
@@ -303,6 +324,7 @@ class ServerCore:
         self.version = tcm.__version__
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
         self.ca = CertificateAuthority.load_or_create(config.state_dir)
+        self.name = config.name or _load_or_create_name(config.state_dir)
         self.admin_token = _load_or_create_admin_token(config.state_dir)
         self.store = Store(config.database_url, reactor=reactor)
         self.directory = AgentDirectory()
@@ -313,6 +335,7 @@ class ServerCore:
             config.taskserver_policy, config.taskserver_max_clients
         )
         self.settings = RuntimeSettings(config)
+        self.handshakes: HandshakeLogger | None = None  # set by make_server_service
         self.hub = AgentHub(self)
         self.site = self._make_site()
         self.direct_route = DirectRoute(self.ws_factory.prepareMessage)
@@ -375,6 +398,26 @@ class ServerCore:
         if record["revoked"]:
             raise ApiError(403, f"agent {agent_id} is revoked")
         return agent_id
+
+    @inlineCallbacks
+    def revoke_agent(self, agent_id: str):
+        """Revoke an agent: stored, refused from now on, its sessions closed with 4007, and
+        every gateway told (it refuses the agent at the upgrade)."""
+        record = self.directory.get(agent_id)
+        if record is None:
+            raise ApiError(404, f"no agent {agent_id}")
+        if record["revoked"]:
+            return False
+        yield self.store.revoke_agent(agent_id)
+        record["revoked"] = True
+        self._log.info("agent {agent} revoked", agent=agent_id)
+        for registry in (self.registry, self.task_registry):
+            session = registry.get(agent_id)
+            if session is not None:
+                session.close(codes.CLOSE_REVOKED)
+        for node in list(self.nodes.links.values()):
+            node.revoked([agent_id])
+        return True
 
     def authenticate_agent(self, request) -> str:
         return self.authenticate_transport(request.channel.transport)
@@ -519,6 +562,18 @@ class _AgentV1(Resource):
         return self._api.render(request)
 
 
+def _load_or_create_name(state_dir: str) -> str:
+    """This server's name when --name is not given: made once, kept in the state directory
+    (agents' certificates carry it, so it must not change from one start to the next)."""
+    path = os.path.join(state_dir, "server.name")
+    if os.path.exists(path):
+        with open(path) as f:
+            return f.read().strip()
+    name = "s-" + secrets.token_hex(5)
+    pki.write_public(path, name.encode() + b"\n")
+    return name
+
+
 def _load_or_create_admin_token(state_dir: str) -> str:
     path = os.path.join(state_dir, "admin.token")
     if os.path.exists(path):
@@ -589,7 +644,17 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     endpoint = SSL4ServerEndpoint(
         core.reactor, config.port, core.tls_options(), interface=config.interface, backlog=4096
     )
-    listener = StreamServerEndpointService(endpoint, HandshakeLogger(core.site))
+    core.handshakes = HandshakeLogger(core.site)
+    listener = StreamServerEndpointService(endpoint, core.handshakes)
     listener.setServiceParent(top)
     TimerService(config.keepalive, core.sweep_silent_sessions).setServiceParent(top)
+    if config.metrics_port is not None:
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+
+        from tcm.server.metrics import server_metrics_site
+
+        StreamServerEndpointService(
+            TCP4ServerEndpoint(core.reactor, config.metrics_port, interface="127.0.0.1"),
+            server_metrics_site(core),
+        ).setServiceParent(top)
     return top
