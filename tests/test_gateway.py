@@ -215,7 +215,10 @@ def test_drain_moves_agents_to_a_second_gateway_without_losing_a_job(stack):
 
 def test_metrics_parse_and_move_with_traffic_and_the_status_page(stack):
     base, add = stack
-    alpha = add(Server(str(base), name="alpha", extra=["--name", "alpha"]))
+    sport = free_port()
+    alpha = add(
+        Server(str(base), name="alpha", extra=["--name", "alpha", "--metrics-port", str(sport)])
+    )
     alpha.start()
     mport = free_port()
     gw = add(GatewayProc(str(base), "gw1", {"up-a": alpha}, extra=["--metrics-port", str(mport)]))
@@ -262,7 +265,69 @@ def test_metrics_parse_and_move_with_traffic_and_the_status_page(stack):
     conn.close()
     assert _metrics(mport)["tcm_gateway_handshake_failures_total{reason=certificate}"] == 1
 
+    # the server's own metrics: the sessions it holds through the gateway, the gateway's link
+    server = _metrics(sport)
+    assert server["tcm_server_sessions_by_route{via=gateway:gw1}"] == 2
+    assert server["tcm_server_node_links{role=gateway}"] == 1
+    assert server["tcm_server_link_pushes_total"] >= 1
+    assert server["tcm_server_sessions"] == 2
+
     with urllib.request.urlopen(f"http://127.0.0.1:{mport}/status", timeout=10) as resp:
         page = resp.read().decode()
     assert resp.headers["content-type"].startswith("text/html")
     assert "up-a" in page and "alpha" in page and "<table>" in page
+
+
+def test_worker_processes_share_the_port_each_with_its_own_link(stack):
+    import re
+
+    import psutil
+
+    base, add = stack
+    alpha = add(Server(str(base), name="alpha", extra=["--name", "alpha"]))
+    alpha.start()
+    gw = add(
+        GatewayProc(
+            str(base),
+            "gw1",
+            {"up-a": alpha},
+            extra=["--workers", "2", "--max-clients", "4", "--drain-grace", "1"],
+        )
+    )
+    gw.start()
+    wait_until(
+        lambda: len(_gateway_listing(alpha, "gw1")["links"]) == 2, 30, 0.1, "two worker links"
+    )
+    # six agents, at most four per worker: both workers hold some (a full one answers 503
+    # and the agent's next attempt lands wherever the kernel sends it)
+    _agents_via(base, gw, "up-a", alpha, 6, add)
+    listing = wait_until(
+        lambda: (lambda g: g if g["sessions"] == 6 else None)(_gateway_listing(alpha, "gw1")),
+        60,
+        0.2,
+        "six sessions over two workers",
+    )
+    per_worker = sorted(link["sessions"] for link in listing["links"])
+    assert sum(per_worker) == 6 and per_worker[0] >= 2, listing
+    assert sorted(link["worker"] for link in listing["links"]) == [0, 1]
+    ping = _run(alpha, "ping", "--targets", "all", "--wait")
+    assert ping["counts"]["succeeded"] == 6
+
+    pids = [int(p) for p in re.findall(r"worker 1 started \(pid (\d+)\)", gw.log())]
+    assert len(pids) == 1
+    gw.signal(signal.SIGTERM)  # the first process drains and stops its workers too
+    wait_until(lambda: not gw.alive(), 30, 0.1, "gateway stopped")
+    wait_until(lambda: not psutil.pid_exists(pids[0]), 30, 0.1, "worker 1 stopped")
+
+
+def test_a_gateway_that_cannot_enroll_says_why_in_json_and_exits_1(stack):
+    base, add = stack
+    args = ["--logger", "tcm.logs.json_observer", "tcm-gateway", "--state-dir", str(base / "gw")]
+    gw = add(Process("gw", [*args, "--upstream", "a=https://127.0.0.1:1"], str(base / "gw.log")))
+    gw.start()
+    wait_until(lambda: not gw.alive(), 30, 0.1, "the gateway to give up")
+    assert gw.proc is not None and gw.proc.returncode == 1
+    lines = [json.loads(line) for line in gw.log().splitlines() if line.startswith("{")]
+    errors = [e for e in lines if e["level"] == "error"]
+    assert errors and "upstream a is not enrolled yet" in errors[0]["message"]
+    assert all("time" in e and "namespace" in e for e in lines)

@@ -268,3 +268,28 @@ def test_worker_command_line_keeps_the_options_but_not_pid_and_log_files():
         "--workers",
         "2",
     ]
+
+
+def test_gateway_paths():
+    from twisted.web.resource import Resource
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from tcm.gateway.service import GatewayRoot
+
+    relay = Relay(Clock(), 10, channel="core", upstream_names=["up-a", "up-b"])
+    core_ws, task_ws = Resource(), Resource()
+    root = GatewayRoot(relay, core_ws, task_ws, 1024)
+
+    def child(path: str):
+        parts = path.strip("/").split("/")
+        request = DummyRequest([p.encode() for p in parts[1:]])
+        request.channel = None
+        return root.getChild(parts[0].encode(), request)
+
+    assert child("/agent/v1/ws") is core_ws
+    assert child("/task/v1/ws") is task_ws
+    assert child("/upstream/up-b/agent/v1/ws") is core_ws
+    assert child("/agent/v1/work") is root.forward
+    assert child("/upstream/up-a/agent/v1/enroll") is root.named["up-a"]
+    assert child("/upstream/nope/agent/v1/enroll") not in (root.forward, *root.named.values())
+    assert child("/api/v1/status") not in (root.forward, core_ws, task_ws)

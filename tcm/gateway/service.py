@@ -239,7 +239,7 @@ class GatewayService(service.MultiService):
                 "gateway",
                 cfg.url(),
                 upstream_name=name,
-                worker=cfg.worker if cfg.workers > 1 else None,
+                worker=(cfg.worker or 0) if cfg.workers > 1 else None,
             )
             self.links[name] = factory
             svc = upstream_service(
@@ -276,7 +276,8 @@ class GatewayService(service.MultiService):
             max=cfg.max_clients,
         )
         for child in self:
-            child.startService()
+            if not child.running:  # added while this service ran: MultiService started it
+                child.startService()
         if cfg.workers > 1 and not cfg.worker:
             self._spawn_workers()
 

@@ -178,6 +178,18 @@ class CertificateAuthority:
             self._issue(public_key, common_name, days, client, server_names, unit)
         )
 
+    def verify_issued(self, cert: x509.Certificate) -> str:
+        """The subject CN of a client certificate this CA issued and that is valid now;
+        ValueError otherwise (a certificate forwarded by a reverse proxy is checked here)."""
+        try:
+            cert.verify_directly_issued_by(self.certificate)
+        except (ValueError, TypeError, InvalidSignature):
+            raise ValueError("not issued by this tcm CA") from None
+        now = _utc(self._clock())
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            raise ValueError("expired or not yet valid")
+        return pki.common_name(cert)
+
     def issue_server_certificate(
         self, hostnames: Iterable[str], days: int = 825
     ) -> tuple[bytes, bytes]:

@@ -308,6 +308,9 @@ class AgentHub:
         return render_envelope(self.core.site, session.transport.peer_transport, env)
 
 
+PROXIED_CERT_HEADER = b"x-tcm-client-cert"
+
+
 class ServerCore:
     """Everything the server's parts share; built by makeService."""
 
@@ -420,7 +423,41 @@ class ServerCore:
         return True
 
     def authenticate_agent(self, request) -> str:
+        forwarded = request.getHeader(PROXIED_CERT_HEADER)
+        if forwarded is not None:
+            return self.authenticate_proxied(request.channel.transport, forwarded)
         return self.authenticate_transport(request.channel.transport)
+
+    def authenticate_proxied(self, transport: Any, escaped_pem: str | bytes) -> str:
+        """The agent id of a client certificate a TLS-terminating reverse proxy (nginx's
+        `$ssl_client_escaped_cert`) forwards in X-Tcm-Client-Cert. Taken only from a
+        registered node (its own client certificate `node:NAME`, enrolled like a gateway),
+        and only for a certificate this server's CA issued."""
+        from urllib.parse import unquote
+
+        from tcm.protocol import link
+
+        cached = getattr(transport, "tcm_agent_id", None)
+        if cached is None:
+            cn = pki.peer_common_name(transport)
+            if cn is None or not cn.startswith(link.NODE_PREFIX):
+                raise ApiError(403, "X-Tcm-Client-Cert is only taken from an enrolled node")
+            node = cn[len(link.NODE_PREFIX) :]
+            refusal = self.nodes.refusal(node, pki.peer_fingerprint(transport))
+            if refusal is not None:
+                raise ApiError(403, refusal)
+            if isinstance(escaped_pem, bytes):
+                escaped_pem = escaped_pem.decode("latin-1")
+            try:
+                cert = pki.load_certificate(unquote(escaped_pem).encode())
+                cached = self.ca.verify_issued(cert)
+            except ValueError as e:
+                raise ApiError(403, f"forwarded client certificate refused: {e}") from None
+            try:
+                transport.tcm_agent_id = cached
+            except AttributeError:
+                pass
+        return self.authenticate_transport(transport)
 
     def agent_polled(self, agent_id: str) -> None:
         """An agent in HTTP mode polled: remember when (for `tcm agents`)."""
