@@ -293,3 +293,15 @@ def test_gateway_paths():
     assert child("/upstream/up-a/agent/v1/enroll") is root.named["up-a"]
     assert child("/upstream/nope/agent/v1/enroll") not in (root.forward, *root.named.values())
     assert child("/api/v1/status") not in (root.forward, core_ws, task_ws)
+
+
+def test_only_a_gateway_link_carries_https_calls():
+    hub = Hub()
+    closes: list[tuple[int, str]] = []
+    node = NodeLink("ts1", lambda d: None, lambda c, r: closes.append((c, r)), hub, Clock())
+    node.message_received(
+        link.encode({"t": "hello", "name": "ts1", "role": "taskserver", "url": "x"})
+    )
+    env = encode(Envelope(type="request", data={"method": "GET", "path": "/agent/v1/whoami"}))
+    node.message_received(link.encode({"t": "request", "r": 1, "agent": "a-1"}, env))
+    assert closes == [(codes.CLOSE_PROTOCOL_ERROR, "only a gateway carries agents' HTTPS calls")]

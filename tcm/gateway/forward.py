@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -87,11 +88,9 @@ class AgentApiForwarder(Resource):
         self._finish(request, status if isinstance(status, int) else 502, body)
 
     def _lost(self, f, request) -> None:
+        if f.check(CancelledError) is not None:
+            return  # the agent went away first
         if f.check(RequestLost) is None:
-            from twisted.internet.defer import CancelledError
-
-            if f.check(CancelledError) is not None:
-                return
             self._log.failure("relayed call failed", f)
         if not request.finished and not getattr(request, "_disconnected", False):
             self._finish(request, 502, {"error": f.getErrorMessage() or "relay failed"})

@@ -13,6 +13,7 @@ Agent-facing paths (one TLS port, client certificates from the tcm CA):
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -87,7 +88,9 @@ class GatewayRoot(Resource):
         forward = self.forward
         if path == b"upstream" and request.postpath:
             name = request.postpath[0].decode("ascii", "replace")
-            forward = self.named.get(name, forward)
+            if name not in self.named:
+                return _NotFound(f"no upstream {name!r} at this gateway")
+            forward = self.named[name]
             parts = parts[2:]
         if parts[:3] in ([b"agent", b"v1", b"ws"], [b"task", b"v1", b"ws"]) and len(parts) == 3:
             set_timeout = getattr(request.channel, "setTimeout", None)
@@ -105,10 +108,14 @@ class GatewayRoot(Resource):
 class _NotFound(Resource):
     isLeaf = True
 
+    def __init__(self, why: str = "not a path of this gateway"):
+        super().__init__()
+        self.why = why
+
     def render(self, request):
         request.setResponseCode(404)
         request.setHeader(b"content-type", b"application/json")
-        return b'{"error": "not a path of this gateway"}'
+        return json.dumps({"error": self.why}).encode()
 
 
 @implementer(IStreamServerEndpoint)

@@ -211,6 +211,8 @@ class NodeLink:
     def _on_request(self, header: dict[str, Any], payload: bytes) -> None:
         """An agent's HTTPS call, carried by a gateway: rendered like any agent API call."""
         r, agent_id = header["r"], header.get("agent")
+        if self.role != "gateway":
+            raise link.LinkError("only a gateway carries agents' HTTPS calls")
         self.requests += 1
         try:
             env = decode(payload, self.max_message_size)
