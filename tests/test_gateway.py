@@ -178,6 +178,8 @@ def test_drain_moves_agents_to_a_second_gateway_without_losing_a_job(stack):
     gw2.start()
     agents = _agents_via(base, gw1, "up-a", alpha, 3, add, extra=["--gateway", gw2.url])
     wait_until(lambda: _gateway_listing(alpha, "gw1")["sessions"] == 3, 20, 0.1, "three on gw1")
+    table = alpha.cli("gateways")
+    assert "gw1" in table and "gw2" in table and "this server: alpha" in table
 
     gate = base / "go"
     script = f'echo started; while [ ! -e "{gate}" ]; do sleep 0.05; done; echo finished'
