@@ -85,10 +85,17 @@ class SwarmProcs:
     """`tcm-agent swarm` processes sharing one state directory, PER_SWARM agents each."""
 
     def __init__(
-        self, base: str, server: BenchServer, count: int, token: str, extra: list[str] | None = None
+        self,
+        base: str,
+        server: BenchServer,
+        count: int,
+        token: str,
+        extra: list[str] | None = None,
+        url: str | None = None,
     ):
         self.base = base
         self.server = server
+        self.url = url or server.url  # where the agents connect (a gateway, a proxy)
         self.count = count
         self.token = token
         self.extra = extra or []
@@ -117,7 +124,7 @@ class SwarmProcs:
                         "--first",
                         str(first),
                         "--server",
-                        self.server.url,
+                        self.url,
                         "--ca-cert",
                         self.server.ca,
                         "--token",

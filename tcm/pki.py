@@ -37,6 +37,7 @@ __all__ = [
     "negotiated_tls",
     "not_after",
     "peer_common_name",
+    "peer_subject",
     "signature_hash",
     "write_private",
     "write_public",
@@ -252,6 +253,24 @@ def peer_common_name(transport: object) -> str | None:
         return common_name(peer)
     except ValueError:
         return None
+
+
+def peer_subject(transport: object) -> tuple[str | None, str | None]:
+    """(CN, OU) of the peer's verified certificate: for an agent, its id and the name of
+    the server it enrolled with (None when the certificate predates server names)."""
+    get_peer_certificate = getattr(transport, "getPeerCertificate", None)
+    if get_peer_certificate is None:
+        return None, None
+    try:
+        peer = get_peer_certificate()
+    except (AttributeError, SSL.Error):
+        return None, None
+    if peer is None:
+        return None, None
+    if not isinstance(peer, crypto.X509):
+        peer = crypto.X509.from_cryptography(peer)
+    subject = peer.get_subject()
+    return subject.CN, subject.OU
 
 
 def peer_fingerprint(transport: object) -> str | None:

@@ -81,3 +81,13 @@ class LeanWebSocketMixin(_Base):
 
     def dataReceived(self, data: bytes) -> None:
         self._dataReceived(data)
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        """Autobahn's sendData, without the debug line it formats on every send (its
+        arguments cost more than the write itself; a fan-out makes one per connection)."""
+        if sync or chopsize or self.send_queue:
+            super().sendData(data, sync, chopsize)
+            return
+        self.transport.write(data)
+        if self.state == self.STATE_OPEN:
+            self.trafficStats.outgoingOctetsWireLevel += len(data)

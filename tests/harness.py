@@ -322,3 +322,61 @@ def start_agents(base: str, server: Server, n: int, prefix: str = "agent") -> li
             p.stop()
         raise
     return procs
+
+
+def share_ca(source: Server, target: Server) -> None:
+    """Give `target` the tcm CA of `source` (before its first start): servers behind one
+    gateway share one CA, so agents of each trust the gateway (docs/operating.md)."""
+    import shutil
+
+    for name in ("ca.pem", "ca.key"):
+        shutil.copy2(os.path.join(source.state_dir, name), os.path.join(target.state_dir, name))
+
+
+class GatewayProc(Process):
+    """twistd tcm-gateway with one upstream per server, enrolled on its first start."""
+
+    def __init__(
+        self,
+        base: str,
+        name: str,
+        servers: dict[str, Server],
+        port: int | None = None,
+        extra: list[str] | None = None,
+    ):
+        self.node = name
+        self.servers = servers
+        self.state_dir = os.path.join(base, name)
+        os.makedirs(self.state_dir, exist_ok=True)
+        self.port = port or free_port()
+        self.extra = extra or []
+        super().__init__(name, [], os.path.join(base, f"{name}.log"))
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True) -> None:
+        args = ["tcm-gateway", "--state-dir", self.state_dir, "--port", str(self.port)]
+        first = next(iter(self.servers.values()))
+        for upstream, server in self.servers.items():
+            args += ["--upstream", f"{upstream}={server.url}"]
+            if not os.path.exists(os.path.join(self.state_dir, "upstreams", upstream, "cert.pem")):
+                token = server.cli("gateways", "enroll", self.node).strip()
+                args += ["--upstream-token", f"{upstream}={token}"]
+        args += ["--ca-cert", first.ca, *self.extra]
+        self.args = args
+        super().start()
+        if wait:
+            self.wait_links()
+
+    def wait_links(self, timeout: float = 30.0) -> None:
+        def up() -> bool:
+            if not self.alive():
+                raise AssertionError(f"gateway {self.node} exited:\n{self.log()[-3000:]}")
+            return all(
+                any(g["name"] == self.node and g["state"] == "up" for g in s.cli_json("gateways"))
+                for s in self.servers.values()
+            )
+
+        wait_until(up, timeout, 0.1, f"gateway {self.node} links")

@@ -124,13 +124,22 @@ def test_unknown_policy_is_refused():
 class Hub:
     max_in_flight = 4
     link_keepalive = 25.0
+    server_name = "s1"
 
     def __init__(self) -> None:
         self.opened: list[Any] = []
         self.closed: list[Any] = []
         self.known = {"a-1", "a-2", "a-3"}
+        self.revoked: list[str] = []
+        self.persistent = True
 
-    persistent = True
+    def revoked_agents(self) -> list[str]:
+        return list(self.revoked)
+
+    def render_relayed(self, view, env):
+        from twisted.internet.defer import succeed
+
+        return succeed(env.reply("response", {"status": 200, "body": {"agent": view.tcm_agent_id}}))
 
     def persistent_enabled(self) -> bool:
         return self.persistent

@@ -38,6 +38,7 @@ from zope.interface import implementer
 from tcm import pki
 from tcm.agent.backoff import backoff_policy
 from tcm.agent.control import control_service
+from tcm.agent.gateways import Destinations, RotatingEndpoint, ws_url
 from tcm.agent.ledger import FINISHED, Ledger
 from tcm.agent.link import HttpsClient, Identity, ServerLink, _EndpointFactory, server_endpoint
 from tcm.agent.modes import ConnectionMode
@@ -78,6 +79,7 @@ class AgentConfig:
     control_socket: bool = True
     bind_address: str | None = None  # source address of connections (swarm)
     fallback_delay: float = 60.0  # seconds (jittered) before polling after a session loss
+    gateways: list[str] = attrs.field(factory=list)  # tried in turn when the server is not
 
 
 class AgentState(StateDir):
@@ -236,10 +238,7 @@ class AgentCore:
     def make_session_service(self, identity: Identity) -> ClientService:
         cfg = self.config
         assert self.server is not None
-        endpoint, self.counting = server_endpoint(
-            self.reactor, self.server, identity, self.proxy, count=True, bind=cfg.bind_address
-        )
-        url = "wss://" + self.server.split("://", 1)[1].rstrip("/") + "/agent/v1/ws"
+        endpoint, url = self._session_endpoint(identity)
         factory = AgentClientFactory(
             self,
             url,
@@ -247,6 +246,7 @@ class AgentCore:
             cfg.keepalive_timeout,
             cfg.max_message_size,
         )
+        self._session_factory = factory
         self.session_service = ClientService(
             _AttemptWatcher(endpoint, self._attempt_failed),
             factory,
@@ -258,6 +258,44 @@ class AgentCore:
             prepareConnection=self._session_ready,
         )
         return self.session_service
+
+    # -- server and gateways ----------------------------------------------------------
+    destinations: Destinations | None = None
+    _session_factory: Any = None
+
+    def _session_endpoint(self, identity: Identity) -> tuple[Any, str]:
+        """The session's endpoint and URL: the server, or with --gateway a rotation of the
+        server (first, preferred) and the gateways (tcm/agent/gateways.py)."""
+        cfg = self.config
+        assert self.server is not None
+
+        def endpoint_for(base: str) -> Any:
+            endpoint, self.counting = server_endpoint(
+                self.reactor, base, identity, self.proxy, count=True, bind=cfg.bind_address
+            )
+            return endpoint
+
+        if not cfg.gateways:
+            return endpoint_for(self.server), ws_url(self.server)
+        self.destinations = Destinations([self.server, *cfg.gateways])
+        rotating = RotatingEndpoint(self.destinations, endpoint_for, self._destination_switched)
+        return rotating, ws_url(self.server)
+
+    def _destination_switched(self, base: str) -> None:
+        """Sessions and HTTPS calls go to `base` from now on."""
+        self._log.info("connecting through {base}", base=base)
+        if self._session_factory is not None:
+            f = self._session_factory  # Autobahn resets what is not given again
+            f.setSessionParameters(
+                url=ws_url(base),
+                origin=f.origin,
+                protocols=f.protocols,
+                useragent=f.useragent,
+                headers=f.headers,
+                proxy=f.proxy,
+            )
+        if self.link is not None:
+            self.link.https.base_url = base
 
     # -- mode changes -----------------------------------------------------------------
     def _mode_changed(self, old: str, new: str, reason: str) -> None:
@@ -316,6 +354,8 @@ class AgentCore:
 
         def refused(f):
             f.trap(SessionRefused)
+            if self.destinations is not None:
+                self.destinations.move_on(f"refused the session ({f.value.code})")
             # The session failed while ClientService still waits on this Deferred: it will
             # count a failed attempt (and back off). It has no transition for the lost
             # connection that follows, so that one notification is not passed on.
@@ -360,6 +400,8 @@ class AgentCore:
         self.link.session = None
         why = describe_close(code, reason)
         self._log.info("persistent session closed: {why}", why=why)
+        if self.destinations is not None:
+            self.destinations.session_ended(code)
         self.mode.event("session_lost", why)
         self._fall_back(
             f"persistent session closed: {why}", at_once=code == codes.CLOSE_PERSISTENT_OFF

@@ -46,6 +46,17 @@ class Options(usage.Options):
         ],
     ]
 
+    def __init__(self):
+        super().__init__()
+        self["gateways"] = []
+
+    def opt_gateway(self, url):
+        """A gateway URL (https://HOST:PORT), tried in turn when the server is not reachable
+        (repeatable; the server itself is preferred)."""
+        if not url.startswith("https://"):
+            raise usage.UsageError(f"--gateway wants https://HOST:PORT, not {url!r}")
+        self["gateways"].append(url)
+
     def postOptions(self):
         if not self["state-dir"]:
             raise usage.UsageError("--state-dir is required")
@@ -72,5 +83,6 @@ def makeService(options: Options):
             spool_fsync=not options["no-fsync"],
             proxy=options["proxy"],
             long_poll=not options["no-long-poll"],
+            gateways=options["gateways"],
         )
     )

@@ -213,6 +213,38 @@ def _profile_ref(profile: dict[str, Any] | None) -> str:
     return f"{profile['name']} v{profile['version']}" if profile else "-"
 
 
+def cmd_gateways(api: Api, args) -> int:
+    listing = api.call("GET", "/gateways")
+    if args.json:
+        _dump(listing["gateways"])
+        return 0
+    rows = [
+        [g["name"], g["state"], str(len(g["links"])), str(g["sessions"]), g["url"] or "-"]
+        for g in listing["gateways"]
+    ]
+    print(_table(rows, ["NAME", "STATE", "LINKS", "SESSIONS", "URL"]))
+    print(f"this server: {listing['server']}")
+    return 0
+
+
+def cmd_gateways_enroll(api: Api, args) -> int:
+    reply = api.call("POST", "/gateways", {"name": args.name, "ttl": args.ttl})
+    if args.json:
+        _dump(reply)
+    else:
+        print(reply["token"])
+    return 0
+
+
+def cmd_agents_revoke(api: Api, args) -> int:
+    reply = api.call("POST", f"/agents/{args.agent_id}/revoke", {})
+    if args.json:
+        _dump(reply)
+    else:
+        print(f"{args.agent_id} revoked" if reply["changed"] else f"{args.agent_id} was revoked")
+    return 0
+
+
 def cmd_agents(api: Api, args) -> int:
     agents = api.call("GET", "/agents")["agents"]
     if args.json:
@@ -750,9 +782,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_token_list)
 
-    s = sub.add_parser("agents", help="list agents")
+    ag = sub.add_parser("agents", help="list agents; revoke one")
+    ag.add_argument("--json", action="store_true")
+    ag.set_defaults(func=cmd_agents)
+    agsub = ag.add_subparsers(dest="agents_command")
+    s = agsub.add_parser("revoke", help="revoke an agent: refused from now on, sessions closed")
+    s.add_argument("agent_id")
     s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_agents)
+    s.set_defaults(func=cmd_agents_revoke)
+
+    gw = sub.add_parser("gateways", help="internet gateways: list, enroll")
+    gw.add_argument("--json", action="store_true")
+    gw.set_defaults(func=cmd_gateways)
+    gwsub = gw.add_subparsers(dest="gateways_command")
+    s = gwsub.add_parser(
+        "enroll", help="register a gateway; prints its one-time token (--upstream-token)"
+    )
+    s.add_argument("name", help="the gateway's name, e.g. gw1")
+    s.add_argument("--ttl", type=float, default=3600, help="seconds the token is valid")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_gateways_enroll)
 
     s = sub.add_parser("run", help="run an action on agents")
     s.add_argument("action")

@@ -1,6 +1,6 @@
 """The node link (tcm.link.v1): how a relay node carries many agent sessions to a server.
 
-A relay node (a task server, later a gateway) terminates the agents' TLS and WebSocket and
+A relay node (a task server or an internet gateway) terminates the agents' TLS and WebSocket and
 holds one persistent mutual-TLS WebSocket to the management server. Over it, every agent
 connection at the node is a numbered *connection* (`c`); the server runs each one's tcm.v1
 session exactly as if the agent were connected directly, and the node only moves frames.
@@ -10,14 +10,17 @@ payload (an agent's tcm.v1 frame, byte for byte: it is never re-encoded).
 
 Node -> server:
   {"t": "hello", "name", "role", "url", "max_clients"}   first message of the link
-  {"t": "open", "c", "agent", "peer", "tls"}              an agent connection was accepted
+  {"t": "open", "c", "agent", "peer", "tls", "channel"}   an agent connection was accepted
   {"t": "frame", "c"} + payload                           a frame from that agent
   {"t": "closed", "c"}                                    the agent connection is gone
+  {"t": "request", "r", "agent"} + request envelope       an agent's HTTPS call (gateways)
 Server -> node:
   {"t": "welcome", "keepalive"}                           answer to hello
   {"t": "frame", "c"} + payload                           a frame for one agent
   {"t": "push", "c": [c1, c2, ...]} + payload             one frame for many: fan-out here
   {"t": "close", "c", "code", "reason"}                   close that agent connection
+  {"t": "response", "r"} + response envelope              the answer to request r
+  {"t": "revoked", "agents": [...], "full"}               agents the node must refuse
 Either way:
   {"t": "batch", "n": [len1, len2, ...]} + messages       several link messages, back to back
 
@@ -35,12 +38,20 @@ WS_PATH = "/link/v1/ws"
 ENROLL_PATH = "/link/v1/enroll"
 NODE_PREFIX = "node:"  # the CN of a node's certificate; agent ids never contain ':'
 
-NODE_SENDS = frozenset({"hello", "open", "frame", "closed", "batch"})
-SERVER_SENDS = frozenset({"welcome", "frame", "push", "close", "batch"})
+NODE_SENDS = frozenset({"hello", "open", "frame", "closed", "request", "batch"})
+SERVER_SENDS = frozenset({"welcome", "frame", "push", "close", "response", "revoked", "batch"})
 MAX_BATCH = 256 * 1024  # bytes of messages gathered before a batch goes out anyway
 ROLES = frozenset({"taskserver", "gateway"})
+CHANNELS = frozenset({"core", "task"})  # an agent's own session, or its task-client session
 
-_INT_FIELDS = {"open": ("c",), "frame": ("c",), "closed": ("c",), "close": ("c", "code")}
+_INT_FIELDS = {
+    "open": ("c",),
+    "frame": ("c",),
+    "closed": ("c",),
+    "close": ("c", "code"),
+    "request": ("r",),
+    "response": ("r",),
+}
 
 
 class LinkError(ValueError):
@@ -83,8 +94,17 @@ def decode(message: bytes, allowed: frozenset[str]) -> tuple[dict[str, Any], byt
             or sum(sizes) != len(payload)
         ):
             raise LinkError("link message 'batch' needs sizes 'n' that add up to its payload")
-    if kind == "open" and not isinstance(header.get("agent"), str):
-        raise LinkError("link message 'open' needs the agent id")
+    if kind == "open":
+        if not isinstance(header.get("agent"), str):
+            raise LinkError("link message 'open' needs the agent id")
+        if header.get("channel", "task") not in CHANNELS:
+            raise LinkError(f"link message 'open': channel must be one of {sorted(CHANNELS)}")
+    if kind == "request" and not isinstance(header.get("agent"), (str, type(None))):
+        raise LinkError("link message 'request': 'agent' must be an agent id or null")
+    if kind == "revoked":
+        agents = header.get("agents")
+        if not isinstance(agents, list) or not all(isinstance(a, str) for a in agents):
+            raise LinkError("link message 'revoked' needs a list of agent ids 'agents'")
     if kind == "hello":
         if header.get("role") not in ROLES:
             raise LinkError(f"node role must be one of {sorted(ROLES)}")

@@ -42,15 +42,16 @@ class UpstreamProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type: ig
         self.writer = link.LinkWriter(
             lambda data: self.sendMessage(data, isBinary=True), f.relay.clock
         )
-        self.send(
-            {
-                "t": "hello",
-                "name": f.name,
-                "role": f.role,
-                "url": f.url,
-                "max_clients": f.relay.max_clients,
-            }
-        )
+        hello = {
+            "t": "hello",
+            "name": f.name,
+            "role": f.role,
+            "url": f.url,
+            "max_clients": f.relay.max_clients,
+        }
+        if f.worker is not None:
+            hello["worker"] = f.worker
+        self.send(hello)
 
     def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
         self.writer.send(header, payload)
@@ -70,15 +71,26 @@ class UpstreamProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type: ig
             self._message(header, body)
 
     def _message(self, header: dict[str, Any], body: bytes) -> None:
+        f = self.factory
         if header["t"] == "welcome":
             if not self.up:
+                server = header.get("server")
+                problem = f.relay.link_up(
+                    f.upstream_name, self, server if isinstance(server, str) else None
+                )
+                if problem is not None:
+                    self._log.error(
+                        "link to {server} refused here: {why}", server=f.server, why=problem
+                    )
+                    self.sendClose(codes.CLOSE_NORMAL, problem[:120])
+                    return
                 self.up = True
-                self.factory.relay.upstream = self
-                self._log.info("link to {server} up", server=self.factory.server)
+                f.server_name = server
+                self._log.info("link to {server} up (server {name})", server=f.server, name=server)
                 assert self.welcomed is not None
                 self.welcomed.callback(self)
             return
-        self.factory.relay.from_server(header, body)
+        f.relay.from_server(header, body, f.upstream_name)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         relay: Relay = self.factory.relay
@@ -93,8 +105,7 @@ class UpstreamProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type: ig
                 code=code,
                 reason=reason or "",
             )
-            if relay.upstream is self:
-                relay.upstream_lost()
+            relay.link_lost(self.factory.upstream_name, self)
         elif self.welcomed is not None and not self.welcomed.called:
             self._log.warn(
                 "link to {server} refused: {code} {reason}",
@@ -109,7 +120,15 @@ class UpstreamFactory(WebSocketClientFactory):
     protocol = UpstreamProtocol
 
     def __init__(
-        self, relay: Relay, server: str, name: str, role: str, url: str, keepalive: float = 25.0
+        self,
+        relay: Relay,
+        server: str,
+        name: str,
+        role: str,
+        url: str,
+        keepalive: float = 25.0,
+        upstream_name: str | None = None,
+        worker: int | None = None,
     ):
         ws_url = "wss://" + server.split("://", 1)[1].rstrip("/") + link.WS_PATH
         super().__init__(ws_url, protocols=[link.SUBPROTOCOL])
@@ -118,6 +137,9 @@ class UpstreamFactory(WebSocketClientFactory):
         self.name = name
         self.role = role
         self.url = url
+        self.upstream_name = upstream_name or relay.names[0]
+        self.worker = worker  # a gateway worker process's number, None for a single process
+        self.server_name: str | None = None  # the server's own name, from its welcome
         size = 64 * 1024 * 1024
         self.setProtocolOptions(
             autoPingInterval=keepalive,

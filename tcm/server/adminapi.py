@@ -73,6 +73,7 @@ class AdminAPI(JsonRouter):
         self.route("GET", "/agents", self.agents)
         self.route("GET", "/agents/{agent}", self.agent)
         self.route("GET", "/agents/{agent}/inventory", self.agent_inventory)
+        self.route("POST", "/agents/{agent}/revoke", self.revoke_agent, "admin", "revoke agents")
         self.route("POST", "/tokens", self.create_token, "admin", "create enrollment tokens")
         self.route("GET", "/tokens", self.tokens)
         self.route("POST", "/jobs", self.create_job, "run", "create jobs")
@@ -117,6 +118,8 @@ class AdminAPI(JsonRouter):
         self.route(
             "POST", "/taskservers", self.register_taskserver, "admin", "register task servers"
         )
+        self.route("GET", "/gateways", self.gateways)
+        self.route("POST", "/gateways", self.register_gateway, "admin", "register gateways")
 
     def route(
         self, method: str, pattern: str, handler, permission: str | None = None, doing=None
@@ -153,6 +156,7 @@ class AdminAPI(JsonRouter):
     def status(self, request):
         return {
             "version": self.core.version,
+            "name": self.core.name,
             "sessions": len(self.core.registry),
             "agents": len(self.core.directory),
             "active_jobs": len(self.core.jobs.book.jobs),
@@ -350,8 +354,61 @@ class AdminAPI(JsonRouter):
         return {"policy": core.assignments.policy, "taskservers": out}
 
     @inlineCallbacks
+    def revoke_agent(self, request, agent: str):
+        """Revoke an agent: refused everywhere from now on, its sessions closed (4007)."""
+        changed = yield self.core.revoke_agent(agent)
+        if changed:
+            yield self.core.audit(request.who, "agent.revoke", agent, {})
+        return {"agent_id": agent, "revoked": True, "changed": changed}
+
+    # -- gateways ------------------------------------------------------------------------
+    def gateways(self, request):
+        """Registered gateways, each with its live links (one per worker process)."""
+        core = self.core
+        out = []
+        for name in sorted(core.nodes.gateways()):
+            record = core.nodes.records[name]
+            links = [n for n in core.nodes.links.values() if n.name == name and n.ready]
+            if record.get("revoked"):
+                state = "revoked"
+            elif record.get("fingerprint") is None:
+                state = "awaiting enrollment"
+            else:
+                state = "up" if links else "down"
+            out.append(
+                {
+                    "name": name,
+                    "state": state,
+                    "url": links[0].url if links else record.get("url"),
+                    "sessions": sum(n.open_sessions() for n in links),
+                    "registered_at": record["registered_at"],
+                    "enrolled_at": record.get("enrolled_at"),
+                    "links": [
+                        {
+                            "worker": n.worker,
+                            "sessions": n.open_sessions(),
+                            "connections": len(n.sessions),
+                            "frames_in": n.frames_in,
+                            "frames_out": n.frames_out,
+                            "pushes": n.pushes,
+                            "requests": n.requests,
+                        }
+                        for n in sorted(links, key=lambda n: n.worker or 0)
+                    ],
+                }
+            )
+        return {"server": core.name, "gateways": out}
+
+    def register_gateway(self, request):
+        """Register a gateway; the answer holds its one-time enrollment token."""
+        return self._register_node(request, "gateway")
+
     def register_taskserver(self, request):
         """Register a task server; the answer holds its one-time enrollment token."""
+        return self._register_node(request, "taskserver")
+
+    @inlineCallbacks
+    def _register_node(self, request, role: str):
         from tcm.server.nodeapi import NODE_NAME
         from tcm.store.store import TokenRefused
 
@@ -359,6 +416,8 @@ class AdminAPI(JsonRouter):
         name = body.get("name")
         if not isinstance(name, str) or not NODE_NAME.match(name):
             raise ApiError(400, "'name' must be a node name like 'ts1' (a-z, 0-9, _ . -)")
+        if role == "gateway" and body.get("max_clients") is not None:
+            raise ApiError(400, "'max_clients' is for task servers; a gateway sets its own")
         max_clients = body.get("max_clients")
         if max_clients is not None and (
             isinstance(max_clients, bool) or not isinstance(max_clients, int) or max_clients < 1
@@ -369,13 +428,13 @@ class AdminAPI(JsonRouter):
             raise ApiError(400, "'ttl' must be a number of seconds up to 30 days")
         try:
             secret = yield self.core.store.register_node(
-                name, "taskserver", max_clients, float(ttl), self.core.clock.seconds()
+                name, role, max_clients, float(ttl), self.core.clock.seconds()
             )
         except TokenRefused as e:
             raise ApiError(409, str(e)) from None
         yield self.core.reload_nodes()
         yield self.core.audit(
-            request.who, "taskserver.register", name, {"max_clients": max_clients, "ttl": ttl}
+            request.who, f"{role}.register", name, {"max_clients": max_clients, "ttl": ttl}
         )
         return Reply(
             {"name": name, "token": f"{name}.{secret}", "ttl": ttl, "max_clients": max_clients},

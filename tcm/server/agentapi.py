@@ -55,7 +55,10 @@ class AgentAPI(JsonRouter):
         agent_id = "a-" + os.urandom(10).hex()
         try:  # the CSR is checked first: a refused request does not use up the token
             cert_pem = self.core.ca.sign_csr(
-                csr.encode(), common_name=agent_id, days=self.core.config.cert_days
+                csr.encode(),
+                common_name=agent_id,
+                days=self.core.config.cert_days,
+                unit=self.core.name,  # which server the agent belongs to (gateways route by it)
             )
         except ValueError as e:
             raise ApiError(400, f"bad certificate request: {e}") from None

@@ -155,12 +155,14 @@ class CertificateAuthority:
         days: int = 365,
         client: bool = True,
         server_names: Sequence[str] = (),
+        unit: str | None = None,
     ) -> bytes:
         """Certify the key of a CSR as ``common_name``; the PEM certificate.
 
         The CSR's own subject and extensions are ignored: the server decides identities.
         ``client`` grants clientAuth; ``server_names`` (DNS names or IP addresses) grant
-        serverAuth with those names as SANs.
+        serverAuth with those names as SANs. ``unit`` becomes the subject's OU: an agent's
+        certificate names the server it belongs to there (gateways route by it).
         """
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
@@ -173,7 +175,21 @@ class CertificateAuthority:
             raise CertificateError(f"unsupported key in certificate signing request: {e}") from None
         if not valid:
             raise CertificateError("certificate signing request signature does not verify")
-        return pki.cert_to_pem(self._issue(public_key, common_name, days, client, server_names))
+        return pki.cert_to_pem(
+            self._issue(public_key, common_name, days, client, server_names, unit)
+        )
+
+    def verify_issued(self, cert: x509.Certificate) -> str:
+        """The subject CN of a client certificate this CA issued and that is valid now;
+        ValueError otherwise (a certificate forwarded by a reverse proxy is checked here)."""
+        try:
+            cert.verify_directly_issued_by(self.certificate)
+        except (ValueError, TypeError, InvalidSignature):
+            raise ValueError("not issued by this tcm CA") from None
+        now = _utc(self._clock())
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            raise ValueError("expired or not yet valid")
+        return pki.common_name(cert)
 
     def issue_server_certificate(
         self, hostnames: Iterable[str], days: int = 825
@@ -204,6 +220,7 @@ class CertificateAuthority:
         days: int,
         client: bool,
         server_names: Sequence[str],
+        unit: str | None = None,
     ) -> x509.Certificate:
         _check_public_key(public_key)
         if days < 1:
@@ -211,7 +228,10 @@ class CertificateAuthority:
         if not client and not server_names:
             raise CertificateError("a certificate needs client=True or server_names")
         try:
-            subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+            attributes = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+            if unit:
+                attributes.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit))
+            subject = x509.Name(attributes)
         except ValueError as e:
             raise CertificateError(f"unusable common name {common_name!r}: {e}") from None
         now = _utc(self._clock())

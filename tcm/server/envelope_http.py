@@ -118,8 +118,12 @@ def _refuse(data: dict[str, Any]) -> str | None:
     return None
 
 
-def render_envelope(site: Site, transport: Any, env: Envelope) -> Deferred[Envelope]:
-    """Render a `request` envelope on `site`; fires with the `response` envelope."""
+def render_envelope(
+    site: Site, transport: Any, env: Envelope, carried_by: bytes = b"websocket"
+) -> Deferred[Envelope]:
+    """Render a `request` envelope on `site`; fires with the `response` envelope.
+
+    `carried_by` is what the agent used: its session, or HTTPS relayed by a gateway."""
     data = env.data
     refusal = _refuse(data)
     if refusal is not None:
@@ -138,7 +142,7 @@ def render_envelope(site: Site, transport: Any, env: Envelope) -> Deferred[Envel
     if raw:
         headers.setRawHeaders(b"content-type", [b"application/json"])
     headers.setRawHeaders(b"content-length", [str(len(raw)).encode()])
-    headers.setRawHeaders(CARRIED_BY_HEADER, [b"websocket"])
+    headers.setRawHeaders(CARRIED_BY_HEADER, [carried_by])
     request.requestReceived(data["method"].encode(), data["path"].encode(), b"HTTP/1.0")
 
     def to_envelope(result: tuple[int, dict[str, str], bytes]) -> Envelope:

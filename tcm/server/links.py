@@ -1,10 +1,15 @@
-"""The server's end of node links: agent sessions carried by task servers (and gateways).
+"""The server's end of node links: agent sessions carried by task servers and gateways.
 
 A `NodeLink` is one connected relay node. Each agent connection at the node becomes an
 ordinary `AgentSession` here, with a `RelayedTransport` instead of a WebSocket: the session
 rules (hello, supersede, requests, errors) are the same code as for a direct connection. The
 link is also the sessions' *route*: the dispatcher hands it every session of a push at once,
 and the push crosses the link once and fans out at the node.
+
+A gateway carries agents' core sessions (channel "core") as well as task sessions, and their
+HTTPS calls as `request` link messages, rendered here by the same resource tree as any agent
+API call (`envelope_http.render_envelope`). It is told which agents are revoked (`revoked`),
+at welcome and on each change, so it refuses them before they reach this server.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from twisted.logger import Logger
 
 from tcm import pki
 from tcm.protocol import codes, link
+from tcm.protocol.envelope import ProtocolError, decode, encode
 from tcm.server.envelope_http import PeerView
 from tcm.server.sessions import AgentSession, SessionState, intern
 from tcm.server.web import ApiError
@@ -97,11 +103,18 @@ class NodeLink:
         self.role: str | None = None
         self.url: str | None = None
         self.max_clients: int | None = None
+        self.worker: int | None = None  # a gateway's worker process number
         self.sessions: dict[int, AgentSession] = {}
         self.frames_in = 0
         self.frames_out = 0
         self.pushes = 0
+        self.requests = 0
         self.ready = False
+
+    @property
+    def key(self) -> str:
+        """Which links of a node supersede each other: one per node, or per gateway worker."""
+        return self.name if self.worker is None else f"{self.name}/{self.worker}"
 
     # -- route ---------------------------------------------------------------------------
     def deliver(self, frame: bytes, sessions: list[AgentSession]) -> None:
@@ -136,8 +149,14 @@ class NodeLink:
         self.url = header["url"]
         max_clients = header.get("max_clients")
         self.max_clients = max_clients if isinstance(max_clients, int) else None
+        worker = header.get("worker")
+        self.worker = worker if isinstance(worker, int) and not isinstance(worker, bool) else None
         self.ready = True
-        self.send({"t": "welcome", "keepalive": self.hub.link_keepalive})
+        self.send(
+            {"t": "welcome", "keepalive": self.hub.link_keepalive, "server": self.hub.server_name}
+        )
+        if self.role == "gateway":
+            self.send({"t": "revoked", "agents": self.hub.revoked_agents(), "full": True})
         self.hub.link_opened(self)
 
     def _on_open(self, header: dict[str, Any], payload: bytes) -> None:
@@ -155,6 +174,7 @@ class NodeLink:
                 {"t": "close", "c": conn, "code": codes.CLOSE_UNAUTHORIZED, "reason": e.message}
             )
             return
+        channel = header.get("channel", self.channel) if self.role == "gateway" else self.channel
         relayed = RelayedConnection(header.get("peer"), self.host)
         transport = RelayedTransport(self, conn, PeerView(relayed, agent_id))
         session = AgentSession(
@@ -166,7 +186,7 @@ class NodeLink:
             via=f"{self.role or 'node'}:{self.name}",
             max_message_size=self.max_message_size,
         )
-        session.channel = self.channel
+        session.channel = channel
         tls = header.get("tls")
         session.tls = intern(tls) if isinstance(tls, dict) else None
         self.sessions[conn] = session
@@ -182,6 +202,38 @@ class NodeLink:
         session = self.sessions.pop(header["c"], None)
         if session is not None:
             session.connection_lost()
+
+    def _on_request(self, header: dict[str, Any], payload: bytes) -> None:
+        """An agent's HTTPS call, carried by a gateway: rendered like any agent API call."""
+        r, agent_id = header["r"], header.get("agent")
+        if self.role != "gateway":
+            raise link.LinkError("only a gateway carries agents' HTTPS calls")
+        self.requests += 1
+        try:
+            env = decode(payload, self.max_message_size)
+            if env.type != "request":
+                raise ProtocolError(
+                    codes.ERR_UNEXPECTED, f"a link request carries a 'request', not {env.type!r}"
+                )
+        except ProtocolError as e:
+            raise link.LinkError(f"link request {r}: {e}") from None
+        view = PeerView(RelayedConnection(header.get("peer"), self.host), agent_id)
+        d = self.hub.render_relayed(view, env)
+
+        def answer(reply: Any) -> None:
+            if self.ready:
+                self.send({"t": "response", "r": r}, encode(reply))
+
+        def failed(f: Any) -> None:
+            self._log.failure("relayed request {r} failed", f, r=r)
+            answer(env.reply("response", {"status": 500, "body": {"error": "internal error"}}))
+
+        d.addCallbacks(answer, failed)
+
+    def revoked(self, agent_ids: list[str]) -> None:
+        """Tell a gateway that these agents are revoked (it refuses them from now on)."""
+        if self.ready and self.role == "gateway":
+            self.send({"t": "revoked", "agents": agent_ids, "full": False})
 
     def lost(self) -> None:
         """The link is gone: every session it carried is gone with it."""

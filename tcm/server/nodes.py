@@ -103,7 +103,7 @@ class NodeDirectory:
 
     def __init__(self) -> None:
         self.records: dict[str, dict[str, Any]] = {}
-        self.links: dict[str, Any] = {}  # name -> NodeLink
+        self.links: dict[str, Any] = {}  # name (or "name/worker" for gateways) -> NodeLink
 
     def load(self, rows: list[dict[str, Any]]) -> None:
         self.records = {r["name"]: dict(r) for r in rows}
@@ -123,3 +123,6 @@ class NodeDirectory:
 
     def task_servers(self) -> list[str]:
         return [n for n, r in self.records.items() if r["role"] == "taskserver"]
+
+    def gateways(self) -> list[str]:
+        return [n for n, r in self.records.items() if r["role"] == "gateway"]

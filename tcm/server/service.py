@@ -69,6 +69,8 @@ class ServerConfig:
     cert_days: int = 365
     taskserver_policy: str = "fewest"  # or "capacity" (docs/operating.md)
     taskserver_max_clients: int = DEFAULT_MAX_CLIENTS
+    name: str | None = None  # this server's name, in its agents' certificates (gateways)
+    metrics_port: int | None = None  # /metrics and /status on loopback
 
     @property
     def database_url(self) -> str:
@@ -142,6 +144,9 @@ class AgentDirectory:
     def ids(self) -> list[str]:
         return [a for a, r in self._agents.items() if not r["revoked"]]
 
+    def revoked_ids(self) -> list[str]:
+        return [a for a, r in self._agents.items() if r["revoked"]]
+
     def __len__(self) -> int:
         return len(self._agents)
 
@@ -181,6 +186,18 @@ class AgentHub:
     def persistent_enabled(self) -> bool:
         return self.core.persistent_enabled()
 
+    @property
+    def server_name(self) -> str:
+        return self.core.name
+
+    def revoked_agents(self) -> list[str]:
+        """Agents a gateway must refuse (sent at link welcome; changes follow)."""
+        return self.core.directory.revoked_ids()
+
+    def render_relayed(self, view: Any, env: Envelope) -> Deferred[Envelope]:
+        """An agent's HTTPS call carried by a gateway: the same resource tree answers it."""
+        return render_envelope(self.core.site, view, env, carried_by=b"https")
+
     def authenticate_agent_id(self, agent_id: str) -> str:
         """A node vouches for an agent it verified: is the agent known and not revoked?"""
         record = self.core.directory.get(agent_id)
@@ -210,8 +227,8 @@ class AgentHub:
             url=node.url,
             max=node.max_clients,
         )
-        old = core.nodes.links.get(node.name)
-        core.nodes.links[node.name] = node
+        old = core.nodes.links.get(node.key)
+        core.nodes.links[node.key] = node
         if old is not None and old is not node:
             old._close(codes.CLOSE_SUPERSEDED, "a newer link of this node replaced this one")
         core.store.node_reported(node.name, node.url or "")
@@ -227,10 +244,10 @@ class AgentHub:
 
     def link_closed(self, node: Any) -> None:
         core = self.core
-        name, role = node.name, node.role
-        if core.nodes.links.get(name) is not node:
+        name, role, key = node.name, node.role, node.key
+        if core.nodes.links.get(key) is not node:
             return  # superseded by a newer link of the same node
-        del core.nodes.links[name]
+        del core.nodes.links[key]
         self._log.warn("{role} {name} link lost", role=role, name=name)
         if role != "taskserver":
             return
@@ -303,6 +320,9 @@ class AgentHub:
         return render_envelope(self.core.site, session.transport.peer_transport, env)
 
 
+PROXIED_CERT_HEADER = b"x-tcm-client-cert"
+
+
 class ServerCore:
     """Everything the server's parts share; built by makeService."""
 
@@ -319,6 +339,7 @@ class ServerCore:
         self.version = tcm.__version__
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
         self.ca = CertificateAuthority.load_or_create(config.state_dir)
+        self.name = config.name or _load_or_create_name(config.state_dir)
         self.admin_token = _load_or_create_admin_token(config.state_dir)
         self.tokens = TokenBook(self.admin_token)
         self.store = Store(config.database_url, reactor=reactor)
@@ -330,6 +351,7 @@ class ServerCore:
             config.taskserver_policy, config.taskserver_max_clients
         )
         self.settings = RuntimeSettings(config)
+        self.handshakes: HandshakeLogger | None = None  # set by make_server_service
         self.hub = AgentHub(self)
         self.site = self._make_site()
         self.direct_route = DirectRoute(self.ws_factory.prepareMessage)
@@ -396,8 +418,62 @@ class ServerCore:
             raise ApiError(403, f"agent {agent_id} is revoked")
         return agent_id
 
+    @inlineCallbacks
+    def revoke_agent(self, agent_id: str):
+        """Revoke an agent: stored, refused from now on, its sessions closed with 4007, and
+        every gateway told (it refuses the agent at the upgrade)."""
+        record = self.directory.get(agent_id)
+        if record is None:
+            raise ApiError(404, f"no agent {agent_id}")
+        if record["revoked"]:
+            return False
+        yield self.store.revoke_agent(agent_id)
+        record["revoked"] = True
+        self._log.info("agent {agent} revoked", agent=agent_id)
+        for registry in (self.registry, self.task_registry):
+            session = registry.get(agent_id)
+            if session is not None:
+                session.close(codes.CLOSE_REVOKED)
+        for node in list(self.nodes.links.values()):
+            node.revoked([agent_id])
+        return True
+
     def authenticate_agent(self, request) -> str:
+        forwarded = request.getHeader(PROXIED_CERT_HEADER)
+        if forwarded is not None:
+            return self.authenticate_proxied(request.channel.transport, forwarded)
         return self.authenticate_transport(request.channel.transport)
+
+    def authenticate_proxied(self, transport: Any, escaped_pem: str | bytes) -> str:
+        """The agent id of a client certificate a TLS-terminating reverse proxy (nginx's
+        `$ssl_client_escaped_cert`) forwards in X-Tcm-Client-Cert. Taken only from a
+        registered node (its own client certificate `node:NAME`, enrolled like a gateway),
+        and only for a certificate this server's CA issued."""
+        from urllib.parse import unquote
+
+        from tcm.protocol import link
+
+        cached = getattr(transport, "tcm_agent_id", None)
+        if cached is None:
+            cn = pki.peer_common_name(transport)
+            if cn is None or not cn.startswith(link.NODE_PREFIX):
+                raise ApiError(403, "X-Tcm-Client-Cert is only taken from an enrolled node")
+            node = cn[len(link.NODE_PREFIX) :]
+            refusal = self.nodes.refusal(node, pki.peer_fingerprint(transport))
+            if refusal is not None:
+                raise ApiError(403, refusal)
+            if isinstance(escaped_pem, bytes):
+                escaped_pem = escaped_pem.decode("latin-1")
+            try:
+                cert = pki.load_certificate(unquote(escaped_pem).encode())
+                cached = self.ca.verify_issued(cert)
+            except ValueError as e:
+                raise ApiError(403, f"forwarded client certificate refused: {e}") from None
+            try:
+                transport.tcm_agent_id = cached
+            except AttributeError:
+                pass
+        return self.authenticate_transport(transport)
 
     def agent_polled(self, agent_id: str) -> None:
         """An agent in HTTP mode polled: remember when (for `tcm agents`)."""
@@ -610,6 +686,18 @@ class ServerCore:
             session.close(codes.CLOSE_KEEPALIVE)
 
 
+def _load_or_create_name(state_dir: str) -> str:
+    """This server's name when --name is not given: made once, kept in the state directory
+    (agents' certificates carry it, so it must not change from one start to the next)."""
+    path = os.path.join(state_dir, "server.name")
+    if os.path.exists(path):
+        with open(path) as f:
+            return f.read().strip()
+    name = "s-" + secrets.token_hex(5)
+    pki.write_public(path, name.encode() + b"\n")
+    return name
+
+
 def _load_or_create_admin_token(state_dir: str) -> str:
     path = os.path.join(state_dir, "admin.token")
     if os.path.exists(path):
@@ -680,9 +768,19 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     endpoint = SSL4ServerEndpoint(
         core.reactor, config.port, core.tls_options(), interface=config.interface, backlog=4096
     )
-    listener = StreamServerEndpointService(endpoint, HandshakeLogger(core.site))
+    core.handshakes = HandshakeLogger(core.site)
+    listener = StreamServerEndpointService(endpoint, core.handshakes)
     listener.setServiceParent(top)
     TimerService(config.keepalive, core.sweep_silent_sessions).setServiceParent(top)
     # tcm/server/heap.py: full garbage collections kept off long-lived objects (sessions)
     HeapSettler(lambda: len(core.registry)).setServiceParent(top)
+    if config.metrics_port is not None:
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+
+        from tcm.server.metrics import server_metrics_site
+
+        StreamServerEndpointService(
+            TCP4ServerEndpoint(core.reactor, config.metrics_port, interface="127.0.0.1"),
+            server_metrics_site(core),
+        ).setServiceParent(top)
     return top

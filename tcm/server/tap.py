@@ -26,6 +26,14 @@ class Options(usage.Options):
         ["state-dir", "d", None, "Directory for the CA, certificates, token and database."],
         ["port", "p", 8443, "TCP port for HTTPS and WSS.", int],
         ["interface", "i", "127.0.0.1", "Address to listen on."],
+        ["metrics-port", None, None, "Loopback port for /metrics and /status.", int],
+        [
+            "name",
+            None,
+            None,
+            "This server's name, written in its agents' certificates so gateways route them "
+            "here (default: made once and kept in the state directory).",
+        ],
         [
             "database",
             None,
@@ -84,6 +92,11 @@ class Options(usage.Options):
         self["hostnames"].append(name)
 
     def postOptions(self):
+        if self["name"] is not None:
+            from tcm.server.nodeapi import NODE_NAME
+
+            if not NODE_NAME.match(self["name"]):
+                raise usage.UsageError("--name: a-z, 0-9, '_', '.', '-' (at most 63)")
         if not self["state-dir"]:
             raise usage.UsageError("--state-dir is required")
         if bool(self["cert"]) != bool(self["key"]):
@@ -112,6 +125,8 @@ def config_from(options: Options) -> ServerConfig:
         max_in_flight=options["max-in-flight"],
         taskserver_policy=options["taskserver-policy"],
         taskserver_max_clients=options["taskserver-max-clients"],
+        name=options["name"],
+        metrics_port=options["metrics-port"],
     )
 
 

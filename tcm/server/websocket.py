@@ -43,7 +43,11 @@ class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type:
         if not core.persistent_enabled():
             raise ConnectionDeny(503, codes.CLOSE_REASONS[codes.CLOSE_PERSISTENT_OFF])
         try:
-            agent_id = core.authenticate_transport(self.transport)
+            forwarded = request.headers.get("x-tcm-client-cert")
+            if forwarded is not None:  # behind a TLS-terminating reverse proxy (nginx)
+                agent_id = core.authenticate_proxied(self.transport, forwarded)
+            else:
+                agent_id = core.authenticate_transport(self.transport)
         except ApiError as e:
             self._log.info(
                 "WebSocket upgrade refused from {peer}: {why}", peer=self.peer, why=e.message

@@ -397,6 +397,12 @@ class Store:
         )
         return self.transaction(lambda c: c.execute(t.agents.insert().values(**row)))
 
+    def revoke_agent(self, agent_id: str) -> Deferred[None]:
+        def op(c: Connection) -> None:
+            c.execute(t.agents.update().where(t.agents.c.id == agent_id).values(revoked=True))
+
+        return self.transaction(op)
+
     def agent_seen(
         self,
         agent_id: str,

@@ -43,6 +43,7 @@ class TaskServerConfig:
     max_clients: int = 5000
     keepalive: float = 50.0  # what agents are told to ping at comes from the server
     drain_grace: float = 2.0  # seconds between telling agents to go and stopping
+    metrics_port: int | None = None  # /metrics and /status on loopback
 
     def url(self) -> str:
         host = self.hostnames[0] if self.hostnames else self.interface
@@ -126,6 +127,17 @@ class TaskServerService(service.MultiService):
         )
         listener.setServiceParent(self)
         self.add_link(server, ca_pem, cert_pem, key_pem, cfg.url())
+        if cfg.metrics_port is not None:
+            from twisted.internet.endpoints import TCP4ServerEndpoint
+
+            from tcm.relay.metrics import relay_metrics_site
+
+            StreamServerEndpointService(
+                TCP4ServerEndpoint(self.reactor, cfg.metrics_port, interface="127.0.0.1"),
+                relay_metrics_site(
+                    "tcm_taskserver", f"tcm task server {self.node_name}", self.relay
+                ),
+            ).setServiceParent(self)
 
     def add_link(self, server: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes, url: str):
         from urllib.parse import urlsplit

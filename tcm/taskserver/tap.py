@@ -22,6 +22,7 @@ class Options(usage.Options):
         ["ca-cert", None, None, "The tcm CA certificate (the server's ca.pem), to enroll."],
         ["token", None, None, "One-time enrollment token NAME.SECRET (tcm taskservers enroll)."],
         ["max-clients", None, 5000, "Most agent sessions this task server holds.", int],
+        ["metrics-port", None, None, "Loopback port for /metrics and /status.", int],
         ["keepalive", None, 50.0, "Seconds between the agents' pings (as the server's).", float],
     ]
 
@@ -52,5 +53,6 @@ def makeService(options: Options):
             token=options["token"],
             max_clients=options["max-clients"],
             keepalive=options["keepalive"],
+            metrics_port=options["metrics-port"],
         )
     )

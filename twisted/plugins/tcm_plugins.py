@@ -26,3 +26,9 @@ tcmAllInOne = ServiceMaker(
     "tcm management server and task server in one process (embedded defaults)",
     "tcm",
 )
+tcmGateway = ServiceMaker(
+    "tcm internet gateway",
+    "tcm.gateway.tap",
+    "tcm internet gateway (agents' sessions and HTTPS relayed to several servers)",
+    "tcm-gateway",
+)

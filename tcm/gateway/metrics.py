@@ -1,0 +1,75 @@
+"""The gateway's /metrics and /status (loopback, --metrics-port)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from twisted.web.server import Site
+
+from tcm.metrics import SnapshotCollector, metrics_site
+from tcm.relay.metrics import fanout_histogram, relay_families
+
+PREFIX = "tcm_gateway"
+
+
+class GatewayMetrics:
+    """The gateway's metric families, from the relay's own counters at scrape time."""
+
+    def __init__(self, gateway: Any):
+        self.gateway = gateway
+        self.registry = CollectorRegistry()
+        self.registry.register(SnapshotCollector(self.families))  # type: ignore[arg-type]
+        histogram = fanout_histogram(PREFIX, self.registry)
+        gateway.relay.fanout = histogram.observe
+
+    def https(self) -> dict[str, int]:
+        root = self.gateway.root
+        if root is None:
+            return {}
+        out: dict[str, int] = {"relayed": 0}
+        for fwd in [root.forward, *root.named.values()]:
+            out["relayed"] += fwd.requests
+            for k, v in fwd.failures.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    def families(self):
+        gw = self.gateway
+        return relay_families(PREFIX, gw.relay, gw.tls_failures(), self.https())
+
+    def status(self) -> dict[str, Any]:
+        gw = self.gateway
+        relay = gw.relay
+        per = relay.sessions_per_upstream()
+        upstreams = []
+        for name, url in gw.config.upstreams:
+            factory = gw.links.get(name)
+            upstreams.append(
+                {
+                    "upstream": name,
+                    "url": url,
+                    "server": (factory.server_name if factory is not None else None) or "-",
+                    "link": "up" if name in relay.upstreams else "down",
+                    "sessions": per.get(name, 0),
+                    "revoked agents": len(relay.revoked.get(name, ())),
+                }
+            )
+        return {
+            "summary": {
+                "worker": gw.config.worker or 0,
+                "sessions": len(relay.conns),
+                "accepted": relay.accepted,
+                "refused": sum(relay.refused.values()),
+                "pushes": relay.pushes,
+                "messages in / out": f"{relay.frames_in} / {relay.frames_out}",
+                "bytes in / out": f"{relay.bytes_in} / {relay.bytes_out}",
+                "draining": relay.draining,
+                "uptime (s)": int(gw.reactor.seconds() - gw.started_at),
+            },
+            "tables": {"Upstreams": upstreams},
+        }
+
+
+def metrics_site_for(metrics: GatewayMetrics) -> Site:
+    return metrics_site(metrics.registry, "tcm gateway", metrics.status)

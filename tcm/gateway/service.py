@@ -1,0 +1,378 @@
+"""The gateway service: enroll with each upstream, listen for agents, keep the links up.
+
+State directory:
+    upstreams/NAME/    one node identity per upstream server (tcm/relay/node.py's files)
+    cert.pem, key.pem  optional: the admin's certificate for the agents' side (--cert/--key)
+
+Agent-facing paths (one TLS port, client certificates from the tcm CA):
+    /agent/v1/ws                 an agent's own (core) session -> the server in its certificate
+    /task/v1/ws                  its task-client session -> the same server's link, channel task
+    /agent/v1/...                its HTTPS calls (fallback, long-polls) -> `request` link messages
+    /upstream/NAME/agent/v1/...  the same, naming the upstream: enrollment (no certificate yet)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+from autobahn.twisted.resource import WebSocketResource
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from zope.interface import implementer
+
+from tcm import pki
+from tcm.gateway.forward import AgentApiForwarder
+from tcm.process import raise_descriptor_limit, stop_with_failure
+from tcm.relay.edge import EdgeFactory, Relay
+from tcm.relay.node import NodeEnrollmentError, NodeState, client_endpoint, enroll_node
+from tcm.relay.upstream import UpstreamFactory, upstream_service
+from tcm.server.ca import HandshakeLogger, server_tls_options
+
+
+@attrs.define
+class GatewayConfig:
+    state_dir: str
+    upstreams: list[tuple[str, str]]  # (NAME, https://SERVER:PORT), the first is the default
+    tokens: dict[str, str] = attrs.field(factory=dict)  # NAME -> NODE.SECRET (first start)
+    port: int = 8445
+    interface: str = "127.0.0.1"
+    hostnames: list[str] = attrs.field(factory=list)
+    ca_cert: str | None = None  # the tcm CA (for enrollment)
+    cert: str | None = None  # the admin's certificate for the agents' side ...
+    key: str | None = None  # ... and its key (default: the node certificate)
+    max_clients: int = 19000
+    keepalive: float = 50.0
+    drain_grace: float = 5.0  # seconds between telling agents to go and stopping
+    metrics_port: int | None = None  # /metrics and /status on loopback (+ worker number)
+    workers: int = 1
+    worker: int | None = None  # set in worker processes the first one starts
+    max_message_size: int = 1024 * 1024
+
+    def url(self) -> str:
+        host = self.hostnames[0] if self.hostnames else self.interface
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"wss://{host}:{self.port}/agent/v1/ws"
+
+
+class GatewayRoot(Resource):
+    """The agents' tree: WebSocket endpoints, the relayed agent API, /upstream/NAME/..."""
+
+    def __init__(self, relay: Relay, core_ws: Any, task_ws: Any, max_body: int):
+        super().__init__()
+        self.relay = relay
+        self.core_ws = core_ws
+        self.task_ws = task_ws
+        self.forward = AgentApiForwarder(relay, max_body)
+        self.named = {n: AgentApiForwarder(relay, max_body, wanted=n) for n in relay.names}
+
+    def getChild(self, path, request):
+        parts = [path, *request.postpath]
+        forward = self.forward
+        if path == b"upstream" and request.postpath:
+            name = request.postpath[0].decode("ascii", "replace")
+            if name not in self.named:
+                return _NotFound(f"no upstream {name!r} at this gateway")
+            forward = self.named[name]
+            parts = parts[2:]
+        if parts[:3] in ([b"agent", b"v1", b"ws"], [b"task", b"v1", b"ws"]) and len(parts) == 3:
+            set_timeout = getattr(request.channel, "setTimeout", None)
+            if set_timeout is not None:
+                set_timeout(None)  # the WebSocket takes the connection over
+            return self.core_ws if parts[0] == b"agent" else self.task_ws
+        if parts[:2] == [b"agent", b"v1"] and (path != b"upstream" or forward is not self.forward):
+            return forward
+        return _NotFound()
+
+    def render(self, request):
+        return _NotFound().render(request)
+
+
+class _NotFound(Resource):
+    isLeaf = True
+
+    def __init__(self, why: str = "not a path of this gateway"):
+        super().__init__()
+        self.why = why
+
+    def render(self, request):
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"error": self.why}).encode()
+
+
+@implementer(IStreamServerEndpoint)
+class ReusePortTLSEndpoint:
+    """A TLS listener on a port several processes share (SO_REUSEPORT): the kernel spreads
+    new connections over the worker processes, each with its own descriptor limit."""
+
+    def __init__(self, reactor: Any, port: int, tls: Any, interface: str, backlog: int):
+        self.reactor, self.port, self.tls = reactor, port, tls
+        self.interface, self.backlog = interface, backlog
+
+    def listen(self, factory: Any) -> Deferred:
+        family = socket.AF_INET6 if ":" in self.interface else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((self.interface, self.port))
+        sock.listen(self.backlog)
+        sock.setblocking(False)
+        try:
+            port = self.reactor.adoptStreamPort(
+                sock.fileno(), family, TLSMemoryBIOFactory(self.tls, False, factory)
+            )
+        finally:
+            sock.close()  # the reactor holds its own copy of the descriptor
+        return succeed(port)
+
+
+class GatewayService(service.MultiService):
+    """Enroll where needed; then the agents' listener, the upstream links, the sweep, the
+    metrics site; drain on stop."""
+
+    _log = Logger()
+
+    def __init__(self, config: GatewayConfig, reactor: Any = None):
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.reactor = reactor
+        self.config = config
+        self.states = {
+            name: NodeState(os.path.join(config.state_dir, "upstreams", name))
+            for name, _ in config.upstreams
+        }
+        self.relay = Relay(
+            reactor,
+            config.max_clients,
+            channel="core",
+            upstream_names=[n for n, _ in config.upstreams],
+        )
+        self.links: dict[str, UpstreamFactory] = {}
+        self.link_services: dict[str, Any] = {}
+        self.root: GatewayRoot | None = None
+        self.children_procs: list[Any] = []
+        self.started_at = reactor.seconds()
+        self.metrics: Any = None
+
+    def privilegedStartService(self):
+        service.Service.privilegedStartService(self)
+
+    def startService(self):
+        service.Service.startService(self)
+        d = self._prepare()
+        d.addCallback(self._start_children)
+        d.addErrback(self._fatal)
+
+    @inlineCallbacks
+    def _prepare(self):
+        cfg = self.config
+        names = sorted({cfg.interface, *cfg.hostnames} - {"0.0.0.0", "::", ""})
+        for name, url in cfg.upstreams:
+            state = self.states[name]
+            if state.enrolled():
+                continue
+            token = cfg.tokens.get(name)
+            if not (token and cfg.ca_cert):
+                raise NodeEnrollmentError(
+                    f"upstream {name} is not enrolled yet: give --ca-cert and "
+                    f"--upstream-token {name}=TOKEN (from `tcm gateways enroll NAME` on {url})"
+                )
+            with open(cfg.ca_cert, "rb") as f:
+                ca_pem = f.read()
+            yield enroll_node(self.reactor, state, url, ca_pem, token, names)
+        self.build()
+
+    def build(self) -> None:
+        cfg = self.config
+        first = self.states[cfg.upstreams[0][0]]
+        cas: list[bytes] = []
+        for state in self.states.values():
+            ca = state.tls()[0]
+            if ca not in cas:
+                cas.append(ca)
+        if cfg.cert and cfg.key:
+            with open(cfg.cert, "rb") as f:
+                cert_pem = f.read()
+            with open(cfg.key, "rb") as f:
+                key_pem = f.read()
+        else:
+            _, cert_pem, key_pem = first.tls()
+        tls = server_tls_options(key_pem, cert_pem, cas)
+        core = EdgeFactory(self.relay, cfg.url(), cfg.max_message_size, channel="core")
+        task = EdgeFactory(self.relay, cfg.url(), cfg.max_message_size, channel="task")
+        self.root = GatewayRoot(
+            self.relay, WebSocketResource(core), WebSocketResource(task), cfg.max_message_size
+        )
+        site = Site(self.root, timeout=90)  # longer than the longest long-poll (60 s)
+        site.displayTracebacks = False
+        if cfg.workers > 1:
+            endpoint: Any = ReusePortTLSEndpoint(self.reactor, cfg.port, tls, cfg.interface, 4096)
+        else:
+            endpoint = SSL4ServerEndpoint(
+                self.reactor, cfg.port, tls, interface=cfg.interface, backlog=4096
+            )
+        self.handshakes = HandshakeLogger(site)  # TLS failures, counted by reason
+        StreamServerEndpointService(endpoint, self.handshakes).setServiceParent(self)
+        for name, url in cfg.upstreams:
+            state = self.states[name]
+            ca_pem, node_cert, node_key = state.tls()
+            host = urlsplit(url).hostname or "127.0.0.1"
+            client_tls = pki.client_tls_options(host, ca_pem, node_cert, node_key)
+            factory = UpstreamFactory(
+                self.relay,
+                url,
+                state.meta()["name"],
+                "gateway",
+                cfg.url(),
+                upstream_name=name,
+                worker=(cfg.worker or 0) if cfg.workers > 1 else None,
+            )
+            self.links[name] = factory
+            svc = upstream_service(
+                self.reactor, client_endpoint(self.reactor, url, client_tls), factory
+            )
+            svc.setServiceParent(self)
+            self.link_services[name] = svc
+        TimerService(cfg.keepalive, self._sweep).setServiceParent(self)
+        if cfg.metrics_port is not None:
+            from tcm.gateway.metrics import GatewayMetrics, metrics_site_for
+
+            self.metrics = GatewayMetrics(self)
+            StreamServerEndpointService(
+                TCP4ServerEndpoint(
+                    self.reactor, cfg.metrics_port + (cfg.worker or 0), interface="127.0.0.1"
+                ),
+                metrics_site_for(self.metrics),
+            ).setServiceParent(self)
+
+    def tls_failures(self) -> dict[str, int]:
+        handshakes = getattr(self, "handshakes", None)
+        return dict(handshakes.failures) if handshakes is not None else {}
+
+    def _start_children(self, _):
+        if not self.running:
+            return
+        cfg = self.config
+        self._log.info(
+            "gateway{worker}: agents at {url} for {n} upstreams ({names}), at most {max} sessions",
+            worker="" if cfg.worker is None else f" worker {cfg.worker}",
+            url=cfg.url(),
+            n=len(cfg.upstreams),
+            names=", ".join(n for n, _ in cfg.upstreams),
+            max=cfg.max_clients,
+        )
+        for child in self:
+            if not child.running:  # added while this service ran: MultiService started it
+                child.startService()
+        if cfg.workers > 1 and not cfg.worker:
+            self._spawn_workers()
+
+    def _spawn_workers(self) -> None:
+        """Start workers 1..N-1: the same gateway in other processes on the same port."""
+        from twisted.internet.protocol import ProcessProtocol
+
+        argv = worker_argv(sys.argv)
+        for k in range(1, self.config.workers):
+            proc = self.reactor.spawnProcess(
+                ProcessProtocol(),
+                sys.executable,
+                [sys.executable, *argv, "--worker-index", str(k)],
+                env=os.environ,
+                childFDs={0: 0, 1: 1, 2: 2},
+            )
+            self.children_procs.append(proc)
+            self._log.info("worker {k} started (pid {pid})", k=k, pid=proc.pid)
+
+    def _sweep(self) -> None:
+        cfg = self.config
+        self.relay.sweep(self.reactor.seconds() - (2 * cfg.keepalive + 20.0))
+
+    def _fatal(self, f):
+        if f.check(NodeEnrollmentError):
+            self._log.error("{why}", why=f.getErrorMessage())
+        else:
+            self._log.failure("gateway failed to start", f)
+        stop_with_failure(self.reactor)
+
+    def stopService(self):
+        """Drain: refuse new agents, tell connected ones to reconnect elsewhere (4006), wait
+        the grace period, then stop the listener and the links."""
+        service.Service.stopService(self)
+        for proc in self.children_procs:
+            try:
+                proc.signalProcess(signal.SIGTERM)
+            except Exception:  # already gone
+                pass
+        n = self.relay.drain()
+        if n:
+            self._log.info(
+                "draining: told {n} agents to reconnect elsewhere (4006); stopping in {g} s",
+                n=n,
+                g=self.config.drain_grace,
+            )
+        wait: Deferred = deferLater(self.reactor, self.config.drain_grace if n else 0, lambda: None)
+
+        def stop_children(_):
+            return DeferredList(
+                [maybeDeferred(c.stopService) for c in reversed(list(self)) if c.running]
+            )
+
+        return wait.addCallback(stop_children)
+
+
+def worker_argv(argv: list[str]) -> list[str]:
+    """A worker's command line from the first process's: the same twistd options (without
+    pid and log files, in the foreground) and the same gateway options."""
+    plugin = argv.index("tcm-gateway") if "tcm-gateway" in argv else len(argv)
+    twistd: list[str] = []
+    skip = False
+    for a in argv[1:plugin]:
+        if skip:
+            skip = False
+            continue
+        if a in ("--pidfile", "--logfile", "-l"):
+            skip = True
+            continue
+        if a.startswith(("--pidfile=", "--logfile=")) or a in ("-n", "--nodaemon"):
+            continue
+        twistd.append(a)
+    gateway: list[str] = []
+    for a in argv[plugin:]:
+        if skip:
+            skip = False
+            continue
+        if a == "--worker-index":
+            skip = True
+            continue
+        if not a.startswith("--worker-index="):
+            gateway.append(a)
+    run = "from twisted.scripts.twistd import run; run()"
+    return ["-c", run, "-n", "--pidfile=", *twistd, *gateway]
+
+
+def make_gateway_service(config: GatewayConfig, reactor: Any = None) -> GatewayService:
+    limit = raise_descriptor_limit()
+    Logger().info("this process may hold about {n} connections (descriptor limit)", n=limit)
+    os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+    return GatewayService(config, reactor)

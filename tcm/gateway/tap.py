@@ -1,0 +1,97 @@
+"""twistd tcm-gateway: options and makeService."""
+
+from __future__ import annotations
+
+from twisted.python import usage
+
+from tcm.gateway.service import GatewayConfig, make_gateway_service
+from tcm.server.nodeapi import NODE_NAME
+
+
+class Options(usage.Options):
+    synopsis = (
+        "--state-dir DIR --upstream NAME=URL [--upstream NAME=URL ...] [--port P] "
+        "[--ca-cert ca.pem --upstream-token NAME=TOKEN ...]"
+    )
+    longdesc = (
+        "The tcm internet gateway: terminates agents' TLS (client certificates from the tcm "
+        "CA), routes each agent to the server named in its certificate, and carries its "
+        "sessions and HTTPS calls over one mutual-TLS link per upstream server. Register it "
+        "on each server with `tcm gateways enroll NAME`; the first start enrolls with those "
+        "tokens. SIGTERM drains: agents are told to reconnect elsewhere (4006)."
+    )
+    optParameters = [
+        ["state-dir", "d", None, "Directory for the gateway's keys and certificates."],
+        ["port", "p", 8445, "TCP port for the agents (WSS and HTTPS).", int],
+        ["interface", "i", "127.0.0.1", "Address to listen on."],
+        ["ca-cert", None, None, "The tcm CA certificate (a server's ca.pem), to enroll."],
+        ["cert", None, None, "Certificate (PEM) for the agents' side (default: the node's)."],
+        ["key", None, None, "Private key of --cert (PEM)."],
+        ["max-clients", None, 19000, "Most agent sessions one worker process holds.", int],
+        ["keepalive", None, 50.0, "Seconds between the agents' pings (as the servers').", float],
+        ["drain-grace", None, 5.0, "Seconds between telling agents to go and stopping.", float],
+        ["metrics-port", None, None, "Loopback port for /metrics and /status (+ worker).", int],
+        ["workers", None, 1, "Processes sharing the port (SO_REUSEPORT).", int],
+        ["worker-index", None, None, "(internal) this worker's number.", int],
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self["upstreams"] = []
+        self["tokens"] = {}
+        self["hostnames"] = []
+
+    def opt_upstream(self, value):
+        """NAME=https://SERVER:PORT, a management server this gateway serves (repeatable)."""
+        name, sep, url = value.partition("=")
+        if not sep or not NODE_NAME.match(name) or not url.startswith("https://"):
+            raise usage.UsageError(f"--upstream wants NAME=https://HOST:PORT, not {value!r}")
+        if any(n == name for n, _ in self["upstreams"]):
+            raise usage.UsageError(f"--upstream {name} given twice")
+        self["upstreams"].append((name, url.rstrip("/")))
+
+    def opt_upstream_token(self, value):
+        """NAME=TOKEN: the one-time token from `tcm gateways enroll` on that upstream."""
+        name, sep, token = value.partition("=")
+        if not sep or not token:
+            raise usage.UsageError(f"--upstream-token wants NAME=TOKEN, not {value!r}")
+        self["tokens"][name] = token
+
+    def opt_hostname(self, name):
+        """A DNS name or address agents use to reach this gateway (repeatable)."""
+        self["hostnames"].append(name)
+
+    def postOptions(self):
+        if not self["state-dir"]:
+            raise usage.UsageError("--state-dir is required")
+        if not self["upstreams"]:
+            raise usage.UsageError("at least one --upstream NAME=URL is required")
+        unknown = set(self["tokens"]) - {n for n, _ in self["upstreams"]}
+        if unknown:
+            raise usage.UsageError(f"--upstream-token for unknown upstream {sorted(unknown)}")
+        if bool(self["cert"]) != bool(self["key"]):
+            raise usage.UsageError("--cert and --key go together")
+        if self["max-clients"] < 1 or self["workers"] < 1:
+            raise usage.UsageError("--max-clients and --workers must be at least 1")
+
+
+def makeService(options: Options):
+    return make_gateway_service(
+        GatewayConfig(
+            state_dir=options["state-dir"],
+            upstreams=options["upstreams"],
+            tokens=options["tokens"],
+            port=options["port"],
+            interface=options["interface"],
+            hostnames=options["hostnames"],
+            ca_cert=options["ca-cert"],
+            cert=options["cert"],
+            key=options["key"],
+            max_clients=options["max-clients"],
+            keepalive=options["keepalive"],
+            drain_grace=options["drain-grace"],
+            metrics_port=options["metrics-port"],
+            workers=options["workers"],
+            worker=options["worker-index"],
+        )
+    )

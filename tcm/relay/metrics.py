@@ -1,0 +1,99 @@
+"""Metric families of a relay node (gateway or task server), built at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram
+from twisted.web.server import Site
+
+from tcm.metrics import SnapshotCollector, counter, gauge, metrics_site
+
+FANOUT_BUCKETS = (1, 2, 5, 10, 50, 100, 500, 1000, 5000, 10000, 20000)
+
+
+def fanout_histogram(prefix: str, registry: Any) -> Histogram:
+    """Connections reached by each push (observed once per push, not per connection)."""
+    return Histogram(
+        f"{prefix}_push_fanout",
+        "Agent connections one push from a server was fanned out to",
+        buckets=FANOUT_BUCKETS,
+        registry=registry,
+    )
+
+
+def relay_families(
+    prefix: str, relay: Any, tls_failures: dict[str, int], https: dict[str, int] | None = None
+) -> Iterable[Any]:
+    yield gauge(f"{prefix}_sessions", "Agent sessions held now", len(relay.conns))
+    yield gauge(
+        f"{prefix}_upstream_sessions",
+        "Agent sessions held now, by upstream",
+        labels={k: float(v) for k, v in relay.sessions_per_upstream().items()},
+        label="upstream",
+    )
+    yield gauge(
+        f"{prefix}_upstream_up",
+        "1 when the link to that upstream is up (welcomed), else 0",
+        labels={n: 1.0 if n in relay.upstreams else 0.0 for n in relay.names},
+        label="upstream",
+    )
+    yield counter(f"{prefix}_handshakes", "Agent WebSocket upgrades accepted", relay.accepted)
+    yield counter(
+        f"{prefix}_handshake_failures",
+        "Agent connections refused, by reason (TLS failures as tls:REASON)",
+        labels={
+            **{k: float(v) for k, v in relay.refused.items()},
+            **{f"tls:{k}": float(v) for k, v in tls_failures.items()},
+        },
+        label="reason",
+    )
+    yield counter(f"{prefix}_messages_in", "Messages from agents to servers", relay.frames_in)
+    yield counter(
+        f"{prefix}_messages_out", "Messages to agents (each fanned-out copy)", relay.frames_out
+    )
+    yield counter(f"{prefix}_bytes_in", "Payload bytes from agents to servers", relay.bytes_in)
+    yield counter(f"{prefix}_bytes_out", "Payload bytes to agents", relay.bytes_out)
+    yield counter(f"{prefix}_pushes", "Pushes from servers fanned out here", relay.pushes)
+    yield gauge(f"{prefix}_draining", "1 while draining", 1.0 if relay.draining else 0.0)
+    if https is not None:
+        yield counter(
+            f"{prefix}_https_requests",
+            "Agent HTTPS calls relayed, and refused by status",
+            labels={k: float(v) for k, v in https.items()},
+            label="outcome",
+        )
+
+
+def relay_status(relay: Any) -> dict[str, Any]:
+    per = relay.sessions_per_upstream()
+    return {
+        "summary": {
+            "sessions": len(relay.conns),
+            "accepted": relay.accepted,
+            "refused": sum(relay.refused.values()),
+            "pushes": relay.pushes,
+            "messages in / out": f"{relay.frames_in} / {relay.frames_out}",
+            "bytes in / out": f"{relay.bytes_in} / {relay.bytes_out}",
+            "draining": relay.draining,
+        },
+        "tables": {
+            "Upstreams": [
+                {
+                    "upstream": n,
+                    "link": "up" if n in relay.upstreams else "down",
+                    "sessions": per.get(n, 0),
+                }
+                for n in relay.names
+            ]
+        },
+    }
+
+
+def relay_metrics_site(prefix: str, title: str, relay: Any) -> Site:
+    """/metrics and /status of a relay node without more to tell (the task server)."""
+    registry = CollectorRegistry()
+    registry.register(SnapshotCollector(lambda: relay_families(prefix, relay, {})))  # type: ignore[arg-type]
+    relay.fanout = fanout_histogram(prefix, registry).observe
+    return metrics_site(registry, title, lambda: relay_status(relay))
