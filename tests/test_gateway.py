@@ -121,6 +121,22 @@ def test_two_servers_behind_one_gateway_routing_fallback_and_revocation(stack):
     targets = {t["agent"]: t["state"] for t in beta.job(job_b["job"])["results"]}
     assert targets == {a.agent_id: "succeeded" for a in b_agents}
 
+    # Task sessions stay on the gateway too (no task server is reachable from outside):
+    # the welcome names the gateway's /task/v1/ws, and a task goes over it.
+    for a in a_agents:
+        wait_until(
+            lambda a=a: a.count("task session open with gateway:gw1") >= 1,
+            30,
+            0.1,
+            f"{a.name} task session through the gateway",
+        )
+    assert alpha.count("task session open via gateway:gw1") >= 3
+    task = _run(
+        alpha, "command.run", "--arg", 'argv=["echo","via-gw"]', "--targets", "all", "--wait"
+    )
+    assert task["counts"]["succeeded"] == 3, task
+    assert all(r["result"]["stdout"] == "via-gw\n" for r in task["results"])
+
     # HTTPS fallback through the gateway: beta switches persistent connections off; its
     # agents poll (long-polls, relayed as link requests) and still get and answer jobs.
     beta.cli("settings", "set", "persistent_connections", "false")
@@ -154,6 +170,31 @@ def test_two_servers_behind_one_gateway_routing_fallback_and_revocation(stack):
     assert victim.count("is revoked") >= 1  # the agent's log names the reason
     job_a2 = _run(alpha, "ping", "--targets", "all", "--wait")
     assert job_a2["counts"]["succeeded"] == 2, job_a2  # the revoked agent is no target
+
+    # Approval: with require_approval on, a new agent enrolls but is refused at the gateway
+    # until an admin approves it; then its session opens without a restart.
+    alpha.cli("settings", "set", "require_approval", "true")
+    newcomer = AgentProc(str(base), "up-a-newcomer")
+    newcomer.args += [
+        "--server",
+        f"{gw.url}/upstream/up-a",
+        "--ca-cert",
+        alpha.ca,
+        "--token",
+        alpha.token(uses=1),
+    ]
+    add(newcomer)
+    newcomer.start(wait=False)
+    wait_until(
+        lambda: gw.count("is awaiting approval") >= 1, 30, 0.1, "the gateway refuses the newcomer"
+    )
+    assert newcomer.count(AgentProc.SESSION_OPEN) == 0
+    pending = [a for a in alpha.agents() if not a["approved"]]
+    assert [a["id"] for a in pending] == [newcomer.agent_id]
+    assert "awaiting approval" in newcomer.log()
+    alpha.cli("agents", "approve", newcomer.agent_id)
+    newcomer.wait_session(1, timeout=60)
+    assert "agent.approve" in alpha.cli("audit")
 
 
 def _metrics(port: int) -> dict[str, float]:
@@ -199,7 +240,8 @@ def test_drain_moves_agents_to_a_second_gateway_without_losing_a_job(stack):
     for a in agents:
         wait_until(lambda a=a: a.count("4006") >= 1, 20, 0.1, f"{a.name} told to go")
         a.wait_session(2)
-    assert gw1.count("draining: told 3 agents to reconnect elsewhere") == 1
+    # three agents, each with its own session and its task session
+    assert gw1.count("draining: told 6 sessions to reconnect elsewhere") == 1
     wait_until(lambda: _gateway_listing(alpha, "gw2")["sessions"] == 3, 30, 0.1, "three on gw2")
     wait_until(lambda: not gw1.alive(), 30, 0.1, "gw1 stopped after its grace period")
 
@@ -226,15 +268,16 @@ def test_metrics_parse_and_move_with_traffic_and_the_status_page(stack):
     gw = add(GatewayProc(str(base), "gw1", {"up-a": alpha}, extra=["--metrics-port", str(mport)]))
     gw.start()
     _agents_via(base, gw, "up-a", alpha, 2, add)
+    # two agents, each with its own session and its task session (both on the gateway)
     before = wait_until(
-        lambda: (lambda m: m if m["tcm_gateway_sessions"] == 2 else None)(_metrics(mport)),
+        lambda: (lambda m: m if m["tcm_gateway_sessions"] == 4 else None)(_metrics(mport)),
         20,
         0.1,
-        "two sessions in the metrics",
+        "four sessions in the metrics",
     )
     assert before["tcm_gateway_upstream_up{upstream=up-a}"] == 1
-    assert before["tcm_gateway_upstream_sessions{upstream=up-a}"] == 2
-    assert before["tcm_gateway_handshakes_total"] >= 2
+    assert before["tcm_gateway_upstream_sessions{upstream=up-a}"] == 4
+    assert before["tcm_gateway_handshakes_total"] >= 4
 
     job = _run(alpha, "ping", "--targets", "all", "--wait")
     assert job["counts"]["succeeded"] == 2
@@ -293,24 +336,27 @@ def test_worker_processes_share_the_port_each_with_its_own_link(stack):
             str(base),
             "gw1",
             {"up-a": alpha},
-            extra=["--workers", "2", "--max-clients", "4", "--drain-grace", "1"],
+            extra=["--workers", "2", "--max-clients", "8", "--drain-grace", "1"],
         )
     )
     gw.start()
     wait_until(
         lambda: len(_gateway_listing(alpha, "gw1")["links"]) == 2, 30, 0.1, "two worker links"
     )
-    # six agents, at most four per worker: both workers hold some (a full one answers 503
-    # and the agent's next attempt lands wherever the kernel sends it)
+    # six agents with two sessions each (their own and their task session), at most eight
+    # per worker: both workers hold some (a full one answers 503 and the agent's next
+    # attempt lands wherever the kernel sends it)
     _agents_via(base, gw, "up-a", alpha, 6, add)
     listing = wait_until(
-        lambda: (lambda g: g if g["sessions"] == 6 else None)(_gateway_listing(alpha, "gw1")),
+        lambda: (lambda g: g if g["sessions"] == 6 and g["task_sessions"] == 6 else None)(
+            _gateway_listing(alpha, "gw1")
+        ),
         60,
         0.2,
-        "six sessions over two workers",
+        "twelve sessions over two workers",
     )
-    per_worker = sorted(link["sessions"] for link in listing["links"])
-    assert sum(per_worker) == 6 and per_worker[0] >= 2, listing
+    per_worker = sorted(link["sessions"] + link["task_sessions"] for link in listing["links"])
+    assert sum(per_worker) == 12 and per_worker[0] >= 4, listing
     assert sorted(link["worker"] for link in listing["links"]) == [0, 1]
     ping = _run(alpha, "ping", "--targets", "all", "--wait")
     assert ping["counts"]["succeeded"] == 6

@@ -363,3 +363,17 @@ def test_a_full_batch_goes_at_once_and_bad_batches_are_refused():
     header, payload = link.decode(outer, link.NODE_SENDS)
     with pytest.raises(link.LinkError, match="unexpected"):
         link.unbatch(header, payload, link.NODE_SENDS)  # no batch inside a batch
+
+
+def test_agents_awaiting_approval_are_refused_until_approved():
+    clock = Clock()
+    relay = Relay(clock, max_clients=5)
+    relay.upstream = object()  # a link is up
+    name = relay.names[0] if getattr(relay, "names", None) else None
+    relay.set_pending(name, ["a-1", "a-2"], [], full=True)
+    assert relay.refusal("a-1", name) == (403, "agent a-1 is awaiting approval")
+    relay.set_pending(name, [], ["a-1"])
+    assert relay.refusal("a-1", name) is None
+    assert relay.refusal("a-2", name) == (403, "agent a-2 is awaiting approval")
+    with pytest.raises(link.LinkError, match="approved"):
+        link.decode(link.encode({"t": "pending", "agents": [], "approved": [1]}), link.SERVER_SENDS)

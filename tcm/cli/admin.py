@@ -236,6 +236,15 @@ def cmd_gateways_enroll(api: Api, args) -> int:
     return 0
 
 
+def cmd_agents_approve(api: Api, args) -> int:
+    reply = api.call("POST", f"/agents/{args.agent_id}/approve", {})
+    if args.json:
+        _dump(reply)
+    else:
+        print(f"{args.agent_id} approved" if reply["changed"] else f"{args.agent_id} was approved")
+    return 0
+
+
 def cmd_agents_revoke(api: Api, args) -> int:
     reply = api.call("POST", f"/agents/{args.agent_id}/revoke", {})
     if args.json:
@@ -782,7 +791,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_token_list)
 
-    ag = sub.add_parser("agents", help="list agents; revoke one")
+    ag = sub.add_parser("agents", help="list agents; revoke or approve one")
     ag.add_argument("--json", action="store_true")
     ag.set_defaults(func=cmd_agents)
     agsub = ag.add_subparsers(dest="agents_command")
@@ -790,6 +799,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("agent_id")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_agents_revoke)
+    s = agsub.add_parser(
+        "approve", help="approve an agent that enrolled while require_approval is on"
+    )
+    s.add_argument("agent_id")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_agents_approve)
 
     gw = sub.add_parser("gateways", help="internet gateways: list, enroll")
     gw.add_argument("--json", action="store_true")

@@ -327,7 +327,7 @@ class GatewayService(service.MultiService):
         n = self.relay.drain()
         if n:
             self._log.info(
-                "draining: told {n} agents to reconnect elsewhere (4006); stopping in {g} s",
+                "draining: told {n} sessions to reconnect elsewhere (4006); stopping in {g} s",
                 n=n,
                 g=self.config.drain_grace,
             )

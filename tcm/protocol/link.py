@@ -21,6 +21,7 @@ Server -> node:
   {"t": "close", "c", "code", "reason"}                   close that agent connection
   {"t": "response", "r"} + response envelope              the answer to request r
   {"t": "revoked", "agents": [...], "full"}               agents the node must refuse
+  {"t": "pending", "agents": [...], "approved", "full"}   agents awaiting approval (refused)
 Either way:
   {"t": "batch", "n": [len1, len2, ...]} + messages       several link messages, back to back
 
@@ -39,7 +40,9 @@ ENROLL_PATH = "/link/v1/enroll"
 NODE_PREFIX = "node:"  # the CN of a node's certificate; agent ids never contain ':'
 
 NODE_SENDS = frozenset({"hello", "open", "frame", "closed", "request", "batch"})
-SERVER_SENDS = frozenset({"welcome", "frame", "push", "close", "response", "revoked", "batch"})
+SERVER_SENDS = frozenset(
+    {"welcome", "frame", "push", "close", "response", "revoked", "pending", "batch"}
+)
 MAX_BATCH = 256 * 1024  # bytes of messages gathered before a batch goes out anyway
 ROLES = frozenset({"taskserver", "gateway"})
 CHANNELS = frozenset({"core", "task"})  # an agent's own session, or its task-client session
@@ -101,10 +104,11 @@ def decode(message: bytes, allowed: frozenset[str]) -> tuple[dict[str, Any], byt
             raise LinkError(f"link message 'open': channel must be one of {sorted(CHANNELS)}")
     if kind == "request" and not isinstance(header.get("agent"), (str, type(None))):
         raise LinkError("link message 'request': 'agent' must be an agent id or null")
-    if kind == "revoked":
-        agents = header.get("agents")
-        if not isinstance(agents, list) or not all(isinstance(a, str) for a in agents):
-            raise LinkError("link message 'revoked' needs a list of agent ids 'agents'")
+    if kind in ("revoked", "pending"):
+        for field in ("agents", "approved") if kind == "pending" else ("agents",):
+            agents = header.get(field, [])
+            if not isinstance(agents, list) or not all(isinstance(a, str) for a in agents):
+                raise LinkError(f"link message {kind!r} needs a list of agent ids {field!r}")
     if kind == "hello":
         if header.get("role") not in ROLES:
             raise LinkError(f"node role must be one of {sorted(ROLES)}")

@@ -50,6 +50,7 @@ class Relay:
         self.upstreams: dict[str, Any] = {}  # upstream name -> its link, once welcomed
         self.servers: dict[str, str] = {}  # server name (from its welcome) -> upstream name
         self.revoked: dict[str, set[str]] = {}  # upstream name -> agents it revoked
+        self.pending: dict[str, set[str]] = {}  # upstream name -> agents awaiting approval
         self.conns: dict[int, Any] = {}  # connection number -> edge protocol
         self._next = 0
         self.prepare: Any = None  # the edge factory's prepareMessage
@@ -156,6 +157,8 @@ class Relay:
             return 503, "this node is draining; reconnect elsewhere"
         if agent_id is not None and agent_id in self.revoked.get(name, ()):
             return 403, f"agent {agent_id} is revoked"
+        if agent_id is not None and agent_id in self.pending.get(name, ()):
+            return 403, f"agent {agent_id} is awaiting approval"
         if name not in self.upstreams:
             return 503, "this node has no link to its server now; try again later"
         if new_session and len(self.conns) >= self.max_clients:
@@ -264,12 +267,26 @@ class Relay:
                 pending[1].callback(payload)
         elif kind == "revoked":
             self.revoke(name, header["agents"], bool(header.get("full")))
+        elif kind == "pending":
+            self.set_pending(
+                name, header["agents"], header.get("approved", []), bool(header.get("full"))
+            )
 
     def _conn_of(self, conn: int, upstream: str) -> Any:
         proto = self.conns.get(conn)
         if proto is None or _upstream_of(proto, self.names) != upstream:
             return None  # gone, or not this server's agent: a server speaks for its own
         return proto
+
+    def set_pending(
+        self, upstream: str, agent_ids: list[str], approved: list[str], full: bool = False
+    ) -> None:
+        """Agents that server has not approved yet: refused until it says they are."""
+        if full:
+            self.pending[upstream] = set(agent_ids)
+        else:
+            self.pending.setdefault(upstream, set()).update(agent_ids)
+        self.pending[upstream].difference_update(approved)
 
     def revoke(self, upstream: str, agent_ids: list[str], full: bool = False) -> int:
         """Agents that server revoked: refused from now on, their live sessions closed."""

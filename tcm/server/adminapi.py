@@ -74,6 +74,7 @@ class AdminAPI(JsonRouter):
         self.route("GET", "/agents/{agent}", self.agent)
         self.route("GET", "/agents/{agent}/inventory", self.agent_inventory)
         self.route("POST", "/agents/{agent}/revoke", self.revoke_agent, "admin", "revoke agents")
+        self.route("POST", "/agents/{agent}/approve", self.approve_agent, "admin", "approve agents")
         self.route("POST", "/tokens", self.create_token, "admin", "create enrollment tokens")
         self.route("GET", "/tokens", self.tokens)
         self.route("POST", "/jobs", self.create_job, "run", "create jobs")
@@ -178,6 +179,7 @@ class AdminAPI(JsonRouter):
             else max(row["last_seen"] or 0, self.core.last_poll.get(row["id"], 0)) or None,
             "enrolled_at": row["enrolled_at"],
             "revoked": bool(row["revoked"]),
+            "approved": bool(row.get("approved", True)),
             "capabilities": [c["name"] for c in row["capabilities"] or []],
             **self.core.agent_config.running(row["id"]),
         }
@@ -354,6 +356,14 @@ class AdminAPI(JsonRouter):
         return {"policy": core.assignments.policy, "taskservers": out}
 
     @inlineCallbacks
+    def approve_agent(self, request, agent: str):
+        """Approve an agent that enrolled while require_approval was on."""
+        changed = yield self.core.approve_agent(agent)
+        if changed:
+            yield self.core.audit(request.who, "agent.approve", agent, {})
+        return {"agent_id": agent, "approved": True, "changed": changed}
+
+    @inlineCallbacks
     def revoke_agent(self, request, agent: str):
         """Revoke an agent: refused everywhere from now on, its sessions closed (4007)."""
         changed = yield self.core.revoke_agent(agent)
@@ -380,13 +390,15 @@ class AdminAPI(JsonRouter):
                     "name": name,
                     "state": state,
                     "url": links[0].url if links else record.get("url"),
-                    "sessions": sum(n.open_sessions() for n in links),
+                    "sessions": sum(n.open_sessions("core") for n in links),
+                    "task_sessions": sum(n.open_sessions("task") for n in links),
                     "registered_at": record["registered_at"],
                     "enrolled_at": record.get("enrolled_at"),
                     "links": [
                         {
                             "worker": n.worker,
-                            "sessions": n.open_sessions(),
+                            "sessions": n.open_sessions("core"),
+                            "task_sessions": n.open_sessions("task"),
                             "connections": len(n.sessions),
                             "frames_in": n.frames_in,
                             "frames_out": n.frames_out,

@@ -68,8 +68,9 @@ class AgentAPI(JsonRouter):
             self._log.warn("enrollment refused for {host}: {why}", host=hostname, why=str(e))
             raise ApiError(403, str(e)) from None
         fingerprint = pki.fingerprint(pki.load_certificate(cert_pem))
-        yield self.core.store.add_agent(agent_id, hostname, fingerprint, now)
-        self.core.directory.add(agent_id, hostname)
+        approved = not self.core.settings["require_approval"]
+        yield self.core.store.add_agent(agent_id, hostname, fingerprint, now, approved)
+        self.core.agent_enrolled(agent_id, hostname, approved)
         if token_row.get("profile"):
             yield self.core.agent_config.set_enrollment_profile(agent_id, token_row["profile"])
         self._log.info("agent {agent} enrolled ({host})", agent=agent_id, host=hostname)

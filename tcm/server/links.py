@@ -157,6 +157,7 @@ class NodeLink:
         )
         if self.role == "gateway":
             self.send({"t": "revoked", "agents": self.hub.revoked_agents(), "full": True})
+            self.send({"t": "pending", "agents": self.hub.pending_agents(), "full": True})
         self.hub.link_opened(self)
 
     def _on_open(self, header: dict[str, Any], payload: bytes) -> None:
@@ -230,6 +231,11 @@ class NodeLink:
 
         d.addCallbacks(answer, failed)
 
+    def pending(self, agent_ids: list[str], approved: list[str] | None = None) -> None:
+        """Tell a gateway which agents wait for approval (it refuses them until then)."""
+        if self.ready and self.role == "gateway":
+            self.send({"t": "pending", "agents": agent_ids, "approved": approved or []})
+
     def revoked(self, agent_ids: list[str]) -> None:
         """Tell a gateway that these agents are revoked (it refuses them from now on)."""
         if self.ready and self.role == "gateway":
@@ -245,8 +251,13 @@ class NodeLink:
             self.ready = False
             self.hub.link_closed(self)
 
-    def open_sessions(self) -> int:
-        return sum(1 for s in self.sessions.values() if s.state is SessionState.OPEN)
+    def open_sessions(self, channel: str | None = None) -> int:
+        """Open sessions on this link (of one channel: "core" or "task")."""
+        return sum(
+            1
+            for s in self.sessions.values()
+            if s.state is SessionState.OPEN and (channel is None or s.channel == channel)
+        )
 
 
 class NodeLinkProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type: ignore[misc]

@@ -63,6 +63,7 @@ class ServerConfig:
     poll_interval: float = 60.0
     long_poll: float = 30.0  # most seconds the server holds a poll; 0: plain polling only
     persistent_connections: bool = True
+    require_approval: bool = False  # new agents wait for `tcm agents approve` (run-time setting)
     handshake_timeout: float = 30.0
     max_message_size: int = 1024 * 1024
     max_in_flight: int = 64
@@ -87,10 +88,12 @@ class RuntimeSettings(dict):
         "persistent_connections": (bool,),
         "poll_interval": (int, float),
         "long_poll": (int, float),
+        "require_approval": (bool,),
     }
 
     def __init__(self, config: ServerConfig):
         super().__init__(
+            require_approval=config.require_approval,
             persistent_connections=config.persistent_connections,
             poll_interval=config.poll_interval,
             long_poll=config.long_poll,
@@ -131,12 +134,18 @@ class AgentDirectory:
             self._agents[r["id"]] = {
                 "hostname": r["hostname"],
                 "revoked": bool(r["revoked"]),
+                "approved": bool(r.get("approved", True)),
                 "capabilities": None,
                 "described": describe(r["hostname"], r["platform"], r["capabilities"]),
             }
 
-    def add(self, agent_id: str, hostname: str) -> None:
-        self._agents[agent_id] = {"hostname": hostname, "revoked": False, "capabilities": None}
+    def add(self, agent_id: str, hostname: str, approved: bool = True) -> None:
+        self._agents[agent_id] = {
+            "hostname": hostname,
+            "revoked": False,
+            "approved": approved,
+            "capabilities": None,
+        }
 
     def get(self, agent_id: str) -> dict[str, Any] | None:
         return self._agents.get(agent_id)
@@ -146,6 +155,10 @@ class AgentDirectory:
 
     def revoked_ids(self) -> list[str]:
         return [a for a, r in self._agents.items() if r["revoked"]]
+
+    def pending_ids(self) -> list[str]:
+        """Agents enrolled but not approved yet."""
+        return [a for a, r in self._agents.items() if not r.get("approved", True)]
 
     def __len__(self) -> int:
         return len(self._agents)
@@ -172,7 +185,7 @@ class AgentHub:
             "max_in_flight": cfg.max_in_flight,
             "server_version": tcm.__version__,
             "server_time": self.core.clock.seconds(),
-            **(self.task_server_for(session.agent_id) if session.channel == "core" else {}),
+            **(self.task_server_for(session) if session.channel == "core" else {}),
             # none of either: an agent that has none need not fetch them at session start
             "policy_count": len(self.core.agent_config.policies),
             "profile_count": len(self.core.agent_config.profiles),
@@ -190,6 +203,10 @@ class AgentHub:
     def server_name(self) -> str:
         return self.core.name
 
+    def pending_agents(self) -> list[str]:
+        """Agents a gateway must refuse until an admin approves them."""
+        return self.core.directory.pending_ids()
+
     def revoked_agents(self) -> list[str]:
         """Agents a gateway must refuse (sent at link welcome; changes follow)."""
         return self.core.directory.revoked_ids()
@@ -205,12 +222,27 @@ class AgentHub:
             raise ApiError(403, f"unknown agent {agent_id}: enroll again")
         if record["revoked"]:
             raise ApiError(403, f"agent {agent_id} is revoked")
+        if not record.get("approved", True):
+            raise ApiError(
+                403, f"agent {agent_id} is awaiting approval (tcm agents approve {agent_id})"
+            )
         return agent_id
 
-    def task_server_for(self, agent_id: str) -> dict[str, Any]:
-        """Assign the agent a task server (or say why there is none), for welcome/notify."""
+    def task_server_for(self, session: AgentSession) -> dict[str, Any]:
+        """Assign the agent a task server (or say why there is none), for welcome/notify.
+
+        An agent that reaches the server through a gateway keeps its task session on that
+        gateway too (`/task/v1/ws`, relayed to this server's link): task servers are inside
+        the network the gateway stands in front of."""
+        route = session.route
+        if getattr(route, "role", None) == "gateway" and getattr(route, "url", None):
+            base = route.url.rsplit("/agent/v1/ws", 1)[0]
+            return {
+                "task_server": {"name": f"gateway:{route.name}", "url": base + "/task/v1/ws"},
+                "task_server_status": f"through gateway {route.name}",
+            }
         assignments = self.core.assignments
-        name, why = assignments.assign(agent_id)
+        name, why = assignments.assign(session.agent_id)
         if name is None:
             return {"task_server": None, "task_server_status": why}
         return {
@@ -239,6 +271,8 @@ class AgentHub:
         core.assignments.up(node.name, node.url or "", min(limits) if limits else None)
         # Agents that found no task server so far get this one.
         for session in core.registry.all():
+            if session.route is not core.direct_route:
+                continue  # behind a gateway: its task session stays on the gateway
             if core.assignments.of(session.agent_id) is None:
                 self._tell_task_server(session, "a task server became available")
 
@@ -258,7 +292,7 @@ class AgentHub:
                 self._tell_task_server(session, f"task server {name} is down")
 
     def _tell_task_server(self, session: AgentSession, reason: str) -> None:
-        data = self.task_server_for(session.agent_id)
+        data = self.task_server_for(session)
         target = data["task_server"]
         self._log.info(
             "agent {agent}: task server {name} ({why})",
@@ -416,7 +450,33 @@ class ServerCore:
             raise ApiError(403, f"unknown agent {agent_id}: enroll again")
         if record["revoked"]:
             raise ApiError(403, f"agent {agent_id} is revoked")
+        if not record.get("approved", True):
+            raise ApiError(
+                403, f"agent {agent_id} is awaiting approval (tcm agents approve {agent_id})"
+            )
         return agent_id
+
+    @inlineCallbacks
+    def approve_agent(self, agent_id: str):
+        """Approve an agent that enrolled while approval was required; gateways are told."""
+        record = self.directory.get(agent_id)
+        if record is None:
+            raise ApiError(404, f"no agent {agent_id}")
+        if record.get("approved", True):
+            return False
+        yield self.store.approve_agent(agent_id)
+        record["approved"] = True
+        self._log.info("agent {agent} approved", agent=agent_id)
+        for node in list(self.nodes.links.values()):
+            node.pending([], approved=[agent_id])
+        return True
+
+    def agent_enrolled(self, agent_id: str, hostname: str, approved: bool) -> None:
+        self.directory.add(agent_id, hostname, approved)
+        if not approved:
+            self._log.info("agent {agent} awaits approval", agent=agent_id)
+            for node in list(self.nodes.links.values()):
+                node.pending([agent_id])
 
     @inlineCallbacks
     def revoke_agent(self, agent_id: str):

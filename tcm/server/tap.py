@@ -21,6 +21,12 @@ class Options(usage.Options):
             "Start with persistent connections switched off (agents use "
             "HTTPS polling); `tcm settings set` changes it at run time.",
         ],
+        [
+            "require-approval",
+            None,
+            "New agents wait for `tcm agents approve ID` before they are served "
+            "(setting require_approval, changeable at run time).",
+        ],
     ]
     optParameters = [
         ["state-dir", "d", None, "Directory for the CA, certificates, token and database."],
@@ -120,6 +126,7 @@ def config_from(options: Options) -> ServerConfig:
         poll_interval=options["poll-interval"],
         long_poll=options["long-poll"],
         persistent_connections=not options["no-persistent"],
+        require_approval=options["require-approval"],
         handshake_timeout=options["handshake-timeout"],
         max_message_size=options["max-message-size"],
         max_in_flight=options["max-in-flight"],

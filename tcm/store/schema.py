@@ -17,6 +17,8 @@ agents = sa.Table(
     sa.Column("last_seen", sa.Float),
     sa.Column("capabilities", sa.JSON, nullable=False, default=list),
     sa.Column("revoked", sa.Boolean, nullable=False, server_default=sa.false()),
+    # False while an admin has not approved it (with the require_approval setting on)
+    sa.Column("approved", sa.Boolean, nullable=False, server_default=sa.true()),
 )
 
 enrollment_tokens = sa.Table(

@@ -387,15 +387,24 @@ class Store:
         )
 
     # -- agents ----------------------------------------------------------------------
-    def add_agent(self, agent_id: str, hostname: str, fingerprint: str, now: float):
+    def add_agent(
+        self, agent_id: str, hostname: str, fingerprint: str, now: float, approved: bool = True
+    ):
         row = dict(
             id=agent_id,
             hostname=hostname,
             fingerprint=fingerprint,
             enrolled_at=now,
             capabilities=[],
+            approved=approved,
         )
         return self.transaction(lambda c: c.execute(t.agents.insert().values(**row)))
+
+    def approve_agent(self, agent_id: str) -> Deferred[None]:
+        def op(c: Connection) -> None:
+            c.execute(t.agents.update().where(t.agents.c.id == agent_id).values(approved=True))
+
+        return self.transaction(op)
 
     def revoke_agent(self, agent_id: str) -> Deferred[None]:
         def op(c: Connection) -> None:
