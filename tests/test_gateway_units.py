@@ -46,7 +46,8 @@ def _gateway(names=("up-a", "up-b")):
             else:
                 relay.from_server(header, payload, name)
 
-        nodes[name] = NodeLink(name, to_node, lambda c, r: None, hub, clock)
+        # max_batch=0: each link message leaves at once (batching: test_relay_units.py)
+        nodes[name] = NodeLink(name, to_node, lambda c, r: None, hub, clock, max_batch=0)
         nodes[name].message_received(
             link.encode({"t": "hello", "name": "gw1", "role": "gateway", "url": "wss://gw"})
         )
@@ -113,13 +114,17 @@ def test_revoked_agents_are_refused_and_their_sessions_closed():
 def test_the_revoked_list_comes_with_the_welcome():
     hub = Hub()
     hub.revoked = ["a-3"]
-    sent: list[dict[str, Any]] = []
-    node = NodeLink(
-        "gw", lambda d: sent.append(link.decode(d, link.SERVER_SENDS)[0]), print, hub, Clock()
-    )
+    raw: list[bytes] = []
+    clock = Clock()
+    node = NodeLink("gw", raw.append, print, hub, clock)
     node.message_received(link.encode({"t": "hello", "name": "gw", "role": "gateway", "url": "x"}))
+    clock.advance(0)  # the welcome and the lists leave together, as one batch
+    (frame,) = raw
+    header, payload = link.decode(frame, link.SERVER_SENDS)
+    sent = [h for h, _ in link.unbatch(header, payload, link.SERVER_SENDS)]
     assert sent[0]["t"] == "welcome" and sent[0]["server"] == "s1"
     assert sent[1] == {"t": "revoked", "agents": ["a-3"], "full": True}
+    assert sent[2] == {"t": "pending", "agents": [], "full": True}
 
 
 def test_https_calls_cross_the_link_as_request_envelopes():

@@ -136,6 +136,9 @@ class Hub:
     def revoked_agents(self) -> list[str]:
         return list(self.revoked)
 
+    def pending_agents(self) -> list[str]:
+        return []
+
     def render_relayed(self, view, env):
         from twisted.internet.defer import succeed
 

@@ -91,9 +91,10 @@ class NodeLink:
         host: Any = None,
         max_message_size: int = 1024 * 1024,
         channel: str = "task",
+        max_batch: int = link.MAX_BATCH,  # 0: every message in a frame of its own
     ):
         self.name = name
-        self._writer = link.LinkWriter(send, clock)
+        self._writer = link.LinkWriter(send, clock, max_batch)
         self._close = close
         self.hub = hub
         self.clock = clock
