@@ -235,13 +235,17 @@ class AgentHub:
         gateway too (`/task/v1/ws`, relayed to this server's link): task servers are inside
         the network the gateway stands in front of."""
         route = session.route
-        if getattr(route, "role", None) == "gateway" and getattr(route, "url", None):
+        assignments = self.core.assignments
+        if (
+            getattr(route, "role", None) == "gateway"
+            and getattr(route, "url", None)
+            and assignments.registered
+        ):
             base = route.url.rsplit("/agent/v1/ws", 1)[0]
             return {
                 "task_server": {"name": f"gateway:{route.name}", "url": base + "/task/v1/ws"},
                 "task_server_status": f"through gateway {route.name}",
             }
-        assignments = self.core.assignments
         name, why = assignments.assign(session.agent_id)
         if name is None:
             return {"task_server": None, "task_server_status": why}
