@@ -183,6 +183,14 @@ class Server(Process):
             args += ["--ttl", str(ttl)]
         return self.cli(*args).strip()
 
+    def gated_task(self, gate: Any, first: str = "started", last: str = "finished") -> str:
+        """A `command.run` job to every agent that prints `first`, waits until the file
+        `gate` exists, prints `last` and ends: a task that runs as long as the test wants."""
+        script = f'echo {first}; while [ ! -e "{gate}" ]; do sleep 0.05; done; echo {last}'
+        args = json.dumps({"argv": ["sh", "-c", script]})
+        out = self.cli("run", "command.run", "--args-json", args, "--targets", "all", "--json")
+        return json.loads(out)["job"]
+
     def job(self, job_id: str) -> dict[str, Any]:
         return json.loads(self.cli("jobs", "show", job_id, "--json"))
 

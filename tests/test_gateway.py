@@ -227,17 +227,7 @@ def test_drain_moves_agents_to_a_second_gateway_without_losing_a_job(stack):
     assert "gw1" in table and "gw2" in table and "this server: alpha" in table
 
     gate = base / "go"
-    script = f'echo started; while [ ! -e "{gate}" ]; do sleep 0.05; done; echo finished'
-    out = alpha.cli(
-        "run",
-        "command.run",
-        "--args-json",
-        json.dumps({"argv": ["sh", "-c", script]}),
-        "--targets",
-        "all",
-        "--json",
-    )
-    job_id = json.loads(out)["job"]
+    job_id = alpha.gated_task(gate)
     wait_until(lambda: alpha.job(job_id)["counts"]["running"] == 3, 30, 0.1, "all running")
 
     gw1.signal(signal.SIGTERM)  # drain: 4006 to every agent, then stop

@@ -116,17 +116,7 @@ def test_two_task_servers_spread_failover_and_exactly_once(stack):
 
     # A long task; ts2 dies while it runs.
     gate = base / "go"
-    script = f'echo started; while [ ! -e "{gate}" ]; do sleep 0.05; done; echo finished'
-    out = server.cli(
-        "run",
-        "command.run",
-        "--args-json",
-        json.dumps({"argv": ["sh", "-c", script]}),
-        "--targets",
-        "all",
-        "--json",
-    )
-    job_id = json.loads(out)["job"]
+    job_id = server.gated_task(gate)
     wait_until(lambda: server.job(job_id)["counts"]["running"] == 6, 30, 0.1, "all six running")
     moved = [a for a in agents if on[a.agent_id] == "ts2"]
     ts2.kill()  # dies: no drain, no goodbye
@@ -183,18 +173,7 @@ def test_output_reaches_follow_while_the_command_runs(stack):
     (agent,) = _agents(base, server, 1, add)
     _wait_task_sessions([agent])
     gate = base / "release"
-    script = f'echo first-line; while [ ! -e "{gate}" ]; do sleep 0.05; done; echo last-line'
-    job_id = json.loads(
-        server.cli(
-            "run",
-            "command.run",
-            "--args-json",
-            json.dumps({"argv": ["sh", "-c", script]}),
-            "--targets",
-            "all",
-            "--json",
-        )
-    )["job"]
+    job_id = server.gated_task(gate, "first-line", "last-line")
     follow = subprocess.Popen(
         [
             PYTHON,
@@ -372,18 +351,7 @@ def test_server_killed_mid_task_with_a_task_server_loses_nothing(stack):
     agents = _agents(base, server, 2, add)
     _wait_task_sessions(agents)
     gate = base / "go"
-    script = f'echo started; while [ ! -e "{gate}" ]; do sleep 0.05; done; echo finished'
-    job_id = json.loads(
-        server.cli(
-            "run",
-            "command.run",
-            "--args-json",
-            json.dumps({"argv": ["sh", "-c", script]}),
-            "--targets",
-            "all",
-            "--json",
-        )
-    )["job"]
+    job_id = server.gated_task(gate)
     wait_until(lambda: server.job(job_id)["counts"]["running"] == 2, 30, 0.1, "both running")
     server.kill()  # the management server dies; the task server and the agents stay
     gate.write_text("go")  # the tasks finish while it is down: results wait in the spools

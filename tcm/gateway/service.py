@@ -37,9 +37,15 @@ from zope.interface import implementer
 
 from tcm import pki
 from tcm.gateway.forward import AgentApiForwarder
-from tcm.process import raise_descriptor_limit, stop_with_failure
+from tcm.process import raise_descriptor_limit
 from tcm.relay.edge import EdgeFactory, Relay
-from tcm.relay.node import NodeEnrollmentError, NodeState, client_endpoint, enroll_node
+from tcm.relay.node import (
+    NodeEnrollmentError,
+    NodeService,
+    NodeState,
+    client_endpoint,
+    enroll_node,
+)
 from tcm.relay.upstream import UpstreamFactory, upstream_service
 from tcm.server.ca import HandshakeLogger, server_tls_options
 
@@ -144,19 +150,16 @@ class ReusePortTLSEndpoint:
         return succeed(port)
 
 
-class GatewayService(service.MultiService):
+class GatewayService(NodeService):
     """Enroll where needed; then the agents' listener, the upstream links, the sweep, the
     metrics site; drain on stop."""
 
     _log = Logger()
+    what = "gateway"
 
     def __init__(self, config: GatewayConfig, reactor: Any = None):
-        super().__init__()
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
-        self.reactor = reactor
+        super().__init__(reactor)
+        reactor = self.reactor
         self.config = config
         self.states = {
             name: NodeState(os.path.join(config.state_dir, "upstreams", name))
@@ -174,15 +177,6 @@ class GatewayService(service.MultiService):
         self.children_procs: list[Any] = []
         self.started_at = reactor.seconds()
         self.metrics: Any = None
-
-    def privilegedStartService(self):
-        service.Service.privilegedStartService(self)
-
-    def startService(self):
-        service.Service.startService(self)
-        d = self._prepare()
-        d.addCallback(self._start_children)
-        d.addErrback(self._fatal)
 
     @inlineCallbacks
     def _prepare(self):
@@ -270,9 +264,7 @@ class GatewayService(service.MultiService):
         handshakes = getattr(self, "handshakes", None)
         return dict(handshakes.failures) if handshakes is not None else {}
 
-    def _start_children(self, _):
-        if not self.running:
-            return
+    def started(self) -> None:
         cfg = self.config
         self._log.info(
             "gateway{worker}: agents at {url} for {n} upstreams ({names}), at most {max} sessions",
@@ -282,10 +274,11 @@ class GatewayService(service.MultiService):
             names=", ".join(n for n, _ in cfg.upstreams),
             max=cfg.max_clients,
         )
-        for child in self:
-            if not child.running:  # added while this service ran: MultiService started it
-                child.startService()
-        if cfg.workers > 1 and not cfg.worker:
+
+    def _start_children(self, _):
+        super()._start_children(_)
+        cfg = self.config
+        if self.running and cfg.workers > 1 and not cfg.worker:
             self._spawn_workers()
 
     def _spawn_workers(self) -> None:
@@ -307,13 +300,6 @@ class GatewayService(service.MultiService):
     def _sweep(self) -> None:
         cfg = self.config
         self.relay.sweep(self.reactor.seconds() - (2 * cfg.keepalive + 20.0))
-
-    def _fatal(self, f):
-        if f.check(NodeEnrollmentError):
-            self._log.error("{why}", why=f.getErrorMessage())
-        else:
-            self._log.failure("gateway failed to start", f)
-        stop_with_failure(self.reactor)
 
     def stopService(self):
         """Drain: refuse new agents, tell connected ones to reconnect elsewhere (4006), wait

@@ -13,8 +13,9 @@ import json
 from typing import Any
 
 import treq
+from twisted.application import service
 from twisted.internet.abstract import isIPAddress
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, wrapClientTLS
 from twisted.logger import Logger
 from twisted.web.client import Agent
@@ -22,6 +23,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from tcm import pki
+from tcm.process import stop_with_failure
 from tcm.protocol import link
 from tcm.statedir import StateDir
 
@@ -115,3 +117,51 @@ def enroll_node(
     state.store_identity(name, payload["role"], server, ca_pem, payload["certificate"].encode())
     log.info("enrolled with {server} as node {name}", server=server, name=name)
     return name
+
+
+class NodeService(service.MultiService):
+    """What a relay node's service (task server, gateway) does at start: prepare (enroll,
+    build its children), then start the children; a failed start says why and ends the
+    process with status 1."""
+
+    _log = Logger()
+    what = "node"
+
+    def __init__(self, reactor: Any = None):
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.reactor = reactor
+
+    def privilegedStartService(self):
+        # No port is bound before the node is enrolled and built (startService below).
+        service.Service.privilegedStartService(self)
+
+    def startService(self):
+        service.Service.startService(self)
+        d = maybeDeferred(self._prepare)
+        d.addCallback(self._start_children)
+        d.addErrback(self._fatal)
+
+    def _prepare(self) -> Any:
+        raise NotImplementedError
+
+    def started(self) -> None:
+        """Log what now runs (subclasses)."""
+
+    def _start_children(self, _: Any) -> None:
+        if not self.running:
+            return
+        self.started()
+        for child in self:
+            if not child.running:  # added while this service runs: already started
+                child.startService()
+
+    def _fatal(self, f: Any) -> None:
+        if f.check(NodeEnrollmentError):
+            self._log.error("{why}", why=f.getErrorMessage())
+        else:
+            self._log.failure("{what} failed to start", f, what=self.what)
+        stop_with_failure(self.reactor)

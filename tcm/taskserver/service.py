@@ -22,10 +22,16 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tcm import pki
-from tcm.process import raise_descriptor_limit, stop_with_failure
+from tcm.process import raise_descriptor_limit
 from tcm.protocol import codes
 from tcm.relay.edge import EdgeFactory, Relay
-from tcm.relay.node import NodeEnrollmentError, NodeState, client_endpoint, enroll_node
+from tcm.relay.node import (
+    NodeEnrollmentError,
+    NodeService,
+    NodeState,
+    client_endpoint,
+    enroll_node,
+)
 from tcm.relay.upstream import UpstreamFactory, upstream_service
 from tcm.server.ca import server_tls_options
 from tcm.taskserver import WS_PATH
@@ -66,31 +72,19 @@ def edge_site(resource: Resource) -> Site:
     return site
 
 
-class TaskServerService(service.MultiService):
+class TaskServerService(NodeService):
     """Enroll if needed; then the edge listener, the link and the keepalive sweep."""
 
     _log = Logger()
+    what = "task server"
 
     def __init__(self, config: TaskServerConfig, reactor: Any = None):
-        super().__init__()
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
-        self.reactor = reactor
+        super().__init__(reactor)
+        reactor = self.reactor
         self.config = config
         self.state = NodeState(config.state_dir)
         self.relay = Relay(reactor, config.max_clients, channel="task")
         self.node_name: str | None = None
-
-    def privilegedStartService(self):
-        service.Service.privilegedStartService(self)
-
-    def startService(self):
-        service.Service.startService(self)
-        d = self._prepare()
-        d.addCallback(self._start_children)
-        d.addErrback(self._fatal)
 
     @inlineCallbacks
     def _prepare(self):
@@ -151,29 +145,17 @@ class TaskServerService(service.MultiService):
         ).setServiceParent(self)
         TimerService(self.config.keepalive, self._sweep).setServiceParent(self)
 
-    def _start_children(self, _):
-        if not self.running:
-            return
+    def started(self) -> None:
         self._log.info(
             "task server {name}: agents at {url}, at most {n} clients",
             name=self.node_name,
             url=self.config.url(),
             n=self.config.max_clients,
         )
-        for child in self:
-            if not child.running:  # added while this service runs: already started
-                child.startService()
 
     def _sweep(self) -> None:
         cfg = self.config
         self.relay.sweep(self.reactor.seconds() - (2 * cfg.keepalive + 20.0))
-
-    def _fatal(self, f):
-        if f.check(NodeEnrollmentError):
-            self._log.error("{why}", why=f.getErrorMessage())
-        else:
-            self._log.failure("task server failed to start", f)
-        stop_with_failure(self.reactor)
 
     def stopService(self):
         """Drain: tell the agents to reconnect elsewhere, give them a moment, then stop."""
