@@ -33,19 +33,6 @@ from tests.harness import (
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def stack(tmp_path):
-    procs: list[Process] = []
-
-    def add(p):
-        procs.append(p)
-        return p
-
-    yield tmp_path, add
-    for p in reversed(procs):
-        p.stop()
-
-
 def _servers(base, add) -> tuple[Server, Server]:
     alpha = add(Server(str(base), name="alpha", extra=["--name", "alpha"]))
     beta = add(Server(str(base), name="beta", extra=["--name", "beta"]))

@@ -52,19 +52,6 @@ def _run(server: Server, *args: str) -> dict:
     return json.loads(out)
 
 
-@pytest.fixture
-def stack(tmp_path):
-    procs: list[Process] = []
-
-    def add(p):
-        procs.append(p)
-        return p
-
-    yield tmp_path, add
-    for p in reversed(procs):
-        p.stop()
-
-
 def _agents(base, server: Server, n: int, add) -> list[AgentProc]:
     return [add(a) for a in start_agents(str(base), server, n)]
 

@@ -216,17 +216,8 @@ class AgentHub:
         return render_envelope(self.core.site, view, env, carried_by=b"https")
 
     def authenticate_agent_id(self, agent_id: str) -> str:
-        """A node vouches for an agent it verified: is the agent known and not revoked?"""
-        record = self.core.directory.get(agent_id)
-        if record is None:
-            raise ApiError(403, f"unknown agent {agent_id}: enroll again")
-        if record["revoked"]:
-            raise ApiError(403, f"agent {agent_id} is revoked")
-        if not record.get("approved", True):
-            raise ApiError(
-                403, f"agent {agent_id} is awaiting approval (tcm agents approve {agent_id})"
-            )
-        return agent_id
+        """A node vouches for an agent it verified: may that agent be served?"""
+        return self.core.check_agent(agent_id)
 
     def task_server_for(self, session: AgentSession) -> dict[str, Any]:
         """Assign the agent a task server (or say why there is none), for welcome/notify.
@@ -449,6 +440,10 @@ class ServerCore:
                 transport.tcm_agent_id = agent_id
             except AttributeError:  # a transport that takes no attributes: read it each time
                 pass
+        return self.check_agent(agent_id)
+
+    def check_agent(self, agent_id: str) -> str:
+        """The agent id if this agent may be served now: known, not revoked, approved."""
         record = self.directory.get(agent_id)
         if record is None:
             raise ApiError(403, f"unknown agent {agent_id}: enroll again")
