@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import Any
 
 DEFAULT_INITIAL = 1.0
 DEFAULT_FACTOR = 2.0
@@ -33,3 +34,37 @@ def backoff_policy(
         return min(max_delay, base) * (0.5 + 0.5 * jitter())
 
     return policy
+
+
+class RestartHint:
+    """After the server said it is restarting (close 4012), reconnect attempts come every
+    `low`..`high` seconds (jittered) for `window` seconds instead of climbing the backoff:
+    the server will be back in moments, and an agent at a 32 s step of its backoff would
+    stay away long after it is."""
+
+    def __init__(
+        self,
+        clock: Any,
+        window: float = 120.0,
+        low: float = 1.0,
+        high: float = 4.0,
+        jitter: Callable[[], float] = random.random,
+    ):
+        self.clock = clock
+        self.window = window
+        self.low = low
+        self.high = high
+        self.jitter = jitter
+        self.until = 0.0
+
+    def server_restarting(self) -> None:
+        self.until = self.clock.seconds() + self.window
+
+    def reconnected(self) -> None:
+        self.until = 0.0
+
+    def delay(self, attempt: int, otherwise: Callable[[int], float]) -> float:
+        """The next attempt's delay: short and jittered during the window, else `otherwise`."""
+        if self.clock.seconds() < self.until:
+            return self.low + (self.high - self.low) * self.jitter()
+        return otherwise(attempt)

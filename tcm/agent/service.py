@@ -36,7 +36,7 @@ from twisted.web.client import Agent
 from zope.interface import implementer
 
 from tcm import pki
-from tcm.agent.backoff import backoff_policy
+from tcm.agent.backoff import RestartHint, backoff_policy
 from tcm.agent.control import control_service
 from tcm.agent.gateways import Destinations, RotatingEndpoint, ws_url
 from tcm.agent.ledger import FINISHED, Ledger
@@ -179,6 +179,7 @@ class AgentCore:
         self.user_disconnected = False
         self.identity: Identity | None = None
         self.task_client = TaskClient(self)
+        self.restart_hint = RestartHint(self.clock)
         self.defaults = attrs.evolve(config)  # what an agent.settings or a profile changes
         self.policies = PolicyEngine(
             self,
@@ -250,10 +251,12 @@ class AgentCore:
         self.session_service = ClientService(
             _AttemptWatcher(endpoint, self._attempt_failed),
             factory,
-            # read at each attempt: a connection profile may change the backoff at run time
-            retryPolicy=lambda attempt: backoff_policy(
-                self.config.backoff_initial, 2.0, self.config.backoff_max
-            )(attempt),
+            # read at each attempt: a connection profile may change the backoff at run time,
+            # and a server that said it restarts is tried again every few seconds
+            retryPolicy=lambda attempt: self.restart_hint.delay(
+                attempt,
+                backoff_policy(self.config.backoff_initial, 2.0, self.config.backoff_max),
+            ),
             clock=self.reactor,
             prepareConnection=self._session_ready,
         )
@@ -330,6 +333,7 @@ class AgentCore:
             self.protocol = conn.protocol
             self.connected_since = self.clock.seconds()
             self.last_refusal = None
+            self.restart_hint.reconnected()
             assert self.link is not None and self.runner is not None
             self.link.session = conn
             self._log.info(
@@ -400,6 +404,8 @@ class AgentCore:
         self.link.session = None
         why = describe_close(code, reason)
         self._log.info("persistent session closed: {why}", why=why)
+        if code == codes.CLOSE_RESTARTING:
+            self.restart_hint.server_restarting()
         if self.destinations is not None:
             self.destinations.session_ended(code)
         self.mode.event("session_lost", why)

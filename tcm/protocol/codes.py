@@ -20,6 +20,7 @@ CLOSE_KEEPALIVE = 4008
 CLOSE_BY_AGENT_USER = 4009
 CLOSE_UPSTREAM_LOST = 4010
 CLOSE_BY_PROFILE = 4011
+CLOSE_RESTARTING = 4012
 
 CLOSE_REASONS = {
     CLOSE_SUPERSEDED: "superseded by a newer session of the same agent",
@@ -34,6 +35,7 @@ CLOSE_REASONS = {
     CLOSE_BY_AGENT_USER: "persistent connection terminated on the agent",
     CLOSE_UPSTREAM_LOST: "the relay lost its link to the server; reconnect",
     CLOSE_BY_PROFILE: "persistent connections are off in the agent's connection profile",
+    CLOSE_RESTARTING: "the server is restarting; reconnect in a few seconds",
 }
 
 # Codes carried in the data of an `error` envelope.

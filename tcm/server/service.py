@@ -11,7 +11,7 @@ import attrs
 from autobahn.twisted.resource import WebSocketResource
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService, TimerService
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.logger import Logger
 from twisted.web.resource import Resource
@@ -728,6 +728,38 @@ class ServerCore:
         self.jobs.stop()
         self.store.close()
 
+    def closing_all(self, code: int) -> int:
+        """Close every session held here (direct ones; relayed ones end with their links)."""
+        n = 0
+        for registry in (self.registry, self.task_registry):
+            for session in registry.all():
+                if session.route is self.direct_route:
+                    session.close(code)
+                    n += 1
+        if n:
+            self._log.info("closing {n} sessions: {why}", n=n, why=codes.CLOSE_REASONS[code])
+        return n
+
+    def sessions_gone(self, timeout: float) -> Deferred:
+        """Fires when no direct session is left, or after `timeout` seconds."""
+        d: Deferred = Deferred()
+        deadline = self.clock.seconds() + timeout
+
+        def check() -> None:
+            left = sum(
+                1
+                for r in (self.registry, self.task_registry)
+                for s in r.all()
+                if s.route is self.direct_route
+            )
+            if not left or self.clock.seconds() >= deadline:
+                d.callback(left)
+            else:
+                self.clock.callLater(0.05, check)
+
+        check()
+        return d
+
     def sweep_silent_sessions(self) -> None:
         """Close sessions that sent nothing (not even a ping) for too long: half-open."""
         cfg = self.config
@@ -808,15 +840,23 @@ class ServerService(service.MultiService):
         service.Service.stopService(self)
         from twisted.internet.defer import DeferredList, maybeDeferred
 
-        d = DeferredList([maybeDeferred(c.stopService) for c in reversed(list(self)) if c.running])
+        # Tell the agents this is a restart: they come back every few seconds rather than
+        # climbing their backoff while the server is away (docs/protocol.md, 4012). The
+        # close frames need the reactor to go out: wait (a little) for the closes to finish.
+        told = self.core.closing_all(codes.CLOSE_RESTARTING)
+        closed = self.core.sessions_gone(self.RESTART_GRACE) if told else succeed(None)
+
+        def stop_children(_):
+            return DeferredList(
+                [maybeDeferred(c.stopService) for c in reversed(list(self)) if c.running]
+            )
 
         def stopped(_):
             self.core.stop()
 
-        if isinstance(d, Deferred):
-            return d.addBoth(stopped)
-        stopped(None)
-        return d
+        return closed.addCallback(stop_children).addBoth(stopped)
+
+    RESTART_GRACE = 2.0  # most seconds a stop waits for the agents to take their 4012
 
 
 def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerService:
