@@ -316,10 +316,12 @@ class TaskServerProc(Process):
         return any(t["name"] == self.node and t["state"] in ("up", "full") for t in listing)
 
 
-def start_agents(base: str, server: Server, n: int, prefix: str = "agent") -> list[AgentProc]:
+def start_agents(
+    base: str, server: Server, n: int, prefix: str = "agent", extra: list[str] | None = None
+) -> list[AgentProc]:
     """`n` agents enrolled with one token, started together, each with its session open."""
     token = server.token(uses=n)
-    procs = [AgentProc(base, f"{prefix}{i}", server, token) for i in range(n)]
+    procs = [AgentProc(base, f"{prefix}{i}", server, token, extra=extra) for i in range(n)]
     try:
         for p in procs:
             p.start(wait=False)

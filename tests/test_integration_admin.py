@@ -10,30 +10,9 @@ import subprocess
 
 import pytest
 
-from tests.harness import PYTHON, Server, start_agents
+from tests.harness import PYTHON, Server
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("admin"))
-
-
-@pytest.fixture(scope="module")
-def server(base):
-    s = Server(base)
-    s.start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def agents(base, server):
-    procs = start_agents(base, server, 3)
-    yield procs
-    for p in procs:
-        p.stop()
 
 
 def cli_as(server: Server, token: str, *args: str) -> subprocess.CompletedProcess:

@@ -28,39 +28,15 @@ SERVER_ARGS = ["--poll-interval", "2", "--long-poll", "5"]
 AGENT_ARGS = ["--backoff-max", "1"]
 FETCH_BY_NOTIFY = "fetching policies (the server notified a change of {name})"
 
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("agentmodel"))
-
-
-@pytest.fixture(scope="module")
-def server(base):
-    s = Server(base, extra=SERVER_ARGS)
-    # The server knows the example plugin's policy type; the agents do not have it.
-    s.env = {"PYTHONPATH": os.pathsep.join([EXAMPLE, ROOT])}
-    s.start()
-    yield s
-    s.stop()
+# The server knows the example plugin's policy type; the agents do not have it.
+SERVER_ENV = {"PYTHONPATH": os.pathsep.join([EXAMPLE, ROOT])}
+AGENT_COUNT = 2
 
 
 @pytest.fixture(scope="module")
 def api(server):
     with open(os.path.join(server.state_dir, "admin.token")) as f:
         return Api(server.url, server.ca, f.read().strip())
-
-
-@pytest.fixture(scope="module")
-def agents(base, server):
-    token = server.token(uses=2)
-    procs = [AgentProc(base, f"agent{i}", server, token, extra=AGENT_ARGS) for i in range(2)]
-    for p in procs:
-        p.start(wait=False)
-    for p in procs:
-        p.wait_session(1)
-    yield procs
-    for p in procs:
-        p.stop()
 
 
 def agent_status(agent: AgentProc) -> dict:

@@ -12,30 +12,9 @@ import time
 
 import pytest
 
-from tests.harness import AgentProc, Server, start_agents, wait_until
+from tests.harness import AgentProc, Server, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("core"))
-
-
-@pytest.fixture(scope="module")
-def server(base):
-    s = Server(base)
-    s.start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def agents(base, server):
-    procs = start_agents(base, server, 3)
-    yield procs
-    for p in procs:
-        p.stop()
 
 
 def counter_command(path: str) -> list[str]:

@@ -22,19 +22,6 @@ AGENT_ARGS = ["--backoff-max", "1"]
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("reach"))
-
-
-@pytest.fixture(scope="module")
-def server(base):
-    s = Server(base, extra=SERVER_ARGS)
-    s.start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
 def agents(base, server):
     token = server.token(uses=3)
     procs = [

@@ -21,8 +21,6 @@ from tcm.agent.link import server_endpoint
 from tcm.agent.session import AgentClientFactory, SessionRefused
 from tcm.protocol import codes
 
-DEFAULT_KEEPALIVE = 50.0
-
 
 class TaskClient:
     """Connects to the assigned task server and keeps that session up."""

@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from tcm import pki
-from tcm.protocol import codes, link
+from tcm.protocol import codes
 from tcm.wsbase import LeanWebSocketMixin, bind_options
 
 UPSTREAM_PREFIX = "/upstream/"  # /upstream/NAME/...: the agent names its server's upstream
@@ -455,6 +455,3 @@ def _reason_label(refusal: tuple[int, str]) -> str:
         if word in why:
             return word.replace(" ", "_")
     return f"http_{status}"
-
-
-assert "open" in link.NODE_SENDS
