@@ -6,6 +6,8 @@ Everything over real TLS with certificates from the tcm CA (shared by the two se
 - HTTPS fallback (long-polls) through the gateway when a server switches persistent off;
 - a revoked agent's live session is closed and it is refused at the gateway with the reason;
 - SIGTERM drains a gateway: its agents move to a second gateway, no job is lost;
+- agents' task sessions go through the gateway to a task server (an upstream of the
+  gateway), fall back through the gateway to the server when it dies, and return;
 - /metrics parses as Prometheus text and its counters move with traffic.
 """
 
@@ -356,3 +358,104 @@ def test_a_gateway_that_cannot_enroll_says_why_in_json_and_exits_1(stack):
     errors = [e for e in lines if e["level"] == "error"]
     assert errors and "upstream a is not enrolled yet" in errors[0]["message"]
     assert all("time" in e and "namespace" in e for e in lines)
+
+
+def test_task_sessions_through_the_gateway_go_to_the_task_server_and_fail_over(stack):
+    """An agent outside keeps its task session on the gateway, which carries it to task
+    server ts1 (an upstream of the gateway); ts1 relays it to the server. ts1 dies: the
+    agents' task sessions go through the gateway to the server itself; ts1 comes back:
+    they return to it. Tasks run at each stage."""
+    from tests.harness import TaskServerProc
+
+    base, add = stack
+    server = add(Server(str(base), name="alpha", extra=["--name", "alpha"]))
+    server.start()
+    ts1 = add(TaskServerProc(str(base), "ts1", server))
+    ts1.start()
+    gw = add(
+        GatewayProc(
+            str(base),
+            "gw1",
+            {"srv": server},
+            extra=["--upstream", f"ts1=https://127.0.0.1:{ts1.port}"],
+        )
+    )
+    gw.start()
+    wait_until(
+        lambda: _gateway_listing(server, "gw1")["task_servers"] == ["ts1"],
+        30,
+        0.1,
+        "the gateway says it reaches ts1",
+    )
+    agents = _agents_via(base, gw, "srv", server, 2, add)
+    for a in agents:
+        wait_until(
+            lambda a=a: a.count("task session open with ts1") >= 1, 30, 0.1, f"{a.name} on ts1"
+        )
+        status = _agent_status(a)["task"]
+        assert status["task_server"] == "ts1"
+        assert status["url"].endswith(f"127.0.0.1:{gw.port}/taskserver/ts1/task/v1/ws")
+    listing = {t["name"]: t for t in server.cli_json("taskservers")}["ts1"]
+    assert listing["clients"] == 2 and listing["via_gateways"] == 2
+    assert server.count("task session open via taskserver:ts1 via gateway:gw1") == 2
+    gateway = _gateway_listing(server, "gw1")
+    assert gateway["sessions"] == 2 and gateway["task_sessions"] == 0  # not on this link
+
+    # A task: server -> ts1 (one push) -> gw1 -> agents; results back the same way.
+    pushes = listing["link"]["pushes"]
+    job = _run(server, "command.run", "--arg", 'argv=["echo","via-gw-ts"]', "--targets", "all")
+    job = wait_until(
+        lambda: (lambda j: j if j["counts"]["completed"] == 2 else None)(server.job(job["job"])),
+        30,
+        0.1,
+        "the task through gateway and task server",
+    )
+    assert job["counts"]["succeeded"] == 2, job
+    assert all(r["result"]["stdout"] == "via-gw-ts\n" for r in job["results"])
+    assert {t["name"]: t for t in server.cli_json("taskservers")}["ts1"]["link"]["pushes"] == (
+        pushes + 1
+    )
+
+    # ts1 dies: the gateway tells the server it reaches no task server; the agents' task
+    # sessions go through the gateway to the server, and a task still runs.
+    ts1.kill()
+    for a in agents:
+        wait_until(
+            lambda a=a: a.count("task session open with gateway:gw1") >= 1,
+            30,
+            0.1,
+            f"{a.name} task session through the gateway to the server",
+        )
+    assert _gateway_listing(server, "gw1")["task_servers"] == []
+    assert "links to no connected task server" in _agent_status(agents[0])["task"]["assignment"]
+    job = _run(server, "command.run", "--arg", 'argv=["echo","fallback"]', "--targets", "all")
+    job = wait_until(
+        lambda: (lambda j: j if j["counts"]["completed"] == 2 else None)(server.job(job["job"])),
+        30,
+        0.1,
+        "the task through the gateway to the server",
+    )
+    assert job["counts"]["succeeded"] == 2, job
+
+    # ts1 is back: the gateway links to it again and the agents return to it.
+    ts1.start()
+    for a in agents:
+        wait_until(
+            lambda a=a: a.count("task session open with ts1") >= 2, 60, 0.1, f"{a.name} back"
+        )
+    assert _gateway_listing(server, "gw1")["task_servers"] == ["ts1"]
+
+
+def _agent_status(agent: AgentProc) -> dict:
+    import subprocess
+
+    from tests.harness import PYTHON
+
+    out = subprocess.run(
+        [PYTHON, "-m", "tcm.cli.agent", "--state-dir", agent.state_dir, "status", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from typing import Any
 
 import pytest
@@ -298,6 +299,51 @@ def test_gateway_paths():
     assert child("/upstream/up-a/agent/v1/enroll") is root.named["up-a"]
     assert child("/upstream/nope/agent/v1/enroll") not in (root.forward, *root.named.values())
     assert child("/api/v1/status") not in (root.forward, core_ws, task_ws)
+    assert child("/taskserver/ts1/task/v1/ws") is task_ws  # the edge routes it by name
+    assert child("/taskserver/ts1/agent/v1/ws") not in (core_ws, task_ws)
+
+
+def test_which_upstreams_are_task_servers_and_whose_identity_they_use(tmp_path):
+    from twisted.python import usage
+
+    from tcm.gateway.service import GatewayConfig, GatewayService
+    from tcm.gateway.tap import Options
+
+    def kinds(upstreams, tokens=(), servers=None):
+        cfg = GatewayConfig(
+            state_dir=str(tmp_path),
+            upstreams=[(n, f"https://{n}:1") for n in upstreams],
+            tokens={n: "x.y" for n in tokens},
+            upstream_servers=servers or {},
+        )
+        return GatewayService(cfg, Clock())
+
+    # a management server has a token (or an identity); the others are task servers
+    gw = kinds(["alpha", "ts1", "beta", "ts2"], tokens=["alpha", "beta"], servers={"ts2": "beta"})
+    assert sorted(gw.relay.ts_names) == ["ts1", "ts2"]
+    assert gw.identity_of("ts1") is gw.states["alpha"]  # the first management server's
+    assert gw.identity_of("ts2") is gw.states["beta"]  # the one named
+    assert gw.identity_of("beta") is gw.states["beta"]
+    # alone and without a token, an upstream is a server that is not enrolled yet
+    assert kinds(["alpha"]).relay.ts_names == set()
+    # the options say what is wrong
+    for argv, why in (
+        (["--upstream-server", "ts1"], "wants TS=NAME"),
+        (["--upstream-server", "ts1=nope"], "names unknown upstream ['nope']"),
+    ):
+        opts = Options()
+        with pytest.raises(usage.UsageError, match=re.escape(why)):
+            opts.parseOptions(
+                [
+                    "--state-dir",
+                    str(tmp_path),
+                    "--upstream",
+                    "a=https://a:1",
+                    "--upstream",
+                    "ts1=https://t:1",
+                    *argv,
+                ]
+            )
 
 
 def test_only_a_gateway_link_carries_https_calls():

@@ -132,12 +132,16 @@ class Hub:
         self.known = {"a-1", "a-2", "a-3"}
         self.revoked: list[str] = []
         self.persistent = True
+        self.gateways = {"gw1": "FP-GW1"}
 
     def revoked_agents(self) -> list[str]:
         return list(self.revoked)
 
     def pending_agents(self) -> list[str]:
         return []
+
+    def gateway_fingerprints(self) -> dict[str, str]:
+        return dict(self.gateways)
 
     def render_relayed(self, view, env):
         from twisted.internet.defer import succeed
@@ -173,6 +177,8 @@ class Hub:
 
 class AgentConn:
     """What the relay sees of an agent's WebSocket connection."""
+
+    down = None  # an agent's own connection, not one a gateway carries
 
     def __init__(self) -> None:
         self.frames: list[bytes] = []

@@ -270,6 +270,13 @@ def test_refusals_at_the_task_server_and_the_link(stack):
     assert answer.startswith("HTTP/1.1 403")
     answer = _upgrade(server.port, server.ca, "/agent/v1/ws", cert=node_cert)
     assert answer.startswith("HTTP/1.1 403") and "unknown agent node:ts1" in answer
+    # the task server's link endpoint for gateways: an agent's certificate, and a node
+    # certificate of a node that is no gateway the server enrolled
+    answer = _upgrade(ts.port, server.ca, "/link/v1/ws", cert=agent_cert)
+    assert answer.startswith("HTTP/1.1 403") and "node certificate is required" in answer
+    answer = _upgrade(ts.port, server.ca, "/link/v1/ws", cert=node_cert)
+    assert answer.startswith("HTTP/1.1 403")
+    assert "gateway 'ts1' is not registered with this task server's server" in answer
 
 
 def test_bad_task_server_registrations_and_enrollments(stack):

@@ -219,10 +219,18 @@ def cmd_gateways(api: Api, args) -> int:
         _dump(listing["gateways"])
         return 0
     rows = [
-        [g["name"], g["state"], str(len(g["links"])), str(g["sessions"]), g["url"] or "-"]
+        [
+            g["name"],
+            g["state"],
+            str(len(g["links"])),
+            str(g["sessions"]),
+            str(g["task_sessions"]),
+            ",".join(g.get("task_servers") or []) or "-",
+            g["url"] or "-",
+        ]
         for g in listing["gateways"]
     ]
-    print(_table(rows, ["NAME", "STATE", "LINKS", "SESSIONS", "URL"]))
+    print(_table(rows, ["NAME", "STATE", "LINKS", "SESSIONS", "TASK", "TASK SERVERS", "URL"]))
     print(f"this server: {listing['server']}")
     return 0
 

@@ -1,12 +1,14 @@
 """The gateway service: enroll with each upstream, listen for agents, keep the links up.
 
 State directory:
-    upstreams/NAME/    one node identity per upstream server (tcm/relay/node.py's files)
+    upstreams/NAME/    one node identity per upstream management server (tcm/relay/node.py's)
     cert.pem, key.pem  optional: the admin's certificate for the agents' side (--cert/--key)
 
 Agent-facing paths (one TLS port, client certificates from the tcm CA):
     /agent/v1/ws                 an agent's own (core) session -> the server in its certificate
-    /task/v1/ws                  its task-client session -> the same server's link, channel task
+    /taskserver/TS/task/v1/ws    its task-client session -> the link to task server TS
+    /task/v1/ws                  its task-client session when it has no task server reachable
+                                 from here -> its server's link, channel task
     /agent/v1/...                its HTTPS calls (fallback, long-polls) -> `request` link messages
     /upstream/NAME/agent/v1/...  the same, naming the upstream: enrollment (no certificate yet)
 """
@@ -55,6 +57,9 @@ class GatewayConfig:
     state_dir: str
     upstreams: list[tuple[str, str]]  # (NAME, https://SERVER:PORT), the first is the default
     tokens: dict[str, str] = attrs.field(factory=dict)  # NAME -> NODE.SECRET (first start)
+    # task server upstream -> the management server upstream whose identity it is linked with
+    # (default: the first management server upstream)
+    upstream_servers: dict[str, str] = attrs.field(factory=dict)
     port: int = 8445
     interface: str = "127.0.0.1"
     hostnames: list[str] = attrs.field(factory=list)
@@ -98,6 +103,10 @@ class GatewayRoot(Resource):
                 return _NotFound(f"no upstream {name!r} at this gateway")
             forward = self.named[name]
             parts = parts[2:]
+        elif path == b"taskserver" and len(request.postpath) == 4:
+            parts = parts[2:]  # /taskserver/NAME/task/v1/ws: the edge routes it by NAME
+            if parts != [b"task", b"v1", b"ws"]:
+                return _NotFound()
         if parts[:3] in ([b"agent", b"v1", b"ws"], [b"task", b"v1", b"ws"]) and len(parts) == 3:
             set_timeout = getattr(request.channel, "setTimeout", None)
             if set_timeout is not None:
@@ -170,6 +179,7 @@ class GatewayService(NodeService):
             config.max_clients,
             channel="core",
             upstream_names=[n for n, _ in config.upstreams],
+            task_server_upstreams=self.task_server_upstreams(),
         )
         self.links: dict[str, UpstreamFactory] = {}
         self.link_services: dict[str, Any] = {}
@@ -178,13 +188,43 @@ class GatewayService(NodeService):
         self.started_at = reactor.seconds()
         self.metrics: Any = None
 
+    def task_server_upstreams(self) -> list[str]:
+        """Upstreams that are task servers: those this gateway neither enrolled with nor has
+        a token for, when some other upstream is a management server. A task server takes
+        the gateway's identity from its management server (`upstream_servers`)."""
+        cfg = self.config
+        servers = [n for n, _ in cfg.upstreams if self.states[n].enrolled() or n in cfg.tokens]
+        named = set(cfg.upstream_servers)
+        return [n for n, _ in cfg.upstreams if n not in servers and (servers or n in named)]
+
+    def identity_of(self, name: str) -> NodeState:
+        """The node identity a link to this upstream is made with."""
+        if name not in self.relay.ts_names:
+            return self.states[name]
+        server = self.config.upstream_servers.get(name) or next(
+            n for n in self.relay.names if n not in self.relay.ts_names
+        )
+        return self.states[server]
+
     @inlineCallbacks
     def _prepare(self):
         cfg = self.config
         names = sorted({cfg.interface, *cfg.hostnames} - {"0.0.0.0", "::", ""})
+        for name in self.relay.ts_names:
+            server = cfg.upstream_servers.get(name)
+            if server is not None and (server not in self.states or server in self.relay.ts_names):
+                raise NodeEnrollmentError(
+                    f"--upstream-server {name}={server}: {server} is not a management server "
+                    "upstream of this gateway"
+                )
+        if len(self.relay.ts_names) == len(cfg.upstreams):
+            raise NodeEnrollmentError(
+                "no management server among the upstreams: give --ca-cert and --upstream-token "
+                "NAME=TOKEN (from `tcm gateways enroll NAME`) for at least one"
+            )
         for name, url in cfg.upstreams:
             state = self.states[name]
-            if state.enrolled():
+            if state.enrolled() or name in self.relay.ts_names:
                 continue
             token = cfg.tokens.get(name)
             if not (token and cfg.ca_cert):
@@ -199,9 +239,11 @@ class GatewayService(NodeService):
 
     def build(self) -> None:
         cfg = self.config
-        first = self.states[cfg.upstreams[0][0]]
+        first = self.identity_of(cfg.upstreams[0][0])
         cas: list[bytes] = []
         for state in self.states.values():
+            if not state.enrolled():
+                continue  # a task server's: its server's identity is used
             ca = state.tls()[0]
             if ca not in cas:
                 cas.append(ca)
@@ -229,7 +271,7 @@ class GatewayService(NodeService):
         self.handshakes = HandshakeLogger(site)  # TLS failures, counted by reason
         StreamServerEndpointService(endpoint, self.handshakes).setServiceParent(self)
         for name, url in cfg.upstreams:
-            state = self.states[name]
+            state = self.identity_of(name)
             ca_pem, node_cert, node_key = state.tls()
             host = urlsplit(url).hostname or "127.0.0.1"
             client_tls = pki.client_tls_options(host, ca_pem, node_cert, node_key)

@@ -18,7 +18,9 @@ class Options(usage.Options):
         "CA), routes each agent to the server named in its certificate, and carries its "
         "sessions and HTTPS calls over one mutual-TLS link per upstream server. Register it "
         "on each server with `tcm gateways enroll NAME`; the first start enrolls with those "
-        "tokens. SIGTERM drains: agents are told to reconnect elsewhere (4006)."
+        "tokens. Upstreams without a token are task servers of those servers: agents' task "
+        "sessions go to them through this gateway. SIGTERM drains: agents are told to "
+        "reconnect elsewhere (4006)."
     )
     optParameters = [
         ["state-dir", "d", None, "Directory for the gateway's keys and certificates."],
@@ -39,16 +41,26 @@ class Options(usage.Options):
         super().__init__()
         self["upstreams"] = []
         self["tokens"] = {}
+        self["upstream_servers"] = {}
         self["hostnames"] = []
 
     def opt_upstream(self, value):
-        """NAME=https://SERVER:PORT, a management server this gateway serves (repeatable)."""
+        """NAME=https://HOST:PORT, a management server this gateway serves, or one of its
+        task servers (an upstream without enrollment token or identity; repeatable)."""
         name, sep, url = value.partition("=")
         if not sep or not NODE_NAME.match(name) or not url.startswith("https://"):
             raise usage.UsageError(f"--upstream wants NAME=https://HOST:PORT, not {value!r}")
         if any(n == name for n, _ in self["upstreams"]):
             raise usage.UsageError(f"--upstream {name} given twice")
         self["upstreams"].append((name, url.rstrip("/")))
+
+    def opt_upstream_server(self, value):
+        """TS=NAME: task server upstream TS belongs to management server upstream NAME (its
+        link uses the gateway's identity with NAME; default: the first management server)."""
+        ts, sep, server = value.partition("=")
+        if not sep or not ts or not server:
+            raise usage.UsageError(f"--upstream-server wants TS=NAME, not {value!r}")
+        self["upstream_servers"][ts] = server
 
     def opt_upstream_token(self, value):
         """NAME=TOKEN: the one-time token from `tcm gateways enroll` on that upstream."""
@@ -66,9 +78,13 @@ class Options(usage.Options):
             raise usage.UsageError("--state-dir is required")
         if not self["upstreams"]:
             raise usage.UsageError("at least one --upstream NAME=URL is required")
-        unknown = set(self["tokens"]) - {n for n, _ in self["upstreams"]}
+        names = {n for n, _ in self["upstreams"]}
+        unknown = set(self["tokens"]) - names
         if unknown:
             raise usage.UsageError(f"--upstream-token for unknown upstream {sorted(unknown)}")
+        unknown = (set(self["upstream_servers"]) | set(self["upstream_servers"].values())) - names
+        if unknown:
+            raise usage.UsageError(f"--upstream-server names unknown upstream {sorted(unknown)}")
         if bool(self["cert"]) != bool(self["key"]):
             raise usage.UsageError("--cert and --key go together")
         if self["max-clients"] < 1 or self["workers"] < 1:
@@ -81,6 +97,7 @@ def makeService(options: Options):
             state_dir=options["state-dir"],
             upstreams=options["upstreams"],
             tokens=options["tokens"],
+            upstream_servers=options["upstream_servers"],
             port=options["port"],
             interface=options["interface"],
             hostnames=options["hostnames"],

@@ -14,16 +14,23 @@ Node -> server:
   {"t": "frame", "c"} + payload                           a frame from that agent
   {"t": "closed", "c"}                                    the agent connection is gone
   {"t": "request", "r", "agent"} + request envelope       an agent's HTTPS call (gateways)
+  {"t": "reach", "task_servers": [...]}                   task servers this gateway links to
 Server -> node:
-  {"t": "welcome", "keepalive"}                           answer to hello
+  {"t": "welcome", "keepalive", "server", "role", "node"} answer to hello
   {"t": "frame", "c"} + payload                           a frame for one agent
   {"t": "push", "c": [c1, c2, ...]} + payload             one frame for many: fan-out here
   {"t": "close", "c", "code", "reason"}                   close that agent connection
   {"t": "response", "r"} + response envelope              the answer to request r
   {"t": "revoked", "agents": [...], "full"}               agents the node must refuse
   {"t": "pending", "agents": [...], "approved", "full"}   agents awaiting approval (refused)
+  {"t": "nodes", "gateways": {name: fingerprint}}         gateways a task server may accept
 Either way:
   {"t": "batch", "n": [len1, len2, ...]} + messages       several link messages, back to back
+
+The same link also joins a gateway to a task server: the task server answers the gateway's
+hello like a server (its welcome says `"role": "taskserver"` and names the task server and
+its management server) and relays each connection the gateway opens up its own link, so an
+agent's task session crosses gateway -> task server -> management server, each hop a link.
 
 Messages written in one reactor turn go out as one `batch` (LinkWriter): when many agents
 answer at once, the link carries a few large WebSocket frames instead of one per message.
@@ -39,9 +46,9 @@ WS_PATH = "/link/v1/ws"
 ENROLL_PATH = "/link/v1/enroll"
 NODE_PREFIX = "node:"  # the CN of a node's certificate; agent ids never contain ':'
 
-NODE_SENDS = frozenset({"hello", "open", "frame", "closed", "request", "batch"})
+NODE_SENDS = frozenset({"hello", "open", "frame", "closed", "request", "reach", "batch"})
 SERVER_SENDS = frozenset(
-    {"welcome", "frame", "push", "close", "response", "revoked", "pending", "batch"}
+    {"welcome", "frame", "push", "close", "response", "revoked", "pending", "nodes", "batch"}
 )
 MAX_BATCH = 256 * 1024  # bytes of messages gathered before a batch goes out anyway
 ROLES = frozenset({"taskserver", "gateway"})
@@ -109,6 +116,16 @@ def decode(message: bytes, allowed: frozenset[str]) -> tuple[dict[str, Any], byt
             agents = header.get(field, [])
             if not isinstance(agents, list) or not all(isinstance(a, str) for a in agents):
                 raise LinkError(f"link message {kind!r} needs a list of agent ids {field!r}")
+    if kind == "reach":
+        names = header.get("task_servers")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise LinkError("link message 'reach' needs a list of task server names")
+    if kind == "nodes":
+        gateways = header.get("gateways")
+        if not isinstance(gateways, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in gateways.items()
+        ):
+            raise LinkError("link message 'nodes' needs gateways as {name: fingerprint}")
     if kind == "hello":
         if header.get("role") not in ROLES:
             raise LinkError(f"node role must be one of {sorted(ROLES)}")

@@ -20,6 +20,7 @@ from tcm.protocol import codes
 from tcm.wsbase import LeanWebSocketMixin, bind_options
 
 UPSTREAM_PREFIX = "/upstream/"  # /upstream/NAME/...: the agent names its server's upstream
+TASK_SERVER_PREFIX = "/taskserver/"  # /taskserver/NAME/task/v1/ws: through to task server NAME
 
 
 class RequestLost(Exception):
@@ -32,6 +33,13 @@ class Relay:
     A task server has one upstream (its management server); a gateway has several, one per
     `--upstream NAME=URL`, and routes each agent to the upstream of the server named in its
     certificate. Connection numbers are unique across upstreams.
+
+    A gateway's upstreams may also be task servers (`task_server_upstreams`): an agent's task
+    session at /taskserver/NAME/task/v1/ws goes over the link to task server NAME, which
+    relays it to its management server; the gateway tells each server which of its task
+    servers it links to (`reach`), and applies that server's revoked and pending lists to
+    the task sessions too. A task server accepts such links from the gateways its server
+    names (`nodes`), each gateway connection an entry of `conns` like an agent's.
     """
 
     _log = Logger()
@@ -42,13 +50,22 @@ class Relay:
         max_clients: int,
         channel: str = "task",
         upstream_names: tuple[str, ...] | list[str] = ("server",),
+        task_server_upstreams: tuple[str, ...] | list[str] = (),
     ):
         self.clock = clock
         self.max_clients = max_clients
         self.channel = channel
         self.names = list(upstream_names)  # configured upstreams, the first is the default
+        self.ts_names = set(task_server_upstreams)  # those of them that are task servers
         self.upstreams: dict[str, Any] = {}  # upstream name -> its link, once welcomed
         self.servers: dict[str, str] = {}  # server name (from its welcome) -> upstream name
+        self.task_servers: dict[str, str] = {}  # task server (its welcome) -> upstream name
+        self.ts_server: dict[str, str | None] = {}  # task server upstream -> its server
+        # at a task server: the node's and its server's names, and the gateways it accepts
+        self.node_name: str | None = None
+        self.server_name: str | None = None
+        self.gateways: dict[str, str] | None = None  # name -> fingerprint; None: not known yet
+        self.downlinks: dict[str, Any] = {}  # gateway (name or name/worker) -> its DownLink
         self.revoked: dict[str, set[str]] = {}  # upstream name -> agents it revoked
         self.pending: dict[str, set[str]] = {}  # upstream name -> agents awaiting approval
         self.conns: dict[int, Any] = {}  # connection number -> edge protocol
@@ -80,21 +97,76 @@ class Relay:
         else:
             self.upstreams[self.names[0]] = link
 
-    def link_up(self, name: str, link: Any, server: str | None = None) -> str | None:
+    def link_up(
+        self,
+        name: str,
+        link: Any,
+        server: str | None = None,
+        role: str = "server",
+        node: str | None = None,
+    ) -> str | None:
         """An upstream link was welcomed; why it cannot be used, or None."""
+        if role == "taskserver":
+            if name not in self.ts_names:
+                return (
+                    f"upstream {name!r} is task server {node!r}, not a management server: "
+                    "give the management server's URL"
+                )
+            if not node:
+                return f"task server upstream {name!r} did not say its name"
+            other = self.task_servers.get(node)
+            if other is not None and other != name and other in self.upstreams:
+                return f"upstreams {other!r} and {name!r} both lead to task server {node!r}"
+            self.task_servers[node] = name
+            self.ts_server[name] = server
+            self.upstreams[name] = link
+            self.announce_reach()
+            return None
+        if name in self.ts_names:
+            return (
+                f"upstream {name!r} is a management server, not a task server: enroll with "
+                f"it (--upstream-token {name}=TOKEN from `tcm gateways enroll`)"
+            )
         if server is not None:
             other = self.servers.get(server)
             if other is not None and other != name and other in self.upstreams:
                 return f"upstreams {other!r} and {name!r} both lead to server {server!r}"
             self.servers[server] = name
+        self.server_name = server
         self.upstreams[name] = link
+        self.announce_reach(name)
         return None
+
+    def announce_reach(self, only: str | None = None) -> None:
+        """Tell each management server which of its task servers this gateway links to."""
+        if not self.ts_names:
+            return
+        for server, name in self.servers.items():
+            link = self.upstreams.get(name)
+            if link is None or (only is not None and name != only):
+                continue
+            reach = sorted(
+                node
+                for node, up in self.task_servers.items()
+                if up in self.upstreams and self.ts_server.get(up) == server
+            )
+            link.send({"t": "reach", "task_servers": reach})
+
+    def lists_of(self, upstream: str) -> str:
+        """Whose revoked/pending lists apply on an upstream: a task server's server's."""
+        if upstream in self.ts_names:
+            return self.servers.get(self.ts_server.get(upstream) or "", upstream)
+        return upstream
 
     def link_lost(self, name: str, link: Any = None) -> None:
         """No link: that server has forgotten these sessions; the agents must come again."""
         if link is not None and self.upstreams.get(name) is not link:
             return
         self.upstreams.pop(name, None)
+        if name in self.ts_names:
+            for node in [n for n, up in self.task_servers.items() if up == name]:
+                del self.task_servers[node]
+            self.announce_reach()
         lost = [c for c, p in self.conns.items() if _upstream_of(p, self.names) == name]
         if lost:
             self._log.warn(
@@ -123,6 +195,8 @@ class Relay:
         if wanted is not None:
             if wanted not in self.names:
                 return None, (404, f"no upstream {wanted!r} at this gateway")
+            if wanted in self.ts_names:
+                return None, (404, f"upstream {wanted!r} is a task server, not a server")
             belongs = self.servers.get(server) if server is not None else None
             if belongs is not None and belongs != wanted:
                 return None, (
@@ -131,8 +205,8 @@ class Relay:
                     f"not to upstream {wanted!r}",
                 )
             return wanted, None
-        if len(self.names) == 1:
-            return self.names[0], None
+        if len(self.names) - len(self.ts_names) == 1:
+            return next(n for n in self.names if n not in self.ts_names), None
         if server is None:
             return None, (
                 403,
@@ -147,17 +221,33 @@ class Relay:
             return None, (403, f"no upstream of this gateway leads to server {server!r}")
         return name, None
 
+    def route_task_server(self, server: str | None, node: str) -> tuple[str | None, Any]:
+        """The upstream of task server `node` for an agent of `server`, or why not."""
+        name = self.task_servers.get(node)
+        if name is None or name not in self.upstreams:
+            return None, (503, f"task server {node!r} is not reachable from here now")
+        belongs = self.ts_server.get(name)
+        if server is not None and belongs is not None and server != belongs:
+            return None, (
+                403,
+                f"task server {node!r} serves server {belongs!r}, not this agent's {server!r}",
+            )
+        if server is None and len(self.names) - len(self.ts_names) > 1:
+            return None, (403, "the agent's certificate names no server: re-enroll")
+        return name, None
+
     def refusal(
         self, agent_id: str | None = None, upstream: str | None = None, new_session: bool = True
     ) -> Any:
         """Why a new agent connection (or, not `new_session`, an agent's HTTPS call) is
         refused now (HTTP status, reason), or None."""
         name = self.names[0] if upstream is None else upstream
+        lists = self.lists_of(name)
         if self.draining:
             return 503, "this node is draining; reconnect elsewhere"
-        if agent_id is not None and agent_id in self.revoked.get(name, ()):
+        if agent_id is not None and agent_id in self.revoked.get(lists, ()):
             return 403, f"agent {agent_id} is revoked"
-        if agent_id is not None and agent_id in self.pending.get(name, ()):
+        if agent_id is not None and agent_id in self.pending.get(lists, ()):
             return 403, f"agent {agent_id} is awaiting approval"
         if name not in self.upstreams:
             return 503, "this node has no link to its server now; try again later"
@@ -173,6 +263,7 @@ class Relay:
         tls: dict[str, Any],
         upstream: str | None = None,
         channel: str | None = None,
+        gateway: str | None = None,
     ) -> int:
         name = self.names[0] if upstream is None else upstream
         self._next += 1
@@ -180,16 +271,17 @@ class Relay:
         self.conns[conn] = proto
         proto.relay_upstream = name
         self.accepted += 1
-        self.upstreams[name].send(
-            {
-                "t": "open",
-                "c": conn,
-                "agent": agent_id,
-                "peer": peer,
-                "tls": tls,
-                "channel": channel or self.channel,
-            }
-        )
+        header = {
+            "t": "open",
+            "c": conn,
+            "agent": agent_id,
+            "peer": peer,
+            "tls": tls,
+            "channel": channel or self.channel,
+        }
+        if gateway is not None:
+            header["gateway"] = gateway  # a task server: the gateway this session came by
+        self.upstreams[name].send(header)
         return conn
 
     def from_agent(self, conn: int, payload: bytes) -> None:
@@ -241,15 +333,23 @@ class Relay:
         elif kind == "push":
             prepared = self.prepare(payload) if self.prepare is not None else None
             n = 0
+            onward: dict[Any, list[int]] | None = None  # gateway links -> their connections
             for conn in header["c"]:
                 proto = self._conn_of(conn, name)
                 if proto is None:
                     continue
                 n += 1
-                if prepared is not None:
+                if proto.down is not None:  # a gateway's: one push per gateway link
+                    if onward is None:
+                        onward = {}
+                    onward.setdefault(proto.down, []).append(proto.c)
+                elif prepared is not None:
                     proto.sendPreparedMessage(prepared)
                 else:
                     proto.sendMessage(payload, isBinary=False)
+            if onward is not None:
+                for down, conns in onward.items():
+                    down.push(conns, payload)
             self.pushes += 1
             self.frames_out += n
             self.bytes_out += n * len(payload)
@@ -271,6 +371,15 @@ class Relay:
             self.set_pending(
                 name, header["agents"], header.get("approved", []), bool(header.get("full"))
             )
+        elif kind == "nodes":
+            self.set_gateways(header["gateways"])
+
+    def set_gateways(self, gateways: dict[str, str]) -> None:
+        """The gateways this task server may accept (from its server); links of others go."""
+        self.gateways = dict(gateways)
+        for down in list(self.downlinks.values()):
+            if self.gateways.get(down.name) != down.fingerprint:
+                down.close(codes.CLOSE_UNAUTHORIZED, f"gateway {down.name} is not registered now")
 
     def _conn_of(self, conn: int, upstream: str) -> Any:
         proto = self.conns.get(conn)
@@ -297,7 +406,7 @@ class Relay:
             self.revoked.setdefault(upstream, set()).update(ids)
         n = 0
         for proto in list(self.conns.values()):
-            if proto.agent_id in ids and _upstream_of(proto, self.names) == upstream:
+            if proto.agent_id in ids and self.lists_of(_upstream_of(proto, self.names)) == upstream:
                 proto.sendClose(codes.CLOSE_REVOKED, codes.CLOSE_REASONS[codes.CLOSE_REVOKED])
                 n += 1
         if ids:
@@ -340,13 +449,18 @@ def _upstream_of(proto: Any, names: list[str]) -> str:
     return getattr(proto, "relay_upstream", None) or names[0]
 
 
-def wanted_upstream(path: str | bytes) -> str | None:
+def wanted_upstream(path: str | bytes, prefix: str = UPSTREAM_PREFIX) -> str | None:
     """The upstream an agent names in its URL (/upstream/NAME/...), or None."""
     if isinstance(path, bytes):
         path = path.decode("ascii", "replace")
-    if not path.startswith(UPSTREAM_PREFIX):
+    if not path.startswith(prefix):
         return None
-    return path[len(UPSTREAM_PREFIX) :].split("/", 1)[0] or None
+    return path[len(prefix) :].split("/", 1)[0] or None
+
+
+def wanted_task_server(path: str | bytes) -> str | None:
+    """The task server an agent's task session names (/taskserver/NAME/task/v1/ws), or None."""
+    return wanted_upstream(path, TASK_SERVER_PREFIX)
 
 
 class EdgeProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type: ignore[misc]
@@ -357,6 +471,7 @@ class EdgeProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type: ignore
     relay_upstream: str | None = None
     agent_id: str | None = None
     last_rx = 0.0
+    down = None  # an agent's own connection (a gateway's carried ones have their link)
 
     def onConnect(self, request):
         relay: Relay = self.factory.relay
@@ -367,7 +482,11 @@ class EdgeProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type: ignore
         if agent_id is None or ":" in agent_id:
             relay.refused_for("certificate")
             raise ConnectionDeny(403, "an agent certificate is required: enroll first")
-        upstream, refusal = relay.route(server, wanted_upstream(request.path))
+        task_server = wanted_task_server(request.path)
+        if task_server is not None:
+            upstream, refusal = relay.route_task_server(server, task_server)
+        else:
+            upstream, refusal = relay.route(server, wanted_upstream(request.path))
         if refusal is None:
             refusal = relay.refusal(agent_id, upstream)
         if refusal is not None:

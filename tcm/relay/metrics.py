@@ -57,6 +57,13 @@ def relay_families(
     yield counter(f"{prefix}_bytes_out", "Payload bytes to agents", relay.bytes_out)
     yield counter(f"{prefix}_pushes", "Pushes from servers fanned out here", relay.pushes)
     yield gauge(f"{prefix}_draining", "1 while draining", 1.0 if relay.draining else 0.0)
+    if relay.node_name is not None:  # a task server: gateways carrying agents' task sessions
+        yield gauge(
+            f"{prefix}_gateway_sessions",
+            "Agent task sessions carried by each linked gateway",
+            labels={k: float(len(d.agents)) for k, d in relay.downlinks.items()},
+            label="gateway",
+        )
     if https is not None:
         yield counter(
             f"{prefix}_https_requests",
@@ -86,7 +93,17 @@ def relay_status(relay: Any) -> dict[str, Any]:
                     "sessions": per.get(n, 0),
                 }
                 for n in relay.names
-            ]
+            ],
+            **(
+                {
+                    "Gateways": [
+                        {"gateway": k, "sessions": len(d.agents), "pushes": d.pushes}
+                        for k, d in sorted(relay.downlinks.items())
+                    ]
+                }
+                if relay.downlinks
+                else {}
+            ),
         },
     }
 

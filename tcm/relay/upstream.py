@@ -75,8 +75,13 @@ class UpstreamProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type: ig
         if header["t"] == "welcome":
             if not self.up:
                 server = header.get("server")
+                node = header.get("node")
                 problem = f.relay.link_up(
-                    f.upstream_name, self, server if isinstance(server, str) else None
+                    f.upstream_name,
+                    self,
+                    server if isinstance(server, str) else None,
+                    role="taskserver" if header.get("role") == "taskserver" else "server",
+                    node=node if isinstance(node, str) else None,
                 )
                 if problem is not None:
                     self._log.error(

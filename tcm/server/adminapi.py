@@ -338,6 +338,12 @@ class AdminAPI(JsonRouter):
                     "url": node.url if connected else record.get("url"),
                     "state": state,
                     "clients": node.open_sessions() if connected else 0,
+                    # of those, task sessions a gateway carries here (agents outside)
+                    "via_gateways": sum(
+                        1 for s in node.sessions.values() if " via gateway:" in s.via
+                    )
+                    if connected
+                    else 0,
                     "assigned": assignments.counts.get(name, 0),
                     "max_clients": assignments.capacity(name)
                     if connected
@@ -392,6 +398,8 @@ class AdminAPI(JsonRouter):
                     "url": links[0].url if links else record.get("url"),
                     "sessions": sum(n.open_sessions("core") for n in links),
                     "task_sessions": sum(n.open_sessions("task") for n in links),
+                    # task servers it links to: its agents' task sessions go there through it
+                    "task_servers": sorted({t for n in links for t in n.reach}),
                     "registered_at": record["registered_at"],
                     "enrolled_at": record.get("enrolled_at"),
                     "links": [
@@ -399,6 +407,7 @@ class AdminAPI(JsonRouter):
                             "worker": n.worker,
                             "sessions": n.open_sessions("core"),
                             "task_sessions": n.open_sessions("task"),
+                            "task_servers": list(n.reach),
                             "connections": len(n.sessions),
                             "frames_in": n.frames_in,
                             "frames_out": n.frames_out,

@@ -105,6 +105,7 @@ class NodeLink:
         self.url: str | None = None
         self.max_clients: int | None = None
         self.worker: int | None = None  # a gateway's worker process number
+        self.reach: tuple[str, ...] = ()  # task servers a gateway links to (its `reach`)
         self.sessions: dict[int, AgentSession] = {}
         self.frames_in = 0
         self.frames_out = 0
@@ -154,11 +155,18 @@ class NodeLink:
         self.worker = worker if isinstance(worker, int) and not isinstance(worker, bool) else None
         self.ready = True
         self.send(
-            {"t": "welcome", "keepalive": self.hub.link_keepalive, "server": self.hub.server_name}
+            {
+                "t": "welcome",
+                "keepalive": self.hub.link_keepalive,
+                "server": self.hub.server_name,
+                "role": "server",
+            }
         )
         if self.role == "gateway":
             self.send({"t": "revoked", "agents": self.hub.revoked_agents(), "full": True})
             self.send({"t": "pending", "agents": self.hub.pending_agents(), "full": True})
+        else:
+            self.nodes(self.hub.gateway_fingerprints())
         self.hub.link_opened(self)
 
     def _on_open(self, header: dict[str, Any], payload: bytes) -> None:
@@ -179,13 +187,17 @@ class NodeLink:
         channel = header.get("channel", self.channel) if self.role == "gateway" else self.channel
         relayed = RelayedConnection(header.get("peer"), self.host)
         transport = RelayedTransport(self, conn, PeerView(relayed, agent_id))
+        via = f"{self.role or 'node'}:{self.name}"
+        gateway = header.get("gateway")
+        if isinstance(gateway, str) and self.role == "taskserver":
+            via += f" via gateway:{gateway}"  # a task session the gateway relayed here
         session = AgentSession(
             agent_id,
             transport,
             self.hub,
             self.clock.seconds(),
             route=self,
-            via=f"{self.role or 'node'}:{self.name}",
+            via=via,
             max_message_size=self.max_message_size,
         )
         session.channel = channel
@@ -231,6 +243,22 @@ class NodeLink:
             answer(env.reply("response", {"status": 500, "body": {"error": "internal error"}}))
 
         d.addCallbacks(answer, failed)
+
+    def _on_reach(self, header: dict[str, Any], payload: bytes) -> None:
+        """A gateway says which task servers it links to now (its agents' task sessions
+        can then be assigned to those, through it)."""
+        if self.role != "gateway":
+            raise link.LinkError("only a gateway says which task servers it reaches")
+        reach = tuple(sorted(set(header["task_servers"])))
+        if reach != self.reach:
+            self.reach = reach
+            self.hub.reach_changed(self)
+
+    def nodes(self, gateways: dict[str, str]) -> None:
+        """Tell a task server which gateways may link to it (name -> certificate
+        fingerprint): sent at welcome and whenever the registered nodes change."""
+        if self.ready and self.role == "taskserver":
+            self.send({"t": "nodes", "gateways": gateways})
 
     def pending(self, agent_ids: list[str], approved: list[str] | None = None) -> None:
         """Tell a gateway which agents wait for approval (it refuses them until then)."""

@@ -59,14 +59,20 @@ class TaskServerAssignments:
         return self.counts.get(name, 0) >= self.capacity(name)
 
     # -- agents ------------------------------------------------------------------------
-    def assign(self, agent_id: str) -> tuple[str | None, str]:
-        """The agent's task server (kept if it still has one) and why."""
+    def assign(self, agent_id: str, among: list[str] | None = None) -> tuple[str | None, str]:
+        """The agent's task server (kept if it still has one) and why; `among`: only these
+        task servers can be reached (an agent behind a gateway: those it links to)."""
         current = self.assigned.get(agent_id)
         if current is not None and current in self.servers:
-            return current, "assigned"
-        candidates = [n for n in self.servers if not self.full(n)]
+            if among is None or current in among:
+                return current, "assigned"
+            self.release(agent_id)
+        pool = list(self.servers) if among is None else [n for n in self.servers if n in among]
+        candidates = [n for n in pool if not self.full(n)]
         if not candidates:
-            if not self.servers:
+            if among is not None and pool:
+                why = f"all {len(pool)} task servers reachable are full"
+            elif not self.servers:
                 why = (
                     "no task server registered"
                     if not self.registered
@@ -126,3 +132,11 @@ class NodeDirectory:
 
     def gateways(self) -> list[str]:
         return [n for n, r in self.records.items() if r["role"] == "gateway"]
+
+    def gateway_fingerprints(self) -> dict[str, str]:
+        """Enrolled, not revoked gateways and their certificates' fingerprints."""
+        return {
+            n: r["fingerprint"]
+            for n, r in self.records.items()
+            if r["role"] == "gateway" and r.get("fingerprint") and not r.get("revoked")
+        }

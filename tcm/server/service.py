@@ -35,7 +35,7 @@ from tcm.server.nodeapi import NodeAPI
 from tcm.server.nodes import DEFAULT_MAX_CLIENTS, NodeDirectory, TaskServerAssignments
 from tcm.server.polls import PollRegistry
 from tcm.server.roles import Principal, TokenBook
-from tcm.server.sessions import AgentSession, SessionRegistry
+from tcm.server.sessions import AgentSession, SessionRegistry, SessionState
 from tcm.server.targets import FilterError, Target, UnknownTarget
 from tcm.server.web import ApiError, ApiWithWebSocket
 from tcm.server.websocket import AgentServerFactory
@@ -219,12 +219,18 @@ class AgentHub:
         """A node vouches for an agent it verified: may that agent be served?"""
         return self.core.check_agent(agent_id)
 
+    def gateway_fingerprints(self) -> dict[str, str]:
+        """The gateways a task server may accept links from (name -> certificate)."""
+        return self.core.nodes.gateway_fingerprints()
+
     def task_server_for(self, session: AgentSession) -> dict[str, Any]:
         """Assign the agent a task server (or say why there is none), for welcome/notify.
 
         An agent that reaches the server through a gateway keeps its task session on that
-        gateway too (`/task/v1/ws`, relayed to this server's link): task servers are inside
-        the network the gateway stands in front of."""
+        gateway too: task servers are inside the network the gateway stands in front of. It
+        is assigned, by the same policy, one of the task servers that gateway links to (its
+        `reach`), at `/taskserver/NAME/task/v1/ws` on the gateway; with none reachable (or
+        all full) its task session goes through the gateway to this server (`/task/v1/ws`)."""
         route = session.route
         assignments = self.core.assignments
         if (
@@ -233,9 +239,27 @@ class AgentHub:
             and assignments.registered
         ):
             base = route.url.rsplit("/agent/v1/ws", 1)[0]
+            reachable = [n for n in route.reach if n in assignments.servers]
+            if reachable:
+                name, why = assignments.assign(session.agent_id, among=reachable)
+                if name is not None:
+                    return {
+                        "task_server": {
+                            "name": name,
+                            "url": f"{base}/taskserver/{name}/task/v1/ws",
+                        },
+                        "task_server_status": f"{why}, through gateway {route.name}",
+                    }
+                why = f"through gateway {route.name} to this server: {why}"
+            else:
+                assignments.release(session.agent_id)
+                why = (
+                    f"through gateway {route.name} to this server: "
+                    "it links to no connected task server"
+                )
             return {
                 "task_server": {"name": f"gateway:{route.name}", "url": base + "/task/v1/ws"},
-                "task_server_status": f"through gateway {route.name}",
+                "task_server_status": why,
             }
         name, why = assignments.assign(session.agent_id)
         if name is None:
@@ -264,12 +288,29 @@ class AgentHub:
         record = core.nodes.records.get(node.name, {})
         limits = [m for m in (record.get("max_clients"), node.max_clients) if m]
         core.assignments.up(node.name, node.url or "", min(limits) if limits else None)
-        # Agents that found no task server so far get this one.
+        # Agents that found no task server so far get this one (behind a gateway: if that
+        # gateway links to it).
         for session in core.registry.all():
-            if session.route is not core.direct_route:
-                continue  # behind a gateway: its task session stays on the gateway
+            route = session.route
+            if route is not core.direct_route and node.name not in getattr(route, "reach", ()):
+                continue
             if core.assignments.of(session.agent_id) is None:
                 self._tell_task_server(session, "a task server became available")
+
+    def reach_changed(self, gateway: Any) -> None:
+        """A gateway links to other task servers now: its agents' task sessions follow."""
+        core = self.core
+        self._log.info(
+            "gateway {name} links to task servers: {reach}",
+            name=gateway.key,
+            reach=", ".join(gateway.reach) or "none",
+        )
+        for session in list(gateway.sessions.values()):
+            if session.channel != "core" or session.state is not SessionState.OPEN:
+                continue
+            current = core.assignments.of(session.agent_id)
+            if current is None or current not in gateway.reach:
+                self._tell_task_server(session, f"gateway {gateway.name} reach changed")
 
     def link_closed(self, node: Any) -> None:
         core = self.core
@@ -701,6 +742,9 @@ class ServerCore:
     def reload_nodes(self):
         self.nodes.load((yield self.store.list_nodes()))
         self.assignments.registered = len(self.nodes.task_servers())
+        gateways = self.nodes.gateway_fingerprints()
+        for node in list(self.nodes.links.values()):
+            node.nodes(gateways)  # task servers: which gateways they may accept now
 
     def _write_server_json(self) -> None:
         """Where the admin CLI finds this server when given only --state-dir."""

@@ -23,7 +23,8 @@ from twisted.web.server import Site
 
 from tcm import pki
 from tcm.process import raise_descriptor_limit
-from tcm.protocol import codes
+from tcm.protocol import codes, link
+from tcm.relay.downstream import DownLinkFactory
 from tcm.relay.edge import EdgeFactory, Relay
 from tcm.relay.node import (
     NodeEnrollmentError,
@@ -60,13 +61,16 @@ class TaskServerConfig:
         return f"wss://{host}:{self.port}{WS_PATH}"
 
 
-def edge_site(resource: Resource) -> Site:
+def edge_site(resource: Resource, gateway_links: Resource | None = None) -> Site:
+    """/task/v1/ws for agents; /link/v1/ws for gateways carrying their agents' sessions."""
     root = Resource()
-    task = Resource()
-    v1 = Resource()
-    root.putChild(b"task", task)
-    task.putChild(b"v1", v1)
-    v1.putChild(b"ws", resource)
+    for path, child in ((b"task", resource), (b"link", gateway_links)):
+        if child is None:
+            continue
+        top, v1 = Resource(), Resource()
+        root.putChild(path, top)
+        top.putChild(b"v1", v1)
+        v1.putChild(b"ws", child)
     site = Site(root, timeout=60)
     site.displayTracebacks = False
     return site
@@ -100,7 +104,7 @@ class TaskServerService(NodeService):
             names = sorted({cfg.interface, *cfg.hostnames} - {"0.0.0.0", "::", ""})
             yield enroll_node(self.reactor, self.state, cfg.server, ca_pem, cfg.token, names)
         meta = self.state.meta()
-        self.node_name = meta["name"]
+        self.node_name = self.relay.node_name = meta["name"]
         server = cfg.server or meta["server"]
         ca_pem, cert_pem, key_pem = self.state.tls()
         self.build(server, ca_pem, cert_pem, key_pem)
@@ -109,6 +113,7 @@ class TaskServerService(NodeService):
         cfg = self.config
         assert self.node_name is not None
         edge = EdgeFactory(self.relay, cfg.url())
+        gateways = DownLinkFactory(self.relay, cfg.url().replace(WS_PATH, link.WS_PATH))
         listener = StreamServerEndpointService(
             SSL4ServerEndpoint(
                 self.reactor,
@@ -117,7 +122,7 @@ class TaskServerService(NodeService):
                 interface=cfg.interface,
                 backlog=4096,
             ),
-            edge_site(_resource(WebSocketResource(edge))),
+            edge_site(_resource(WebSocketResource(edge)), _resource(WebSocketResource(gateways))),
         )
         listener.setServiceParent(self)
         self.add_link(server, ca_pem, cert_pem, key_pem, cfg.url())
@@ -218,7 +223,7 @@ class EmbeddedTaskServer(TaskServerService):
             yield core.store.enroll_node(self.NAME, secret, fingerprint, now)
             state.store_identity(self.NAME, "taskserver", "", core.ca.cert_pem, cert_pem)
             yield core.reload_nodes()
-        self.node_name = self.NAME
+        self.node_name = self.relay.node_name = self.NAME
         cfg = self.config
         host = cfg.interface if cfg.interface not in ("0.0.0.0", "::", "") else "127.0.0.1"
         server = f"https://{f'[{host}]' if ':' in host else host}:{cfg.port}"
