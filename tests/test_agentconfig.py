@@ -214,17 +214,27 @@ def test_profile_settings_apply_to_the_agent_and_back_to_defaults(tmp_path):
             "backoff_max": 120,
             "keepalive": 40,
             "task_servers": ["wss://ts.example:443"],
+            "gateways": ["wss://127.0.0.1:9/agent/v1/ws", "https://127.0.0.1:10/upstream/a/"],
         },
     }
     core.profile.apply(profile, "test")
     assert core.poller.poll_interval == 300 and core.poller.use_long_poll is False
     assert core.config.backoff_max == 120 and core.config.keepalive == 40
+    # gateways as the agent's destinations use them (base URLs), tried after the server
+    assert core.config.gateways == ["https://127.0.0.1:9", "https://127.0.0.1:10/upstream/a"]
     status = core.profile.status()
     assert status["stored_only"] == ["task_servers"]
-    assert status["applied"] == ["backoff_max", "keepalive", "long_poll", "poll_interval"]
+    assert status["applied"] == [
+        "backoff_max",
+        "gateways",
+        "keepalive",
+        "long_poll",
+        "poll_interval",
+    ]
     assert json.loads(open(os.path.join(tmp_path, "profile.json")).read()) == profile
     core.profile.apply(None, "test")
     assert core.poller.use_long_poll is True and core.config.backoff_max == 60.0
+    assert core.config.gateways == []  # back to the command line's (none here)
     assert core.config.keepalive is None and core.profile.status() is None
     assert not os.path.exists(os.path.join(tmp_path, "profile.json"))
 

@@ -44,12 +44,14 @@ def _servers(base, add) -> tuple[Server, Server]:
     return alpha, beta
 
 
-def _agents_via(base, gw: GatewayProc, upstream: str, server: Server, n: int, add, extra=None):
+def _agents_via(
+    base, gw: GatewayProc, upstream: str, server: Server, n: int, add, extra=None, prefix="agent"
+):
     """n agents enrolled with `server` through the gateway (/upstream/NAME/)."""
     token = server.token(uses=n)
     agents = []
     for i in range(n):
-        a = AgentProc(str(base), f"{upstream}-agent{i}", extra=extra)
+        a = AgentProc(str(base), f"{upstream}-{prefix}{i}", extra=extra)
         a.args += [
             "--server",
             f"{gw.url}/upstream/{upstream}",
@@ -210,7 +212,17 @@ def test_drain_moves_agents_to_a_second_gateway_without_losing_a_job(stack):
     gw2 = add(GatewayProc(str(base), "gw2", {"up-a": alpha}))
     gw1.start()
     gw2.start()
-    agents = _agents_via(base, gw1, "up-a", alpha, 3, add, extra=["--gateway", gw2.url])
+    # two agents know gw2 from their command line, the third from its connection profile
+    agents = _agents_via(base, gw1, "up-a", alpha, 2, add, extra=["--gateway", gw2.url])
+    (third,) = _agents_via(base, gw1, "up-a", alpha, 1, add, prefix="outside")
+    agents.append(third)
+    alpha.cli("targets", "create", "outside", "--agents", third.agent_id)
+    gw2_ws = "wss://" + gw2.url.split("://", 1)[1] + "/agent/v1/ws"
+    alpha.cli("profiles", "create", "dmz", "--set", f'gateways=["{gw2_ws}"]', "--target", "outside")
+    wait_until(lambda: third.count("connection profile dmz v1 in force") >= 1, 30, 0.1, "profile")
+    assert third.count(f"reconnecting: gateways {gw2.url}") == 1
+    third.wait_session(2)  # a change of gateways reconnects the session
+    assert _agent_status(third)["profile"]["applied"] == ["gateways"]
     wait_until(lambda: _gateway_listing(alpha, "gw1")["sessions"] == 3, 20, 0.1, "three on gw1")
     table = alpha.cli("gateways")
     assert "gw1" in table and "gw2" in table and "this server: alpha" in table
@@ -222,7 +234,7 @@ def test_drain_moves_agents_to_a_second_gateway_without_losing_a_job(stack):
     gw1.signal(signal.SIGTERM)  # drain: 4006 to every agent, then stop
     for a in agents:
         wait_until(lambda a=a: a.count("4006") >= 1, 20, 0.1, f"{a.name} told to go")
-        a.wait_session(2)
+        a.wait_session(3 if a is third else 2)
     assert gw1.count("draining: told 3 sessions to reconnect elsewhere") == 1
     wait_until(lambda: _gateway_listing(alpha, "gw2")["sessions"] == 3, 30, 0.1, "three on gw2")
     wait_until(lambda: not gw1.alive(), 30, 0.1, "gw1 stopped after its grace period")

@@ -64,7 +64,7 @@ def test_package_installs_offline_enrolls_and_runs_a_job(tmp_path, package_wheel
     agent = None
     try:
         server.cli("profiles", "create", "branch", "--set", "keepalive=30", "--set",
-                   "gateways=[\"wss://gw.example:443\"]")  # fmt: skip
+                   "gateways=[\"wss://127.0.0.1:9/agent/v1/ws\"]")  # fmt: skip
         out = tmp_path / "agent-branch.tar.gz"
         built = server.cli_json(
             "package", "build", "--profile", "branch", "--out", str(out), "--uses", "1",
@@ -124,7 +124,7 @@ def test_package_installs_offline_enrolls_and_runs_a_job(tmp_path, package_wheel
         assert job["counts"]["succeeded"] == job["counts"]["total"] == 1, job
         assert job["results"][0]["result"]["pong"] is True
 
-        # It enrolled into the package's profile and says so (gateways are stored only).
+        # It enrolled into the package's profile and says so (its gateways are applied).
         view = wait_until(
             lambda: next(a for a in server.agents() if a["id"] == agent_id)["profile"],
             30, 0.1, "the agent's profile report",
@@ -137,8 +137,8 @@ def test_package_installs_offline_enrolls_and_runs_a_job(tmp_path, package_wheel
                 capture_output=True, text=True, timeout=60, env=offline_env(),
             ).stdout
         )  # fmt: skip
-        assert status["profile"]["stored_only"] == ["gateways"]
-        assert status["profile"]["applied"] == ["keepalive"]
+        assert status["profile"]["stored_only"] == []
+        assert status["profile"]["applied"] == ["gateways", "keepalive"]
         # the token was good for one enrollment
         token = next(t for t in server.cli_json("token", "list") if t["id"] == built["token_id"])
         assert token["uses_left"] == 0

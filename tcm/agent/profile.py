@@ -7,6 +7,8 @@ not name keeps the command-line value.
 
 Applied at run time:
     servers                 the first is the server; a change reconnects (HTTPS and session)
+    gateways                gateways tried in turn when the server is not reachable (as
+                            --gateway, which they replace); a change reconnects the session
     proxy                   a change reconnects through the new proxy (null: direct)
     persistent_connections  off: the session is closed (4011) and the agent works over HTTPS;
                             on: the session service starts again
@@ -14,8 +16,7 @@ Applied at run time:
     keepalive_timeout, backoff_initial, backoff_max, fallback_delay
                             from the next connection attempt / fallback on
     poll_interval, long_poll  from the next poll
-Stored and shown, not acted on yet (the agent has no mechanism for them): gateways,
-task_servers.
+Stored and shown, not acted on (the server assigns task servers): task_servers.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from tcm import pki
 from tcm.agent.proxy import HTTPProxy
 from tcm.protocol.schemas import PROFILE_SETTINGS
 
-STORED_ONLY = ("gateways", "task_servers")
+STORED_ONLY = ("task_servers",)
 APPLIED = tuple(k for k in PROFILE_SETTINGS["properties"] if k not in STORED_ONLY)
 _validate = fastjsonschema.compile(PROFILE_SETTINGS)
 
@@ -163,6 +164,10 @@ class ProfileKeeper:
         if (proxy_text or None) != (str(core.proxy) if core.proxy is not None else None):
             core.proxy = HTTPProxy.parse(proxy_text) if proxy_text else None
             reconnect.append(f"proxy {proxy_text or 'none'}")
+        gateways = [gateway_base(u) for u in s["gateways"]] if "gateways" in s else d.gateways
+        if gateways != cfg.gateways:
+            cfg.gateways = list(gateways)
+            reconnect.append(f"gateways {', '.join(gateways) or 'none'}")
         cfg.keepalive = s.get("keepalive", d.keepalive)
         cfg.keepalive_timeout = s.get("keepalive_timeout", d.keepalive_timeout)
         cfg.backoff_initial = s.get("backoff_initial", d.backoff_initial)
@@ -196,6 +201,15 @@ class ProfileKeeper:
             "stored_only": sorted(k for k in s if k in STORED_ONLY),
             "error": self.last_error,
         }
+
+
+def gateway_base(url: str) -> str:
+    """A gateway as a profile names it (https:// or wss://, maybe with the session path) as
+    the base URL the agent's destinations use: https://HOST:PORT[/upstream/NAME]."""
+    rest = url.split("://", 1)[1].rstrip("/")
+    if rest.endswith("/agent/v1/ws"):
+        rest = rest[: -len("/agent/v1/ws")]
+    return "https://" + rest
 
 
 def _running(service: Any) -> bool:

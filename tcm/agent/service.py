@@ -279,6 +279,7 @@ class AgentCore:
             return endpoint
 
         if not cfg.gateways:
+            self.destinations = None
             return endpoint_for(self.server), ws_url(self.server)
         self.destinations = Destinations([self.server, *cfg.gateways])
         rotating = RotatingEndpoint(self.destinations, endpoint_for, self._destination_switched)
