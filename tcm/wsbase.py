@@ -91,3 +91,23 @@ class LeanWebSocketMixin(_Base):
         self.transport.write(data)
         if self.state == self.STATE_OPEN:
             self.trafficStats.outgoingOctetsWireLevel += len(data)
+
+
+def settle_upgrade(protocol: Any, clock: Any) -> None:
+    """At a server-side WebSocket's open, after an upgrade that came through twisted.web:
+    keep nothing of the upgrade for the connection's lifetime.
+
+    The HTTP channel is still registered as the TLS connection's producer, which keeps the
+    channel, its never-finished request and their headers alive (about 6 KB a connection);
+    the WebSocket has no use for it. TLS still holds the handshake's buffers: they are
+    released once this turn's output (the 101 response, session tickets) has gone out."""
+    protocol.transport.unregisterProducer()
+    clock.callLater(0, _release_tls_buffers, protocol)
+
+
+def _release_tls_buffers(protocol: Any) -> None:
+    from tcm.server.ca import release_handshake_buffers
+
+    transport = protocol.transport  # the TLS connection (ISystemHandle)
+    if protocol.state == protocol.STATE_OPEN and transport is not None:
+        protocol.tls_buffers_released = release_handshake_buffers(transport.getHandle())

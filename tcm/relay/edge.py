@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from tcm import pki
 from tcm.protocol import codes
-from tcm.wsbase import LeanWebSocketMixin, bind_options
+from tcm.wsbase import LeanWebSocketMixin, bind_options, settle_upgrade
 
 UPSTREAM_PREFIX = "/upstream/"  # /upstream/NAME/...: the agent names its server's upstream
 TASK_SERVER_PREFIX = "/taskserver/"  # /taskserver/NAME/task/v1/ws: through to task server NAME
@@ -472,6 +472,7 @@ class EdgeProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type: ignore
     agent_id: str | None = None
     last_rx = 0.0
     down = None  # an agent's own connection (a gateway's carried ones have their link)
+    tls_buffers_released = False
 
     def onConnect(self, request):
         relay: Relay = self.factory.relay
@@ -504,6 +505,7 @@ class EdgeProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type: ignore
 
     def onOpen(self):
         relay: Relay = self.factory.relay
+        settle_upgrade(self, relay.clock)  # nothing of the upgrade kept (as on the server)
         self.last_rx = relay.clock.seconds()
         if relay.upstreams.get(self.relay_upstream) is None:  # lost since the upgrade
             self.sendClose(

@@ -15,11 +15,10 @@ from twisted.logger import Logger
 
 from tcm import pki
 from tcm.protocol import codes
-from tcm.server.ca import release_handshake_buffers
 from tcm.server.envelope_http import PeerView
 from tcm.server.sessions import AgentSession, intern
 from tcm.server.web import ApiError
-from tcm.wsbase import LeanWebSocketMixin, bind_options
+from tcm.wsbase import LeanWebSocketMixin, bind_options, settle_upgrade
 
 if TYPE_CHECKING:
     from tcm.server.service import ServerCore
@@ -66,20 +65,9 @@ class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type:
         return codes.SUBPROTOCOL
 
     def onOpen(self):
-        # The upgrade came through twisted.web: its HTTP channel is still registered as the
-        # TLS connection's producer, which keeps the channel, its never-finished request and
-        # their headers alive for the whole session. The WebSocket has no use for it.
-        self.transport.unregisterProducer()
         core = self.factory.core
-        # TLS still holds the handshake's buffers; release them once this turn's output
-        # (the 101 response, session tickets) has gone out.
-        core.clock.callLater(0, self._release_tls_buffers)
+        settle_upgrade(self, core.clock)
         self._hello_timer = core.clock.callLater(core.config.handshake_timeout, self._hello_timeout)
-
-    def _release_tls_buffers(self) -> None:
-        transport: Any = self.transport  # the TLS connection (ISystemHandle)
-        if self.state == self.STATE_OPEN and transport is not None:
-            self.tls_buffers_released = release_handshake_buffers(transport.getHandle())
 
     def _hello_timeout(self):
         self._hello_timer = None
