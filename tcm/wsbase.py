@@ -111,3 +111,41 @@ def _release_tls_buffers(protocol: Any) -> None:
     transport = protocol.transport  # the TLS connection (ISystemHandle)
     if protocol.state == protocol.STATE_OPEN and transport is not None:
         protocol.tls_buffers_released = release_handshake_buffers(transport.getHandle())
+
+
+class LinkEndMixin(_Base):
+    """The accepting end of a node link (the server's, or a task server's for a gateway):
+    binary link messages into `self.end` (a NodeLink or DownLink), its loss to `end.lost()`.
+    Mix in before Autobahn's server protocol; `onConnect` sets `end`."""
+
+    end: Any = None
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.end is None:
+            return
+        if not isBinary:
+            from tcm.protocol import codes
+
+            self.sendClose(codes.CLOSE_PROTOCOL_ERROR, "node links use binary frames")
+            return
+        self.end.message_received(payload)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self.end is not None:
+            self.end.lost()
+
+
+def link_end_options(factory: Any, size: int, keepalive: float, timeout: float) -> None:
+    """WebSocket options of a node link's accepting end; `size`: the largest message (a push
+    carries many connection numbers)."""
+    factory.setProtocolOptions(
+        maxFramePayloadSize=size,
+        maxMessagePayloadSize=size,
+        failByDrop=False,
+        autoPingInterval=keepalive,
+        autoPingTimeout=timeout,
+        openHandshakeTimeout=30,
+        closeHandshakeTimeout=5,
+        perMessageCompressionAccept=lambda offers: None,
+    )
+    bind_options(factory)

@@ -316,6 +316,18 @@ class TaskServerProc(Process):
         return any(t["name"] == self.node and t["state"] in ("up", "full") for t in listing)
 
 
+def agent_status(agent: AgentProc) -> dict[str, Any]:
+    """`tcm-agent status --json` of a running agent (its control socket)."""
+    done = subprocess.run(
+        [PYTHON, "-m", "tcm.cli.agent", "--state-dir", agent.state_dir, "status", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
 def start_agents(
     base: str, server: Server, n: int, prefix: str = "agent", extra: list[str] | None = None
 ) -> list[AgentProc]:

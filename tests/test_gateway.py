@@ -27,6 +27,7 @@ from tests.harness import (
     GatewayProc,
     Process,
     Server,
+    agent_status,
     free_port,
     share_ca,
     wait_until,
@@ -222,7 +223,7 @@ def test_drain_moves_agents_to_a_second_gateway_without_losing_a_job(stack):
     wait_until(lambda: third.count("connection profile dmz v1 in force") >= 1, 30, 0.1, "profile")
     assert third.count(f"reconnecting: gateways {gw2.url}") == 1
     third.wait_session(2)  # a change of gateways reconnects the session
-    assert _agent_status(third)["profile"]["applied"] == ["gateways"]
+    assert agent_status(third)["profile"]["applied"] == ["gateways"]
     wait_until(lambda: _gateway_listing(alpha, "gw1")["sessions"] == 3, 20, 0.1, "three on gw1")
     table = alpha.cli("gateways")
     assert "gw1" in table and "gw2" in table and "this server: alpha" in table
@@ -404,7 +405,7 @@ def test_task_sessions_through_the_gateway_go_to_the_task_server_and_fail_over(s
         wait_until(
             lambda a=a: a.count("task session open with ts1") >= 1, 30, 0.1, f"{a.name} on ts1"
         )
-        status = _agent_status(a)["task"]
+        status = agent_status(a)["task"]
         assert status["task_server"] == "ts1"
         assert status["url"].endswith(f"127.0.0.1:{gw.port}/taskserver/ts1/task/v1/ws")
     listing = {t["name"]: t for t in server.cli_json("taskservers")}["ts1"]
@@ -415,12 +416,8 @@ def test_task_sessions_through_the_gateway_go_to_the_task_server_and_fail_over(s
 
     # A task: server -> ts1 (one push) -> gw1 -> agents; results back the same way.
     pushes = listing["link"]["pushes"]
-    job = _run(server, "command.run", "--arg", 'argv=["echo","via-gw-ts"]', "--targets", "all")
-    job = wait_until(
-        lambda: (lambda j: j if j["counts"]["completed"] == 2 else None)(server.job(job["job"])),
-        30,
-        0.1,
-        "the task through gateway and task server",
+    job = _run(
+        server, "command.run", "--arg", 'argv=["echo","via-gw-ts"]', "--targets", "all", "--wait"
     )
     assert job["counts"]["succeeded"] == 2, job
     assert all(r["result"]["stdout"] == "via-gw-ts\n" for r in job["results"])
@@ -439,15 +436,12 @@ def test_task_sessions_through_the_gateway_go_to_the_task_server_and_fail_over(s
             f"{a.name} task session through the gateway to the server",
         )
     assert _gateway_listing(server, "gw1")["task_servers"] == []
-    assert "links to no connected task server" in _agent_status(agents[0])["task"]["assignment"]
-    job = _run(server, "command.run", "--arg", 'argv=["echo","fallback"]', "--targets", "all")
-    job = wait_until(
-        lambda: (lambda j: j if j["counts"]["completed"] == 2 else None)(server.job(job["job"])),
-        30,
-        0.1,
-        "the task through the gateway to the server",
+    assert "links to no connected task server" in agent_status(agents[0])["task"]["assignment"]
+    job = _run(
+        server, "command.run", "--arg", 'argv=["echo","fallback"]', "--targets", "all", "--wait"
     )
     assert job["counts"]["succeeded"] == 2, job
+    assert all(r["result"]["stdout"] == "fallback\n" for r in job["results"])
 
     # ts1 is back: the gateway links to it again and the agents return to it.
     ts1.start()
@@ -456,18 +450,3 @@ def test_task_sessions_through_the_gateway_go_to_the_task_server_and_fail_over(s
             lambda a=a: a.count("task session open with ts1") >= 2, 60, 0.1, f"{a.name} back"
         )
     assert _gateway_listing(server, "gw1")["task_servers"] == ["ts1"]
-
-
-def _agent_status(agent: AgentProc) -> dict:
-    import subprocess
-
-    from tests.harness import PYTHON
-
-    out = subprocess.run(
-        [PYTHON, "-m", "tcm.cli.agent", "--state-dir", agent.state_dir, "status", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)

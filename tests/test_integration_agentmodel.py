@@ -18,7 +18,7 @@ import pytest
 
 from tcm.cli.admin import Api, CliError
 from tests.conftest import ROOT
-from tests.harness import PYTHON, AgentProc, Server, wait_until
+from tests.harness import PYTHON, AgentProc, Server, agent_status, wait_until
 from tests.test_integration_reach import proxy_factory  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.integration
@@ -37,17 +37,6 @@ AGENT_COUNT = 2
 def api(server):
     with open(os.path.join(server.state_dir, "admin.token")) as f:
         return Api(server.url, server.ca, f.read().strip())
-
-
-def agent_status(agent: AgentProc) -> dict:
-    done = subprocess.run(
-        [PYTHON, "-m", "tcm.cli.agent", "--state-dir", agent.state_dir, "status", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
 
 
 def reported(api: Api, policy: str) -> dict:

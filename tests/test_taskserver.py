@@ -23,6 +23,7 @@ from tests.harness import (
     Process,
     Server,
     TaskServerProc,
+    agent_status,
     start_agents,
     wait_until,
 )
@@ -30,17 +31,6 @@ from tests.harness import (
 pytestmark = pytest.mark.integration
 
 TASK_OPEN = "task session open with"
-
-
-def _status(agent: AgentProc) -> dict:
-    out = subprocess.run(
-        [PYTHON, "-m", "tcm.cli.agent", "--state-dir", agent.state_dir, "status", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
 
 
 def _taskservers(server: Server) -> dict[str, dict]:
@@ -83,7 +73,7 @@ def test_two_task_servers_spread_failover_and_exactly_once(stack):
     # policy "fewest": three and three
     assert listing["ts1"]["assigned"] == 3 and listing["ts2"]["assigned"] == 3
     assert listing["ts1"]["clients"] == 3 and listing["ts2"]["clients"] == 3
-    on = {a.agent_id: _status(a)["task"]["task_server"] for a in agents}
+    on = {a.agent_id: agent_status(a)["task"]["task_server"] for a in agents}
     assert sorted(on.values()) == ["ts1"] * 3 + ["ts2"] * 3
 
     # A task goes through the task servers: one push per task server link.
@@ -110,7 +100,7 @@ def test_two_task_servers_spread_failover_and_exactly_once(stack):
     # Its agents go to ts1 (a notify from the server), within their backoff.
     for a in moved:
         wait_until(lambda a=a: a.count(TASK_OPEN) >= 2, 30, 0.05, f"{a.name} moved to ts1")
-        assert _status(a)["task"]["task_server"] == "ts1"
+        assert agent_status(a)["task"]["task_server"] == "ts1"
     assert "task server ts2 is down" in server.log()
     listing = _taskservers(server)
     assert listing["ts2"]["state"] == "down"
@@ -131,7 +121,7 @@ def test_two_task_servers_spread_failover_and_exactly_once(stack):
         assert "interrupted" not in a.log()
 
 
-def test_task_server_maximum_and_overflow_status(stack):
+def test_task_server_maximum_and_overflowagent_status(stack):
     base, add = stack
     server = add(Server(str(base)))
     server.start()
@@ -139,7 +129,7 @@ def test_task_server_maximum_and_overflow_status(stack):
     ts.start()
     agents = _agents(base, server, 2, add)
     wait_until(lambda: sum(a.count(TASK_OPEN) for a in agents) >= 1, 30, 0.05, "one task session")
-    statuses = [_status(a)["task"] for a in agents]
+    statuses = [agent_status(a)["task"] for a in agents]
     placed = [s for s in statuses if s["task_server"] == "small"]
     left = [s for s in statuses if s["task_server"] is None]
     assert len(placed) == 1 and len(left) == 1, statuses
@@ -200,7 +190,7 @@ def test_all_in_one_serves_agents_and_tasks_from_one_process(stack):
     server.start()
     (agent,) = _agents(base, server, 1, add)
     _wait_task_sessions([agent])
-    assert _status(agent)["task"]["task_server"] == "local"
+    assert agent_status(agent)["task"]["task_server"] == "local"
     listing = _taskservers(server)
     assert listing["local"]["clients"] == 1
     job = _run(

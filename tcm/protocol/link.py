@@ -146,6 +146,17 @@ def unbatch(header: dict[str, Any], payload: bytes, allowed: frozenset[str]):
     return parts
 
 
+def receive(end: Any, message: bytes) -> None:
+    """Hand one message from a node (a batch: each of its parts) to the accepting end of
+    the link, `end._on_TYPE(header, payload)`; hello comes first. LinkError says what is
+    wrong; the caller closes the link with it."""
+    outer, body = decode(message, NODE_SENDS)
+    for header, payload in unbatch(outer, body, NODE_SENDS):
+        if not end.ready and header["t"] != "hello":
+            raise LinkError("the first link message must be hello")
+        getattr(end, "_on_" + header["t"])(header, payload)
+
+
 class LinkWriter:
     """Sends link messages; those written in one reactor turn leave together as one batch."""
 

@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from tcm import pki
 from tcm.protocol import codes, link
 from tcm.relay.edge import Relay, _reason_label
-from tcm.wsbase import LeanWebSocketMixin, bind_options
+from tcm.wsbase import LeanWebSocketMixin, LinkEndMixin, link_end_options
 
 
 class CarriedAgent:
@@ -106,11 +106,7 @@ class DownLink:
 
     def message_received(self, message: bytes) -> None:
         try:
-            outer, body = link.decode(message, link.NODE_SENDS)
-            for header, payload in link.unbatch(outer, body, link.NODE_SENDS):
-                if not self.ready and header["t"] != "hello":
-                    raise link.LinkError("the first link message must be hello")
-                getattr(self, "_on_" + header["t"])(header, payload)
+            link.receive(self, message)
         except link.LinkError as e:
             self._log.warn("gateway {gw} sent a bad link message: {e}", gw=self.name, e=e)
             self.close(codes.CLOSE_PROTOCOL_ERROR, str(e))
@@ -193,11 +189,10 @@ class DownLink:
             self._log.info("gateway {gw} link lost", gw=self.key)
 
 
-class DownLinkProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type: ignore[misc]
+class DownLinkProtocol(LinkEndMixin, LeanWebSocketMixin, WebSocketServerProtocol):  # type: ignore[misc]
     """Thin adapter: a gateway's binary link messages in and out of a DownLink."""
 
     _log = Logger()
-    down: DownLink | None = None
 
     def onConnect(self, request):
         relay: Relay = self.factory.relay
@@ -219,7 +214,7 @@ class DownLinkProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type: ig
             )
             self._log.info("gateway link from {name} refused: {why}", name=name, why=why)
             raise ConnectionDeny(403, why)
-        self.down = DownLink(
+        self.end = DownLink(
             name,
             fingerprint,
             relay,
@@ -230,18 +225,6 @@ class DownLinkProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type: ig
         )
         return link.SUBPROTOCOL
 
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self.down is None:
-            return
-        if not isBinary:
-            self.sendClose(codes.CLOSE_PROTOCOL_ERROR, "node links use binary frames")
-            return
-        self.down.message_received(payload)
-
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        if self.down is not None:
-            self.down.lost()
-
 
 class DownLinkFactory(WebSocketServerFactory):
     protocol = DownLinkProtocol
@@ -250,15 +233,4 @@ class DownLinkFactory(WebSocketServerFactory):
         super().__init__(url, protocols=[link.SUBPROTOCOL])
         self.relay = relay
         self.keepalive = keepalive
-        size = 64 * 1024 * 1024  # a push carries many connection numbers
-        self.setProtocolOptions(
-            maxFramePayloadSize=size,
-            maxMessagePayloadSize=size,
-            failByDrop=False,
-            autoPingInterval=keepalive,
-            autoPingTimeout=20,
-            openHandshakeTimeout=30,
-            closeHandshakeTimeout=5,
-            perMessageCompressionAccept=lambda offers: None,
-        )
-        bind_options(self)
+        link_end_options(self, 64 * 1024 * 1024, keepalive, 20)

@@ -28,7 +28,7 @@ from tcm.protocol.envelope import ProtocolError, decode, encode
 from tcm.server.envelope_http import PeerView
 from tcm.server.sessions import AgentSession, SessionState, intern
 from tcm.server.web import ApiError
-from tcm.wsbase import LeanWebSocketMixin, bind_options
+from tcm.wsbase import LeanWebSocketMixin, LinkEndMixin, link_end_options
 
 
 class RelayedConnection:
@@ -135,11 +135,7 @@ class NodeLink:
 
     def message_received(self, message: bytes) -> None:
         try:
-            outer, body = link.decode(message, link.NODE_SENDS)
-            for header, payload in link.unbatch(outer, body, link.NODE_SENDS):
-                if not self.ready and header["t"] != "hello":
-                    raise link.LinkError("the first link message must be hello")
-                getattr(self, "_on_" + header["t"])(header, payload)
+            link.receive(self, message)
         except link.LinkError as e:
             self._log.warn("node {node} sent a bad link message: {e}", node=self.name, e=e)
             self._close(codes.CLOSE_PROTOCOL_ERROR, str(e)[:120])
@@ -289,11 +285,10 @@ class NodeLink:
         )
 
 
-class NodeLinkProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type: ignore[misc]
+class NodeLinkProtocol(LinkEndMixin, LeanWebSocketMixin, WebSocketServerProtocol):  # type: ignore[misc]
     """Thin adapter: binary link messages in and out of a NodeLink."""
 
     _log = Logger()
-    node: NodeLink | None = None
 
     def onConnect(self, request):
         core = self.factory.core
@@ -307,7 +302,7 @@ class NodeLinkProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type: ig
         if refusal is not None:
             self._log.info("node link from {name} refused: {why}", name=name, why=refusal)
             raise ConnectionDeny(403, refusal)
-        self.node = NodeLink(
+        self.end = NodeLink(
             name,
             lambda data: self.sendMessage(data, isBinary=True),
             self.sendClose,
@@ -318,18 +313,6 @@ class NodeLinkProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type: ig
         )
         return link.SUBPROTOCOL
 
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self.node is None:
-            return
-        if not isBinary:
-            self.sendClose(codes.CLOSE_PROTOCOL_ERROR, "node links use binary frames")
-            return
-        self.node.message_received(payload)
-
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        if self.node is not None:
-            self.node.lost()
-
 
 class NodeLinkFactory(WebSocketServerFactory):
     protocol = NodeLinkProtocol
@@ -337,18 +320,12 @@ class NodeLinkFactory(WebSocketServerFactory):
     def __init__(self, core: Any, url: str):
         super().__init__(url, protocols=[link.SUBPROTOCOL])
         self.core = core
-        size = core.config.max_message_size * 64  # a push carries many connection numbers
-        self.setProtocolOptions(
-            maxFramePayloadSize=size,
-            maxMessagePayloadSize=size,
-            failByDrop=False,
-            autoPingInterval=core.config.keepalive / 2,
-            autoPingTimeout=core.config.keepalive_timeout,
-            openHandshakeTimeout=30,
-            closeHandshakeTimeout=5,
-            perMessageCompressionAccept=lambda offers: None,
+        link_end_options(
+            self,
+            core.config.max_message_size * 64,
+            core.config.keepalive / 2,
+            core.config.keepalive_timeout,
         )
-        bind_options(self)
 
 
 def _address(peer: str | None) -> Any:
