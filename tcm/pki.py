@@ -88,6 +88,20 @@ def make_csr(key: CertificateIssuerPrivateKeyTypes, common_name: str = "tcm-agen
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
+def csr_key_id(csr_pem: bytes) -> str | None:
+    """SHA-256 of a CSR's public key (hex), or None if it does not parse."""
+    try:
+        key = x509.load_pem_x509_csr(csr_pem).public_key()
+    except ValueError:
+        return None
+    der = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(der)
+    return digest.finalize().hex()
+
+
 def signature_hash(key: CertificateIssuerPrivateKeyTypes) -> hashes.SHA256 | None:
     """The hash to sign with ``key``: SHA-256, or None for Ed25519/Ed448 (they hash inside)."""
     if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):

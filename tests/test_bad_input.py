@@ -376,6 +376,37 @@ def test_enroll_with_used_up_token_is_403(server):
 
 
 @pytest_twisted.inlineCallbacks
+def test_an_agent_asking_again_with_its_key_gets_the_same_identity(server):
+    # Its first answer was lost (the agent gave up waiting on a busy server): the same key
+    # and token again give the same agent and certificate, and do not use the token twice.
+    token = yield server.create_token(uses=1)
+    csr = _csr()
+    first = yield server.agent_https("POST", "/agent/v1/enroll", {"token": token, "csr": csr})
+    again = yield server.agent_https("POST", "/agent/v1/enroll", {"token": token, "csr": csr})
+    assert first.status == again.status == 201
+    assert again.body == first.body
+    # another key with that token: used up, as before
+    other = yield server.agent_https("POST", "/agent/v1/enroll", {"token": token, "csr": _csr()})
+    assert other.status == 403 and "used up" in other.body["error"]
+    # the same key with another token is a new enrollment, not the remembered one
+    token2 = yield server.create_token(uses=1)
+    third = yield server.agent_https("POST", "/agent/v1/enroll", {"token": token2, "csr": csr})
+    assert third.status == 201 and third.body["agent_id"] != first.body["agent_id"]
+    yield server.check_serving()
+
+
+def test_remembered_enrollments_are_bounded_in_time_and_number():
+    from tcm.server.agentapi import RE_ENROLL_WINDOW, RecentEnrollments
+
+    recent = RecentEnrollments(limit=3)
+    for i in range(5):
+        recent.remember(f"k{i}", i, now=float(i))
+    assert len(recent) == 3 and recent.get("k0") is None and recent.get("k4") == 4
+    recent.remember("late", "x", now=4.0 + RE_ENROLL_WINDOW)
+    assert len(recent) == 1 and recent.get("late") == "x"
+
+
+@pytest_twisted.inlineCallbacks
 def test_enroll_with_expired_token_is_403(server):
     token = yield server.create_token(ttl=0.3)
     yield sleep(0.5)

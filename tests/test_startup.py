@@ -61,3 +61,30 @@ def test_agent_refused_enrollment_exits_1(tmp_path):
     assert r.returncode == 1
     assert "enrollment refused" in r.stdout and "unknown enrollment token" in r.stdout
     assert not os.path.exists(tmp_path / "agent" / "cert.pem")
+
+
+def test_agent_waits_for_an_unreachable_server_to_enroll_then_enrolls(tmp_path):
+    """A server that is down (or too busy to answer) at the agent's first start is tried
+    again with the backoff; once it answers, the agent enrolls and opens its session."""
+    from tests.harness import AgentProc, Server, wait_until
+
+    server = Server(str(tmp_path))
+    server.start()
+    token = server.token(uses=1)
+    server.stop()
+    agent = AgentProc(str(tmp_path), "patient", server, token, extra=["--backoff-max", "2"])
+    try:
+        agent.start(wait=False)
+        wait_until(
+            lambda: agent.count("to enroll: ") >= 2 and agent.count("trying again in") >= 2,
+            30,
+            0.1,
+            "two attempts while the server is down",
+        )
+        assert agent.alive()
+        server.start()
+        agent.wait_session(1, timeout=60)
+        assert [a["id"] for a in server.agents()] == [agent.agent_id]
+    finally:
+        agent.stop()
+        server.stop()

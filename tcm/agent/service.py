@@ -29,7 +29,7 @@ from twisted.internet.defer import (
     maybeDeferred,
 )
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 from twisted.web.client import Agent
@@ -59,6 +59,10 @@ DEFAULT_KEEPALIVE = 50.0
 
 class EnrollmentError(Exception):
     """Enrollment was refused or could not be done; the message says why."""
+
+
+class EnrollmentUnavailable(EnrollmentError):
+    """The server could not be reached, or was busy (5xx): worth trying again."""
 
 
 @attrs.define
@@ -124,9 +128,14 @@ def enroll(
         resp = yield http.post(url, json=body, timeout=30)
         payload = yield resp.json()
     except Exception as e:
-        raise EnrollmentError(
+        raise EnrollmentUnavailable(
             f"cannot reach {server} to enroll: {pki.describe_tls_error(e)}"
         ) from None
+    if resp.code >= 500:
+        raise EnrollmentUnavailable(
+            f"{server} could not enroll this agent now: {payload.get('error', payload)} "
+            f"({resp.code})"
+        )
     if resp.code != 201:
         raise EnrollmentError(
             f"enrollment refused by {server}: {payload.get('error', payload)} ({resp.code})"
@@ -209,15 +218,27 @@ class AgentCore:
                 raise EnrollmentError("not enrolled yet: give --server, --ca-cert and --token")
             with open(cfg.ca_cert, "rb") as f:
                 ca_pem = f.read()
-            yield enroll(
-                self.reactor,
-                self.state,
-                cfg.server,
-                ca_pem,
-                cfg.token,
-                cfg.bind_address,
-                self.proxy,
-            )
+            # Unreachable or busy (a thousand agents enrolling at once): try again with the
+            # session's backoff; refused (a bad or used token): give up at once, with why.
+            delay = backoff_policy(cfg.backoff_initial, 2.0, cfg.backoff_max)
+            attempt = 0
+            while True:
+                try:
+                    yield enroll(
+                        self.reactor,
+                        self.state,
+                        cfg.server,
+                        ca_pem,
+                        cfg.token,
+                        cfg.bind_address,
+                        self.proxy,
+                    )
+                    break
+                except EnrollmentUnavailable as e:
+                    wait = delay(attempt)
+                    attempt += 1
+                    self._log.warn("{why}; trying again in {wait:.1f} s", why=str(e), wait=wait)
+                    yield deferLater(self.reactor, wait, lambda: None)
         meta = self.state.meta()
         self.agent_id = meta["agent_id"]
         self.server = cfg.server or meta["server"]

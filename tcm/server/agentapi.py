@@ -16,6 +16,35 @@ from tcm import pki
 from tcm.server.web import ApiError, JsonRouter, Reply, json_object
 from tcm.store.store import TokenRefused
 
+RE_ENROLL_WINDOW = 600.0  # seconds an enrollment can be asked for again with the same key
+
+
+class RecentEnrollments:
+    """Enrollments of the last RE_ENROLL_WINDOW seconds by public key, oldest first, so an
+    agent that asks again (its first answer lost) gets the same identity. Bounded: what is
+    older than the window goes at each new entry, and at most `limit` are kept."""
+
+    def __init__(self, limit: int = 200_000):
+        self.limit = limit
+        self._entries: dict[str, tuple[float, Any]] = {}  # insertion order = time order
+
+    def get(self, key: str) -> Any:
+        entry = self._entries.get(key)
+        return entry[1] if entry is not None else None
+
+    def remember(self, key: str, value: Any, now: float) -> None:
+        self._entries.pop(key, None)
+        self._entries[key] = (now, value)
+        for old in list(self._entries):
+            at = self._entries[old][0]
+            if now - at < RE_ENROLL_WINDOW and len(self._entries) <= self.limit:
+                break
+            del self._entries[old]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 if TYPE_CHECKING:
     from tcm.server.service import ServerCore
 
@@ -52,6 +81,16 @@ class AgentAPI(JsonRouter):
             raise ApiError(400, "enroll needs 'token' and 'csr' (PEM) strings")
         hostname = str(body.get("hostname", ""))[:255]
         now = self.core.clock.seconds()
+        # The same key and token again within minutes: an agent that gave up waiting for
+        # the answer (a busy server) and asks again gets the same identity, and the token is
+        # not used twice. The CSR's signature proves it holds the key.
+        key_id = pki.csr_key_id(csr.encode())
+        again = self.core.recent_enrollments.get(key_id) if key_id is not None else None
+        if again is not None and again[0] == token and now - again[1] < RE_ENROLL_WINDOW:
+            self._log.info(
+                "agent {agent} asked again for its enrollment", agent=again[2]["agent_id"]
+            )
+            return Reply(again[2], status=201)
         agent_id = "a-" + os.urandom(10).hex()
         try:  # the CSR is checked first: a refused request does not use up the token
             cert_pem = self.core.ca.sign_csr(
@@ -74,14 +113,14 @@ class AgentAPI(JsonRouter):
         if token_row.get("profile"):
             yield self.core.agent_config.set_enrollment_profile(agent_id, token_row["profile"])
         self._log.info("agent {agent} enrolled ({host})", agent=agent_id, host=hostname)
-        return Reply(
-            {
-                "agent_id": agent_id,
-                "certificate": cert_pem.decode(),
-                "ca": self.core.ca.cert_pem.decode(),
-            },
-            status=201,
-        )
+        reply = {
+            "agent_id": agent_id,
+            "certificate": cert_pem.decode(),
+            "ca": self.core.ca.cert_pem.decode(),
+        }
+        if key_id is not None:
+            self.core.recent_enrollments.remember(key_id, (token, now, reply), now)
+        return Reply(reply, status=201)
 
     def whoami(self, request):
         return {"agent_id": request.agent_id, "transport": _carried_by(request)}

@@ -23,7 +23,7 @@ from tcm.process import raise_descriptor_limit, stop_with_failure
 from tcm.protocol import codes
 from tcm.protocol.envelope import Envelope
 from tcm.server.adminapi import AdminAPI
-from tcm.server.agentapi import AgentAPI
+from tcm.server.agentapi import AgentAPI, RecentEnrollments
 from tcm.server.agentconfig import ConfigService
 from tcm.server.ca import CertificateAuthority, HandshakeLogger, server_tls_options
 from tcm.server.dispatcher import DirectRoute, Dispatcher
@@ -414,6 +414,7 @@ class ServerCore:
         self.tokens = TokenBook(self.admin_token)
         self.store = Store(config.database_url, reactor=reactor)
         self.directory = AgentDirectory()
+        self.recent_enrollments = RecentEnrollments()  # an agent may ask again (agentapi)
         self.registry = SessionRegistry()
         self.task_registry = SessionRegistry()  # agents' task-client sessions (via nodes)
         self.nodes = NodeDirectory()
