@@ -70,7 +70,7 @@ def swarm_state_dir(base: str) -> str:
         os.unlink(path)
         shutil.rmtree(os.path.join(base, "server"), ignore_errors=True)
     if not os.path.lexists(path):
-        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.makedirs(target, exist_ok=True)  # the link must not dangle: the swarms makedirs it
         os.makedirs(base, exist_ok=True)
         os.symlink(target, path)
     elif not os.path.islink(path):  # identities of an earlier run on disk: move them
