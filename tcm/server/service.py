@@ -23,6 +23,7 @@ from tcm.process import raise_descriptor_limit, stop_with_failure
 from tcm.protocol import codes
 from tcm.protocol.envelope import Envelope
 from tcm.server.adminapi import AdminAPI
+from tcm.server.admission import GatedTLSEndpoint, HandshakeGate
 from tcm.server.agentapi import AgentAPI
 from tcm.server.agentconfig import ConfigService
 from tcm.server.ca import CertificateAuthority, HandshakeLogger, server_tls_options
@@ -65,6 +66,7 @@ class ServerConfig:
     persistent_connections: bool = True
     require_approval: bool = False  # new agents wait for `tcm agents approve` (run-time setting)
     handshake_timeout: float = 30.0
+    max_handshakes: int = 100  # TLS handshakes in progress at once (tcm/server/admission.py)
     max_message_size: int = 1024 * 1024
     max_in_flight: int = 64
     cert_days: int = 365
@@ -864,10 +866,19 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     Logger().info("this process may hold about {n} connections (descriptor limit)", n=limit)
     core = ServerCore(config, reactor)
     top = ServerService(core)
-    endpoint = SSL4ServerEndpoint(
-        core.reactor, config.port, core.tls_options(), interface=config.interface, backlog=4096
-    )
-    core.handshakes = HandshakeLogger(core.site)
+    gate = None
+    endpoint: Any
+    if config.max_handshakes > 0:
+        # a reconnect storm waits in the listen backlog instead of sharing the CPU
+        gate = HandshakeGate(core.clock, config.max_handshakes)
+        endpoint = GatedTLSEndpoint(
+            core.reactor, config.port, core.tls_options(), gate, 4096, config.interface
+        )
+    else:
+        endpoint = SSL4ServerEndpoint(
+            core.reactor, config.port, core.tls_options(), interface=config.interface, backlog=4096
+        )
+    core.handshakes = HandshakeLogger(core.site, gate)
     listener = StreamServerEndpointService(endpoint, core.handshakes)
     listener.setServiceParent(top)
     TimerService(config.keepalive, core.sweep_silent_sessions).setServiceParent(top)
