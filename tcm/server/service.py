@@ -344,6 +344,8 @@ class AgentHub:
             return
         if core.registry.remove(session):
             core.assignments.release(session.agent_id)
+            if core.closing_everything:
+                return  # a stop: seen and logged once for all sessions (closing_all)
             core.store.agent_seen(session.agent_id, core.clock.seconds())
             self._log.info("agent {agent} session closed", agent=session.agent_id)
 
@@ -730,17 +732,27 @@ class ServerCore:
         self.jobs.stop()
         self.store.close()
 
-    def closing_all(self, code: int) -> int:
-        """Close every session held here (direct ones; relayed ones end with their links)."""
+    closing_everything = False  # a stop closes every session: no line or write per session
+
+    def closing_all(self, code: int) -> tuple[int, Deferred[None]]:
+        """Close every session held here (direct ones; relayed ones end with their links), at
+        a stop: the agents are recorded as seen now in one store write, and one line is
+        logged for all of them instead of one per session as each closes. Returns how many
+        were closed, and the store write (fires once committed)."""
+        self.closing_everything = True
         n = 0
+        seen = []
         for registry in (self.registry, self.task_registry):
             for session in registry.all():
                 if session.route is self.direct_route:
                     session.close(code)
                     n += 1
+                    if registry is self.registry:
+                        seen.append(session.agent_id)
+        written = self.store.agents_seen(seen, self.clock.seconds()) if seen else succeed(None)
         if n:
             self._log.info("closing {n} sessions: {why}", n=n, why=codes.CLOSE_REASONS[code])
-        return n
+        return n, written
 
     def sessions_gone(self, timeout: float) -> Deferred:
         """Fires when no direct session is left, or after `timeout` seconds."""
@@ -818,6 +830,8 @@ def _names_changed(cert_path: str, names: list[str]) -> bool:
 class ServerService(service.MultiService):
     """Starts the core (store, migrations, working set) before listening."""
 
+    _log = Logger()
+
     def __init__(self, core: ServerCore):
         super().__init__()
         self.core = core
@@ -845,8 +859,18 @@ class ServerService(service.MultiService):
         # Tell the agents this is a restart: they come back every few seconds rather than
         # climbing their backoff while the server is away (docs/protocol.md, 4012). The
         # close frames need the reactor to go out: wait (a little) for the closes to finish.
-        told = self.core.closing_all(codes.CLOSE_RESTARTING)
-        closed = self.core.sessions_gone(self.RESTART_GRACE) if told else succeed(None)
+        told, written = self.core.closing_all(codes.CLOSE_RESTARTING)
+        closed = self.core.sessions_gone(self.RESTART_GRACE) if told else succeed(0)
+
+        def gone(left: int) -> Deferred:
+            if told:
+                self._log.info(
+                    "{n} sessions closed, {left} left to the reactor's shutdown",
+                    n=told - left,
+                    left=left,
+                )
+            # the agents' last-seen write of closing_all, before the store closes
+            return written.addErrback(lambda f: None)
 
         def stop_children(_):
             return DeferredList(
@@ -856,7 +880,7 @@ class ServerService(service.MultiService):
         def stopped(_):
             self.core.stop()
 
-        return closed.addCallback(stop_children).addBoth(stopped)
+        return closed.addCallback(gone).addCallback(stop_children).addBoth(stopped)
 
     RESTART_GRACE = 2.0  # most seconds a stop waits for the agents to take their 4012
 
