@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.error import ConnectionRefusedError
 from twisted.logger import capturedLogs, formatEvent
 
 from tcm.protocol import codes
@@ -67,3 +68,30 @@ def test_sessions_that_close_outside_a_stop_are_logged_and_recorded_each(tmp_pat
         assert not core.closing_everything
     finally:
         yield server.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_no_connection_is_accepted_once_the_stop_began(tmp_path):
+    server = yield start_server(str(tmp_path / "server"))
+    core = server.core
+    stopping = None
+    try:
+        client, welcome, identity = yield server.session()
+        yield wait_for(lambda: len(core.registry) == 1, what="the session")
+        # The agent holds its session through the stop's grace (it has not yet answered
+        # the 4012); meanwhile another connection, as an agent told 4012 earlier would
+        # make, must be refused, not served by the server that is going away.
+        stopping = server.service.stopService()
+        try:
+            late = yield server.ws_connect(identity)
+        except ConnectionRefusedError:
+            pass
+        else:  # reached the backlog of a port that is closing: reset, never served
+            assert not late.opened_ok, late.close_info
+        assert [s.agent_id for s in core.registry.all()] in ([], [identity.agent_id])
+        yield within(stopping, 10)
+        yield within(client.closed)
+        assert client.close_code == codes.CLOSE_RESTARTING
+    finally:
+        if stopping is None:
+            yield server.stop()

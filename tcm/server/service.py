@@ -852,10 +852,20 @@ class ServerService(service.MultiService):
         Logger().failure("server failed to start", f)
         stop_with_failure(self.core.reactor)
 
+    listener: Any = None  # the agents' port (StreamServerEndpointService), closed first
+
     def stopService(self):
         service.Service.stopService(self)
         from twisted.internet.defer import DeferredList, maybeDeferred
 
+        # No new connection from here on: an agent told 4012 that came back within the
+        # grace below would be served by a server about to go, and its session (a welcome
+        # ends the agent's restart hint) then dropped without a 4012: it would climb its
+        # backoff ladder. Refused now, it tries again every few seconds until the next
+        # server listens.
+        unlistened = []
+        if self.listener is not None and self.listener.running:
+            unlistened.append(maybeDeferred(self.listener.stopService))
         # Tell the agents this is a restart: they come back every few seconds rather than
         # climbing their backoff while the server is away (docs/protocol.md, 4012). The
         # close frames need the reactor to go out: wait (a little) for the closes to finish.
@@ -874,7 +884,8 @@ class ServerService(service.MultiService):
 
         def stop_children(_):
             return DeferredList(
-                [maybeDeferred(c.stopService) for c in reversed(list(self)) if c.running]
+                unlistened
+                + [maybeDeferred(c.stopService) for c in reversed(list(self)) if c.running]
             )
 
         def stopped(_):
@@ -905,6 +916,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     core.handshakes = HandshakeLogger(core.site, gate)
     listener = StreamServerEndpointService(endpoint, core.handshakes)
     listener.setServiceParent(top)
+    top.listener = listener
     TimerService(config.keepalive, core.sweep_silent_sessions).setServiceParent(top)
     # tcm/server/heap.py: full garbage collections kept off long-lived objects (sessions)
     HeapSettler(lambda: len(core.registry)).setServiceParent(top)
