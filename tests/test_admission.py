@@ -1,162 +1,140 @@
-"""Admission control on the listening port (tcm/server/admission.py): a bounded number of
-handshakes in progress; the port stops accepting above it and resumes as they finish.
+"""Admission control (tcm/server/admission.py): a bounded number of TLS handshakes in progress;
+connections beyond it wait unread, oldest first, and start as running ones finish.
 
-The port is Twisted's real TCP port (GatedPort) on loopback, driven by a MemoryReactorClock:
-connections are real sockets accepted by `doRead`, the reactor's readers show whether the
-port accepts, and the clock drives the gate's hold time. tests/test_tls.py runs the gated
-endpoint with real TLS clients on the real reactor."""
+The gate's logic on a Clock with StringTransports as the TCP connections (their producer
+state shows whether a connection is read); HandshakeLogger's wrapper feeding it from a real
+TLS layer (TLSMemoryBIOProtocol over a StringTransport). tests/test_tls.py runs it with real
+TLS clients on the real reactor."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
-from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactorClock
-from twisted.python.failure import Failure
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from tcm.server.admission import GatedPort, HandshakeGate
-from tcm.server.ca import HandshakeLogger
-
-
-class Built(Factory):
-    """Builds plain protocols and keeps them, so a test can end their connections."""
-
-    def __init__(self) -> None:
-        self.built: list[Protocol] = []
-
-    def buildProtocol(self, addr):
-        p = Protocol()
-        self.built.append(p)
-        return p
+from tcm.server.admission import HandshakeGate
+from tcm.server.ca import HandshakeLogger, server_tls_options
 
 
-@pytest.fixture
-def stack():
-    """(reactor, gate of 3, logger, port listening on loopback, connect())"""
-    reactor = MemoryReactorClock()
-    gate = HandshakeGate(reactor, limit=3, hold=5.0)
-    inner = Built()
-    logger = HandshakeLogger(inner, gate)
-    port = GatedPort(0, logger, 50, "127.0.0.1", reactor, gate)
-    port.startListening()
-    gate.attach(port)
-    clients: list[socket.socket] = []
-
-    def connect(n: int) -> None:
-        for _ in range(n):
-            s = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
-            clients.append(s)
-
-    yield reactor, gate, logger, port, connect
-    for s in clients:
-        s.close()
-    port.connectionLost(None)
+def reading(t: StringTransport) -> bool:
+    return t.producerState == "producing"
 
 
-def accepting(reactor, port) -> bool:
-    return port in reactor.readers
+def test_runs_up_to_the_limit_and_queues_the_rest_unread():
+    clock = Clock()
+    gate = HandshakeGate(clock, limit=2)
+    conns = [StringTransport() for _ in range(5)]
+    for c in conns:
+        gate.admit(c)
+    assert [reading(c) for c in conns] == [True, True, False, False, False]
+    assert gate.in_progress == 2 and gate.waiting == 3 and gate.queued == 3
 
 
-def watchers(reactor, port):
-    """The HandshakeLogger wrappers of the connections the port accepted, oldest first."""
-    conns = sorted((r for r in reactor.readers if r is not port), key=lambda c: c.sessionno)
-    return [c.protocol for c in conns]
-
-
-def test_accepts_no_more_than_the_limit_and_pauses(stack):
-    reactor, gate, logger, port, connect = stack
-    connect(5)
-    assert accepting(reactor, port)
-    port.doRead()  # five are waiting in the backlog: three are accepted
-    assert gate.in_progress == 3
-    assert len(watchers(reactor, port)) == 3
-    assert not accepting(reactor, port)
-    assert gate.paused and gate.pauses == 1
-    port.doRead()  # a wakeup already on its way accepts nothing
-    assert len(watchers(reactor, port)) == 3
-
-
-def test_resumes_as_handshakes_finish_in_order(stack):
-    reactor, gate, logger, port, connect = stack
-    connect(5)
-    port.doRead()
-    first, second, third = watchers(reactor, port)
-    first.handshakeCompleted()
-    assert gate.in_progress == 2
-    assert accepting(reactor, port) and not gate.paused
-    port.doRead()  # room for one: one of the two waiting is accepted, and the port pauses
-    assert len(watchers(reactor, port)) == 4
-    assert not accepting(reactor, port)
-    first.handshakeCompleted()  # twice is harmless
-    assert gate.in_progress == 3
-    # a connection lost mid-handshake frees its place too
-    second.transport.connectionLost(Failure(ConnectionLost()))
-    assert gate.in_progress == 2 and accepting(reactor, port)
-    port.doRead()
-    assert len(watchers(reactor, port)) == 4  # 3 + 1 new, second gone
-    assert gate.in_progress == 3
-
-
-def test_a_stalled_connection_counts_for_hold_seconds_only(stack):
-    reactor, gate, logger, port, connect = stack
-    connect(4)
-    port.doRead()
-    assert not accepting(reactor, port)
-    reactor.advance(4.9)
-    assert not accepting(reactor, port)
-    reactor.advance(0.1)  # nobody finished in 5 s: the three stop counting
-    assert gate.in_progress == 0 and gate.expired == 3
-    assert accepting(reactor, port)
-    port.doRead()
-    assert gate.in_progress == 1
-    # the stalled ones finishing later change nothing
-    for w in watchers(reactor, port)[:3]:
-        w.handshakeCompleted()
-    assert gate.in_progress == 1
-
-
-def test_expiry_counts_from_each_connections_accept(stack):
-    reactor, gate, logger, port, connect = stack
-    connect(2)
-    port.doRead()
-    reactor.advance(3)
-    connect(2)
-    port.doRead()  # 2 + 1: paused, the oldest 3 s old
-    assert gate.in_progress == 3 and gate.paused
-    reactor.advance(2)  # the first two are 5 s old: they stop counting; the third does not
-    assert gate.in_progress == 1 and gate.expired == 2
-    assert accepting(reactor, port)
-    port.doRead()  # the fourth
-    assert gate.in_progress == 2
-
-
-def test_a_port_that_stopped_listening_is_not_resumed(stack):
-    reactor, gate, logger, port, connect = stack
-    connect(3)
-    port.doRead()
-    assert not accepting(reactor, port)
-    port.stopListening()
-    for w in watchers(reactor, port):
-        w.handshakeCompleted()
+def test_the_oldest_waiting_starts_as_one_finishes():
+    clock = Clock()
+    gate = HandshakeGate(clock, limit=2)
+    conns = [StringTransport() for _ in range(5)]
+    tickets = [gate.admit(c) for c in conns]
+    gate.done(tickets[1])
+    assert [reading(c) for c in conns] == [True, True, True, False, False]
+    gate.done(tickets[1])  # twice is harmless
+    assert gate.in_progress == 2 and gate.waiting == 2
+    gate.done(tickets[3])  # a waiting connection that went away is skipped
+    assert gate.waiting == 1
+    gate.done(tickets[0])
+    assert [reading(c) for c in conns[3:]] == [False, True]
+    assert gate.in_progress == 2 and gate.waiting == 0
+    gate.done(tickets[2])
+    gate.done(tickets[4])
     assert gate.in_progress == 0
-    assert not accepting(reactor, port)
+    later = StringTransport()
+    gate.admit(later)  # room again: starts at once
+    assert reading(later) and gate.in_progress == 1
 
 
-def test_refused_connections_are_not_counted():
-    reactor = MemoryReactorClock()
-    gate = HandshakeGate(reactor, limit=2)
+def test_a_stalled_handshake_counts_for_hold_seconds_only():
+    clock = Clock()
+    gate = HandshakeGate(clock, limit=2, hold=5.0)
+    conns = [StringTransport() for _ in range(4)]
+    first = gate.admit(conns[0])
+    gate.admit(conns[1])
+    clock.advance(3)
+    gate.admit(conns[2])
+    gate.admit(conns[3])
+    assert gate.waiting == 2
+    clock.advance(1.9)
+    assert gate.waiting == 2
+    clock.advance(0.1)  # the first two ran 5 s: they stop counting, the waiting two start
+    assert gate.expired == 2 and gate.in_progress == 2 and gate.waiting == 0
+    assert all(reading(c) for c in conns)
+    gate.done(first)  # finishing late changes nothing
+    assert gate.in_progress == 2
+    assert not clock.getDelayedCalls()  # nobody waits: no timer
 
-    class Refusing(Factory):
-        def buildProtocol(self, addr):
-            return None
 
-    logger = HandshakeLogger(Refusing(), gate)
-    assert logger.buildProtocol(None) is None
-    assert gate.in_progress == 0
+def test_expiry_counts_from_the_start_of_each_handshake():
+    clock = Clock()
+    gate = HandshakeGate(clock, limit=1, hold=5.0)
+    a, b, c = StringTransport(), StringTransport(), StringTransport()
+    ta = gate.admit(a)
+    clock.advance(4)
+    gate.admit(b)
+    gate.admit(c)
+    clock.advance(1)  # a ran 5 s: b starts (now), c waits for b's 5 s
+    assert reading(b) and not reading(c) and gate.expired == 1
+    clock.advance(4.9)
+    assert not reading(c)
+    clock.advance(0.1)
+    assert reading(c) and gate.expired == 2
+    gate.done(ta)
+    assert gate.in_progress == 1
 
 
 def test_limit_must_be_positive():
     with pytest.raises(ValueError):
-        HandshakeGate(MemoryReactorClock(), limit=0)
+        HandshakeGate(Clock(), limit=0)
+
+
+# -- fed by HandshakeLogger under TLS ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_options(tmp_path_factory):
+    from tcm.server.ca import CertificateAuthority
+
+    ca = CertificateAuthority.load_or_create(str(tmp_path_factory.mktemp("ca")))
+    key_pem, cert_pem = ca.issue_server_certificate(["127.0.0.1"])
+    return server_tls_options(key_pem, cert_pem, [ca.cert_pem])
+
+
+def accept(tls_factory):
+    """One accepted connection through the TLS factory, as a port does it."""
+    tcp = StringTransport()
+    protocol = tls_factory.buildProtocol(None)
+    protocol.makeConnection(tcp)
+    return tcp, protocol
+
+
+def test_the_wrapper_queues_connections_below_tls_and_frees_their_place(tls_options):
+    clock = Clock()
+    gate = HandshakeGate(clock, limit=1)
+    logger = HandshakeLogger(Factory.forProtocol(Protocol), gate)
+    tls_factory = TLSMemoryBIOFactory(tls_options, False, logger)
+    first_tcp, first = accept(tls_factory)
+    second_tcp, second = accept(tls_factory)
+    assert reading(first_tcp) and not reading(second_tcp)
+    assert gate.in_progress == 1 and gate.waiting == 1
+    assert second_tcp.value() == b""  # nothing done for the waiting one
+    first.wrappedProtocol.handshakeCompleted()  # as TLS reports a completed handshake
+    assert reading(second_tcp) and gate.in_progress == 1 and gate.waiting == 0
+    second.connectionLost(None)  # lost mid-handshake: its place is free too
+    assert gate.in_progress == 0
+
+
+def test_without_a_gate_nothing_waits(tls_options):
+    logger = HandshakeLogger(Factory.forProtocol(Protocol))
+    tls_factory = TLSMemoryBIOFactory(tls_options, False, logger)
+    conns = [accept(tls_factory)[0] for _ in range(3)]
+    assert all(reading(c) for c in conns)

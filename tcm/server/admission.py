@@ -1,15 +1,20 @@
-"""Admission control on the agents' listening port: a bounded number of TLS handshakes at once.
+"""Admission control on the agents' port: a bounded number of TLS handshakes at once.
 
-After a restart, thousands of agents connect within seconds. Accepted all at once, their
+After a restart, thousands of agents connect within seconds. Served all at once, their
 handshakes share the CPU and each one finishes late, all of them at about the same time, some
-after a timeout that throws the work away. The gate pauses accepting (the port stops reading)
-while `limit` handshakes are in progress and resumes as they finish: the connections that wait
-do so in the kernel's accept queue (listen backlog), at no cost, and a backlog is served in
-the order it came.
+after a timeout that throws the work away. The gate lets `limit` handshakes run; every
+connection accepted beyond that waits, in the order it came, with its socket not read (its
+ClientHello stays in the kernel's buffer and the server does no work for it) until one of
+the running handshakes completes or fails.
 
-A connection counts from its accept until its TLS handshake completes or it is lost, and for
-at most `hold` seconds: a peer that connects and stalls can keep the port paused for `hold`
-seconds per `limit` such connections, not longer.
+The connections are still accepted at once: pausing the listening port instead would leave
+them in the kernel's accept queue, and once that is full (4,096) the kernel drops new SYNs,
+so that clients come back after TCP's own 1, 3, 7, 15 s retransmissions, in no order, an
+admin's CLI call among them (seen: a status call timing out after 60 s).
+
+A connection counts from the moment it starts its handshake until the handshake completes or
+the connection is lost, and for at most `hold` seconds: a peer that stalls mid-handshake
+holds its place `hold` seconds, not longer.
 """
 
 from __future__ import annotations
@@ -17,25 +22,22 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from twisted.internet import tcp
-from twisted.internet.defer import Deferred, execute
-from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.protocols.tls import TLSMemoryBIOFactory
-from zope.interface import implementer
-
 
 class Ticket:
     """One accepted connection as the gate counts it."""
 
-    __slots__ = ("started", "counted")
+    __slots__ = ("transport", "state", "started")
 
-    def __init__(self, started: float):
-        self.started = started
-        self.counted = True
+    WAITING, RUNNING, DONE = 0, 1, 2
+
+    def __init__(self, transport: Any):
+        self.transport = transport  # the TCP connection, paused while it waits
+        self.state = Ticket.WAITING
+        self.started = 0.0
 
 
 class HandshakeGate:
-    """Counts handshakes in progress; stops and starts reading on the listening port."""
+    """Counts handshakes in progress; holds the connections beyond `limit` in a queue."""
 
     def __init__(self, clock: Any, limit: int, hold: float = 5.0):
         if limit < 1:
@@ -43,153 +45,87 @@ class HandshakeGate:
         self.clock = clock
         self.limit = limit
         self.hold = hold
-        self.port: Any = None
         self.in_progress = 0
-        self.paused = False
-        self.pauses = 0  # times the port stopped accepting
-        self.expired = 0  # connections that stopped counting after `hold` seconds
-        self._tickets: deque[Ticket] = deque()  # in accept order
+        self.waiting = 0
+        self.queued = 0  # connections that ever had to wait
+        self.most_waiting = 0
+        self.expired = 0  # handshakes that stopped counting after `hold` seconds
+        self._queue: deque[Ticket] = deque()  # waiting, in accept order
+        self._running: deque[Ticket] = deque()  # running, in start order
         self._timer: Any = None
 
-    def attach(self, port: Any) -> None:
-        """The listening port to pause and resume (an IListeningPort that is also a reader,
-        like Twisted's tcp.Port)."""
-        self.port = port
-        if self.in_progress >= self.limit:
-            self._pause()
-
-    def admit(self) -> Ticket:
-        """A connection was accepted: its handshake starts."""
-        ticket = Ticket(self.clock.seconds())
-        self._tickets.append(ticket)
-        self.in_progress += 1
-        if self.in_progress >= self.limit and not self.paused:
-            self._pause()
+    def admit(self, transport: Any) -> Ticket:
+        """A connection was accepted, nothing read from it yet. `transport`: its TCP
+        connection (an IPushProducer), paused while it waits."""
+        ticket = Ticket(transport)
+        if self.in_progress < self.limit and not self.waiting:
+            self._start(ticket)
+            return ticket
+        transport.pauseProducing()
+        self._queue.append(ticket)
+        self.waiting += 1
+        self.queued += 1
+        self.most_waiting = max(self.most_waiting, self.waiting)
+        self._schedule_expiry()
         return ticket
 
     def done(self, ticket: Ticket) -> None:
         """The connection's handshake completed, or the connection is gone (either twice is
         harmless)."""
-        if not ticket.counted:
-            return
-        ticket.counted = False
-        self.in_progress -= 1
-        self._drop_finished()
-        if self.paused and self.in_progress < self.limit:
-            self._resume()
+        state = ticket.state
+        ticket.state = Ticket.DONE
+        ticket.transport = None
+        if state == Ticket.WAITING:
+            self.waiting -= 1  # left in the queue, skipped when its turn comes
+        elif state == Ticket.RUNNING:
+            self.in_progress -= 1
+            self._next()
 
-    def _drop_finished(self) -> None:
-        tickets = self._tickets
-        while tickets and not tickets[0].counted:
-            tickets.popleft()
+    def _start(self, ticket: Ticket) -> None:
+        ticket.state = Ticket.RUNNING
+        ticket.started = self.clock.seconds()
+        self.in_progress += 1
+        self._running.append(ticket)
 
-    def _pause(self) -> None:
-        port = self.port
-        if port is None or getattr(port, "disconnecting", False):
-            return
-        self.paused = True
-        self.pauses += 1
-        port.stopReading()
-        self._schedule_expiry()
-
-    def _resume(self) -> None:
-        self.paused = False
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        port = self.port
-        if port is None or getattr(port, "disconnecting", False):
-            return
-        port.startReading()
-
-    def room(self) -> int:
-        """How many more connections may be accepted now."""
-        return self.limit - self.in_progress
+    def _next(self) -> None:
+        """Start waiting connections while there is room, oldest first."""
+        queue = self._queue
+        while self.in_progress < self.limit and queue:
+            ticket = queue.popleft()
+            if ticket.state != Ticket.WAITING:
+                continue
+            self.waiting -= 1
+            self._start(ticket)
+            ticket.transport.resumeProducing()
+        running = self._running
+        while running and running[0].state != Ticket.RUNNING:
+            running.popleft()
 
     def _schedule_expiry(self) -> None:
         if self._timer is not None and self._timer.active():
             return
-        self._drop_finished()
-        if not self._tickets:
+        running = self._running
+        while running and running[0].state != Ticket.RUNNING:
+            running.popleft()
+        if not running:
             return
-        due = self._tickets[0].started + self.hold - self.clock.seconds()
+        due = running[0].started + self.hold - self.clock.seconds()
         self._timer = self.clock.callLater(max(0.0, due), self._expire)
 
     def _expire(self) -> None:
-        """Connections accepted `hold` seconds ago or more stop counting."""
+        """Handshakes running `hold` seconds or longer stop counting: others may start."""
         self._timer = None
         now = self.clock.seconds()
-        tickets = self._tickets
-        while tickets and (not tickets[0].counted or tickets[0].started + self.hold <= now):
-            ticket = tickets.popleft()
-            if ticket.counted:
-                ticket.counted = False
+        running = self._running
+        while running and (
+            running[0].state != Ticket.RUNNING or running[0].started + self.hold <= now
+        ):
+            ticket = running.popleft()
+            if ticket.state == Ticket.RUNNING:
+                ticket.state = Ticket.DONE
+                ticket.transport = None
                 self.in_progress -= 1
                 self.expired += 1
-        if self.paused:
-            if self.in_progress < self.limit:
-                self._resume()
-            else:
-                self._schedule_expiry()
-
-    def detach(self) -> None:
-        """The port stops listening: nothing to resume any more."""
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        self.port = None
-        self.paused = False
-
-
-class GatedPort(tcp.Port):
-    """A TCP port that accepts no more connections per wakeup than its gate has room for.
-
-    Twisted's port accepts up to `numberAccepts` connections each time the listening socket
-    is readable (and raises that under load); capped at the gate's room, the gate's pause
-    falls on the last connection of a wakeup and the limit holds exactly."""
-
-    def __init__(self, port: int, factory: Any, backlog: int, interface: str, reactor: Any, gate):
-        super().__init__(port, factory, backlog, interface, reactor)
-        self.gate: HandshakeGate = gate
-
-    def doRead(self) -> None:
-        room = self.gate.room()
-        if room < 1:  # paused while this wakeup was already on its way
-            return
-        self.numberAccepts = max(1, min(self.numberAccepts, room))
-        super().doRead()
-
-
-@implementer(IStreamServerEndpoint)
-class GatedTLSEndpoint:
-    """Listens for TLS like SSL4ServerEndpoint (TLS over a TCP port), on a GatedPort whose
-    gate counts the handshakes the factory's protocols report (HandshakeLogger)."""
-
-    def __init__(
-        self,
-        reactor: Any,
-        port: int,
-        context_factory: Any,
-        gate: HandshakeGate,
-        backlog: int = 50,
-        interface: str = "",
-    ):
-        self.reactor = reactor
-        self.port = port
-        self.context_factory = context_factory
-        self.gate = gate
-        self.backlog = backlog
-        self.interface = interface
-
-    def listen(self, factory: Any) -> Deferred:
-        tls_factory = TLSMemoryBIOFactory(self.context_factory, False, factory)
-        port = GatedPort(
-            self.port, tls_factory, self.backlog, self.interface, self.reactor, self.gate
-        )
-        port._type = "TLS"
-
-        def listening(_: Any) -> GatedPort:
-            self.gate.attach(port)
-            return port
-
-        return execute(port.startListening).addCallback(listening)
+        self._next()
+        if self.waiting:
+            self._schedule_expiry()

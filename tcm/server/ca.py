@@ -543,6 +543,14 @@ class _HandshakeWatcher(ProtocolWrapper):
 
     ticket: Any = None  # the admission gate's count of this handshake, if there is a gate
 
+    def makeConnection(self, transport: Any) -> None:
+        # `transport` is the TLS layer, which has read nothing yet; below it the TCP
+        # connection, which the gate pauses while this connection waits for its turn.
+        gate = self.factory.gate
+        if gate is not None:
+            self.ticket = gate.admit(transport.transport)
+        super().makeConnection(transport)
+
     def handshakeCompleted(self) -> None:
         if self.ticket is not None:
             self.factory.gate.done(self.ticket)
@@ -576,7 +584,8 @@ class HandshakeLogger(WrappingFactory[_HandshakeWatcher]):
         super().__init__(wrappedFactory)
         #: OpenSSL reason -> number of connections that failed with it.
         self.failures: dict[str, int] = {}
-        #: admission control: counts each connection until its handshake is done
+        #: admission control: each connection waits its turn, then counts until its
+        #: handshake is done (tcm/server/admission.py)
         self.gate = gate
 
     def acceptableProtocols(self) -> list[bytes]:
@@ -589,10 +598,7 @@ class HandshakeLogger(WrappingFactory[_HandshakeWatcher]):
         wrapped = self.wrappedFactory.buildProtocol(addr)
         if wrapped is None:  # the wrapped factory refused the connection
             return None
-        watcher = self.protocol(self, wrapped)
-        if self.gate is not None:
-            watcher.ticket = self.gate.admit()
-        return watcher
+        return self.protocol(self, wrapped)
 
     # WrappingFactory keeps every live protocol in a dict; nothing here needs that, and
     # at tens of thousands of connections it is memory for nothing.

@@ -23,7 +23,7 @@ from tcm.process import raise_descriptor_limit, stop_with_failure
 from tcm.protocol import codes
 from tcm.protocol.envelope import Envelope
 from tcm.server.adminapi import AdminAPI
-from tcm.server.admission import GatedTLSEndpoint, HandshakeGate
+from tcm.server.admission import HandshakeGate
 from tcm.server.agentapi import AgentAPI
 from tcm.server.agentconfig import ConfigService
 from tcm.server.ca import CertificateAuthority, HandshakeLogger, server_tls_options
@@ -901,18 +901,11 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     Logger().info("this process may hold about {n} connections (descriptor limit)", n=limit)
     core = ServerCore(config, reactor)
     top = ServerService(core)
-    gate = None
-    endpoint: Any
-    if config.max_handshakes > 0:
-        # a reconnect storm waits in the listen backlog instead of sharing the CPU
-        gate = HandshakeGate(core.clock, config.max_handshakes)
-        endpoint = GatedTLSEndpoint(
-            core.reactor, config.port, core.tls_options(), gate, 4096, config.interface
-        )
-    else:
-        endpoint = SSL4ServerEndpoint(
-            core.reactor, config.port, core.tls_options(), interface=config.interface, backlog=4096
-        )
+    endpoint = SSL4ServerEndpoint(
+        core.reactor, config.port, core.tls_options(), interface=config.interface, backlog=4096
+    )
+    # a reconnect storm's handshakes run a few at a time, in order, instead of all at once
+    gate = HandshakeGate(core.clock, config.max_handshakes) if config.max_handshakes > 0 else None
     core.handshakes = HandshakeLogger(core.site, gate)
     listener = StreamServerEndpointService(endpoint, core.handshakes)
     listener.setServiceParent(top)

@@ -76,7 +76,7 @@ class Options(usage.Options):
             "max-handshakes",
             None,
             100,
-            "Most TLS handshakes in progress at once; accepting pauses above (0: no limit).",
+            "Most TLS handshakes in progress at once; later ones wait their turn (0: no limit).",
             int,
         ],
         ["max-message-size", None, 1024 * 1024, "Largest accepted message, bytes.", int],
