@@ -289,6 +289,21 @@ def test_overflowing_numbers_are_rejected(text):
     assert e.code in (codes.ERR_MALFORMED, codes.ERR_SCHEMA)
 
 
+@pytest.mark.parametrize("number", ["1.8e308", "-1.8e308", "1" + "0" * 309 + ".0"])
+def test_numbers_just_past_the_largest_float_are_rejected(number):
+    text = '{"id":"m-3","type":"response","data":{"status":200,"body":{"n":N}}}'
+    e = refusal(text.replace("N", number).encode())
+    assert e.code == codes.ERR_MALFORMED
+
+
+def test_the_largest_floats_and_negative_zero_are_kept():
+    values = ["1.7976931348623157e308", "-1.7976931348623157e308", "-0.0", "5e-324", "0.25"]
+    text = '{"id":"m-3","type":"response","data":{"status":200,"body":[V]}}'
+    env = decode(text.replace("V", ",".join(values)).encode())
+    assert env.data["body"] == [float(v) for v in values]
+    assert str(env.data["body"][2]) == "-0.0"
+
+
 @pytest.mark.parametrize(
     "payload",
     [

@@ -33,6 +33,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from tcm import pki
+from tcm.server.admission import HandshakeGate
 from tcm.server.ca import CertificateAuthority, HandshakeLogger, server_tls_options
 
 TIMEOUT = 5  # seconds; every wait in this module is bounded by it
@@ -177,12 +178,12 @@ async def listen():
     """``listen(options, factory=None)`` -> Deferred[Server]; everything stops at teardown."""
     servers: list[Server] = []
 
-    def start(options, factory=None) -> defer.Deferred:
+    def start(options, factory=None, gate=None) -> defer.Deferred:
         connections = Connections()
         if factory is None:
             factory = EchoFactory()
         factory.connections = connections
-        logger = HandshakeLogger(factory)
+        logger = HandshakeLogger(factory, gate)
         endpoint = SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1")
 
         def started(port):
@@ -291,6 +292,35 @@ def test_agent_certificate_is_seen_by_the_server(ca, agent, server_options, list
     assert echo.tls["cipher"]
     assert client.tls == echo.tls
     yield server.connections.settle()
+    assert server.logger.failures == {}
+
+
+class WatchedGate(HandshakeGate):
+    """The real gate, noting the most handshakes it ever counted at once."""
+
+    most = 0
+
+    def _start(self, ticket):
+        super()._start(ticket)
+        self.most = max(self.most, self.in_progress)
+
+
+@pytest_twisted.inlineCallbacks
+def test_gated_port_serves_every_client_a_few_handshakes_at_a_time(
+    ca, agent, server_options, listen
+):
+    gate = WatchedGate(reactor, limit=2)
+    server = yield listen(server_options, gate=gate)
+    creator = pki.client_tls_options("tcm.example", ca.cert_pem, *agent)
+    clients = yield defer.gatherResults([exchange(server, creator) for _ in range(12)])
+    for client in clients:
+        _check_echoed(client)
+    assert len(server.connections.seen) == 12
+    assert {echo.peer_cn for echo in server.connections.seen} == {"agent-0001"}
+    assert gate.most == 2  # never more than the limit, and the limit was reached
+    assert gate.queued >= 1  # some waited their turn
+    yield server.connections.settle()
+    assert gate.in_progress == 0 and gate.waiting == 0
     assert server.logger.failures == {}
 
 

@@ -18,6 +18,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -43,6 +44,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tcm import pki
+
+if TYPE_CHECKING:
+    from tcm.server.admission import HandshakeGate
 
 __all__ = [
     "CertificateAuthority",
@@ -537,12 +541,28 @@ def release_handshake_buffers(connection: object) -> bool:
 class _HandshakeWatcher(ProtocolWrapper):
     """Notices a connection that the TLS layer below it closed with an OpenSSL error."""
 
+    ticket: Any = None  # the admission gate's count of this handshake, if there is a gate
+
+    def makeConnection(self, transport: Any) -> None:
+        # `transport` is the TLS layer, which has read nothing yet; below it the TCP
+        # connection, which the gate pauses while this connection waits for its turn.
+        gate = self.factory.gate
+        if gate is not None:
+            self.ticket = gate.admit(transport.transport)
+        super().makeConnection(transport)
+
     def handshakeCompleted(self) -> None:
+        if self.ticket is not None:
+            self.factory.gate.done(self.ticket)
+            self.ticket = None
         # The wrapper provides IHandshakeListener, so pass it on to those who want it.
         if IHandshakeListener.providedBy(self.wrappedProtocol):
             self.wrappedProtocol.handshakeCompleted()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.ticket is not None:
+            self.factory.gate.done(self.ticket)
+            self.ticket = None
         if reason.check(SSL.Error) and self.transport is not None:
             self.factory.handshakeFailed(self.transport.getPeer(), reason.value)
         super().connectionLost(reason)
@@ -560,10 +580,13 @@ class HandshakeLogger(WrappingFactory[_HandshakeWatcher]):
     protocol = _HandshakeWatcher
     _log = Logger()
 
-    def __init__(self, wrappedFactory: object):
+    def __init__(self, wrappedFactory: object, gate: HandshakeGate | None = None):
         super().__init__(wrappedFactory)
         #: OpenSSL reason -> number of connections that failed with it.
         self.failures: dict[str, int] = {}
+        #: admission control: each connection waits its turn, then counts until its
+        #: handshake is done (tcm/server/admission.py)
+        self.gate = gate
 
     def acceptableProtocols(self) -> list[bytes]:
         """ALPN protocols of the wrapped factory. Twisted asks the factory right inside TLS;

@@ -23,6 +23,7 @@ from tcm.process import raise_descriptor_limit, stop_with_failure
 from tcm.protocol import codes
 from tcm.protocol.envelope import Envelope
 from tcm.server.adminapi import AdminAPI
+from tcm.server.admission import HandshakeGate
 from tcm.server.agentapi import AgentAPI, RecentEnrollments
 from tcm.server.agentconfig import ConfigService
 from tcm.server.ca import CertificateAuthority, HandshakeLogger, server_tls_options
@@ -65,6 +66,7 @@ class ServerConfig:
     persistent_connections: bool = True
     require_approval: bool = False  # new agents wait for `tcm agents approve` (run-time setting)
     handshake_timeout: float = 30.0
+    max_handshakes: int = 100  # TLS handshakes in progress at once (tcm/server/admission.py)
     max_message_size: int = 1024 * 1024
     max_in_flight: int = 64
     cert_days: int = 365
@@ -383,6 +385,8 @@ class AgentHub:
             return
         if core.registry.remove(session):
             core.assignments.release(session.agent_id)
+            if core.closing_everything:
+                return  # a stop: seen and logged once for all sessions (closing_all)
             core.store.agent_seen(session.agent_id, core.clock.seconds())
             self._log.info("agent {agent} session closed", agent=session.agent_id)
 
@@ -773,17 +777,27 @@ class ServerCore:
         self.jobs.stop()
         self.store.close()
 
-    def closing_all(self, code: int) -> int:
-        """Close every session held here (direct ones; relayed ones end with their links)."""
+    closing_everything = False  # a stop closes every session: no line or write per session
+
+    def closing_all(self, code: int) -> tuple[int, Deferred[None]]:
+        """Close every session held here (direct ones; relayed ones end with their links), at
+        a stop: the agents are recorded as seen now in one store write, and one line is
+        logged for all of them instead of one per session as each closes. Returns how many
+        were closed, and the store write (fires once committed)."""
+        self.closing_everything = True
         n = 0
+        seen = []
         for registry in (self.registry, self.task_registry):
             for session in registry.all():
                 if session.route is self.direct_route:
                     session.close(code)
                     n += 1
+                    if registry is self.registry:
+                        seen.append(session.agent_id)
+        written = self.store.agents_seen(seen, self.clock.seconds()) if seen else succeed(None)
         if n:
             self._log.info("closing {n} sessions: {why}", n=n, why=codes.CLOSE_REASONS[code])
-        return n
+        return n, written
 
     def sessions_gone(self, timeout: float) -> Deferred:
         """Fires when no direct session is left, or after `timeout` seconds."""
@@ -861,6 +875,8 @@ def _names_changed(cert_path: str, names: list[str]) -> bool:
 class ServerService(service.MultiService):
     """Starts the core (store, migrations, working set) before listening."""
 
+    _log = Logger()
+
     def __init__(self, core: ServerCore):
         super().__init__()
         self.core = core
@@ -881,25 +897,46 @@ class ServerService(service.MultiService):
         Logger().failure("server failed to start", f)
         stop_with_failure(self.core.reactor)
 
+    listener: Any = None  # the agents' port (StreamServerEndpointService), closed first
+
     def stopService(self):
         service.Service.stopService(self)
         from twisted.internet.defer import DeferredList, maybeDeferred
 
+        # No new connection from here on: an agent told 4012 that came back within the
+        # grace below would be served by a server about to go, and its session (a welcome
+        # ends the agent's restart hint) then dropped without a 4012: it would climb its
+        # backoff ladder. Refused now, it tries again every few seconds until the next
+        # server listens.
+        unlistened = []
+        if self.listener is not None and self.listener.running:
+            unlistened.append(maybeDeferred(self.listener.stopService))
         # Tell the agents this is a restart: they come back every few seconds rather than
         # climbing their backoff while the server is away (docs/protocol.md, 4012). The
         # close frames need the reactor to go out: wait (a little) for the closes to finish.
-        told = self.core.closing_all(codes.CLOSE_RESTARTING)
-        closed = self.core.sessions_gone(self.RESTART_GRACE) if told else succeed(None)
+        told, written = self.core.closing_all(codes.CLOSE_RESTARTING)
+        closed = self.core.sessions_gone(self.RESTART_GRACE) if told else succeed(0)
+
+        def gone(left: int) -> Deferred:
+            if told:
+                self._log.info(
+                    "{n} sessions closed, {left} left to the reactor's shutdown",
+                    n=told - left,
+                    left=left,
+                )
+            # the agents' last-seen write of closing_all, before the store closes
+            return written.addErrback(lambda f: None)
 
         def stop_children(_):
             return DeferredList(
-                [maybeDeferred(c.stopService) for c in reversed(list(self)) if c.running]
+                unlistened
+                + [maybeDeferred(c.stopService) for c in reversed(list(self)) if c.running]
             )
 
         def stopped(_):
             self.core.stop()
 
-        return closed.addCallback(stop_children).addBoth(stopped)
+        return closed.addCallback(gone).addCallback(stop_children).addBoth(stopped)
 
     RESTART_GRACE = 2.0  # most seconds a stop waits for the agents to take their 4012
 
@@ -912,9 +949,12 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     endpoint = SSL4ServerEndpoint(
         core.reactor, config.port, core.tls_options(), interface=config.interface, backlog=4096
     )
-    core.handshakes = HandshakeLogger(core.site)
+    # a reconnect storm's handshakes run a few at a time, in order, instead of all at once
+    gate = HandshakeGate(core.clock, config.max_handshakes) if config.max_handshakes > 0 else None
+    core.handshakes = HandshakeLogger(core.site, gate)
     listener = StreamServerEndpointService(endpoint, core.handshakes)
     listener.setServiceParent(top)
+    top.listener = listener
     TimerService(config.keepalive, core.sweep_silent_sessions).setServiceParent(top)
     # tcm/server/heap.py: full garbage collections kept off long-lived objects (sessions)
     HeapSettler(lambda: len(core.registry)).setServiceParent(top)

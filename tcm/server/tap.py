@@ -72,6 +72,13 @@ class Options(usage.Options):
             float,
         ],
         ["handshake-timeout", None, 30.0, "Seconds an agent has to send hello.", float],
+        [
+            "max-handshakes",
+            None,
+            100,
+            "Most TLS handshakes in progress at once; later ones wait their turn (0: no limit).",
+            int,
+        ],
         ["max-message-size", None, 1024 * 1024, "Largest accepted message, bytes.", int],
         ["max-in-flight", None, 64, "Most requests one session may have unanswered.", int],
         [
@@ -128,6 +135,7 @@ def config_from(options: Options) -> ServerConfig:
         persistent_connections=not options["no-persistent"],
         require_approval=options["require-approval"],
         handshake_timeout=options["handshake-timeout"],
+        max_handshakes=options["max-handshakes"],
         max_message_size=options["max-message-size"],
         max_in_flight=options["max-in-flight"],
         taskserver_policy=options["taskserver-policy"],

@@ -435,6 +435,10 @@ class Store:
 
         return self.writes.submit(op)
 
+    def agents_seen(self, agent_ids: list[str], now: float) -> Deferred[None]:
+        """Many agents seen at `now`: one batched write (a stop closing every session)."""
+        return self.writes.add("seen", [{"agent": a, "at": now} for a in agent_ids])
+
     def get_agent(self, agent_id: str) -> Deferred[dict[str, Any] | None]:
         def q(c: Connection):
             row = c.execute(sa.select(t.agents).where(t.agents.c.id == agent_id)).first()
