@@ -75,10 +75,10 @@ def sessions_opened(log_path: str, offset: int) -> list[float]:
     return times
 
 
-def measure(n: int, kill: bool, work: str) -> dict:
+def measure(n: int, kill: bool, work: str, server_args: list[str] | None = None) -> dict:
     base = os.path.join(work, f"n{n}")
     os.makedirs(base, exist_ok=True)
-    server = BenchServer(base)
+    server = BenchServer(base, extra=server_args or [])
     server.start()
     swarm = SwarmProcs(base, server, n, server.token(uses=n + 10))
     try:
@@ -143,8 +143,16 @@ def main() -> int:
     p.add_argument("--counts", default="10000")
     p.add_argument("--kill", action="store_true")
     p.add_argument("--work", default="/tmp/tcm-bench")
+    p.add_argument(
+        "--server-args",
+        default="",
+        help="more tcm-server options, e.g. '--max-handshakes 0' (admission control off)",
+    )
     args = p.parse_args()
-    rows = [measure(int(n), args.kill, args.work) for n in args.counts.split(",")]
+    extra = args.server_args.split()
+    rows = [measure(int(n), args.kill, args.work, extra) for n in args.counts.split(",")]
+    for row in rows:
+        row["server_args"] = args.server_args
     emit(
         "storm",
         rows,
