@@ -88,3 +88,28 @@ def test_agent_waits_for_an_unreachable_server_to_enroll_then_enrolls(tmp_path):
     finally:
         agent.stop()
         server.stop()
+
+
+def test_agent_given_the_wrong_ca_does_not_retry_enrollment_and_exits_1(tmp_path):
+    """A server whose certificate the agent's --ca-cert does not verify is a configuration
+    error, not an outage: the agent says so and exits 1 instead of retrying."""
+    from tcm.server.ca import CertificateAuthority
+    from tests.harness import Server
+
+    other = CertificateAuthority.load_or_create(str(tmp_path / "other"), "other")
+    wrong = tmp_path / "other.pem"
+    wrong.write_bytes(other.cert_pem)
+    server = Server(str(tmp_path))
+    server.start()
+    try:
+        token = server.token(uses=1)
+        r = run(
+            ["tcm-agent", "--state-dir", str(tmp_path / "agent"), "--server", server.url,
+             "--ca-cert", str(wrong), "--token", token],
+            str(tmp_path),
+        )  # fmt: skip
+    finally:
+        server.stop()
+    assert r.returncode == 1
+    assert "its certificate is not trusted with the given --ca-cert" in r.stdout
+    assert "certificate verify failed" in r.stdout and "trying again" not in r.stdout

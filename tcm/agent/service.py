@@ -101,6 +101,21 @@ class AgentState(StateDir):
         return Identity(ca_pem=ca, cert_pem=self.read("cert.pem"), key_pem=self.read("key.pem"))
 
 
+def _untrusted(error: BaseException) -> bool:
+    """Did the TLS handshake fail on the server's certificate (not on the network)?"""
+    from OpenSSL import SSL
+    from service_identity import VerificationError
+
+    causes = [error]
+    for reason in getattr(error, "reasons", None) or []:  # twisted.web's ResponseNeverReceived
+        causes.append(getattr(reason, "value", reason))
+    return any(
+        isinstance(c, VerificationError)
+        or (isinstance(c, SSL.Error) and "certificate verify failed" in pki.describe_tls_error(c))
+        for c in causes
+    )
+
+
 @inlineCallbacks
 def enroll(
     reactor: Any,
@@ -128,6 +143,11 @@ def enroll(
         resp = yield http.post(url, json=body, timeout=30)
         payload = yield resp.json()
     except Exception as e:
+        if _untrusted(e):  # a wrong --ca-cert (or not our server): trying again cannot help
+            raise EnrollmentError(
+                f"cannot enroll with {server}: its certificate is not trusted with the given "
+                f"--ca-cert ({pki.describe_tls_error(e)})"
+            ) from None
         raise EnrollmentUnavailable(
             f"cannot reach {server} to enroll: {pki.describe_tls_error(e)}"
         ) from None
