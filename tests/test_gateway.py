@@ -310,6 +310,10 @@ def test_metrics_parse_and_move_with_traffic_and_the_status_page(stack):
     assert server["tcm_server_node_links{role=gateway}"] == 1
     assert server["tcm_server_link_pushes_total"] >= 1
     assert server["tcm_server_sessions"] == 2
+    # admission control: nothing waits now, and no handshake is left counting
+    assert server["tcm_server_handshakes_waiting"] == 0
+    assert server["tcm_server_handshakes_in_progress"] == 0
+    assert "tcm_server_handshakes_queued_total" in server
 
     with urllib.request.urlopen(f"http://127.0.0.1:{mport}/status", timeout=10) as resp:
         page = resp.read().decode()

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry
 from twisted.web.server import Site
 
 from tcm.metrics import SnapshotCollector, metrics_site
-from tcm.relay.metrics import fanout_histogram, relay_families
+from tcm.relay.metrics import fanout_histogram, relay_families, relay_status
 
 PREFIX = "tcm_gateway"
 
@@ -55,19 +55,14 @@ class GatewayMetrics:
                     "revoked agents": len(relay.revoked.get(name, ())),
                 }
             )
+        base = relay_status(relay)  # the relay's own figures, as a task server shows them
         return {
             "summary": {
                 "worker": gw.config.worker or 0,
-                "sessions": len(relay.conns),
-                "accepted": relay.accepted,
-                "refused": sum(relay.refused.values()),
-                "pushes": relay.pushes,
-                "messages in / out": f"{relay.frames_in} / {relay.frames_out}",
-                "bytes in / out": f"{relay.bytes_in} / {relay.bytes_out}",
-                "draining": relay.draining,
+                **base["summary"],
                 "uptime (s)": int(gw.reactor.seconds() - gw.started_at),
             },
-            "tables": {"Upstreams": upstreams},
+            "tables": {**base["tables"], "Upstreams": upstreams},
         }
 
 

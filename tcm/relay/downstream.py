@@ -83,7 +83,6 @@ class DownLink:
         self.worker: int | None = None
         self.ready = False
         self.agents: dict[int, CarriedAgent] = {}
-        self.opened = 0
         self.pushes = 0
 
     @property
@@ -146,7 +145,6 @@ class DownLink:
             return
         agent = CarriedAgent(self, c, agent_id)
         self.agents[c] = agent
-        self.opened += 1
         tls = header.get("tls")
         agent.relay_conn = relay.opened(
             agent,

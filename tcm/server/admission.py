@@ -48,7 +48,6 @@ class HandshakeGate:
         self.in_progress = 0
         self.waiting = 0
         self.queued = 0  # connections that ever had to wait
-        self.most_waiting = 0
         self.expired = 0  # handshakes that stopped counting after `hold` seconds
         self._queue: deque[Ticket] = deque()  # waiting, in accept order
         self._running: deque[Ticket] = deque()  # running, in start order
@@ -65,7 +64,6 @@ class HandshakeGate:
         self._queue.append(ticket)
         self.waiting += 1
         self.queued += 1
-        self.most_waiting = max(self.most_waiting, self.waiting)
         self._schedule_expiry()
         return ticket
 

@@ -33,13 +33,14 @@ class RecentEnrollments:
         return entry[1] if entry is not None else None
 
     def remember(self, key: str, value: Any, now: float) -> None:
-        self._entries.pop(key, None)
-        self._entries[key] = (now, value)
-        for old in list(self._entries):
-            at = self._entries[old][0]
-            if now - at < RE_ENROLL_WINDOW and len(self._entries) <= self.limit:
+        entries = self._entries
+        entries.pop(key, None)
+        entries[key] = (now, value)
+        while True:  # the oldest first: stop at the first one still young, within the limit
+            oldest = next(iter(entries))
+            if now - entries[oldest][0] < RE_ENROLL_WINDOW and len(entries) <= self.limit:
                 break
-            del self._entries[old]
+            del entries[oldest]
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -70,6 +70,22 @@ class ServerMetrics:
             labels={k: float(v) for k, v in failures.items()},
             label="reason",
         )
+        gate = getattr(core.handshakes, "gate", None)
+        if gate is not None:  # admission control (tcm/server/admission.py)
+            yield gauge(
+                f"{PREFIX}_handshakes_in_progress", "TLS handshakes running", gate.in_progress
+            )
+            yield gauge(
+                f"{PREFIX}_handshakes_waiting", "Connections waiting their turn", gate.waiting
+            )
+            yield counter(
+                f"{PREFIX}_handshakes_queued", "Connections that had to wait", gate.queued
+            )
+            yield counter(
+                f"{PREFIX}_handshakes_expired",
+                "Handshakes that stopped counting after the hold time (stalled peers)",
+                gate.expired,
+            )
         yield gauge(
             f"{PREFIX}_active_jobs", "Jobs with unfinished targets", len(core.jobs.book.jobs)
         )
