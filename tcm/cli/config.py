@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tcm.cli.admin import Api, CliError, _arg_value, _dump, _table, _ts
+from tcm.cli.api import Api, CliError, arg_value, dump, table, ts
+from tcm.cli.package import add_package_command
 
 
 def _document(text: str) -> dict[str, Any]:
@@ -57,7 +58,7 @@ def cmd_policies_update(api: Api, args) -> int:
 
 def _print_policy(policy: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        _dump(policy)
+        dump(policy)
         return
     print(f"policy {policy['name']} ({policy['type']}) version {policy['version']}")
     print(f"targets: {', '.join(policy['targets']) or '-'}")
@@ -73,24 +74,24 @@ def _print_policy(policy: dict[str, Any], as_json: bool) -> None:
                     agent_id,
                     str(state.get("version", "-")),
                     state.get("state", "not reported"),
-                    _ts(last.get("at")),
+                    ts(last.get("at")),
                     "" if not last else ("ok" if last.get("ok") else str(last.get("error"))),
                     state.get("error") or "",
                 ]
             )
-        print(_table(rows, ["AGENT", "VERSION", "STATE", "LAST RUN", "RUN", "ERROR"]))
+        print(table(rows, ["AGENT", "VERSION", "STATE", "LAST RUN", "RUN", "ERROR"]))
 
 
 def cmd_policies_list(api: Api, args) -> int:
     answer = api.call("GET", "/policies")
     if args.json:
-        _dump(answer)
+        dump(answer)
         return 0
     rows = [
-        [p["name"], p["type"], str(p["version"]), ", ".join(p["targets"]), _ts(p["updated_at"])]
+        [p["name"], p["type"], str(p["version"]), ", ".join(p["targets"]), ts(p["updated_at"])]
         for p in answer["policies"]
     ]
-    print(_table(rows, ["NAME", "TYPE", "VERSION", "TARGETS", "UPDATED"]))
+    print(table(rows, ["NAME", "TYPE", "VERSION", "TARGETS", "UPDATED"]))
     return 0
 
 
@@ -110,13 +111,13 @@ def cmd_policies_push(api: Api, args) -> int:
         "POST", f"/policies/{args.name}/push?wait={args.wait:g}", {}, timeout=args.wait + 60
     )
     if args.json:
-        _dump(answer)
+        dump(answer)
     else:
         rows = [
             [agent_id, r["status"], r.get("reason", "")] for agent_id, r in answer["agents"].items()
         ]
         print(f"policy {answer['policy']} version {answer['version']}")
-        print(_table(rows, ["AGENT", "STATUS", "REASON"]) if rows else "no agents in its targets")
+        print(table(rows, ["AGENT", "STATUS", "REASON"]) if rows else "no agents in its targets")
     failed = any(r["status"] == "failed" for r in answer["agents"].values())
     return 1 if failed else 0
 
@@ -130,7 +131,7 @@ def _settings(pairs: list[str] | None) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise CliError(f"--set takes KEY=VALUE, not {pair!r}")
-        out[key] = _arg_value(value)
+        out[key] = arg_value(value)
     return out
 
 
@@ -162,7 +163,7 @@ def cmd_profiles_update(api: Api, args) -> int:
 
 def _print_profile(profile: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        _dump(profile)
+        dump(profile)
         return
     print(f"profile {profile['name']} version {profile['version']}")
     assignments = [f"{a['target']} (priority {a['priority']})" for a in profile["assignments"]]
@@ -174,7 +175,7 @@ def _print_profile(profile: dict[str, Any], as_json: bool) -> None:
 def cmd_profiles_list(api: Api, args) -> int:
     answer = api.call("GET", "/profiles")
     if args.json:
-        _dump(answer)
+        dump(answer)
         return 0
     rows = [
         [
@@ -185,7 +186,7 @@ def cmd_profiles_list(api: Api, args) -> int:
         ]
         for p in answer["profiles"]
     ]
-    print(_table(rows, ["NAME", "VERSION", "TARGETS:PRIORITY", "SETTINGS"]))
+    print(table(rows, ["NAME", "VERSION", "TARGETS:PRIORITY", "SETTINGS"]))
     return 0
 
 
@@ -263,7 +264,5 @@ def add_commands(sub: Any) -> None:
     s = rsub.add_parser("delete")
     s.add_argument("name")
     s.set_defaults(func=cmd_profiles_delete)
-
-    from tcm.cli.package import add_package_command
 
     add_package_command(sub)

@@ -33,7 +33,7 @@ import tempfile
 import time
 from typing import Any
 
-from tcm.cli.admin import Api, CliError
+from tcm.cli.api import Api, CliError
 
 INSTALL_SH = r"""#!/bin/sh
 # Install the tcm agent from this package: a venv with the bundled wheels (no index, no

@@ -1,0 +1,284 @@
+"""`tcm run`, `tcm jobs`, `tcm inventory`: work sent to agents and what came back."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.parse
+from typing import Any
+
+from tcm.cli.api import Api, CliError, arg_value, dump, duration, parse_args_kv, quote, table, ts
+
+
+def _summary(job: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "job": job["id"],
+        "action": job["action"],
+        "counts": job["counts"],
+        "results": [
+            {"agent": r["agent"], "state": r["state"], "result": r["result"], "error": r["error"]}
+            for r in job["results"]
+        ],
+    }
+
+
+def _progress_line(job: dict[str, Any]) -> str:
+    c = job["counts"]
+    return (
+        f"job {job['id']}: {c['completed']}/{c['total']} completed "
+        f"(succeeded {c['succeeded']}, failed {c['failed']}, expired {c['expired']}, "
+        f"in progress {c['in_progress']}, not started {c['pending']})"
+    )
+
+
+def _print_job(job: dict[str, Any]) -> None:
+    print(f"job {job['id']}  action {job['action']}  args {json.dumps(job['args'])}")
+    print(
+        f"created {ts(job['created_at'])}  expires {ts(job['expires_at'])}  by {job['created_by']}"
+    )
+    print(_progress_line(job))
+    rows = []
+    for r in job["results"]:
+        detail = r["error"] or ""
+        if not detail and r["result"] is not None:
+            detail = json.dumps(r["result"])
+        if len(detail) > 80:
+            detail = detail[:77] + "..."
+        rows.append([r["agent"], r["state"], detail])
+    print(table(rows, ["AGENT", "STATE", "RESULT / ERROR"]))
+
+
+def wait_for(api: Api, job_id: str, timeout: float | None, quiet: bool) -> dict[str, Any]:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    last = ""
+    delay = 0.05
+    while True:
+        job = api.call("GET", f"/jobs/{job_id}?results=false")  # counts: cheap to poll
+        line = _progress_line(job)
+        if line != last and not quiet:
+            print(line, file=sys.stderr, flush=True)
+            last = line
+        c = job["counts"]
+        if c["completed"] >= c["total"] or (deadline is not None and time.monotonic() >= deadline):
+            return api.call("GET", f"/jobs/{job_id}")  # now with every target's result
+        time.sleep(delay)
+        delay = min(0.5, delay * 1.5)
+
+
+def cmd_run(api: Api, args) -> int:
+    body: dict[str, Any] = {"action": args.action, "args": parse_args_kv(args.arg or [])}
+    if args.args_json:
+        extra = arg_value(args.args_json)
+        if not isinstance(extra, dict):
+            raise CliError("--args-json must be a JSON object")
+        body["args"].update(extra)
+    if (args.targets is None) == (args.target is None):
+        raise CliError("give --targets (ids or 'all') or --target NAME")
+    if args.target is not None:
+        body["target"] = args.target
+    else:
+        body["targets"] = (
+            "all" if args.targets == "all" else [t for t in args.targets.split(",") if t]
+        )
+    if args.ttl is not None:
+        body["ttl"] = args.ttl
+    if args.timeout is not None:
+        body["timeout"] = args.timeout
+    job_id = api.call("POST", "/jobs", body)["job"]
+    if not args.wait:
+        if args.json:
+            dump({"job": job_id})
+        else:
+            print(job_id)
+        return 0
+    job = wait_for(api, job_id, args.wait_timeout, quiet=False)
+    if args.json:
+        print(json.dumps(_summary(job)))
+    else:
+        _print_job(job)
+    c = job["counts"]
+    return 0 if c["succeeded"] == c["total"] else 1
+
+
+def cmd_jobs_show(api: Api, args) -> int:
+    job = api.call("GET", f"/jobs/{args.id}")
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    **_summary(job),
+                    "args": job["args"],
+                    "created_at": job["created_at"],
+                    "expires_at": job["expires_at"],
+                }
+            )
+        )
+    else:
+        _print_job(job)
+    return 0
+
+
+def cmd_jobs_list(api: Api, args) -> int:
+    jobs = api.call("GET", "/jobs")["jobs"]
+    if args.json:
+        dump(jobs)
+        return 0
+    rows = []
+    for j in jobs:
+        states = j["states"]
+        done = sum(states.get(s, 0) for s in ("succeeded", "failed", "expired"))
+        rows.append(
+            [
+                j["id"],
+                j["action"],
+                ts(j["created_at"]),
+                f"{done}/{sum(states.values())}",
+                str(states.get("failed", 0)),
+            ]
+        )
+    print(table(rows, ["JOB", "ACTION", "CREATED", "DONE", "FAILED"]))
+    return 0
+
+
+def cmd_jobs_follow(api: Api, args) -> int:
+    """Print a job's output as it arrives, until every target has finished."""
+    after = 0
+    while True:
+        chunks = api.call("GET", f"/jobs/{args.id}/output?after={after}&wait=10")["output"]
+        for c in chunks:
+            after = max(after, c["id"])
+            prefix = f"[{c['agent_id']}] " if not args.raw else ""
+            stream = sys.stderr if c["stream"] == "stderr" else sys.stdout
+            for line in c["text"].splitlines(keepends=True):
+                stream.write(prefix + line)
+            stream.flush()
+        job = api.call("GET", f"/jobs/{args.id}?results=false")
+        if job["counts"]["completed"] >= job["counts"]["total"] and not chunks:
+            print(_progress_line(job), file=sys.stderr)
+            return 0
+
+
+def cmd_inventory_show(api: Api, args) -> int:
+    inv = api.call("GET", f"/agents/{quote(args.agent)}/inventory")
+    if args.json:
+        dump(inv)
+        return 0
+    for name in sorted(inv["classes"]):
+        c = inv["classes"][name]
+        print(f"[{name}]  collected {ts(c['collected_at'])}  changed {ts(c['changed_at'])}")
+        print(json.dumps(c["data"], indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_inventory_stale(api: Api, args) -> int:
+    query = [("older_than", str(args.older_than))]
+    if args.target:
+        query.append(("target", args.target))
+    for cls in args.cls or []:
+        query.append(("class", cls))
+    stale = api.call("GET", "/inventory/stale?" + urllib.parse.urlencode(query))["stale"]
+    if args.json:
+        dump(stale)
+        return 0
+    rows = [
+        [s["agent"], s["class"], ts(s["collected_at"]) if s["collected_at"] else "never"]
+        for s in stale
+    ]
+    print(table(rows, ["AGENT", "CLASS", "COLLECTED"]))
+    return 0
+
+
+def cmd_inventory_refresh(api: Api, args) -> int:
+    body: dict[str, Any] = {"older_than": args.older_than if args.stale else 0}
+    if args.target:
+        body["target"] = args.target
+    if args.cls:
+        body["classes"] = args.cls
+    if args.ttl is not None:
+        body["ttl"] = args.ttl
+    jobs = api.call("POST", "/inventory/refresh", body)["jobs"]
+    if args.wait:
+        jobs = [
+            {**j, "counts": wait_for(api, j["job"], args.wait_timeout, quiet=True)["counts"]}
+            for j in jobs
+        ]
+    if args.json:
+        dump(jobs)
+        return 0
+    if not jobs:
+        print("nothing to refresh")
+    for j in jobs:
+        line = f"job {j['job']}: {','.join(j['classes'])} from {len(j['agents'])} agents"
+        if "counts" in j:
+            line += f" ({j['counts']['succeeded']}/{j['counts']['total']} succeeded)"
+        print(line)
+    if args.wait:
+        return 0 if all(j["counts"]["succeeded"] == j["counts"]["total"] for j in jobs) else 1
+    return 0
+
+
+# -- API tokens and the audit log -----------------------------------------------------------
+
+
+def add_commands(sub: Any) -> None:
+    """Add this module's commands to the `tcm` parser's subcommands."""
+    s = sub.add_parser("run", help="run an action on agents")
+    s.add_argument("action")
+    s.add_argument(
+        "--arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an argument; VALUE is JSON if it parses, else a string",
+    )
+    s.add_argument("--args-json", help="all arguments as one JSON object")
+    s.add_argument("--targets", help="'all' or agent ids separated by commas")
+    s.add_argument("--target", help="a saved target: its members when the job is created")
+    s.add_argument("--ttl", type=float, help="seconds the job may wait for offline agents")
+    s.add_argument("--timeout", type=float, help="seconds the action may run on an agent")
+    s.add_argument("--wait", action="store_true", help="wait for every target to finish")
+    s.add_argument("--wait-timeout", type=float, help="stop waiting after this many seconds")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_run)
+
+    jobs = sub.add_parser("jobs", help="jobs")
+    jsub = jobs.add_subparsers(dest="jobs_command", required=True)
+    s = jsub.add_parser("list")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_jobs_list)
+    s = jsub.add_parser("show")
+    s.add_argument("id")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_jobs_show)
+    s = jsub.add_parser("follow", help="print a job's output as it arrives")
+    s.add_argument("id")
+    s.add_argument("--raw", action="store_true", help="no agent prefix")
+    s.set_defaults(func=cmd_jobs_follow)
+
+    inv = sub.add_parser("inventory", help="inventory per agent and data class")
+    invsub = inv.add_subparsers(dest="inventory_command", required=True)
+    s = invsub.add_parser("show", help="an agent's stored inventory")
+    s.add_argument("agent")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_inventory_show)
+    for verb in ("stale", "refresh"):
+        s = invsub.add_parser(
+            verb,
+            help="list (agent, class) collected before --older-than, or never"
+            if verb == "stale"
+            else "collect classes now (with --stale: only the stale ones)",
+        )
+        s.add_argument(
+            "--older-than", type=duration, default=3600.0, help="e.g. 30m, 1h, 2d (default 1h)"
+        )
+        s.add_argument("--target", help="only this target's members")
+        s.add_argument("--class", dest="cls", action="append", help="only this class")
+        s.add_argument("--json", action="store_true")
+        if verb == "stale":
+            s.set_defaults(func=cmd_inventory_stale)
+        else:
+            s.add_argument("--stale", action="store_true", help="only what is stale")
+            s.add_argument("--ttl", type=float, help="seconds the jobs wait for offline agents")
+            s.add_argument("--wait", action="store_true", help="wait for the jobs to finish")
+            s.add_argument("--wait-timeout", type=float)
+            s.set_defaults(func=cmd_inventory_refresh)
