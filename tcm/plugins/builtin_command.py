@@ -121,7 +121,11 @@ class CommandProcess(ProcessProtocol):
             stream.close()
         if self._killer is not None and self._killer.active() and not self._group_alive():
             self._killer.cancel()
-        self.ended.callback(reason.value)
+        ended = reason.value
+        if isinstance(ended, ProcessDone | ProcessTerminated):
+            self.ended.callback(ended)
+        else:  # Twisted ends a process with one of the two; anything else is a failure
+            self.ended.errback(reason)
 
     def terminate(self) -> None:
         """SIGTERM the command (its whole group when it has one), SIGKILL after KILL_GRACE."""

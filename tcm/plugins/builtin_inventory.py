@@ -407,8 +407,9 @@ class InventoryAction:
             return {**result, "collected_at": float(reactor.seconds())}
 
         def stamp_partial(failure: Failure) -> Failure:
-            if failure.check(ActionFailed):
-                failure.value.result["collected_at"] = float(reactor.seconds())
+            error = failure.value
+            if isinstance(error, ActionFailed):
+                error.result["collected_at"] = float(reactor.seconds())
             return failure
 
         return d.addCallbacks(stamp, stamp_partial)
