@@ -39,7 +39,7 @@ def serve(args) -> int:
     raise_descriptor_limit()
     ca = CertificateAuthority.load_or_create(args.dir)
     key_pem, cert_pem = ca.issue_server_certificate(["127.0.0.1"])
-    from tcm import pki
+    from tcm.tls import pki
 
     options = ssl.CertificateOptions(
         privateKey=pki.load_key(key_pem),

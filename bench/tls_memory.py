@@ -27,12 +27,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import emit  # noqa: E402
 from OpenSSL import SSL  # noqa: E402
 
-from tcm import pki  # noqa: E402
-from tcm.server.ca import (  # noqa: E402
-    CertificateAuthority,
-    release_handshake_buffers,
-    server_tls_options,
-)
+from tcm.server.ca import CertificateAuthority  # noqa: E402
+from tcm.tls import pki  # noqa: E402
+from tcm.tls.buffers import release_handshake_buffers  # noqa: E402
+from tcm.tls.server import server_tls_options  # noqa: E402
 
 
 class _MallInfo2(ctypes.Structure):

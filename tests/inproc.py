@@ -38,9 +38,9 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from tcm import pki
 from tcm.protocol import codes
 from tcm.server.service import ServerConfig, make_server_service
+from tcm.tls import pki
 
 TIMEOUT = 5.0  # seconds: the bound of every single wait in these helpers
 HOST = "127.0.0.1"

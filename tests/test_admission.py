@@ -15,7 +15,8 @@ from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from tcm.server.admission import HandshakeGate
-from tcm.server.ca import HandshakeLogger, server_tls_options
+from tcm.tls.handshake import HandshakeLogger
+from tcm.tls.server import server_tls_options
 
 
 def reading(t: StringTransport) -> bool:

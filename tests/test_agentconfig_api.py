@@ -136,7 +136,7 @@ async def test_push_waits_for_the_agents_report(inproc_server):  # noqa: F811
 
 @pytest_twisted.ensureDeferred
 async def test_a_token_with_a_profile_gives_it_at_enrollment(inproc_server):  # noqa: F811
-    from tcm import pki
+    from tcm.tls import pki
 
     server = inproc_server
     await server.admin("POST", "/api/v1/profiles", {"name": "kiosk", "settings": {}})

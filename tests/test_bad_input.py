@@ -21,8 +21,8 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.logger import capturedLogs
 
-from tcm import pki
 from tcm.protocol import codes
+from tcm.tls import pki
 from tests.inproc import TIMEOUT, AgentIdentity, start_server, wait_for, within
 
 HANDSHAKE_TIMEOUT = 0.5

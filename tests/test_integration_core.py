@@ -36,7 +36,7 @@ def test_enrolled_agents_are_listed_online(server, agents):
         assert listed[p.agent_id]["online"] is True
         assert listed[p.agent_id]["connected_since"] is not None
     # the agent id is the subject of the certificate the server's CA issued
-    from tcm import pki
+    from tcm.tls import pki
 
     with open(os.path.join(agents[0].state_dir, "cert.pem"), "rb") as f:
         cert = pki.load_certificate(f.read())

@@ -1,4 +1,4 @@
-"""Keys, requests, certificates and the tcm CA, without sockets (tcm.pki, tcm.server.ca)."""
+"""Keys, requests, certificates and the tcm CA, without sockets (tcm.tls, tcm.server.ca)."""
 
 from __future__ import annotations
 
@@ -18,13 +18,11 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 
-from tcm import pki
-from tcm.server.ca import (
-    CertificateAuthority,
-    CertificateError,
-    HandshakeLogger,
-    server_tls_options,
-)
+from tcm.server.ca import CertificateAuthority
+from tcm.tls import pki
+from tcm.tls.handshake import HandshakeLogger
+from tcm.tls.pki import CertificateError
+from tcm.tls.server import server_tls_options
 
 NOW = 1_800_000_000.0  # a fixed "now" for the CA's clock
 

@@ -49,10 +49,11 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from tcm import pki
 from tcm.agent.link import HttpsClient, Identity
 from tcm.agent.proxy import MAX_RESPONSE_HEAD, HTTPProxy, ProxyError, TunnelEndpoint
-from tcm.server.ca import CertificateAuthority, server_tls_options
+from tcm.server.ca import CertificateAuthority
+from tcm.tls import pki
+from tcm.tls.server import server_tls_options
 
 TIMEOUT = 10  # seconds; every wait on the real reactor is bounded by it
 

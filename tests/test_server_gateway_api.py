@@ -9,8 +9,8 @@ import pytest_twisted
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from tcm import pki
 from tcm.server.ca import CertificateAuthority
+from tcm.tls import pki
 from tests.inproc import inproc_server  # noqa: F401  (fixture)
 
 HEADER = b"x-tcm-client-cert"

@@ -11,7 +11,9 @@ import pytest_twisted
 from OpenSSL import SSL
 from twisted.web.http import Request
 
-from tcm.server.ca import CertificateAuthority, release_handshake_buffers, server_tls_options
+from tcm.server.ca import CertificateAuthority
+from tcm.tls.buffers import release_handshake_buffers
+from tcm.tls.server import server_tls_options
 from tests.inproc import inproc_server  # noqa: F401
 
 

@@ -32,9 +32,11 @@ from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from tcm import pki
 from tcm.server.admission import HandshakeGate
-from tcm.server.ca import CertificateAuthority, HandshakeLogger, server_tls_options
+from tcm.server.ca import CertificateAuthority
+from tcm.tls import pki
+from tcm.tls.handshake import HandshakeLogger
+from tcm.tls.server import server_tls_options
 
 TIMEOUT = 5  # seconds; every wait in this module is bounded by it
 

@@ -29,7 +29,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from tcm import pki
+from tcm.tls import pki
 
 
 @attrs.frozen

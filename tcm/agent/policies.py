@@ -21,10 +21,10 @@ from twisted.logger import Logger
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from tcm import pki
 from tcm.agent.runner import validator_for
 from tcm.interfaces import ActionFailed, IAppliedPolicy, IPolicyContext, IPolicyHandler
 from tcm.schedule import Schedule, ScheduleError
+from tcm.tls import pki
 
 APPLIED, FAILED, REMOVED = "applied", "failed", "removed"
 

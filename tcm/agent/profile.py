@@ -29,9 +29,9 @@ import fastjsonschema
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from tcm import pki
 from tcm.agent.proxy import HTTPProxy
 from tcm.protocol.schemas import PROFILE_SETTINGS
+from tcm.tls import pki
 
 STORED_ONLY = ("task_servers",)
 APPLIED = tuple(k for k in PROFILE_SETTINGS["properties"] if k not in STORED_ONLY)

@@ -35,7 +35,7 @@ from twisted.python.filepath import FilePath
 from twisted.web.client import Agent
 from zope.interface import implementer
 
-from tcm import pki
+from tcm import compat
 from tcm.agent.backoff import RestartHint, backoff_policy
 from tcm.agent.control import control_service
 from tcm.agent.gateways import Destinations, RotatingEndpoint, ws_url
@@ -53,6 +53,7 @@ from tcm.interfaces import ActionFailed
 from tcm.process import stop_with_failure
 from tcm.protocol import codes
 from tcm.statedir import StateDir
+from tcm.tls import pki
 
 DEFAULT_KEEPALIVE = 50.0
 
@@ -405,8 +406,7 @@ class AgentCore:
             # The session failed while ClientService still waits on this Deferred: it will
             # count a failed attempt (and back off). It has no transition for the lost
             # connection that follows, so that one notification is not passed on.
-            if hasattr(protocol, "_lostNotification"):
-                protocol._lostNotification = lambda reason: None
+            compat.ignore_lost_notification(protocol)
             self.reconnects += 1
             why = describe_close(f.value.code, f.value.reason)
             self.last_refusal = why
@@ -432,10 +432,8 @@ class AgentCore:
         if protocol.autoPingInterval == keepalive:
             return
         protocol.autoPingInterval = keepalive
-        pending = getattr(protocol, "autoPingPendingCall", None)
-        if pending is not None:  # the first ping was scheduled at open with the old value
-            pending.cancel()
-            protocol.autoPingPendingCall = self.clock.callLater(keepalive, protocol._sendAutoPing)
+        # the first ping was scheduled at open with the old value
+        compat.reschedule_auto_ping(protocol, self.clock, keepalive)
 
     def session_lost(self, protocol: Any, code: int | None, reason: str | None) -> None:
         if protocol is not self.protocol:

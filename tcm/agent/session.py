@@ -20,10 +20,10 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 import tcm
-from tcm import pki
 from tcm.agent.link import CallFailed, Response
 from tcm.protocol import codes
 from tcm.protocol.envelope import Envelope, ProtocolError, decode, encode, error_for
+from tcm.tls import pki
 from tcm.wsbase import LeanWebSocketMixin, bind_options
 
 

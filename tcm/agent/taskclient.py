@@ -16,6 +16,7 @@ from twisted.application.internet import ClientService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from tcm import compat
 from tcm.agent.backoff import backoff_policy
 from tcm.agent.link import server_endpoint
 from tcm.agent.session import AgentClientFactory, SessionRefused
@@ -152,8 +153,7 @@ class TaskClient:
 
         def refused(f):
             f.trap(SessionRefused)
-            if hasattr(protocol, "_lostNotification"):
-                protocol._lostNotification = lambda reason: None
+            compat.ignore_lost_notification(protocol)
             self.reconnects += 1
             from tcm.agent.service import describe_close
 

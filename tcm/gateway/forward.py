@@ -14,9 +14,10 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from tcm import pki
+from tcm import compat
 from tcm.protocol.envelope import Envelope, ProtocolError, decode, encode
 from tcm.relay.edge import Relay, RequestLost
+from tcm.tls import pki
 
 METHODS = ("GET", "POST", "PUT", "DELETE")
 
@@ -75,7 +76,7 @@ class AgentApiForwarder(Resource):
         return NOT_DONE_YET
 
     def _answer(self, payload: bytes, request) -> None:
-        if request.finished or getattr(request, "_disconnected", False):
+        if request.finished or compat.request_disconnected(request):
             return
         try:
             reply = decode(payload, 0)
@@ -92,7 +93,7 @@ class AgentApiForwarder(Resource):
             return  # the agent went away first
         if f.check(RequestLost) is None:
             self._log.failure("relayed call failed", f)
-        if not request.finished and not getattr(request, "_disconnected", False):
+        if not request.finished and not compat.request_disconnected(request):
             self._finish(request, 502, {"error": f.getErrorMessage() or "relay failed"})
 
     def _finish(self, request, status: int, body: Any) -> None:

@@ -37,7 +37,6 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from tcm import pki
 from tcm.gateway.forward import AgentApiForwarder
 from tcm.process import raise_descriptor_limit
 from tcm.relay.edge import EdgeFactory, Relay
@@ -49,7 +48,9 @@ from tcm.relay.node import (
     enroll_node,
 )
 from tcm.relay.upstream import UpstreamFactory, upstream_service
-from tcm.server.ca import HandshakeLogger, server_tls_options
+from tcm.tls import pki
+from tcm.tls.handshake import HandshakeLogger
+from tcm.tls.server import server_tls_options
 
 
 @attrs.define

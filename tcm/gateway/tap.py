@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.python import usage
 
 from tcm.gateway.service import GatewayConfig, make_gateway_service
-from tcm.server.nodeapi import NODE_NAME
+from tcm.protocol.names import NODE_NAME
 
 
 class Options(usage.Options):

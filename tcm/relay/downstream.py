@@ -22,9 +22,9 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny
 from twisted.logger import Logger
 
-from tcm import pki
 from tcm.protocol import codes, link
 from tcm.relay.edge import Relay, _reason_label
+from tcm.tls import pki
 from tcm.wsbase import LeanWebSocketMixin, LinkEndMixin, link_end_options
 
 

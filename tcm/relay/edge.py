@@ -15,8 +15,8 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from tcm import pki
 from tcm.protocol import codes
+from tcm.tls import pki
 from tcm.wsbase import LeanWebSocketMixin, bind_options, settle_upgrade
 
 UPSTREAM_PREFIX = "/upstream/"  # /upstream/NAME/...: the agent names its server's upstream

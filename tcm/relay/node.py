@@ -22,10 +22,10 @@ from twisted.web.client import Agent
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from tcm import pki
 from tcm.process import stop_with_failure
 from tcm.protocol import link
 from tcm.statedir import StateDir
+from tcm.tls import pki
 
 
 class NodeEnrollmentError(Exception):

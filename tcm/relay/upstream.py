@@ -13,6 +13,7 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from tcm import compat
 from tcm.protocol import codes, link
 from tcm.relay.edge import Relay
 from tcm.wsbase import LeanWebSocketMixin, bind_options
@@ -176,8 +177,7 @@ def _welcomed(proto: Any) -> Deferred:
     def refused(f):
         # ClientService counts the failed attempt; it has no transition for the lost
         # connection that follows, so that one notification is not passed on.
-        if hasattr(proto, "_lostNotification"):
-            proto._lostNotification = lambda reason: None
+        compat.ignore_lost_notification(proto)
         return f
 
     return proto.welcomed.addErrback(refused)

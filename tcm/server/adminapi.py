@@ -430,7 +430,7 @@ class AdminAPI(JsonRouter):
 
     @inlineCallbacks
     def _register_node(self, request, role: str):
-        from tcm.server.nodeapi import NODE_NAME
+        from tcm.protocol.names import NODE_NAME
         from tcm.store.store import TokenRefused
 
         body = json_object(request)

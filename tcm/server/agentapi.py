@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import inlineCallbacks
 
-from tcm import pki
 from tcm.server.web import ApiError, JsonRouter, Reply, json_object
 from tcm.store.store import TokenRefused
+from tcm.tls import pki
 
 RE_ENROLL_WINDOW = 600.0  # seconds an enrollment can be asked for again with the same key
 

@@ -1,13 +1,10 @@
-"""The tcm certificate authority and the server side of TLS.
+"""The tcm certificate authority.
 
 The CA certifies agent identities: an agent sends a CSR, the server decides which identity
 (common name) the certificate carries. Agents trust the CA certificate for the server's
-certificate too, unless the admin installs a certificate of his own.
-
-One port serves enrolled agents (with a client certificate), enrolling agents, the admin
-CLI and browsers (without one), so ``server_tls_options`` asks for a client certificate,
-verifies any it gets against the tcm CA and lets the handshake go on without one. Whether
-a request needs a certificate is for the resource to decide (``tcm.pki.peer_common_name``).
+certificate too, unless the admin installs a certificate of his own. The CA is server state;
+it builds on the TLS layer (``tcm.tls``), where the server's TLS options, handshake logging
+and the certificate helpers live.
 """
 
 from __future__ import annotations
@@ -18,43 +15,21 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import (
     CertificateIssuerPrivateKeyTypes,
     CertificatePublicKeyTypes,
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from OpenSSL import SSL, crypto
-from twisted.internet import ssl
-from twisted.internet.interfaces import (
-    IAddress,
-    IHandshakeListener,
-    IProtocol,
-    IProtocolNegotiationFactory,
-)
-from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from twisted.python.failure import Failure
-from zope.interface import implementer
 
-from tcm import pki
+from tcm.tls import pki
+from tcm.tls.pki import CertificateError
 
-if TYPE_CHECKING:
-    from tcm.server.admission import HandshakeGate
-
-__all__ = [
-    "CertificateAuthority",
-    "CertificateError",
-    "HandshakeLogger",
-    "release_handshake_buffers",
-    "server_tls_options",
-]
+__all__ = ["CertificateAuthority", "CertificateError"]
 
 CA_CERT_FILE = "ca.pem"
 CA_KEY_FILE = "ca.key"
@@ -70,10 +45,6 @@ _ACCEPTED_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 _MINIMUM_RSA_BITS = 2048
 
 
-class CertificateError(ValueError):
-    """A certificate, key or request that tcm cannot use; the message says why."""
-
-
 class CertificateAuthority:
     """tcm's own CA: an ECDSA P-256 key and a self-signed certificate that may only
     sign end-entity certificates (path length 0)."""
@@ -86,7 +57,7 @@ class CertificateAuthority:
         certificate: x509.Certificate,
         clock: Callable[[], float] = time.time,
     ):
-        if _public_bytes(key.public_key()) != _public_bytes(certificate.public_key()):
+        if pki.public_key_der(key.public_key()) != pki.public_key_der(certificate.public_key()):
             raise CertificateError("the CA key does not belong to the CA certificate")
         try:
             constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
@@ -384,12 +355,6 @@ def _utc(timestamp: float) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
 
 
-def _public_bytes(public_key: CertificatePublicKeyTypes) -> bytes:
-    return public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
 def _read_key(path: str) -> CertificateIssuerPrivateKeyTypes:
     with open(path, "rb") as f:
         mode = os.fstat(f.fileno()).st_mode
@@ -404,222 +369,3 @@ def _read_key(path: str) -> CertificateIssuerPrivateKeyTypes:
         return pki.load_key(pem)
     except ValueError as e:
         raise CertificateError(f"cannot load the CA key {path}: {e}") from None
-
-
-# -- server TLS ----------------------------------------------------------------------------
-
-
-class _ServerCertificateOptions(ssl.CertificateOptions):
-    """``CertificateOptions`` whose context also names the acceptable client CAs and uses
-    a fixed session id context."""
-
-    def __init__(self, *, clientCAs: Sequence[x509.Certificate], **kwargs: object):
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        self._clientCAs = list(clientCAs)
-
-    def _makeContext(self, skipCiphers: bool = False) -> SSL.Context:
-        ctx = super()._makeContext(skipCiphers)
-        # pyOpenSSL refuses changes to a context once a connection used it, so these
-        # go here, before getContext() caches the context and hands it out.
-        for authority in self._clientCAs:
-            # Without this list a client with several certificates cannot tell which
-            # one to send; Twisted does not send it by itself.
-            ctx.add_client_ca(authority)
-        # Twisted sets a random session id context per context; a fixed one keeps the
-        # meaning clear. Resuming a session with a verified client certificate needs one.
-        ctx.set_session_id(b"tcm")
-        return ctx
-
-
-def server_tls_options(
-    key_pem: bytes,
-    cert_pem: bytes,
-    ca_pems: Sequence[bytes],
-    chain_pems: Sequence[bytes] = (),
-) -> ssl.CertificateOptions:
-    """TLS 1.2+ server options: the server's key and certificate, optional client
-    certificates verified against ``ca_pems``, session tickets on.
-
-    The server certificate may come from anywhere (the admin's own CA); ``ca_pems`` only
-    decides which client certificates are accepted. Give the tcm CA alone: every client
-    certificate these CAs verify is taken as an agent identity (its CN) by
-    ``tcm.pki.peer_common_name``, so a public or corporate CA here would let its
-    certificates pose as agents. Certificates after the
-    first in ``cert_pem`` (a full chain file) and those in ``chain_pems`` are sent as the
-    chain. The context is built at once, so a key that does not fit the certificate fails
-    here and not at the first handshake.
-    """
-    try:
-        key = pki.load_key(key_pem)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
-        raise CertificateError(f"cannot load the server key: {e}") from None
-    leaf, *chain = _load_all(cert_pem, "the server certificate")
-    for pem in chain_pems:
-        chain.extend(_load_all(pem, "a chain certificate"))
-    authorities = [ca for pem in ca_pems for ca in _load_all(pem, "a client CA certificate")]
-    if not authorities:
-        raise CertificateError("at least one CA certificate is needed to verify clients")
-    if _public_bytes(key.public_key()) != _public_bytes(leaf.public_key()):
-        raise CertificateError("the server key does not belong to the server certificate")
-    options = _ServerCertificateOptions(
-        # cryptography objects for key, certificate and chain: pyOpenSSL 26 deprecates
-        # its own X509/PKey there. caCerts still goes into an X509Store, which wants X509.
-        privateKey=key,
-        certificate=leaf,
-        extraCertChain=chain or None,
-        verify=True,
-        caCerts=[crypto.X509.from_cryptography(ca) for ca in authorities],
-        requireCertificate=False,
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-        enableSessionTickets=True,
-        clientCAs=authorities,
-    )
-    options.getContext()
-    return options
-
-
-def _load_all(pem: bytes, what: str) -> list[x509.Certificate]:
-    try:
-        certificates = pki.load_certificates(pem)
-    except ValueError as e:
-        raise CertificateError(f"cannot load {what}: {e}") from None
-    if not certificates:
-        raise CertificateError(f"no certificate in {what}")
-    return certificates
-
-
-# -- memory of idle connections -----------------------------------------------------------
-
-try:  # pyOpenSSL's OpenSSL binding: not public API, so used only if it has what is needed
-    from OpenSSL._util import ffi as _ffi
-    from OpenSSL._util import lib as _lib
-
-    _HAVE_BIO = all(
-        hasattr(_lib, name) for name in ("BIO_new", "BIO_s_mem", "BIO_get_mem_data", "SSL_set_bio")
-    )
-except ImportError:  # pragma: no cover - a pyOpenSSL without it: nothing is released
-    _HAVE_BIO = False
-
-
-def release_handshake_buffers(connection: object) -> bool:
-    """Give an established TLS connection fresh, empty memory BIOs.
-
-    Twisted runs OpenSSL over two memory BIOs per connection; each keeps the capacity of the
-    largest chunk it ever held (the handshake: certificates, key shares with ML-KEM's
-    kilobyte-sized keys), about 5 KB per connection that an idle session never uses again.
-    OpenSSL has no call to shrink them, but it frees the old ones when it is given new ones.
-    Done only when both are empty (nothing received and not yet decrypted, nothing
-    encrypted and not yet sent), so no byte is lost; True if it was done.
-    """
-    if not _HAVE_BIO or not isinstance(connection, SSL.Connection):
-        return False
-    ssl_ptr = getattr(connection, "_ssl", None)
-    into = getattr(connection, "_into_ssl", None)
-    out = getattr(connection, "_from_ssl", None)
-    if ssl_ptr is None or into is None or out is None:  # a socket BIO, or another pyOpenSSL
-        return False
-    pending = _ffi.new("char **")
-    if _lib.BIO_get_mem_data(into, pending) != 0 or _lib.BIO_get_mem_data(out, pending) != 0:
-        return False
-    new_into = _lib.BIO_new(_lib.BIO_s_mem())
-    new_out = _lib.BIO_new(_lib.BIO_s_mem())
-    if new_into == _ffi.NULL or new_out == _ffi.NULL:  # out of memory: keep the old ones
-        for bio in (new_into, new_out):
-            if bio != _ffi.NULL:
-                _lib.BIO_free(bio)
-        return False
-    _lib.SSL_set_bio(ssl_ptr, new_into, new_out)  # frees the old pair
-    connection._into_ssl = new_into  # type: ignore[attr-defined]
-    connection._from_ssl = new_out  # type: ignore[attr-defined]
-    return True
-
-
-# -- handshake failures ------------------------------------------------------------------
-
-
-@implementer(IHandshakeListener)
-class _HandshakeWatcher(ProtocolWrapper):
-    """Notices a connection that the TLS layer below it closed with an OpenSSL error."""
-
-    ticket: Any = None  # the admission gate's count of this handshake, if there is a gate
-
-    def makeConnection(self, transport: Any) -> None:
-        # `transport` is the TLS layer, which has read nothing yet; below it the TCP
-        # connection, which the gate pauses while this connection waits for its turn.
-        gate = self.factory.gate
-        if gate is not None:
-            self.ticket = gate.admit(transport.transport)
-        super().makeConnection(transport)
-
-    def handshakeCompleted(self) -> None:
-        if self.ticket is not None:
-            self.factory.gate.done(self.ticket)
-            self.ticket = None
-        # The wrapper provides IHandshakeListener, so pass it on to those who want it.
-        if IHandshakeListener.providedBy(self.wrappedProtocol):
-            self.wrappedProtocol.handshakeCompleted()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self.ticket is not None:
-            self.factory.gate.done(self.ticket)
-            self.ticket = None
-        if reason.check(SSL.Error) and self.transport is not None:
-            self.factory.handshakeFailed(self.transport.getPeer(), reason.value)
-        super().connectionLost(reason)
-
-
-@implementer(IProtocolNegotiationFactory)
-class HandshakeLogger(WrappingFactory[_HandshakeWatcher]):
-    """Wraps the factory *inside* TLS and logs TLS failures, which Twisted does silently.
-
-    A client certificate from a foreign CA, an old protocol version or a client that does
-    not speak TLS at all fail the handshake before any application code runs; this logs
-    one warning line per failure and counts them by OpenSSL reason in ``failures``.
-    """
-
-    protocol = _HandshakeWatcher
-    _log = Logger()
-
-    def __init__(self, wrappedFactory: object, gate: HandshakeGate | None = None):
-        super().__init__(wrappedFactory)
-        #: OpenSSL reason -> number of connections that failed with it.
-        self.failures: dict[str, int] = {}
-        #: admission control: each connection waits its turn, then counts until its
-        #: handshake is done (tcm/server/admission.py)
-        self.gate = gate
-
-    def acceptableProtocols(self) -> list[bytes]:
-        """ALPN protocols of the wrapped factory. Twisted asks the factory right inside TLS;
-        without this a client that offers ALPN (curl, browsers) fails the handshake."""
-        inner = IProtocolNegotiationFactory(self.wrappedFactory, None)
-        return list(inner.acceptableProtocols()) if inner is not None else [b"http/1.1"]
-
-    def buildProtocol(self, addr: IAddress) -> IProtocol | None:  # type: ignore[override]
-        wrapped = self.wrappedFactory.buildProtocol(addr)
-        if wrapped is None:  # the wrapped factory refused the connection
-            return None
-        return self.protocol(self, wrapped)
-
-    # WrappingFactory keeps every live protocol in a dict; nothing here needs that, and
-    # at tens of thousands of connections it is memory for nothing.
-    def registerProtocol(self, p: ProtocolWrapper) -> None:
-        pass
-
-    def unregisterProtocol(self, p: ProtocolWrapper) -> None:
-        pass
-
-    def handshakeFailed(self, peer: IAddress, error: BaseException) -> None:
-        """Count and log one TLS failure."""
-        reason = pki.describe_tls_error(error)
-        self.failures[reason] = self.failures.get(reason, 0) + 1
-        self._log.warn(
-            "TLS handshake with {peer} failed: {reason}", peer=_format_address(peer), reason=reason
-        )
-
-
-def _format_address(address: IAddress) -> str:
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if host is None:
-        return str(address)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -22,12 +22,12 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
 
-from tcm import pki
 from tcm.protocol import codes, link
 from tcm.protocol.envelope import ProtocolError, decode, encode
 from tcm.server.envelope_http import PeerView
 from tcm.server.sessions import AgentSession, SessionState, intern
 from tcm.server.web import ApiError
+from tcm.tls import pki
 from tcm.wsbase import LeanWebSocketMixin, LinkEndMixin, link_end_options
 
 

@@ -13,15 +13,15 @@ from typing import TYPE_CHECKING
 
 from twisted.internet.defer import inlineCallbacks
 
-from tcm import pki
 from tcm.protocol import link
+from tcm.protocol.names import NODE_NAME
 from tcm.server.web import ApiError, JsonRouter, Reply, json_object
 from tcm.store.store import TokenRefused
+from tcm.tls import pki
 
 if TYPE_CHECKING:
     from tcm.server.service import ServerCore
 
-NODE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 HOSTNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,253}$")
 
 

@@ -18,7 +18,6 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 import tcm
-from tcm import pki
 from tcm.process import raise_descriptor_limit, stop_with_failure
 from tcm.protocol import codes
 from tcm.protocol.envelope import Envelope
@@ -26,7 +25,7 @@ from tcm.server.adminapi import AdminAPI
 from tcm.server.admission import HandshakeGate
 from tcm.server.agentapi import AgentAPI, RecentEnrollments
 from tcm.server.agentconfig import ConfigService
-from tcm.server.ca import CertificateAuthority, HandshakeLogger, server_tls_options
+from tcm.server.ca import CertificateAuthority
 from tcm.server.dispatcher import DirectRoute, Dispatcher
 from tcm.server.envelope_http import render_envelope
 from tcm.server.heap import HeapSettler
@@ -41,6 +40,9 @@ from tcm.server.targets import FilterError, Target, UnknownTarget
 from tcm.server.web import ApiError, ApiWithWebSocket
 from tcm.server.websocket import AgentServerFactory
 from tcm.store.store import Store
+from tcm.tls import pki
+from tcm.tls.handshake import HandshakeLogger
+from tcm.tls.server import server_tls_options
 
 # Fields of an agent view that are not inventory classes (see ServerCore.agent_views).
 VIEW_FIELDS = frozenset(

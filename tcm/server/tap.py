@@ -106,7 +106,7 @@ class Options(usage.Options):
 
     def postOptions(self):
         if self["name"] is not None:
-            from tcm.server.nodeapi import NODE_NAME
+            from tcm.protocol.names import NODE_NAME
 
             if not NODE_NAME.match(self["name"]):
                 raise usage.UsageError("--name: a-z, 0-9, '_', '.', '-' (at most 63)")

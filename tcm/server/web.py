@@ -19,6 +19,8 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from tcm import compat
+
 MAX_BODY = 8 * 1024 * 1024
 
 
@@ -125,7 +127,7 @@ class JsonRouter(Resource):
         return self._finish(request, ApiError(500, "internal server error"))
 
     def _finish(self, request, result: Any):
-        if getattr(request, "_disconnected", False) or request.finished:
+        if compat.request_disconnected(request) or request.finished:
             return None
         if isinstance(result, ApiError):
             body: Any = {"error": result.message, **result.extra}

@@ -13,11 +13,11 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny
 from twisted.logger import Logger
 
-from tcm import pki
 from tcm.protocol import codes
 from tcm.server.envelope_http import PeerView
 from tcm.server.sessions import AgentSession, intern
 from tcm.server.web import ApiError
+from tcm.tls import pki
 from tcm.wsbase import LeanWebSocketMixin, bind_options, settle_upgrade
 
 if TYPE_CHECKING:

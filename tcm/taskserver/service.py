@@ -21,7 +21,6 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from tcm import pki
 from tcm.process import raise_descriptor_limit
 from tcm.protocol import codes, link
 from tcm.relay.downstream import DownLinkFactory
@@ -34,8 +33,9 @@ from tcm.relay.node import (
     enroll_node,
 )
 from tcm.relay.upstream import UpstreamFactory, upstream_service
-from tcm.server.ca import server_tls_options
 from tcm.taskserver import WS_PATH
+from tcm.tls import pki
+from tcm.tls.server import server_tls_options
 
 
 @attrs.define

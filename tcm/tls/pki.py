@@ -2,7 +2,8 @@
 
 Everything here is plain data in and out (PEM bytes, ``cryptography`` objects) except the
 TLS helpers at the end, which build Twisted connection creators and read live TLS
-transports. The certificate authority itself lives on the server side (``tcm.server.ca``).
+transports. The certificate authority itself lives on the server side (``tcm.server.ca``);
+the server side of TLS next to this module (``tcm.tls.server``).
 """
 
 from __future__ import annotations
@@ -16,13 +17,17 @@ from urllib.parse import urlsplit
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificateIssuerPrivateKeyTypes,
+    CertificatePublicKeyTypes,
+)
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
 __all__ = [
+    "CertificateError",
     "cert_to_pem",
     "client_tls_options",
     "common_name",
@@ -36,12 +41,17 @@ __all__ = [
     "make_csr",
     "negotiated_tls",
     "not_after",
+    "public_key_der",
     "peer_common_name",
     "peer_subject",
     "signature_hash",
     "write_private",
     "write_public",
 ]
+
+
+class CertificateError(ValueError):
+    """A certificate, key or request that tcm cannot use; the message says why."""
 
 
 # -- keys and requests -------------------------------------------------------------------
@@ -73,6 +83,13 @@ def load_key(pem: bytes) -> CertificateIssuerPrivateKeyTypes:
     ):
         raise ValueError(f"unsupported private key type {type(key).__name__}")
     return key
+
+
+def public_key_der(public_key: CertificatePublicKeyTypes) -> bytes:
+    """The public key as DER SubjectPublicKeyInfo: equal bytes, same key."""
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def make_csr(key: CertificateIssuerPrivateKeyTypes, common_name: str = "tcm-agent") -> bytes:

@@ -1,0 +1,223 @@
+"""Every use of a private attribute of Twisted, Autobahn or pyOpenSSL, in one place.
+
+tcm reaches below these libraries' public APIs where a public way does not exist and the
+cost of doing without is real (memory per idle connection at tens of thousands of sessions,
+a state machine with no transition for an event). Each such use is one named function here,
+whose docstring says what it reaches and why; each has a canary in ``tests/test_compat.py``
+that fails, naming the function, when an upgrade removes the attribute or changes what it
+does. Nothing else in tcm touches these attributes.
+
+This module imports no other tcm module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from OpenSSL import SSL
+
+__all__ = [
+    "AutobahnOpenHook",
+    "autobahn_connection_made",
+    "autobahn_data_received",
+    "bind_websocket_options",
+    "drop_websocket_handshake",
+    "ignore_lost_notification",
+    "request_disconnected",
+    "reschedule_auto_ping",
+    "swap_memory_bios",
+]
+
+
+# -- pyOpenSSL -----------------------------------------------------------------------------
+
+try:  # pyOpenSSL's cffi binding of libssl: not public API, so used only if it is all there
+    from OpenSSL._util import ffi as _ffi
+    from OpenSSL._util import lib as _lib
+
+    #: The libssl calls swap_memory_bios makes.
+    BIO_CALLS = ("BIO_new", "BIO_s_mem", "BIO_get_mem_data", "BIO_free", "SSL_set_bio")
+    _HAVE_BIO = all(hasattr(_lib, name) for name in BIO_CALLS)
+except ImportError:  # pragma: no cover - a pyOpenSSL without it: nothing is swapped
+    _HAVE_BIO = False
+
+
+def swap_memory_bios(connection: object) -> bool:
+    """Give a memory-BIO ``SSL.Connection`` two fresh, empty memory BIOs; True if done.
+
+    Reaches pyOpenSSL's private cffi binding (``OpenSSL._util.ffi``/``lib``: ``BIO_new``,
+    ``BIO_s_mem``, ``BIO_get_mem_data``, ``BIO_free``, ``SSL_set_bio``) and the
+    connection's private ``_ssl``, ``_into_ssl`` and ``_from_ssl`` (its ``SSL*`` and its two
+    BIOs). Why: a memory BIO keeps the capacity of the largest chunk it ever held and
+    pyOpenSSL has no call to shrink or replace it; ``SSL_set_bio`` frees the old pair.
+    Done only when both BIOs are empty, so no byte is lost. False (nothing done) when the
+    binding or the attributes are missing, for a socket BIO, or when either BIO holds data.
+    """
+    if not _HAVE_BIO or not isinstance(connection, SSL.Connection):
+        return False
+    ssl_ptr = getattr(connection, "_ssl", None)
+    into = getattr(connection, "_into_ssl", None)
+    out = getattr(connection, "_from_ssl", None)
+    if ssl_ptr is None or into is None or out is None:  # a socket BIO, or another pyOpenSSL
+        return False
+    pending = _ffi.new("char **")
+    if _lib.BIO_get_mem_data(into, pending) != 0 or _lib.BIO_get_mem_data(out, pending) != 0:
+        return False
+    new_into = _lib.BIO_new(_lib.BIO_s_mem())
+    new_out = _lib.BIO_new(_lib.BIO_s_mem())
+    if new_into == _ffi.NULL or new_out == _ffi.NULL:  # out of memory: keep the old ones
+        for bio in (new_into, new_out):
+            if bio != _ffi.NULL:
+                _lib.BIO_free(bio)
+        return False
+    _lib.SSL_set_bio(ssl_ptr, new_into, new_out)  # frees the old pair
+    connection._into_ssl = new_into  # type: ignore[attr-defined]
+    connection._from_ssl = new_out  # type: ignore[attr-defined]
+    return True
+
+
+# -- Twisted -------------------------------------------------------------------------------
+
+
+def ignore_lost_notification(protocol: object) -> None:
+    """Keep ``ClientService`` from hearing of this connection's loss.
+
+    Reaches ``_lostNotification`` of Twisted's private ``_ReconnectingProtocolProxy``, the
+    protocol ``ClientService`` hands to ``prepareConnection``. Why: when the Deferred that
+    ``prepareConnection`` returned fails, ``ClientService`` counts a failed attempt and
+    backs off; it has no transition for the loss of that same connection, which follows.
+    Nothing happens for a protocol without the attribute.
+    """
+    if hasattr(protocol, "_lostNotification"):
+        protocol._lostNotification = _ignore  # type: ignore[attr-defined]
+
+
+def _ignore(reason: object) -> None:
+    pass
+
+
+def request_disconnected(request: object) -> bool:
+    """Whether the client of a ``twisted.web`` request went away before the response.
+
+    Reaches ``Request._disconnected``, set by ``Request.connectionLost``. Why: a response
+    written after that is dropped with an error logged; ``notifyFinish`` tells it too,
+    but only to those who subscribed before. False for anything without the attribute.
+    """
+    return bool(getattr(request, "_disconnected", False))
+
+
+# -- Autobahn ------------------------------------------------------------------------------
+
+
+def autobahn_connection_made(protocol: Any, details: Any) -> None:
+    """Autobahn's per-connection start, without what its ``connectionMade`` adds.
+
+    Reaches ``_transport_details`` (set here to ``details``, an Autobahn
+    ``TransportDetails``, which Autobahn's own ``connectionMade`` would build with a TLS
+    channel binding; ``peer`` is set from it as Autobahn does) and calls the private
+    ``_connectionMade``, Autobahn's framework-independent start. Why: Autobahn prepares a
+    WAMP TLS channel binding (which needs the TLS protocol itself as transport, while the
+    server wraps it) and formats a debug line on every connection; tcm uses neither.
+    """
+    protocol._transport_details = details
+    protocol.peer = details.peer
+    protocol._connectionMade()
+
+
+def autobahn_data_received(protocol: Any, data: bytes) -> None:
+    """Feed received bytes to Autobahn's frame parser.
+
+    Calls the private ``_dataReceived``, which Autobahn's public ``dataReceived`` calls
+    after formatting a debug line for every chunk, shown or not. Why: that line costs
+    more than parsing the chunk, once per message per connection.
+    """
+    protocol._dataReceived(data)
+
+
+#: What Autobahn keeps of the opening handshake once it is done (the raw request and
+#: response, the parsed headers, the offered protocols and extensions, the client's key).
+HANDSHAKE_LEFTOVERS = (
+    "http_headers",
+    "http_request_data",
+    "http_response_data",
+    "http_status_line",
+    "http_request_uri",
+    "http_request_path",
+    "http_request_params",
+    "http_request_host",
+    "websocket_protocols",
+    "websocket_extensions",
+    "websocket_origin",
+    "_wskey",
+)
+
+
+# Autobahn's protocol classes are only partly typed; to the type checker the mixin stands on Any.
+_Base: Any = Any if TYPE_CHECKING else object
+
+
+class AutobahnOpenHook(_Base):
+    """Mix in before Autobahn's Twisted WebSocket protocol class: overrides its private
+    ``_onOpen``, the step Autobahn runs when the opening handshake is done, before the
+    public ``onOpen``.
+
+    Why: Autobahn's ``_onOpen`` reads the TLS channel binding and the peer certificate into
+    its transport details for WAMP (through the transport, which on the server is a wrapper
+    and not the TLS protocol itself); tcm uses neither. Instead the handshake's leftovers
+    are dropped (``drop_websocket_handshake``), then ``onOpen`` runs as before.
+    """
+
+    def _onOpen(self) -> None:
+        drop_websocket_handshake(self)
+        self.onOpen()
+
+
+def drop_websocket_handshake(protocol: Any) -> None:
+    """Set Autobahn's copies of the opening handshake (``HANDSHAKE_LEFTOVERS``, among them
+    the private ``_wskey``) to None on an open connection.
+
+    Why: nothing reads them after the handshake; at tens of thousands of sessions they are
+    a kilobyte or two each. ``AutobahnOpenHook`` calls it at open; only attributes the
+    connection holds itself are touched.
+    """
+    state = protocol.__dict__
+    for name in HANDSHAKE_LEFTOVERS:
+        if name in state:
+            state[name] = None
+
+
+def bind_websocket_options(factory: Any) -> None:
+    """Give ``factory`` its own subclass of its protocol that carries the factory's
+    WebSocket options as class attributes, and an empty ``CONFIG_ATTRS``.
+
+    Reaches ``CONFIG_ATTRS``, the list of option names Autobahn's ``_connectionMade`` copies
+    from the factory into each connection's ``__dict__`` (some forty of them) and then
+    ``pformat()``s for a debug line that is never shown: a fifth of a swarm's CPU in a
+    reconnect storm. With the options on the class they cost nothing per connection and
+    each factory keeps its own values; an empty list skips the copy and the line. Nothing
+    else in Autobahn reads ``CONFIG_ATTRS``.
+    """
+    base = factory.protocol
+    options: Mapping[str, object] = {name: getattr(factory, name) for name in base.CONFIG_ATTRS}
+    factory.protocol = type(
+        base.__name__,
+        (base,),
+        {**options, "CONFIG_ATTRS": (), "__module__": base.__module__},
+    )
+
+
+def reschedule_auto_ping(protocol: Any, clock: Any, interval: float) -> None:
+    """Move an open connection's next automatic ping to ``interval`` seconds from now.
+
+    Reaches ``autoPingPendingCall`` (the timer of the next ping, scheduled with the old
+    interval when the connection opened) and the private ``_sendAutoPing``. Why: Autobahn
+    reads ``autoPingInterval`` only when it schedules a ping, and the agent learns the
+    server's keepalive after the session opened. Nothing happens when no ping is pending.
+    """
+    pending = getattr(protocol, "autoPingPendingCall", None)
+    if pending is None:
+        return
+    pending.cancel()
+    send: Callable[[], None] = protocol._sendAutoPing
+    protocol.autoPingPendingCall = clock.callLater(interval, send)
