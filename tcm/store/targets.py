@@ -81,11 +81,12 @@ class TargetStore:
         g, gm = t.agent_groups, t.group_members
 
         def q(c: Connection) -> list[dict[str, Any]]:
-            counts: dict[str, int] = dict(
-                c.execute(sa.select(gm.c.group_name, sa.func.count()).group_by(gm.c.group_name))
-                .tuples()
-                .all()
-            )
+            counts: dict[str, int] = {
+                r[0]: r[1]
+                for r in c.execute(
+                    sa.select(gm.c.group_name, sa.func.count()).group_by(gm.c.group_name)
+                )
+            }
             return [
                 {**dict(r._mapping), "members": counts.get(r.name, 0)}
                 for r in c.execute(sa.select(g).order_by(g.c.name))
