@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Results stored per second: the server's Store with its group commit, on the real database.
+"""Results stored per second: the server's Database with its group commit, on the real database.
 
-Creates one job with N targets (as the server does), then hands the Store N results as fast
+Creates one job with N targets (as the server does), then hands the Database N results as fast
 as the reactor lets it (the way N agents' result requests reach it) and measures until the
 last one is committed. SQLite in a temporary directory, and PostgreSQL when --postgres gives a
 URL (default: the local server's `test` database, a fresh schema per run).
@@ -26,11 +26,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import emit  # noqa: E402
 from twisted.internet import defer, task  # noqa: E402
 
+from tcm.store import Database  # noqa: E402
 from tcm.store import schema as t  # noqa: E402
-from tcm.store.store import Store  # noqa: E402
 
 
-def prepare(store: Store, job_id: str, n: int):
+def prepare(db: Database, job_id: str, n: int):
     now = time.time()
     job = dict(
         id=job_id,
@@ -41,17 +41,17 @@ def prepare(store: Store, job_id: str, n: int):
         timeout=None,
         created_by="bench",
     )
-    return store.create_job(job, [f"a-{i:06d}" for i in range(n)], now)
+    return db.jobs.create_job(job, [f"a-{i:06d}" for i in range(n)], now)
 
 
 @defer.inlineCallbacks
-def grouped(store: Store, n: int):
+def grouped(db: Database, n: int):
     job_id = uuid.uuid4().hex[:16]
-    yield prepare(store, job_id, n)
+    yield prepare(db, job_id, n)
     t0 = time.perf_counter()
     now = time.time()
     waits = [
-        store.store_result(
+        db.jobs.store_result(
             job_id, f"a-{i:06d}", "succeeded", {"pong": True, "i": i}, None, now, now, now, now
         )
         for i in range(n)
@@ -61,15 +61,15 @@ def grouped(store: Store, n: int):
 
 
 @defer.inlineCallbacks
-def one_by_one(store: Store, n: int):
+def one_by_one(db: Database, n: int):
     job_id = uuid.uuid4().hex[:16]
-    yield prepare(store, job_id, n)
+    yield prepare(db, job_id, n)
     jt = t.job_targets
     t0 = time.perf_counter()
     now = time.time()
     for i in range(n):
         agent = f"a-{i:06d}"
-        yield store.transaction(
+        yield db.transaction(
             lambda c, a=agent, i=i: c.execute(
                 jt.update()
                 .where(jt.c.job_id == job_id)
@@ -104,25 +104,25 @@ def run(reactor, args):
             url_used = url + (("&" if "?" in url else "?") + f"options=-csearch_path%3D{schema}")
         else:
             url_used = url
-        store = Store(url_used, reactor=reactor)
-        store.open()
+        db = Database(url_used, reactor=reactor)
+        db.open()
         try:
-            g = yield grouped(store, args.count)
+            g = yield grouped(db, args.count)
             baseline_n = min(args.count, args.baseline_count)
-            b = yield one_by_one(store, baseline_n)
+            b = yield one_by_one(db, baseline_n)
             rows.append(
                 {
                     "database": name,
                     "results": args.count,
                     "group_commit_per_s": round(args.count / g),
                     "group_commit_s": round(g, 3),
-                    "transactions": store.writes.flushes,
+                    "transactions": db.writes.flushes,
                     "one_tx_per_result_per_s": round(baseline_n / b),
                     "speedup": round((args.count / g) / (baseline_n / b), 1),
                 }
             )
         finally:
-            store.close()
+            db.close()
             if name == "postgresql":
                 with eng.begin() as c:
                     c.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))

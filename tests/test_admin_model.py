@@ -364,7 +364,7 @@ async def test_roles_refuse_with_a_reason_and_the_audit_log_records_who_did_what
     states = {t["name"]: t["revoked_at"] is not None for t in listed["tokens"]}
     assert states == {"alice": True, "bob": False, "carol": False}
     assert all("secret_hash" not in t for t in listed["tokens"])
-    rows = await server.core.store.list_api_tokens(include_hashes=True)
+    rows = await server.core.db.access.list_api_tokens(include_hashes=True)
     assert all(operator.partition(".")[2] not in str(r) for r in rows)  # hashes only
 
     # the audit log: who did what

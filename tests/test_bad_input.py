@@ -623,7 +623,7 @@ def test_in_flight_limit_answers_error(server):
         pushed = yield client.wait_message({"type": "action.request"})
         assert pushed["data"]["job"] == jobs[-1]
     release = threading.Event()
-    blocked = server.core.store.run(release.wait, TIMEOUT)  # the store's only thread
+    blocked = server.core.db.run(release.wait, TIMEOUT)  # the store's only thread
     try:
         ids = [f"result-{i}" for i in range(MAX_IN_FLIGHT)]
         for msg_id, job in zip(ids, jobs, strict=True):

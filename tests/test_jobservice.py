@@ -1,4 +1,4 @@
-"""JobService against a real Store (SQLite): results are acknowledged only once committed,
+"""JobService against a real Database (SQLite): results are acknowledged only once committed,
 and a result whose commit failed can be sent again and is then stored."""
 
 from __future__ import annotations
@@ -9,29 +9,29 @@ from twisted.internet import defer, reactor
 from tcm.server.dispatcher import Dispatcher
 from tcm.server.jobservice import JobService
 from tcm.server.sessions import SessionRegistry
-from tcm.store.store import Store
+from tcm.store import Database
 
 
 def make(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'tcm.sqlite'}", reactor=reactor)
-    store.open()
+    db = Database(f"sqlite:///{tmp_path / 'tcm.sqlite'}", reactor=reactor)
+    db.open()
     jobs = JobService(
-        store,
+        db,
         Dispatcher(SessionRegistry()),
         reactor,
         capabilities_of=lambda a: None,
         known_agents=lambda: ["a-1", "a-2"],
     )
-    return store, jobs
+    return db, jobs
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_result_whose_commit_failed_is_stored_when_sent_again(tmp_path):
-    store, jobs = make(tmp_path)
+    db, jobs = make(tmp_path)
     try:
         job_id = await jobs.create("ping", {}, ["a-1"], 60, None)
         assert jobs.accept("a-1", job_id).value == "run"
-        real = store.store_result
+        real = db.jobs.store_result
         calls = []
 
         def failing_once(*args, **kw):
@@ -40,7 +40,7 @@ async def test_a_result_whose_commit_failed_is_stored_when_sent_again(tmp_path):
                 return defer.fail(RuntimeError("disk full"))
             return real(*args, **kw)
 
-        store.store_result = failing_once  # type: ignore[method-assign]
+        db.jobs.store_result = failing_once  # type: ignore[method-assign]
         try:
             await jobs.result("a-1", job_id, "succeeded", {"pong": True}, None, None, None)
         except RuntimeError:
@@ -53,12 +53,12 @@ async def test_a_result_whose_commit_failed_is_stored_when_sent_again(tmp_path):
         assert status["counts"]["succeeded"] == 1
         assert status["results"][0]["result"] == {"pong": True}
     finally:
-        store.close()
+        db.close()
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_duplicate_during_the_commit_is_acknowledged_after_it(tmp_path):
-    store, jobs = make(tmp_path)
+    db, jobs = make(tmp_path)
     try:
         job_id = await jobs.create("ping", {}, ["a-1", "a-2"], 60, None)
         first = jobs.result("a-1", job_id, "succeeded", {"n": 1}, None, None, None)
@@ -69,4 +69,4 @@ async def test_a_duplicate_during_the_commit_is_acknowledged_after_it(tmp_path):
         status = await jobs.status(job_id)
         assert status["counts"]["succeeded"] == 1 and status["counts"]["pending"] == 1
     finally:
-        store.close()
+        db.close()

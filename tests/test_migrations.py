@@ -6,8 +6,8 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
+from tcm.store import make_engine, upgrade
 from tcm.store.schema import metadata
-from tcm.store.store import make_engine, upgrade
 
 
 def test_migrations_match_the_schema(tmp_path):
@@ -27,7 +27,7 @@ def test_upgrade_is_idempotent(tmp_path):
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 
-    from tcm.store.store import MIGRATIONS
+    from tcm.store.database import MIGRATIONS
 
     cfg = Config()
     cfg.set_main_option("script_location", MIGRATIONS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tcm.server.roles import ROLES, Principal, Refused, TokenBook, Unauthenticated
-from tcm.store.store import hash_secret
+from tcm.store import hash_secret
 
 
 def row(token_id, secret, role="viewer", expires_at=None, target=None, revoked_at=None):

@@ -9,7 +9,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.logger import capturedLogs, formatEvent
 
 from tcm.protocol import codes
-from tcm.store.store import Store
+from tcm.store import Database
 from tests.inproc import start_server, wait_for, within
 
 
@@ -25,7 +25,7 @@ def test_a_stop_closes_every_session_with_one_line_and_one_write(tmp_path):
             clients.append(client)
         yield wait_for(lambda: len(core.registry) == 3, what="three sessions")
         # each session's open was recorded; wait for those writes to be committed
-        yield within(core.store.writes._wait())
+        yield within(core.db.writes._wait())
         stop_at = core.clock.seconds()
         with capturedLogs() as events:
             stopped = True
@@ -43,12 +43,12 @@ def test_a_stop_closes_every_session_with_one_line_and_one_write(tmp_path):
         if not stopped:
             yield server.stop()
     # the store (closed by the stop) has every agent seen at the stop, not at its open
-    store = Store(core.config.database_url, reactor)
-    store.open()
+    db = Database(core.config.database_url, reactor)
+    db.open()
     try:
-        rows = yield store.list_agents()
+        rows = yield db.agents.list_agents()
     finally:
-        store.close()
+        db.close()
     assert len(rows) == 3
     assert all(r["last_seen"] >= stop_at for r in rows)
 

@@ -18,7 +18,7 @@ from tcm.server import inventory
 from tcm.server.roles import ROLES, Refused, Unauthenticated
 from tcm.server.targets import NAME, FilterError, UnknownTarget, parse
 from tcm.server.web import ApiError, JsonRouter, Reply, json_object
-from tcm.store.store import Conflict
+from tcm.store import Conflict
 
 if TYPE_CHECKING:
     from tcm.server.service import ServerCore
@@ -186,12 +186,12 @@ class AdminAPI(JsonRouter):
 
     @inlineCallbacks
     def agents(self, request):
-        rows = yield self.core.store.list_agents()
+        rows = yield self.core.db.agents.list_agents()
         return {"agents": [self._agent_view(r) for r in rows]}
 
     @inlineCallbacks
     def agent(self, request, agent: str):
-        row = yield self.core.store.get_agent(agent)
+        row = yield self.core.db.agents.get_agent(agent)
         if row is None:
             raise ApiError(404, f"no such agent: {agent}")
         return self._agent_view(row)
@@ -210,7 +210,9 @@ class AdminAPI(JsonRouter):
         profile = body.get("profile")
         if profile is not None and profile not in self.core.agent_config.profiles:
             raise ApiError(400, f"no such profile: {profile!r}")
-        token = yield self.core.store.create_token(ttl, uses, description, profile)
+        token = yield self.core.db.access.create_token(
+            ttl, uses, description, profile, now=self.core.clock.seconds()
+        )
         yield self.core.audit(
             request.who,
             "token.create",
@@ -221,7 +223,7 @@ class AdminAPI(JsonRouter):
 
     @inlineCallbacks
     def tokens(self, request):
-        return {"tokens": (yield self.core.store.list_tokens())}
+        return {"tokens": (yield self.core.db.access.list_tokens())}
 
     @inlineCallbacks
     def create_job(self, request):
@@ -271,7 +273,7 @@ class AdminAPI(JsonRouter):
 
     @inlineCallbacks
     def jobs(self, request):
-        rows = yield self.core.store.list_jobs()
+        rows = yield self.core.db.jobs.list_jobs()
         return {"jobs": rows}
 
     def job(self, request, job: str):
@@ -304,12 +306,12 @@ class AdminAPI(JsonRouter):
             raise ApiError(400, "'wait' must be a number of seconds") from None
         if not 0 <= wait <= 60:
             raise ApiError(400, "'wait' must be 0..60 seconds")
-        rows = yield self.core.store.get_output(job, after_id)
+        rows = yield self.core.db.jobs.get_output(job, after_id)
         if not rows and wait > 0:
             # Follow live: answered as soon as the job's next output is stored (or its
             # targets finish), at the latest after `wait` seconds.
             yield self.core.jobs.output_waiter(job, wait)
-            rows = yield self.core.store.get_output(job, after_id)
+            rows = yield self.core.db.jobs.get_output(job, after_id)
         return {"output": rows}
 
     # -- task servers --------------------------------------------------------------------
@@ -431,7 +433,7 @@ class AdminAPI(JsonRouter):
     @inlineCallbacks
     def _register_node(self, request, role: str):
         from tcm.protocol.names import NODE_NAME
-        from tcm.store.store import TokenRefused
+        from tcm.store import TokenRefused
 
         body = json_object(request)
         name = body.get("name")
@@ -448,7 +450,7 @@ class AdminAPI(JsonRouter):
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= 30 * 86400:
             raise ApiError(400, "'ttl' must be a number of seconds up to 30 days")
         try:
-            secret = yield self.core.store.register_node(
+            secret = yield self.core.db.access.register_node(
                 name, role, max_clients, float(ttl), self.core.clock.seconds()
             )
         except TokenRefused as e:
@@ -531,7 +533,7 @@ class AdminAPI(JsonRouter):
             raise ApiError(400, f"'state' must be one or more of {', '.join(JOB_STATES)}")
         if not isinstance(job_id, str):
             raise ApiError(400, "'from_job' must be a job id")
-        agents = yield self.core.store.job_agents(job_id, states)
+        agents = yield self.core.db.jobs.job_agents(job_id, states)
         if agents is None:
             raise ApiError(404, f"no such job: {job_id}")
         return "agents", agents
@@ -580,7 +582,7 @@ class AdminAPI(JsonRouter):
             "created_by": request.principal,
         }
         try:
-            yield self.core.store.create_target(row)
+            yield self.core.db.targets.create_target(row)
         except Conflict as e:
             raise ApiError(409, str(e)) from None
         details = {k: body[k] for k in (*SELECTORS, "state") if body.get(k) is not None}
@@ -603,12 +605,12 @@ class AdminAPI(JsonRouter):
 
     @inlineCallbacks
     def targets(self, request):
-        rows = yield self.core.store.list_targets()
+        rows = yield self.core.db.targets.list_targets()
         return {"targets": [self._target_view(r) for r in rows]}
 
     @inlineCallbacks
     def target(self, request, name: str):
-        row = yield self.core.store.get_target(name)
+        row = yield self.core.db.targets.get_target(name)
         if row is None:
             raise ApiError(404, f"no such target: {name}")
         members = yield self._members(name)
@@ -622,7 +624,7 @@ class AdminAPI(JsonRouter):
 
     @inlineCallbacks
     def delete_target(self, request, name: str):
-        if not (yield self.core.store.delete_target(name)):
+        if not (yield self.core.db.targets.delete_target(name)):
             raise ApiError(404, f"no such target: {name}")
         yield self.core.audit(request.who, "target.delete", name)
         return Reply(None, status=204)
@@ -643,26 +645,28 @@ class AdminAPI(JsonRouter):
         agents = _id_list(body.get("agents", []), "agents")
         self._known(agents)
         try:
-            yield self.core.store.create_group(name, description, self.core.clock.seconds(), agents)
+            yield self.core.db.targets.create_group(
+                name, description, self.core.clock.seconds(), agents
+            )
         except Conflict as e:
             raise ApiError(409, str(e)) from None
         yield self.core.audit(request.who, "group.create", name, {"agents": agents})
-        return Reply((yield self.core.store.get_group(name)), status=201)
+        return Reply((yield self.core.db.targets.get_group(name)), status=201)
 
     @inlineCallbacks
     def groups(self, request):
-        return {"groups": (yield self.core.store.list_groups())}
+        return {"groups": (yield self.core.db.targets.list_groups())}
 
     @inlineCallbacks
     def group(self, request, name: str):
-        row = yield self.core.store.get_group(name)
+        row = yield self.core.db.targets.get_group(name)
         if row is None:
             raise ApiError(404, f"no such group: {name}")
         return row
 
     @inlineCallbacks
     def delete_group(self, request, name: str):
-        if not (yield self.core.store.delete_group(name)):
+        if not (yield self.core.db.targets.delete_group(name)):
             raise ApiError(404, f"no such group: {name}")
         yield self.core.audit(request.who, "group.delete", name)
         return Reply(None, status=204)
@@ -676,18 +680,18 @@ class AdminAPI(JsonRouter):
         if not add and not remove:
             raise ApiError(400, "give agent ids to 'add' or 'remove'")
         self._known(add)
-        if not (yield self.core.store.change_group(name, add, remove)):
+        if not (yield self.core.db.targets.change_group(name, add, remove)):
             raise ApiError(404, f"no such group: {name}")
         yield self.core.audit(request.who, "group.change", name, {"add": add, "remove": remove})
-        return (yield self.core.store.get_group(name))
+        return (yield self.core.db.targets.get_group(name))
 
     # -- inventory -------------------------------------------------------------------------
     @inlineCallbacks
     def agent_inventory(self, request, agent: str):
-        row = yield self.core.store.get_agent(agent)
+        row = yield self.core.db.agents.get_agent(agent)
         if row is None:
             raise ApiError(404, f"no such agent: {agent}")
-        return {"agent": agent, "classes": (yield self.core.store.get_inventory(agent))}
+        return {"agent": agent, "classes": (yield self.core.db.inventory.get_inventory(agent))}
 
     @inlineCallbacks
     def _stale(self, older_than: float, target: Any, classes: Any):
@@ -705,7 +709,7 @@ class AdminAPI(JsonRouter):
             agents = yield self._members(target)
         else:
             raise ApiError(400, "'target' must be a target name")
-        times = yield self.core.store.inventory_times()
+        times = yield self.core.db.inventory.inventory_times()
         now = self.core.clock.seconds()
         items = inventory.stale(
             {k: v[0] for k, v in times.items()}, agents, classes, now, older_than
@@ -777,7 +781,7 @@ class AdminAPI(JsonRouter):
         if target is not None:
             if not isinstance(target, str):
                 raise ApiError(400, "'target' must be a target name")
-            if (yield self.core.store.get_target(target)) is None:
+            if (yield self.core.db.targets.get_target(target)) is None:
                 raise ApiError(400, f"no such target: {target}")
         ttl = body.get("ttl")
         if ttl is not None and (
@@ -786,7 +790,7 @@ class AdminAPI(JsonRouter):
             raise ApiError(400, "'ttl' must be a positive number of seconds")
         now = self.core.clock.seconds()
         try:
-            token, row = yield self.core.store.create_api_token(
+            token, row = yield self.core.db.access.create_api_token(
                 name, role, target, now + ttl if ttl else None, request.principal, now
             )
         except Conflict as e:
@@ -803,11 +807,11 @@ class AdminAPI(JsonRouter):
 
     @inlineCallbacks
     def api_tokens(self, request):
-        return {"tokens": (yield self.core.store.list_api_tokens())}
+        return {"tokens": (yield self.core.db.access.list_api_tokens())}
 
     @inlineCallbacks
     def revoke_api_token(self, request, name: str):
-        ids = yield self.core.store.revoke_api_token(name, self.core.clock.seconds())
+        ids = yield self.core.db.access.revoke_api_token(name, self.core.clock.seconds())
         if not ids:
             raise ApiError(404, f"no active API token named {name!r}")
         self.core.tokens.remove(ids)
@@ -824,7 +828,7 @@ class AdminAPI(JsonRouter):
             raise ApiError(400, "'limit' must be an integer") from None
         if not 1 <= limit <= 100000:
             raise ApiError(400, "'limit' must be 1..100000")
-        return {"entries": (yield self.core.store.list_audit(since, limit))}
+        return {"entries": (yield self.core.db.audit.list_audit(since, limit))}
 
     def ca(self, request):
         """The CA certificate agents trust (PEM), for install packages."""

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import inlineCallbacks
 
 from tcm.server.web import ApiError, JsonRouter, Reply, json_object
-from tcm.store.store import TokenRefused
+from tcm.store import TokenRefused
 from tcm.tls import pki
 
 RE_ENROLL_WINDOW = 600.0  # seconds an enrollment can be asked for again with the same key
@@ -103,13 +103,13 @@ class AgentAPI(JsonRouter):
         except ValueError as e:
             raise ApiError(400, f"bad certificate request: {e}") from None
         try:
-            token_row = yield self.core.store.consume_token_row(token, now)
+            token_row = yield self.core.db.access.consume_token_row(token, now)
         except TokenRefused as e:
             self._log.warn("enrollment refused for {host}: {why}", host=hostname, why=str(e))
             raise ApiError(403, str(e)) from None
         fingerprint = pki.fingerprint(pki.load_certificate(cert_pem))
         approved = not self.core.settings["require_approval"]
-        yield self.core.store.add_agent(agent_id, hostname, fingerprint, now, approved)
+        yield self.core.db.agents.add_agent(agent_id, hostname, fingerprint, now, approved)
         self.core.agent_enrolled(agent_id, hostname, approved)
         if token_row.get("profile"):
             yield self.core.agent_config.set_enrollment_profile(agent_id, token_row["profile"])

@@ -110,13 +110,13 @@ class ConfigService:
 
     def __init__(
         self,
-        store: Any,
+        db: Any,
         dispatcher: Dispatcher,
         clock: Any,
         resolve_target: ResolveTarget,
         policy_handlers: dict[str, Any] | None = None,
     ):
-        self.store = store
+        self.db = db
         self.dispatcher = dispatcher
         self.clock = clock
         self.resolve_target = resolve_target
@@ -136,9 +136,9 @@ class ConfigService:
 
     @inlineCallbacks
     def load(self):
-        self.policies = {p["name"]: p for p in (yield self.store.load_policies())}
-        self.profiles = {p["name"]: p for p in (yield self.store.load_profiles())}
-        self.agents = {r["agent_id"]: r for r in (yield self.store.load_agent_config())}
+        self.policies = {p["name"]: p for p in (yield self.db.config.load_policies())}
+        self.profiles = {p["name"]: p for p in (yield self.db.config.load_profiles())}
+        self.agents = {r["agent_id"]: r for r in (yield self.db.agents.load_agent_config())}
 
     # -- targets -----------------------------------------------------------------------
     def _resolve(self, target: str, since: float | None = None) -> Deferred:
@@ -270,7 +270,7 @@ class ConfigService:
             "created_at": now,
             "updated_at": now,
         }
-        yield self.store.save_policy(policy, targets)
+        yield self.db.config.save_policy(policy, targets)
         self.policies[name] = {**policy, "targets": targets}
         yield self._policies_changed(targets, name, 1)
         return self.policy_view(self.policies[name])
@@ -294,7 +294,7 @@ class ConfigService:
             "version": old["version"] + 1,
             "updated_at": self.clock.seconds(),
         }
-        yield self.store.save_policy(new, targets)
+        yield self.db.config.save_policy(new, targets)
         self.policies[name] = {**new, "targets": targets}
         yield self._policies_changed(set(old["targets"]) | set(targets), name, new["version"])
         return self.policy_view(self.policies[name])
@@ -302,7 +302,7 @@ class ConfigService:
     @inlineCallbacks
     def delete_policy(self, name: str):
         old = self.get_policy(name)
-        yield self.store.delete_policy(name)
+        yield self.db.config.delete_policy(name)
         del self.policies[name]
         yield self._policies_changed(old["targets"], name, None)
         return {"deleted": name}
@@ -422,7 +422,7 @@ class ConfigService:
                     self._waiters.setdefault((agent_id, name), []).append((version, d))
         row["policies"] = merged
         row["reported_at"] = self.clock.seconds()
-        self.store.set_agent_config(agent_id, policies=merged, reported_at=row["reported_at"])
+        self.db.agents.set_agent_config(agent_id, policies=merged, reported_at=row["reported_at"])
         return {"stored": len(reports)}
 
     def _keep_inventory(self, agent_id: str, name: str, report: dict[str, Any]) -> dict:
@@ -438,7 +438,7 @@ class ConfigService:
         now = self.clock.seconds()
         collected = inventory.read_result(result, now)
         if collected is not None:
-            self.store.store_inventory(agent_id, collected, now).addErrback(
+            self.db.inventory.store_inventory(agent_id, collected, now).addErrback(
                 lambda f: self._log.failure("storing inventory of {agent}", f, agent=agent_id)
             )
         classes = sorted(result.get("classes") or {})
@@ -484,7 +484,7 @@ class ConfigService:
             "updated_at": now,
         }
         before = yield self._profile_map()
-        yield self.store.save_profile(profile, assignments)
+        yield self.db.config.save_profile(profile, assignments)
         self.profiles[name] = {**profile, "assignments": assignments}
         yield self._profiles_changed(before, {name})
         return self.profile_view(self.profiles[name])
@@ -515,7 +515,7 @@ class ConfigService:
             "updated_at": self.clock.seconds(),
         }
         before = yield self._profile_map()
-        yield self.store.save_profile(new, assignments)
+        yield self.db.config.save_profile(new, assignments)
         self.profiles[name] = {**new, "assignments": assignments}
         yield self._profiles_changed(before, {name})
         return self.profile_view(self.profiles[name])
@@ -524,7 +524,7 @@ class ConfigService:
     def delete_profile(self, name: str):
         self.get_profile(name)
         before = yield self._profile_map()
-        yield self.store.delete_profile(name)
+        yield self.db.config.delete_profile(name)
         del self.profiles[name]
         yield self._profiles_changed(before, {name})
         return {"deleted": name}
@@ -589,7 +589,7 @@ class ConfigService:
     def set_enrollment_profile(self, agent_id: str, profile: str | None) -> Deferred:
         row = self.agents.setdefault(agent_id, {"agent_id": agent_id, "policies": {}})
         row["enrollment_profile"] = profile
-        return self.store.set_agent_config(agent_id, enrollment_profile=profile)
+        return self.db.agents.set_agent_config(agent_id, enrollment_profile=profile)
 
     def report_profile(self, agent_id: str, body: dict[str, Any]) -> dict[str, Any]:
         name, version = body.get("name"), body.get("version")
@@ -599,7 +599,7 @@ class ConfigService:
             raise ApiError(400, "'version' must be an integer or null")
         row = self.agents.setdefault(agent_id, {"agent_id": agent_id, "policies": {}})
         row.update(profile=name, profile_version=version, reported_at=self.clock.seconds())
-        self.store.set_agent_config(
+        self.db.agents.set_agent_config(
             agent_id, profile=name, profile_version=version, reported_at=row["reported_at"]
         )
         return {"stored": True}

@@ -1,6 +1,6 @@
 """JobService: creates jobs, delivers them, and records what agents report.
 
-Glue between the pure JobBook (jobs.py), the Store and the Dispatcher. Every push of a job,
+Glue between the pure JobBook (jobs.py), the Database and the Dispatcher. Every push of a job,
 to a live session or to a poller, goes through `Dispatcher.push`.
 """
 
@@ -19,7 +19,7 @@ from tcm.server import inventory
 from tcm.server.dispatcher import Dispatcher
 from tcm.server.jobs import TERMINAL, Accept, Change, Job, JobBook, TargetState, summarize
 from tcm.server.web import ApiError
-from tcm.store.store import Store
+from tcm.store import Database
 
 TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
 
@@ -34,13 +34,13 @@ class JobService:
 
     def __init__(
         self,
-        store: Store,
+        db: Database,
         dispatcher: Dispatcher,
         clock: Any,
         capabilities_of: Callable[[str], dict[str, Any] | None],
         known_agents: Callable[[], list[str]],
     ):
-        self.store = store
+        self.db = db
         self.dispatcher = dispatcher
         self.clock = clock
         self.book = JobBook()
@@ -54,7 +54,7 @@ class JobService:
     @inlineCallbacks
     def load(self):
         """Rebuild the working set from the store (at startup)."""
-        active = yield self.store.load_active()
+        active = yield self.db.jobs.load_active()
         for row, states in active:
             job = Job(
                 id=row["id"],
@@ -114,7 +114,7 @@ class JobService:
             job.frame()  # encodable, or nothing is stored
         except (TypeError, ValueError) as e:
             raise ApiError(400, f"job cannot be encoded: {e}") from None
-        yield self.store.create_job(
+        yield self.db.jobs.create_job(
             dict(
                 id=job.id,
                 action=action,
@@ -192,7 +192,7 @@ class JobService:
 
     def output(self, agent_id: str, job_id: str, seq: int, stream: str, text: str):
         now = self.clock.seconds()
-        d = self.store.add_output(job_id, agent_id, seq, stream, text, now)
+        d = self.db.jobs.add_output(job_id, agent_id, seq, stream, text, now)
         d.addCallback(lambda _: self._wake_followers(job_id))
         return d
 
@@ -255,7 +255,7 @@ class JobService:
         if not changes:
             return succeed(None)
         key = (job_id, agent_id)
-        d = self.store.store_result(
+        d = self.db.jobs.store_result(
             job_id,
             agent_id,
             state.value,
@@ -294,7 +294,7 @@ class JobService:
         collected = inventory.read_result(result, self.clock.seconds())
         if collected is None:
             return
-        self.store.store_inventory(agent_id, collected, self.clock.seconds()).addErrback(
+        self.db.inventory.store_inventory(agent_id, collected, self.clock.seconds()).addErrback(
             lambda f: None  # logged by the write queue; the result's own Deferred fails too
         )
 
@@ -321,7 +321,7 @@ class JobService:
 
     def _persist(self, changes: list[Change]) -> None:
         if changes:
-            self.store.set_states(changes).addErrback(
+            self.db.jobs.set_states(changes).addErrback(
                 lambda f: self._log.failure("could not store job state changes", f)
             )
 
@@ -330,13 +330,13 @@ class JobService:
     def status(self, job_id: str, results: bool = True):
         """A job's counts and, unless results=False, every target's state and result."""
         if not results:
-            job = yield self.store.get_job_counts(job_id)
+            job = yield self.db.jobs.get_job_counts(job_id)
             if job is None:
                 raise ApiError(404, f"no such job: {job_id}")
             states = job.pop("states")
             job["counts"] = summarize(s for s, n in states.items() for _ in range(n))
             return job
-        job = yield self.store.get_job(job_id)
+        job = yield self.db.jobs.get_job(job_id)
         if job is None:
             raise ApiError(404, f"no such job: {job_id}")
         targets = job.pop("targets")

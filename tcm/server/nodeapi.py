@@ -16,7 +16,7 @@ from twisted.internet.defer import inlineCallbacks
 from tcm.protocol import link
 from tcm.protocol.names import NODE_NAME
 from tcm.server.web import ApiError, JsonRouter, Reply, json_object
-from tcm.store.store import TokenRefused
+from tcm.store import TokenRefused
 from tcm.tls import pki
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ class NodeAPI(JsonRouter):
             raise ApiError(400, f"bad certificate request: {e}") from None
         fingerprint = pki.fingerprint(pki.load_certificate(cert_pem))
         try:
-            role = yield self.core.store.enroll_node(
+            role = yield self.core.db.access.enroll_node(
                 name, token, fingerprint, self.core.clock.seconds()
             )
         except TokenRefused as e:

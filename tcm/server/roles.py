@@ -21,7 +21,7 @@ from typing import Any
 
 import attrs
 
-from tcm.store.store import hash_secret
+from tcm.store import hash_secret
 
 PERMISSIONS = ("read", "run", "policy", "admin")
 

@@ -39,7 +39,7 @@ from tcm.server.sessions import AgentSession, SessionRegistry, SessionState
 from tcm.server.targets import FilterError, Target, UnknownTarget
 from tcm.server.web import ApiError, ApiWithWebSocket
 from tcm.server.websocket import AgentServerFactory
-from tcm.store.store import Store
+from tcm.store import Database
 from tcm.tls import pki
 from tcm.tls.handshake import HandshakeLogger
 from tcm.tls.server import server_tls_options
@@ -286,7 +286,7 @@ class AgentHub:
         core.nodes.links[node.key] = node
         if old is not None and old is not node:
             old._close(codes.CLOSE_SUPERSEDED, "a newer link of this node replaced this one")
-        core.store.node_reported(node.name, node.url or "")
+        core.db.access.node_reported(node.name, node.url or "")
         if node.role != "taskserver":
             return
         record = core.nodes.records.get(node.name, {})
@@ -359,9 +359,9 @@ class AgentHub:
         capabilities = list(session.capabilities.values())
         described = describe(hello.get("hostname", ""), hello.get("platform", ""), capabilities)
         if record is not None and record.get("described") == described:
-            core.store.agent_seen(session.agent_id, now)  # unchanged: one batched row
+            core.db.agents.agent_seen(session.agent_id, now)  # unchanged: one batched row
         else:
-            core.store.agent_seen(
+            core.db.agents.agent_seen(
                 session.agent_id,
                 now,
                 hostname=hello.get("hostname"),
@@ -389,7 +389,7 @@ class AgentHub:
             core.assignments.release(session.agent_id)
             if core.closing_everything:
                 return  # a stop: seen and logged once for all sessions (closing_all)
-            core.store.agent_seen(session.agent_id, core.clock.seconds())
+            core.db.agents.agent_seen(session.agent_id, core.clock.seconds())
             self._log.info("agent {agent} session closed", agent=session.agent_id)
 
     def handle_request(self, session: AgentSession, env: Envelope) -> Deferred[Envelope]:
@@ -418,7 +418,7 @@ class ServerCore:
         self.name = config.name or _load_or_create_name(config.state_dir)
         self.admin_token = _load_or_create_admin_token(config.state_dir)
         self.tokens = TokenBook(self.admin_token)
-        self.store = Store(config.database_url, reactor=reactor)
+        self.db = Database(config.database_url, reactor=reactor)
         self.directory = AgentDirectory()
         self.recent_enrollments = RecentEnrollments()  # an agent may ask again (agentapi)
         self.registry = SessionRegistry()
@@ -436,15 +436,13 @@ class ServerCore:
         self.last_poll: dict[str, float] = {}
         self.dispatcher = Dispatcher(self.registry, self.polls, self.task_registry)
         self.jobs = JobService(
-            self.store,
+            self.db,
             self.dispatcher,
             self.clock,
             capabilities_of=self._capabilities_of,
             known_agents=self.directory.ids,
         )
-        self.agent_config = ConfigService(
-            self.store, self.dispatcher, self.clock, self.resolve_target
-        )
+        self.agent_config = ConfigService(self.db, self.dispatcher, self.clock, self.resolve_target)
 
     def _make_site(self) -> Site:
         root = Resource()
@@ -511,7 +509,7 @@ class ServerCore:
             raise ApiError(404, f"no agent {agent_id}")
         if record.get("approved", True):
             return False
-        yield self.store.approve_agent(agent_id)
+        yield self.db.agents.approve_agent(agent_id)
         record["approved"] = True
         self._log.info("agent {agent} approved", agent=agent_id)
         for node in list(self.nodes.links.values()):
@@ -534,7 +532,7 @@ class ServerCore:
             raise ApiError(404, f"no agent {agent_id}")
         if record["revoked"]:
             return False
-        yield self.store.revoke_agent(agent_id)
+        yield self.db.agents.revoke_agent(agent_id)
         record["revoked"] = True
         self._log.info("agent {agent} revoked", agent=agent_id)
         for registry in (self.registry, self.task_registry):
@@ -602,7 +600,7 @@ class ServerCore:
         """Validate, store and apply setting changes at run time."""
         clean = self.settings.validate(changes)
         for key, value in clean.items():
-            yield self.store.set_setting(key, value)
+            yield self.db.settings.set_setting(key, value)
         before = self.persistent_enabled()
         self.settings.update(clean)
         if before and not self.persistent_enabled():
@@ -625,10 +623,10 @@ class ServerCore:
         session), `mode` ("persistent", "http" or None), `group` (its groups' names),
         `enrolled_at`, `last_seen`, and each inventory class named in `roots` (e.g. `os`,
         `memory`) as stored. Fires with a list of dicts."""
-        rows = yield self.store.list_agents()
-        groups = yield self.store.group_memberships()
+        rows = yield self.db.agents.list_agents()
+        groups = yield self.db.targets.group_memberships()
         classes = set(roots) - VIEW_FIELDS
-        inventory = (yield self.store.inventory_data(classes)) if classes else {}
+        inventory = (yield self.db.inventory.inventory_data(classes)) if classes else {}
         views = []
         for r in rows:
             if r["revoked"]:
@@ -652,7 +650,7 @@ class ServerCore:
     @inlineCallbacks
     def load_target(self, name: str):
         """The saved Target of that name; UnknownTarget when there is none."""
-        row = yield self.store.get_target(name)
+        row = yield self.db.targets.get_target(name)
         if row is None:
             raise UnknownTarget(name)
         return Target.from_row(row)
@@ -675,7 +673,7 @@ class ServerCore:
         one whose stored filter no longer parses has no members. With
         `targets.most_specific(result, agent_id)` this picks an agent's most specific
         target."""
-        rows = yield self.store.list_targets()
+        rows = yield self.db.targets.list_targets()
         wanted = None if names is None else set(names)
         found = []
         for row in rows:
@@ -707,7 +705,7 @@ class ServerCore:
         """Write an audit log entry (who, what, on what, details, now); fires once it is
         committed."""
         actor = who.name if isinstance(who, Principal) else who
-        return self.store.audit(actor, action, obj, details or {}, self.clock.seconds())
+        return self.db.audit.audit(actor, action, obj, details or {}, self.clock.seconds())
 
     # -- lifecycle ---------------------------------------------------------------------
     def tls_options(self):
@@ -735,11 +733,11 @@ class ServerCore:
     def start(self):
         """Migrate and open the store, then load agents, settings and unfinished jobs."""
         self._write_server_json()
-        self.store.open()
-        self.directory.load((yield self.store.list_agents()))
-        self.tokens.load((yield self.store.list_api_tokens(include_hashes=True)))
+        self.db.open()
+        self.directory.load((yield self.db.agents.list_agents()))
+        self.tokens.load((yield self.db.access.list_api_tokens(include_hashes=True)))
         yield self.reload_nodes()
-        stored = yield self.store.get_settings()
+        stored = yield self.db.settings.get_settings()
         self.settings.update(self.settings.validate(stored, ignore_unknown=True))
         yield self.agent_config.load()
         yield self.jobs.load()
@@ -747,7 +745,7 @@ class ServerCore:
 
     @inlineCallbacks
     def reload_nodes(self):
-        self.nodes.load((yield self.store.list_nodes()))
+        self.nodes.load((yield self.db.access.list_nodes()))
         self.assignments.registered = len(self.nodes.task_servers())
         gateways = self.nodes.gateway_fingerprints()
         for node in list(self.nodes.links.values()):
@@ -777,7 +775,7 @@ class ServerCore:
 
     def stop(self) -> None:
         self.jobs.stop()
-        self.store.close()
+        self.db.close()
 
     closing_everything = False  # a stop closes every session: no line or write per session
 
@@ -796,7 +794,7 @@ class ServerCore:
                     n += 1
                     if registry is self.registry:
                         seen.append(session.agent_id)
-        written = self.store.agents_seen(seen, self.clock.seconds()) if seen else succeed(None)
+        written = self.db.agents.agents_seen(seen, self.clock.seconds()) if seen else succeed(None)
         if n:
             self._log.info("closing {n} sessions: {why}", n=n, why=codes.CLOSE_REASONS[code])
         return n, written

@@ -1,0 +1,127 @@
+"""Enrolled agents: identity, approval, revocation, last seen, and what each reports it runs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from twisted.internet.defer import Deferred
+
+from tcm.store import schema as t
+
+if TYPE_CHECKING:
+    from tcm.store.database import Database, WriteQueue
+
+
+class AgentStore:
+    """The `agents` and `agent_config` tables. Last-seen times and reported configuration
+    go through the write queue (many per second while agents come and go)."""
+
+    def __init__(self, db: Database, writes: WriteQueue):
+        self._db = db
+        self._writes = writes
+        writes.register(
+            "seen",
+            t.agents.update()
+            .where(t.agents.c.id == sa.bindparam("agent"))
+            .values(last_seen=sa.bindparam("at")),
+        )
+
+    def add_agent(
+        self, agent_id: str, hostname: str, fingerprint: str, now: float, approved: bool = True
+    ) -> Deferred[None]:
+        """Insert a newly enrolled agent."""
+        row = dict(
+            id=agent_id,
+            hostname=hostname,
+            fingerprint=fingerprint,
+            enrolled_at=now,
+            capabilities=[],
+            approved=approved,
+        )
+
+        def op(c: Connection) -> None:
+            c.execute(t.agents.insert().values(**row))
+
+        return self._db.transaction(op)
+
+    def approve_agent(self, agent_id: str) -> Deferred[None]:
+        def op(c: Connection) -> None:
+            c.execute(t.agents.update().where(t.agents.c.id == agent_id).values(approved=True))
+
+        return self._db.transaction(op)
+
+    def revoke_agent(self, agent_id: str) -> Deferred[None]:
+        def op(c: Connection) -> None:
+            c.execute(t.agents.update().where(t.agents.c.id == agent_id).values(revoked=True))
+
+        return self._db.transaction(op)
+
+    def agent_seen(
+        self,
+        agent_id: str,
+        now: float,
+        hostname: str | None = None,
+        platform: str | None = None,
+        capabilities: list | None = None,
+    ) -> Deferred[None]:
+        """Record an agent seen at `now` (and what its hello said, when given)."""
+        if hostname is None and platform is None and capabilities is None:
+            return self._writes.add("seen", [{"agent": agent_id, "at": now}])
+        values: dict[str, Any] = {"last_seen": now}
+        if hostname is not None:
+            values["hostname"] = hostname
+        if platform is not None:
+            values["platform"] = platform
+        if capabilities is not None:
+            values["capabilities"] = capabilities
+
+        def op(c: Connection) -> None:
+            c.execute(t.agents.update().where(t.agents.c.id == agent_id).values(**values))
+
+        return self._writes.submit(op)
+
+    def agents_seen(self, agent_ids: list[str], now: float) -> Deferred[None]:
+        """Many agents seen at `now`: one batched write (a stop closing every session)."""
+        return self._writes.add("seen", [{"agent": a, "at": now} for a in agent_ids])
+
+    def get_agent(self, agent_id: str) -> Deferred[dict[str, Any] | None]:
+        def q(c: Connection) -> dict[str, Any] | None:
+            row = c.execute(sa.select(t.agents).where(t.agents.c.id == agent_id)).first()
+            return dict(row._mapping) if row else None
+
+        return self._db.read(q)
+
+    def list_agents(self) -> Deferred[list[dict[str, Any]]]:
+        """Every agent (revoked ones too), in the order they enrolled."""
+        return self._db.read(
+            lambda c: [
+                dict(r._mapping)
+                for r in c.execute(sa.select(t.agents).order_by(t.agents.c.enrolled_at))
+            ]
+        )
+
+    def agent_ids(self, include_revoked: bool = False) -> Deferred[list[str]]:
+        q = sa.select(t.agents.c.id)
+        if not include_revoked:
+            q = q.where(t.agents.c.revoked == sa.false())
+        return self._db.read(lambda c: [r.id for r in c.execute(q)])
+
+    # -- what each agent reports it runs ----------------------------------------------
+    def load_agent_config(self) -> Deferred[list[dict[str, Any]]]:
+        """Every agent_config row (profile, policy versions and states, enrollment profile)."""
+        return self._db.read(
+            lambda c: [dict(r._mapping) for r in c.execute(sa.select(t.agent_config))]
+        )
+
+    def set_agent_config(self, agent_id: str, **values: Any) -> Deferred[None]:
+        """Set columns of an agent's agent_config row (made when missing)."""
+
+        def op(c: Connection) -> None:
+            ac = t.agent_config
+            updated = c.execute(ac.update().where(ac.c.agent_id == agent_id).values(**values))
+            if updated.rowcount == 0:
+                c.execute(ac.insert().values(agent_id=agent_id, **{"policies": {}, **values}))
+
+        return self._writes.submit(op)

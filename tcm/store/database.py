@@ -1,0 +1,229 @@
+"""The Database: engine, thread pool and write queue under one component per area.
+
+SQLite (the embedded default) and PostgreSQL run the same SQLAlchemy Core statements. All
+statements run on the database's own thread pool (one thread for SQLite, whose writers
+serialise anyway). Target state changes, output chunks and results go through a write queue
+with *group commit*: everything queued while one transaction runs is written by the next one,
+and each caller's Deferred fires when its rows are committed. An agent's result is
+acknowledged only after that, so the agent's spool holds it until it is durable here.
+
+The statements of each area live in their component (`db.jobs`, `db.agents`, `db.access`,
+...); every method that records a time takes it as `now` (or `at`) from its caller, whose
+clock is injected.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.sql.base import Executable
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from tcm.store.access import AccessStore
+from tcm.store.agents import AgentStore
+from tcm.store.audit import AuditStore
+from tcm.store.config import ConfigStore
+from tcm.store.inventory import InventoryStore
+from tcm.store.jobs import JobStore
+from tcm.store.settings import SettingsStore
+from tcm.store.targets import TargetStore
+
+T = TypeVar("T")
+
+MIGRATIONS = os.path.join(os.path.dirname(__file__), "migrations")
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for a database URL (sqlite:///path or postgresql://...)."""
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"check_same_thread": False})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:  # WAL: readers never block the writer
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            # FULL: a result is acknowledged to its agent after its commit, so the commit must
+            # survive a power loss too; group commit pays the fsync once per batch.
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=5000")
+            cur.close()
+
+        return engine
+    options: dict[str, Any] = {"pool_size": 8, "pool_pre_ping": True}
+    if url.startswith("postgresql+psycopg2") or url.startswith("postgresql://"):
+        # psycopg2 runs an executemany UPDATE row by row unless asked to batch it: the
+        # write queue's batches are executemany UPDATEs
+        options["executemany_mode"] = "values_plus_batch"
+    return sa.create_engine(url, **options)
+
+
+def upgrade(engine: Engine) -> None:
+    """Bring the schema to the newest Alembic revision."""
+    # Alembic is needed only to migrate: imported here, not by whoever imports the store.
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", MIGRATIONS)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+class WriteQueue:
+    """Group commit. Rows and operations queued while a transaction runs are written by the
+    next one, in one transaction; rows of the same kind go in one executemany. Each caller's
+    Deferred fires once its rows are committed (and fails if that transaction failed).
+
+    A component registers each batched kind with its prebuilt statement; in a flush the kinds
+    are written in the order they were registered (so a component that registers its state
+    changes before its results has them written first), then the queued operations."""
+
+    _log = Logger()
+
+    def __init__(
+        self, reactor: Any, transaction: Callable[[Callable[[Connection], Any]], Deferred]
+    ):
+        self._reactor = reactor
+        self._transaction = transaction
+        self._batched: dict[str, Executable] = {}
+        self._rows: dict[str, list[dict[str, Any]]] = {}
+        self._ops: list[Callable[[Connection], None]] = []
+        self._waiters: list[Deferred[None]] = []
+        self._running = False
+        self.flushes = 0
+
+    def register(self, kind: str, statement: Executable) -> None:
+        """Declare a batched kind: its rows are the parameters of one executemany."""
+        if kind in self._batched:
+            raise ValueError(f"batched kind {kind!r} registered twice")
+        self._batched[kind] = statement
+
+    def submit(self, op: Callable[[Connection], None]) -> Deferred[None]:
+        """Queue an operation of its own (run after the batched rows)."""
+        self._ops.append(op)
+        return self._wait()
+
+    def add(self, kind: str, rows: list[dict[str, Any]]) -> Deferred[None]:
+        """Queue rows of a registered batched kind."""
+        if kind not in self._batched:
+            raise KeyError(f"no batched kind {kind!r}")
+        self._rows.setdefault(kind, []).extend(rows)
+        return self._wait()
+
+    def _wait(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self._waiters.append(d)
+        if not self._running:
+            self._running = True
+            self._reactor.callLater(0, self._flush)
+        return d
+
+    def _flush(self) -> None:
+        rows, self._rows = self._rows, {}
+        ops, self._ops = self._ops, []
+        waiters, self._waiters = self._waiters, []
+        count = sum(len(r) for r in rows.values()) + len(ops)
+
+        def write(conn: Connection) -> None:
+            for kind, statement in self._batched.items():
+                batch = rows.get(kind)
+                if batch:
+                    conn.execute(statement, batch)
+            for op in ops:
+                op(conn)
+
+        d = self._transaction(write)
+
+        def done(result: Any) -> None:
+            self.flushes += 1
+            for waiter in waiters:
+                if isinstance(result, Exception):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(None)
+            if self._waiters:
+                self._reactor.callLater(0, self._flush)
+            else:
+                self._running = False
+
+        def failed(f: Failure) -> None:
+            self._log.failure("store write of {n} rows and operations failed", f, n=count)
+            done(f.value)
+
+        d.addCallbacks(done, failed)
+
+    def idle(self) -> bool:
+        return not self._running and not self._waiters
+
+
+class Database:
+    """The server's persistent state: one engine and thread pool, one component per area.
+
+    `open()` migrates the schema and starts the threads; every component method returns a
+    Deferred that fires on the reactor thread."""
+
+    _log = Logger()
+
+    def __init__(self, url: str, reactor: Any = None, threads: int | None = None):
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self._reactor = reactor
+        self.url = url
+        self.engine = make_engine(url)
+        if threads is None:
+            threads = 1 if url.startswith("sqlite") else 4
+        self._pool = ThreadPool(minthreads=1, maxthreads=threads, name="tcm-store")
+        self.writes = WriteQueue(reactor, self.transaction)
+        self.settings = SettingsStore(self)
+        self.access = AccessStore(self)
+        # jobs first: its batched kinds (states, then results) are flushed before `seen`
+        self.jobs = JobStore(self, self.writes)
+        self.agents = AgentStore(self, self.writes)
+        self.config = ConfigStore(self)
+        self.targets = TargetStore(self)
+        self.inventory = InventoryStore(self, self.writes)
+        self.audit = AuditStore(self, self.writes)
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def open(self) -> None:
+        """Migrate the schema (blocking, at startup) and start the database's threads."""
+        upgrade(self.engine)
+        self._pool.start()
+
+    def close(self) -> None:
+        self._pool.stop()
+        self.engine.dispose()
+
+    def run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        """Run fn(*args) on the database's thread pool."""
+        return deferToThreadPool(self._reactor, self._pool, fn, *args)
+
+    def transaction(self, fn: Callable[[Connection], T]) -> Deferred[T]:
+        """Run fn(connection) in one transaction on the database's thread pool."""
+
+        def in_tx() -> T:
+            with self.engine.begin() as conn:
+                return fn(conn)
+
+        return self.run(in_tx)
+
+    def read(self, fn: Callable[[Connection], T]) -> Deferred[T]:
+        """Run fn(connection) outside a transaction of its own (reads only)."""
+
+        def in_conn() -> T:
+            with self.engine.connect() as conn:
+                return fn(conn)
+
+        return self.run(in_conn)

@@ -1,0 +1,264 @@
+"""Jobs, their targets' states and results, and their output.
+
+Exactly once: a target's state changes and its result are written only while it is
+unfinished (the `UNFINISHED` condition in every batched UPDATE), so a target that finished
+keeps its first result, and a state change that arrives after it is a no-op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from twisted.internet.defer import Deferred, gatherResults, succeed
+
+from tcm.store import schema as t
+
+if TYPE_CHECKING:
+    from tcm.store.database import Database, WriteQueue
+
+# A fixed condition (no expanding IN parameter), so it works in executemany batches too.
+UNFINISHED = sa.text("job_targets.state NOT IN ('succeeded', 'failed', 'expired')")
+
+
+def _target_update(**values: Any) -> sa.Update:
+    """UPDATE of one unfinished job target per row, for executemany."""
+    jt = t.job_targets
+    return (
+        jt.update()
+        .where(jt.c.job_id == sa.bindparam("j"))
+        .where(jt.c.agent_id == sa.bindparam("a"))
+        .where(UNFINISHED)
+        .values(**values)
+    )
+
+
+# Row kinds batched by the write queue, in this order: a state change and a result for the
+# same target in one flush are written states first.
+BATCHED: dict[str, sa.Update] = {
+    "delivered": _target_update(
+        state="delivered", updated_at=sa.bindparam("at"), delivered_at=sa.bindparam("at")
+    ),
+    "running": _target_update(
+        state="running", updated_at=sa.bindparam("at"), started_at=sa.bindparam("at")
+    ),
+    "expired": _target_update(
+        state="expired", updated_at=sa.bindparam("at"), finished_at=sa.bindparam("at")
+    ),
+    "result": _target_update(
+        state=sa.bindparam("state"),
+        result=sa.bindparam("result", type_=sa.JSON),
+        error=sa.bindparam("error"),
+        finished_at=sa.bindparam("finished"),
+        updated_at=sa.bindparam("stored"),
+        started_at=sa.func.coalesce(
+            sa.bindparam("started", type_=sa.Float), t.job_targets.c.started_at
+        ),
+        received_at=sa.bindparam("received", type_=sa.Float),
+    ),
+}
+
+
+class JobStore:
+    """The `jobs`, `job_targets` and `job_output` tables. State changes, results and output
+    go through the write queue: their Deferreds fire once committed."""
+
+    def __init__(self, db: Database, writes: WriteQueue):
+        self._db = db
+        self._writes = writes
+        for kind, statement in BATCHED.items():
+            writes.register(kind, statement)
+
+    def create_job(self, job: dict[str, Any], agent_ids: list[str], now: float) -> Deferred[None]:
+        """Insert a job and one pending target per agent, in one transaction."""
+
+        def op(c: Connection) -> None:
+            c.execute(t.jobs.insert().values(**job))
+            if agent_ids:
+                c.execute(
+                    t.job_targets.insert(),
+                    [
+                        dict(job_id=job["id"], agent_id=a, state="pending", updated_at=now)
+                        for a in agent_ids
+                    ],
+                )
+
+        return self._db.transaction(op)
+
+    def set_states(self, changes: Iterable[Any]) -> Deferred[None]:
+        """Write state changes (jobs.Change) through the write queue."""
+        by_state: dict[str, list[dict[str, Any]]] = {}
+        for ch in changes:
+            by_state.setdefault(ch.state.value, []).append(
+                {"j": ch.job_id, "a": ch.agent_id, "at": ch.at}
+            )
+        if not by_state:
+            return succeed(None)
+        waits = [self._writes.add(state, rows) for state, rows in by_state.items()]
+        if len(waits) == 1:
+            return waits[0]
+        return gatherResults(waits).addCallback(lambda _: None)
+
+    def store_result(
+        self,
+        job_id: str,
+        agent_id: str,
+        state: str,
+        result: Any,
+        error: str | None,
+        started: float | None,
+        finished: float,
+        received: float | None = None,
+        stored: float | None = None,
+    ) -> Deferred[None]:
+        """Store a target's result, once: a target already finished keeps its first result."""
+        row = {
+            "j": job_id,
+            "a": agent_id,
+            "state": state,
+            "result": result,
+            "error": error,
+            "started": started,
+            "finished": finished,
+            "received": received,
+            "stored": stored if stored is not None else finished,
+        }
+        return self._writes.add("result", [row])
+
+    def add_output(
+        self, job_id: str, agent_id: str, seq: int, stream: str, text: str, at: float
+    ) -> Deferred[None]:
+        """Append an output chunk; a chunk redelivered with the same `seq` is kept once."""
+        row = dict(job_id=job_id, agent_id=agent_id, seq=seq, stream=stream, text=text, at=at)
+        jo = t.job_output
+
+        def op(c: Connection) -> None:
+            exists = c.execute(
+                sa.select(jo.c.id)
+                .where(jo.c.job_id == job_id)
+                .where(jo.c.agent_id == agent_id)
+                .where(jo.c.seq == seq)
+            ).first()
+            if exists is None:  # output is redelivered after a reconnect: keep one copy
+                c.execute(jo.insert().values(**row))
+
+        return self._writes.submit(op)
+
+    def get_output(self, job_id: str, after_id: int = 0) -> Deferred[list[dict[str, Any]]]:
+        """A job's output chunks with an id above `after_id`, in the order stored."""
+        jo = t.job_output
+        return self._db.read(
+            lambda c: [
+                dict(r._mapping)
+                for r in c.execute(
+                    sa.select(jo)
+                    .where(jo.c.job_id == job_id)
+                    .where(jo.c.id > after_id)
+                    .order_by(jo.c.id)
+                )
+            ]
+        )
+
+    def get_job_counts(self, job_id: str) -> Deferred[dict[str, Any] | None]:
+        """A job with the number of its targets in each state (no per-target rows), or None."""
+        jt = t.job_targets
+
+        def q(c: Connection) -> dict[str, Any] | None:
+            job = c.execute(sa.select(t.jobs).where(t.jobs.c.id == job_id)).first()
+            if job is None:
+                return None
+            out = dict(job._mapping)
+            out["states"] = {
+                r[0]: r[1]
+                for r in c.execute(
+                    sa.select(jt.c.state, sa.func.count())
+                    .where(jt.c.job_id == job_id)
+                    .group_by(jt.c.state)
+                )
+            }
+            return out
+
+        return self._db.read(q)
+
+    def get_job(self, job_id: str) -> Deferred[dict[str, Any] | None]:
+        """A job with all its targets, or None."""
+
+        def q(c: Connection) -> dict[str, Any] | None:
+            job = c.execute(sa.select(t.jobs).where(t.jobs.c.id == job_id)).first()
+            if job is None:
+                return None
+            targets = c.execute(
+                sa.select(t.job_targets)
+                .where(t.job_targets.c.job_id == job_id)
+                .order_by(t.job_targets.c.agent_id)
+            )
+            out = dict(job._mapping)
+            out["targets"] = [dict(r._mapping) for r in targets]
+            return out
+
+        return self._db.read(q)
+
+    def list_jobs(self, limit: int = 100) -> Deferred[list[dict[str, Any]]]:
+        """The newest jobs, each with the number of its targets in each state."""
+        jt = t.job_targets
+
+        def q(c: Connection) -> list[dict[str, Any]]:
+            jobs = [
+                dict(r._mapping)
+                for r in c.execute(
+                    sa.select(t.jobs).order_by(t.jobs.c.created_at.desc()).limit(limit)
+                )
+            ]
+            ids = [j["id"] for j in jobs]
+            counts: dict[str, dict[str, int]] = {}
+            if ids:
+                for r in c.execute(
+                    sa.select(jt.c.job_id, jt.c.state, sa.func.count())
+                    .where(jt.c.job_id.in_(ids))
+                    .group_by(jt.c.job_id, jt.c.state)
+                ):
+                    counts.setdefault(r[0], {})[r[1]] = r[2]
+            for j in jobs:
+                j["states"] = counts.get(j["id"], {})
+            return jobs
+
+        return self._db.read(q)
+
+    def load_active(self) -> Deferred[list[tuple[dict[str, Any], dict[str, str]]]]:
+        """Jobs with unfinished targets and those targets' states (to rebuild the JobBook)."""
+        jt = t.job_targets
+
+        def q(c: Connection) -> list[tuple[dict[str, Any], dict[str, str]]]:
+            rows = c.execute(
+                sa.select(jt.c.job_id, jt.c.agent_id, jt.c.state).where(
+                    jt.c.state.in_(["pending", "delivered", "running"])
+                )
+            ).all()
+            by_job: dict[str, dict[str, str]] = {}
+            for r in rows:
+                by_job.setdefault(r.job_id, {})[r.agent_id] = r.state
+            if not by_job:
+                return []
+            jobs = c.execute(sa.select(t.jobs).where(t.jobs.c.id.in_(list(by_job)))).all()
+            return [(dict(j._mapping), by_job[j.id]) for j in jobs]
+
+        return self._db.read(q)
+
+    def job_agents(
+        self, job_id: str, states: Iterable[str] | None = None
+    ) -> Deferred[list[str] | None]:
+        """The agent ids of a job's targets (in the given states), or None: no such job."""
+        jt = t.job_targets
+        wanted = None if states is None else list(states)
+
+        def q(c: Connection) -> list[str] | None:
+            if c.execute(sa.select(t.jobs.c.id).where(t.jobs.c.id == job_id)).first() is None:
+                return None
+            sel = sa.select(jt.c.agent_id).where(jt.c.job_id == job_id)
+            if wanted is not None:
+                sel = sel.where(jt.c.state.in_(wanted))
+            return sorted(r.agent_id for r in c.execute(sel))
+
+        return self._db.read(q)
