@@ -159,7 +159,8 @@ HEADERS: dict[str, dict[str, Any]] = {
         ("c",),
         c={
             "type": "array",
-            "items": {"type": "integer", "minimum": 0},
+            # no minimum: a push may name thousands; a number not in use is skipped anyway
+            "items": {"type": "integer"},
             "description": "link message 'push' needs a list of connection numbers 'c'",
         },
     ),
