@@ -15,7 +15,8 @@ from twisted.internet.task import Clock
 from tcm.protocol import codes, link
 from tcm.protocol.envelope import decode
 from tcm.relay.downstream import DownLink
-from tcm.relay.relays import GatewayRelay, TaskServerRelay, wanted_task_server
+from tcm.relay.relays import GatewayRelay, TaskServerRelay
+from tcm.relay.routing import wanted_task_server
 from tcm.server.links import NodeLink
 from tcm.server.nodes import TaskServerAssignments
 from tcm.server.sessions import SessionState

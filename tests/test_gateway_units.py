@@ -18,8 +18,9 @@ from tcm.agent.gateways import Destinations, RotatingEndpoint, ws_url
 from tcm.logs import JsonLineObserver
 from tcm.protocol import codes, link
 from tcm.protocol.envelope import Envelope, decode, encode
-from tcm.relay.relays import GatewayRelay, wanted_upstream
+from tcm.relay.relays import GatewayRelay
 from tcm.relay.requests import RequestLost
+from tcm.relay.routing import wanted_upstream
 from tcm.server.links import NodeLink
 from tests.test_relay_units import AgentConn, Hub, Upstream, _hello
 

@@ -22,6 +22,7 @@ a type the relay does not take is a `LinkError` (the upstream link closes with 4
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 from twisted.internet.defer import Deferred
@@ -33,12 +34,16 @@ from tcm.relay.connections import AgentConnection, ConnectionTable
 from tcm.relay.counters import RelayCounters
 from tcm.relay.gatewaylinks import GatewayLinks
 from tcm.relay.requests import REQUEST_TIMEOUT, PendingRequests
-from tcm.relay.routing import UPSTREAM_PREFIX, GatewayRouting, Refusal, UpstreamLinks
+from tcm.relay.routing import (
+    GatewayRouting,
+    Refusal,
+    UpstreamLinks,
+    wanted_task_server,
+    wanted_upstream,
+)
 
-TASK_SERVER_PREFIX = "/taskserver/"  # /taskserver/NAME/task/v1/ws: through to task server NAME
 
-
-class Relay:
+class Relay(ABC):
     """What both relays do: agent connections in, their frames up the link, the server's
     frames, pushes and closes out. Subclasses add their parts and message handlers."""
 
@@ -61,10 +66,10 @@ class Relay:
         self.draining = False
 
     # -- the edge ------------------------------------------------------------------------
+    @abstractmethod
     def admit(self, agent_id: str, server: str | None, path: str | bytes) -> tuple[Any, Any]:
         """Where an agent's new connection at `path` goes: (upstream, None), or (None,
         (status, reason)) when it is refused. `server` is the one its certificate names."""
-        raise NotImplementedError
 
     def refusal(
         self, agent_id: str | None = None, upstream: str | None = None, new_session: bool = True
@@ -157,6 +162,7 @@ class Relay:
         return None
 
     # -- the upstream links --------------------------------------------------------------
+    @abstractmethod
     def link_up(
         self,
         name: str,
@@ -167,7 +173,6 @@ class Relay:
     ) -> str | None:
         """The link to upstream `name` was welcomed (by a `role`, server `server`, task
         server `node`); why it cannot be used, or None."""
-        raise NotImplementedError
 
     def link_lost(self, name: str, link: Any = None) -> None:
         """No link: that server has forgotten these sessions; the agents must come again."""
@@ -187,8 +192,9 @@ class Relay:
                 codes.CLOSE_UPSTREAM_LOST, codes.CLOSE_REASONS[codes.CLOSE_UPSTREAM_LOST]
             )
 
+    @abstractmethod
     def _link_gone(self, name: str) -> None:
-        """What else goes with upstream `name`'s link (subclasses)."""
+        """What else goes with upstream `name`'s link."""
 
     def from_server(
         self, header: dict[str, Any], payload: bytes, upstream: str | None = None
@@ -401,20 +407,10 @@ class TaskServerRelay(Relay):
         self.links.up(name, link)
         return None
 
+    def _link_gone(self, name: str) -> None:
+        """Nothing else: the gateways' links stay up, and what they open is refused (no link)
+        until the server's link is back."""
+
     def _on_nodes(self, upstream: str, header: dict[str, Any], payload: bytes) -> None:
         """The gateways this task server may accept (from its server); links of others go."""
         self.gateways.set_allowed(header["gateways"])
-
-
-def wanted_upstream(path: str | bytes, prefix: str = UPSTREAM_PREFIX) -> str | None:
-    """The upstream an agent names in its URL (/upstream/NAME/...), or None."""
-    if isinstance(path, bytes):
-        path = path.decode("ascii", "replace")
-    if not path.startswith(prefix):
-        return None
-    return path[len(prefix) :].split("/", 1)[0] or None
-
-
-def wanted_task_server(path: str | bytes) -> str | None:
-    """The task server an agent's task session names (/taskserver/NAME/task/v1/ws), or None."""
-    return wanted_upstream(path, TASK_SERVER_PREFIX)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 UPSTREAM_PREFIX = "/upstream/"  # /upstream/NAME/...: the agent names its server's upstream
+TASK_SERVER_PREFIX = "/taskserver/"  # /taskserver/NAME/task/v1/ws: through to task server NAME
 
 Refusal = tuple[int, str]  # HTTP status, reason
 
@@ -168,3 +169,17 @@ class GatewayRouting:
         if server is None and len(self._servers()) > 1:
             return None, (403, "the agent's certificate names no server: re-enroll")
         return name, None
+
+
+def wanted_upstream(path: str | bytes, prefix: str = UPSTREAM_PREFIX) -> str | None:
+    """The upstream an agent names in its URL (/upstream/NAME/...), or None."""
+    if isinstance(path, bytes):
+        path = path.decode("ascii", "replace")
+    if not path.startswith(prefix):
+        return None
+    return path[len(prefix) :].split("/", 1)[0] or None
+
+
+def wanted_task_server(path: str | bytes) -> str | None:
+    """The task server an agent's task session names (/taskserver/NAME/task/v1/ws), or None."""
+    return wanted_upstream(path, TASK_SERVER_PREFIX)
