@@ -15,7 +15,8 @@ from twisted.internet.task import Clock
 from tcm.protocol import codes, link
 from tcm.protocol.envelope import decode
 from tcm.relay.downstream import DownLink
-from tcm.relay.edge import Relay, wanted_task_server
+from tcm.relay.relays import GatewayRelay, TaskServerRelay
+from tcm.relay.routing import wanted_task_server
 from tcm.server.links import NodeLink
 from tcm.server.nodes import TaskServerAssignments
 from tcm.server.sessions import SessionState
@@ -46,7 +47,7 @@ class Chain:
         self.hub = Hub()
         self.hub.known |= {"a-4"}
         # the task server and its link to the server
-        self.ts = Relay(self.clock, max_clients=3)
+        self.ts = TaskServerRelay(self.clock, max_clients=3)
         self.ts.node_name = "ts1"
         self.ts.prepare = lambda payload: ("prepared-at-ts", payload)
         self.ts_link = NodeLink("ts1", self._to_ts, lambda c, r: None, self.hub, self.clock)
@@ -55,11 +56,10 @@ class Chain:
         )
         self.clock.advance(0)
         # the gateway: a management server upstream "srv" and the task server upstream "ts"
-        self.gw = Relay(
+        self.gw = GatewayRelay(
             self.clock,
             max_clients=10,
-            channel="core",
-            upstream_names=["srv", "ts"],
+            upstreams=["srv", "ts"],
             task_server_upstreams=["ts"],
         )
         self.gw.prepare = lambda payload: ("prepared-at-gw", payload)
@@ -109,7 +109,7 @@ class Chain:
 
     def agent(self, agent_id: str) -> AgentConn:
         """An agent's task session at /taskserver/ts1/task/v1/ws of the gateway."""
-        upstream, refusal = self.gw.route_task_server("s1", "ts1")
+        upstream, refusal = self.gw.routing.route_task_server("s1", "ts1")
         assert refusal is None and upstream == "ts"
         assert self.gw.refusal(agent_id, upstream) is None
         conn = AgentConn()
@@ -123,7 +123,7 @@ class Chain:
 
 def test_a_task_session_crosses_gateway_and_task_server_and_a_push_crosses_each_link_once():
     chain = Chain()
-    assert chain.ts.server_name == "s1" and chain.ts.gateways == {"gw1": "FP-GW1"}
+    assert chain.ts.server_name == "s1" and chain.ts.gateways.allowed == {"gw1": "FP-GW1"}
     # the gateway told its server that it reaches task server ts1
     assert {"t": "reach", "task_servers": ["ts1"]} in chain.srv_wire.sent
     agents = [chain.agent(a) for a in ("a-1", "a-2")]
@@ -176,12 +176,12 @@ def test_losing_the_gateway_link_ends_its_sessions_and_is_told_to_the_server():
     chain.gw.link_lost("ts", chain.gw_ts_wire)
     assert a1.closed is not None and a1.closed[0] == codes.CLOSE_UPSTREAM_LOST
     assert chain.srv_wire.sent[-1] == {"t": "reach", "task_servers": []}
-    assert chain.gw.route_task_server("s1", "ts1")[1][0] == 503
+    assert chain.gw.routing.route_task_server("s1", "ts1")[1][0] == 503
     # at the task server: the gateway's connections are gone, their sessions too
     chain.down.lost()
     chain.clock.advance(0)
     assert session.state is SessionState.CLOSED
-    assert chain.ts.conns == {} and chain.ts.downlinks == {}
+    assert len(chain.ts.conns) == 0 and chain.ts.gateways.links == {}
 
 
 def test_a_task_server_that_lost_its_server_closes_the_gateways_agents_with_4010():
@@ -208,18 +208,18 @@ def test_a_full_task_server_refuses_a_carried_agent_with_a_reason():
     conn.relay_conn = chain.gw.opened(conn, "a-4", "tcp4:1.1.1.1:1", {}, "ts", "task")
     chain.clock.advance(0)
     assert conn.closed == (codes.CLOSE_DRAIN, "this node is full (3 clients)")
-    assert chain.ts.refused == {"full": 1}
+    assert chain.ts.counters.refused == {"full": 1}
 
 
 def test_a_gateway_the_server_stops_naming_is_cut_off():
     chain = Chain()
     chain.agent("a-1")
-    chain.ts.set_gateways({"gw2": "FP-GW2"})
+    chain.ts.gateways.set_allowed({"gw2": "FP-GW2"})
     assert chain.link_closes and chain.link_closes[0][0] == codes.CLOSE_UNAUTHORIZED
     assert "gw1 is not registered" in chain.link_closes[0][1]
     # a new fingerprint for the same name (re-enrolled) cuts the old link off too
     chain2 = Chain()
-    chain2.ts.set_gateways({"gw1": "FP-OTHER"})
+    chain2.ts.gateways.set_allowed({"gw1": "FP-OTHER"})
     assert chain2.link_closes[0][0] == codes.CLOSE_UNAUTHORIZED
 
 
@@ -227,16 +227,19 @@ def test_routing_at_the_gateway_refuses_with_reasons():
     chain = Chain()
     assert wanted_task_server("/taskserver/ts1/task/v1/ws") == "ts1"
     assert wanted_task_server(b"/agent/v1/ws") is None
-    assert chain.gw.route_task_server("s1", "ts9") == (
+    assert chain.gw.routing.route_task_server("s1", "ts9") == (
         None,
         (503, "task server 'ts9' is not reachable from here now"),
     )
-    status, why = chain.gw.route_task_server("s2", "ts1")[1]
+    status, why = chain.gw.routing.route_task_server("s2", "ts1")[1]
     assert status == 403 and "serves server 's1', not this agent's 's2'" in why
     # an enrollment URL cannot name a task server upstream
-    assert chain.gw.route(None, "ts")[1] == (404, "upstream 'ts' is a task server, not a server")
+    assert chain.gw.routing.route(None, "ts")[1] == (
+        404,
+        "upstream 'ts' is a task server, not a server",
+    )
     # the agents' own sessions and HTTPS calls still go to the management server
-    assert chain.gw.route("s1") == ("srv", None)
+    assert chain.gw.routing.route("s1") == ("srv", None)
 
 
 def test_the_servers_revoked_and_pending_lists_apply_to_task_sessions():
@@ -251,13 +254,13 @@ def test_the_servers_revoked_and_pending_lists_apply_to_task_sessions():
 
 def test_an_upstream_of_the_wrong_kind_is_refused_with_the_fix():
     clock = Clock()
-    gw = Relay(clock, 5, "core", upstream_names=["srv", "ts"], task_server_upstreams=["ts"])
+    gw = GatewayRelay(clock, 5, ["srv", "ts"], task_server_upstreams=["ts"])
     why = gw.link_up("srv", object(), "s1", role="taskserver", node="ts1")
     assert why is not None and "is task server 'ts1', not a management server" in why
     why = gw.link_up("ts", object(), "s1", role="server")
     assert why is not None and "--upstream-token ts=TOKEN" in why
     # a task server's own relay (no task server upstreams) never announces reach
-    ts = Relay(clock, 5)
+    ts = TaskServerRelay(clock, 5)
     wire = Wire(lambda h, p: None, link.NODE_SENDS)
     assert ts.link_up("server", wire, "s1") is None
     assert wire.sent == []

@@ -18,7 +18,9 @@ from tcm.agent.gateways import Destinations, RotatingEndpoint, ws_url
 from tcm.logs import JsonLineObserver
 from tcm.protocol import codes, link
 from tcm.protocol.envelope import Envelope, decode, encode
-from tcm.relay.edge import Relay, RequestLost, wanted_upstream
+from tcm.relay.relays import GatewayRelay
+from tcm.relay.requests import RequestLost
+from tcm.relay.routing import wanted_upstream
 from tcm.server.links import NodeLink
 from tests.test_relay_units import AgentConn, Hub, Upstream, _hello
 
@@ -32,7 +34,7 @@ class Conn(AgentConn):
 def _gateway(names=("up-a", "up-b")):
     """A gateway relay with a server NodeLink (a Hub) behind each upstream."""
     clock = Clock()
-    relay = Relay(clock, max_clients=10, channel="core", upstream_names=list(names))
+    relay = GatewayRelay(clock, max_clients=10, upstreams=list(names))
     relay.prepare = lambda payload: ("prepared", payload)
     hubs: dict[str, Hub] = {}
     nodes: dict[str, NodeLink] = {}
@@ -57,17 +59,17 @@ def _gateway(names=("up-a", "up-b")):
 
 def test_agents_are_routed_by_the_server_in_their_certificate():
     _, relay, hubs, nodes = _gateway()
-    assert relay.route("server-1") == ("up-b", None)
-    assert relay.route("server-0") == ("up-a", None)
-    status, why = relay.route(None)[1]
+    assert relay.routing.route("server-1") == ("up-b", None)
+    assert relay.routing.route("server-0") == ("up-a", None)
+    status, why = relay.routing.route(None)[1]
     assert status == 403 and "names no server" in why
-    assert relay.route("server-9")[1] == (
+    assert relay.routing.route("server-9")[1] == (
         403,
         "no upstream of this gateway leads to server 'server-9'",
     )
-    assert relay.route(None, "up-b") == ("up-b", None)  # enrollment: named in the URL
-    assert relay.route(None, "nope")[1][0] == 404
-    assert "belongs to server" in relay.route("server-0", "up-b")[1][1]
+    assert relay.routing.route(None, "up-b") == ("up-b", None)  # enrollment: named in the URL
+    assert relay.routing.route(None, "nope")[1][0] == 404
+    assert "belongs to server" in relay.routing.route("server-0", "up-b")[1][1]
 
     a, b = Conn("a-1"), Conn("a-2")
     a.relay_conn = relay.opened(a, "a-1", "tcp4:1.2.3.4:5", {}, "up-a", "core")
@@ -83,9 +85,9 @@ def test_agents_are_routed_by_the_server_in_their_certificate():
     assert b"intruder" not in a.frames
     # a push crosses the link once, is framed once, fans out here
     sizes: list[int] = []
-    relay.fanout = sizes.append
+    relay.counters.fanout = sizes.append
     nodes["up-a"].deliver(b'{"x":1}', hubs["up-a"].opened * 2)
-    assert sizes == [2] and relay.pushes == 1
+    assert sizes == [2] and relay.counters.pushes == 1
 
 
 def test_a_server_refuses_core_sessions_through_a_gateway_when_persistent_is_off():
@@ -139,7 +141,7 @@ def test_https_calls_cross_the_link_as_request_envelopes():
 
 def test_a_lost_link_fails_its_pending_calls_and_closes_its_agents():
     _, relay, _, _ = _gateway()
-    relay.upstreams["up-a"] = type("Silent", (), {"send": lambda self, h, p=b"": None})()
+    relay.links.up("up-a", type("Silent", (), {"send": lambda self, h, p=b"": None})())
     failures: list[Any] = []
     env = encode(Envelope(type="request", data={"method": "GET", "path": "/agent/v1/work?wait=30"}))
     relay.request("up-a", "a-1", "p", env).addErrback(failures.append)
@@ -282,7 +284,7 @@ def test_gateway_paths():
 
     from tcm.gateway.service import GatewayRoot
 
-    relay = Relay(Clock(), 10, channel="core", upstream_names=["up-a", "up-b"])
+    relay = GatewayRelay(Clock(), 10, ["up-a", "up-b"])
     core_ws, task_ws = Resource(), Resource()
     root = GatewayRoot(relay, core_ws, task_ws, 1024)
 
@@ -320,12 +322,12 @@ def test_which_upstreams_are_task_servers_and_whose_identity_they_use(tmp_path):
 
     # a management server has a token (or an identity); the others are task servers
     gw = kinds(["alpha", "ts1", "beta", "ts2"], tokens=["alpha", "beta"], servers={"ts2": "beta"})
-    assert sorted(gw.relay.ts_names) == ["ts1", "ts2"]
+    assert sorted(gw.relay.routing.ts_names) == ["ts1", "ts2"]
     assert gw.identity_of("ts1") is gw.states["alpha"]  # the first management server's
     assert gw.identity_of("ts2") is gw.states["beta"]  # the one named
     assert gw.identity_of("beta") is gw.states["beta"]
     # alone and without a token, an upstream is a server that is not enrolled yet
-    assert kinds(["alpha"]).relay.ts_names == set()
+    assert kinds(["alpha"]).relay.routing.ts_names == set()
     # the options say what is wrong
     for argv, why in (
         (["--upstream-server", "ts1"], "wants TS=NAME"),

@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 
 from tcm.protocol import codes, link
 from tcm.protocol.envelope import Envelope, decode, encode
-from tcm.relay.edge import Relay
+from tcm.relay.relays import GatewayRelay, TaskServerRelay
 from tcm.server.links import NodeLink
 from tcm.server.nodes import TaskServerAssignments
 from tcm.server.sessions import SessionState
@@ -210,7 +210,7 @@ class Upstream:
 def _pair():
     clock = Clock()
     hub = Hub()
-    relay = Relay(clock, max_clients=2)
+    relay = TaskServerRelay(clock, max_clients=2)
     link_closes: list[tuple[int, str]] = []
 
     def to_node(data: bytes) -> None:
@@ -224,7 +224,7 @@ def _pair():
     node.message_received(
         link.encode({"t": "hello", "name": "ts1", "role": "taskserver", "url": "wss://x"})
     )
-    relay.upstream = Upstream(node)
+    assert relay.link_up("server", Upstream(node), "s1") is None
     clock.advance(0)
     return clock, hub, relay, node, link_closes
 
@@ -300,7 +300,7 @@ def test_link_loss_ends_every_session_and_the_node_closes_its_agents():
     session = hub.opened[0]
     node.lost()
     assert session.state is SessionState.CLOSED and hub.closed == [session]
-    relay.upstream_lost()
+    relay.link_lost("server")
     assert conn.closed is not None and conn.closed[0] == codes.CLOSE_UPSTREAM_LOST
     assert relay.refusal() == (503, "this node has no link to its server now; try again later")
 
@@ -376,9 +376,9 @@ def test_a_full_batch_goes_at_once_and_bad_batches_are_refused():
 
 def test_agents_awaiting_approval_are_refused_until_approved():
     clock = Clock()
-    relay = Relay(clock, max_clients=5)
-    relay.upstream = object()  # a link is up
-    name = relay.names[0] if getattr(relay, "names", None) else None
+    relay = GatewayRelay(clock, max_clients=5, upstreams=["up-a"])
+    relay.links.up("up-a", object())  # a link is up
+    name = "up-a"
     relay.set_pending(name, ["a-1", "a-2"], [], full=True)
     assert relay.refusal("a-1", name) == (403, "agent a-1 is awaiting approval")
     relay.set_pending(name, [], ["a-1"])

@@ -16,7 +16,8 @@ from twisted.web.server import NOT_DONE_YET
 
 from tcm import compat
 from tcm.protocol.envelope import Envelope, ProtocolError, decode, encode
-from tcm.relay.edge import Relay, RequestLost
+from tcm.relay.relays import GatewayRelay
+from tcm.relay.requests import RequestLost, RequestTimedOut
 from tcm.tls import pki
 
 METHODS = ("GET", "POST", "PUT", "DELETE")
@@ -28,7 +29,7 @@ class AgentApiForwarder(Resource):
     isLeaf = True
     _log = Logger()
 
-    def __init__(self, relay: Relay, max_body: int = 1024 * 1024, wanted: str | None = None):
+    def __init__(self, relay: GatewayRelay, max_body: int = 1024 * 1024, wanted: str | None = None):
         super().__init__()
         self.relay = relay
         self.max_body = max_body
@@ -44,10 +45,8 @@ class AgentApiForwarder(Resource):
         agent_id, server = pki.peer_subject(request.channel.transport)
         if agent_id is not None and ":" in agent_id:
             return self._error(request, 403, "a node certificate cannot call the agent API")
-        upstream, refusal = relay.route(server, self.wanted)
-        if refusal is None and upstream is not None:
-            refusal = relay.refusal(agent_id, upstream, new_session=False)
-        if refusal is not None or upstream is None:
+        upstream, refusal = relay.admit_call(agent_id, server, self.wanted)
+        if refusal is not None:
             return self._error(request, *refusal)
         path = request.uri.decode("ascii", "replace")
         if self.wanted is not None:
@@ -91,10 +90,11 @@ class AgentApiForwarder(Resource):
     def _lost(self, f, request) -> None:
         if f.check(CancelledError) is not None:
             return  # the agent went away first
-        if f.check(RequestLost) is None:
+        if f.check(RequestLost, RequestTimedOut) is None:
             self._log.failure("relayed call failed", f)
         if not request.finished and not compat.request_disconnected(request):
-            self._finish(request, 502, {"error": f.getErrorMessage() or "relay failed"})
+            status = 504 if f.check(RequestTimedOut) is not None else 502
+            self._finish(request, status, {"error": f.getErrorMessage() or "relay failed"})
 
     def _finish(self, request, status: int, body: Any) -> None:
         request.setResponseCode(status)

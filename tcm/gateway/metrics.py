@@ -21,7 +21,7 @@ class GatewayMetrics:
         self.registry = CollectorRegistry()
         self.registry.register(SnapshotCollector(self.families))  # type: ignore[arg-type]
         histogram = fanout_histogram(PREFIX, self.registry)
-        gateway.relay.fanout = histogram.observe
+        gateway.relay.counters.fanout = histogram.observe
 
     def https(self) -> dict[str, int]:
         root = self.gateway.root
@@ -50,9 +50,9 @@ class GatewayMetrics:
                     "upstream": name,
                     "url": url,
                     "server": (factory.server_name if factory is not None else None) or "-",
-                    "link": "up" if name in relay.upstreams else "down",
+                    "link": "up" if relay.links.is_up(name) else "down",
                     "sessions": per.get(name, 0),
-                    "revoked agents": len(relay.revoked.get(name, ())),
+                    "revoked agents": relay.access.revoked_count(name),
                 }
             )
         base = relay_status(relay)  # the relay's own figures, as a task server shows them

@@ -39,7 +39,7 @@ from zope.interface import implementer
 
 from tcm.gateway.forward import AgentApiForwarder
 from tcm.process import raise_descriptor_limit
-from tcm.relay.edge import EdgeFactory, Relay
+from tcm.relay.edge import EdgeFactory
 from tcm.relay.node import (
     NodeEnrollmentError,
     NodeService,
@@ -47,6 +47,7 @@ from tcm.relay.node import (
     client_endpoint,
     enroll_node,
 )
+from tcm.relay.relays import GatewayRelay
 from tcm.relay.upstream import UpstreamFactory, upstream_service
 from tcm.tls import pki
 from tcm.tls.handshake import HandshakeLogger
@@ -87,13 +88,13 @@ class GatewayConfig:
 class GatewayRoot(Resource):
     """The agents' tree: WebSocket endpoints, the relayed agent API, /upstream/NAME/..."""
 
-    def __init__(self, relay: Relay, core_ws: Any, task_ws: Any, max_body: int):
+    def __init__(self, relay: GatewayRelay, core_ws: Any, task_ws: Any, max_body: int):
         super().__init__()
         self.relay = relay
         self.core_ws = core_ws
         self.task_ws = task_ws
         self.forward = AgentApiForwarder(relay, max_body)
-        self.named = {n: AgentApiForwarder(relay, max_body, wanted=n) for n in relay.names}
+        self.named = {n: AgentApiForwarder(relay, max_body, wanted=n) for n in relay.links.names}
 
     def getChild(self, path, request):
         parts = [path, *request.postpath]
@@ -175,11 +176,10 @@ class GatewayService(NodeService):
             name: NodeState(os.path.join(config.state_dir, "upstreams", name))
             for name, _ in config.upstreams
         }
-        self.relay = Relay(
+        self.relay = GatewayRelay(
             reactor,
             config.max_clients,
-            channel="core",
-            upstream_names=[n for n, _ in config.upstreams],
+            [n for n, _ in config.upstreams],
             task_server_upstreams=self.task_server_upstreams(),
         )
         self.links: dict[str, UpstreamFactory] = {}
@@ -200,10 +200,11 @@ class GatewayService(NodeService):
 
     def identity_of(self, name: str) -> NodeState:
         """The node identity a link to this upstream is made with."""
-        if name not in self.relay.ts_names:
+        ts_names = self.relay.routing.ts_names
+        if name not in ts_names:
             return self.states[name]
         server = self.config.upstream_servers.get(name) or next(
-            n for n in self.relay.names if n not in self.relay.ts_names
+            n for n in self.relay.links.names if n not in ts_names
         )
         return self.states[server]
 
@@ -211,21 +212,22 @@ class GatewayService(NodeService):
     def _prepare(self):
         cfg = self.config
         names = sorted({cfg.interface, *cfg.hostnames} - {"0.0.0.0", "::", ""})
-        for name in self.relay.ts_names:
+        ts_names = self.relay.routing.ts_names
+        for name in ts_names:
             server = cfg.upstream_servers.get(name)
-            if server is not None and (server not in self.states or server in self.relay.ts_names):
+            if server is not None and (server not in self.states or server in ts_names):
                 raise NodeEnrollmentError(
                     f"--upstream-server {name}={server}: {server} is not a management server "
                     "upstream of this gateway"
                 )
-        if len(self.relay.ts_names) == len(cfg.upstreams):
+        if len(ts_names) == len(cfg.upstreams):
             raise NodeEnrollmentError(
                 "no management server among the upstreams: give --ca-cert and --upstream-token "
                 "NAME=TOKEN (from `tcm gateways enroll NAME`) for at least one"
             )
         for name, url in cfg.upstreams:
             state = self.states[name]
-            if state.enrolled() or name in self.relay.ts_names:
+            if state.enrolled() or name in ts_names:
                 continue
             token = cfg.tokens.get(name)
             if not (token and cfg.ca_cert):

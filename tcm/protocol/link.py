@@ -39,7 +39,10 @@ answer at once, the link carries a few large WebSocket frames instead of one per
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
+
+import fastjsonschema
 
 SUBPROTOCOL = "tcm.link.v1"
 WS_PATH = "/link/v1/ws"
@@ -54,18 +57,174 @@ MAX_BATCH = 256 * 1024  # bytes of messages gathered before a batch goes out any
 ROLES = frozenset({"taskserver", "gateway"})
 CHANNELS = frozenset({"core", "task"})  # an agent's own session, or its task-client session
 
-_INT_FIELDS = {
-    "open": ("c",),
-    "frame": ("c",),
-    "closed": ("c",),
-    "close": ("c", "code"),
-    "request": ("r",),
-    "response": ("r",),
-}
-
 
 class LinkError(ValueError):
     """A link message that cannot be taken; the link is closed with the reason."""
+
+
+def _count(kind: str, field: str) -> dict[str, Any]:
+    return {
+        "type": "integer",
+        "minimum": 0,
+        "description": f"link message {kind!r} needs a non-negative integer {field!r}",
+    }
+
+
+def _names(kind: str, field: str, what: str = "agent ids") -> dict[str, Any]:
+    return {
+        "type": "array",
+        "items": {"type": "string"},
+        "description": f"link message {kind!r} needs a list of {what} {field!r}",
+    }
+
+
+def _text(kind: str, field: str, null: bool = False) -> dict[str, Any]:
+    return {
+        "type": ["string", "null"] if null else "string",
+        "description": f"link message {kind!r}: {field!r} must be a string"
+        + (" or null" if null else ""),
+    }
+
+
+def _header(kind: str, required: tuple[str, ...], **fields: dict[str, Any]) -> dict[str, Any]:
+    """The schema of one message type's header. Fields not named here are ignored (a newer
+    node or server may send more); each field's `description` is the refusal's reason."""
+    return {
+        "type": "object",
+        "required": ["t", *required],
+        "properties": {"t": {"const": kind}, **fields},
+    }
+
+
+# The headers of tcm.link.v1, by message type (docs/protocol.md section 5). JSON Schema,
+# compiled with fastjsonschema like the tcm.v1 envelope's (tcm/protocol/schemas.py).
+HEADERS: dict[str, dict[str, Any]] = {
+    # node -> server (and gateway -> task server)
+    "hello": _header(
+        "hello",
+        ("role", "url"),
+        name=_text("hello", "name"),
+        role={"enum": sorted(ROLES), "description": f"node role must be one of {sorted(ROLES)}"},
+        url={"type": "string", "description": "node hello needs the url agents use to reach it"},
+        max_clients=_count("hello", "max_clients"),
+        worker=_count("hello", "worker"),
+    ),
+    "open": _header(
+        "open",
+        ("c", "agent"),
+        c=_count("open", "c"),
+        agent={"type": "string", "description": "link message 'open' needs the agent id"},
+        peer=_text("open", "peer"),
+        tls={"type": "object", "description": "link message 'open': 'tls' must be an object"},
+        channel={
+            "enum": sorted(CHANNELS),
+            "description": f"link message 'open': channel must be one of {sorted(CHANNELS)}",
+        },
+        gateway=_text("open", "gateway"),
+    ),
+    "closed": _header("closed", ("c",), c=_count("closed", "c")),
+    "request": _header(
+        "request",
+        ("r",),
+        r=_count("request", "r"),
+        agent={
+            "type": ["string", "null"],
+            "description": "link message 'request': 'agent' must be an agent id or null",
+        },
+        peer=_text("request", "peer"),
+    ),
+    "reach": _header(
+        "reach",
+        ("task_servers",),
+        task_servers=_names("reach", "task_servers", "task server names"),
+    ),
+    # server -> node (and task server -> gateway)
+    "welcome": _header(
+        "welcome",
+        (),
+        keepalive={
+            "type": "number",
+            "minimum": 0,
+            "description": "link message 'welcome': 'keepalive' must be a number of seconds",
+        },
+        server=_text("welcome", "server", null=True),
+        role={
+            "enum": ["server", "taskserver"],
+            "description": "link message 'welcome': role must be 'server' or 'taskserver'",
+        },
+        node=_text("welcome", "node", null=True),
+    ),
+    "push": _header(
+        "push",
+        ("c",),
+        c={
+            "type": "array",
+            # no minimum: a push may name thousands; a number not in use is skipped anyway
+            "items": {"type": "integer"},
+            "description": "link message 'push' needs a list of connection numbers 'c'",
+        },
+    ),
+    "close": _header(
+        "close",
+        ("c", "code"),
+        c=_count("close", "c"),
+        code={
+            # what a WebSocket close may carry: 1000, or an application's 3000-4999
+            "anyOf": [{"const": 1000}, {"type": "integer", "minimum": 3000, "maximum": 4999}],
+            "description": "link message 'close' needs a close code 'code' (1000, 3000-4999)",
+        },
+        reason=_text("close", "reason"),
+    ),
+    "response": _header("response", ("r",), r=_count("response", "r")),
+    "revoked": _header(
+        "revoked",
+        ("agents",),
+        agents=_names("revoked", "agents"),
+        full={"type": "boolean", "description": "link message 'revoked': 'full' is true or false"},
+    ),
+    "pending": _header(
+        "pending",
+        ("agents",),
+        agents=_names("pending", "agents"),
+        approved=_names("pending", "approved"),
+        full={"type": "boolean", "description": "link message 'pending': 'full' is true or false"},
+    ),
+    "nodes": _header(
+        "nodes",
+        ("gateways",),
+        gateways={
+            "type": "object",
+            "additionalProperties": {"type": "string"},
+            "description": "link message 'nodes' needs gateways as {name: fingerprint}",
+        },
+    ),
+    # either way
+    "frame": _header("frame", ("c",), c=_count("frame", "c")),
+    "batch": _header(
+        "batch",
+        ("n",),
+        n={
+            "type": "array",
+            "items": {"type": "integer", "minimum": 1},
+            "description": "link message 'batch' needs sizes 'n' that add up to its payload",
+        },
+    ),
+}
+assert set(HEADERS) == NODE_SENDS | SERVER_SENDS
+
+_VALIDATORS = {kind: fastjsonschema.compile(schema) for kind, schema in HEADERS.items()}
+
+
+def _reason(kind: str, e: fastjsonschema.JsonSchemaValueException, header: dict) -> str:
+    """The refusal's reason: the description of the field that failed."""
+    schema = HEADERS[kind]
+    path = e.path or []
+    if len(path) >= 2 and isinstance(path[1], str):
+        field: str | None = path[1]
+    else:  # a required field is missing
+        field = next((f for f in schema["required"] if f not in header), None)
+    described = schema["properties"].get(field, {}).get("description")
+    return described or f"link message {kind!r}: {e.message}"
 
 
 def encode(header: dict[str, Any], payload: bytes = b"") -> bytes:
@@ -73,7 +232,8 @@ def encode(header: dict[str, Any], payload: bytes = b"") -> bytes:
 
 
 def decode(message: bytes, allowed: frozenset[str]) -> tuple[dict[str, Any], bytes]:
-    """Split and check one link message; LinkError says what is wrong."""
+    """Split and check one link message against its type's schema; LinkError says what is
+    wrong."""
     head, sep, payload = message.partition(b"\n")
     if not sep:
         raise LinkError("link message without a header line")
@@ -84,53 +244,14 @@ def decode(message: bytes, allowed: frozenset[str]) -> tuple[dict[str, Any], byt
     if not isinstance(header, dict):
         raise LinkError("link header must be a JSON object")
     kind = header.get("t")
-    if kind not in allowed:
+    if not isinstance(kind, str) or kind not in allowed:
         raise LinkError(f"unexpected link message type {kind!r}")
-    for field in _INT_FIELDS.get(kind, ()):
-        value = header.get(field)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise LinkError(f"link message {kind!r} needs a non-negative integer {field!r}")
-    if kind == "push":
-        conns = header.get("c")
-        if not isinstance(conns, list) or not all(
-            isinstance(c, int) and not isinstance(c, bool) for c in conns
-        ):
-            raise LinkError("link message 'push' needs a list of connection numbers 'c'")
-    if kind == "batch":
-        sizes = header.get("n")
-        if (
-            not isinstance(sizes, list)
-            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes)
-            or sum(sizes) != len(payload)
-        ):
-            raise LinkError("link message 'batch' needs sizes 'n' that add up to its payload")
-    if kind == "open":
-        if not isinstance(header.get("agent"), str):
-            raise LinkError("link message 'open' needs the agent id")
-        if header.get("channel", "task") not in CHANNELS:
-            raise LinkError(f"link message 'open': channel must be one of {sorted(CHANNELS)}")
-    if kind == "request" and not isinstance(header.get("agent"), (str, type(None))):
-        raise LinkError("link message 'request': 'agent' must be an agent id or null")
-    if kind in ("revoked", "pending"):
-        for field in ("agents", "approved") if kind == "pending" else ("agents",):
-            agents = header.get(field, [])
-            if not isinstance(agents, list) or not all(isinstance(a, str) for a in agents):
-                raise LinkError(f"link message {kind!r} needs a list of agent ids {field!r}")
-    if kind == "reach":
-        names = header.get("task_servers")
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise LinkError("link message 'reach' needs a list of task server names")
-    if kind == "nodes":
-        gateways = header.get("gateways")
-        if not isinstance(gateways, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in gateways.items()
-        ):
-            raise LinkError("link message 'nodes' needs gateways as {name: fingerprint}")
-    if kind == "hello":
-        if header.get("role") not in ROLES:
-            raise LinkError(f"node role must be one of {sorted(ROLES)}")
-        if not isinstance(header.get("url"), str):
-            raise LinkError("node hello needs the url agents use to reach it")
+    try:
+        _VALIDATORS[kind](header)
+    except fastjsonschema.JsonSchemaValueException as e:
+        raise LinkError(_reason(kind, e, header)) from None
+    if kind == "batch" and sum(header["n"]) != len(payload):
+        raise LinkError(HEADERS["batch"]["properties"]["n"]["description"])
     return header, payload
 
 
@@ -146,15 +267,29 @@ def unbatch(header: dict[str, Any], payload: bytes, allowed: frozenset[str]):
     return parts
 
 
+def dispatch(end: Any, header: dict[str, Any], payload: bytes) -> None:
+    """Hand one checked link message to its handler at `end`, found by type in the end's
+    table `end._HANDLERS` (type -> method name), as `AgentSession` does for envelopes. A type
+    the end does not take is a LinkError: with the reason `end._REFUSED` gives for it, if any.
+    """
+    kind = header["t"]
+    handlers: Mapping[str, str] = end._HANDLERS
+    name = handlers.get(kind)
+    if name is None:
+        refused: Mapping[str, str] = getattr(end, "_REFUSED", {})
+        raise LinkError(refused.get(kind) or f"unexpected link message type {kind!r} here")
+    getattr(end, name)(header, payload)
+
+
 def receive(end: Any, message: bytes) -> None:
     """Hand one message from a node (a batch: each of its parts) to the accepting end of
-    the link, `end._on_TYPE(header, payload)`; hello comes first. LinkError says what is
-    wrong; the caller closes the link with it."""
+    the link (`dispatch`); hello comes first. LinkError says what is wrong; the caller closes
+    the link with it."""
     outer, body = decode(message, NODE_SENDS)
     for header, payload in unbatch(outer, body, NODE_SENDS):
         if not end.ready and header["t"] != "hello":
             raise LinkError("the first link message must be hello")
-        getattr(end, "_on_" + header["t"])(header, payload)
+        dispatch(end, header, payload)
 
 
 class LinkWriter:

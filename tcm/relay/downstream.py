@@ -23,7 +23,8 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.logger import Logger
 
 from tcm.protocol import codes, link
-from tcm.relay.edge import Relay, _reason_label
+from tcm.relay.counters import refusal_label
+from tcm.relay.relays import TaskServerRelay
 from tcm.tls import pki
 from tcm.wsbase import LeanWebSocketMixin, LinkEndMixin, link_end_options
 
@@ -61,12 +62,24 @@ class DownLink:
     """One gateway's link at this task server (its logic; the protocol below is the I/O)."""
 
     _log = Logger()
+    # the link messages a gateway sends, by type (checked against tcm.protocol.link's
+    # schemas); those a node sends only to a management server are refused with the reason
+    _HANDLERS = {
+        "hello": "_on_hello",
+        "open": "_on_open",
+        "frame": "_on_frame",
+        "closed": "_on_closed",
+    }
+    _REFUSED = {
+        "request": "a task server does not carry agent API calls: send them to a server",
+        "reach": "reach is for management servers",
+    }
 
     def __init__(
         self,
         name: str,
         fingerprint: str | None,
-        relay: Relay,
+        relay: TaskServerRelay,
         send: Callable[[bytes], None],
         close: Callable[[int, str], None],
         clock: Any,
@@ -118,10 +131,7 @@ class DownLink:
         worker = header.get("worker")
         self.worker = worker if isinstance(worker, int) and not isinstance(worker, bool) else None
         self.ready = True
-        old = self.relay.downlinks.get(self.key)
-        self.relay.downlinks[self.key] = self
-        if old is not None and old is not self:
-            old.close(codes.CLOSE_SUPERSEDED, "a newer link of this gateway replaced this one")
+        self.relay.gateways.attach(self)
         self.send(
             {
                 "t": "welcome",
@@ -140,7 +150,7 @@ class DownLink:
         relay = self.relay
         refusal = relay.refusal(agent_id)
         if refusal is not None:
-            relay.refused_for(_reason_label(refusal))
+            relay.counters.refused_for(refusal_label(refusal))
             self.send({"t": "close", "c": c, "code": _close_code(refusal), "reason": refusal[1]})
             return
         agent = CarriedAgent(self, c, agent_id)
@@ -166,12 +176,6 @@ class DownLink:
             self.relay.closed(agent.relay_conn)
             agent.relay_conn = None
 
-    def _on_request(self, header: dict[str, Any], payload: bytes) -> None:
-        raise link.LinkError("a task server does not carry agent API calls: send them to a server")
-
-    def _on_reach(self, header: dict[str, Any], payload: bytes) -> None:
-        raise link.LinkError("reach is for management servers")
-
     def lost(self) -> None:
         """The gateway's link is gone: so is every agent connection it carried."""
         self._writer.discard()
@@ -182,8 +186,7 @@ class DownLink:
                 agent.relay_conn = None
         if self.ready:
             self.ready = False
-            if self.relay.downlinks.get(self.key) is self:
-                del self.relay.downlinks[self.key]
+            self.relay.gateways.detach(self)
             self._log.info("gateway {gw} link lost", gw=self.key)
 
 
@@ -193,7 +196,7 @@ class DownLinkProtocol(LinkEndMixin, LeanWebSocketMixin, WebSocketServerProtocol
     _log = Logger()
 
     def onConnect(self, request):
-        relay: Relay = self.factory.relay
+        relay: TaskServerRelay = self.factory.relay
         if link.SUBPROTOCOL not in request.protocols:
             raise ConnectionDeny(400, f"node links speak {link.SUBPROTOCOL}")
         cn = pki.peer_common_name(self.transport)
@@ -201,17 +204,10 @@ class DownLinkProtocol(LinkEndMixin, LeanWebSocketMixin, WebSocketServerProtocol
             raise ConnectionDeny(403, "a gateway's node certificate is required")
         name = cn[len(link.NODE_PREFIX) :]
         fingerprint = pki.peer_fingerprint(self.transport)
-        if relay.gateways is None:
-            raise ConnectionDeny(503, "this task server is not linked to its server yet")
-        known = relay.gateways.get(name)
-        if known is None or known != fingerprint:
-            why = (
-                f"gateway {name!r} is not registered with this task server's server"
-                if known is None
-                else f"gateway {name!r} presented a certificate other than the one it enrolled"
-            )
-            self._log.info("gateway link from {name} refused: {why}", name=name, why=why)
-            raise ConnectionDeny(403, why)
+        refusal = relay.gateways.refusal(name, fingerprint)
+        if refusal is not None:
+            self._log.info("gateway link from {name} refused: {why}", name=name, why=refusal[1])
+            raise ConnectionDeny(*refusal)
         self.end = DownLink(
             name,
             fingerprint,
@@ -227,7 +223,7 @@ class DownLinkProtocol(LinkEndMixin, LeanWebSocketMixin, WebSocketServerProtocol
 class DownLinkFactory(WebSocketServerFactory):
     protocol = DownLinkProtocol
 
-    def __init__(self, relay: Relay, url: str, keepalive: float = 25.0):
+    def __init__(self, relay: TaskServerRelay, url: str, keepalive: float = 25.0):
         super().__init__(url, protocols=[link.SUBPROTOCOL])
         self.relay = relay
         self.keepalive = keepalive

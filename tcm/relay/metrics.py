@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from twisted.web.server import Site
 
 from tcm.metrics import SnapshotCollector, counter, gauge, metrics_site
+from tcm.relay.relays import Relay
 
 FANOUT_BUCKETS = (1, 2, 5, 10, 50, 100, 500, 1000, 5000, 10000, 20000)
 
@@ -24,8 +25,9 @@ def fanout_histogram(prefix: str, registry: Any) -> Histogram:
 
 
 def relay_families(
-    prefix: str, relay: Any, tls_failures: dict[str, int], https: dict[str, int] | None = None
+    prefix: str, relay: Relay, tls_failures: dict[str, int], https: dict[str, int] | None = None
 ) -> Iterable[Any]:
+    n = relay.counters
     yield gauge(f"{prefix}_sessions", "Agent sessions held now", len(relay.conns))
     yield gauge(
         f"{prefix}_upstream_sessions",
@@ -36,32 +38,33 @@ def relay_families(
     yield gauge(
         f"{prefix}_upstream_up",
         "1 when the link to that upstream is up (welcomed), else 0",
-        labels={n: 1.0 if n in relay.upstreams else 0.0 for n in relay.names},
+        labels={u: 1.0 if relay.links.is_up(u) else 0.0 for u in relay.links.names},
         label="upstream",
     )
-    yield counter(f"{prefix}_handshakes", "Agent WebSocket upgrades accepted", relay.accepted)
+    yield counter(f"{prefix}_handshakes", "Agent WebSocket upgrades accepted", n.accepted)
     yield counter(
         f"{prefix}_handshake_failures",
         "Agent connections refused, by reason (TLS failures as tls:REASON)",
         labels={
-            **{k: float(v) for k, v in relay.refused.items()},
+            **{k: float(v) for k, v in n.refused.items()},
             **{f"tls:{k}": float(v) for k, v in tls_failures.items()},
         },
         label="reason",
     )
-    yield counter(f"{prefix}_messages_in", "Messages from agents to servers", relay.frames_in)
+    yield counter(f"{prefix}_messages_in", "Messages from agents to servers", n.frames_in)
     yield counter(
-        f"{prefix}_messages_out", "Messages to agents (each fanned-out copy)", relay.frames_out
+        f"{prefix}_messages_out", "Messages to agents (each fanned-out copy)", n.frames_out
     )
-    yield counter(f"{prefix}_bytes_in", "Payload bytes from agents to servers", relay.bytes_in)
-    yield counter(f"{prefix}_bytes_out", "Payload bytes to agents", relay.bytes_out)
-    yield counter(f"{prefix}_pushes", "Pushes from servers fanned out here", relay.pushes)
+    yield counter(f"{prefix}_bytes_in", "Payload bytes from agents to servers", n.bytes_in)
+    yield counter(f"{prefix}_bytes_out", "Payload bytes to agents", n.bytes_out)
+    yield counter(f"{prefix}_pushes", "Pushes from servers fanned out here", n.pushes)
     yield gauge(f"{prefix}_draining", "1 while draining", 1.0 if relay.draining else 0.0)
-    if relay.node_name is not None:  # a task server: gateways carrying agents' task sessions
+    downlinks = relay.gateway_links()
+    if downlinks is not None:  # a task server: gateways carrying agents' task sessions
         yield gauge(
             f"{prefix}_gateway_sessions",
             "Agent task sessions carried by each linked gateway",
-            labels={k: float(len(d.agents)) for k, d in relay.downlinks.items()},
+            labels={k: float(len(d.agents)) for k, d in downlinks.items()},
             label="gateway",
         )
     if https is not None:
@@ -73,44 +76,46 @@ def relay_families(
         )
 
 
-def relay_status(relay: Any) -> dict[str, Any]:
+def relay_status(relay: Relay) -> dict[str, Any]:
     per = relay.sessions_per_upstream()
+    n = relay.counters
+    downlinks = relay.gateway_links()
     return {
         "summary": {
             "sessions": len(relay.conns),
-            "accepted": relay.accepted,
-            "refused": sum(relay.refused.values()),
-            "pushes": relay.pushes,
-            "messages in / out": f"{relay.frames_in} / {relay.frames_out}",
-            "bytes in / out": f"{relay.bytes_in} / {relay.bytes_out}",
+            "accepted": n.accepted,
+            "refused": sum(n.refused.values()),
+            "pushes": n.pushes,
+            "messages in / out": f"{n.frames_in} / {n.frames_out}",
+            "bytes in / out": f"{n.bytes_in} / {n.bytes_out}",
             "draining": relay.draining,
         },
         "tables": {
             "Upstreams": [
                 {
-                    "upstream": n,
-                    "link": "up" if n in relay.upstreams else "down",
-                    "sessions": per.get(n, 0),
+                    "upstream": u,
+                    "link": "up" if relay.links.is_up(u) else "down",
+                    "sessions": per.get(u, 0),
                 }
-                for n in relay.names
+                for u in relay.links.names
             ],
             **(
                 {
                     "Gateways": [
                         {"gateway": k, "sessions": len(d.agents), "pushes": d.pushes}
-                        for k, d in sorted(relay.downlinks.items())
+                        for k, d in sorted(downlinks.items())
                     ]
                 }
-                if relay.downlinks
+                if downlinks
                 else {}
             ),
         },
     }
 
 
-def relay_metrics_site(prefix: str, title: str, relay: Any) -> Site:
+def relay_metrics_site(prefix: str, title: str, relay: Relay) -> Site:
     """/metrics and /status of a relay node without more to tell (the task server)."""
     registry = CollectorRegistry()
     registry.register(SnapshotCollector(lambda: relay_families(prefix, relay, {})))  # type: ignore[arg-type]
-    relay.fanout = fanout_histogram(prefix, registry).observe
+    relay.counters.fanout = fanout_histogram(prefix, registry).observe
     return metrics_site(registry, title, lambda: relay_status(relay))

@@ -15,7 +15,7 @@ from twisted.logger import Logger
 
 from tcm import compat
 from tcm.protocol import codes, link
-from tcm.relay.edge import Relay
+from tcm.relay.relays import Relay
 from tcm.wsbase import LeanWebSocketMixin, bind_options
 
 
@@ -24,9 +24,11 @@ class LinkClosed(Exception):
 
 
 class UpstreamProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type: ignore[misc]
-    """The node's end of the link: hello, then frames both ways."""
+    """The node's end of the link: hello, then frames both ways. The link's own messages
+    are handled here (`_HANDLERS`), every other one by the relay's table (`from_server`)."""
 
     _log = Logger()
+    _HANDLERS = {"welcome": "_on_welcome"}
     welcomed: Deferred | None = None
     up = False
 
@@ -69,34 +71,41 @@ class UpstreamProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type: ig
             self.sendClose(codes.CLOSE_PROTOCOL_ERROR, str(e)[:120])
             return
         for header, body in messages:
-            self._message(header, body)
+            try:
+                self._message(header, body)
+            except link.LinkError as e:
+                self._log.warn("server sent a link message not for this node: {e}", e=e)
+                self.sendClose(codes.CLOSE_PROTOCOL_ERROR, str(e)[:120])
+                return
 
     def _message(self, header: dict[str, Any], body: bytes) -> None:
+        name = self._HANDLERS.get(header["t"])
+        if name is not None:
+            getattr(self, name)(header, body)
+        else:
+            self.factory.relay.from_server(header, body, self.factory.upstream_name)
+
+    def _on_welcome(self, header: dict[str, Any], body: bytes) -> None:
         f = self.factory
-        if header["t"] == "welcome":
-            if not self.up:
-                server = header.get("server")
-                node = header.get("node")
-                problem = f.relay.link_up(
-                    f.upstream_name,
-                    self,
-                    server if isinstance(server, str) else None,
-                    role="taskserver" if header.get("role") == "taskserver" else "server",
-                    node=node if isinstance(node, str) else None,
-                )
-                if problem is not None:
-                    self._log.error(
-                        "link to {server} refused here: {why}", server=f.server, why=problem
-                    )
-                    self.sendClose(codes.CLOSE_NORMAL, problem[:120])
-                    return
-                self.up = True
-                f.server_name = server
-                self._log.info("link to {server} up (server {name})", server=f.server, name=server)
-                assert self.welcomed is not None
-                self.welcomed.callback(self)
+        if self.up:
             return
-        f.relay.from_server(header, body, f.upstream_name)
+        server = header.get("server")
+        problem = f.relay.link_up(
+            f.upstream_name,
+            self,
+            server,
+            role=header.get("role", "server"),
+            node=header.get("node"),
+        )
+        if problem is not None:
+            self._log.error("link to {server} refused here: {why}", server=f.server, why=problem)
+            self.sendClose(codes.CLOSE_NORMAL, problem[:120])
+            return
+        self.up = True
+        f.server_name = server
+        self._log.info("link to {server} up (server {name})", server=f.server, name=server)
+        assert self.welcomed is not None
+        self.welcomed.callback(self)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         relay: Relay = self.factory.relay
@@ -143,7 +152,7 @@ class UpstreamFactory(WebSocketClientFactory):
         self.name = name
         self.role = role
         self.url = url
-        self.upstream_name = upstream_name or relay.names[0]
+        self.upstream_name = upstream_name or relay.links.default
         self.worker = worker  # a gateway worker process's number, None for a single process
         self.server_name: str | None = None  # the server's own name, from its welcome
         size = 64 * 1024 * 1024

@@ -80,6 +80,15 @@ class NodeLink:
     """One connected node and the agent sessions it carries (the link's domain logic)."""
 
     _log = Logger()
+    # the link messages a node sends, by type (checked against tcm.protocol.link's schemas)
+    _HANDLERS = {
+        "hello": "_on_hello",
+        "open": "_on_open",
+        "frame": "_on_frame",
+        "closed": "_on_closed",
+        "request": "_on_request",
+        "reach": "_on_reach",
+    }
 
     def __init__(
         self,

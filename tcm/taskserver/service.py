@@ -24,7 +24,7 @@ from twisted.web.server import Site
 from tcm.process import raise_descriptor_limit
 from tcm.protocol import codes, link
 from tcm.relay.downstream import DownLinkFactory
-from tcm.relay.edge import EdgeFactory, Relay
+from tcm.relay.edge import EdgeFactory
 from tcm.relay.node import (
     NodeEnrollmentError,
     NodeService,
@@ -32,6 +32,7 @@ from tcm.relay.node import (
     client_endpoint,
     enroll_node,
 )
+from tcm.relay.relays import TaskServerRelay
 from tcm.relay.upstream import UpstreamFactory, upstream_service
 from tcm.taskserver import WS_PATH
 from tcm.tls import pki
@@ -87,7 +88,7 @@ class TaskServerService(NodeService):
         reactor = self.reactor
         self.config = config
         self.state = NodeState(config.state_dir)
-        self.relay = Relay(reactor, config.max_clients, channel="task")
+        self.relay = TaskServerRelay(reactor, config.max_clients)
         self.node_name: str | None = None
 
     @inlineCallbacks
