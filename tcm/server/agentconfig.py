@@ -27,13 +27,15 @@ import fastjsonschema
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from tcm.interfaces import IPolicies, IProfiles
 from tcm.protocol.envelope import Envelope, encode
 from tcm.protocol.schemas import NAME_PATTERN, PROFILE_SETTINGS
 from tcm.schedule import Cron, ScheduleError
 from tcm.server import inventory
 from tcm.server.dispatcher import Dispatcher
-from tcm.server.web import ApiError
+from tcm.server.errors import Conflict, DomainError, Invalid, NotFound
 
 NAME = re.compile(NAME_PATTERN)
 PUSHED, NOT_CONNECTED, EMPTY, FAILED = "pushed", "not connected", "empty policy", "failed"
@@ -46,36 +48,36 @@ ResolveTarget = Callable[[str], Deferred]  # target name -> Deferred[set of agen
 
 def check_name(kind: str, name: Any) -> str:
     if not isinstance(name, str) or not NAME.match(name):
-        raise ApiError(400, f"{kind} name must match {NAME_PATTERN}, got {name!r}")
+        raise Invalid("name", f"{kind} name must match {NAME_PATTERN}, got {name!r}")
     return name
 
 
 def _only(body: dict[str, Any], kind: str, allowed: set[str]) -> None:
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise ApiError(
-            400, f"unknown field(s) {', '.join(unknown)} for a {kind}", known=sorted(allowed)
+        raise Invalid(
+            None, f"unknown field(s) {', '.join(unknown)} for a {kind}", known=sorted(allowed)
         )
 
 
 def check_profile_settings(settings: Any) -> dict[str, Any]:
-    """A profile's settings, checked; ApiError(400) naming the bad key or value."""
+    """A profile's settings, checked; Invalid naming the bad key or value."""
     if not isinstance(settings, dict):
-        raise ApiError(400, "profile 'settings' must be a JSON object")
+        raise Invalid("settings", "profile 'settings' must be a JSON object")
     unknown = sorted(set(settings) - set(PROFILE_SETTINGS["properties"]))
     if unknown:
-        raise ApiError(
-            400,
+        raise Invalid(
+            "settings",
             f"unknown profile setting(s) {', '.join(unknown)}",
             known=sorted(PROFILE_SETTINGS["properties"]),
         )
     try:
         _profile_validator(settings)
     except fastjsonschema.JsonSchemaValueException as e:
-        raise ApiError(400, f"bad profile setting: {e.message}") from None
+        raise Invalid("settings", f"bad profile setting: {e.message}") from None
     low, high = settings.get("backoff_initial"), settings.get("backoff_max")
     if low is not None and high is not None and low > high:
-        raise ApiError(400, "bad profile setting: backoff_initial is above backoff_max")
+        raise Invalid("settings", "bad profile setting: backoff_initial is above backoff_max")
     return settings
 
 
@@ -103,6 +105,7 @@ def policy_types_on_server() -> dict[str, Any]:
     return {p.type: p for p in getPlugins(IPolicyHandler, tcm.plugins)}
 
 
+@implementer(IPolicies, IProfiles)
 class ConfigService:
     """Policies and connection profiles: storage, resolution, notification, PushPolicy."""
 
@@ -110,13 +113,19 @@ class ConfigService:
 
     def __init__(
         self,
-        store: Any,
+        config_store: Any,
         dispatcher: Dispatcher,
         clock: Any,
         resolve_target: ResolveTarget,
         policy_handlers: dict[str, Any] | None = None,
+        agent_store: Any = None,
+        inventory_store: Any = None,
     ):
-        self.store = store
+        # the store's areas: policies and profiles; agents' config rows; inventory (what
+        # an inventory policy collects). One Store object has all three.
+        self.store = config_store
+        self.agent_store = agent_store if agent_store is not None else config_store
+        self.inventory_store = inventory_store if inventory_store is not None else config_store
         self.dispatcher = dispatcher
         self.clock = clock
         self.resolve_target = resolve_target
@@ -138,7 +147,7 @@ class ConfigService:
     def load(self):
         self.policies = {p["name"]: p for p in (yield self.store.load_policies())}
         self.profiles = {p["name"]: p for p in (yield self.store.load_profiles())}
-        self.agents = {r["agent_id"]: r for r in (yield self.store.load_agent_config())}
+        self.agents = {r["agent_id"]: r for r in (yield self.agent_store.load_agent_config())}
 
     # -- targets -----------------------------------------------------------------------
     def _resolve(self, target: str, since: float | None = None) -> Deferred:
@@ -195,16 +204,16 @@ class ConfigService:
     @inlineCallbacks
     def check_targets(self, targets: Any):
         if not isinstance(targets, list) or not all(isinstance(x, str) for x in targets):
-            raise ApiError(400, "'targets' must be a list of target names")
+            raise Invalid("targets", "'targets' must be a list of target names")
         for target in targets:
             try:
                 yield self.resolve_target(target)
-            except ApiError as e:
-                raise ApiError(400, f"target {target!r}: {e.message}") from None
+            except DomainError as e:
+                raise Invalid("targets", f"target {target!r}: {e.message}") from None
             except LookupError:
-                raise ApiError(400, f"no such target: {target!r}") from None
+                raise Invalid("targets", f"no such target: {target!r}") from None
             except ValueError as e:  # a stored filter that no longer parses
-                raise ApiError(400, f"target {target!r}: {e}") from None
+                raise Invalid("targets", f"target {target!r}: {e}") from None
         return list(dict.fromkeys(targets))
 
     # -- policies ----------------------------------------------------------------------
@@ -216,15 +225,15 @@ class ConfigService:
 
     def check_document(self, policy_type: Any, document: Any) -> None:
         if not isinstance(policy_type, str) or not NAME.match(policy_type):
-            raise ApiError(400, f"policy 'type' must be a policy type name, got {policy_type!r}")
+            raise Invalid("type", f"policy 'type' must be a policy type name, got {policy_type!r}")
         if policy_type not in self.known_policy_types():
-            raise ApiError(
-                400,
+            raise Invalid(
+                "type",
                 f"unknown policy type {policy_type!r}",
                 known=sorted(self.known_policy_types()),
             )
         if not isinstance(document, dict):
-            raise ApiError(400, "policy 'document' must be a JSON object")
+            raise Invalid("document", "policy 'document' must be a JSON object")
         handler = self.policy_handlers.get(policy_type)
         if handler is None or not document:  # an empty document is allowed: nothing to do
             return
@@ -234,12 +243,12 @@ class ConfigService:
         try:
             validator(document)
         except fastjsonschema.JsonSchemaValueException as e:
-            raise ApiError(400, f"bad {policy_type} document: {e.message}") from None
+            raise Invalid("document", f"bad {policy_type} document: {e.message}") from None
         if "cron" in (handler.schema.get("properties") or {}) and "cron" in document:
             try:
                 Cron.parse(document["cron"])
             except ScheduleError as e:
-                raise ApiError(400, f"bad {policy_type} document: {e}") from None
+                raise Invalid("document", f"bad {policy_type} document: {e}") from None
 
     def policy_view(self, policy: dict[str, Any]) -> dict[str, Any]:
         return {k: policy[k] for k in ("name", "type", "version", "document", "targets")} | {
@@ -250,7 +259,7 @@ class ConfigService:
     def get_policy(self, name: str) -> dict[str, Any]:
         policy = self.policies.get(name)
         if policy is None:
-            raise ApiError(404, f"no such policy: {name}")
+            raise NotFound(f"no such policy: {name}")
         return policy
 
     @inlineCallbacks
@@ -258,7 +267,7 @@ class ConfigService:
         _only(body, "policy", {"name", "type", "document", "targets"})
         name = check_name("policy", body.get("name"))
         if name in self.policies:
-            raise ApiError(409, f"policy {name} exists; use update")
+            raise Conflict(f"policy {name} exists; use update")
         self.check_document(body.get("type"), body.get("document", {}))
         targets = yield self.check_targets(body.get("targets", []))
         now = self.clock.seconds()
@@ -280,7 +289,7 @@ class ConfigService:
         old = self.get_policy(name)
         unknown = set(body) - {"document", "targets", "type"}
         if unknown:
-            raise ApiError(400, f"cannot update {', '.join(sorted(unknown))} of a policy")
+            raise Invalid(None, f"cannot update {', '.join(sorted(unknown))} of a policy")
         policy_type = body.get("type", old["type"])
         document = body.get("document", old["document"])
         self.check_document(policy_type, document)
@@ -401,12 +410,16 @@ class ConfigService:
     def report_policies(self, agent_id: str, reports: Any) -> dict[str, Any]:
         """An agent says which policies it runs: {name: {version, state, error, at, last_run}}."""
         if not isinstance(reports, dict) or not all(isinstance(v, dict) for v in reports.values()):
-            raise ApiError(400, "'policies' must be an object of policy name -> status object")
+            raise Invalid(
+                "policies", "'policies' must be an object of policy name -> status object"
+            )
         for name, report in reports.items():
             if report.get("state") not in ("applied", "failed", "removed"):
-                raise ApiError(400, f"policy {name}: 'state' must be applied, failed or removed")
+                raise Invalid(
+                    "policies", f"policy {name}: 'state' must be applied, failed or removed"
+                )
             if not isinstance(report.get("version"), int):
-                raise ApiError(400, f"policy {name}: 'version' must be an integer")
+                raise Invalid("policies", f"policy {name}: 'version' must be an integer")
         row = self.agents.setdefault(agent_id, {"agent_id": agent_id, "policies": {}})
         merged = dict(row.get("policies") or {})
         for name, report in reports.items():
@@ -422,7 +435,7 @@ class ConfigService:
                     self._waiters.setdefault((agent_id, name), []).append((version, d))
         row["policies"] = merged
         row["reported_at"] = self.clock.seconds()
-        self.store.set_agent_config(agent_id, policies=merged, reported_at=row["reported_at"])
+        self.agent_store.set_agent_config(agent_id, policies=merged, reported_at=row["reported_at"])
         return {"stored": len(reports)}
 
     def _keep_inventory(self, agent_id: str, name: str, report: dict[str, Any]) -> dict:
@@ -438,7 +451,7 @@ class ConfigService:
         now = self.clock.seconds()
         collected = inventory.read_result(result, now)
         if collected is not None:
-            self.store.store_inventory(agent_id, collected, now).addErrback(
+            self.inventory_store.store_inventory(agent_id, collected, now).addErrback(
                 lambda f: self._log.failure("storing inventory of {agent}", f, agent=agent_id)
             )
         classes = sorted(result.get("classes") or {})
@@ -448,7 +461,7 @@ class ConfigService:
     def get_profile(self, name: str) -> dict[str, Any]:
         profile = self.profiles.get(name)
         if profile is None:
-            raise ApiError(404, f"no such profile: {name}")
+            raise NotFound(f"no such profile: {name}")
         return profile
 
     def profile_view(self, profile: dict[str, Any]) -> dict[str, Any]:
@@ -464,7 +477,7 @@ class ConfigService:
         targets = yield self.check_targets(body.get("targets", [a["target"] for a in old]))
         priority = body.get("priority", old[0]["priority"] if old else 0)
         if isinstance(priority, bool) or not isinstance(priority, int):
-            raise ApiError(400, "'priority' must be an integer")
+            raise Invalid("priority", "'priority' must be an integer")
         return [{"target": x, "priority": priority} for x in targets]
 
     @inlineCallbacks
@@ -472,7 +485,7 @@ class ConfigService:
         _only(body, "profile", {"name", "settings", "targets", "priority"})
         name = check_name("profile", body.get("name"))
         if name in self.profiles:
-            raise ApiError(409, f"profile {name} exists; use update")
+            raise Conflict(f"profile {name} exists; use update")
         settings = check_profile_settings(body.get("settings", {}))
         assignments = yield self._check_assignments(body, [])
         now = self.clock.seconds()
@@ -494,15 +507,15 @@ class ConfigService:
         old = self.get_profile(name)
         unknown = set(body) - {"settings", "targets", "priority", "unset"}
         if unknown:
-            raise ApiError(400, f"cannot update {', '.join(sorted(unknown))} of a profile")
+            raise Invalid(None, f"cannot update {', '.join(sorted(unknown))} of a profile")
         settings = dict(old["settings"])
         changes = body.get("settings", {})
         if not isinstance(changes, dict):
-            raise ApiError(400, "profile 'settings' must be a JSON object")
+            raise Invalid("settings", "profile 'settings' must be a JSON object")
         settings.update(changes)
         unset = body.get("unset", [])
         if not isinstance(unset, list):
-            raise ApiError(400, "'unset' must be a list of setting names")
+            raise Invalid("unset", "'unset' must be a list of setting names")
         for key in unset:
             settings.pop(key, None)
         check_profile_settings(settings)
@@ -589,17 +602,17 @@ class ConfigService:
     def set_enrollment_profile(self, agent_id: str, profile: str | None) -> Deferred:
         row = self.agents.setdefault(agent_id, {"agent_id": agent_id, "policies": {}})
         row["enrollment_profile"] = profile
-        return self.store.set_agent_config(agent_id, enrollment_profile=profile)
+        return self.agent_store.set_agent_config(agent_id, enrollment_profile=profile)
 
     def report_profile(self, agent_id: str, body: dict[str, Any]) -> dict[str, Any]:
         name, version = body.get("name"), body.get("version")
         if name is not None and not isinstance(name, str):
-            raise ApiError(400, "'name' must be a profile name or null")
+            raise Invalid("name", "'name' must be a profile name or null")
         if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
-            raise ApiError(400, "'version' must be an integer or null")
+            raise Invalid("version", "'version' must be an integer or null")
         row = self.agents.setdefault(agent_id, {"agent_id": agent_id, "policies": {}})
         row.update(profile=name, profile_version=version, reported_at=self.clock.seconds())
-        self.store.set_agent_config(
+        self.agent_store.set_agent_config(
             agent_id, profile=name, profile_version=version, reported_at=row["reported_at"]
         )
         return {"stored": True}
