@@ -244,16 +244,16 @@ class IAccessTokens(Interface):
 class ITargets(Interface):
     """Targets and selection: saved targets and groups, members now."""
 
-    def agent_views(roots):  # type: ignore[misc]
+    def agent_views(roots=frozenset()):  # type: ignore[misc]
         """Deferred of the views filters are evaluated on."""
 
     def resolve_target(name):  # type: ignore[misc]
         """Deferred of a target's member ids (UnknownTarget, FilterError)."""
 
-    def resolve_targets(names):  # type: ignore[misc]
+    def resolve_targets(names=None):  # type: ignore[misc]
         """Deferred of {target: member ids}."""
 
-    def members(name, field):  # type: ignore[misc]
+    def members(name, field="target"):  # type: ignore[misc]
         """Deferred of a target's member ids; NotFound, Invalid."""
 
     def scope(name):  # type: ignore[misc]
@@ -315,13 +315,13 @@ class IJobs(Interface):
     def active_count():  # type: ignore[misc]
         """Jobs with unfinished targets."""
 
-    def create(action, args, targets, ttl, timeout, created_by):  # type: ignore[misc]
+    def create(action, args, targets, ttl, timeout, created_by=""):  # type: ignore[misc]
         """Deferred of the new job's id; Invalid."""
 
     def list_jobs():  # type: ignore[misc]
         """Deferred of every job."""
 
-    def status(job_id, results):  # type: ignore[misc]
+    def status(job_id, results=True):  # type: ignore[misc]
         """Deferred of a job's counts (and results); NotFound."""
 
     def stored_output(job_id, after):  # type: ignore[misc]
@@ -333,7 +333,7 @@ class IJobs(Interface):
     def agents_in_states(job_id, states):  # type: ignore[misc]
         """Deferred of a job's target ids in those states; NotFound."""
 
-    def session_opened(agent_id, channel):  # type: ignore[misc]
+    def session_opened(agent_id, channel="core"):  # type: ignore[misc]
         """An agent's session opened: deliver what waits for it."""
 
     def work_for(agent_id):  # type: ignore[misc]
@@ -378,7 +378,7 @@ class IPolicies(Interface):
     def delete_policy(name):  # type: ignore[misc]
         """Deferred."""
 
-    def push(name, wait):  # type: ignore[misc]
+    def push(name, wait=10.0):  # type: ignore[misc]
         """Deferred of what each agent did with the pushed policy."""
 
     def policies_for(agent_id):  # type: ignore[misc]
@@ -427,7 +427,7 @@ class IProfiles(Interface):
 class IAudit(Interface):
     """The audit log."""
 
-    def record(who, action, obj, details):  # type: ignore[misc]
+    def record(who, action, obj="", details=None):  # type: ignore[misc]
         """Deferred: an entry is committed."""
 
     def entries(since, limit):  # type: ignore[misc]
@@ -461,7 +461,7 @@ class INodeRegistry(Interface):
     def link_down(node):  # type: ignore[misc]
         """A link was lost: the agents that lose their task server (None: superseded)."""
 
-    def tell_pending(agent_ids, approved):  # type: ignore[misc]
+    def tell_pending(agent_ids, approved=None):  # type: ignore[misc]
         """Tell gateways which agents await approval."""
 
     def tell_revoked(agent_ids):  # type: ignore[misc]

@@ -19,11 +19,25 @@ import attrs
 from twisted.internet.defer import inlineCallbacks
 
 import tcm
+from tcm.interfaces import (
+    IAccessTokens,
+    IAgentAdmission,
+    IAgentPresence,
+    IAudit,
+    ICertificates,
+    IInventory,
+    IJobs,
+    INodeRegistry,
+    IPolicies,
+    IProfiles,
+    IRuntimeSettings,
+    ITargets,
+)
 from tcm.server import inventory
-from tcm.server.errors import Invalid
+from tcm.server.errors import Invalid, Unauthenticated
 from tcm.server.roles import ROLES
 from tcm.server.selection import check_name, id_list
-from tcm.server.web import ApiError, JsonRouter, Reply, json_object
+from tcm.server.web import JsonRouter, Reply, json_object
 
 ACTION_NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
 
@@ -46,18 +60,18 @@ class AdminServices:
     """The services the admin API calls (each typed by its interface in tcm/interfaces.py)."""
 
     name: str  # this server's name
-    access: Any  # IAccessTokens
-    admission: Any  # IAgentAdmission
-    presence: Any  # IAgentPresence
-    settings: Any  # IRuntimeSettings
-    jobs: Any  # IJobs
-    targets: Any  # ITargets
-    inventory: Any  # IInventory
-    audit: Any  # IAudit
-    policies: Any  # IPolicies
-    profiles: Any  # IProfiles
-    nodes: Any  # INodeRegistry
-    certificates: Any  # ICertificates
+    access: IAccessTokens
+    admission: IAgentAdmission
+    presence: IAgentPresence
+    settings: IRuntimeSettings
+    jobs: IJobs
+    targets: ITargets
+    inventory: IInventory
+    audit: IAudit
+    policies: IPolicies
+    profiles: IProfiles
+    nodes: INodeRegistry
+    certificates: ICertificates
 
 
 class AdminAPI(JsonRouter):
@@ -148,7 +162,7 @@ class AdminAPI(JsonRouter):
         header = raw.decode("latin-1") if isinstance(raw, bytes) else raw
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
-            raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)")
+            raise Unauthenticated("missing bearer token (Authorization: Bearer <token>)")
         who = self.access.authenticate(token.strip())  # errors.Unauthenticated: a 401
         permission, doing = self._permissions.get(handler, ("admin", "do this"))
         who.require(permission, doing)  # roles.Refused (errors.Forbidden): a 403

@@ -11,6 +11,14 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 
+from tcm.interfaces import (
+    IAgentAdmission,
+    IAgentPresence,
+    IJobs,
+    IPolicies,
+    IProfiles,
+    IRuntimeSettings,
+)
 from tcm.server.agents import RE_ENROLL_WINDOW, RecentEnrollments
 from tcm.server.errors import Invalid
 from tcm.server.web import JsonRouter, Reply, json_object
@@ -25,11 +33,12 @@ class AgentAPI(JsonRouter):
 
     def __init__(
         self,
-        admission: Any,  # IAgentAdmission
-        presence: Any,  # IAgentPresence
-        settings: Any,  # IRuntimeSettings
-        jobs: Any,  # IJobs
-        agent_config: Any,  # IPolicies and IProfiles: what agents fetch and report
+        admission: IAgentAdmission,
+        presence: IAgentPresence,
+        settings: IRuntimeSettings,
+        jobs: IJobs,
+        policies: IPolicies,
+        profiles: IProfiles,
         clock: Any,
         keepalive: float,
     ):
@@ -38,7 +47,8 @@ class AgentAPI(JsonRouter):
         self.presence = presence
         self.runtime = settings
         self.jobs = jobs
-        self.agent_config = agent_config
+        self.policyservice = policies
+        self.profileservice = profiles
         self.clock = clock
         self.keepalive = keepalive
         self.route("POST", "/enroll", self.enroll)
@@ -129,21 +139,21 @@ class AgentAPI(JsonRouter):
     @inlineCallbacks
     def policies(self, request):
         """The policies that apply to this agent, with their versions and documents."""
-        return {"policies": (yield self.agent_config.policies_for(request.agent_id))}
+        return {"policies": (yield self.policyservice.policies_for(request.agent_id))}
 
     def policy_status(self, request):
         """The agent reports what it runs: {"policies": {name: {version, state, ...}}}."""
         body = json_object(request)
-        return self.agent_config.report_policies(request.agent_id, body.get("policies"))
+        return self.policyservice.report_policies(request.agent_id, body.get("policies"))
 
     @inlineCallbacks
     def profile(self, request):
         """The connection profile that applies to this agent (null: none)."""
-        return {"profile": (yield self.agent_config.profile_for(request.agent_id))}
+        return {"profile": (yield self.profileservice.profile_for(request.agent_id))}
 
     def profile_status(self, request):
         """The agent reports the profile it runs: {"name", "version"} (nulls: none)."""
-        return self.agent_config.report_profile(request.agent_id, json_object(request))
+        return self.profileservice.report_profile(request.agent_id, json_object(request))
 
     def work(self, request):
         """Jobs for an agent in HTTP mode; with `?wait=S`, a long-poll held up to S seconds
@@ -156,7 +166,7 @@ class AgentAPI(JsonRouter):
         wait = max(0.0, min(wait, float(self.runtime["long_poll"])))
         self.presence.agent_polled(agent_id)
         jobs = self.jobs.work_for(agent_id)
-        notices = self.agent_config.notices_for(agent_id)
+        notices = self.policyservice.notices_for(agent_id)
         if jobs or notices or wait <= 0:
             return self._work_answer(notices + [j.request().to_dict() for j in jobs])
         polls = self.presence.polls

@@ -16,7 +16,14 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from tcm import pki
-from tcm.interfaces import IAgentAdmission, IAgentPresence
+from tcm.interfaces import (
+    IAgentAdmission,
+    IAgentPresence,
+    ICertificates,
+    INodeRegistry,
+    IProfiles,
+    IRuntimeSettings,
+)
 from tcm.protocol import codes, link
 from tcm.server.dispatcher import DirectRoute
 from tcm.server.errors import Forbidden, Invalid, NotFound
@@ -112,7 +119,12 @@ class AgentPresence:
     _log = Logger()
 
     def __init__(
-        self, clock: Any, settings: Any, agent_store: Any, keepalive: float, timeout: float
+        self,
+        clock: Any,
+        settings: IRuntimeSettings,
+        agent_store: Any,
+        keepalive: float,
+        timeout: float,
     ):
         self.clock = clock
         self._settings = settings
@@ -234,11 +246,11 @@ class AgentAdmission:
         directory: AgentDirectory,
         agent_store: Any,
         access_store: Any,
-        presence: AgentPresence,
-        nodes: Any,  # INodeRegistry
-        certificates: Any,  # ICertificates
-        settings: Any,  # IRuntimeSettings
-        profiles: Any,  # IProfiles
+        presence: IAgentPresence,
+        nodes: INodeRegistry,
+        certificates: ICertificates,
+        settings: IRuntimeSettings,
+        profiles: IProfiles,
         clock: Any,
         cert_days: int,
     ):

@@ -9,8 +9,17 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 import tcm
+from tcm.interfaces import (
+    IAgentAdmission,
+    IAgentPresence,
+    IJobs,
+    INodeRegistry,
+    IPolicies,
+    IProfiles,
+    IRuntimeSettings,
+)
 from tcm.protocol.envelope import Envelope
-from tcm.server.agents import AgentAdmission, AgentPresence, is_direct
+from tcm.server.agents import is_direct
 from tcm.server.config import ServerConfig
 from tcm.server.envelope_http import render_envelope
 from tcm.server.sessions import AgentSession, SessionState
@@ -40,12 +49,13 @@ class AgentHub:
         config: ServerConfig,
         name: str,
         clock: Any,
-        settings: Any,  # IRuntimeSettings
-        presence: AgentPresence,
-        admission: AgentAdmission,
-        nodes: Any,  # INodeRegistry
-        jobs: Any,  # IJobs
-        agent_config: Any,  # IPolicies and IProfiles: counts and session hooks
+        settings: IRuntimeSettings,
+        presence: IAgentPresence,
+        admission: IAgentAdmission,
+        nodes: INodeRegistry,
+        jobs: IJobs,
+        policies: IPolicies,
+        profiles: IProfiles,
         requests: AgentRequests,
     ):
         self._config = config
@@ -56,7 +66,8 @@ class AgentHub:
         self._admission = admission
         self._nodes = nodes
         self._jobs = jobs
-        self._agent_config = agent_config
+        self._policies = policies
+        self._profiles = profiles
         self._requests = requests
         self.max_in_flight = config.max_in_flight
 
@@ -74,8 +85,8 @@ class AgentHub:
             "server_time": self._clock.seconds(),
             **(self.task_server_for(session) if session.channel == "core" else {}),
             # none of either: an agent that has none need not fetch them at session start
-            "policy_count": len(self._agent_config.policies),
-            "profile_count": len(self._agent_config.profiles),
+            "policy_count": len(self._policies.policies),
+            "profile_count": len(self._profiles.profiles),
         }
 
     # -- node links ----------------------------------------------------------------------
@@ -226,7 +237,7 @@ class AgentHub:
             via=session.via,
             n=len(presence.registry),
         )
-        self._agent_config.session_opened(session.agent_id, hello)
+        self._policies.session_opened(session.agent_id, hello)
         self._jobs.session_opened(session.agent_id)
 
     def session_closed(self, session: AgentSession) -> None:

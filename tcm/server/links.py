@@ -23,6 +23,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
 
 from tcm import pki
+from tcm.interfaces import INodeRegistry
 from tcm.protocol import codes, link
 from tcm.protocol.envelope import ProtocolError, decode, encode
 from tcm.server.envelope_http import PeerView
@@ -292,13 +293,14 @@ class NodeLinkProtocol(LinkEndMixin, LeanWebSocketMixin, WebSocketServerProtocol
 
     def onConnect(self, request):
         factory = self.factory
+        transport: Any = self.transport  # connected: Autobahn calls onConnect on a transport
         if link.SUBPROTOCOL not in request.protocols:
             raise ConnectionDeny(400, f"node links speak {link.SUBPROTOCOL}")
         cn = pki.peer_common_name(self.transport)
         if cn is None or not cn.startswith(link.NODE_PREFIX):
             raise ConnectionDeny(403, "a node certificate is required (enroll the node first)")
         name = cn[len(link.NODE_PREFIX) :]
-        refusal = factory.nodes.refusal(name, pki.peer_fingerprint(self.transport))
+        refusal = factory.nodes.refusal(name, pki.peer_fingerprint(transport))
         if refusal is not None:
             self._log.info("node link from {name} refused: {why}", name=name, why=refusal)
             raise ConnectionDeny(403, refusal)
@@ -308,7 +310,7 @@ class NodeLinkProtocol(LinkEndMixin, LeanWebSocketMixin, WebSocketServerProtocol
             self.sendClose,
             factory.hub,
             factory.clock,
-            host=self.transport.getHost(),
+            host=transport.getHost(),
             max_message_size=factory.max_message_size,
         )
         return link.SUBPROTOCOL
@@ -324,7 +326,7 @@ class NodeLinkFactory(WebSocketServerFactory):
         self,
         url: str,
         hub: Any,  # the link hub (tcm.server.hub.AgentHub)
-        nodes: Any,  # INodeRegistry: who may link
+        nodes: INodeRegistry,  # who may link
         clock: Any,
         max_message_size: int,
         keepalive: float,

@@ -8,7 +8,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from twisted.web.server import Site
 
+from tcm.interfaces import IAgentAdmission, IAgentPresence, IJobs, INodeRegistry
 from tcm.metrics import SnapshotCollector, counter, gauge, metrics_site
+from tcm.server.dispatcher import Dispatcher
 
 PREFIX = "tcm_server"
 
@@ -19,11 +21,11 @@ class ServerMetrics:
     def __init__(
         self,
         name: str,
-        presence: Any,  # IAgentPresence: sessions
-        admission: Any,  # IAgentAdmission: enrolled agents
-        nodes: Any,  # INodeRegistry: links
-        jobs: Any,  # IJobs: active jobs
-        dispatcher: Any,  # pushes
+        presence: IAgentPresence,  # sessions
+        admission: IAgentAdmission,  # enrolled agents
+        nodes: INodeRegistry,  # links
+        jobs: IJobs,  # active jobs
+        dispatcher: Dispatcher,  # pushes
         handshakes: Any,  # the TLS HandshakeLogger (failures, admission gate)
     ):
         self.name = name

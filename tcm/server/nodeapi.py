@@ -9,10 +9,10 @@ server names too (agents connect to it and check its name like the server's).
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 
+from tcm.interfaces import INodeRegistry
 from tcm.server.errors import Invalid
 from tcm.server.web import JsonRouter, Reply, json_object
 
@@ -23,7 +23,7 @@ HOSTNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,253}$")
 class NodeAPI(JsonRouter):
     """POST /link/v1/enroll."""
 
-    def __init__(self, nodes: Any):  # INodeRegistry
+    def __init__(self, nodes: INodeRegistry):
         super().__init__("/link/v1")
         self.nodes = nodes
         self.route("POST", "/enroll", self.enroll)
@@ -35,7 +35,7 @@ class NodeAPI(JsonRouter):
     def enroll(self, request):
         body = json_object(request)
         name, token, csr = body.get("name"), body.get("token"), body.get("csr")
-        if not all(isinstance(v, str) for v in (name, token, csr)):
+        if not (isinstance(name, str) and isinstance(token, str) and isinstance(csr, str)):
             raise Invalid(None, "node enrollment needs 'name', 'token' and 'csr' (PEM) strings")
         if not NODE_NAME.match(name):
             raise Invalid("name", f"bad node name {name!r}")

@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from tcm import pki
-from tcm.interfaces import INodeRegistry
+from tcm.interfaces import ICertificates, INodeRegistry
 from tcm.protocol import codes
 from tcm.server.errors import Conflict, Forbidden, Invalid
 from tcm.server.nodes import NodeDirectory, TaskServerAssignments
@@ -31,7 +31,7 @@ class NodeRegistry:
     def __init__(
         self,
         access_store: Any,
-        certificates: Any,  # ICertificates
+        certificates: ICertificates,
         assignments: TaskServerAssignments,
         clock: Any,
         cert_days: int,

@@ -12,7 +12,7 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from zope.interface import implementer
 
-from tcm.interfaces import IInventory, ITargets
+from tcm.interfaces import IAgentPresence, IInventory, IJobs, ITargets
 from tcm.server import inventory
 from tcm.server.errors import Conflict, Invalid, NotFound
 from tcm.server.targets import NAME, FilterError, Target, UnknownTarget, parse
@@ -94,8 +94,8 @@ class TargetService:
         agent_store: Any,
         inventory_store: Any,
         directory: Any,  # AgentDirectory: the known agents
-        presence: Any,  # IAgentPresence
-        jobs: Any,  # IJobs: the targets of a job, for `from_job`
+        presence: IAgentPresence,
+        jobs: IJobs,  # the targets of a job, for `from_job`
         clock: Any,
     ):
         self._targets = target_store
@@ -362,12 +362,17 @@ class InventoryService:
     """What the store holds of agents' inventories and how fresh each class is."""
 
     def __init__(
-        self, inventory_store: Any, agent_store: Any, directory: Any, targets: Any, clock: Any
+        self,
+        inventory_store: Any,
+        agent_store: Any,
+        directory: Any,
+        targets: ITargets,
+        clock: Any,
     ):
         self._inventory = inventory_store
         self._agents = agent_store
         self._directory = directory
-        self._targets = targets  # ITargets
+        self._targets = targets
         self._clock = clock
 
     @inlineCallbacks

@@ -4,12 +4,12 @@ and gives each consumer only the ones it uses.
     consumer               services it gets
     AdminAPI (/api/v1)     access, admission, presence, settings, jobs, targets, inventory,
                            audit, policies, profiles, nodes, certificates
-    AgentAPI (/agent/v1)   admission, presence, settings, jobs, policies+profiles
+    AgentAPI (/agent/v1)   admission, presence, settings, jobs, policies, profiles
     NodeAPI (/link/v1)     nodes
     AgentServerFactory     hub, admission, settings (the agents' WebSocket endpoint)
     NodeLinkFactory        hub, nodes (the nodes' link endpoint)
-    AgentHub               settings, presence, admission, nodes, jobs, policies+profiles,
-                           requests (sessions and links call it)
+    AgentHub               settings, presence, admission, nodes, jobs, policies, profiles,
+                           requests (agent sessions and node links call it)
     ServerMetrics          presence, admission, nodes, jobs, dispatcher, handshakes
 
 Each service takes the store area(s) it uses (`job_store=`, `agent_store=`, ...): all of them
@@ -354,7 +354,17 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     )
     requests = AgentRequests()  # renders agents' requests on the site (set below)
     hub = AgentHub(
-        config, name, clock, settings, presence, admission, nodes, jobs, agent_config, requests
+        config,
+        name,
+        clock,
+        settings,
+        presence,
+        admission,
+        nodes,
+        jobs,
+        policies,
+        profiles,
+        requests,
     )
 
     # -- the consumers: the HTTP and WebSocket endpoints ----------------------------------
@@ -376,7 +386,9 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
             certificates=certificates,
         )
     )
-    agent_api = AgentAPI(admission, presence, settings, jobs, agent_config, clock, config.keepalive)
+    agent_api = AgentAPI(
+        admission, presence, settings, jobs, policies, profiles, clock, config.keepalive
+    )
     agent_ws = AgentServerFactory(
         url, hub, admission, settings, clock, config.max_message_size, config.handshake_timeout
     )

@@ -149,7 +149,7 @@ class JsonRouter(Resource):
     def _fail(self, request, failure: Failure) -> None:
         if failure.check(ApiError):
             return self._finish(request, failure.value)
-        if failure.check(errors.DomainError):
+        if isinstance(failure.value, errors.DomainError):
             return self._finish(request, api_error(failure.value))
         self._log.failure(
             "error serving {method} {path}", failure, method=request.method, path=request.path

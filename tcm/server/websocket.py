@@ -14,6 +14,7 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.logger import Logger
 
 from tcm import pki
+from tcm.interfaces import IAgentAdmission, IRuntimeSettings
 from tcm.protocol import codes
 from tcm.server.dispatcher import DirectRoute
 from tcm.server.envelope_http import PeerView
@@ -125,8 +126,8 @@ class AgentServerFactory(WebSocketServerFactory):
         self,
         url: str,
         hub: SessionHub,
-        admission: Any,  # IAgentAdmission
-        settings: Any,  # IRuntimeSettings
+        admission: IAgentAdmission,
+        settings: IRuntimeSettings,
         clock: Any,
         max_message_size: int,
         handshake_timeout: float,
