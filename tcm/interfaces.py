@@ -423,6 +423,9 @@ class IProfiles(Interface):
     def report_profile(agent_id, body):  # type: ignore[misc]
         """An agent reports the profile it runs."""
 
+    def session_opened(agent_id, hello):  # type: ignore[misc]
+        """An agent's session opened: the profile its hello says it runs."""
+
 
 class IAudit(Interface):
     """The audit log."""

@@ -102,8 +102,8 @@ def test_consumers_get_narrow_services_and_never_the_store(tmp_path):
     parts = top.parts
     for name, interface in SERVICES.items():
         assert verifyObject(interface, getattr(parts, name)), name
-    assert verifyObject(interfaces.IPolicies, parts.agent_config)
-    assert verifyObject(interfaces.IProfiles, parts.agent_config)
+    assert verifyObject(interfaces.IPolicies, parts.policies)
+    assert verifyObject(interfaces.IProfiles, parts.profiles)
     consumers: list[object] = [parts.admin_api, parts.hub]
     site: Site = parts.site
     for path in (b"agent", b"link"):  # the agent and node APIs, and their WebSocket endpoints

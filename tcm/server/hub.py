@@ -238,6 +238,7 @@ class AgentHub:
             n=len(presence.registry),
         )
         self._policies.session_opened(session.agent_id, hello)
+        self._profiles.session_opened(session.agent_id, hello)
         self._jobs.session_opened(session.agent_id)
 
     def session_closed(self, session: AgentSession) -> None:

@@ -57,7 +57,7 @@ from tcm.server.access import AccessTokens
 from tcm.server.adminapi import AdminAPI, AdminServices
 from tcm.server.admission import HandshakeGate
 from tcm.server.agentapi import AgentAPI
-from tcm.server.agentconfig import ConfigService
+from tcm.server.agentconfig import AgentConfigBook
 from tcm.server.agents import AgentAdmission, AgentDirectory, AgentPresence
 from tcm.server.audit import AuditLog
 from tcm.server.ca import CertificateAuthority, HandshakeLogger, server_tls_options
@@ -72,6 +72,8 @@ from tcm.server.metrics import ServerMetrics, server_metrics_site
 from tcm.server.nodeapi import NodeAPI
 from tcm.server.noderegistry import NodeRegistry
 from tcm.server.nodes import TaskServerAssignments
+from tcm.server.policies import PolicyService
+from tcm.server.profiles import ProfileService
 from tcm.server.selection import InventoryService, TargetService
 from tcm.server.settings import RuntimeSettings
 from tcm.server.web import ApiWithWebSocket
@@ -149,7 +151,9 @@ class ServerParts:
     jobs: JobService
     targets: TargetService
     inventory: InventoryService
-    agent_config: ConfigService
+    agent_config: AgentConfigBook
+    policies: PolicyService
+    profiles: ProfileService
     audit: AuditLog
     hub: AgentHub
     site: Site
@@ -323,16 +327,12 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
             areas.targets, areas.agents, areas.inventory, directory, presence, jobs, clock
         ),
     )
-    agent_config = ConfigService(
-        areas.config,
-        dispatcher,
-        clock,
-        targets.resolve_target,
-        agent_store=areas.agents,
-        inventory_store=areas.inventory,
+    # what policies and profiles share: agents' config rows, missed notices, members
+    agent_config = AgentConfigBook(areas.agents, dispatcher, clock, targets.resolve_target)
+    policies = provides(
+        IPolicies, PolicyService(agent_config, areas.config, areas.inventory, clock)
     )
-    policies = provides(IPolicies, agent_config)
-    profiles = provides(IProfiles, agent_config)
+    profiles = provides(IProfiles, ProfileService(agent_config, areas.config, clock))
     admission = provides(
         IAgentAdmission,
         AgentAdmission(
@@ -417,6 +417,8 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
         yield access.load()
         yield nodes.reload()
         yield settings.load()
+        yield policies.load()
+        yield profiles.load()
         yield agent_config.load()
         yield jobs.load()
         jobs.start()
@@ -457,6 +459,8 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
         targets=targets,
         inventory=inventory,
         agent_config=agent_config,
+        policies=policies,
+        profiles=profiles,
         audit=audit,
         hub=hub,
         site=site,
