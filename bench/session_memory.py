@@ -44,9 +44,9 @@ def type_counts() -> collections.Counter:
     return collections.Counter(type(o).__qualname__ for o in gc.get_objects())
 
 
-def dump(core) -> None:
+def dump(presence) -> None:
     """The attributes of one session's objects, from the session down to the socket."""
-    session = next(iter(core.registry.all()))
+    session = next(iter(presence.registry.all()))
     proto = session.transport
     chain = [("AgentSession", session), ("protocol", proto)]
     t = proto.transport
@@ -121,7 +121,7 @@ async def run(args: argparse.Namespace) -> None:
         with open(port_file, "w") as f:
             f.write(str(port))
     server = await start_server(os.path.join(base, "server"), port=port, keepalive=3600.0)
-    core = server.core
+    presence = server.parts.presence
     proc = psutil.Process()
     swarm = None
     try:
@@ -165,15 +165,15 @@ async def run(args: argparse.Namespace) -> None:
                 stderr=subprocess.STDOUT,
             )
         t0 = time.monotonic()
-        while len(core.registry) < args.count:
+        while len(presence.registry) < args.count:
             if time.monotonic() - t0 > args.timeout:
-                raise SystemExit(f"only {len(core.registry)} sessions after {args.timeout} s")
+                raise SystemExit(f"only {len(presence.registry)} sessions after {args.timeout} s")
             if swarm.poll() is not None:
                 raise SystemExit(f"the swarm exited ({swarm.returncode}); see {base}/swarm.log")
             await sleep(0.5)
         connect_s = time.monotonic() - t0
         await sleep(args.settle)
-        n = len(core.registry)
+        n = len(presence.registry)
         rss1 = proc.memory_info().rss
         after = type_counts()
         print(f"{n} sessions in {connect_s:.1f} s")
@@ -204,7 +204,7 @@ async def run(args: argparse.Namespace) -> None:
                 for line in s.traceback.format()[-2 * args.frames :]:
                     print("     ", line)
         if args.dump:
-            dump(core)
+            dump(presence)
         for round_ in range(args.jobs):
             if args.freeze:
                 gc.collect()

@@ -25,5 +25,7 @@ class Options(ServerOptions):
 def makeService(options: Options):
     config = config_from(options)
     top = make_server_service(config)
-    EmbeddedTaskServer(top.core, max_clients=config.taskserver_max_clients).setServiceParent(top)
+    EmbeddedTaskServer(
+        top.task_server_host, max_clients=config.taskserver_max_clients
+    ).setServiceParent(top)
     return top

@@ -99,3 +99,397 @@ SCHEDULE_SCHEMA: dict = {
     "every": {"type": "number", "minimum": 1},
     "cron": {"type": "string", "minLength": 9, "maxLength": 128},
 }
+
+
+# -- the management server's services (built and wired by make_server_service) -------------
+# Each consumer (admin API, agent API, node API, WebSocket and link endpoints, hub, metrics)
+# is given only the services it uses; make_server_service checks each with verifyObject.
+# Services raise tcm.server.errors (NotFound, Conflict, Invalid, Forbidden, ...), never HTTP.
+
+
+class IRuntimeSettings(Interface):
+    """Settings an admin changes while the server runs; read as a mapping (`s["long_poll"]`)."""
+
+    def __getitem__(key):  # type: ignore[misc]
+        """A setting's value."""
+
+    def as_dict():  # type: ignore[misc]
+        """All settings as a dict."""
+
+    def persistent_enabled():  # type: ignore[misc]
+        """Whether agents may hold persistent (WebSocket) sessions now."""
+
+    def when_persistent_off(callback):  # type: ignore[misc]
+        """Call `callback()` whenever persistent connections are switched off."""
+
+    def load():  # type: ignore[misc]
+        """Take the stored values (Deferred)."""
+
+    def change(changes):  # type: ignore[misc]
+        """Validate, store and apply changes; Deferred of all settings."""
+
+
+class IAgentPresence(Interface):
+    """Where agents are: live sessions (own and task), held polls, last polls."""
+
+    registry = Attribute("SessionRegistry of agents' own sessions.")
+    task_registry = Attribute("SessionRegistry of agents' task sessions (via task servers).")
+    polls = Attribute("PollRegistry of held long-polls.")
+    closing_everything = Attribute("True once a stop closes every session.")
+
+    def session(agent_id):  # type: ignore[misc]
+        """The agent's own live session, or None."""
+
+    def capabilities_of(agent_id):  # type: ignore[misc]
+        """Capabilities of the agent's live session, or None."""
+
+    def agent_polled(agent_id):  # type: ignore[misc]
+        """An agent in HTTP mode polled now."""
+
+    def http_mode_of(agent_id):  # type: ignore[misc]
+        """ "http" for an agent without a session that polled lately; else None."""
+
+    def last_seen(agent_id, stored):  # type: ignore[misc]
+        """When the agent was last heard of."""
+
+    def close_agent(agent_id, code):  # type: ignore[misc]
+        """Close the agent's sessions with a close code."""
+
+    def closing_all(code):  # type: ignore[misc]
+        """Close every direct session at a stop: (count, Deferred of the last-seen write)."""
+
+    def sessions_gone(timeout):  # type: ignore[misc]
+        """Deferred: no direct session is left, or `timeout` passed."""
+
+    def sweep_silent_sessions():  # type: ignore[misc]
+        """Close half-open sessions."""
+
+
+class IAgentAdmission(Interface):
+    """Agent admission and directory: who may be served, enrollment, approval, revocation."""
+
+    def known_ids():  # type: ignore[misc]
+        """Ids of agents not revoked."""
+
+    def revoked_ids():  # type: ignore[misc]
+        """Ids of revoked agents."""
+
+    def pending_ids():  # type: ignore[misc]
+        """Ids of agents awaiting approval."""
+
+    def count():  # type: ignore[misc]
+        """How many agents are enrolled."""
+
+    def list_agents():  # type: ignore[misc]
+        """Deferred of every agent's row."""
+
+    def get_agent(agent_id):  # type: ignore[misc]
+        """Deferred of an agent's row; NotFound."""
+
+    def check_agent(agent_id):  # type: ignore[misc]
+        """The agent id if it may be served now; Forbidden otherwise."""
+
+    def authenticate_transport(transport):  # type: ignore[misc]
+        """The agent id of a connection's client certificate; Forbidden."""
+
+    def authenticate_proxied(transport, escaped_pem):  # type: ignore[misc]
+        """The agent id of a certificate a reverse proxy forwards; Forbidden."""
+
+    def enroll(token, csr, hostname):  # type: ignore[misc]
+        """Deferred of (asked_again, {agent_id, certificate, ca})."""
+
+    def approve(agent_id):  # type: ignore[misc]
+        """Deferred of whether the agent was approved now; NotFound."""
+
+    def revoke(agent_id):  # type: ignore[misc]
+        """Deferred of whether the agent was revoked now; NotFound."""
+
+    def session_seen(agent_id, hello, capabilities):  # type: ignore[misc]
+        """An agent's session opened: stored as seen."""
+
+    def session_left(agent_id):  # type: ignore[misc]
+        """An agent's session closed: stored as seen."""
+
+
+class IAccessTokens(Interface):
+    """Authentication and tokens: admin API bearer tokens and enrollment tokens."""
+
+    admin_token = Attribute("The bootstrap admin token (admin.token).")
+
+    def load():  # type: ignore[misc]
+        """Read the active API tokens (Deferred)."""
+
+    def authenticate(token):  # type: ignore[misc]
+        """The Principal of a bearer token; Unauthenticated."""
+
+    def create_enrollment_token(ttl, uses, description, profile):  # type: ignore[misc]
+        """Deferred of a new enrollment token."""
+
+    def enrollment_tokens():  # type: ignore[misc]
+        """Deferred of the enrollment tokens."""
+
+    def check_token_name(name):  # type: ignore[misc]
+        """Invalid for a name no API token may have."""
+
+    def create_api_token(name, role, target, ttl, created_by):  # type: ignore[misc]
+        """Deferred of (token, row); Conflict."""
+
+    def api_tokens():  # type: ignore[misc]
+        """Deferred of the API tokens (without secrets)."""
+
+    def revoke_api_token(name):  # type: ignore[misc]
+        """Deferred of the revoked ids; NotFound."""
+
+
+class ITargets(Interface):
+    """Targets and selection: saved targets and groups, members now."""
+
+    def agent_views(roots=frozenset()):  # type: ignore[misc]
+        """Deferred of the views filters are evaluated on."""
+
+    def resolve_target(name):  # type: ignore[misc]
+        """Deferred of a target's member ids (UnknownTarget, FilterError)."""
+
+    def resolve_targets(names=None):  # type: ignore[misc]
+        """Deferred of {target: member ids}."""
+
+    def members(name, field="target"):  # type: ignore[misc]
+        """Deferred of a target's member ids; NotFound, Invalid."""
+
+    def scope(name):  # type: ignore[misc]
+        """Deferred of the members of a token's scope (empty if gone)."""
+
+    def select(body):  # type: ignore[misc]
+        """Deferred of ("filter", text) or ("agents", ids) for a selection."""
+
+    def selection(body):  # type: ignore[misc]
+        """Deferred of a selection's member rows."""
+
+    def exists(name):  # type: ignore[misc]
+        """Deferred of whether a target is saved."""
+
+    def create_target(body, created_by):  # type: ignore[misc]
+        """Deferred of (view, audit details); Invalid, Conflict."""
+
+    def list_targets():  # type: ignore[misc]
+        """Deferred of target views."""
+
+    def get_target(name):  # type: ignore[misc]
+        """Deferred of a target's view with its member count; NotFound."""
+
+    def member_rows(name):  # type: ignore[misc]
+        """Deferred of a target's member rows; NotFound."""
+
+    def delete_target(name):  # type: ignore[misc]
+        """Deferred; NotFound."""
+
+    def create_group(body):  # type: ignore[misc]
+        """Deferred of (row, agents); Invalid, Conflict."""
+
+    def list_groups():  # type: ignore[misc]
+        """Deferred of the groups."""
+
+    def get_group(name):  # type: ignore[misc]
+        """Deferred of a group; NotFound."""
+
+    def delete_group(name):  # type: ignore[misc]
+        """Deferred; NotFound."""
+
+    def change_group(name, add, remove):  # type: ignore[misc]
+        """Deferred of the group's row; Invalid, NotFound."""
+
+
+class IInventory(Interface):
+    """Agents' stored inventories and their freshness."""
+
+    def of_agent(agent_id):  # type: ignore[misc]
+        """Deferred of {class: data}; NotFound."""
+
+    def stale(older_than, target, classes):  # type: ignore[misc]
+        """Deferred of (stale items, digests); Invalid, NotFound."""
+
+
+class IJobs(Interface):
+    """Jobs from creation to stored results."""
+
+    def active_count():  # type: ignore[misc]
+        """Jobs with unfinished targets."""
+
+    def create(action, args, targets, ttl, timeout, created_by=""):  # type: ignore[misc]
+        """Deferred of the new job's id; Invalid."""
+
+    def list_jobs():  # type: ignore[misc]
+        """Deferred of every job."""
+
+    def status(job_id, results=True):  # type: ignore[misc]
+        """Deferred of a job's counts (and results); NotFound."""
+
+    def stored_output(job_id, after):  # type: ignore[misc]
+        """Deferred of output chunks after `after`."""
+
+    def output_waiter(job_id, timeout):  # type: ignore[misc]
+        """Deferred firing at the job's next output or after `timeout`."""
+
+    def agents_in_states(job_id, states):  # type: ignore[misc]
+        """Deferred of a job's target ids in those states; NotFound."""
+
+    def session_opened(agent_id, channel="core"):  # type: ignore[misc]
+        """An agent's session opened: deliver what waits for it."""
+
+    def work_for(agent_id):  # type: ignore[misc]
+        """Jobs for an agent in HTTP mode."""
+
+    def accept(agent_id, job_id):  # type: ignore[misc]
+        """The agent accepts a job: run, wait or drop."""
+
+    def output(agent_id, job_id, seq, stream, text):  # type: ignore[misc]
+        """Store a chunk of a job's output."""
+
+    def result(agent_id, job_id, state, result, error, started, finished, received):  # type: ignore[misc]
+        """Deferred of whether the result was stored; Invalid, Conflict."""
+
+
+class IPolicies(Interface):
+    """Policies: storage, resolution to agents, PushPolicy, agents' reports."""
+
+    policies = Attribute("{name: policy} in force.")
+
+    def known_policy_types():  # type: ignore[misc]
+        """Policy type names this server or its agents know."""
+
+    def policy_view(policy):  # type: ignore[misc]
+        """A policy as the admin API shows it."""
+
+    def get_policy(name):  # type: ignore[misc]
+        """A policy; NotFound."""
+
+    def members(targets):  # type: ignore[misc]
+        """Deferred of the agents in any of the targets."""
+
+    def running(agent_id):  # type: ignore[misc]
+        """What an agent reports running (policies and profile)."""
+
+    def create_policy(body):  # type: ignore[misc]
+        """Deferred of the new policy's view."""
+
+    def update_policy(name, body):  # type: ignore[misc]
+        """Deferred of the policy's new view."""
+
+    def delete_policy(name):  # type: ignore[misc]
+        """Deferred."""
+
+    def push(name, wait=10.0):  # type: ignore[misc]
+        """Deferred of what each agent did with the pushed policy."""
+
+    def policies_for(agent_id):  # type: ignore[misc]
+        """Deferred of the policies that apply to an agent."""
+
+    def report_policies(agent_id, reports):  # type: ignore[misc]
+        """An agent reports what it runs."""
+
+    def notices_for(agent_id):  # type: ignore[misc]
+        """Notices an agent in HTTP mode picks up at its poll."""
+
+    def session_opened(agent_id, hello):  # type: ignore[misc]
+        """An agent's session opened."""
+
+
+class IProfiles(Interface):
+    """Connection profiles: storage, assignment to agents, agents' reports."""
+
+    profiles = Attribute("{name: profile}.")
+
+    def profile_view(profile):  # type: ignore[misc]
+        """A profile as the admin API shows it."""
+
+    def get_profile(name):  # type: ignore[misc]
+        """A profile; NotFound."""
+
+    def create_profile(body):  # type: ignore[misc]
+        """Deferred of the new profile's view."""
+
+    def update_profile(name, body):  # type: ignore[misc]
+        """Deferred of the profile's new view."""
+
+    def delete_profile(name):  # type: ignore[misc]
+        """Deferred."""
+
+    def set_enrollment_profile(agent_id, profile):  # type: ignore[misc]
+        """Deferred: the profile an enrollment token named."""
+
+    def profile_for(agent_id):  # type: ignore[misc]
+        """Deferred of the profile that applies to an agent."""
+
+    def report_profile(agent_id, body):  # type: ignore[misc]
+        """An agent reports the profile it runs."""
+
+    def session_opened(agent_id, hello):  # type: ignore[misc]
+        """An agent's session opened: the profile its hello says it runs."""
+
+
+class IAudit(Interface):
+    """The audit log."""
+
+    def record(who, action, obj="", details=None):  # type: ignore[misc]
+        """Deferred: an entry is committed."""
+
+    def entries(since, limit):  # type: ignore[misc]
+        """Deferred of entries; Invalid."""
+
+
+class INodeRegistry(Interface):
+    """Task servers and gateways: registration, enrollment, live links, assignments."""
+
+    links = Attribute("Live links by key.")
+    assignments = Attribute("TaskServerAssignments of agents to task servers.")
+
+    def reload():  # type: ignore[misc]
+        """Read the records again (Deferred)."""
+
+    def refusal(name, fingerprint):  # type: ignore[misc]
+        """Why a link from that node is refused, or None."""
+
+    def gateway_fingerprints():  # type: ignore[misc]
+        """{gateway: certificate fingerprint} of enrolled gateways."""
+
+    def register(name, role, max_clients, ttl):  # type: ignore[misc]
+        """Deferred of the one-time secret; Conflict."""
+
+    def enroll(name, token, csr, hostnames):  # type: ignore[misc]
+        """Deferred of {name, role, certificate, ca}; Invalid, Forbidden."""
+
+    def link_up(node):  # type: ignore[misc]
+        """A node linked."""
+
+    def link_down(node):  # type: ignore[misc]
+        """A link was lost: the agents that lose their task server (None: superseded)."""
+
+    def tell_pending(agent_ids, approved=None):  # type: ignore[misc]
+        """Tell gateways which agents await approval."""
+
+    def tell_revoked(agent_ids):  # type: ignore[misc]
+        """Tell gateways which agents are revoked."""
+
+    def task_server_views():  # type: ignore[misc]
+        """Task servers with state and client counts."""
+
+    def gateway_views():  # type: ignore[misc]
+        """Gateways with their links."""
+
+
+class ICertificates(Interface):
+    """Certificates signed by the server's CA, and the server's own TLS identity."""
+
+    ca_pem = Attribute("The CA certificate (PEM bytes).")
+
+    def sign_agent(csr_pem, agent_id, days):  # type: ignore[misc]
+        """An agent's certificate (PEM); ValueError."""
+
+    def sign_node(csr_pem, name, days, hostnames):  # type: ignore[misc]
+        """A node's certificate (PEM); ValueError."""
+
+    def verify_issued(cert):  # type: ignore[misc]
+        """The subject of a certificate this CA issued; ValueError."""
+
+    def server_identity(config):  # type: ignore[misc]
+        """This server's (key_pem, cert_pem)."""

@@ -269,13 +269,13 @@ class InProcServer:
 
     def __init__(self, service, port: int):
         self.service = service
-        self.core = service.core
+        self.parts = service.parts  # the services make_server_service built, by name
         self.port = port
         self.listener = next(s for s in service if isinstance(s, StreamServerEndpointService))
         #: the server's HandshakeLogger (the factory just inside TLS)
         self.handshakes = self.listener.factory
-        self.ca_pem: bytes = self.core.ca.cert_pem
-        self.admin_token: str = self.core.admin_token
+        self.ca_pem: bytes = self.parts.certificates.ca_pem
+        self.admin_token: str = self.parts.access.admin_token
         self.base_url = f"https://{HOST}:{port}"
         self._clients: list[WsClient] = []
         self._pools: list[HTTPConnectionPool] = []

@@ -104,7 +104,9 @@ async def test_a_filter_target_follows_inventory_groups_and_online_state(inproc_
 
     # online state: b goes away, and out of the target
     await b.shut()
-    await wait_for(lambda: server.core.registry.get(idb.agent_id) is None, what="b offline")
+    await wait_for(
+        lambda: server.parts.presence.registry.get(idb.agent_id) is None, what="b offline"
+    )
     assert await members(server, "big") == set()
     await a.shut()
 
@@ -364,7 +366,7 @@ async def test_roles_refuse_with_a_reason_and_the_audit_log_records_who_did_what
     states = {t["name"]: t["revoked_at"] is not None for t in listed["tokens"]}
     assert states == {"alice": True, "bob": False, "carol": False}
     assert all("secret_hash" not in t for t in listed["tokens"])
-    rows = await server.core.db.access.list_api_tokens(include_hashes=True)
+    rows = await server.parts.db.access.list_api_tokens(include_hashes=True)
     assert all(operator.partition(".")[2] not in str(r) for r in rows)  # hashes only
 
     # the audit log: who did what
@@ -398,14 +400,16 @@ async def test_resolve_targets_and_the_most_specific_target(inproc_server):  # n
         {"name": "online-too", "filter": "online"},
     ):
         await ok(await server.admin("POST", "/api/v1/targets", body), 201)
-    assert await server.core.resolve_target("just-a") == {ida.agent_id}
-    everything = await server.core.resolve_targets()
+    assert await server.parts.targets.resolve_target("just-a") == {ida.agent_id}
+    everything = await server.parts.targets.resolve_targets()
     assert everything == {
         "everyone": {ida.agent_id, idb.agent_id},
         "just-a": {ida.agent_id},
         "online-too": {ida.agent_id, idb.agent_id},
     }
-    assert await server.core.resolve_targets(["just-a", "nope"]) == {"just-a": {ida.agent_id}}
+    assert await server.parts.targets.resolve_targets(["just-a", "nope"]) == {
+        "just-a": {ida.agent_id}
+    }
     assert most_specific(everything, ida.agent_id) == "just-a"
     assert most_specific(everything, idb.agent_id) == "everyone"  # a tie: by name
     await a.shut()

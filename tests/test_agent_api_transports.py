@@ -25,7 +25,7 @@ def _spy(router, name: str, calls: list):
 @pytest_twisted.ensureDeferred
 async def test_one_handler_answers_both_transports(inproc_server):  # noqa: F811
     server = inproc_server
-    api = server.service.core.agent_api
+    api = server.parts.agent_api
     calls: list = []
     _spy(api, "whoami", calls)
     _spy(api, "settings", calls)

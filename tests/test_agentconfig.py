@@ -17,7 +17,8 @@ from tcm.agent.runner import ActionRunner, load_handlers
 from tcm.agent.service import AgentConfig, AgentCore
 from tcm.interfaces import IAppliedPolicy, IPolicyContext, IPolicyHandler
 from tcm.server.agentconfig import check_profile_settings, choose_profile
-from tcm.server.web import ApiError
+from tcm.server.errors import Invalid
+from tcm.server.web import http_status
 
 # -- precedence ------------------------------------------------------------------------
 
@@ -66,9 +67,9 @@ def test_good_profile_settings_pass():
     ],
 )
 def test_bad_profile_settings_are_400_with_the_reason(settings, says):
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(Invalid) as e:
         check_profile_settings(settings)
-    assert e.value.status == 400 and says in e.value.message
+    assert http_status(e.value) == 400 and says in e.value.message
 
 
 # -- built-in policy handlers -------------------------------------------------------------

@@ -102,7 +102,9 @@ async def test_a_poller_gets_the_notify_in_its_poll_answer(inproc_server):  # no
 async def _until_held(server, agent_id: str) -> None:
     from tests.inproc import wait_for
 
-    await wait_for(lambda: server.core.polls.get(agent_id) is not None, what="a held poll")
+    await wait_for(
+        lambda: server.parts.presence.polls.get(agent_id) is not None, what="a held poll"
+    )
 
 
 @pytest_twisted.ensureDeferred
@@ -209,15 +211,15 @@ async def test_roles_for_policies_and_profiles(inproc_server):  # noqa: F811
 @pytest_twisted.ensureDeferred
 async def test_fetches_share_target_resolutions_but_see_their_own_session(inproc_server):  # noqa: F811
     server = inproc_server
-    core = server.core
+    parts = server.parts
     resolved: list[str] = []
-    real = core.agent_config.resolve_target
+    real = parts.agent_config.resolve_target
 
     def spy(name):
         resolved.append(name)
         return real(name)
 
-    core.agent_config.resolve_target = spy
+    parts.agent_config.resolve_target = spy
     a_client, _w, a = await server.session()
     reply = await server.admin("POST", "/api/v1/targets", {"name": "on", "filter": "online"})
     assert reply.status == 201, reply

@@ -224,7 +224,7 @@ def test_first_message_not_hello_closes_4002(server, first, reason):
         assert error["in_reply_to"] == "first-1"
     yield client.wait_closed()
     assert_clean_close(client, codes.CLOSE_PROTOCOL_ERROR, reason)
-    assert identity.agent_id not in server.core.registry
+    assert identity.agent_id not in server.parts.presence.registry
     yield server.check_serving()
 
 
@@ -268,7 +268,7 @@ def test_binary_frame_closes_4002(server):
     yield client.wait_closed()
     assert_clean_close(client, codes.CLOSE_PROTOCOL_ERROR, "text frames")
     yield wait_for(
-        lambda: identity.agent_id not in server.core.registry,
+        lambda: identity.agent_id not in server.parts.presence.registry,
         what="the closed session to leave the registry",
     )
     yield server.check_serving()
@@ -303,7 +303,7 @@ def test_no_client_certificate_is_refused_403(server):
 def test_certificate_of_an_agent_never_enrolled_is_refused_403(server):
     """From the right CA, but for an id the server does not know (a wiped database)."""
     key = pki.generate_key()
-    cert = server.core.ca.sign_csr(pki.make_csr(key), common_name="a-never-enrolled")
+    cert = server.parts.certificates.ca.sign_csr(pki.make_csr(key), common_name="a-never-enrolled")
     stranger = AgentIdentity("a-never-enrolled", cert, pki.key_to_pem(key))
     client = yield server.ws_connect(stranger)
     assert_refused_upgrade(client, 403, "unknown agent a-never-enrolled")
@@ -623,7 +623,7 @@ def test_in_flight_limit_answers_error(server):
         pushed = yield client.wait_message({"type": "action.request"})
         assert pushed["data"]["job"] == jobs[-1]
     release = threading.Event()
-    blocked = server.core.db.run(release.wait, TIMEOUT)  # the store's only thread
+    blocked = server.parts.db.run(release.wait, TIMEOUT)  # the store's only thread
     try:
         ids = [f"result-{i}" for i in range(MAX_IN_FLIGHT)]
         for msg_id, job in zip(ids, jobs, strict=True):

@@ -16,10 +16,10 @@ from twisted.internet.task import Clock
 from tcm.protocol import codes, link
 from tcm.protocol.envelope import Envelope, decode, encode
 from tcm.relay.relays import GatewayRelay, TaskServerRelay
+from tcm.server.errors import Forbidden
 from tcm.server.links import NodeLink
 from tcm.server.nodes import TaskServerAssignments
 from tcm.server.sessions import SessionState
-from tcm.server.web import ApiError
 
 # -- codec ---------------------------------------------------------------------------------
 
@@ -153,7 +153,7 @@ class Hub:
 
     def authenticate_agent_id(self, agent_id: str) -> str:
         if agent_id not in self.known:
-            raise ApiError(403, f"unknown agent {agent_id}: enroll again")
+            raise Forbidden(f"unknown agent {agent_id}: enroll again")
         return agent_id
 
     def welcome_for(self, session) -> dict[str, Any]:

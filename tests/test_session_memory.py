@@ -18,7 +18,7 @@ from tests.inproc import inproc_server  # noqa: F401
 
 
 def _server_side(server, agent_id):
-    session = server.core.registry.get(agent_id)
+    session = server.parts.presence.registry.get(agent_id)
     assert session is not None
     protocol = session.transport
     tls = protocol.transport.transport  # _HandshakeWatcher -> TLSMemoryBIOProtocol

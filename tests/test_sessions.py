@@ -408,7 +408,7 @@ def test_a_ping_from_the_agent_keeps_the_session_alive():
     clock = Clock()
     hub = FakeHub()
     protocol = AgentServerProtocol()
-    protocol.factory = SimpleNamespace(core=SimpleNamespace(clock=clock))
+    protocol.factory = SimpleNamespace(clock=clock)  # type: ignore[assignment]
     protocol.state = AgentServerProtocol.STATE_OPEN
     pongs: list[bytes] = []
     protocol.sendPong = pongs.append  # type: ignore[method-assign]

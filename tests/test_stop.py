@@ -16,17 +16,17 @@ from tests.inproc import start_server, wait_for, within
 @pytest_twisted.inlineCallbacks
 def test_a_stop_closes_every_session_with_one_line_and_one_write(tmp_path):
     server = yield start_server(str(tmp_path / "server"))
-    core = server.core
+    parts = server.parts
     stopped = False
     try:
         clients = []
         for _ in range(3):
             client, welcome, identity = yield server.session()
             clients.append(client)
-        yield wait_for(lambda: len(core.registry) == 3, what="three sessions")
+        yield wait_for(lambda: len(parts.presence.registry) == 3, what="three sessions")
         # each session's open was recorded; wait for those writes to be committed
-        yield within(core.db.writes._wait())
-        stop_at = core.clock.seconds()
+        yield within(parts.db.writes._wait())
+        stop_at = parts.clock.seconds()
         with capturedLogs() as events:
             stopped = True
             yield within(server.service.stopService(), 10)
@@ -43,7 +43,7 @@ def test_a_stop_closes_every_session_with_one_line_and_one_write(tmp_path):
         if not stopped:
             yield server.stop()
     # the store (closed by the stop) has every agent seen at the stop, not at its open
-    db = Database(core.config.database_url, reactor)
+    db = Database(parts.config.database_url, reactor)
     db.open()
     try:
         rows = yield db.agents.list_agents()
@@ -56,16 +56,16 @@ def test_a_stop_closes_every_session_with_one_line_and_one_write(tmp_path):
 @pytest_twisted.inlineCallbacks
 def test_sessions_that_close_outside_a_stop_are_logged_and_recorded_each(tmp_path):
     server = yield start_server(str(tmp_path / "server"))
-    core = server.core
+    parts = server.parts
     try:
         client, welcome, identity = yield server.session()
-        yield wait_for(lambda: len(core.registry) == 1, what="the session")
+        yield wait_for(lambda: len(parts.presence.registry) == 1, what="the session")
         with capturedLogs() as events:
             yield client.shut()
-            yield wait_for(lambda: len(core.registry) == 0, what="the close")
+            yield wait_for(lambda: len(parts.presence.registry) == 0, what="the close")
         lines = [formatEvent(e) for e in events]
         assert f"agent {identity.agent_id} session closed" in lines
-        assert not core.closing_everything
+        assert not parts.presence.closing_everything
     finally:
         yield server.stop()
 
@@ -73,11 +73,11 @@ def test_sessions_that_close_outside_a_stop_are_logged_and_recorded_each(tmp_pat
 @pytest_twisted.inlineCallbacks
 def test_no_connection_is_accepted_once_the_stop_began(tmp_path):
     server = yield start_server(str(tmp_path / "server"))
-    core = server.core
+    parts = server.parts
     stopping = None
     try:
         client, welcome, identity = yield server.session()
-        yield wait_for(lambda: len(core.registry) == 1, what="the session")
+        yield wait_for(lambda: len(parts.presence.registry) == 1, what="the session")
         # The agent holds its session through the stop's grace (it has not yet answered
         # the 4012); meanwhile another connection, as an agent told 4012 earlier would
         # make, must be refused, not served by the server that is going away.
@@ -88,7 +88,7 @@ def test_no_connection_is_accepted_once_the_stop_began(tmp_path):
             pass
         else:  # reached the backlog of a port that is closing: reset, never served
             assert not late.opened_ok, late.close_info
-        assert [s.agent_id for s in core.registry.all()] in ([], [identity.agent_id])
+        assert [s.agent_id for s in parts.presence.registry.all()] in ([], [identity.agent_id])
         yield within(stopping, 10)
         yield within(client.closed)
         assert client.close_code == codes.CLOSE_RESTARTING

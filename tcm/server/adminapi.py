@@ -5,48 +5,41 @@ Every request carries `Authorization: Bearer <token>`: the bootstrap admin token
 `admin.token` in the server's state directory) or a named API token (`tcm apitoken create`).
 Every route needs one permission of the token's role (tcm/server/roles.py): a refusal is a
 403 naming the role and what it lacks. Every change is written to the audit log.
+
+Handlers read the request and call the services they are given (never the store); the
+services raise domain errors (tcm/server/errors.py), which the router answers.
 """
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import attrs
 from twisted.internet.defer import inlineCallbacks
 
+import tcm
+from tcm.interfaces import (
+    IAccessTokens,
+    IAgentAdmission,
+    IAgentPresence,
+    IAudit,
+    ICertificates,
+    IInventory,
+    IJobs,
+    INodeRegistry,
+    IPolicies,
+    IProfiles,
+    IRuntimeSettings,
+    ITargets,
+)
 from tcm.server import inventory
-from tcm.server.roles import ROLES, Refused, Unauthenticated
-from tcm.server.targets import NAME, FilterError, UnknownTarget, parse
-from tcm.server.web import ApiError, JsonRouter, Reply, json_object
-from tcm.store import Conflict
-
-if TYPE_CHECKING:
-    from tcm.server.service import ServerCore
+from tcm.server.errors import Invalid, Unauthenticated
+from tcm.server.roles import ROLES
+from tcm.server.selection import check_name, id_list
+from tcm.server.web import JsonRouter, Reply, json_object
 
 ACTION_NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
-JOB_STATES = ("pending", "delivered", "running", "succeeded", "failed", "expired")
-SELECTORS = ("filter", "agents", "from_job", "target")
-
-
-def filter_error(e: FilterError) -> ApiError:
-    return ApiError(400, f"bad filter: {e}", position=e.position)
-
-
-def _name(body: dict[str, Any], what: str) -> str:
-    name = body.get("name")
-    if not isinstance(name, str) or not NAME.match(name):
-        raise ApiError(
-            400,
-            f"'name' of a {what} must be 1-64 letters, digits, '_', '.', '-' (first a "
-            "letter or digit)",
-        )
-    return name
-
-
-def _id_list(value: Any, what: str) -> list[str]:
-    if not (isinstance(value, list) and all(isinstance(a, str) for a in value)):
-        raise ApiError(400, f"'{what}' must be a list of agent ids")
-    return list(dict.fromkeys(value))
 
 
 def _seconds(request, arg: str, default: float | None = None) -> float | None:
@@ -56,18 +49,50 @@ def _seconds(request, arg: str, default: float | None = None) -> float | None:
     try:
         value = float(raw)
     except ValueError:
-        raise ApiError(400, f"'{arg}' must be a number of seconds") from None
+        raise Invalid(arg, f"'{arg}' must be a number of seconds") from None
     if value != value or value < 0:
-        raise ApiError(400, f"'{arg}' must be a number of seconds >= 0")
+        raise Invalid(arg, f"'{arg}' must be a number of seconds >= 0")
     return value
+
+
+@attrs.frozen
+class AdminServices:
+    """The services the admin API calls (each typed by its interface in tcm/interfaces.py)."""
+
+    name: str  # this server's name
+    access: IAccessTokens
+    admission: IAgentAdmission
+    presence: IAgentPresence
+    settings: IRuntimeSettings
+    jobs: IJobs
+    targets: ITargets
+    inventory: IInventory
+    audit: IAudit
+    policies: IPolicies
+    profiles: IProfiles
+    nodes: INodeRegistry
+    certificates: ICertificates
 
 
 class AdminAPI(JsonRouter):
     """/api/v1."""
 
-    def __init__(self, core: ServerCore):
+    def __init__(self, services: AdminServices):
         super().__init__("/api/v1")
-        self.core = core
+        s = services
+        self.name = s.name
+        self.access = s.access
+        self.admission = s.admission
+        self.presence = s.presence
+        self.runtime = s.settings
+        self.jobservice = s.jobs
+        self.targetservice = s.targets
+        self.inventoryservice = s.inventory
+        self.auditlog = s.audit
+        self.policyservice = s.policies
+        self.profileservice = s.profiles
+        self.nodes = s.nodes
+        self.certificates = s.certificates
         self._permissions: dict[Any, tuple[str, str]] = {}
         self.route("GET", "/status", self.status)
         self.route("GET", "/agents", self.agents)
@@ -137,65 +162,68 @@ class AdminAPI(JsonRouter):
         header = raw.decode("latin-1") if isinstance(raw, bytes) else raw
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
-            raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)")
-        try:
-            who = self.core.tokens.authenticate(token.strip(), self.core.clock.seconds())
-        except Unauthenticated as e:
-            raise ApiError(401, str(e)) from None
+            raise Unauthenticated("missing bearer token (Authorization: Bearer <token>)")
+        who = self.access.authenticate(token.strip())  # errors.Unauthenticated: a 401
         permission, doing = self._permissions.get(handler, ("admin", "do this"))
-        try:
-            who.require(permission, doing)
-        except Refused as e:
-            raise self.refusal(e) from None
+        who.require(permission, doing)  # roles.Refused (errors.Forbidden): a 403
         request.who = who  # the Principal
         request.principal = who.name
 
-    @staticmethod
-    def refusal(e: Refused) -> ApiError:
-        return ApiError(403, e.reason, role=e.role, lacks=e.lacks)
-
     def status(self, request):
         return {
-            "version": self.core.version,
-            "name": self.core.name,
-            "sessions": len(self.core.registry),
-            "agents": len(self.core.directory),
-            "active_jobs": len(self.core.jobs.book.jobs),
+            "version": tcm.__version__,
+            "name": self.name,
+            "sessions": len(self.presence.registry),
+            "agents": self.admission.count(),
+            "active_jobs": self.jobservice.active_count(),
         }
 
+    # -- agents --------------------------------------------------------------------------
     def _agent_view(self, row: dict[str, Any]) -> dict[str, Any]:
-        session = self.core.registry.get(row["id"])
+        session = self.presence.session(row["id"])
         return {
             "id": row["id"],
             "hostname": row["hostname"],
             "platform": row["platform"],
             "online": session is not None,
-            "mode": "persistent" if session else self.core.http_mode_of(row["id"]),
+            "mode": "persistent" if session else self.presence.http_mode_of(row["id"]),
             "via": session.via if session else None,
             "connected_since": session.connected_at if session else None,
             "tls": session.tls if session else None,
-            "last_seen": self.core.clock.seconds()
-            if session
-            else max(row["last_seen"] or 0, self.core.last_poll.get(row["id"], 0)) or None,
+            "last_seen": self.presence.last_seen(row["id"], row["last_seen"]),
             "enrolled_at": row["enrolled_at"],
             "revoked": bool(row["revoked"]),
             "approved": bool(row.get("approved", True)),
             "capabilities": [c["name"] for c in row["capabilities"] or []],
-            **self.core.agent_config.running(row["id"]),
+            **self.policyservice.running(row["id"]),
         }
 
     @inlineCallbacks
     def agents(self, request):
-        rows = yield self.core.db.agents.list_agents()
+        rows = yield self.admission.list_agents()
         return {"agents": [self._agent_view(r) for r in rows]}
 
     @inlineCallbacks
     def agent(self, request, agent: str):
-        row = yield self.core.db.agents.get_agent(agent)
-        if row is None:
-            raise ApiError(404, f"no such agent: {agent}")
-        return self._agent_view(row)
+        return self._agent_view((yield self.admission.get_agent(agent)))
 
+    @inlineCallbacks
+    def approve_agent(self, request, agent: str):
+        """Approve an agent that enrolled while require_approval was on."""
+        changed = yield self.admission.approve(agent)
+        if changed:
+            yield self.auditlog.record(request.who, "agent.approve", agent, {})
+        return {"agent_id": agent, "approved": True, "changed": changed}
+
+    @inlineCallbacks
+    def revoke_agent(self, request, agent: str):
+        """Revoke an agent: refused everywhere from now on, its sessions closed (4007)."""
+        changed = yield self.admission.revoke(agent)
+        if changed:
+            yield self.auditlog.record(request.who, "agent.revoke", agent, {})
+        return {"agent_id": agent, "revoked": True, "changed": changed}
+
+    # -- enrollment tokens ---------------------------------------------------------------
     @inlineCallbacks
     def create_token(self, request):
         body = json_object(request)
@@ -203,17 +231,15 @@ class AdminAPI(JsonRouter):
         if ttl is not None and (
             isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0
         ):
-            raise ApiError(400, "'ttl' must be a positive number of seconds")
+            raise Invalid("ttl", "'ttl' must be a positive number of seconds")
         if uses is not None and (isinstance(uses, bool) or not isinstance(uses, int) or uses < 1):
-            raise ApiError(400, "'uses' must be a positive integer")
+            raise Invalid("uses", "'uses' must be a positive integer")
         description = str(body.get("description", ""))
         profile = body.get("profile")
-        if profile is not None and profile not in self.core.agent_config.profiles:
-            raise ApiError(400, f"no such profile: {profile!r}")
-        token = yield self.core.db.access.create_token(
-            ttl, uses, description, profile, now=self.core.clock.seconds()
-        )
-        yield self.core.audit(
+        if profile is not None and profile not in self.profileservice.profiles:
+            raise Invalid("profile", f"no such profile: {profile!r}")
+        token = yield self.access.create_enrollment_token(ttl, uses, description, profile)
+        yield self.auditlog.record(
             request.who,
             "token.create",
             token.partition(".")[0],
@@ -223,43 +249,44 @@ class AdminAPI(JsonRouter):
 
     @inlineCallbacks
     def tokens(self, request):
-        return {"tokens": (yield self.core.db.access.list_tokens())}
+        return {"tokens": (yield self.access.enrollment_tokens())}
 
+    # -- jobs ----------------------------------------------------------------------------
     @inlineCallbacks
     def create_job(self, request):
         body = json_object(request)
         action = body.get("action")
         if not isinstance(action, str) or not ACTION_NAME.match(action):
-            raise ApiError(400, "'action' must be an action name like 'inventory.collect'")
+            raise Invalid("action", "'action' must be an action name like 'inventory.collect'")
         args = body.get("args", {})
         if not isinstance(args, dict):
-            raise ApiError(400, "'args' must be a JSON object")
+            raise Invalid("args", "'args' must be a JSON object")
         targets, target = body.get("targets"), body.get("target")
         if (targets is None) == (target is None):
-            raise ApiError(
-                400, "give either 'targets' (\"all\" or agent ids) or 'target' (a target name)"
+            raise Invalid(
+                None, "give either 'targets' (\"all\" or agent ids) or 'target' (a target name)"
             )
         if target is not None:
             if not isinstance(target, str):
-                raise ApiError(400, "'target' must be a target name")
-            recipients = sorted((yield self._members(target)))
+                raise Invalid("target", "'target' must be a target name")
+            recipients = sorted((yield self.targetservice.members(target)))
             if not recipients:
-                raise ApiError(400, f"target {target!r} has no members now")
+                raise Invalid("target", f"target {target!r} has no members now")
         elif targets != "all" and not (
             isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)
         ):
-            raise ApiError(400, "'targets' must be \"all\" or a non-empty list of agent ids")
+            raise Invalid("targets", "'targets' must be \"all\" or a non-empty list of agent ids")
         else:
             recipients = targets
         ttl, timeout = body.get("ttl"), body.get("timeout")
         for name, value in (("ttl", ttl), ("timeout", timeout)):
             if value is not None and not isinstance(value, (int, float)):
-                raise ApiError(400, f"'{name}' must be a number of seconds")
+                raise Invalid(name, f"'{name}' must be a number of seconds")
         yield self._check_scope(request, recipients)
-        job_id = yield self.core.jobs.create(
+        job_id = yield self.jobservice.create(
             action, args, recipients, ttl, timeout, created_by=request.principal
         )
-        yield self.core.audit(
+        yield self.auditlog.record(
             request.who,
             "job.create",
             job_id,
@@ -273,25 +300,12 @@ class AdminAPI(JsonRouter):
 
     @inlineCallbacks
     def jobs(self, request):
-        rows = yield self.core.db.jobs.list_jobs()
-        return {"jobs": rows}
+        return {"jobs": (yield self.jobservice.list_jobs())}
 
     def job(self, request, job: str):
         """A job; `?results=false` gives its counts only (cheap to poll for big jobs)."""
         results = request.args.get(b"results", [b"true"])[0].lower() not in (b"false", b"0")
-        return self.core.jobs.status(job, results=results)
-
-    def settings(self, request):
-        return dict(self.core.settings)
-
-    @inlineCallbacks
-    def change_settings(self, request):
-        body = json_object(request)
-        if not body:
-            raise ApiError(400, "give at least one setting to change")
-        settings = yield self.core.change_settings(body)
-        yield self.core.audit(request.who, "settings.change", ",".join(sorted(body)), body)
-        return settings
+        return self.jobservice.status(job, results=results)
 
     @inlineCallbacks
     def job_output(self, request, job: str):
@@ -299,128 +313,40 @@ class AdminAPI(JsonRouter):
         try:
             after_id = int(after)
         except ValueError:
-            raise ApiError(400, "'after' must be an integer") from None
+            raise Invalid("after", "'after' must be an integer") from None
         try:
             wait = float(request.args.get(b"wait", [b"0"])[0])
         except ValueError:
-            raise ApiError(400, "'wait' must be a number of seconds") from None
+            raise Invalid("wait", "'wait' must be a number of seconds") from None
         if not 0 <= wait <= 60:
-            raise ApiError(400, "'wait' must be 0..60 seconds")
-        rows = yield self.core.db.jobs.get_output(job, after_id)
+            raise Invalid("wait", "'wait' must be 0..60 seconds")
+        rows = yield self.jobservice.stored_output(job, after_id)
         if not rows and wait > 0:
             # Follow live: answered as soon as the job's next output is stored (or its
             # targets finish), at the latest after `wait` seconds.
-            yield self.core.jobs.output_waiter(job, wait)
-            rows = yield self.core.db.jobs.get_output(job, after_id)
+            yield self.jobservice.output_waiter(job, wait)
+            rows = yield self.jobservice.stored_output(job, after_id)
         return {"output": rows}
 
-    # -- task servers --------------------------------------------------------------------
+    # -- settings ------------------------------------------------------------------------
+    def settings(self, request):
+        return self.runtime.as_dict()
+
+    @inlineCallbacks
+    def change_settings(self, request):
+        body = json_object(request)
+        settings = yield self.runtime.change(body)
+        yield self.auditlog.record(request.who, "settings.change", ",".join(sorted(body)), body)
+        return settings
+
+    # -- task servers and gateways -------------------------------------------------------
     def taskservers(self, request):
         """Registered task servers with their state and client counts."""
-        core = self.core
-        out = []
-        for name in sorted(core.nodes.task_servers()):
-            record = core.nodes.records[name]
-            node = core.nodes.links.get(name)
-            assignments = core.assignments
-            connected = node is not None and node.ready
-            if record.get("revoked"):
-                state = "revoked"
-            elif record.get("fingerprint") is None:
-                state = "awaiting enrollment"
-            elif not connected:
-                state = "down"
-            elif assignments.full(name):
-                state = "full"
-            else:
-                state = "up"
-            out.append(
-                {
-                    "name": name,
-                    "url": node.url if connected else record.get("url"),
-                    "state": state,
-                    "clients": node.open_sessions() if connected else 0,
-                    # of those, task sessions a gateway carries here (agents outside)
-                    "via_gateways": sum(
-                        1 for s in node.sessions.values() if " via gateway:" in s.via
-                    )
-                    if connected
-                    else 0,
-                    "assigned": assignments.counts.get(name, 0),
-                    "max_clients": assignments.capacity(name)
-                    if connected
-                    else record.get("max_clients") or assignments.default_max,
-                    "registered_at": record["registered_at"],
-                    "enrolled_at": record.get("enrolled_at"),
-                    "link": {
-                        "frames_in": node.frames_in,
-                        "frames_out": node.frames_out,
-                        "pushes": node.pushes,
-                    }
-                    if connected
-                    else None,
-                }
-            )
-        return {"policy": core.assignments.policy, "taskservers": out}
+        return self.nodes.task_server_views()
 
-    @inlineCallbacks
-    def approve_agent(self, request, agent: str):
-        """Approve an agent that enrolled while require_approval was on."""
-        changed = yield self.core.approve_agent(agent)
-        if changed:
-            yield self.core.audit(request.who, "agent.approve", agent, {})
-        return {"agent_id": agent, "approved": True, "changed": changed}
-
-    @inlineCallbacks
-    def revoke_agent(self, request, agent: str):
-        """Revoke an agent: refused everywhere from now on, its sessions closed (4007)."""
-        changed = yield self.core.revoke_agent(agent)
-        if changed:
-            yield self.core.audit(request.who, "agent.revoke", agent, {})
-        return {"agent_id": agent, "revoked": True, "changed": changed}
-
-    # -- gateways ------------------------------------------------------------------------
     def gateways(self, request):
         """Registered gateways, each with its live links (one per worker process)."""
-        core = self.core
-        out = []
-        for name in sorted(core.nodes.gateways()):
-            record = core.nodes.records[name]
-            links = [n for n in core.nodes.links.values() if n.name == name and n.ready]
-            if record.get("revoked"):
-                state = "revoked"
-            elif record.get("fingerprint") is None:
-                state = "awaiting enrollment"
-            else:
-                state = "up" if links else "down"
-            out.append(
-                {
-                    "name": name,
-                    "state": state,
-                    "url": links[0].url if links else record.get("url"),
-                    "sessions": sum(n.open_sessions("core") for n in links),
-                    "task_sessions": sum(n.open_sessions("task") for n in links),
-                    # task servers it links to: its agents' task sessions go there through it
-                    "task_servers": sorted({t for n in links for t in n.reach}),
-                    "registered_at": record["registered_at"],
-                    "enrolled_at": record.get("enrolled_at"),
-                    "links": [
-                        {
-                            "worker": n.worker,
-                            "sessions": n.open_sessions("core"),
-                            "task_sessions": n.open_sessions("task"),
-                            "task_servers": list(n.reach),
-                            "connections": len(n.sessions),
-                            "frames_in": n.frames_in,
-                            "frames_out": n.frames_out,
-                            "pushes": n.pushes,
-                            "requests": n.requests,
-                        }
-                        for n in sorted(links, key=lambda n: n.worker or 0)
-                    ],
-                }
-            )
-        return {"server": core.name, "gateways": out}
+        return {"server": self.name, "gateways": self.nodes.gateway_views()}
 
     def register_gateway(self, request):
         """Register a gateway; the answer holds its one-time enrollment token."""
@@ -433,30 +359,25 @@ class AdminAPI(JsonRouter):
     @inlineCallbacks
     def _register_node(self, request, role: str):
         from tcm.protocol.names import NODE_NAME
-        from tcm.store import TokenRefused
 
         body = json_object(request)
         name = body.get("name")
         if not isinstance(name, str) or not NODE_NAME.match(name):
-            raise ApiError(400, "'name' must be a node name like 'ts1' (a-z, 0-9, _ . -)")
+            raise Invalid("name", "'name' must be a node name like 'ts1' (a-z, 0-9, _ . -)")
         if role == "gateway" and body.get("max_clients") is not None:
-            raise ApiError(400, "'max_clients' is for task servers; a gateway sets its own")
+            raise Invalid(
+                "max_clients", "'max_clients' is for task servers; a gateway sets its own"
+            )
         max_clients = body.get("max_clients")
         if max_clients is not None and (
             isinstance(max_clients, bool) or not isinstance(max_clients, int) or max_clients < 1
         ):
-            raise ApiError(400, "'max_clients' must be a positive integer")
+            raise Invalid("max_clients", "'max_clients' must be a positive integer")
         ttl = body.get("ttl", 3600)
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= 30 * 86400:
-            raise ApiError(400, "'ttl' must be a number of seconds up to 30 days")
-        try:
-            secret = yield self.core.db.access.register_node(
-                name, role, max_clients, float(ttl), self.core.clock.seconds()
-            )
-        except TokenRefused as e:
-            raise ApiError(409, str(e)) from None
-        yield self.core.reload_nodes()
-        yield self.core.audit(
+            raise Invalid("ttl", "'ttl' must be a number of seconds up to 30 days")
+        secret = yield self.nodes.register(name, role, max_clients, float(ttl))
+        yield self.auditlog.record(
             request.who, f"{role}.register", name, {"max_clients": max_clients, "ttl": ttl}
         )
         return Reply(
@@ -466,255 +387,80 @@ class AdminAPI(JsonRouter):
 
     # -- selections and targets ----------------------------------------------------------
     @inlineCallbacks
-    def _members(self, name: str):
-        """A saved target's members now (404 unknown, 400 a stored filter that broke)."""
-        try:
-            return (yield self.core.resolve_target(name))
-        except UnknownTarget:
-            raise ApiError(404, f"no such target: {name}") from None
-        except FilterError as e:
-            raise filter_error(e) from None
-
-    @inlineCallbacks
     def _check_scope(self, request, recipients: list[str] | str):
         """403 when a token scoped to a target addresses agents outside it."""
         who = request.who
         if who.target is None:
             return
-        agents = set(self.core.directory.ids()) if recipients == "all" else set(recipients)
-        try:
-            scope = yield self.core.resolve_target(who.target)
-        except (UnknownTarget, FilterError):
-            scope = set()
-        try:
-            who.require_recipients(agents, scope)
-        except Refused as e:
-            raise self.refusal(e) from None
-
-    @inlineCallbacks
-    def _select(self, body: dict[str, Any]):
-        """The agents a selection names: ("filter", text) or ("agents", sorted ids).
-
-        One of: `filter` (an expression), `agents` (ids), `from_job` (a job id, with
-        `state`: a state or a list of states, default every state), `target` (a saved
-        target's members now)."""
-        given = [k for k in SELECTORS if body.get(k) is not None]
-        if len(given) != 1:
-            raise ApiError(400, f"give exactly one of {', '.join(SELECTORS)}")
-        kind = given[0]
-        if kind != "from_job" and body.get("state") is not None:
-            raise ApiError(400, "'state' goes with 'from_job'")
-        if kind == "filter":
-            text = body["filter"]
-            if not isinstance(text, str):
-                raise ApiError(400, "'filter' must be a string")
-            try:
-                parse(text)
-            except FilterError as e:
-                raise filter_error(e) from None
-            return "filter", text
-        if kind == "agents":
-            ids = _id_list(body["agents"], "agents")
-            unknown = sorted(set(ids) - set(self.core.directory.ids()))
-            if unknown:
-                raise ApiError(400, "unknown agent ids", unknown=unknown[:50])
-            return "agents", sorted(ids)
-        if kind == "target":
-            if not isinstance(body["target"], str):
-                raise ApiError(400, "'target' must be a target name")
-            return "agents", sorted((yield self._members(body["target"])))
-        job_id = body["from_job"]
-        states = body.get("state")
-        if isinstance(states, str):
-            states = [states]
-        if states is not None and not (
-            isinstance(states, list) and states and all(s in JOB_STATES for s in states)
-        ):
-            raise ApiError(400, f"'state' must be one or more of {', '.join(JOB_STATES)}")
-        if not isinstance(job_id, str):
-            raise ApiError(400, "'from_job' must be a job id")
-        agents = yield self.core.db.jobs.job_agents(job_id, states)
-        if agents is None:
-            raise ApiError(404, f"no such job: {job_id}")
-        return "agents", agents
-
-    def _member_rows(self, views: list[dict[str, Any]], ids: set[str]) -> list[dict[str, Any]]:
-        return [
-            {
-                "id": v["id"],
-                "name": v["name"],
-                "platform": v["platform"],
-                "online": v["online"],
-                "mode": v["mode"],
-                "group": v["group"],
-            }
-            for v in sorted(views, key=lambda v: v["id"])
-            if v["id"] in ids
-        ]
+        agents = set(self.admission.known_ids()) if recipients == "all" else set(recipients)
+        scope = yield self.targetservice.scope(who.target)
+        who.require_recipients(agents, scope)  # roles.Refused (errors.Forbidden): a 403
 
     @inlineCallbacks
     def selection(self, request):
         """The members of a selection (as for a target), without saving it."""
-        kind, value = yield self._select(json_object(request))
-        if kind == "filter":
-            f = parse(value)
-            views = yield self.core.agent_views(f.roots)
-            ids = f.select(views)
-        else:
-            views = yield self.core.agent_views()
-            ids = set(value)
-        return {"members": self._member_rows(views, ids)}
+        return {"members": (yield self.targetservice.selection(json_object(request)))}
 
     @inlineCallbacks
     def create_target(self, request):
         body = json_object(request)
-        name = _name(body, "target")
-        description = body.get("description", "")
-        if not isinstance(description, str) or len(description) > 255:
-            raise ApiError(400, "'description' must be a string of at most 255 characters")
-        kind, value = yield self._select(body)
-        row = {
-            "name": name,
-            "filter": value if kind == "filter" else None,
-            "agents": value if kind == "agents" else None,
-            "description": description,
-            "created_at": self.core.clock.seconds(),
-            "created_by": request.principal,
-        }
-        try:
-            yield self.core.db.targets.create_target(row)
-        except Conflict as e:
-            raise ApiError(409, str(e)) from None
-        details = {k: body[k] for k in (*SELECTORS, "state") if body.get(k) is not None}
-        if kind == "agents":
-            details["agents"] = value
-        yield self.core.audit(request.who, "target.create", name, details)
-        return Reply(self._target_view(row), status=201)
-
-    @staticmethod
-    def _target_view(row: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "name": row["name"],
-            "kind": "filter" if row["filter"] is not None else "static",
-            "filter": row["filter"],
-            "agents": row["agents"],
-            "description": row["description"],
-            "created_at": row["created_at"],
-            "created_by": row["created_by"],
-        }
+        view, details = yield self.targetservice.create_target(body, request.principal)
+        yield self.auditlog.record(request.who, "target.create", view["name"], details)
+        return Reply(view, status=201)
 
     @inlineCallbacks
     def targets(self, request):
-        rows = yield self.core.db.targets.list_targets()
-        return {"targets": [self._target_view(r) for r in rows]}
+        return {"targets": (yield self.targetservice.list_targets())}
 
-    @inlineCallbacks
     def target(self, request, name: str):
-        row = yield self.core.db.targets.get_target(name)
-        if row is None:
-            raise ApiError(404, f"no such target: {name}")
-        members = yield self._members(name)
-        return {**self._target_view(row), "members": len(members)}
+        return self.targetservice.get_target(name)
 
     @inlineCallbacks
     def target_members(self, request, name: str):
-        ids = yield self._members(name)
-        views = yield self.core.agent_views()
-        return {"target": name, "members": self._member_rows(views, ids)}
+        return {"target": name, "members": (yield self.targetservice.member_rows(name))}
 
     @inlineCallbacks
     def delete_target(self, request, name: str):
-        if not (yield self.core.db.targets.delete_target(name)):
-            raise ApiError(404, f"no such target: {name}")
-        yield self.core.audit(request.who, "target.delete", name)
+        yield self.targetservice.delete_target(name)
+        yield self.auditlog.record(request.who, "target.delete", name)
         return Reply(None, status=204)
 
     # -- groups ----------------------------------------------------------------------------
-    def _known(self, ids: list[str]) -> None:
-        unknown = sorted(set(ids) - set(self.core.directory.ids()))
-        if unknown:
-            raise ApiError(400, "unknown agent ids", unknown=unknown[:50])
-
     @inlineCallbacks
     def create_group(self, request):
-        body = json_object(request)
-        name = _name(body, "group")
-        description = body.get("description", "")
-        if not isinstance(description, str) or len(description) > 255:
-            raise ApiError(400, "'description' must be a string of at most 255 characters")
-        agents = _id_list(body.get("agents", []), "agents")
-        self._known(agents)
-        try:
-            yield self.core.db.targets.create_group(
-                name, description, self.core.clock.seconds(), agents
-            )
-        except Conflict as e:
-            raise ApiError(409, str(e)) from None
-        yield self.core.audit(request.who, "group.create", name, {"agents": agents})
-        return Reply((yield self.core.db.targets.get_group(name)), status=201)
+        row, agents = yield self.targetservice.create_group(json_object(request))
+        yield self.auditlog.record(request.who, "group.create", row["name"], {"agents": agents})
+        return Reply(row, status=201)
 
     @inlineCallbacks
     def groups(self, request):
-        return {"groups": (yield self.core.db.targets.list_groups())}
+        return {"groups": (yield self.targetservice.list_groups())}
 
-    @inlineCallbacks
     def group(self, request, name: str):
-        row = yield self.core.db.targets.get_group(name)
-        if row is None:
-            raise ApiError(404, f"no such group: {name}")
-        return row
+        return self.targetservice.get_group(name)
 
     @inlineCallbacks
     def delete_group(self, request, name: str):
-        if not (yield self.core.db.targets.delete_group(name)):
-            raise ApiError(404, f"no such group: {name}")
-        yield self.core.audit(request.who, "group.delete", name)
+        yield self.targetservice.delete_group(name)
+        yield self.auditlog.record(request.who, "group.delete", name)
         return Reply(None, status=204)
 
     @inlineCallbacks
     def change_group(self, request, name: str):
         """Body {"add": [ids], "remove": [ids]} (either may be absent)."""
         body = json_object(request)
-        add = _id_list(body.get("add", []), "add")
-        remove = _id_list(body.get("remove", []), "remove")
-        if not add and not remove:
-            raise ApiError(400, "give agent ids to 'add' or 'remove'")
-        self._known(add)
-        if not (yield self.core.db.targets.change_group(name, add, remove)):
-            raise ApiError(404, f"no such group: {name}")
-        yield self.core.audit(request.who, "group.change", name, {"add": add, "remove": remove})
-        return (yield self.core.db.targets.get_group(name))
+        add = id_list(body.get("add", []), "add")
+        remove = id_list(body.get("remove", []), "remove")
+        row = yield self.targetservice.change_group(name, add, remove)
+        yield self.auditlog.record(
+            request.who, "group.change", name, {"add": add, "remove": remove}
+        )
+        return row
 
     # -- inventory -------------------------------------------------------------------------
     @inlineCallbacks
     def agent_inventory(self, request, agent: str):
-        row = yield self.core.db.agents.get_agent(agent)
-        if row is None:
-            raise ApiError(404, f"no such agent: {agent}")
-        return {"agent": agent, "classes": (yield self.core.db.inventory.get_inventory(agent))}
-
-    @inlineCallbacks
-    def _stale(self, older_than: float, target: Any, classes: Any):
-        if classes is None:
-            classes = list(inventory.CLASSES)
-        elif not (
-            isinstance(classes, list)
-            and classes
-            and all(isinstance(c, str) and 0 < len(c) <= 64 for c in classes)
-        ):
-            raise ApiError(400, "'classes' must be a non-empty list of inventory class names")
-        if target is None:
-            agents = set(self.core.directory.ids())
-        elif isinstance(target, str):
-            agents = yield self._members(target)
-        else:
-            raise ApiError(400, "'target' must be a target name")
-        times = yield self.core.db.inventory.inventory_times()
-        now = self.core.clock.seconds()
-        items = inventory.stale(
-            {k: v[0] for k, v in times.items()}, agents, classes, now, older_than
-        )
-        return items, {k: v[1] for k, v in times.items()}
+        return {"agent": agent, "classes": (yield self.inventoryservice.of_agent(agent))}
 
     @inlineCallbacks
     def inventory_stale(self, request):
@@ -722,7 +468,7 @@ class AdminAPI(JsonRouter):
         older_than = _seconds(request, "older_than", 3600.0)
         target = request.args.get(b"target", [None])[0]
         classes = [c.decode("utf-8", "replace") for c in request.args.get(b"class", [])]
-        items, _ = yield self._stale(
+        items, _ = yield self.inventoryservice.stale(
             older_than,
             target.decode("utf-8", "replace") if target is not None else None,
             classes or None,
@@ -735,20 +481,20 @@ class AdminAPI(JsonRouter):
         body = json_object(request)
         older_than = body.get("older_than", 3600)
         if isinstance(older_than, bool) or not isinstance(older_than, int | float):
-            raise ApiError(400, "'older_than' must be a number of seconds")
+            raise Invalid("older_than", "'older_than' must be a number of seconds")
         if older_than < 0:
-            raise ApiError(400, "'older_than' must be a number of seconds >= 0")
+            raise Invalid("older_than", "'older_than' must be a number of seconds >= 0")
         ttl = body.get("ttl")
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float)):
-            raise ApiError(400, "'ttl' must be a number of seconds")
-        items, digests = yield self._stale(
+            raise Invalid("ttl", "'ttl' must be a number of seconds")
+        items, digests = yield self.inventoryservice.stale(
             float(older_than), body.get("target"), body.get("classes")
         )
         plan = inventory.refresh_plan(items, digests)
         yield self._check_scope(request, sorted({a for job in plan for a in job.agents}))
         created = []
         for job in plan:
-            job_id = yield self.core.jobs.create(
+            job_id = yield self.jobservice.create(
                 inventory.ACTION,
                 job.args(),
                 list(job.agents),
@@ -759,7 +505,7 @@ class AdminAPI(JsonRouter):
             created.append({"job": job_id, "classes": list(job.classes), "agents": job.agents})
         if not created:
             return {"jobs": []}  # nothing stale: nothing changed, nothing to audit
-        yield self.core.audit(
+        yield self.auditlog.record(
             request.who,
             "inventory.refresh",
             body.get("target") or "",
@@ -771,32 +517,24 @@ class AdminAPI(JsonRouter):
     @inlineCallbacks
     def create_api_token(self, request):
         body = json_object(request)
-        name = _name(body, "API token")
-        if name == "admin":
-            raise ApiError(400, "'admin' is the bootstrap token's name; choose another")
+        name = check_name(body, "API token")
+        self.access.check_token_name(name)
         role = body.get("role")
         if role not in ROLES:
-            raise ApiError(400, f"'role' must be one of {', '.join(ROLES)}")
+            raise Invalid("role", f"'role' must be one of {', '.join(ROLES)}")
         target = body.get("target")
         if target is not None:
             if not isinstance(target, str):
-                raise ApiError(400, "'target' must be a target name")
-            if (yield self.core.db.targets.get_target(target)) is None:
-                raise ApiError(400, f"no such target: {target}")
+                raise Invalid("target", "'target' must be a target name")
+            if not (yield self.targetservice.exists(target)):
+                raise Invalid("target", f"no such target: {target}")
         ttl = body.get("ttl")
         if ttl is not None and (
             isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl <= 0
         ):
-            raise ApiError(400, "'ttl' must be a positive number of seconds")
-        now = self.core.clock.seconds()
-        try:
-            token, row = yield self.core.db.access.create_api_token(
-                name, role, target, now + ttl if ttl else None, request.principal, now
-            )
-        except Conflict as e:
-            raise ApiError(409, str(e)) from None
-        self.core.tokens.add(row)
-        yield self.core.audit(
+            raise Invalid("ttl", "'ttl' must be a positive number of seconds")
+        token, row = yield self.access.create_api_token(name, role, target, ttl, request.principal)
+        yield self.auditlog.record(
             request.who,
             "apitoken.create",
             name,
@@ -807,15 +545,12 @@ class AdminAPI(JsonRouter):
 
     @inlineCallbacks
     def api_tokens(self, request):
-        return {"tokens": (yield self.core.db.access.list_api_tokens())}
+        return {"tokens": (yield self.access.api_tokens())}
 
     @inlineCallbacks
     def revoke_api_token(self, request, name: str):
-        ids = yield self.core.db.access.revoke_api_token(name, self.core.clock.seconds())
-        if not ids:
-            raise ApiError(404, f"no active API token named {name!r}")
-        self.core.tokens.remove(ids)
-        yield self.core.audit(request.who, "apitoken.revoke", name, {"ids": ids})
+        ids = yield self.access.revoke_api_token(name)
+        yield self.auditlog.record(request.who, "apitoken.revoke", name, {"ids": ids})
         return Reply(None, status=204)
 
     @inlineCallbacks
@@ -825,53 +560,51 @@ class AdminAPI(JsonRouter):
         try:
             limit = int(request.args.get(b"limit", [b"1000"])[0])
         except ValueError:
-            raise ApiError(400, "'limit' must be an integer") from None
-        if not 1 <= limit <= 100000:
-            raise ApiError(400, "'limit' must be 1..100000")
-        return {"entries": (yield self.core.db.audit.list_audit(since, limit))}
+            raise Invalid("limit", "'limit' must be an integer") from None
+        return {"entries": (yield self.auditlog.entries(since, limit))}
 
     def ca(self, request):
         """The CA certificate agents trust (PEM), for install packages."""
-        return {"ca": self.core.ca.cert_pem.decode()}
+        return {"ca": self.certificates.ca_pem.decode()}
 
     # -- policies ------------------------------------------------------------------------
     def policies(self, request):
-        cfg = self.core.agent_config
+        p = self.policyservice
         return {
-            "policies": [cfg.policy_view(p) for _, p in sorted(cfg.policies.items())],
-            "types": sorted(cfg.known_policy_types()),
+            "policies": [p.policy_view(x) for _, x in sorted(p.policies.items())],
+            "types": sorted(p.known_policy_types()),
         }
 
     @inlineCallbacks
     def policy(self, request, name: str):
         """A policy, with what each of its agents reports running."""
-        cfg = self.core.agent_config
-        view = cfg.policy_view(cfg.get_policy(name))
-        agents = yield cfg.members(view["targets"])
-        view["agents"] = {a: cfg.running(a)["policies"].get(name) for a in sorted(agents)}
+        p = self.policyservice
+        view = p.policy_view(p.get_policy(name))
+        agents = yield p.members(view["targets"])
+        view["agents"] = {a: p.running(a)["policies"].get(name) for a in sorted(agents)}
         return view
 
     @inlineCallbacks
     def create_policy(self, request):
-        view = yield self.core.agent_config.create_policy(json_object(request))
+        view = yield self.policyservice.create_policy(json_object(request))
         yield self._audit_policy(request, "policy.create", view)
         return Reply(view, status=201)
 
     @inlineCallbacks
     def update_policy(self, request, name: str):
-        view = yield self.core.agent_config.update_policy(name, json_object(request))
+        view = yield self.policyservice.update_policy(name, json_object(request))
         yield self._audit_policy(request, "policy.update", view)
         return view
 
     @inlineCallbacks
     def delete_policy(self, request, name: str):
-        result = yield self.core.agent_config.delete_policy(name)
-        yield self.core.audit(request.who, "policy.delete", name)
+        result = yield self.policyservice.delete_policy(name)
+        yield self.auditlog.record(request.who, "policy.delete", name)
         return result
 
     def _audit_policy(self, request, action: str, view: dict[str, Any]):
         details = {k: view[k] for k in ("type", "version", "targets", "document")}
-        return self.core.audit(request.who, action, view["name"], details)
+        return self.auditlog.record(request.who, action, view["name"], details)
 
     @inlineCallbacks
     def push_policy(self, request, name: str):
@@ -880,50 +613,50 @@ class AdminAPI(JsonRouter):
         try:
             wait = float(request.args.get(b"wait", [b"10"])[0])
         except ValueError:
-            raise ApiError(400, "'wait' must be a number of seconds") from None
+            raise Invalid("wait", "'wait' must be a number of seconds") from None
         if not 0 < wait <= 120:
-            raise ApiError(400, "'wait' must be 0..120 seconds")
-        policy = self.core.agent_config.get_policy(name)  # 404 before anything is written
+            raise Invalid("wait", "'wait' must be 0..120 seconds")
+        policy = self.policyservice.get_policy(name)  # 404 before anything is written
         # a token scoped to a target may push only to agents inside it, as for jobs
         yield self._check_scope(
-            request, sorted((yield self.core.agent_config.members(policy["targets"])))
+            request, sorted((yield self.policyservice.members(policy["targets"])))
         )
-        result = yield self.core.agent_config.push(name, wait)
+        result = yield self.policyservice.push(name, wait)
         statuses: dict[str, int] = {}
         for entry in result["agents"].values():
             statuses[entry["status"]] = statuses.get(entry["status"], 0) + 1
-        yield self.core.audit(
+        yield self.auditlog.record(
             request.who, "policy.push", name, {"version": result["version"], "statuses": statuses}
         )
         return result
 
     # -- connection profiles -------------------------------------------------------------
     def profiles(self, request):
-        cfg = self.core.agent_config
-        return {"profiles": [cfg.profile_view(p) for _, p in sorted(cfg.profiles.items())]}
+        p = self.profileservice
+        return {"profiles": [p.profile_view(x) for _, x in sorted(p.profiles.items())]}
 
     def profile(self, request, name: str):
-        cfg = self.core.agent_config
-        return cfg.profile_view(cfg.get_profile(name))
+        p = self.profileservice
+        return p.profile_view(p.get_profile(name))
 
     @inlineCallbacks
     def create_profile(self, request):
-        view = yield self.core.agent_config.create_profile(json_object(request))
+        view = yield self.profileservice.create_profile(json_object(request))
         yield self._audit_profile(request, "profile.create", view)
         return Reply(view, status=201)
 
     @inlineCallbacks
     def update_profile(self, request, name: str):
-        view = yield self.core.agent_config.update_profile(name, json_object(request))
+        view = yield self.profileservice.update_profile(name, json_object(request))
         yield self._audit_profile(request, "profile.update", view)
         return view
 
     @inlineCallbacks
     def delete_profile(self, request, name: str):
-        result = yield self.core.agent_config.delete_profile(name)
-        yield self.core.audit(request.who, "profile.delete", name)
+        result = yield self.profileservice.delete_profile(name)
+        yield self.auditlog.record(request.who, "profile.delete", name)
         return result
 
     def _audit_profile(self, request, action: str, view: dict[str, Any]):
         details = {k: view[k] for k in ("version", "settings", "assignments")}
-        return self.core.audit(request.who, action, view["name"], details)
+        return self.auditlog.record(request.who, action, view["name"], details)

@@ -7,55 +7,50 @@ identified by the subject of its client certificate in both cases.
 
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 
-from tcm.server.web import ApiError, JsonRouter, Reply, json_object
-from tcm.store import TokenRefused
-from tcm.tls import pki
+from tcm.interfaces import (
+    IAgentAdmission,
+    IAgentPresence,
+    IJobs,
+    IPolicies,
+    IProfiles,
+    IRuntimeSettings,
+)
+from tcm.server.agents import RE_ENROLL_WINDOW, RecentEnrollments
+from tcm.server.errors import Invalid
+from tcm.server.web import JsonRouter, Reply, json_object
 
-RE_ENROLL_WINDOW = 600.0  # seconds an enrollment can be asked for again with the same key
+__all__ = ["RE_ENROLL_WINDOW", "AgentAPI", "RecentEnrollments"]
 
-
-class RecentEnrollments:
-    """Enrollments of the last RE_ENROLL_WINDOW seconds by public key, oldest first, so an
-    agent that asks again (its first answer lost) gets the same identity. Bounded: what is
-    older than the window goes at each new entry, and at most `limit` are kept."""
-
-    def __init__(self, limit: int = 200_000):
-        self.limit = limit
-        self._entries: dict[str, tuple[float, Any]] = {}  # insertion order = time order
-
-    def get(self, key: str) -> Any:
-        entry = self._entries.get(key)
-        return entry[1] if entry is not None else None
-
-    def remember(self, key: str, value: Any, now: float) -> None:
-        entries = self._entries
-        entries.pop(key, None)
-        entries[key] = (now, value)
-        while True:  # the oldest first: stop at the first one still young, within the limit
-            oldest = next(iter(entries))
-            if now - entries[oldest][0] < RE_ENROLL_WINDOW and len(entries) <= self.limit:
-                break
-            del entries[oldest]
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-if TYPE_CHECKING:
-    from tcm.server.service import ServerCore
+PROXIED_CERT_HEADER = b"x-tcm-client-cert"
 
 
 class AgentAPI(JsonRouter):
     """/agent/v1: enrollment, job accept/output/result, work for pollers."""
 
-    def __init__(self, core: ServerCore):
+    def __init__(
+        self,
+        admission: IAgentAdmission,
+        presence: IAgentPresence,
+        settings: IRuntimeSettings,
+        jobs: IJobs,
+        policies: IPolicies,
+        profiles: IProfiles,
+        clock: Any,
+        keepalive: float,
+    ):
         super().__init__("/agent/v1")
-        self.core = core
+        self.admission = admission
+        self.presence = presence
+        self.runtime = settings
+        self.jobs = jobs
+        self.policyservice = policies
+        self.profileservice = profiles
+        self.clock = clock
+        self.keepalive = keepalive
         self.route("POST", "/enroll", self.enroll)
         self.route("POST", "/jobs/{job}/accept", self.accept)
         self.route("POST", "/jobs/{job}/output", self.output)
@@ -71,7 +66,12 @@ class AgentAPI(JsonRouter):
     def authorize(self, request, handler) -> None:
         if handler == self.enroll:
             return
-        request.agent_id = self.core.authenticate_agent(request)
+        forwarded = request.getHeader(PROXIED_CERT_HEADER)
+        transport = request.channel.transport
+        if forwarded is not None:
+            request.agent_id = self.admission.authenticate_proxied(transport, forwarded)
+        else:
+            request.agent_id = self.admission.authenticate_transport(transport)
 
     # -- enrollment ----------------------------------------------------------------------
     @inlineCallbacks
@@ -79,48 +79,9 @@ class AgentAPI(JsonRouter):
         body = json_object(request)
         token, csr = body.get("token"), body.get("csr")
         if not isinstance(token, str) or not isinstance(csr, str):
-            raise ApiError(400, "enroll needs 'token' and 'csr' (PEM) strings")
+            raise Invalid(None, "enroll needs 'token' and 'csr' (PEM) strings")
         hostname = str(body.get("hostname", ""))[:255]
-        now = self.core.clock.seconds()
-        # The same key and token again within minutes: an agent that gave up waiting for
-        # the answer (a busy server) and asks again gets the same identity, and the token is
-        # not used twice. The CSR's signature proves it holds the key.
-        key_id = pki.csr_key_id(csr.encode())
-        again = self.core.recent_enrollments.get(key_id) if key_id is not None else None
-        if again is not None and again[0] == token and now - again[1] < RE_ENROLL_WINDOW:
-            self._log.info(
-                "agent {agent} asked again for its enrollment", agent=again[2]["agent_id"]
-            )
-            return Reply(again[2], status=201)
-        agent_id = "a-" + os.urandom(10).hex()
-        try:  # the CSR is checked first: a refused request does not use up the token
-            cert_pem = self.core.ca.sign_csr(
-                csr.encode(),
-                common_name=agent_id,
-                days=self.core.config.cert_days,
-                unit=self.core.name,  # which server the agent belongs to (gateways route by it)
-            )
-        except ValueError as e:
-            raise ApiError(400, f"bad certificate request: {e}") from None
-        try:
-            token_row = yield self.core.db.access.consume_token_row(token, now)
-        except TokenRefused as e:
-            self._log.warn("enrollment refused for {host}: {why}", host=hostname, why=str(e))
-            raise ApiError(403, str(e)) from None
-        fingerprint = pki.fingerprint(pki.load_certificate(cert_pem))
-        approved = not self.core.settings["require_approval"]
-        yield self.core.db.agents.add_agent(agent_id, hostname, fingerprint, now, approved)
-        self.core.agent_enrolled(agent_id, hostname, approved)
-        if token_row.get("profile"):
-            yield self.core.agent_config.set_enrollment_profile(agent_id, token_row["profile"])
-        self._log.info("agent {agent} enrolled ({host})", agent=agent_id, host=hostname)
-        reply = {
-            "agent_id": agent_id,
-            "certificate": cert_pem.decode(),
-            "ca": self.core.ca.cert_pem.decode(),
-        }
-        if key_id is not None:
-            self.core.recent_enrollments.remember(key_id, (token, now, reply), now)
+        _again, reply = yield self.admission.enroll(token, csr, hostname)
         return Reply(reply, status=201)
 
     def whoami(self, request):
@@ -128,7 +89,7 @@ class AgentAPI(JsonRouter):
 
     # -- jobs ----------------------------------------------------------------------------
     def accept(self, request, job: str):
-        decision = self.core.jobs.accept(request.agent_id, job)
+        decision = self.jobs.accept(request.agent_id, job)
         return {"decision": decision.value}
 
     def output(self, request, job: str):
@@ -139,8 +100,8 @@ class AgentAPI(JsonRouter):
             or stream not in ("stdout", "stderr", "log")
             or not isinstance(text, str)
         ):
-            raise ApiError(400, "output needs int 'seq', 'stream' (stdout/stderr/log), 'text'")
-        self.core.jobs.output(request.agent_id, job, seq, stream, text)
+            raise Invalid(None, "output needs int 'seq', 'stream' (stdout/stderr/log), 'text'")
+        self.jobs.output(request.agent_id, job, seq, stream, text)
         return Reply(None, status=204)
 
     @inlineCallbacks
@@ -148,11 +109,11 @@ class AgentAPI(JsonRouter):
         body = json_object(request)
         state = body.get("state")
         if state not in ("succeeded", "failed", "expired"):
-            raise ApiError(400, "result 'state' must be succeeded, failed or expired")
+            raise Invalid("state", "result 'state' must be succeeded, failed or expired")
         error = body.get("error")
         if error is not None and not isinstance(error, str):
-            raise ApiError(400, "'error' must be a string")
-        stored = yield self.core.jobs.result(
+            raise Invalid("error", "'error' must be a string")
+        stored = yield self.jobs.result(
             request.agent_id,
             job,
             state,
@@ -166,61 +127,61 @@ class AgentAPI(JsonRouter):
 
     def settings(self, request):
         """What an agent needs to know to reach this server well."""
-        s = self.core.settings
+        s = self.runtime
         return {
             "persistent_connections": s["persistent_connections"],
             "poll_interval": s["poll_interval"],
             "long_poll": s["long_poll"],
-            "keepalive": self.core.config.keepalive,
+            "keepalive": self.keepalive,
         }
 
     # -- policies and connection profile -------------------------------------------------
     @inlineCallbacks
     def policies(self, request):
         """The policies that apply to this agent, with their versions and documents."""
-        return {"policies": (yield self.core.agent_config.policies_for(request.agent_id))}
+        return {"policies": (yield self.policyservice.policies_for(request.agent_id))}
 
     def policy_status(self, request):
         """The agent reports what it runs: {"policies": {name: {version, state, ...}}}."""
         body = json_object(request)
-        return self.core.agent_config.report_policies(request.agent_id, body.get("policies"))
+        return self.policyservice.report_policies(request.agent_id, body.get("policies"))
 
     @inlineCallbacks
     def profile(self, request):
         """The connection profile that applies to this agent (null: none)."""
-        return {"profile": (yield self.core.agent_config.profile_for(request.agent_id))}
+        return {"profile": (yield self.profileservice.profile_for(request.agent_id))}
 
     def profile_status(self, request):
         """The agent reports the profile it runs: {"name", "version"} (nulls: none)."""
-        return self.core.agent_config.report_profile(request.agent_id, json_object(request))
+        return self.profileservice.report_profile(request.agent_id, json_object(request))
 
     def work(self, request):
         """Jobs for an agent in HTTP mode; with `?wait=S`, a long-poll held up to S seconds
         (at most the server's `long_poll` setting) and answered as soon as work is pushed."""
-        core = self.core
         agent_id = request.agent_id
         try:
             wait = float(request.args.get(b"wait", [b"0"])[0])
         except ValueError:
-            raise ApiError(400, "'wait' must be a number of seconds") from None
-        wait = max(0.0, min(wait, float(core.settings["long_poll"])))
-        core.agent_polled(agent_id)
-        jobs = core.jobs.work_for(agent_id)
-        notices = core.agent_config.notices_for(agent_id)
+            raise Invalid("wait", "'wait' must be a number of seconds") from None
+        wait = max(0.0, min(wait, float(self.runtime["long_poll"])))
+        self.presence.agent_polled(agent_id)
+        jobs = self.jobs.work_for(agent_id)
+        notices = self.policyservice.notices_for(agent_id)
         if jobs or notices or wait <= 0:
             return self._work_answer(notices + [j.request().to_dict() for j in jobs])
-        waiter = core.polls.wait(agent_id, wait)
-        request.notifyFinish().addErrback(lambda _: core.polls.cancel(waiter))
+        polls = self.presence.polls
+        waiter = polls.wait(agent_id, wait)
+        request.notifyFinish().addErrback(lambda _: polls.cancel(waiter))
         return waiter.deferred.addCallback(self._work_answer)
 
     def _work_answer(self, requests: list) -> dict[str, Any]:
-        s = self.core.settings
+        s = self.runtime
         return {
             "requests": requests,
             "poll_interval": s["poll_interval"],
             "long_poll": s["long_poll"],
             "persistent_connections": s["persistent_connections"],
-            "server_time": self.core.clock.seconds(),
+            "server_time": self.clock.seconds(),
         }
 
 

@@ -1,6 +1,6 @@
 """JobService: creates jobs, delivers them, and records what agents report.
 
-Glue between the pure JobBook (jobs.py), the Database and the Dispatcher. Every push of a job,
+Glue between the pure JobBook (jobs.py), the Store and the Dispatcher. Every push of a job,
 to a live session or to a poller, goes through `Dispatcher.push`.
 """
 
@@ -14,12 +14,13 @@ from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from tcm.interfaces import IJobs
 from tcm.server import inventory
 from tcm.server.dispatcher import Dispatcher
+from tcm.server.errors import Conflict, Invalid, NotFound
 from tcm.server.jobs import TERMINAL, Accept, Change, Job, JobBook, TargetState, summarize
-from tcm.server.web import ApiError
-from tcm.store import Database
 
 TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
 
@@ -27,6 +28,7 @@ MAX_TTL = 30 * 24 * 3600.0
 DEFAULT_TTL = 3600.0
 
 
+@implementer(IJobs)
 class JobService:
     """Jobs from creation to stored results."""
 
@@ -34,13 +36,17 @@ class JobService:
 
     def __init__(
         self,
-        db: Database,
+        job_store: Any,
         dispatcher: Dispatcher,
         clock: Any,
         capabilities_of: Callable[[str], dict[str, Any] | None],
         known_agents: Callable[[], list[str]],
+        inventory_store: Any = None,
     ):
-        self.db = db
+        # the store's jobs area (create_job ... job_agents) and its inventory area (results of
+        # inventory.collect); one Store object has both
+        self.store = job_store
+        self.inventory_store = inventory_store if inventory_store is not None else job_store
         self.dispatcher = dispatcher
         self.clock = clock
         self.book = JobBook()
@@ -54,7 +60,7 @@ class JobService:
     @inlineCallbacks
     def load(self):
         """Rebuild the working set from the store (at startup)."""
-        active = yield self.db.jobs.load_active()
+        active = yield self.store.load_active()
         for row, states in active:
             job = Job(
                 id=row["id"],
@@ -90,9 +96,9 @@ class JobService:
         now = self.clock.seconds()
         ttl = DEFAULT_TTL if ttl is None else ttl
         if not 0 < ttl <= MAX_TTL:
-            raise ApiError(400, f"ttl must be in (0, {MAX_TTL:.0f}] seconds")
+            raise Invalid("ttl", f"ttl must be in (0, {MAX_TTL:.0f}] seconds")
         if timeout is not None and timeout <= 0:
-            raise ApiError(400, "timeout must be positive")
+            raise Invalid("timeout", "timeout must be positive")
         known = self._known_agents()
         if targets == "all":
             agent_ids = sorted(known)
@@ -100,7 +106,7 @@ class JobService:
             agent_ids = sorted(set(targets))
             unknown = sorted(set(agent_ids) - set(known))
             if unknown:
-                raise ApiError(400, "unknown agent ids", unknown=unknown[:50])
+                raise Invalid("targets", "unknown agent ids", unknown=unknown[:50])
         job = Job(
             id=os.urandom(8).hex(),
             action=action,
@@ -113,8 +119,8 @@ class JobService:
         try:
             job.frame()  # encodable, or nothing is stored
         except (TypeError, ValueError) as e:
-            raise ApiError(400, f"job cannot be encoded: {e}") from None
-        yield self.db.jobs.create_job(
+            raise Invalid("args", f"job cannot be encoded: {e}") from None
+        yield self.store.create_job(
             dict(
                 id=job.id,
                 action=action,
@@ -192,7 +198,7 @@ class JobService:
 
     def output(self, agent_id: str, job_id: str, seq: int, stream: str, text: str):
         now = self.clock.seconds()
-        d = self.db.jobs.add_output(job_id, agent_id, seq, stream, text, now)
+        d = self.store.add_output(job_id, agent_id, seq, stream, text, now)
         d.addCallback(lambda _: self._wake_followers(job_id))
         return d
 
@@ -241,9 +247,9 @@ class JobService:
         if current is None:
             return succeed(False)  # already stored (a redelivered result), or unknown
         if target_state not in (TargetState.SUCCEEDED, TargetState.FAILED, TargetState.EXPIRED):
-            raise ApiError(400, f"not a final state: {state}")
+            raise Invalid("state", f"not a final state: {state}")
         if target_state is TargetState.EXPIRED and current is TargetState.RUNNING:
-            raise ApiError(409, "job already running here; report its result")
+            raise Conflict("job already running here; report its result")
         return self._finish(
             job_id, agent_id, target_state, result, error, started, finished or now, received
         ).addCallback(lambda _: True)
@@ -255,7 +261,7 @@ class JobService:
         if not changes:
             return succeed(None)
         key = (job_id, agent_id)
-        d = self.db.jobs.store_result(
+        d = self.store.store_result(
             job_id,
             agent_id,
             state.value,
@@ -294,7 +300,7 @@ class JobService:
         collected = inventory.read_result(result, self.clock.seconds())
         if collected is None:
             return
-        self.db.inventory.store_inventory(agent_id, collected, self.clock.seconds()).addErrback(
+        self.inventory_store.store_inventory(agent_id, collected, self.clock.seconds()).addErrback(
             lambda f: None  # logged by the write queue; the result's own Deferred fails too
         )
 
@@ -321,24 +327,44 @@ class JobService:
 
     def _persist(self, changes: list[Change]) -> None:
         if changes:
-            self.db.jobs.set_states(changes).addErrback(
+            self.store.set_states(changes).addErrback(
                 lambda f: self._log.failure("could not store job state changes", f)
             )
 
     # -- reading -----------------------------------------------------------------------
+    def active_count(self) -> int:
+        """Jobs with unfinished targets."""
+        return len(self.book.jobs)
+
+    def list_jobs(self) -> Deferred[list[dict[str, Any]]]:
+        """Every job, newest first, without its targets."""
+        return self.store.list_jobs()
+
+    def stored_output(self, job_id: str, after: int) -> Deferred[list[dict[str, Any]]]:
+        """A job's output chunks stored after chunk `after` (0: from the start)."""
+        return self.store.get_output(job_id, after)
+
+    @inlineCallbacks
+    def agents_in_states(self, job_id: str, states: list[str] | None):
+        """The ids of a job's targets in any of `states` (None: all); NotFound without it."""
+        agents = yield self.store.job_agents(job_id, states)
+        if agents is None:
+            raise NotFound(f"no such job: {job_id}")
+        return agents
+
     @inlineCallbacks
     def status(self, job_id: str, results: bool = True):
         """A job's counts and, unless results=False, every target's state and result."""
         if not results:
-            job = yield self.db.jobs.get_job_counts(job_id)
+            job = yield self.store.get_job_counts(job_id)
             if job is None:
-                raise ApiError(404, f"no such job: {job_id}")
+                raise NotFound(f"no such job: {job_id}")
             states = job.pop("states")
             job["counts"] = summarize(s for s, n in states.items() for _ in range(n))
             return job
-        job = yield self.db.jobs.get_job(job_id)
+        job = yield self.store.get_job(job_id)
         if job is None:
-            raise ApiError(404, f"no such job: {job_id}")
+            raise NotFound(f"no such job: {job_id}")
         targets = job.pop("targets")
         job["counts"] = summarize(t["state"] for t in targets)
         job["results"] = [

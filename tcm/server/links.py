@@ -22,11 +22,12 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
 
+from tcm.interfaces import INodeRegistry
 from tcm.protocol import codes, link
 from tcm.protocol.envelope import ProtocolError, decode, encode
 from tcm.server.envelope_http import PeerView
+from tcm.server.errors import DomainError, close_code
 from tcm.server.sessions import AgentSession, SessionState, intern
-from tcm.server.web import ApiError
 from tcm.tls import pki
 from tcm.wsbase import LeanWebSocketMixin, LinkEndMixin, link_end_options
 
@@ -184,10 +185,8 @@ class NodeLink:
             return
         try:
             self.hub.authenticate_agent_id(agent_id)
-        except ApiError as e:
-            self.send(
-                {"t": "close", "c": conn, "code": codes.CLOSE_UNAUTHORIZED, "reason": e.message}
-            )
+        except DomainError as e:
+            self.send({"t": "close", "c": conn, "code": close_code(e), "reason": e.message})
             return
         channel = header.get("channel", self.channel) if self.role == "gateway" else self.channel
         relayed = RelayedConnection(header.get("peer"), self.host)
@@ -299,15 +298,18 @@ class NodeLinkProtocol(LinkEndMixin, LeanWebSocketMixin, WebSocketServerProtocol
 
     _log = Logger()
 
+    factory: NodeLinkFactory
+
     def onConnect(self, request):
-        core = self.factory.core
+        factory = self.factory
+        transport: Any = self.transport  # connected: Autobahn calls onConnect on a transport
         if link.SUBPROTOCOL not in request.protocols:
             raise ConnectionDeny(400, f"node links speak {link.SUBPROTOCOL}")
         cn = pki.peer_common_name(self.transport)
         if cn is None or not cn.startswith(link.NODE_PREFIX):
             raise ConnectionDeny(403, "a node certificate is required (enroll the node first)")
         name = cn[len(link.NODE_PREFIX) :]
-        refusal = core.nodes.refusal(name, pki.peer_fingerprint(self.transport))
+        refusal = factory.nodes.refusal(name, pki.peer_fingerprint(transport))
         if refusal is not None:
             self._log.info("node link from {name} refused: {why}", name=name, why=refusal)
             raise ConnectionDeny(403, refusal)
@@ -315,26 +317,36 @@ class NodeLinkProtocol(LinkEndMixin, LeanWebSocketMixin, WebSocketServerProtocol
             name,
             lambda data: self.sendMessage(data, isBinary=True),
             self.sendClose,
-            core.hub,
-            core.clock,
-            host=self.transport.getHost(),
-            max_message_size=core.config.max_message_size,
+            factory.hub,
+            factory.clock,
+            host=transport.getHost(),
+            max_message_size=factory.max_message_size,
         )
         return link.SUBPROTOCOL
 
 
 class NodeLinkFactory(WebSocketServerFactory):
+    """The nodes' link endpoint: a link of a registered, enrolled node (`nodes`) becomes a
+    NodeLink whose sessions call `hub`."""
+
     protocol = NodeLinkProtocol
 
-    def __init__(self, core: Any, url: str):
+    def __init__(
+        self,
+        url: str,
+        hub: Any,  # the link hub (tcm.server.hub.AgentHub)
+        nodes: INodeRegistry,  # who may link
+        clock: Any,
+        max_message_size: int,
+        keepalive: float,
+        keepalive_timeout: float,
+    ):
         super().__init__(url, protocols=[link.SUBPROTOCOL])
-        self.core = core
-        link_end_options(
-            self,
-            core.config.max_message_size * 64,
-            core.config.keepalive / 2,
-            core.config.keepalive_timeout,
-        )
+        self.hub = hub
+        self.nodes = nodes
+        self.clock = clock
+        self.max_message_size = max_message_size
+        link_end_options(self, max_message_size * 64, keepalive / 2, keepalive_timeout)
 
 
 def _address(peer: str | None) -> Any:

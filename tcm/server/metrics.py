@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from twisted.web.server import Site
 
+from tcm.interfaces import IAgentAdmission, IAgentPresence, IJobs, INodeRegistry
 from tcm.metrics import SnapshotCollector, counter, gauge, metrics_site
-
-if TYPE_CHECKING:
-    from tcm.server.service import ServerCore
+from tcm.server.dispatcher import Dispatcher
 
 PREFIX = "tcm_server"
 
@@ -19,16 +18,31 @@ PREFIX = "tcm_server"
 class ServerMetrics:
     """The server's metric families, from its registry, dispatcher and node links."""
 
-    def __init__(self, core: ServerCore):
-        self.core = core
+    def __init__(
+        self,
+        name: str,
+        presence: IAgentPresence,  # sessions
+        admission: IAgentAdmission,  # enrolled agents
+        nodes: INodeRegistry,  # links
+        jobs: IJobs,  # active jobs
+        dispatcher: Dispatcher,  # pushes
+        handshakes: Any,  # the TLS HandshakeLogger (failures, admission gate)
+    ):
+        self.name = name
+        self.presence = presence
+        self.admission = admission
+        self.nodes = nodes
+        self.jobs = jobs
+        self.dispatcher = dispatcher
+        self.handshakes = handshakes
         self.registry = CollectorRegistry()
         self.registry.register(SnapshotCollector(self.families))  # type: ignore[arg-type]
 
     def families(self):
-        core = self.core
-        by_via = Counter(s.via for s in core.registry.all())
-        links = [n for n in core.nodes.links.values() if n.ready]
-        yield gauge(f"{PREFIX}_sessions", "Agents' own sessions open now", len(core.registry))
+        sessions = self.presence.registry
+        by_via = Counter(s.via for s in sessions.all())
+        links = [n for n in self.nodes.links.values() if n.ready]
+        yield gauge(f"{PREFIX}_sessions", "Agents' own sessions open now", len(sessions))
         yield gauge(
             f"{PREFIX}_sessions_by_route",
             "Agents' own sessions by how they reach this server (direct, gateway:NAME, ...)",
@@ -38,9 +52,9 @@ class ServerMetrics:
         yield gauge(
             f"{PREFIX}_task_sessions",
             "Agents' task sessions (via task servers)",
-            len(core.task_registry),
+            len(self.presence.task_registry),
         )
-        yield gauge(f"{PREFIX}_agents", "Enrolled agents", len(core.directory))
+        yield gauge(f"{PREFIX}_agents", "Enrolled agents", self.admission.count())
         yield gauge(
             f"{PREFIX}_node_links",
             "Live links of relay nodes (task servers, gateway workers), by role",
@@ -62,15 +76,15 @@ class ServerMetrics:
             "Pushes sent once over a node link for several agents",
             sum(n.pushes for n in links),
         )
-        yield counter(f"{PREFIX}_pushed", "Frames pushed to agents", core.dispatcher.pushed)
-        failures = core.handshakes.failures if core.handshakes is not None else {}
+        yield counter(f"{PREFIX}_pushed", "Frames pushed to agents", self.dispatcher.pushed)
+        failures = self.handshakes.failures if self.handshakes is not None else {}
         yield counter(
             f"{PREFIX}_tls_handshake_failures",
             "Failed TLS handshakes, by reason",
             labels={k: float(v) for k, v in failures.items()},
             label="reason",
         )
-        gate = getattr(core.handshakes, "gate", None)
+        gate = getattr(self.handshakes, "gate", None)
         if gate is not None:  # admission control (tcm/server/admission.py)
             yield gauge(
                 f"{PREFIX}_handshakes_in_progress", "TLS handshakes running", gate.in_progress
@@ -87,20 +101,19 @@ class ServerMetrics:
                 gate.expired,
             )
         yield gauge(
-            f"{PREFIX}_active_jobs", "Jobs with unfinished targets", len(core.jobs.book.jobs)
+            f"{PREFIX}_active_jobs", "Jobs with unfinished targets", self.jobs.active_count()
         )
 
     def status(self) -> dict[str, Any]:
-        core = self.core
-        links = sorted(core.nodes.links.values(), key=lambda n: n.key)
+        links = sorted(self.nodes.links.values(), key=lambda n: n.key)
         return {
             "summary": {
-                "server": core.name,
-                "sessions": len(core.registry),
-                "task sessions": len(core.task_registry),
-                "agents": len(core.directory),
-                "active jobs": len(core.jobs.book.jobs),
-                "pushed": core.dispatcher.pushed,
+                "server": self.name,
+                "sessions": len(self.presence.registry),
+                "task sessions": len(self.presence.task_registry),
+                "agents": self.admission.count(),
+                "active jobs": self.jobs.active_count(),
+                "pushed": self.dispatcher.pushed,
             },
             "tables": {
                 "Node links": [
@@ -118,6 +131,5 @@ class ServerMetrics:
         }
 
 
-def server_metrics_site(core: ServerCore) -> Site:
-    metrics = ServerMetrics(core)
-    return metrics_site(metrics.registry, f"tcm server {core.name}", metrics.status)
+def server_metrics_site(metrics: ServerMetrics) -> Site:
+    return metrics_site(metrics.registry, f"tcm server {metrics.name}", metrics.status)

@@ -21,6 +21,7 @@ from typing import Any
 
 import attrs
 
+from tcm.server import errors
 from tcm.store import hash_secret
 
 PERMISSIONS = ("read", "run", "policy", "admin")
@@ -41,17 +42,17 @@ WHAT = {
 BOOTSTRAP = "admin"  # the principal name of the bootstrap token (admin.token)
 
 
-class Refused(Exception):
+class Refused(errors.Forbidden):
     """A request its principal may not make; `reason` names the role and what it lacks."""
 
     def __init__(self, reason: str, role: str, lacks: str):
-        super().__init__(reason)
+        super().__init__(reason, role=role, lacks=lacks)
         self.reason = reason
         self.role = role
         self.lacks = lacks
 
 
-class Unauthenticated(Exception):
+class Unauthenticated(errors.Unauthenticated):
     """No valid token."""
 
 

@@ -1,8 +1,10 @@
 """JSON resources with a route table, for the admin API and the agent API.
 
 A handler gets (request, **path_params) and returns a JSON-able value, a `Reply`, or a
-Deferred of either. `ApiError` becomes a JSON error body with its status; anything else
-unexpected becomes a 500 with a logged traceback, never a hung request.
+Deferred of either. `ApiError` becomes a JSON error body with its status, and so does a domain
+error of the services (`tcm.server.errors`), with the status `http_status` maps it to (the one
+place that does); anything else unexpected becomes a 500 with a logged traceback, never a hung
+request.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from tcm import compat
+from tcm.server import errors
 
 MAX_BODY = 8 * 1024 * 1024
 
@@ -32,6 +35,32 @@ class ApiError(Exception):
         self.status = status
         self.message = message
         self.extra = extra
+
+
+# The HTTP status of each domain error (the one mapping; close codes: errors.close_code).
+HTTP_STATUS: dict[type[errors.DomainError], int] = {
+    errors.Invalid: 400,
+    errors.Unauthenticated: 401,
+    errors.Forbidden: 403,
+    errors.NotFound: 404,
+    errors.Conflict: 409,
+    errors.TooLarge: 413,
+    errors.Unavailable: 503,
+}
+
+
+def http_status(error: errors.DomainError) -> int:
+    """The HTTP status that answers a request a service refused with `error`."""
+    for kind in type(error).__mro__:
+        status = HTTP_STATUS.get(kind)  # type: ignore[call-overload]
+        if status is not None:
+            return status
+    return 400
+
+
+def api_error(error: errors.DomainError) -> ApiError:
+    """A domain error as the JSON error answer (status, message, details)."""
+    return ApiError(http_status(error), error.message, **error.details)
 
 
 @attrs.frozen
@@ -121,6 +150,8 @@ class JsonRouter(Resource):
     def _fail(self, request, failure: Failure) -> None:
         if failure.check(ApiError):
             return self._finish(request, failure.value)
+        if isinstance(failure.value, errors.DomainError):
+            return self._finish(request, api_error(failure.value))
         self._log.failure(
             "error serving {method} {path}", failure, method=request.method, path=request.path
         )

@@ -7,21 +7,21 @@ off (503). After the upgrade every frame goes to the session unchanged.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.logger import Logger
 
+from tcm.interfaces import IAgentAdmission, IRuntimeSettings
 from tcm.protocol import codes
+from tcm.server.dispatcher import DirectRoute
 from tcm.server.envelope_http import PeerView
-from tcm.server.sessions import AgentSession, intern
-from tcm.server.web import ApiError
+from tcm.server.errors import DomainError
+from tcm.server.sessions import AgentSession, SessionHub, intern
+from tcm.server.web import http_status
 from tcm.tls import pki
 from tcm.wsbase import LeanWebSocketMixin, bind_options, settle_upgrade
-
-if TYPE_CHECKING:
-    from tcm.server.service import ServerCore
 
 
 class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type: ignore[misc]
@@ -31,43 +31,45 @@ class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type:
     session: AgentSession | None = None
     tls_buffers_released = False
 
+    factory: AgentServerFactory
+
     def onConnect(self, request):
-        core: ServerCore = self.factory.core
+        factory = self.factory
         if codes.SUBPROTOCOL not in request.protocols:
             raise ConnectionDeny(
                 400,
                 f"unsupported subprotocol {request.protocols!r}; this server speaks "
                 f"{codes.SUBPROTOCOL}",
             )
-        if not core.persistent_enabled():
+        if not factory.settings.persistent_enabled():
             raise ConnectionDeny(503, codes.CLOSE_REASONS[codes.CLOSE_PERSISTENT_OFF])
         try:
             forwarded = request.headers.get("x-tcm-client-cert")
             if forwarded is not None:  # behind a TLS-terminating reverse proxy (nginx)
-                agent_id = core.authenticate_proxied(self.transport, forwarded)
+                agent_id = factory.admission.authenticate_proxied(self.transport, forwarded)
             else:
-                agent_id = core.authenticate_transport(self.transport)
-        except ApiError as e:
+                agent_id = factory.admission.authenticate_transport(self.transport)
+        except DomainError as e:
             self._log.info(
                 "WebSocket upgrade refused from {peer}: {why}", peer=self.peer, why=e.message
             )
-            raise ConnectionDeny(e.status, e.message) from None
+            raise ConnectionDeny(http_status(e), e.message) from None
         self.session = AgentSession(
             agent_id,
             self,
-            core.hub,
-            core.clock.seconds(),
-            route=core.direct_route,
-            max_message_size=core.config.max_message_size,
+            factory.hub,
+            factory.clock.seconds(),
+            route=factory.route,
+            max_message_size=factory.max_message_size,
         )
         self.session.tls = intern(pki.negotiated_tls(self.transport))
         self.peer_view = PeerView(self.transport, agent_id)
         return codes.SUBPROTOCOL
 
     def onOpen(self):
-        core = self.factory.core
-        settle_upgrade(self, core.clock)
-        self._hello_timer = core.clock.callLater(core.config.handshake_timeout, self._hello_timeout)
+        clock = self.factory.clock
+        settle_upgrade(self, clock)
+        self._hello_timer = clock.callLater(self.factory.handshake_timeout, self._hello_timeout)
 
     def _hello_timeout(self):
         self._hello_timer = None
@@ -77,7 +79,7 @@ class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type:
     def onPing(self, payload: bytes) -> None:
         # Agents ping, the server answers; a ping is the proof of life the sweep looks for.
         if self.session is not None:
-            self.session.last_rx = self.factory.core.clock.seconds()
+            self.session.last_rx = self.factory.clock.seconds()
         super().onPing(payload)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -87,7 +89,7 @@ class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type:
         if isBinary:
             self.sendClose(codes.CLOSE_PROTOCOL_ERROR, "tcm.v1 uses text frames")
             return
-        session.frame_received(payload, self.factory.core.clock.seconds())
+        session.frame_received(payload, self.factory.clock.seconds())
         if session.state.value == "open" and getattr(self, "_hello_timer", None) is not None:
             self._hello_timer.cancel()
             self._hello_timer = None
@@ -115,18 +117,35 @@ class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type:
 
 
 class AgentServerFactory(WebSocketServerFactory):
+    """The agents' WebSocket endpoint: admits a connection (admission, settings) and gives
+    its session to the hub; every direct session shares `route` (one prepared frame)."""
+
     protocol = AgentServerProtocol
 
-    def __init__(self, core: ServerCore, url: str):
+    def __init__(
+        self,
+        url: str,
+        hub: SessionHub,
+        admission: IAgentAdmission,
+        settings: IRuntimeSettings,
+        clock: Any,
+        max_message_size: int,
+        handshake_timeout: float,
+    ):
         super().__init__(url, protocols=[codes.SUBPROTOCOL])
-        self.core = core
-        cfg = core.config
+        self.hub = hub
+        self.admission = admission
+        self.settings = settings
+        self.clock = clock
+        self.max_message_size = max_message_size
+        self.handshake_timeout = handshake_timeout
+        self.route = DirectRoute(self.prepareMessage)
         self.setProtocolOptions(
-            maxFramePayloadSize=cfg.max_message_size,
-            maxMessagePayloadSize=cfg.max_message_size,
+            maxFramePayloadSize=max_message_size,
+            maxMessagePayloadSize=max_message_size,
             failByDrop=False,
             autoPingInterval=0,  # agents ping; the server sweeps silent sessions (cheaper)
-            openHandshakeTimeout=cfg.handshake_timeout,
+            openHandshakeTimeout=handshake_timeout,
             closeHandshakeTimeout=5,
             perMessageCompressionAccept=lambda offers: None,
         )

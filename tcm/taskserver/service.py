@@ -210,7 +210,7 @@ class EmbeddedTaskServer(TaskServerService):
     def _prepare(self):
         core, state = self.core, self.state
         cert_pem = state.read("cert.pem")
-        records = {r["name"]: r for r in (yield core.db.access.list_nodes())}
+        records = {r["name"]: r for r in (yield core.store.list_nodes())}
         record = records.get(self.NAME)
         fingerprint = pki.fingerprint(pki.load_certificate(cert_pem)) if cert_pem else None
         if cert_pem is None or record is None or record.get("fingerprint") != fingerprint:
@@ -219,9 +219,9 @@ class EmbeddedTaskServer(TaskServerService):
                 csr, "node:" + self.NAME, days=core.config.cert_days, client=True
             )
             now = core.clock.seconds()
-            secret = yield core.db.access.register_node(self.NAME, "taskserver", None, 60.0, now)
+            secret = yield core.store.register_node(self.NAME, "taskserver", None, 60.0, now)
             fingerprint = pki.fingerprint(pki.load_certificate(cert_pem))
-            yield core.db.access.enroll_node(self.NAME, secret, fingerprint, now)
+            yield core.store.enroll_node(self.NAME, secret, fingerprint, now)
             state.store_identity(self.NAME, "taskserver", "", core.ca.cert_pem, cert_pem)
             yield core.reload_nodes()
         self.node_name = self.relay.node_name = self.NAME

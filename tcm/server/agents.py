@@ -1,0 +1,467 @@
+"""Agents: who they are (directory, admission, enrollment) and where they are (presence).
+
+`AgentPresence` knows the live sessions (direct, or carried by a node), the held polls and
+when an agent in HTTP mode last polled. `AgentAdmission` decides who may be served: it owns
+the in-memory directory every request checks, enrollment, approval and revocation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from tcm.interfaces import (
+    IAgentAdmission,
+    IAgentPresence,
+    ICertificates,
+    INodeRegistry,
+    IProfiles,
+    IRuntimeSettings,
+)
+from tcm.protocol import codes, link
+from tcm.server.dispatcher import DirectRoute
+from tcm.server.errors import Forbidden, Invalid, NotFound
+from tcm.server.polls import PollRegistry
+from tcm.server.sessions import AgentSession, SessionRegistry
+from tcm.store import TokenRefused
+from tcm.tls import pki
+
+RE_ENROLL_WINDOW = 600.0  # seconds an enrollment can be asked for again with the same key
+
+
+def describe(hostname: str, platform: str, capabilities: Any) -> str:
+    """What the store keeps about an agent from its hello, as one comparable value."""
+    return json.dumps([hostname or "", platform or "", capabilities or []], sort_keys=True)
+
+
+class AgentDirectory:
+    """Known agents in memory (id -> hostname, revoked): every request checks it."""
+
+    def __init__(self) -> None:
+        self._agents: dict[str, dict[str, Any]] = {}
+
+    def load(self, rows: list[dict[str, Any]]) -> None:
+        for r in rows:
+            self._agents[r["id"]] = {
+                "hostname": r["hostname"],
+                "revoked": bool(r["revoked"]),
+                "approved": bool(r.get("approved", True)),
+                "capabilities": None,
+                "described": describe(r["hostname"], r["platform"], r["capabilities"]),
+            }
+
+    def add(self, agent_id: str, hostname: str, approved: bool = True) -> None:
+        self._agents[agent_id] = {
+            "hostname": hostname,
+            "revoked": False,
+            "approved": approved,
+            "capabilities": None,
+        }
+
+    def get(self, agent_id: str) -> dict[str, Any] | None:
+        return self._agents.get(agent_id)
+
+    def ids(self) -> list[str]:
+        return [a for a, r in self._agents.items() if not r["revoked"]]
+
+    def revoked_ids(self) -> list[str]:
+        return [a for a, r in self._agents.items() if r["revoked"]]
+
+    def pending_ids(self) -> list[str]:
+        """Agents enrolled but not approved yet."""
+        return [a for a, r in self._agents.items() if not r.get("approved", True)]
+
+    def __len__(self) -> int:
+        return len(self._agents)
+
+
+class RecentEnrollments:
+    """Enrollments of the last RE_ENROLL_WINDOW seconds by public key, oldest first, so an
+    agent that asks again (its first answer lost) gets the same identity. Bounded: what is
+    older than the window goes at each new entry, and at most `limit` are kept."""
+
+    def __init__(self, limit: int = 200_000):
+        self.limit = limit
+        self._entries: dict[str, tuple[float, Any]] = {}  # insertion order = time order
+
+    def get(self, key: str) -> Any:
+        entry = self._entries.get(key)
+        return entry[1] if entry is not None else None
+
+    def remember(self, key: str, value: Any, now: float) -> None:
+        entries = self._entries
+        entries.pop(key, None)
+        entries[key] = (now, value)
+        while True:  # the oldest first: stop at the first one still young, within the limit
+            oldest = next(iter(entries))
+            if now - entries[oldest][0] < RE_ENROLL_WINDOW and len(entries) <= self.limit:
+                break
+            del entries[oldest]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def is_direct(session: AgentSession) -> bool:
+    """A session on a WebSocket connection of this process (not carried by a node)."""
+    return isinstance(session.route, DirectRoute)
+
+
+@implementer(IAgentPresence)
+class AgentPresence:
+    """Where agents are: live sessions, held polls, the last poll of agents in HTTP mode."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        clock: Any,
+        settings: IRuntimeSettings,
+        agent_store: Any,
+        keepalive: float,
+        timeout: float,
+    ):
+        self.clock = clock
+        self._settings = settings
+        self._agent_store = agent_store
+        self._keepalive = keepalive
+        self._keepalive_timeout = timeout
+        self.registry = SessionRegistry()
+        self.task_registry = SessionRegistry()  # agents' task-client sessions (via nodes)
+        self.polls = PollRegistry(clock)
+        self.last_poll: dict[str, float] = {}
+        self.closing_everything = False  # a stop closes every session: no line or write each
+
+    def session(self, agent_id: str) -> AgentSession | None:
+        """The agent's own live session here, if any."""
+        return self.registry.get(agent_id)
+
+    def capabilities_of(self, agent_id: str) -> dict[str, Any] | None:
+        session = self.registry.get(agent_id)
+        return session.capabilities if session is not None else None
+
+    def agent_polled(self, agent_id: str) -> None:
+        """An agent in HTTP mode polled: remember when (for `tcm agents`)."""
+        self.last_poll[agent_id] = self.clock.seconds()
+
+    def http_mode_of(self, agent_id: str) -> str | None:
+        """ "http" for an agent without a session that polled lately; else None."""
+        last = self.last_poll.get(agent_id)
+        window = 2 * float(self._settings["poll_interval"]) + float(self._settings["long_poll"])
+        if last is not None and self.clock.seconds() - last <= window:
+            return "http"
+        return None
+
+    def last_seen(self, agent_id: str, stored: float | None) -> float | None:
+        """When the agent was last heard of: now if it has a session, else the later of the
+        stored time and its last poll."""
+        if agent_id in self.registry:
+            return self.clock.seconds()
+        return max(stored or 0, self.last_poll.get(agent_id, 0)) or None
+
+    def close_agent(self, agent_id: str, code: int) -> None:
+        """Close both sessions (own and task) of one agent."""
+        for registry in (self.registry, self.task_registry):
+            session = registry.get(agent_id)
+            if session is not None:
+                session.close(code)
+
+    def persistent_switched_off(self) -> None:
+        sessions = self.registry.all()
+        self._log.info("persistent connections switched off: closing {n} sessions", n=len(sessions))
+        for session in sessions + self.task_registry.all():
+            session.close(codes.CLOSE_PERSISTENT_OFF)
+
+    def closing_all(self, code: int) -> tuple[int, Deferred[None]]:
+        """Close every session held here (direct ones; relayed ones end with their links), at
+        a stop: the agents are recorded as seen now in one store write, and one line is
+        logged for all of them instead of one per session as each closes. Returns how many
+        were closed, and the store write (fires once committed)."""
+        self.closing_everything = True
+        n = 0
+        seen = []
+        for registry in (self.registry, self.task_registry):
+            for session in registry.all():
+                if is_direct(session):
+                    session.close(code)
+                    n += 1
+                    if registry is self.registry:
+                        seen.append(session.agent_id)
+        written = (
+            self._agent_store.agents_seen(seen, self.clock.seconds()) if seen else succeed(None)
+        )
+        if n:
+            self._log.info("closing {n} sessions: {why}", n=n, why=codes.CLOSE_REASONS[code])
+        return n, written
+
+    def sessions_gone(self, timeout: float) -> Deferred[int]:
+        """Fires (with how many are left) when no direct session is left, or after `timeout`
+        seconds."""
+        d: Deferred[int] = Deferred()
+        deadline = self.clock.seconds() + timeout
+
+        def check() -> None:
+            left = sum(
+                1 for r in (self.registry, self.task_registry) for s in r.all() if is_direct(s)
+            )
+            if not left or self.clock.seconds() >= deadline:
+                d.callback(left)
+            else:
+                self.clock.callLater(0.05, check)
+
+        check()
+        return d
+
+    def sweep_silent_sessions(self) -> None:
+        """Close sessions that sent nothing (not even a ping) for too long: half-open."""
+        deadline = self.clock.seconds() - (2 * self._keepalive + self._keepalive_timeout)
+        for session in self.registry.idle_since(deadline):
+            if not is_direct(session):
+                continue  # relayed: the node watches its agents, the link watches the node
+            self._log.info(
+                "agent {agent} silent since {t:.0f}: closing",
+                agent=session.agent_id,
+                t=session.last_rx,
+            )
+            # A close frame with 4008; if the peer is really gone, Autobahn drops the TCP
+            # connection when its close handshake times out (closeHandshakeTimeout).
+            session.close(codes.CLOSE_KEEPALIVE)
+
+
+@implementer(IAgentAdmission)
+class AgentAdmission:
+    """Who may be served: enrollment, approval, revocation, and the check of every request.
+
+    Gateways are told of each agent that awaits approval or is revoked, through `nodes`."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        directory: AgentDirectory,
+        agent_store: Any,
+        access_store: Any,
+        presence: IAgentPresence,
+        nodes: INodeRegistry,
+        certificates: ICertificates,
+        settings: IRuntimeSettings,
+        profiles: IProfiles,
+        clock: Any,
+        cert_days: int,
+    ):
+        self._agents = agent_store
+        self._access = access_store
+        self._presence = presence
+        self._nodes = nodes
+        self._certificates = certificates
+        self._settings = settings
+        self._profiles = profiles
+        self.clock = clock
+        self.cert_days = cert_days
+        self.directory = directory
+        self.recent_enrollments = RecentEnrollments()  # an agent may ask again
+
+    @inlineCallbacks
+    def load(self):
+        self.directory.load((yield self._agents.list_agents()))
+
+    # -- the directory -------------------------------------------------------------------
+    def known_ids(self) -> list[str]:
+        """Agents not revoked."""
+        return self.directory.ids()
+
+    def revoked_ids(self) -> list[str]:
+        return self.directory.revoked_ids()
+
+    def pending_ids(self) -> list[str]:
+        return self.directory.pending_ids()
+
+    def count(self) -> int:
+        """Enrolled agents (revoked ones too)."""
+        return len(self.directory)
+
+    def check_known(self, ids: list[str], field: str = "agents") -> None:
+        """Invalid naming the ids that are no agent (or a revoked one)."""
+        unknown = sorted(set(ids) - set(self.directory.ids()))
+        if unknown:
+            raise Invalid(field, "unknown agent ids", unknown=unknown[:50])
+
+    def list_agents(self) -> Deferred[list[dict[str, Any]]]:
+        """Every agent's stored row."""
+        return self._agents.list_agents()
+
+    @inlineCallbacks
+    def get_agent(self, agent_id: str):
+        """An agent's stored row; NotFound without it."""
+        row = yield self._agents.get_agent(agent_id)
+        if row is None:
+            raise NotFound(f"no such agent: {agent_id}")
+        return row
+
+    # -- checks --------------------------------------------------------------------------
+    def check_agent(self, agent_id: str) -> str:
+        """The agent id if this agent may be served now: known, not revoked, approved."""
+        record = self.directory.get(agent_id)
+        if record is None:
+            raise Forbidden(f"unknown agent {agent_id}: enroll again")
+        if record["revoked"]:
+            raise Forbidden(f"agent {agent_id} is revoked")
+        if not record.get("approved", True):
+            raise Forbidden(
+                f"agent {agent_id} is awaiting approval (tcm agents approve {agent_id})"
+            )
+        return agent_id
+
+    def authenticate_transport(self, transport: Any) -> str:
+        """The agent id of a connection's verified client certificate, or Forbidden.
+
+        The subject is read once per connection and kept on it; whether the agent is known
+        and not revoked is checked on every request."""
+        agent_id = getattr(transport, "tcm_agent_id", None)
+        if agent_id is None:
+            agent_id = pki.peer_common_name(transport)
+            if agent_id is None:
+                raise Forbidden("client certificate required: enroll first")
+            try:
+                transport.tcm_agent_id = agent_id
+            except AttributeError:  # a transport that takes no attributes: read it each time
+                pass
+        return self.check_agent(agent_id)
+
+    def authenticate_proxied(self, transport: Any, escaped_pem: str | bytes) -> str:
+        """The agent id of a client certificate a TLS-terminating reverse proxy (nginx's
+        `$ssl_client_escaped_cert`) forwards in X-Tcm-Client-Cert. Taken only from a
+        registered node (its own client certificate `node:NAME`, enrolled like a gateway),
+        and only for a certificate this server's CA issued."""
+        from urllib.parse import unquote
+
+        cached = getattr(transport, "tcm_agent_id", None)
+        if cached is None:
+            cn = pki.peer_common_name(transport)
+            if cn is None or not cn.startswith(link.NODE_PREFIX):
+                raise Forbidden("X-Tcm-Client-Cert is only taken from an enrolled node")
+            node = cn[len(link.NODE_PREFIX) :]
+            refusal = self._nodes.refusal(node, pki.peer_fingerprint(transport))
+            if refusal is not None:
+                raise Forbidden(refusal)
+            if isinstance(escaped_pem, bytes):
+                escaped_pem = escaped_pem.decode("latin-1")
+            try:
+                cert = pki.load_certificate(unquote(escaped_pem).encode())
+                cached = self._certificates.verify_issued(cert)
+            except ValueError as e:
+                raise Forbidden(f"forwarded client certificate refused: {e}") from None
+            try:
+                transport.tcm_agent_id = cached
+            except AttributeError:
+                pass
+        return self.authenticate_transport(transport)
+
+    # -- enrollment, approval, revocation ------------------------------------------------
+    @inlineCallbacks
+    def enroll(self, token: str, csr: str, hostname: str):
+        """Sign an agent's CSR against an enrollment token: fires with
+        (asked_again, {"agent_id", "certificate", "ca"})."""
+        now = self.clock.seconds()
+        # The same key and token again within minutes: an agent that gave up waiting for
+        # the answer (a busy server) and asks again gets the same identity, and the token is
+        # not used twice. The CSR's signature proves it holds the key.
+        key_id = pki.csr_key_id(csr.encode())
+        again = self.recent_enrollments.get(key_id) if key_id is not None else None
+        if again is not None and again[0] == token and now - again[1] < RE_ENROLL_WINDOW:
+            self._log.info(
+                "agent {agent} asked again for its enrollment", agent=again[2]["agent_id"]
+            )
+            return True, again[2]
+        agent_id = "a-" + os.urandom(10).hex()
+        try:  # the CSR is checked first: a refused request does not use up the token
+            cert_pem = self._certificates.sign_agent(csr.encode(), agent_id, self.cert_days)
+        except ValueError as e:
+            raise Invalid("csr", f"bad certificate request: {e}") from None
+        try:
+            token_row = yield self._access.consume_token_row(token, now)
+        except TokenRefused as e:
+            self._log.warn("enrollment refused for {host}: {why}", host=hostname, why=str(e))
+            raise Forbidden(str(e)) from None
+        fingerprint = pki.fingerprint(pki.load_certificate(cert_pem))
+        approved = not self._settings["require_approval"]
+        yield self._agents.add_agent(agent_id, hostname, fingerprint, now, approved)
+        self.directory.add(agent_id, hostname, approved)
+        if not approved:
+            self._log.info("agent {agent} awaits approval", agent=agent_id)
+            self._nodes.tell_pending([agent_id])
+        if token_row.get("profile"):
+            yield self._profiles.set_enrollment_profile(agent_id, token_row["profile"])
+        self._log.info("agent {agent} enrolled ({host})", agent=agent_id, host=hostname)
+        reply = {
+            "agent_id": agent_id,
+            "certificate": cert_pem.decode(),
+            "ca": self._certificates.ca_pem.decode(),
+        }
+        if key_id is not None:
+            self.recent_enrollments.remember(key_id, (token, now, reply), now)
+        return False, reply
+
+    @inlineCallbacks
+    def approve(self, agent_id: str):
+        """Approve an agent that enrolled while approval was required; gateways are told.
+        Fires with whether anything changed."""
+        record = self.directory.get(agent_id)
+        if record is None:
+            raise NotFound(f"no agent {agent_id}")
+        if record.get("approved", True):
+            return False
+        yield self._agents.approve_agent(agent_id)
+        record["approved"] = True
+        self._log.info("agent {agent} approved", agent=agent_id)
+        self._nodes.tell_pending([], approved=[agent_id])
+        return True
+
+    @inlineCallbacks
+    def revoke(self, agent_id: str):
+        """Revoke an agent: stored, refused from now on, its sessions closed with 4007, and
+        every gateway told (it refuses the agent at the upgrade). Fires with whether anything
+        changed."""
+        record = self.directory.get(agent_id)
+        if record is None:
+            raise NotFound(f"no agent {agent_id}")
+        if record["revoked"]:
+            return False
+        yield self._agents.revoke_agent(agent_id)
+        record["revoked"] = True
+        self._log.info("agent {agent} revoked", agent=agent_id)
+        self._presence.close_agent(agent_id, codes.CLOSE_REVOKED)
+        self._nodes.tell_revoked([agent_id])
+        return True
+
+    # -- sessions --------------------------------------------------------------------------
+    def session_seen(self, agent_id: str, hello: dict[str, Any], capabilities: Any) -> None:
+        """An agent opened its session: stored as seen now, with what its hello says when
+        that changed (one batched row otherwise)."""
+        record = self.directory.get(agent_id)
+        if record is not None:
+            record["capabilities"] = capabilities
+        now = self.clock.seconds()
+        listed = list(capabilities.values())
+        described = describe(hello.get("hostname", ""), hello.get("platform", ""), listed)
+        if record is not None and record.get("described") == described:
+            self._agents.agent_seen(agent_id, now)  # unchanged: one batched row
+        else:
+            self._agents.agent_seen(
+                agent_id,
+                now,
+                hostname=hello.get("hostname"),
+                platform=hello.get("platform"),
+                capabilities=listed,
+            )
+            if record is not None:
+                record["described"] = described
+
+    def session_left(self, agent_id: str) -> None:
+        """An agent's session closed: stored as seen now."""
+        self._agents.agent_seen(agent_id, self.clock.seconds())

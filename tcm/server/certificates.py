@@ -1,0 +1,82 @@
+"""The certificates service: what the server's parts ask of its CA (tcm/server/ca.py)."""
+
+from __future__ import annotations
+
+import os
+
+from cryptography import x509
+from zope.interface import implementer
+
+from tcm.interfaces import ICertificates
+from tcm.protocol import link
+from tcm.server.ca import CertificateAuthority
+from tcm.server.config import ServerConfig
+from tcm.tls import pki
+
+
+@implementer(ICertificates)
+class Certificates:
+    """Agents' and nodes' certificates, signed by this server's CA, and its own TLS identity.
+
+    `unit` (this server's name) goes into agents' certificates: gateways route by it."""
+
+    def __init__(self, ca: CertificateAuthority, unit: str):
+        self.ca = ca
+        self.unit = unit
+
+    @property
+    def ca_pem(self) -> bytes:
+        """The CA certificate agents and nodes trust (PEM)."""
+        return self.ca.cert_pem
+
+    def sign_agent(self, csr_pem: bytes, agent_id: str, days: int) -> bytes:
+        """An agent's client certificate; ValueError for a bad CSR."""
+        return self.ca.sign_csr(csr_pem, common_name=agent_id, days=days, unit=self.unit)
+
+    def sign_node(self, csr_pem: bytes, name: str, days: int, hostnames: list[str]) -> bytes:
+        """A node's certificate (`node:NAME`), a client one that also serves its own names."""
+        return self.ca.sign_csr(
+            csr_pem,
+            common_name=link.NODE_PREFIX + name,
+            days=days,
+            client=True,
+            server_names=[*hostnames, "localhost", "127.0.0.1", "::1"],
+        )
+
+    def verify_issued(self, cert: x509.Certificate) -> str:
+        """The subject of a certificate this CA issued and that is valid now; ValueError."""
+        return self.ca.verify_issued(cert)
+
+    def server_identity(self, config: ServerConfig) -> tuple[bytes, bytes]:
+        """This server's TLS key and certificate (PEM): the admin's, or one issued by the CA
+        for the configured names (issued again when the names change)."""
+        if config.cert and config.key:
+            with open(config.cert, "rb") as f:
+                cert_pem = f.read()
+            with open(config.key, "rb") as f:
+                key_pem = f.read()
+            return key_pem, cert_pem
+        cert_path = os.path.join(config.state_dir, "server.pem")
+        key_path = os.path.join(config.state_dir, "server.key")
+        names = sorted({config.interface, *config.hostnames} - {"0.0.0.0", "::", ""})
+        if not os.path.exists(cert_path) or _names_changed(cert_path, names):
+            key_pem, cert_pem = self.ca.issue_server_certificate(names)
+            pki.write_private(key_path, key_pem)
+            pki.write_public(cert_path, cert_pem)
+        with open(cert_path, "rb") as f:
+            cert_pem = f.read()
+        with open(key_path, "rb") as f:
+            key_pem = f.read()
+        return key_pem, cert_pem
+
+
+def _names_changed(cert_path: str, names: list[str]) -> bool:
+    with open(cert_path, "rb") as f:
+        cert = pki.load_certificate(f.read())
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return True
+    have = {str(v) for v in san.get_values_for_type(x509.DNSName)}
+    have |= {str(v) for v in san.get_values_for_type(x509.IPAddress)}
+    return not set(names) <= have

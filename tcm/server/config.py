@@ -1,0 +1,41 @@
+"""The management server's settings from its command line (twistd options map onto these)."""
+
+from __future__ import annotations
+
+import os
+
+import attrs
+
+from tcm.server.nodes import DEFAULT_MAX_CLIENTS
+
+
+@attrs.define
+class ServerConfig:
+    """Settings of one management server (twistd options map onto these)."""
+
+    state_dir: str
+    port: int = 8443
+    interface: str = "127.0.0.1"
+    hostnames: list[str] = attrs.field(factory=list)
+    database: str | None = None  # default: sqlite in state_dir
+    cert: str | None = None  # admin-supplied server certificate (PEM) ...
+    key: str | None = None  # ... and its key
+    keepalive: float = 50.0  # agents ping this often; below common 60 s LB idle timeouts
+    keepalive_timeout: float = 20.0
+    poll_interval: float = 60.0
+    long_poll: float = 30.0  # most seconds the server holds a poll; 0: plain polling only
+    persistent_connections: bool = True
+    require_approval: bool = False  # new agents wait for `tcm agents approve` (run-time setting)
+    handshake_timeout: float = 30.0
+    max_handshakes: int = 100  # TLS handshakes in progress at once (tcm/server/admission.py)
+    max_message_size: int = 1024 * 1024
+    max_in_flight: int = 64
+    cert_days: int = 365
+    taskserver_policy: str = "fewest"  # or "capacity" (docs/operating.md)
+    taskserver_max_clients: int = DEFAULT_MAX_CLIENTS
+    name: str | None = None  # this server's name, in its agents' certificates (gateways)
+    metrics_port: int | None = None  # /metrics and /status on loopback
+
+    @property
+    def database_url(self) -> str:
+        return self.database or f"sqlite:///{os.path.join(self.state_dir, 'tcm.sqlite')}"
