@@ -19,7 +19,7 @@ from tcm.server import errors
 from tcm.server.roles import Refused, Unauthenticated
 from tcm.server.service import ServerConfig, make_server_service
 from tcm.server.web import JsonRouter, http_status
-from tcm.store.store import Store
+from tcm.store import Database
 
 STATUSES = [
     (errors.Invalid("ttl", "'ttl' must be a number"), 400),
@@ -112,5 +112,5 @@ def test_consumers_get_narrow_services_and_never_the_store(tmp_path):
     assert len(consumers) == 6
     for consumer in consumers:
         for value in _collaborators(consumer):
-            assert not isinstance(value, Store), (consumer, value)
+            assert not isinstance(value, Database), (consumer, value)
             assert type(value).__name__ != "ServerParts", consumer
