@@ -16,11 +16,12 @@ def make(tmp_path):
     db = Database(f"sqlite:///{tmp_path / 'tcm.sqlite'}", reactor=reactor)
     db.open()
     jobs = JobService(
-        db,
+        db.jobs,
         Dispatcher(SessionRegistry()),
         reactor,
         capabilities_of=lambda a: None,
         known_agents=lambda: ["a-1", "a-2"],
+        inventory_store=db.inventory,
     )
     return db, jobs
 

@@ -41,12 +41,12 @@ class JobService:
         clock: Any,
         capabilities_of: Callable[[str], dict[str, Any] | None],
         known_agents: Callable[[], list[str]],
-        inventory_store: Any = None,
+        inventory_store: Any,
     ):
-        # the store's jobs area (create_job ... job_agents) and its inventory area (results of
-        # inventory.collect); one Store object has both
+        # the store's jobs area (db.jobs) and its inventory area (db.inventory: results of
+        # inventory.collect)
         self.store = job_store
-        self.inventory_store = inventory_store if inventory_store is not None else job_store
+        self.inventory_store = inventory_store
         self.dispatcher = dispatcher
         self.clock = clock
         self.book = JobBook()
