@@ -173,7 +173,7 @@ class AgentClientProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type:
     connection: AgentConnection | None = None
 
     def connectionMade(self):
-        host = self.factory.host
+        host = self.factory.session_host
         self.connection = AgentConnection(host, self._send_frame, self._close, host.clock)
         self.connection.protocol = self
         super().connectionMade()
@@ -229,8 +229,8 @@ class AgentClientProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type:
 
 
 class AgentClientFactory(WebSocketClientFactory):
-    """Sessions of one agent with one server (or task server): what arrives goes to `host`,
-    and `lost(protocol, code, reason)` is told when one closes."""
+    """Sessions of one agent with one server (or task server): what arrives goes to
+    `session_host`, and `lost(protocol, code, reason)` is told when one closes."""
 
     protocol = AgentClientProtocol
 
@@ -244,7 +244,7 @@ class AgentClientFactory(WebSocketClientFactory):
         max_message_size: int,
     ):
         super().__init__(url, protocols=[codes.SUBPROTOCOL])
-        self.host = host
+        self.session_host = host  # not `host`: Autobahn's factory keeps the URL's host there
         self.lost = lost
         self.setProtocolOptions(
             autoPingInterval=keepalive,
