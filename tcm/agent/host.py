@@ -29,6 +29,8 @@ from tcm.protocol.envelope import Envelope
 class SessionHost:
     """Hands what arrives on sessions and polls to the parts of the agent it is for."""
 
+    # one per agent, thousands in a swarm process: no __dict__
+    __slots__ = ("clock", "_runner", "_handlers", "_policy_handlers", "_profile", "_topics")
     _log = Logger()
 
     def __init__(
@@ -83,6 +85,17 @@ class SessionHost:
 class LocalActions:
     """What the agent's policies may use: its actions, its spool settings and flush timer."""
 
+    __slots__ = (
+        "reactor",
+        "config",
+        "_default_flush_interval",
+        "_default_spool_fsync",
+        "_handlers",
+        "_runner",
+        "_ledger",
+        "_state_dir",
+        "flush_loop",
+    )
     _log = Logger()
 
     def __init__(

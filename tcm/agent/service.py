@@ -79,6 +79,18 @@ class Agent:
     """One enrolled agent, wired: what its service starts and stops, and what its control
     socket and a swarm read."""
 
+    __slots__ = (  # one per agent, thousands in a swarm process: no __dict__
+        "agent_id",
+        "state_dir",
+        "connection",
+        "task_client",
+        "runner",
+        "ledger",
+        "profile",
+        "policies",
+        "local",
+    )
+
     def __init__(
         self,
         agent_id: str,
