@@ -5,7 +5,8 @@ puts its profile there too), so it holds from the first connection of the next s
 profile's settings override the agent's command-line settings; a setting the profile does
 not name keeps the command-line value.
 
-Applied at run time:
+Applied at run time (by the agent's connection, which follows the keeper: `follow_profile`
+in connection.py):
     servers                 the first is the server; a change reconnects (HTTPS and session)
     gateways                gateways tried in turn when the server is not reachable (as
                             --gateway, which they replace); a change reconnects the session
