@@ -25,7 +25,13 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from tcm.agent.ledger import ACKED, DECLINED, FINISHED, STARTED, Ledger
-from tcm.interfaces import ActionFailed, IActionContext, IActionHandler, ISessionObserver
+from tcm.interfaces import (
+    ActionFailed,
+    IActionContext,
+    IActionHandler,
+    IAgentAPI,
+    ISessionObserver,
+)
 from tcm.protocol.envelope import Envelope
 
 
@@ -56,7 +62,12 @@ class ActionRunner:
     _log = Logger()
 
     def __init__(
-        self, handlers: dict[str, Any], ledger: Ledger, link: Any, reactor: Any, state_dir: Any
+        self,
+        handlers: dict[str, Any],
+        ledger: Ledger,
+        link: IAgentAPI,
+        reactor: Any,
+        state_dir: Any,
     ):
         self.handlers = handlers
         self.ledger = ledger
