@@ -493,3 +493,106 @@ class ICertificates(Interface):
 
     def server_identity(config):  # type: ignore[misc]
         """This server's (key_pem, cert_pem)."""
+
+
+# -- the agent's parts, as its composition root (tcm/agent/service.py) wires them ------------
+
+
+class IAgentAPI(Interface):
+    """How the agent's parts call the server's agent API: over the live session when there
+    is one, else over HTTPS (tcm/agent/link.py `ServerLink`)."""
+
+    session = Attribute("The open core session (an AgentConnection), or None.")
+    task_session = Attribute("The open task-server session, or None.")
+
+    def call(method: str, path: str, body=None, timeout=None, via=None):  # type: ignore[misc]
+        """One agent API call; a Deferred firing with a Response. `via`: the session a job
+        came on, tried first while it is open."""
+
+    def call_over_https(method: str, path: str, body=None, timeout=None):  # type: ignore[misc]
+        """The same call over HTTPS only (the poller's, which stands for the session)."""
+
+
+class ISessionHost(Interface):
+    """What the agent's sessions (core and task) and its HTTPS polls hand on to the agent:
+    what it says in its hello, and what arrives from the server."""
+
+    clock = Attribute("The reactor's clock (IReactorTime).")
+
+    def hello() -> dict:  # type: ignore[misc]
+        """The agent's own fields of a `hello`: capabilities, running jobs, policy types,
+        the connection profile in force."""
+
+    def action_requested(env, received=None, via=None) -> None:  # type: ignore[misc]
+        """An `action.request` envelope arrived (pushed on session `via`, or polled)."""
+
+    def notified(data: dict) -> None:  # type: ignore[misc]
+        """A `notify` arrived: something changed on the server (a topic in `data`)."""
+
+    def learn_server_time(server_time) -> None:  # type: ignore[misc]
+        """The server's clock, as a welcome or a poll's answer states it."""
+
+    def deliver_results() -> None:  # type: ignore[misc]
+        """Send the spooled results now (a poll was answered, a session opened)."""
+
+
+class ISessionObserver(Interface):
+    """Told by the agent's connection (tcm/agent/connection.py) when its persistent session
+    opens or is lost, and when HTTPS polling reached the server."""
+
+    def session_opened(welcome: dict) -> None:  # type: ignore[misc]
+        """A persistent session is open and the server welcomed it with `welcome`."""
+
+    def session_lost(reason: str, switched_off: bool) -> None:  # type: ignore[misc]
+        """The agent works without a persistent session from now on (it closed, or was
+        switched off before one opened). `switched_off`: by the endpoint's user or a
+        connection profile, and it stays off until switched on again; a switch-off of an
+        open session is followed by the close itself (switched_off False)."""
+
+    def polling_started() -> None:  # type: ignore[misc]
+        """The first HTTPS poll of a period without a session was answered."""
+
+
+class IProfileFollower(Interface):
+    """Puts a connection profile's settings in force (the agent's connection does)."""
+
+    def follow_profile(settings: dict, live: bool) -> None:  # type: ignore[misc]
+        """The profile in force now has `settings` ({}: none; the command line's values).
+        `live`: the agent runs (reconnect, close or open the session as they say); else it
+        is starting and only takes the values before its first connection."""
+
+
+class IServerConnection(Interface):
+    """The agent's connection to its server, as its task client sees it."""
+
+    proxy = Attribute("The HTTP proxy connections go through now (HTTPProxy), or None.")
+    user_disconnected = Attribute("True after `tcm-agent disconnect`, until `reconnect`.")
+
+    def session_keepalive() -> float:  # type: ignore[misc]
+        """The keepalive the core session runs with now (the server's, once welcomed)."""
+
+    def adopt_keepalive(protocol, keepalive) -> None:  # type: ignore[misc]
+        """Ping on `protocol` as often as a welcome asks."""
+
+
+class IAgentControl(Interface):
+    """What the agent's local control socket offers (tcm-agent status/disconnect/reconnect)."""
+
+    def status() -> dict:  # type: ignore[misc]
+        """The Network Status: where the agent connects, how, and what is waiting."""
+
+    def user_disconnect() -> dict:  # type: ignore[misc]
+        """Terminate the persistent connection; stay on HTTPS."""
+
+    def user_reconnect() -> dict:  # type: ignore[misc]
+        """Allow the persistent connection again."""
+
+
+class IPolicyAgent(Interface):
+    """What the agent's policy engine may ask of the agent itself."""
+
+    def run_action(name: str, args: dict):  # type: ignore[misc]
+        """Run one of the agent's actions locally (no job); a Deferred of its result."""
+
+    def set_agent_settings(settings: dict) -> None:  # type: ignore[misc]
+        """Apply an `agent.settings` document; {} restores the defaults."""

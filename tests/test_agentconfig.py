@@ -1,5 +1,5 @@
 """Policies and connection profiles: the pure parts (precedence, checks) and the agent's
-policy engine and profile keeper on a fake clock, with a real AgentCore."""
+policy engine and profile keeper on a fake clock, in a real agent (`make_agent`)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ from twisted.python.filepath import FilePath
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from tcm.agent.config import AgentConfig
+from tcm.agent.enrollment import AgentState
+from tcm.agent.link import Identity
 from tcm.agent.policies import APPLIED, FAILED, PolicyContext, load_policy_handlers
-from tcm.agent.runner import ActionRunner, load_handlers
-from tcm.agent.service import AgentConfig, AgentCore
+from tcm.agent.runner import load_handlers
+from tcm.agent.service import Agent, make_agent
 from tcm.interfaces import IAppliedPolicy, IPolicyContext, IPolicyHandler
 from tcm.server.agentconfig import check_profile_settings, choose_profile
 from tcm.server.errors import Invalid
@@ -116,19 +119,24 @@ class Recorder:
         return Running(self.log, context.policy)
 
 
-def make_core(tmp_path, recorder) -> tuple[AgentCore, Clock]:
+def make_wired_agent(tmp_path, recorder) -> tuple[Agent, Clock]:
+    """An enrolled agent's parts as the daemon wires them, not started (no connection)."""
     clock = Clock()
     handlers = load_policy_handlers()
     handlers[recorder.type] = recorder
-    core = AgentCore(AgentConfig(state_dir=str(tmp_path)), clock, load_handlers(), handlers)
-    core.runner = ActionRunner(core.handlers, core.ledger, None, clock, FilePath(str(tmp_path)))
-    return core, clock
+    with open(os.path.join(tmp_path, "agent.json"), "w") as f:
+        json.dump({"agent_id": "a-test", "server": "https://127.0.0.1:8443"}, f)
+    config = AgentConfig(state_dir=str(tmp_path))
+    agent = make_agent(
+        config, clock, AgentState(str(tmp_path)), Identity(ca_pem=b""), load_handlers(), handlers
+    )
+    return agent, clock
 
 
 def test_reconcile_applies_new_versions_stops_removed_and_keeps_them_on_disk(tmp_path):
     recorder = Recorder()
-    core, clock = make_core(tmp_path, recorder)
-    engine = core.policies
+    agent, clock = make_wired_agent(tmp_path, recorder)
+    engine = agent.policies
     p1 = {"name": "rec", "type": "test.recorder", "version": 1, "document": {"every": 60}}
     missing = {"name": "other", "type": "no.such", "version": 4, "document": {"x": 1}}
     report = engine.reconcile([p1, missing]).result
@@ -157,43 +165,45 @@ def test_reconcile_applies_new_versions_stops_removed_and_keeps_them_on_disk(tmp
 
 def test_stored_policies_run_again_after_a_restart_on_their_schedule(tmp_path):
     recorder = Recorder()
-    core, clock = make_core(tmp_path, recorder)
-    core.policies.reconcile(
+    agent, clock = make_wired_agent(tmp_path, recorder)
+    agent.policies.reconcile(
         [{"name": "rec", "type": "test.recorder", "version": 3, "document": {"every": 60}}]
     )
-    core.policies.stop_all()
+    agent.policies.stop_all()
 
     again = Recorder()
-    core2, clock2 = make_core(tmp_path, again)  # a new agent process, same state dir
-    core2.policies.restore()
+    agent2, clock2 = make_wired_agent(tmp_path, again)  # a new agent process, same state dir
+    agent2.policies.restore()
     assert again.log == [("apply", "rec", 3, True)]
     clock2.advance(0)
-    assert "last_run" not in core2.policies.status["rec"]  # restored: no run at once
+    assert "last_run" not in agent2.policies.status["rec"]  # restored: no run at once
     clock2.advance(60)
-    assert core2.policies.status["rec"]["last_run"]["ok"] is True
+    assert agent2.policies.status["rec"]["last_run"]["ok"] is True
 
 
 def test_agent_settings_policy_changes_the_agent_and_restores_it(tmp_path):
-    core, clock = make_core(tmp_path, Recorder())
-    assert core.ledger.fsync is True
+    agent, clock = make_wired_agent(tmp_path, Recorder())
+    assert agent.ledger.fsync is True
     doc = {"flush_interval": 5, "spool_fsync": False}
-    core.policies.reconcile(
+    agent.policies.reconcile(
         [{"name": "s", "type": "agent.settings", "version": 1, "document": doc}]
     )
-    assert core.ledger.fsync is False and core.config.flush_interval == 5
-    core.policies.reconcile([])
-    assert core.ledger.fsync is True and core.config.flush_interval == 30.0
+    assert agent.ledger.fsync is False and agent.connection.config.flush_interval == 5
+    agent.policies.reconcile([])
+    assert agent.ledger.fsync is True and agent.connection.config.flush_interval == 30.0
 
 
 def test_policy_context_is_verified(tmp_path):
-    core, _ = make_core(tmp_path, Recorder())
-    ctx = PolicyContext("p", 1, False, core.reactor, FilePath(str(tmp_path)), core.policies)
+    agent, _ = make_wired_agent(tmp_path, Recorder())
+    ctx = PolicyContext(
+        "p", 1, False, agent.connection.reactor, FilePath(str(tmp_path)), agent.policies
+    )
     assert verifyObject(IPolicyContext, ctx)
 
 
 def test_invalid_document_on_the_agent_fails_with_the_reason(tmp_path):
-    core, _ = make_core(tmp_path, Recorder())
-    report = core.policies.reconcile(
+    agent, _ = make_wired_agent(tmp_path, Recorder())
+    report = agent.policies.reconcile(
         [{"name": "i", "type": "inventory.schedule", "version": 1, "document": {"every": "x"}}]
     ).result
     assert report["i"]["state"] == FAILED and "invalid document" in report["i"]["error"]
@@ -203,9 +213,7 @@ def test_invalid_document_on_the_agent_fails_with_the_reason(tmp_path):
 
 
 def test_profile_settings_apply_to_the_agent_and_back_to_defaults(tmp_path):
-    core, _ = make_core(tmp_path, Recorder())
-    core.server = "https://127.0.0.1:8443"
-    core.state.meta = lambda: {"server": "https://127.0.0.1:8443"}  # type: ignore[method-assign]
+    agent, _ = make_wired_agent(tmp_path, Recorder())
     profile = {
         "name": "slow",
         "version": 2,
@@ -218,12 +226,18 @@ def test_profile_settings_apply_to_the_agent_and_back_to_defaults(tmp_path):
             "gateways": ["wss://127.0.0.1:9/agent/v1/ws", "https://127.0.0.1:10/upstream/a/"],
         },
     }
-    core.profile.apply(profile, "test")
-    assert core.poller.poll_interval == 300 and core.poller.use_long_poll is False
-    assert core.config.backoff_max == 120 and core.config.keepalive == 40
+    agent.profile.apply(profile, "test")
+    assert (
+        agent.connection.poller.poll_interval == 300
+        and agent.connection.poller.use_long_poll is False
+    )
+    assert agent.connection.config.backoff_max == 120 and agent.connection.config.keepalive == 40
     # gateways as the agent's destinations use them (base URLs), tried after the server
-    assert core.config.gateways == ["https://127.0.0.1:9", "https://127.0.0.1:10/upstream/a"]
-    status = core.profile.status()
+    assert agent.connection.config.gateways == [
+        "https://127.0.0.1:9",
+        "https://127.0.0.1:10/upstream/a",
+    ]
+    status = agent.profile.status()
     assert status["stored_only"] == ["task_servers"]
     assert status["applied"] == [
         "backoff_max",
@@ -233,35 +247,36 @@ def test_profile_settings_apply_to_the_agent_and_back_to_defaults(tmp_path):
         "poll_interval",
     ]
     assert json.loads(open(os.path.join(tmp_path, "profile.json")).read()) == profile
-    core.profile.apply(None, "test")
-    assert core.poller.use_long_poll is True and core.config.backoff_max == 60.0
-    assert core.config.gateways == []  # back to the command line's (none here)
-    assert core.config.keepalive is None and core.profile.status() is None
+    agent.profile.apply(None, "test")
+    assert (
+        agent.connection.poller.use_long_poll is True
+        and agent.connection.config.backoff_max == 60.0
+    )
+    assert agent.connection.config.gateways == []  # back to the command line's (none here)
+    assert agent.connection.config.keepalive is None and agent.profile.status() is None
     assert not os.path.exists(os.path.join(tmp_path, "profile.json"))
 
 
 def test_a_bad_profile_from_the_server_is_refused_and_the_old_one_kept(tmp_path):
-    core, _ = make_core(tmp_path, Recorder())
-    core.server = "https://127.0.0.1:8443"
-    core.state.meta = lambda: {"server": "https://127.0.0.1:8443"}  # type: ignore[method-assign]
-    core.profile.apply({"name": "ok", "version": 1, "settings": {"poll_interval": 30}})
-    core.profile.apply({"name": "bad", "version": 1, "settings": {"poll_interval": "often"}})
-    assert core.profile.current["name"] == "ok"
-    assert "profile refused" in core.profile.status()["error"]
+    agent, _ = make_wired_agent(tmp_path, Recorder())
+    agent.profile.apply({"name": "ok", "version": 1, "settings": {"poll_interval": 30}})
+    agent.profile.apply({"name": "bad", "version": 1, "settings": {"poll_interval": "often"}})
+    assert agent.profile.current["name"] == "ok"
+    assert "profile refused" in agent.profile.status()["error"]
 
 
 def test_a_corrupt_or_malformed_policies_file_is_ignored_not_fatal(tmp_path):
     with open(os.path.join(tmp_path, "policies.json"), "w") as f:
         f.write('{"policies": [{"name": "ok", "type": "agent.settings", "version": 1, '
                 '"document": {"spool_fsync": false}}, {"name": 3}, "junk"]}')  # fmt: skip
-    core, _ = make_core(tmp_path, Recorder())
-    core.policies.restore()
-    assert sorted(core.policies.policies) == ["ok"] and core.ledger.fsync is False
+    agent, _ = make_wired_agent(tmp_path, Recorder())
+    agent.policies.restore()
+    assert sorted(agent.policies.policies) == ["ok"] and agent.ledger.fsync is False
     with open(os.path.join(tmp_path, "policies.json"), "w") as f:
         f.write("{not json")
-    core2, _ = make_core(tmp_path, Recorder())
-    core2.policies.restore()
-    assert core2.policies.policies == {}
+    agent2, _ = make_wired_agent(tmp_path, Recorder())
+    agent2.policies.restore()
+    assert agent2.policies.policies == {}
 
 
 def test_a_handler_that_returns_no_policy_object_fails_the_policy(tmp_path):
@@ -273,9 +288,9 @@ def test_a_handler_that_returns_no_policy_object_fails_the_policy(tmp_path):
         def apply(self, context, document):
             return "started"
 
-    core, _ = make_core(tmp_path, Recorder())
-    core.policies.handlers["test.wrong"] = Wrong()
-    report = core.policies.reconcile(
+    agent, _ = make_wired_agent(tmp_path, Recorder())
+    agent.policies.handlers["test.wrong"] = Wrong()
+    report = agent.policies.reconcile(
         [{"name": "w", "type": "test.wrong", "version": 1, "document": {"x": 1}}]
     ).result
     assert report["w"]["state"] == FAILED and "not a policy" in report["w"]["error"]

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
 from tcm.agent import CONTROL_SOCKET
+from tcm.interfaces import IAgentControl
 
 
 class ControlProtocol(LineOnlyReceiver):
@@ -53,20 +54,23 @@ class ControlProtocol(LineOnlyReceiver):
 
 
 class ControlFactory(Factory):
+    """Commands of the control socket, answered by `agent`."""
+
     protocol = ControlProtocol
 
-    def __init__(self, core: Any):
-        self.core = core
+    def __init__(self, agent: IAgentControl):
         self.commands = {
-            "status": lambda: {"status": core.status()},
-            "disconnect": core.user_disconnect,
-            "reconnect": core.user_reconnect,
+            "status": lambda: {"status": agent.status()},
+            "disconnect": agent.user_disconnect,
+            "reconnect": agent.user_reconnect,
         }
 
 
-def control_service(core: Any, state_dir: str) -> StreamServerEndpointService:
+def control_service(
+    reactor: Any, agent: IAgentControl, state_dir: str
+) -> StreamServerEndpointService:
     path = os.path.join(state_dir, CONTROL_SOCKET)
     if os.path.exists(path):
         os.unlink(path)  # left by an agent that did not stop cleanly
-    endpoint = UNIXServerEndpoint(core.reactor, path, mode=0o600, wantPID=False)
-    return StreamServerEndpointService(endpoint, ControlFactory(core))
+    endpoint = UNIXServerEndpoint(reactor, path, mode=0o600, wantPID=False)
+    return StreamServerEndpointService(endpoint, ControlFactory(agent))

@@ -29,6 +29,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
+from tcm.interfaces import IAgentAPI
 from tcm.tls import pki
 
 
@@ -241,6 +242,7 @@ class HttpsClient:
         return self._pool.closeCachedConnections()
 
 
+@implementer(IAgentAPI)
 class ServerLink:
     """Agent API calls over the live session, or HTTPS without one."""
 
@@ -248,7 +250,7 @@ class ServerLink:
 
     def __init__(self, https: HttpsClient):
         self.https = https
-        self.session: Any = None  # an open AgentConnection, set by the agent
+        self.session: Any = None  # an open AgentConnection, set by the agent's connection
         self.task_session: Any = None  # the open task-client session, if any
 
     @inlineCallbacks
@@ -274,3 +276,9 @@ class ServerLink:
                         e=e,
                     )
         return (yield self.https.call(method, path, body, timeout))
+
+    def call_over_https(
+        self, method: str, path: str, body: Any = None, timeout: float | None = None
+    ) -> Deferred:
+        """Over HTTPS whatever the session (the poller's calls, which stand for it)."""
+        return self.https.call(method, path, body, timeout)

@@ -18,11 +18,20 @@ import attrs
 import fastjsonschema
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.logger import Logger
+from twisted.python.filepath import FilePath
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from tcm.agent.runner import validator_for
-from tcm.interfaces import ActionFailed, IAppliedPolicy, IPolicyContext, IPolicyHandler
+from tcm.interfaces import (
+    ActionFailed,
+    IAgentAPI,
+    IAppliedPolicy,
+    IPolicyAgent,
+    IPolicyContext,
+    IPolicyHandler,
+    ISessionObserver,
+)
 from tcm.schedule import Schedule, ScheduleError
 from tcm.tls import pki
 
@@ -111,23 +120,35 @@ class PolicyContext:
         return ScheduledRun(self.reactor, schedule, run, f"policy {self.policy}").start(now)
 
     def run_action(self, name: str, args: dict) -> Deferred:
-        return self._engine.core.run_action_locally(name, args)
+        return self._engine.agent.run_action(name, args)
 
     def report(self, result: dict | None = None, error: str | None = None) -> None:
         self._engine.run_reported(self.policy, self.version, result, error)
 
     def set_agent_settings(self, settings: dict) -> None:
-        self._engine.core.set_agent_settings(settings)
+        self._engine.agent.set_agent_settings(settings)
 
 
+@implementer(ISessionObserver)
 class PolicyEngine:
-    """The agent's policies: stored, applied, fetched, reported."""
+    """The agent's policies: stored, applied, fetched and reported through `api`; what
+    they run, they run through `agent` (`IPolicyAgent`)."""
 
     _log = Logger()
 
-    def __init__(self, core: Any, handlers: dict[str, Any], state_dir: str):
-        self.core = core
+    def __init__(
+        self,
+        handlers: dict[str, Any],
+        state_dir: str,
+        api: IAgentAPI,
+        reactor: Any,
+        agent: IPolicyAgent,
+    ):
         self.handlers = handlers
+        self.state_dir = state_dir
+        self._api = api
+        self.reactor = reactor
+        self.agent = agent
         self.path = os.path.join(state_dir, "policies.json")
         self.policies: dict[str, dict[str, Any]] = {}  # name -> {name, type, version, document}
         self.applied: dict[str, Any] = {}  # name -> IAppliedPolicy
@@ -179,9 +200,7 @@ class PolicyEngine:
             validator_for(handler)(policy["document"])  # compiled once per handler
         except fastjsonschema.JsonSchemaValueException as e:
             return self._set(name, version, FAILED, f"invalid document: {e.message}")
-        ctx = PolicyContext(
-            name, version, restored, self.core.reactor, self.core.state_filepath(), self
-        )
+        ctx = PolicyContext(name, version, restored, self.reactor, FilePath(self.state_dir), self)
         d = maybeDeferred(handler.apply, ctx, policy["document"])
 
         def applied(running: Any) -> None:
@@ -206,7 +225,7 @@ class PolicyEngine:
             "version": version,
             "state": state,
             "error": error,
-            "at": self.core.clock.seconds(),
+            "at": self.reactor.seconds(),
         }
         if "last_run" in previous and previous.get("version") == version:
             entry["last_run"] = previous["last_run"]
@@ -254,6 +273,23 @@ class PolicyEngine:
         self._save()
         return report
 
+    # -- when to fetch: told by the agent's connection and by the server -----------------
+    def session_opened(self, welcome: dict[str, Any]) -> None:
+        # a welcome saying the server has no policies spares the fetch when the agent has
+        # none either (a reconnect storm on a server without policies costs nothing more)
+        if not (welcome.get("policy_count") == 0 and not self.policies):
+            self.fetch("session start")
+
+    def session_lost(self, reason: str, switched_off: bool) -> None:
+        """Policies stay in force without a session (they run offline too)."""
+
+    def polling_started(self) -> None:
+        self.fetch("HTTP mode")
+
+    def notified(self, data: dict[str, Any]) -> None:
+        what = data.get("name") or "policies"
+        self.fetch(f"the server notified a change of {what}", report_all=True)
+
     # -- talking to the server ---------------------------------------------------------------
     def fetch(self, why: str, report_all: bool = False) -> Deferred:
         """Fetch what applies and reconcile; a fetch asked for while one runs runs after it.
@@ -267,7 +303,7 @@ class PolicyEngine:
             return self._fetching
         self._log.info("fetching policies ({why})", why=why)
         self.fetches += 1
-        d = self.core.link.call("GET", "/agent/v1/policies")
+        d = self._api.call("GET", "/agent/v1/policies")
 
         def got(response: Any) -> Any:
             if response.status != 200:
@@ -283,7 +319,7 @@ class PolicyEngine:
                 }
             if not report:
                 return None
-            d = self.core.link.call("POST", "/agent/v1/policies/status", {"policies": report})
+            d = self._api.call("POST", "/agent/v1/policies/status", {"policies": report})
 
             def acknowledged(response: Any) -> None:
                 if response.status == 200:
@@ -317,16 +353,12 @@ class PolicyEngine:
         if entry is None or entry.get("version") != version:
             return
         entry["last_run"] = {
-            "at": self.core.clock.seconds(),
+            "at": self.reactor.seconds(),
             "ok": error is None,
             "error": error,
             "result": result,
         }
-        if self.core.link is None:
-            return
-        d = self.core.link.call(
-            "POST", "/agent/v1/policies/status", {"policies": {name: dict(entry)}}
-        )
+        d = self._api.call("POST", "/agent/v1/policies/status", {"policies": {name: dict(entry)}})
         d.addErrback(
             lambda f: self._log.info(
                 "run report of policy {name} not delivered: {why}",

@@ -12,22 +12,39 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from typing import Any
 
 from twisted.logger import Logger
 
+from tcm.interfaces import IAgentAPI, ISessionHost
 from tcm.protocol.envelope import ProtocolError, decode
 
 RETRY_AFTER_ERROR = 5.0
 
 
 class Poller:
-    """Polls for work over HTTPS while started."""
+    """Polls for work over HTTPS while started (the agent's connection starts and stops it).
+
+    What a poll brings goes to `host`, as what a session brings; `answered(first)` and
+    `failed(why)` tell the connection how polling goes (its mode)."""
 
     _log = Logger()
 
-    def __init__(self, core: Any, long_poll: bool = True):
-        self.core = core
+    def __init__(
+        self,
+        clock: Any,
+        api: IAgentAPI,
+        host: ISessionHost,
+        answered: Callable[[bool], None],
+        failed: Callable[[str], None],
+        long_poll: bool = True,
+    ):
+        self.clock = clock
+        self._api = api
+        self._host = host
+        self._on_answered = answered
+        self._on_failed = failed
         self.use_long_poll = long_poll
         self.poll_interval = 60.0
         self.long_poll = 0.0
@@ -64,15 +81,15 @@ class Poller:
 
     def _schedule(self, delay: float) -> None:
         if self.running:
-            self._timer = self.core.clock.callLater(delay, self._poll)
+            self._timer = self.clock.callLater(delay, self._poll)
 
     def _poll(self) -> None:
         self._timer = None
         wait = self.long_poll if self.use_long_poll else 0.0
         path = "/agent/v1/work" + (f"?wait={wait:g}" if wait > 0 else "")
-        self.last_poll = self.core.clock.seconds()
+        self.last_poll = self.clock.seconds()
         self.polls += 1
-        d = self.core.link.https.call("GET", path, timeout=wait + 30)
+        d = self._api.call_over_https("GET", path, timeout=wait + 30)
         self._inflight = d
         d.addCallbacks(self._answered, self._failed, callbackArgs=(wait,))
 
@@ -82,18 +99,17 @@ class Poller:
             self._failed_with(f"poll answered {response.status}: {response.body}")
             return
         body = response.body or {}
-        self.last_poll_ok = self.core.clock.seconds()
+        self.last_poll_ok = self.clock.seconds()
         self.last_error = None
         self._failures = 0
         self.poll_interval = self.profile_poll_interval or float(
             body.get("poll_interval", self.poll_interval)
         )
         self.long_poll = float(body.get("long_poll", 0))
-        self.core.runner.learn_server_time(body.get("server_time"))
-        self.core.mode.event("poll_ok", "HTTPS poll answered")
-        if not self._answered_since_start:
-            self._answered_since_start = True
-            self.core.polling_started()
+        self._host.learn_server_time(body.get("server_time"))
+        first = not self._answered_since_start
+        self._answered_since_start = True
+        self._on_answered(first)
         for raw in body.get("requests", []):
             try:
                 env = decode(json.dumps(raw))
@@ -101,10 +117,10 @@ class Poller:
                 self._log.warn("poll returned a bad request: {e}", e=e)
                 continue
             if env.type == "notify":
-                self.core.notified(env.data)
+                self._host.notified(env.data)
             else:
-                self.core.runner.receive(env)
-        self.core.runner.flush()
+                self._host.action_requested(env)
+        self._host.deliver_results()
         # Where the server allows long-polls the next poll goes out at once (and is held);
         # otherwise at the poll interval.
         long_polling = self.use_long_poll and self.long_poll > 0
@@ -122,7 +138,7 @@ class Poller:
         self.last_error = why
         self._failures += 1
         self._log.warn("HTTPS poll failed: {why}", why=why)
-        self.core.mode.event("poll_failed", why)
+        self._on_failed(why)
         # soon after the first failure, then backing off to the poll interval
         delay = RETRY_AFTER_ERROR * 2 ** min(self._failures - 1, 10)
         # jittered, so agents that lost their server together do not poll in step

@@ -5,7 +5,8 @@ puts its profile there too), so it holds from the first connection of the next s
 profile's settings override the agent's command-line settings; a setting the profile does
 not name keeps the command-line value.
 
-Applied at run time:
+Applied at run time (by the agent's connection, which follows the keeper: `follow_profile`
+in connection.py):
     servers                 the first is the server; a change reconnects (HTTPS and session)
     gateways                gateways tried in turn when the server is not reachable (as
                             --gateway, which they replace); a change reconnects the session
@@ -28,8 +29,9 @@ from typing import Any
 import fastjsonschema
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from zope.interface import implementer
 
-from tcm.agent.proxy import HTTPProxy
+from tcm.interfaces import IAgentAPI, IProfileFollower, ISessionObserver
 from tcm.protocol.schemas import PROFILE_SETTINGS
 from tcm.tls import pki
 
@@ -38,14 +40,17 @@ APPLIED = tuple(k for k in PROFILE_SETTINGS["properties"] if k not in STORED_ONL
 _validate = fastjsonschema.compile(PROFILE_SETTINGS)
 
 
+@implementer(ISessionObserver)
 class ProfileKeeper:
-    """The profile in force on one agent."""
+    """The profile in force on one agent: kept on disk, fetched and reported through `api`;
+    its settings go to its followers (`IProfileFollower`: the agent's connection)."""
 
     _log = Logger()
 
-    def __init__(self, core: Any):
-        self.core = core
-        self.path = os.path.join(core.state.dir, "profile.json")
+    def __init__(self, state_dir: str, api: IAgentAPI):
+        self._api = api
+        self._followers: list[IProfileFollower] = []
+        self.path = os.path.join(state_dir, "profile.json")
         self.current: dict[str, Any] | None = None  # {name, version, settings}
         self.last_error: str | None = None
         self.fetches = 0
@@ -55,8 +60,36 @@ class ProfileKeeper:
     def settings(self) -> dict[str, Any]:
         return (self.current or {}).get("settings") or {}
 
-    def persistent_connections(self) -> bool:
-        return bool(self.settings.get("persistent_connections", True))
+    def subscribe(self, follower: IProfileFollower) -> None:
+        """`follower` puts the settings in force, from `restore` on."""
+        self._followers.append(follower)
+
+    def in_force(self) -> dict[str, Any] | None:
+        """The profile in force as a hello names it: {name, version}, or None."""
+        if not self.current:
+            return None
+        return {"name": self.current["name"], "version": self.current["version"]}
+
+    # -- when to fetch: told by the agent's connection and by the server -----------------
+    def session_opened(self, welcome: dict[str, Any]) -> None:
+        # the hello told the server which profile this agent runs
+        self.reported = {
+            "name": (self.current or {}).get("name"),
+            "version": (self.current or {}).get("version"),
+        }
+        # a welcome saying the server has no profiles spares the fetch when the agent has
+        # none either (a reconnect storm costs nothing more)
+        if not (welcome.get("profile_count") == 0 and self.current is None):
+            self.fetch("session start")
+
+    def session_lost(self, reason: str, switched_off: bool) -> None:
+        """The profile stays in force without a session."""
+
+    def polling_started(self) -> None:
+        self.fetch("HTTP mode")
+
+    def notified(self, data: dict[str, Any]) -> None:
+        self.fetch("the server notified a profile change")
 
     def restore(self) -> None:
         """At start, before the first connection: the stored profile's settings."""
@@ -93,7 +126,7 @@ class ProfileKeeper:
 
     def fetch(self, why: str) -> Deferred:
         self.fetches += 1
-        d = self.core.link.call("GET", "/agent/v1/profile")
+        d = self._api.call("GET", "/agent/v1/profile")
 
         def got(response: Any) -> Any:
             if response.status != 200:
@@ -105,7 +138,7 @@ class ProfileKeeper:
             }
             if running == self.reported:
                 return None  # the server knows (this process told it, or the hello did)
-            d = self.core.link.call("POST", "/agent/v1/profile/status", running)
+            d = self._api.call("POST", "/agent/v1/profile/status", running)
 
             def acknowledged(response: Any) -> None:
                 if response.status == 200:
@@ -150,44 +183,9 @@ class ProfileKeeper:
         self._configure(live=True)
 
     def _configure(self, live: bool) -> None:
-        """Set the agent's connection settings from the profile (defaults where unnamed)."""
-        core = self.core
-        s = self.settings
-        d = core.defaults
-        cfg = core.config
-        server = s["servers"][0] if s.get("servers") else (d.server or core.state.meta()["server"])
-        proxy_text = s["proxy"] if "proxy" in s else d.proxy
-        reconnect = []
-        if server != core.server:
-            reconnect.append(f"server {core.server} -> {server}")
-            core.server = server
-        if (proxy_text or None) != (str(core.proxy) if core.proxy is not None else None):
-            core.proxy = HTTPProxy.parse(proxy_text) if proxy_text else None
-            reconnect.append(f"proxy {proxy_text or 'none'}")
-        gateways = [gateway_base(u) for u in s["gateways"]] if "gateways" in s else d.gateways
-        if gateways != cfg.gateways:
-            cfg.gateways = list(gateways)
-            reconnect.append(f"gateways {', '.join(gateways) or 'none'}")
-        cfg.keepalive = s.get("keepalive", d.keepalive)
-        cfg.keepalive_timeout = s.get("keepalive_timeout", d.keepalive_timeout)
-        cfg.backoff_initial = s.get("backoff_initial", d.backoff_initial)
-        cfg.backoff_max = s.get("backoff_max", d.backoff_max)
-        cfg.fallback_delay = s.get("fallback_delay", d.fallback_delay)
-        core.poller.profile_poll_interval = s.get("poll_interval")
-        if s.get("poll_interval"):
-            core.poller.poll_interval = float(s["poll_interval"])
-        core.poller.use_long_poll = s.get("long_poll", d.long_poll)
-        if not live:
-            return
-        if cfg.keepalive is not None and core.protocol is not None:
-            core._adopt_keepalive(core.protocol, cfg.keepalive)
-        if reconnect and core.session_service is not None:
-            core.rebuild_connections("; ".join(reconnect))
-        on = self.persistent_connections()
-        if not on and (core.protocol is not None or _running(core.session_service)):
-            core.set_persistent(False, "persistent connections off in the connection profile")
-        elif on and not _running(core.session_service):
-            core.set_persistent(True, "persistent connections on in the connection profile")
+        """Tell the followers (the agent's connection) the settings now in force."""
+        for follower in self._followers:
+            follower.follow_profile(self.settings, live)
 
     def status(self) -> dict[str, Any] | None:
         if self.current is None:
@@ -210,7 +208,3 @@ def gateway_base(url: str) -> str:
     if rest.endswith("/agent/v1/ws"):
         rest = rest[: -len("/agent/v1/ws")]
     return "https://" + rest
-
-
-def _running(service: Any) -> bool:
-    return service is not None and bool(service.running)

@@ -25,7 +25,13 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from tcm.agent.ledger import ACKED, DECLINED, FINISHED, STARTED, Ledger
-from tcm.interfaces import ActionFailed, IActionContext, IActionHandler
+from tcm.interfaces import (
+    ActionFailed,
+    IActionContext,
+    IActionHandler,
+    IAgentAPI,
+    ISessionObserver,
+)
 from tcm.protocol.envelope import Envelope
 
 
@@ -49,13 +55,19 @@ class ActionContext:
         self._runner.send_output(self.job_id, self._seq, stream, text)
 
 
+@implementer(ISessionObserver)
 class ActionRunner:
     """Receives action requests, runs them through their handlers, reports results."""
 
     _log = Logger()
 
     def __init__(
-        self, handlers: dict[str, Any], ledger: Ledger, link: Any, reactor: Any, state_dir: Any
+        self,
+        handlers: dict[str, Any],
+        ledger: Ledger,
+        link: IAgentAPI,
+        reactor: Any,
+        state_dir: Any,
     ):
         self.handlers = handlers
         self.ledger = ledger
@@ -261,6 +273,16 @@ class ActionRunner:
         """Send every result still waiting in the spool (on each new session, and on a timer)."""
         for entry in self.ledger.unacknowledged():
             self.send_result(entry["job"])
+
+    # -- told by the agent's connection ------------------------------------------------------
+    def session_opened(self, welcome: dict[str, Any]) -> None:
+        self.flush()  # results spooled while there was no session go now
+
+    def session_lost(self, reason: str, switched_off: bool) -> None:
+        """Results keep their spool entries: they go over HTTPS or the next session."""
+
+    def polling_started(self) -> None:
+        """Each answered poll flushes the spool already (the poller asks for it)."""
 
     def recover(self) -> None:
         """At start: jobs an earlier run started but never finished are reported failed."""

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 
 import tcm
 from tcm.agent.link import CallFailed, Response
+from tcm.interfaces import ISessionHost
 from tcm.protocol import codes
 from tcm.protocol.envelope import Envelope, ProtocolError, decode, encode, error_for
 from tcm.tls import pki
@@ -43,7 +44,7 @@ class AgentConnection:
 
     def __init__(
         self,
-        agent: Any,
+        agent: ISessionHost,
         send: Callable[[bytes], None],
         close: Callable[[int, str], None],
         clock: Any,
@@ -76,12 +77,9 @@ class AgentConnection:
                 data={
                     "agent_version": tcm.__version__,
                     "protocol": codes.PROTOCOL_VERSION,
-                    "capabilities": self.agent.capabilities(),
                     "hostname": socket.gethostname(),
                     "platform": platform.platform(),
-                    "running": self.agent.runner.running_jobs(),
-                    "policy_types": sorted(self.agent.policies.handlers),
-                    "profile": _profile_ref(self.agent.profile.current),
+                    **self.agent.hello(),
                 },
             )
         )
@@ -104,7 +102,7 @@ class AgentConnection:
 
     def _on_welcome(self, env: Envelope) -> None:
         self.welcome = env.data
-        self.agent.runner.learn_server_time(env.data.get("server_time"))
+        self.agent.learn_server_time(env.data.get("server_time"))
         self._open = True
         if not self.welcomed.called:
             self.welcomed.callback(self)
@@ -112,7 +110,7 @@ class AgentConnection:
     def _on_action(self, env: Envelope) -> None:
         # Note the arrival now; act on it on the next reactor turn, after whatever else the
         # reactor has read, so that reading stays ahead of the work reading brings.
-        self.clock.callLater(0, self.agent.runner.receive, env, time.time(), self)
+        self.clock.callLater(0, self.agent.action_requested, env, time.time(), self)
 
     def _on_notify(self, env: Envelope) -> None:
         self.agent.notified(env.data)
@@ -168,12 +166,6 @@ class AgentConnection:
             d.errback(CallFailed(f"session closed ({code} {reason or ''})"))
 
 
-def _profile_ref(profile: dict[str, Any] | None) -> dict[str, Any] | None:
-    if not profile:
-        return None
-    return {"name": profile["name"], "version": profile["version"]}
-
-
 class AgentClientProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type: ignore[misc]
     """Thin adapter: frames in and out of AgentConnection."""
 
@@ -181,8 +173,8 @@ class AgentClientProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type:
     connection: AgentConnection | None = None
 
     def connectionMade(self):
-        agent = self.factory.agent
-        self.connection = AgentConnection(agent, self._send_frame, self._close, agent.clock)
+        host = self.factory.session_host
+        self.connection = AgentConnection(host, self._send_frame, self._close, host.clock)
         self.connection.protocol = self
         super().connectionMade()
 
@@ -224,7 +216,7 @@ class AgentClientProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type:
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self.connection is not None:
             self.connection.lost(code, reason)
-        self.factory.agent.session_lost(self, code, reason)
+        self.factory.lost(self, code, reason)
 
     def _send_frame(self, frame: bytes) -> None:
         self.sendMessage(frame, isBinary=False)
@@ -237,18 +229,23 @@ class AgentClientProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type:
 
 
 class AgentClientFactory(WebSocketClientFactory):
+    """Sessions of one agent with one server (or task server): what arrives goes to
+    `session_host`, and `lost(protocol, code, reason)` is told when one closes."""
+
     protocol = AgentClientProtocol
 
     def __init__(
         self,
-        agent: Any,
+        host: ISessionHost,
+        lost: Callable[[Any, int | None, str | None], None],
         url: str,
         keepalive: float,
         keepalive_timeout: float,
         max_message_size: int,
     ):
         super().__init__(url, protocols=[codes.SUBPROTOCOL])
-        self.agent = agent
+        self.session_host = host  # not `host`: Autobahn's factory keeps the URL's host there
+        self.lost = lost
         self.setProtocolOptions(
             autoPingInterval=keepalive,
             autoPingTimeout=keepalive_timeout,

@@ -1,6 +1,6 @@
 """Swarm mode: many real agents in one process, for load tests and benchmarks.
 
-Each swarm member is a full agent: the same AgentCore and AgentService as `twistd tcm-agent`,
+Each swarm member is a full agent: the same AgentService and `make_agent` as `twistd tcm-agent`,
 with its own key, certificate and ledger in its own state directory, its own mutual-TLS
 session with keepalive, its own HTTPS fallback, and the real action handlers (loaded once and
 shared). Each swarm process writes its counts to `swarm-<first>.json` in the state directory
@@ -27,10 +27,11 @@ from twisted.application import service
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from tcm.agent.config import AgentConfig
 from tcm.agent.modes import DISCONNECTED, HTTP, PERSISTENT
 from tcm.agent.policies import load_policy_handlers
 from tcm.agent.runner import load_handlers
-from tcm.agent.service import AgentConfig, AgentCore, AgentService
+from tcm.agent.service import AgentService
 from tcm.process import raise_descriptor_limit
 
 
@@ -87,7 +88,7 @@ class Swarm(service.MultiService):
         self.agent_options = agent_options
         self.handlers = load_handlers()
         self.policy_handlers = load_policy_handlers()
-        self.cores: list[AgentCore] = []
+        self.members: list[AgentService] = []
         self._next = 0
         self._starter: LoopingCall | None = None
         self._reporter = LoopingCall(self.report)
@@ -138,28 +139,37 @@ class Swarm(service.MultiService):
                 bind_address=self.sources[i % len(self.sources)],
                 **self.agent_options,
             )
-            core = AgentCore(
-                config, self.reactor, handlers=self.handlers, policy_handlers=self.policy_handlers
+            member = AgentService(
+                config,
+                self.reactor,
+                handlers=self.handlers,
+                policy_handlers=self.policy_handlers,
+                exit_on_failure=False,
             )
-            self.cores.append(core)
-            AgentService(core, exit_on_failure=False).setServiceParent(self)
+            self.members.append(member)
+            member.setServiceParent(self)
 
     def counts(self) -> dict[str, Any]:
         modes = {PERSISTENT: 0, HTTP: 0, DISCONNECTED: 0}
-        completed = 0
-        for core in self.cores:
-            modes[core.mode.state] += 1
-            if core.runner is not None:
-                completed += core.runner.completed
+        completed = enrolled = reconnects = 0
+        for member in self.members:
+            agent = member.agent
+            if agent is None:  # not enrolled yet
+                modes[DISCONNECTED] += 1
+                continue
+            modes[agent.connection.mode.state] += 1
+            completed += agent.runner.completed
+            enrolled += 1
+            reconnects += agent.connection.reconnects
         return {
             "count": self.count,
-            "started": len(self.cores),
-            "enrolled": sum(1 for c in self.cores if c.agent_id is not None),
+            "started": len(self.members),
+            "enrolled": enrolled,
             "persistent": modes[PERSISTENT],
             "http": modes[HTTP],
             "disconnected": modes[DISCONNECTED],
             "completed": completed,
-            "reconnect_attempts": sum(c.reconnects for c in self.cores),
+            "reconnect_attempts": reconnects,
             "uptime": time.time() - self.started_at,
             "pid": os.getpid(),
         }

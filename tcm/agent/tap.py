@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from twisted.python import usage
 
-from tcm.agent.service import AgentConfig, make_agent_service
+from tcm.agent.config import AgentConfig
+from tcm.agent.service import make_agent_service
 
 
 class Options(usage.Options):

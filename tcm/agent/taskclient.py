@@ -15,22 +15,40 @@ from typing import Any
 from twisted.application.internet import ClientService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from tcm import compat
 from tcm.agent.backoff import backoff_policy
-from tcm.agent.link import server_endpoint
+from tcm.agent.config import AgentConfig
+from tcm.agent.connection import describe_close
+from tcm.agent.link import Identity, server_endpoint
 from tcm.agent.session import AgentClientFactory, SessionRefused
+from tcm.interfaces import IAgentAPI, IServerConnection, ISessionHost, ISessionObserver
 from tcm.protocol import codes
 
 
+@implementer(ISessionObserver)
 class TaskClient:
     """Connects to the assigned task server and keeps that session up."""
 
     _log = Logger()
 
-    def __init__(self, core: Any):
-        self.core = core
-        self.clock = core.clock
+    def __init__(
+        self,
+        reactor: Any,
+        config: AgentConfig,
+        identity: Identity,
+        api: IAgentAPI,
+        host: ISessionHost,
+        connection: IServerConnection,
+    ):
+        self.reactor = reactor
+        self.clock = reactor
+        self.config = config
+        self.identity = identity
+        self._api = api
+        self._host = host
+        self._connection = connection
         self.assigned: dict[str, Any] | None = None
         self.assignment_status = "no task server assigned yet"
         self.service: ClientService | None = None
@@ -40,33 +58,32 @@ class TaskClient:
         self.last_refusal: str | None = None
         self.counting: Any = None
 
-    # -- what the session calls on its agent (as AgentCore for the core session) ----------
-    @property
-    def runner(self) -> Any:
-        return self.core.runner
+    # -- what the core session and the server say ----------------------------------------
+    def session_opened(self, welcome: dict[str, Any]) -> None:
+        if "task_server" in welcome:
+            self.assign(welcome["task_server"], welcome.get("task_server_status"))
 
-    def capabilities(self) -> list[dict[str, Any]]:
-        return self.core.capabilities()
+    def session_lost(self, reason: str, switched_off: bool) -> None:
+        if switched_off:  # no task session either; the next welcome assigns one again
+            self.assign(None, reason)
 
-    @property
-    def policies(self) -> Any:
-        return self.core.policies
-
-    @property
-    def profile(self) -> Any:
-        return self.core.profile
+    def polling_started(self) -> None:
+        """Polls do not assign task servers (a `notify` does, `notified`)."""
 
     def notified(self, data: dict[str, Any]) -> None:
-        self.core.notified(data)
+        """The server moved this agent to another task server (or to none)."""
+        task_server = data.get("task_server")
+        self.assign(
+            task_server if isinstance(task_server, dict) else None,
+            str(data.get("task_server_status") or ""),
+        )
 
-    def session_lost(self, protocol: Any, code: int | None, reason: str | None) -> None:
+    def task_session_lost(self, protocol: Any, code: int | None, reason: str | None) -> None:
         if protocol is not self.protocol:
             return
         self.protocol = None
         self.connected_since = None
-        self.core.link.task_session = None
-        from tcm.agent.service import describe_close
-
+        self._api.task_session = None
         self._log.info("task session closed: {why}", why=describe_close(code, reason))
         if code == codes.CLOSE_PERSISTENT_OFF:
             self.assign(None, "persistent connections are switched off")
@@ -91,7 +108,7 @@ class TaskClient:
         if self.assigned is None or url is None:
             self._log.info("no task server: {why}", why=self.assignment_status)
             return
-        if self.core.user_disconnected:
+        if self._connection.user_disconnected:
             return
         self._log.info(
             "task server {name} at {url} ({why})",
@@ -102,16 +119,21 @@ class TaskClient:
         self.start(url)
 
     def start(self, url: str) -> None:
-        core = self.core
-        cfg = core.config
+        cfg = self.config
         https_url = "https://" + url.split("://", 1)[1].split("/", 1)[0]
         endpoint, self.counting = server_endpoint(
-            core.reactor, https_url, core.identity, core.proxy, count=True, bind=cfg.bind_address
+            self.reactor,
+            https_url,
+            self.identity,
+            self._connection.proxy,
+            count=True,
+            bind=cfg.bind_address,
         )
         factory = AgentClientFactory(
-            self,
+            self._host,
+            self.task_session_lost,
             url,
-            cfg.keepalive or core.session_keepalive(),
+            cfg.keepalive or self._connection.session_keepalive(),
             cfg.keepalive_timeout,
             cfg.max_message_size,
         )
@@ -119,7 +141,7 @@ class TaskClient:
             endpoint,
             factory,
             retryPolicy=backoff_policy(cfg.backoff_initial, 2.0, cfg.backoff_max),
-            clock=core.reactor,
+            clock=self.reactor,
             prepareConnection=self._ready,
         )
         self.service.startService()
@@ -128,8 +150,7 @@ class TaskClient:
         service, self.service = self.service, None
         self.protocol = None
         self.connected_since = None
-        if self.core.link is not None:
-            self.core.link.task_session = None
+        self._api.task_session = None
         if service is not None and service.running:
             return service.stopService()
         return None
@@ -141,22 +162,20 @@ class TaskClient:
             self.protocol = conn.protocol
             self.connected_since = self.clock.seconds()
             self.last_refusal = None
-            self.core.link.task_session = conn
+            self._api.task_session = conn
             self._log.info(
                 "task session open with {name} (session {sid})",
                 name=(self.assigned or {}).get("name"),
                 sid=conn.welcome.get("session"),
             )
-            self.core.adopt_keepalive(conn.protocol, conn.welcome.get("keepalive"))
-            self.core.runner.flush()
+            self._connection.adopt_keepalive(conn.protocol, conn.welcome.get("keepalive"))
+            self._host.deliver_results()
             return conn
 
         def refused(f):
             f.trap(SessionRefused)
             compat.ignore_lost_notification(protocol)
             self.reconnects += 1
-            from tcm.agent.service import describe_close
-
             self.last_refusal = describe_close(f.value.code, f.value.reason)
             self._log.warn("task session refused: {why}", why=self.last_refusal)
             return f

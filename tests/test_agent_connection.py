@@ -1,0 +1,171 @@
+"""The agent's connection lifecycle (tcm/agent/connection.py) in a wired agent on a fake clock:
+what its subscribers are told when a session opens, is lost or is switched off."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from tcm.agent.config import AgentConfig
+from tcm.agent.enrollment import AgentState
+from tcm.agent.link import Identity
+from tcm.agent.modes import HTTP, PERSISTENT
+from tcm.agent.policies import load_policy_handlers
+from tcm.agent.runner import load_handlers
+from tcm.agent.service import Agent, make_agent
+from tcm.agent.session import AgentClientFactory
+from tcm.interfaces import ISessionObserver
+from tcm.protocol import codes
+
+
+@implementer(ISessionObserver)
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def session_opened(self, welcome: dict) -> None:
+        self.events.append(("opened", welcome.get("session")))
+
+    def session_lost(self, reason: str, switched_off: bool) -> None:
+        self.events.append(("lost", reason, switched_off))
+
+    def polling_started(self) -> None:
+        self.events.append(("polling",))
+
+
+class FakeProtocol:
+    """What the connection uses of a session's protocol."""
+
+    def __init__(self, welcome: dict) -> None:
+        self.connection = self
+        self.protocol = self
+        self.welcome = welcome
+        self.welcomed: Deferred = Deferred()
+        self.closes: list[tuple[int, str]] = []
+
+    def sendClose(self, code: int, reason: str) -> None:
+        self.closes.append((code, reason))
+
+    def tls_info(self) -> dict:
+        return {"version": "TLSv1.3"}
+
+
+def ca_pem() -> bytes:
+    """A CA certificate for the agent to trust (nothing is connected to here)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(datetime.datetime(2020, 1, 1))
+        .not_valid_after(datetime.datetime(2040, 1, 1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def wired_agent(tmp_path) -> tuple[Agent, Clock, Recorder]:
+    clock = Clock()
+    with open(os.path.join(tmp_path, "agent.json"), "w") as f:
+        json.dump({"agent_id": "a-test", "server": "https://127.0.0.1:8443"}, f)
+    agent = make_agent(
+        AgentConfig(state_dir=str(tmp_path), fallback_delay=10.0),
+        clock,
+        AgentState(str(tmp_path)),
+        Identity(ca_pem=ca_pem()),
+        load_handlers(),
+        load_policy_handlers(),
+    )
+    recorder = Recorder()
+    assert verifyObject(ISessionObserver, recorder)
+    agent.connection.subscribe(recorder)
+    return agent, clock, recorder
+
+
+def open_session(agent: Agent, welcome: dict) -> FakeProtocol:
+    connection = agent.connection
+    connection.make_session_service()
+    protocol = FakeProtocol(welcome)
+    connection._session_ready(protocol)  # ClientService's prepareConnection
+    protocol.welcomed.callback(protocol)
+    return protocol
+
+
+def test_subscribers_are_told_a_session_opened_and_was_lost(tmp_path):
+    agent, clock, recorder = wired_agent(tmp_path)
+    connection = agent.connection
+    protocol = open_session(
+        agent, {"session": "s-1", "task_server": None, "profile_count": 0, "policy_count": 0}
+    )
+    assert recorder.events == [("opened", "s-1")]
+    assert connection.mode.state == PERSISTENT and agent.runner.link.session is protocol
+    assert agent.task_client.assignment_status == "none"  # the welcome assigned none
+
+    connection.session_lost(protocol, codes.CLOSE_RESTARTING, None)
+    assert recorder.events[1][0] == "lost" and recorder.events[1][2] is False
+    assert str(codes.CLOSE_RESTARTING) in recorder.events[1][1]
+    assert connection.mode.state == HTTP and agent.runner.link.session is None
+    assert connection.restart_hint.until > clock.seconds()  # 4012: back in moments
+    # the first poll waits (jittered): the session usually comes back first
+    assert connection.poller.running and connection.poller.polls == 0
+    clock.advance(10.0)
+    assert connection.poller.polls == 1
+
+
+def test_switching_persistent_connections_off_tells_subscribers_then_the_close_follows(tmp_path):
+    agent, _, recorder = wired_agent(tmp_path)
+    connection = agent.connection
+    protocol = open_session(agent, {"session": "s-2", "profile_count": 0, "policy_count": 0})
+    connection.follow_profile({"persistent_connections": False}, live=True)
+    reason = "persistent connections off in the connection profile"
+    assert recorder.events[1:] == [("lost", reason, True)]
+    assert protocol.closes == [
+        (codes.CLOSE_BY_PROFILE, codes.CLOSE_REASONS[codes.CLOSE_BY_PROFILE])
+    ]
+    assert agent.task_client.assignment_status == reason  # the task session goes too
+    assert connection.mode.state == HTTP and connection.poller.running
+    connection.session_lost(protocol, codes.CLOSE_BY_PROFILE, None)  # the close completes
+    assert recorder.events[2][2] is False
+    assert agent.status()["persistent"]["connected"] is False
+
+
+def test_user_disconnect_and_reconnect(tmp_path):
+    agent, _, recorder = wired_agent(tmp_path)
+    open_session(agent, {"session": "s-3", "profile_count": 0, "policy_count": 0})
+    assert agent.user_disconnect() == {"mode": HTTP, "persistent_disabled": True}
+    assert recorder.events[1:] == [("lost", "terminated by tcm-agent disconnect", True)]
+    assert agent.status()["persistent"]["disabled_by_user"] is True
+    assert agent.user_disconnect() == {"mode": HTTP, "persistent_disabled": True}  # once
+    assert len(recorder.events) == 2
+    assert agent.user_reconnect() == {"mode": HTTP, "persistent_disabled": False}
+
+
+def test_the_session_factory_keeps_the_url_host_for_the_handshake(tmp_path):
+    agent, _, _ = wired_agent(tmp_path)
+    factory = AgentClientFactory(
+        object(), agent.connection.session_lost, "wss://127.0.0.1:8443/agent/v1/ws", 50, 20, 1024
+    )
+    assert factory.host == "127.0.0.1" and factory.port == 8443
+
+
+def test_a_profile_keepalive_applies_to_the_live_session(tmp_path):
+    agent, _, _ = wired_agent(tmp_path)
+    protocol = open_session(agent, {"session": "s-4", "profile_count": 0, "policy_count": 0})
+    agent.connection.follow_profile({"keepalive": 40}, live=True)
+    assert agent.connection.session_keepalive() == 40.0
+    assert type(protocol).autoPingInterval == 40.0  # type: ignore[attr-defined]
+    assert protocol.closes == []  # no reconnect for a keepalive
