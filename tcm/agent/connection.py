@@ -433,7 +433,7 @@ def _running(service: Any) -> bool:
 def _reschedule_ping(clock: Any, protocol: Any, keepalive: float) -> None:
     """Ping every `keepalive` seconds on `protocol` from its next ping, and on the
     connections made after it."""
-    old = protocol.autoPingInterval
+    old = getattr(protocol, "autoPingInterval", None)
     type(protocol).autoPingInterval = keepalive  # later connections (wsbase.bind_options)
     if old == keepalive:
         return
