@@ -169,3 +169,25 @@ def test_a_profile_keepalive_applies_to_the_live_session(tmp_path):
     assert agent.connection.session_keepalive() == 40.0
     assert type(protocol).autoPingInterval == 40.0  # type: ignore[attr-defined]
     assert protocol.closes == []  # no reconnect for a keepalive
+
+
+def test_a_keepalive_learned_after_open_moves_the_first_ping(tmp_path):
+    """The first ping was scheduled at open with the old interval: it moves to the new one
+    (the check once compared the interval after changing it and never moved the ping)."""
+    agent, clock, _ = wired_agent(tmp_path)
+    protocol = open_session(agent, {"session": "s-5", "profile_count": 0, "policy_count": 0})
+
+    class Pinging(FakeProtocol):
+        autoPingInterval = 30.0
+
+    protocol.__class__ = Pinging
+    pings: list[float] = []
+    protocol.autoPingPendingCall = clock.callLater(  # type: ignore[attr-defined]
+        30.0, lambda: pings.append(clock.seconds())
+    )
+    protocol._sendAutoPing = lambda: pings.append(clock.seconds())  # type: ignore[attr-defined]
+    agent.connection.follow_profile({"keepalive": 50}, live=True)
+    clock.advance(30.0)
+    assert pings == []  # the ping of the old interval was cancelled
+    clock.advance(20.0)
+    assert pings == [50.0]
