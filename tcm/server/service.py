@@ -12,7 +12,6 @@ from autobahn.twisted.resource import WebSocketResource
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
-from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -41,6 +40,7 @@ from tcm.server.targets import FilterError, Target, UnknownTarget
 from tcm.server.web import ApiError, ApiWithWebSocket
 from tcm.server.websocket import AgentServerFactory
 from tcm.store.store import Store
+from tcm.tls.endpoints import listeners, port_description
 
 # Fields of an agent view that are not inventory classes (see ServerCore.agent_views).
 VIEW_FIELDS = frozenset(
@@ -55,6 +55,8 @@ class ServerConfig:
     state_dir: str
     port: int = 8443
     interface: str = "127.0.0.1"
+    # endpoint strings to listen on (tcm/tls/endpoints.py); empty: tcm's TLS on port/interface
+    listen: list[str] = attrs.field(factory=list)
     hostnames: list[str] = attrs.field(factory=list)
     database: str | None = None  # default: sqlite in state_dir
     cert: str | None = None  # admin-supplied server certificate (PEM) ...
@@ -946,13 +948,13 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     Logger().info("this process may hold about {n} connections (descriptor limit)", n=limit)
     core = ServerCore(config, reactor)
     top = ServerService(core)
-    endpoint = SSL4ServerEndpoint(
-        core.reactor, config.port, core.tls_options(), interface=config.interface, backlog=4096
-    )
     # a reconnect storm's handshakes run a few at a time, in order, instead of all at once
     gate = HandshakeGate(core.clock, config.max_handshakes) if config.max_handshakes > 0 else None
     core.handshakes = HandshakeLogger(core.site, gate)
-    listener = StreamServerEndpointService(endpoint, core.handshakes)
+    # every listen address: tcm: ones with the server's TLS, plain ones (an admin API behind a
+    # TLS-terminating proxy) without, where no agent certificate can be presented
+    endpoints = config.listen or [port_description(config.port, config.interface)]
+    listener = listeners(core.reactor, endpoints, core.tls_options(), core.handshakes, core.site)
     listener.setServiceParent(top)
     top.listener = listener
     TimerService(config.keepalive, core.sweep_silent_sessions).setServiceParent(top)

@@ -16,7 +16,6 @@ from autobahn.twisted.resource import WebSocketResource
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -34,8 +33,9 @@ from tcm.relay.node import (
     enroll_node,
 )
 from tcm.relay.upstream import UpstreamFactory, upstream_service
-from tcm.server.ca import server_tls_options
+from tcm.server.ca import HandshakeLogger, server_tls_options
 from tcm.taskserver import WS_PATH
+from tcm.tls.endpoints import listeners, port_description
 
 
 @attrs.define
@@ -44,6 +44,7 @@ class TaskServerConfig:
     server: str | None = None  # the management server's URL
     port: int = 8444
     interface: str = "127.0.0.1"
+    listen: list[str] = attrs.field(factory=list)  # endpoint strings (empty: port/interface)
     hostnames: list[str] = attrs.field(factory=list)
     ca_cert: str | None = None  # the tcm CA (for enrollment)
     token: str | None = None  # NAME.SECRET from `tcm taskservers enroll NAME`
@@ -114,15 +115,12 @@ class TaskServerService(NodeService):
         assert self.node_name is not None
         edge = EdgeFactory(self.relay, cfg.url())
         gateways = DownLinkFactory(self.relay, cfg.url().replace(WS_PATH, link.WS_PATH))
-        listener = StreamServerEndpointService(
-            SSL4ServerEndpoint(
-                self.reactor,
-                cfg.port,
-                server_tls_options(key_pem, cert_pem, [ca_pem]),
-                interface=cfg.interface,
-                backlog=4096,
-            ),
-            edge_site(_resource(WebSocketResource(edge)), _resource(WebSocketResource(gateways))),
+        site = edge_site(_resource(WebSocketResource(edge)), _resource(WebSocketResource(gateways)))
+        listener = listeners(
+            self.reactor,
+            cfg.listen or [port_description(cfg.port, cfg.interface)],
+            server_tls_options(key_pem, cert_pem, [ca_pem]),
+            HandshakeLogger(site),  # TLS failures logged, as the server's and gateway's
         )
         listener.setServiceParent(self)
         self.add_link(server, ca_pem, cert_pem, key_pem, cfg.url())
