@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import ssl
+import subprocess
 
 import pytest
 from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint, serverFromString
@@ -37,7 +38,7 @@ from tcm.tls.endpoints import (
     listen_addresses,
     port_description,
 )
-from tests.harness import AgentProc, Server, free_port, wait_until
+from tests.harness import PYTHON, AgentProc, Server, free_port, wait_until
 
 # -- the endpoint type ------------------------------------------------------------------------
 
@@ -246,3 +247,73 @@ def test_a_server_serves_agents_and_admins_on_every_listen_endpoint(stack):
         s.sendall(b"GET / HTTP/1.0\r\n\r\n")
         s.recv(100)
     wait_until(lambda: server.count("TLS handshake with") > failed, 10, 0.05, "a logged failure")
+
+
+# -- systemd socket activation ------------------------------------------------------------------
+
+# What systemd does for a socket-activated service: the listening socket as descriptor 3,
+# LISTEN_FDS=1, its name in LISTEN_FDNAMES and LISTEN_PID naming the process that execs twistd.
+_ACTIVATE = (
+    "import os, sys; os.dup2(int(sys.argv[1]), 3); "
+    "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', LISTEN_FDNAMES='tcm.socket'); "
+    "os.execv(sys.executable, [sys.executable, '-c', "
+    "'from twisted.scripts.twistd import run; run()', *sys.argv[2:]])"
+)
+
+
+class _ActivatedServer(Server):
+    """twistd tcm-server started the way systemd starts a socket-activated service."""
+
+    def __init__(self, base: str, activated: socket.socket, listen: list[str]):
+        super().__init__(base)
+        self.activated = activated
+        self.args = ["tcm-server", "--state-dir", self.state_dir]
+        for description in listen:
+            self.args += ["--listen", description]
+
+    def start(self) -> None:
+        fd = self.activated.fileno()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [PYTHON, "-c", _ACTIVATE, str(fd), "-n", "--pidfile=", *self.args],
+                pass_fds=(fd,),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                cwd=os.path.dirname(self.log_path),
+            )
+        self.wait_ready()
+
+
+@pytest.mark.integration
+def test_systemd_socket_activation_with_tcm_tls(stack):
+    base, add = stack
+    activated = socket.socket()
+    activated.bind(("127.0.0.1", 0))
+    activated.listen(128)
+    port = activated.getsockname()[1]
+    second = free_port()
+    try:
+        # a TCP endpoint beside it names the server for the CLI (server.json)
+        server = add(
+            _ActivatedServer(
+                str(base),
+                activated,
+                ["tcm:systemd:domain=INET:index=0", f"tcm:{second}:interface=127.0.0.1"],
+            )
+        )
+        server.port = second
+        server.start()
+    finally:
+        activated.close()  # the server holds its own copy now
+    # the agent reaches the server through the socket systemd (here: the test) opened
+    agent = AgentProc(str(base), "activated")
+    agent.args += ["--server", f"https://127.0.0.1:{port}", "--ca-cert", server.ca]
+    agent.args += ["--token", server.token()]
+    add(agent).start()
+    job = json.loads(server.cli("run", "ping", "--targets", "all", "--wait", "--json"))
+    assert job["counts"]["succeeded"] == 1, job
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        context = ssl.create_default_context(cafile=server.ca)
+        with context.wrap_socket(s, server_hostname="127.0.0.1") as tls:
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
