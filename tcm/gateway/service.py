@@ -270,7 +270,8 @@ class GatewayService(NodeService):
             StreamServerEndpointService(endpoint, self.handshakes).setServiceParent(self)
         else:
             endpoints = cfg.listen or [port_description(cfg.port, cfg.interface)]
-            listeners(self.reactor, endpoints, tls, self.handshakes).setServiceParent(self)
+            for listener in listeners(self.reactor, endpoints, tls, self.handshakes):
+                listener.setServiceParent(self)
         for name, url in cfg.upstreams:
             state = self.identity_of(name)
             ca_pem, node_cert, node_key = state.tls()

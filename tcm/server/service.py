@@ -899,7 +899,7 @@ class ServerService(service.MultiService):
         Logger().failure("server failed to start", f)
         stop_with_failure(self.core.reactor)
 
-    listener: Any = None  # the agents' port (StreamServerEndpointService), closed first
+    listeners: list[Any] = []  # the listen endpoints (StreamServerEndpointServices), closed first
 
     def stopService(self):
         service.Service.stopService(self)
@@ -910,9 +910,7 @@ class ServerService(service.MultiService):
         # ends the agent's restart hint) then dropped without a 4012: it would climb its
         # backoff ladder. Refused now, it tries again every few seconds until the next
         # server listens.
-        unlistened = []
-        if self.listener is not None and self.listener.running:
-            unlistened.append(maybeDeferred(self.listener.stopService))
+        unlistened = [maybeDeferred(s.stopService) for s in self.listeners if s.running]
         # Tell the agents this is a restart: they come back every few seconds rather than
         # climbing their backoff while the server is away (docs/protocol.md, 4012). The
         # close frames need the reactor to go out: wait (a little) for the closes to finish.
@@ -954,9 +952,11 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     # every listen address: tcm: ones with the server's TLS, plain ones (an admin API behind a
     # TLS-terminating proxy) without, where no agent certificate can be presented
     endpoints = config.listen or [port_description(config.port, config.interface)]
-    listener = listeners(core.reactor, endpoints, core.tls_options(), core.handshakes, core.site)
-    listener.setServiceParent(top)
-    top.listener = listener
+    top.listeners = listeners(
+        core.reactor, endpoints, core.tls_options(), core.handshakes, core.site
+    )
+    for listener in top.listeners:
+        listener.setServiceParent(top)
     TimerService(config.keepalive, core.sweep_silent_sessions).setServiceParent(top)
     # tcm/server/heap.py: full garbage collections kept off long-lived objects (sessions)
     HeapSettler(lambda: len(core.registry)).setServiceParent(top)

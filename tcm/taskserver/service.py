@@ -116,13 +116,13 @@ class TaskServerService(NodeService):
         edge = EdgeFactory(self.relay, cfg.url())
         gateways = DownLinkFactory(self.relay, cfg.url().replace(WS_PATH, link.WS_PATH))
         site = edge_site(_resource(WebSocketResource(edge)), _resource(WebSocketResource(gateways)))
-        listener = listeners(
+        for listener in listeners(
             self.reactor,
             cfg.listen or [port_description(cfg.port, cfg.interface)],
             server_tls_options(key_pem, cert_pem, [ca_pem]),
             HandshakeLogger(site),  # TLS failures logged, as the server's and gateway's
-        )
-        listener.setServiceParent(self)
+        ):
+            listener.setServiceParent(self)
         self.add_link(server, ca_pem, cert_pem, key_pem, cfg.url())
         if cfg.metrics_port is not None:
             from twisted.internet.endpoints import TCP4ServerEndpoint

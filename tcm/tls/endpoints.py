@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import attrs
-from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import quoteStringArgument, serverFromString
@@ -194,18 +193,17 @@ def listeners(
     tls: IOpenSSLServerConnectionCreator,
     secured: IProtocolFactory,
     plain: IProtocolFactory | None = None,
-) -> service.MultiService:
-    """One listening service per endpoint string, under one MultiService (stopped first on a
-    drain). `tcm:` endpoints get ``tls`` and serve ``secured`` (the service's factory inside
-    TLS, e.g. its handshake logger); the others serve ``plain``, or are refused (ValueError)
-    where it is None."""
-    top = service.MultiService()
+) -> list[StreamServerEndpointService]:
+    """One listening service per endpoint string, in order. `tcm:` endpoints get ``tls`` and
+    serve ``secured`` (the service's factory inside TLS, e.g. its handshake logger); the
+    others serve ``plain``, or are refused (ValueError) where it is None."""
+    services = []
     for description in descriptions:
         endpoint = parse(reactor, description)
         if isinstance(endpoint, TLSServerEndpoint):
-            StreamServerEndpointService(endpoint.secured(tls), secured).setServiceParent(top)
+            services.append(StreamServerEndpointService(endpoint.secured(tls), secured))
         elif plain is not None:
-            StreamServerEndpointService(endpoint, plain).setServiceParent(top)
+            services.append(StreamServerEndpointService(endpoint, plain))
         else:
             raise ValueError(f"--listen {description!r}: this service listens only with tcm:")
-    return top
+    return services
