@@ -69,6 +69,7 @@ def test_wheel_contains_the_dropin(tmp_path):
     wheel = next(p for p in os.listdir(out) if p.endswith(".whl"))
     names = zipfile.ZipFile(out / wheel).namelist()
     assert "twisted/plugins/tcm_plugins.py" in names
+    assert "twisted/plugins/tcm_endpoints.py" in names  # the tcm: endpoint type
     assert "twisted/plugins/__init__.py" not in names
     assert "tcm/store/migrations/versions/0001_initial.py" in names
     assert "tcm/store/migrations/env.py" in names

@@ -28,7 +28,7 @@ from autobahn.twisted.resource import WebSocketResource
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred, succeed
-from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -50,6 +50,7 @@ from tcm.relay.node import (
 from tcm.relay.relays import GatewayRelay
 from tcm.relay.upstream import UpstreamFactory, upstream_service
 from tcm.tls import pki
+from tcm.tls.endpoints import listeners, port_description
 from tcm.tls.handshake import HandshakeLogger
 from tcm.tls.server import server_tls_options
 
@@ -64,6 +65,7 @@ class GatewayConfig:
     upstream_servers: dict[str, str] = attrs.field(factory=dict)
     port: int = 8445
     interface: str = "127.0.0.1"
+    listen: list[str] = attrs.field(factory=list)  # endpoint strings (empty: port/interface)
     hostnames: list[str] = attrs.field(factory=list)
     ca_cert: str | None = None  # the tcm CA (for enrollment)
     cert: str | None = None  # the admin's certificate for the agents' side ...
@@ -265,14 +267,14 @@ class GatewayService(NodeService):
         )
         site = Site(self.root, timeout=90)  # longer than the longest long-poll (60 s)
         site.displayTracebacks = False
-        if cfg.workers > 1:
-            endpoint: Any = ReusePortTLSEndpoint(self.reactor, cfg.port, tls, cfg.interface, 4096)
-        else:
-            endpoint = SSL4ServerEndpoint(
-                self.reactor, cfg.port, tls, interface=cfg.interface, backlog=4096
-            )
         self.handshakes = HandshakeLogger(site)  # TLS failures, counted by reason
-        StreamServerEndpointService(endpoint, self.handshakes).setServiceParent(self)
+        if cfg.workers > 1:
+            endpoint = ReusePortTLSEndpoint(self.reactor, cfg.port, tls, cfg.interface, 4096)
+            StreamServerEndpointService(endpoint, self.handshakes).setServiceParent(self)
+        else:
+            endpoints = cfg.listen or [port_description(cfg.port, cfg.interface)]
+            for listener in listeners(self.reactor, endpoints, tls, self.handshakes):
+                listener.setServiceParent(self)
         for name, url in cfg.upstreams:
             state = self.identity_of(name)
             ca_pem, node_cert, node_key = state.tls()

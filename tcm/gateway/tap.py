@@ -6,12 +6,13 @@ from twisted.python import usage
 
 from tcm.gateway.service import GatewayConfig, make_gateway_service
 from tcm.protocol.names import NODE_NAME
+from tcm.tls.endpoints import listen_addresses
 
 
 class Options(usage.Options):
     synopsis = (
         "--state-dir DIR --upstream NAME=URL [--upstream NAME=URL ...] [--port P] "
-        "[--ca-cert ca.pem --upstream-token NAME=TOKEN ...]"
+        "[--listen ENDPOINT ...] [--ca-cert ca.pem --upstream-token NAME=TOKEN ...]"
     )
     longdesc = (
         "The tcm internet gateway: terminates agents' TLS (client certificates from the tcm "
@@ -24,8 +25,8 @@ class Options(usage.Options):
     )
     optParameters = [
         ["state-dir", "d", None, "Directory for the gateway's keys and certificates."],
-        ["port", "p", 8445, "TCP port for the agents (WSS and HTTPS).", int],
-        ["interface", "i", "127.0.0.1", "Address to listen on."],
+        ["port", "p", None, "TCP port for the agents (WSS and HTTPS; default 8445).", int],
+        ["interface", "i", None, "Address to listen on (default 127.0.0.1)."],
         ["ca-cert", None, None, "The tcm CA certificate (a server's ca.pem), to enroll."],
         ["cert", None, None, "Certificate (PEM) for the agents' side (default: the node's)."],
         ["key", None, None, "Private key of --cert (PEM)."],
@@ -43,6 +44,7 @@ class Options(usage.Options):
         self["tokens"] = {}
         self["upstream_servers"] = {}
         self["hostnames"] = []
+        self["listen"] = []
 
     def opt_upstream(self, value):
         """NAME=https://HOST:PORT, a management server this gateway serves, or one of its
@@ -73,6 +75,12 @@ class Options(usage.Options):
         """A DNS name or address agents use to reach this gateway (repeatable)."""
         self["hostnames"].append(name)
 
+    def opt_listen(self, description):
+        """An endpoint string to listen on as well (repeatable; alone, instead of --port),
+        with tcm's TLS: tcm:PORT:interface=ADDR, tcm:unix:PATH, tcm:systemd:domain=INET:index=0
+        (docs/operating.md, "Listen addresses")."""
+        self["listen"].append(description)
+
     def postOptions(self):
         if not self["state-dir"]:
             raise usage.UsageError("--state-dir is required")
@@ -89,6 +97,16 @@ class Options(usage.Options):
             raise usage.UsageError("--cert and --key go together")
         if self["max-clients"] < 1 or self["workers"] < 1:
             raise usage.UsageError("--max-clients and --workers must be at least 1")
+        if self["listen"] and self["workers"] > 1:
+            raise usage.UsageError("--workers share --port (SO_REUSEPORT): not with --listen")
+        from twisted.internet import reactor
+
+        try:
+            self["addresses"] = listen_addresses(
+                reactor, self["listen"], self["port"], self["interface"], 8445, plain=False
+            )
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
 
 
 def makeService(options: Options):
@@ -98,8 +116,9 @@ def makeService(options: Options):
             upstreams=options["upstreams"],
             tokens=options["tokens"],
             upstream_servers=options["upstream_servers"],
-            port=options["port"],
-            interface=options["interface"],
+            port=options["addresses"].port,
+            interface=options["addresses"].interface,
+            listen=options["addresses"].endpoints,
             hostnames=options["hostnames"],
             ca_cert=options["ca-cert"],
             cert=options["cert"],

@@ -59,7 +59,7 @@ class Certificates:
         cert_path = os.path.join(config.state_dir, "server.pem")
         key_path = os.path.join(config.state_dir, "server.key")
         names = sorted({config.interface, *config.hostnames} - {"0.0.0.0", "::", ""})
-        if not os.path.exists(cert_path) or _names_changed(cert_path, names):
+        if not os.path.exists(cert_path) or not _file_names(cert_path, names):
             key_pem, cert_pem = self.ca.issue_server_certificate(names)
             pki.write_private(key_path, key_pem)
             pki.write_public(cert_path, cert_pem)
@@ -70,13 +70,6 @@ class Certificates:
         return key_pem, cert_pem
 
 
-def _names_changed(cert_path: str, names: list[str]) -> bool:
+def _file_names(cert_path: str, names: list[str]) -> bool:
     with open(cert_path, "rb") as f:
-        cert = pki.load_certificate(f.read())
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return True
-    have = {str(v) for v in san.get_values_for_type(x509.DNSName)}
-    have |= {str(v) for v in san.get_values_for_type(x509.IPAddress)}
-    return not set(names) <= have
+        return pki.names_in(f.read(), names)

@@ -16,6 +16,8 @@ class ServerConfig:
     state_dir: str
     port: int = 8443
     interface: str = "127.0.0.1"
+    # endpoint strings to listen on (tcm/tls/endpoints.py); empty: tcm's TLS on port/interface
+    listen: list[str] = attrs.field(factory=list)
     hostnames: list[str] = attrs.field(factory=list)
     database: str | None = None  # default: sqlite in state_dir
     cert: str | None = None  # admin-supplied server certificate (PEM) ...

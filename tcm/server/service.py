@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import attrs
@@ -29,7 +29,7 @@ from autobahn.twisted.resource import WebSocketResource
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred, succeed
-from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -51,7 +51,7 @@ from tcm.interfaces import (
     ITargets,
 )
 from tcm.process import raise_descriptor_limit, stop_with_failure
-from tcm.protocol import codes
+from tcm.protocol import codes, link
 from tcm.server.access import AccessTokens
 from tcm.server.adminapi import AdminAPI, AdminServices
 from tcm.server.admission import HandshakeGate
@@ -79,6 +79,7 @@ from tcm.server.web import ApiWithWebSocket
 from tcm.server.websocket import AgentServerFactory
 from tcm.store import Database
 from tcm.tls import pki
+from tcm.tls.endpoints import listeners, port_description
 from tcm.tls.handshake import HandshakeLogger
 from tcm.tls.server import server_tls_options
 
@@ -94,17 +95,59 @@ def provides(interface: InterfaceClass, obj: T) -> T:
 
 
 @attrs.frozen
-class TaskServerHost:
-    """What the all-in-one's embedded task server uses of this server (tcm/allinone.py):
-    its settings, CA, the nodes' store area, the resource tree it mounts `/task` on."""
+class EmbeddingServer:
+    """What the all-in-one's embedded task server and gateway (tcm/allinone.py) use of this
+    server: its settings and name, the resource tree the task server mounts `/task` on, the
+    CA certificate, and node identities issued straight by its CA (no token)."""
 
     config: ServerConfig
     reactor: Any
     clock: Any
-    store: Any  # the access area: register_node, enroll_node, list_nodes
-    ca: CertificateAuthority
+    name: str
     root: Resource
-    reload_nodes: Callable[[], Deferred[None]]
+    _nodes_store: Any  # the access area: register_node, enroll_node, list_nodes
+    _ca: CertificateAuthority
+    _reload_nodes: Callable[[], Deferred[None]]
+
+    @property
+    def ca_pem(self) -> bytes:
+        return self._ca.cert_pem
+
+    @inlineCallbacks
+    def node_certificate(
+        self,
+        name: str,
+        role: str,
+        key_pem: bytes,
+        cert_pem: bytes | None,
+        server_names: Sequence[str] = (),
+    ):
+        """The certificate of embedded node `name` (role "taskserver" or "gateway"):
+        `cert_pem` while the store knows the node with it (and it names `server_names`),
+        else a new one for `key_pem`, signed by the CA and registered as the node's."""
+        records = {r["name"]: r for r in (yield self._nodes_store.list_nodes())}
+        record = records.get(name)
+        if (
+            cert_pem is not None
+            and record is not None
+            and record.get("fingerprint") == pki.fingerprint(pki.load_certificate(cert_pem))
+            and pki.names_in(cert_pem, server_names)
+        ):
+            return cert_pem
+        csr = pki.make_csr(pki.load_key(key_pem), common_name=link.NODE_PREFIX + name)
+        cert_pem = self._ca.sign_csr(
+            csr,
+            link.NODE_PREFIX + name,
+            days=self.config.cert_days,
+            client=True,
+            server_names=server_names,
+        )
+        now = self.clock.seconds()
+        secret = yield self._nodes_store.register_node(name, role, None, 60.0, now)
+        fingerprint = pki.fingerprint(pki.load_certificate(cert_pem))
+        yield self._nodes_store.enroll_node(name, secret, fingerprint, now)
+        yield self._reload_nodes()
+        return cert_pem
 
 
 @attrs.frozen
@@ -156,21 +199,22 @@ class ServerService(service.MultiService):
         self._presence = presence
 
     parts: ServerParts  # set by make_server_service
-    task_server_host: TaskServerHost  # set by make_server_service
-    listener: Any = None  # the agents' port (StreamServerEndpointService), closed first
+    embedding: EmbeddingServer  # set by make_server_service
+    listeners: list[Any]  # the listen endpoints (StreamServerEndpointServices), closed first
 
-    def add_tls_listener(
-        self, config: ServerConfig, certificates: Certificates, factory: Any
+    def add_listeners(
+        self, config: ServerConfig, certificates: Certificates, factory: Any, site: Site
     ) -> None:
-        """The one TLS port agents, nodes and admins reach (`--port`, `--interface`), with
-        this server's certificate and its CA for client certificates."""
+        """Every listen address (tcm/tls/endpoints.py): `tcm:` ones with this server's
+        certificate and its CA for client certificates, serving `factory`; plain ones (an
+        admin API behind a TLS-terminating proxy) serve `site` without TLS, where no agent
+        certificate can be presented."""
         key_pem, cert_pem = certificates.server_identity(config)
         tls = server_tls_options(key_pem, cert_pem, [certificates.ca_pem])
-        endpoint = SSL4ServerEndpoint(
-            self.reactor, config.port, tls, interface=config.interface, backlog=4096
-        )
-        self.listener = StreamServerEndpointService(endpoint, factory)
-        self.listener.setServiceParent(self)
+        endpoints = config.listen or [port_description(config.port, config.interface)]
+        self.listeners = listeners(self.reactor, endpoints, tls, factory, site)
+        for listener in self.listeners:
+            listener.setServiceParent(self)
 
     def privilegedStartService(self):
         # twistd binds ports here, before startService; the listener binds in startService
@@ -195,9 +239,7 @@ class ServerService(service.MultiService):
         # ends the agent's restart hint) then dropped without a 4012: it would climb its
         # backoff ladder. Refused now, it tries again every few seconds until the next
         # server listens.
-        unlistened = []
-        if self.listener is not None and self.listener.running:
-            unlistened.append(maybeDeferred(self.listener.stopService))
+        unlistened = [maybeDeferred(s.stopService) for s in self.listeners if s.running]
         # Tell the agents this is a restart: they come back every few seconds rather than
         # climbing their backoff while the server is away (docs/protocol.md, 4012). The
         # close frames need the reactor to go out: wait (a little) for the closes to finish.
@@ -400,7 +442,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     # a reconnect storm's handshakes run a few at a time, in order, instead of all at once
     gate = HandshakeGate(clock, config.max_handshakes) if config.max_handshakes > 0 else None
     handshakes = HandshakeLogger(site, gate)
-    top.add_tls_listener(config, certificates, handshakes)
+    top.add_listeners(config, certificates, handshakes, site)
     TimerService(config.keepalive, presence.sweep_silent_sessions).setServiceParent(top)
     # tcm/server/heap.py: full garbage collections kept off long-lived objects (sessions)
     HeapSettler(lambda: len(presence.registry)).setServiceParent(top)
@@ -410,7 +452,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
             TCP4ServerEndpoint(reactor, config.metrics_port, interface="127.0.0.1"),
             server_metrics_site(metrics),
         ).setServiceParent(top)
-    top.task_server_host = TaskServerHost(config, reactor, clock, db.access, ca, root, nodes.reload)
+    top.embedding = EmbeddingServer(config, reactor, clock, name, root, db.access, ca, nodes.reload)
     top.parts = ServerParts(
         config=config,
         clock=clock,

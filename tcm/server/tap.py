@@ -5,10 +5,14 @@ from __future__ import annotations
 from twisted.python import usage
 
 from tcm.server.service import ServerConfig, make_server_service
+from tcm.tls.endpoints import listen_addresses
 
 
 class Options(usage.Options):
-    synopsis = "--state-dir DIR [--port P] [--interface ADDR] [--hostname NAME ...]"
+    synopsis = (
+        "--state-dir DIR [--port P] [--interface ADDR] [--listen ENDPOINT ...] "
+        "[--hostname NAME ...]"
+    )
     longdesc = (
         "The tcm management server: admin REST API and agent endpoint (HTTPS and WSS) on one "
         "TLS port. On first start it creates a CA, a server certificate and an admin API "
@@ -30,8 +34,8 @@ class Options(usage.Options):
     ]
     optParameters = [
         ["state-dir", "d", None, "Directory for the CA, certificates, token and database."],
-        ["port", "p", 8443, "TCP port for HTTPS and WSS.", int],
-        ["interface", "i", "127.0.0.1", "Address to listen on."],
+        ["port", "p", None, "TCP port for HTTPS and WSS (default 8443).", int],
+        ["interface", "i", None, "Address to listen on (default 127.0.0.1)."],
         ["metrics-port", None, None, "Loopback port for /metrics and /status.", int],
         [
             "name",
@@ -99,6 +103,14 @@ class Options(usage.Options):
     def __init__(self):
         super().__init__()
         self["hostnames"] = []
+        self["listen"] = []
+
+    def opt_listen(self, description):
+        """An endpoint string to listen on as well (repeatable; alone, instead of --port):
+        tcm:8443:interface=ADDR, tcm:unix:PATH or tcm:systemd:domain=INET:index=0 for tcm's
+        TLS; tcp:, unix: or systemd: without TLS, e.g. behind a TLS-terminating proxy
+        (docs/operating.md, "Listen addresses")."""
+        self["listen"].append(description)
 
     def opt_hostname(self, name):
         """A DNS name or address agents use to reach this server (repeatable)."""
@@ -118,13 +130,22 @@ class Options(usage.Options):
             raise usage.UsageError("--taskserver-policy must be fewest or capacity")
         if self["taskserver-max-clients"] < 1:
             raise usage.UsageError("--taskserver-max-clients must be at least 1")
+        from twisted.internet import reactor
+
+        try:
+            self["addresses"] = listen_addresses(
+                reactor, self["listen"], self["port"], self["interface"], 8443
+            )
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
 
 
 def config_from(options: Options) -> ServerConfig:
     return ServerConfig(
         state_dir=options["state-dir"],
-        port=options["port"],
-        interface=options["interface"],
+        port=options["addresses"].port,
+        interface=options["addresses"].interface,
+        listen=options["addresses"].endpoints,
         hostnames=options["hostnames"],
         database=options["database"],
         cert=options["cert"],

@@ -16,7 +16,6 @@ from autobahn.twisted.resource import WebSocketResource
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -36,6 +35,8 @@ from tcm.relay.relays import TaskServerRelay
 from tcm.relay.upstream import UpstreamFactory, upstream_service
 from tcm.taskserver import WS_PATH
 from tcm.tls import pki
+from tcm.tls.endpoints import listeners, port_description
+from tcm.tls.handshake import HandshakeLogger
 from tcm.tls.server import server_tls_options
 
 
@@ -45,6 +46,7 @@ class TaskServerConfig:
     server: str | None = None  # the management server's URL
     port: int = 8444
     interface: str = "127.0.0.1"
+    listen: list[str] = attrs.field(factory=list)  # endpoint strings (empty: port/interface)
     hostnames: list[str] = attrs.field(factory=list)
     ca_cert: str | None = None  # the tcm CA (for enrollment)
     token: str | None = None  # NAME.SECRET from `tcm taskservers enroll NAME`
@@ -115,17 +117,14 @@ class TaskServerService(NodeService):
         assert self.node_name is not None
         edge = EdgeFactory(self.relay, cfg.url())
         gateways = DownLinkFactory(self.relay, cfg.url().replace(WS_PATH, link.WS_PATH))
-        listener = StreamServerEndpointService(
-            SSL4ServerEndpoint(
-                self.reactor,
-                cfg.port,
-                server_tls_options(key_pem, cert_pem, [ca_pem]),
-                interface=cfg.interface,
-                backlog=4096,
-            ),
-            edge_site(_resource(WebSocketResource(edge)), _resource(WebSocketResource(gateways))),
-        )
-        listener.setServiceParent(self)
+        site = edge_site(_resource(WebSocketResource(edge)), _resource(WebSocketResource(gateways)))
+        for listener in listeners(
+            self.reactor,
+            cfg.listen or [port_description(cfg.port, cfg.interface)],
+            server_tls_options(key_pem, cert_pem, [ca_pem]),
+            HandshakeLogger(site),  # TLS failures logged, as the server's and gateway's
+        ):
+            listener.setServiceParent(self)
         self.add_link(server, ca_pem, cert_pem, key_pem, cfg.url())
         if cfg.metrics_port is not None:
             from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -191,8 +190,8 @@ class EmbeddedTaskServer(TaskServerService):
 
     NAME = "local"
 
-    def __init__(self, core: Any, max_clients: int = 5000):
-        cfg = core.config
+    def __init__(self, server: Any, max_clients: int = 5000):
+        cfg = server.config
         super().__init__(
             TaskServerConfig(
                 state_dir=os.path.join(cfg.state_dir, "taskserver"),
@@ -202,39 +201,28 @@ class EmbeddedTaskServer(TaskServerService):
                 max_clients=max_clients,
                 keepalive=cfg.keepalive,
             ),
-            core.reactor,
+            server.reactor,
         )
-        self.core = core
+        self.server = server  # the EmbeddingServer of tcm/server/service.py
 
     @inlineCallbacks
     def _prepare(self):
-        core, state = self.core, self.state
-        cert_pem = state.read("cert.pem")
-        records = {r["name"]: r for r in (yield core.store.list_nodes())}
-        record = records.get(self.NAME)
-        fingerprint = pki.fingerprint(pki.load_certificate(cert_pem)) if cert_pem else None
-        if cert_pem is None or record is None or record.get("fingerprint") != fingerprint:
-            csr = pki.make_csr(pki.load_key(state.key_pem()), common_name="node:" + self.NAME)
-            cert_pem = core.ca.sign_csr(
-                csr, "node:" + self.NAME, days=core.config.cert_days, client=True
-            )
-            now = core.clock.seconds()
-            secret = yield core.store.register_node(self.NAME, "taskserver", None, 60.0, now)
-            fingerprint = pki.fingerprint(pki.load_certificate(cert_pem))
-            yield core.store.enroll_node(self.NAME, secret, fingerprint, now)
-            state.store_identity(self.NAME, "taskserver", "", core.ca.cert_pem, cert_pem)
-            yield core.reload_nodes()
+        server, state = self.server, self.state
+        old = state.read("cert.pem")
+        cert_pem = yield server.node_certificate(self.NAME, "taskserver", state.key_pem(), old)
+        if cert_pem != old:
+            state.store_identity(self.NAME, "taskserver", "", server.ca_pem, cert_pem)
         self.node_name = self.relay.node_name = self.NAME
         cfg = self.config
         host = cfg.interface if cfg.interface not in ("0.0.0.0", "::", "") else "127.0.0.1"
-        server = f"https://{f'[{host}]' if ':' in host else host}:{cfg.port}"
+        url = f"https://{f'[{host}]' if ':' in host else host}:{cfg.port}"
         edge = EdgeFactory(self.relay, cfg.url())
         task = Resource()
         v1 = Resource()
-        core.root.putChild(b"task", task)
+        server.root.putChild(b"task", task)
         task.putChild(b"v1", v1)
         v1.putChild(b"ws", WebSocketResource(edge))
-        self.add_link(server, core.ca.cert_pem, cert_pem, state.key_pem(), cfg.url())
+        self.add_link(url, server.ca_pem, cert_pem, state.key_pem(), cfg.url())
 
 
 def _resource(r: Any) -> Resource:

@@ -5,10 +5,14 @@ from __future__ import annotations
 from twisted.python import usage
 
 from tcm.taskserver.service import TaskServerConfig, make_taskserver_service
+from tcm.tls.endpoints import listen_addresses
 
 
 class Options(usage.Options):
-    synopsis = "--server URL --state-dir DIR [--port P] [--ca-cert ca.pem --token NAME.SECRET]"
+    synopsis = (
+        "--server URL --state-dir DIR [--port P] [--listen ENDPOINT ...] "
+        "[--ca-cert ca.pem --token NAME.SECRET]"
+    )
     longdesc = (
         "A tcm task server: holds agents' task-client sessions (WSS, mutual TLS) and relays "
         "tasks and their results over one link to the management server. Register it first "
@@ -17,8 +21,8 @@ class Options(usage.Options):
     optParameters = [
         ["server", "s", None, "The management server's URL (https://HOST:PORT)."],
         ["state-dir", "d", None, "Directory for the node's key, certificate and CA."],
-        ["port", "p", 8444, "TCP port for the agents' task sessions (WSS).", int],
-        ["interface", "i", "127.0.0.1", "Address to listen on."],
+        ["port", "p", None, "TCP port for the agents' task sessions (WSS; default 8444).", int],
+        ["interface", "i", None, "Address to listen on (default 127.0.0.1)."],
         ["ca-cert", None, None, "The tcm CA certificate (the server's ca.pem), to enroll."],
         ["token", None, None, "One-time enrollment token NAME.SECRET (tcm taskservers enroll)."],
         ["max-clients", None, 5000, "Most agent sessions this task server holds.", int],
@@ -29,6 +33,13 @@ class Options(usage.Options):
     def __init__(self):
         super().__init__()
         self["hostnames"] = []
+        self["listen"] = []
+
+    def opt_listen(self, description):
+        """An endpoint string to listen on as well (repeatable; alone, instead of --port),
+        with tcm's TLS: tcm:PORT:interface=ADDR, tcm:unix:PATH, tcm:systemd:domain=INET:index=0
+        (docs/operating.md, "Listen addresses")."""
+        self["listen"].append(description)
 
     def opt_hostname(self, name):
         """A DNS name or address agents use to reach this task server (repeatable)."""
@@ -39,6 +50,14 @@ class Options(usage.Options):
             raise usage.UsageError("--state-dir is required")
         if self["max-clients"] < 1:
             raise usage.UsageError("--max-clients must be at least 1")
+        from twisted.internet import reactor
+
+        try:
+            self["addresses"] = listen_addresses(
+                reactor, self["listen"], self["port"], self["interface"], 8444, plain=False
+            )
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
 
 
 def makeService(options: Options):
@@ -46,8 +65,9 @@ def makeService(options: Options):
         TaskServerConfig(
             state_dir=options["state-dir"],
             server=options["server"],
-            port=options["port"],
-            interface=options["interface"],
+            port=options["addresses"].port,
+            interface=options["addresses"].interface,
+            listen=options["addresses"].endpoints,
             hostnames=options["hostnames"],
             ca_cert=options["ca-cert"],
             token=options["token"],

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -156,6 +156,21 @@ def common_name(cert: x509.Certificate) -> str:
 def fingerprint(cert: x509.Certificate) -> str:
     """The SHA-256 fingerprint of the DER certificate, lower-case hex without separators."""
     return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def names_in(cert_pem: bytes, names: Iterable[str]) -> bool:
+    """Whether the certificate names every one of ``names`` (DNS or IP subject alt names)."""
+    wanted = set(names)
+    if not wanted:
+        return True
+    cert = load_certificate(cert_pem)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    have = {str(v) for v in san.get_values_for_type(x509.DNSName)}
+    have |= {str(v) for v in san.get_values_for_type(x509.IPAddress)}
+    return wanted <= have
 
 
 def not_after(cert: x509.Certificate) -> float:
