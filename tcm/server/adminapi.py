@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import inlineCallbacks
 
-from tcm.server import inventory
+from tcm.server import apischema, inventory, openapi
 from tcm.server.roles import ROLES, Refused, Unauthenticated
 from tcm.server.targets import NAME, FilterError, UnknownTarget, parse
 from tcm.server.web import ApiError, JsonRouter, Reply, json_object
@@ -66,10 +66,11 @@ class AdminAPI(JsonRouter):
     """/api/v1."""
 
     def __init__(self, core: ServerCore):
-        super().__init__("/api/v1")
+        super().__init__("/api/v1", apischema.OPERATIONS)
         self.core = core
         self._permissions: dict[Any, tuple[str, str]] = {}
         self.route("GET", "/status", self.status)
+        self.route("GET", "/openapi.json", openapi.serve)
         self.route("GET", "/agents", self.agents)
         self.route("GET", "/agents/{agent}", self.agent)
         self.route("GET", "/agents/{agent}/inventory", self.agent_inventory)

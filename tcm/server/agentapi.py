@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import inlineCallbacks
 
 from tcm import pki
+from tcm.server import apischema
 from tcm.server.web import ApiError, JsonRouter, Reply, json_object
 from tcm.store.store import TokenRefused
 
@@ -54,7 +55,7 @@ class AgentAPI(JsonRouter):
     """/agent/v1: enrollment, job accept/output/result, work for pollers."""
 
     def __init__(self, core: ServerCore):
-        super().__init__("/agent/v1")
+        super().__init__("/agent/v1", apischema.OPERATIONS)
         self.core = core
         self.route("POST", "/enroll", self.enroll)
         self.route("POST", "/jobs/{job}/accept", self.accept)
