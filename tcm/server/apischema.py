@@ -712,6 +712,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                             },
                             required=("version", "state"),
                             closed=False,  # the agent's own bookkeeping may grow
+                            maxProperties=64,
                         ),
                     }
                 )
