@@ -13,7 +13,8 @@ import pytest_twisted
 from tcm.server import apischema
 from tcm.server.adminapi import AdminAPI
 from tcm.server.agentapi import AgentAPI
-from tcm.server.apischema import OPERATIONS, CheckedOperation, InvalidRequest
+from tcm.server.apicheck import CheckedOperation, InvalidRequest
+from tcm.server.apischema import OPERATIONS
 from tests.inproc import inproc_server  # noqa: F401  (fixture)
 
 

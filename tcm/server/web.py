@@ -23,7 +23,8 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from tcm.server.apischema import CheckedOperation, InvalidRequest, Operation
+from tcm.server.apicheck import CheckedOperation, InvalidRequest
+from tcm.server.apischema import Operation
 
 MAX_BODY = 8 * 1024 * 1024
 
