@@ -134,8 +134,12 @@ def test_unknown_fields_are_named_with_the_known_ones():
 
 
 def test_a_nested_field_is_named_by_its_path():
+    report = {"policies": {"inv": {"version": "2", "state": "applied"}}}
+    e = _refusal("POST", "/agent/v1/policies/status", report)
+    assert e.message == "'policies.inv.version' must be integer"
+    # the profile settings keep the words the CLI and its tests know
     e = _refusal("POST", "/api/v1/profiles", {"name": "p", "settings": {"keepalive": 1e9}})
-    assert e.message.startswith("'settings.keepalive' must be")
+    assert e.message == "bad profile setting: 'keepalive' must be smaller than or equal to 3600"
     e = _refusal("POST", "/api/v1/selection", {"agents": ["a", "b" * 65]})
     assert e.message == "'agents' must be a list of agent ids"
 

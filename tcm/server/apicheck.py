@@ -79,15 +79,17 @@ def _explain(
         else:
             message = f"unknown {where}(s) {names}"
         return InvalidRequest(message, known=sorted(definition.get("properties") or {}))
-    # the outermost x-message on the way down: the wording that names the field as a whole
-    for sub in _schemas_along(schema, steps)[1:]:
-        if "x-message" in sub:
-            return InvalidRequest(sub["x-message"])
-    if "x-message" in schema:
-        return InvalidRequest(schema["x-message"])
     detail = e.message
     if detail.startswith(e.name or "data"):
         detail = detail[len(e.name or "data") :].strip()
+    # the outermost x-message on the way down: the wording that names the field as a whole;
+    # "{detail}" in it is what is wrong below that field ("'keepalive' must be number")
+    met = _schemas_along(schema, steps)
+    for depth, sub in [*enumerate(met)][1:] + [(0, schema)]:
+        message = sub.get("x-message")
+        if message is not None:
+            below = _label(steps[depth:]) or label
+            return InvalidRequest(message.format(detail=f"'{below}' {detail}" if below else detail))
     if not label:
         return InvalidRequest(f"{where} {detail}")
     return InvalidRequest(f"'{label}' {detail}")

@@ -13,8 +13,8 @@ the agent), a policy's `document` (by its policy type), a job's `result`.
 
 Two keywords of our own (JSON Schema ignores unknown keywords, OpenAPI allows them):
 `x-message` replaces the generic message of any failure at or below that property (the
-wording clients and tests already know), `x-unknown` is the message for unknown members of an
-object (`{names}` is replaced by them).
+wording clients and tests already know; `{detail}` in it is replaced by what is wrong below),
+`x-unknown` is the message for unknown members of an object (`{names}` is replaced by them).
 """
 
 from __future__ import annotations
@@ -201,13 +201,16 @@ TARGETS_ALL_OR_IDS = said(
     {"anyOf": [{"const": "all"}, array(AGENT_ID, min_items=1)]},
 )
 _settings = PROFILE_SETTINGS["properties"]
-PROFILE_SETTINGS_BODY = obj(
-    {
-        **_settings,
-        # the protocol's schema bounds the proxy by its pattern only
-        "proxy": {**_settings["proxy"], "maxLength": 512},
-    },
-    unknown="unknown profile setting(s) {names}",
+PROFILE_SETTINGS_BODY = said(
+    "bad profile setting: {detail}",
+    obj(
+        {
+            **_settings,
+            # the protocol's schema bounds the proxy by its pattern only
+            "proxy": {**_settings["proxy"], "maxLength": 512},
+        },
+        unknown="unknown profile setting(s) {names}",
+    ),
 )
 POLICY_TARGETS = said("'targets' must be a list of target names", array(string(64), 1024))
 PROFILE_PRIORITY = said("'priority' must be an integer", integer(-1_000_000, 1_000_000))
