@@ -109,7 +109,7 @@ def _refusal(method: str, pattern: str, body: Any = None, query: Any = None, **p
     with pytest.raises(InvalidRequest) as e:
         check.check_path(path)
         check.check_query(query or {})
-        check.check_body(body)
+        check.check_body(body, present=body is not None)
     return e.value
 
 
@@ -165,10 +165,11 @@ def test_a_body_that_is_not_an_object():
         "/api/v1/agents/{agent}/revoke",
         OPERATIONS[("POST", "/api/v1/agents/{agent}/revoke")],
     )
-    check.check_body(None)
+    check.check_body(None, present=False)
     check.check_body({})
-    with pytest.raises(InvalidRequest):
-        check.check_body({"why": "lost"})
+    for body in ({"why": "lost"}, None, []):  # None: a JSON `null`
+        with pytest.raises(InvalidRequest):
+            check.check_body(body)
 
 
 # -- through a real server -----------------------------------------------------------------------

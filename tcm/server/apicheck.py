@@ -152,10 +152,10 @@ class CheckedOperation:
     def reads_body(self) -> bool:
         return self._body is not None
 
-    def check_body(self, body: Any) -> None:
-        """`body` as parsed (None: the request had none)."""
+    def check_body(self, body: Any, present: bool = True) -> None:
+        """`body` as parsed; `present` False: the request had none (an empty body)."""
         assert self._body is not None and self.operation.body is not None
-        if body is None:
+        if not present:
             if self.operation.body_required:
                 raise InvalidRequest("request body must be a JSON object")
             return

@@ -165,10 +165,14 @@ class JsonRouter(Resource):
         check.check_path(params)
         check.check_query(request.args or {})
         if check.reads_body:
+            content = request.content
+            present = content is not None and content.read(1) != b""
+            if content is not None:
+                content.seek(0)
             body = json_body(request, required=check.operation.body_required)
-            if request.content is not None:
-                request.content.seek(0)
-            check.check_body(body)
+            if content is not None:
+                content.seek(0)
+            check.check_body(body, present)
 
     def _fail(self, request, failure: Failure) -> None:
         if failure.check(ApiError):
