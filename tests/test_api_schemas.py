@@ -120,6 +120,7 @@ def _refusal(method: str, pattern: str, body: Any = None, query: Any = None, **p
         ({"uses": 0}, "'uses' must be a positive integer"),
         ({"ttl": 1e300}, "'ttl' must be a positive number"),
         ({"description": "x" * 256}, "'description' must be a string of at most 255"),
+        ({"description": "a\x00b"}, "'description' must be a string"),  # PostgreSQL: no NUL
         ({"uses": 1, "colour": "red", "blue": 1}, "unknown field(s) blue, colour"),
     ],
 )

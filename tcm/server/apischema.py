@@ -35,7 +35,13 @@ MAX_TEXT = 4 * 1024 * 1024  # one output chunk or error text (a body is at most 
 # -- building blocks -------------------------------------------------------------------------
 
 
-def string(max_length: int = 255, pattern: str | None = None, min_length: int = 0) -> dict:
+NO_NUL = r"^[^\u0000]*$"  # PostgreSQL text cannot hold NUL: refused here, not failed there
+
+
+def string(
+    max_length: int = 255, pattern: str | None = NO_NUL, min_length: int = 0
+) -> dict[str, Any]:
+    """A bounded string; NUL refused unless `pattern` is None (text the agent relays as is)."""
     s: dict[str, Any] = {"type": "string", "maxLength": max_length}
     if min_length:
         s["minLength"] = min_length
@@ -101,7 +107,7 @@ TARGET_NAME = string(64, r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # targets.NAME
 CONFIG_NAME = string(64, NAME_PATTERN)  # policies, profiles, policy types
 NODE_NAME = string(63, r"^[a-z0-9][a-z0-9_.-]{0,62}$")  # nodeapi.NODE_NAME
 ACTION_NAME = string(64, r"^[a-z][a-z0-9_.-]{0,63}$")
-DESCRIPTION = said("'description' must be a string of at most 255 characters", string(255))
+DESCRIPTION = said("'description' must be a string of at most 255 characters (no NUL)", string(255))
 JOB_STATES = ["pending", "delivered", "running", "succeeded", "failed", "expired"]
 SEGMENT = string(256, min_length=1)  # a path parameter: one URL segment as sent
 NAME_RULE = "1-64 letters, digits, '_', '.', '-' (first a letter or digit)"
@@ -630,7 +636,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                 {
                     "seq": integer(0, MAX_INT32),
                     "stream": {"enum": ["stdout", "stderr", "log"]},
-                    "text": string(MAX_TEXT),
+                    "text": string(MAX_TEXT, pattern=None),
                 },
                 required=("seq", "stream", "text"),
             ),
@@ -646,7 +652,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                     {"enum": ["succeeded", "failed", "expired"]},
                 ),
                 "result": FREE_FORM,
-                "error": said("'error' must be a string", nullable(string(MAX_TEXT))),
+                "error": said("'error' must be a string", nullable(string(MAX_TEXT, pattern=None))),
                 "started": nullable(number(0, MAX_EPOCH)),
                 "finished": nullable(number(0, MAX_EPOCH)),
                 "received": nullable(number(0, MAX_EPOCH)),
@@ -706,7 +712,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                             {
                                 "version": integer(0, MAX_INT32),
                                 "state": {"enum": ["applied", "failed", "removed"]},
-                                "error": nullable(string(MAX_TEXT)),
+                                "error": nullable(string(MAX_TEXT, pattern=None)),
                                 "at": nullable(number(0, MAX_EPOCH)),
                                 "last_run": nullable(FREE_OBJECT),
                             },
