@@ -33,7 +33,7 @@ from tcm.interfaces import (
     IRuntimeSettings,
     ITargets,
 )
-from tcm.server import inventory
+from tcm.server import apischema, inventory, openapi
 from tcm.server.errors import Invalid, Unauthenticated
 from tcm.server.roles import ROLES
 from tcm.server.selection import check_name, id_list
@@ -78,7 +78,7 @@ class AdminAPI(JsonRouter):
     """/api/v1."""
 
     def __init__(self, services: AdminServices):
-        super().__init__("/api/v1")
+        super().__init__("/api/v1", apischema.OPERATIONS)
         s = services
         self.name = s.name
         self.access = s.access
@@ -95,6 +95,7 @@ class AdminAPI(JsonRouter):
         self.certificates = s.certificates
         self._permissions: dict[Any, tuple[str, str]] = {}
         self.route("GET", "/status", self.status)
+        self.route("GET", "/openapi.json", openapi.serve)
         self.route("GET", "/agents", self.agents)
         self.route("GET", "/agents/{agent}", self.agent)
         self.route("GET", "/agents/{agent}/inventory", self.agent_inventory)

@@ -19,6 +19,7 @@ from tcm.interfaces import (
     IProfiles,
     IRuntimeSettings,
 )
+from tcm.server import apischema
 from tcm.server.agents import RE_ENROLL_WINDOW, RecentEnrollments
 from tcm.server.errors import Invalid
 from tcm.server.web import JsonRouter, Reply, json_object
@@ -42,7 +43,7 @@ class AgentAPI(JsonRouter):
         clock: Any,
         keepalive: float,
     ):
-        super().__init__("/agent/v1")
+        super().__init__("/agent/v1", apischema.OPERATIONS)
         self.admission = admission
         self.presence = presence
         self.runtime = settings

@@ -5,13 +5,17 @@ Deferred of either. `ApiError` becomes a JSON error body with its status, and so
 error of the services (`tcm.server.errors`), with the status `http_status` maps it to (the one
 place that does); anything else unexpected becomes a 500 with a logged traceback, never a hung
 request.
+
+A route whose (method, full pattern) is declared in `tcm.server.apischema` is checked
+against its declaration after the request is authorized and before the handler runs: path
+parameters, query parameters and body; a request that breaks it is a 400 naming the field.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -23,6 +27,8 @@ from twisted.web.server import NOT_DONE_YET
 
 from tcm import compat
 from tcm.server import errors
+from tcm.server.apicheck import CheckedOperation, InvalidRequest
+from tcm.server.apischema import Operation
 
 MAX_BODY = 8 * 1024 * 1024
 
@@ -99,21 +105,48 @@ def json_object(request) -> dict[str, Any]:
     return body
 
 
+@attrs.frozen
+class Route:
+    """One route as `JsonRouter.routes()` lists it; `check`: its declaration, compiled."""
+
+    method: str
+    pattern: str  # the full pattern, prefix included: "/api/v1/jobs/{job}"
+    handler: Handler
+    check: CheckedOperation | None
+
+
 class JsonRouter(Resource):
     """A leaf resource that routes (method, path pattern) to handlers."""
 
     isLeaf = True
     _log = Logger()
 
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str, operations: Mapping[tuple[str, str], Operation] | None = None):
+        """`operations`: the declarations (apischema.OPERATIONS) routes are checked against,
+        keyed by (method, full pattern); None: no checks (a router of tests)."""
         super().__init__()
         self._prefix = prefix.rstrip("/")
+        self._operations = operations
         self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
+        # (method, regex source) -> (full pattern, compiled declaration or None)
+        self._declared: dict[tuple[str, str], tuple[str, CheckedOperation | None]] = {}
 
     def route(self, method: str, pattern: str, handler: Handler) -> None:
         """Add a route; `{name}` in the pattern captures one path segment."""
         regex = "^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "/?$"
+        full = self._prefix + pattern
+        operation = None if self._operations is None else self._operations.get((method, full))
+        check = None if operation is None else CheckedOperation(method, full, operation)
         self._routes.append((method, re.compile(regex), handler))
+        self._declared[(method, regex)] = (full, check)
+
+    def routes(self) -> list[Route]:
+        """The route table, in the order routes were added."""
+        out = []
+        for method, regex, handler in self._routes:
+            pattern, check = self._declared[(method, regex.pattern)]
+            out.append(Route(method, pattern, handler, check))
+        return out
 
     def authorize(self, request, handler: Handler) -> None:
         """Raise ApiError unless the request may call this handler (subclasses decide)."""
@@ -133,7 +166,8 @@ class JsonRouter(Resource):
             if m != method:
                 allowed.append(m)
                 continue
-            d = maybeDeferred(self._call, request, handler, match.groupdict())
+            check = self._declared[(m, regex.pattern)][1]
+            d = maybeDeferred(self._call, request, handler, check, match.groupdict())
             d.addCallbacks(lambda r: self._finish(request, r), lambda f: self._fail(request, f))
             return NOT_DONE_YET
         if allowed:
@@ -143,9 +177,32 @@ class JsonRouter(Resource):
             self._finish(request, ApiError(404, f"no such resource: {path}"))
         return NOT_DONE_YET
 
-    def _call(self, request, handler: Handler, params: dict[str, str]) -> Any:
+    def _call(
+        self, request, handler: Handler, check: CheckedOperation | None, params: dict[str, str]
+    ) -> Any:
         self.authorize(request, handler)
+        if check is not None:
+            try:
+                self._check(request, check, params)
+            except InvalidRequest as e:
+                raise errors.Invalid(None, e.message, **e.extra) from None
         return handler(request, **params)
+
+    @staticmethod
+    def _check(request, check: CheckedOperation, params: dict[str, str]) -> None:
+        """Check a request against its declaration; the body is left for the handler to
+        read again."""
+        check.check_path(params)
+        check.check_query(request.args or {})
+        if check.reads_body:
+            content = request.content
+            present = content is not None and content.read(1) != b""
+            if content is not None:
+                content.seek(0)
+            body = json_body(request, required=check.operation.body_required)
+            if content is not None:
+                content.seek(0)
+            check.check_body(body, present)
 
     def _fail(self, request, failure: Failure) -> None:
         if failure.check(ApiError):
