@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from openapi_spec_validator import validate
 
-from tcm import pki
 from tcm.server.adminapi import AdminAPI
 from tcm.server.agentapi import AgentAPI
 from tcm.server.openapi import document
+from tcm.tls import pki
 
 pytestmark = pytest.mark.integration
 
