@@ -34,11 +34,14 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactorClock
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from tcm.protocol import codes
+from tcm.server.adminapi import AdminAPI
+from tcm.server.agentapi import AgentAPI
 from tcm.server.service import ServerConfig, make_server_service
 from tcm.tls import pki
 
@@ -494,3 +497,12 @@ async def inproc_server(tmp_path):
         yield server
     finally:
         await server.stop()
+
+
+def routers(state_dir: str) -> tuple[AdminAPI, AgentAPI]:
+    """The two routers as make_server_service wires them (nothing listens: a memory reactor)."""
+    parts = make_server_service(
+        ServerConfig(state_dir=state_dir, port=0), reactor=MemoryReactorClock()
+    ).parts
+    agent_api = parts.site.resource.children[b"agent"].children[b"v1"]._api  # type: ignore[attr-defined]
+    return parts.admin_api, agent_api

@@ -9,28 +9,15 @@ from typing import Any
 import jsonschema
 import pytest
 import pytest_twisted
-from twisted.internet.testing import MemoryReactorClock
 
 from tcm.server import apischema
-from tcm.server.adminapi import AdminAPI
-from tcm.server.agentapi import AgentAPI
 from tcm.server.apicheck import CheckedOperation, InvalidRequest
 from tcm.server.apischema import OPERATIONS
-from tcm.server.service import ServerConfig, make_server_service
-from tests.inproc import inproc_server  # noqa: F401  (fixture)
-
-
-def _routers(state_dir: str) -> tuple[AdminAPI, AgentAPI]:
-    """The two routers as make_server_service wires them (nothing listens: a memory reactor)."""
-    parts = make_server_service(
-        ServerConfig(state_dir=state_dir, port=0), reactor=MemoryReactorClock()
-    ).parts
-    agent_api = parts.site.resource.children[b"agent"].children[b"v1"]._api  # type: ignore[attr-defined]
-    return parts.admin_api, agent_api
+from tests.inproc import inproc_server, routers  # noqa: F401  (fixture)
 
 
 def test_every_route_of_both_apis_is_declared_and_checked(tmp_path):
-    routes = [r for router in _routers(str(tmp_path)) for r in router.routes()]
+    routes = [r for router in routers(str(tmp_path)) for r in router.routes()]
     undeclared = [f"{r.method} {r.pattern}" for r in routes if r.check is None]
     assert not undeclared, f"routes without a declaration in apischema.py: {undeclared}"
     stale = set(OPERATIONS) - {(r.method, r.pattern) for r in routes}

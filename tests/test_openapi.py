@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, cast
+from typing import Any
 
 import pytest
 import requests
@@ -15,10 +15,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from openapi_spec_validator import validate
 
-from tcm.server.adminapi import AdminAPI
-from tcm.server.agentapi import AgentAPI
 from tcm.server.openapi import document
 from tcm.tls import pki
+from tests.inproc import routers
 
 pytestmark = pytest.mark.integration
 
@@ -32,9 +31,8 @@ EXAMPLES = {"positive": _POSITIVE, "negative": _NEGATIVE}
 MAX_WAIT = 0.2  # seconds: the `wait` of a drawn case is cut to this (see _bounded)
 
 
-def _declared_routes() -> set[tuple[str, str]]:
-    routers = (AdminAPI(cast(Any, None)), AgentAPI(cast(Any, None)))
-    return {(r.method, r.pattern) for router in routers for r in router.routes()}
+def _declared_routes(state_dir: str) -> set[tuple[str, str]]:
+    return {(r.method, r.pattern) for router in routers(state_dir) for r in router.routes()}
 
 
 def test_the_document_is_valid_openapi_3_1():
@@ -43,10 +41,10 @@ def test_the_document_is_valid_openapi_3_1():
     assert doc["openapi"].startswith("3.1")
 
 
-def test_the_document_covers_every_route_of_both_apis():
+def test_the_document_covers_every_route_of_both_apis(tmp_path):
     doc = document()
     published = {(m.upper(), path) for path, ops in doc["paths"].items() for m in ops}
-    assert published == _declared_routes()
+    assert published == _declared_routes(str(tmp_path))
     assert {p for _, p in published if p.startswith("/api/v1/")} >= {"/api/v1/openapi.json"}
 
 
@@ -186,7 +184,9 @@ class Fuzz:
         run()
 
 
-def test_schemathesis_finds_no_server_error_and_no_undeclared_response(server, http, agent_cert):
+def test_schemathesis_finds_no_server_error_and_no_undeclared_response(
+    server, http, agent_cert, tmp_path
+):
     import schemathesis
 
     raw = http.get(f"{server.url}/api/v1/openapi.json").json()
@@ -203,7 +203,7 @@ def test_schemathesis_finds_no_server_error_and_no_undeclared_response(server, h
     print(
         f"schemathesis: {fuzz.figures} in {elapsed:.1f} s; statuses {sorted(fuzz.statuses.items())}"
     )
-    assert fuzz.figures["operations"] == len(_declared_routes())
+    assert fuzz.figures["operations"] == len(_declared_routes(str(tmp_path)))
     assert fuzz.figures["cases"] >= 200
     assert not fuzz.failures, "\n\n".join(fuzz.failures[:20])
     assert server.alive()
