@@ -257,10 +257,10 @@ class ServerService(service.MultiService):
             return written.addErrback(lambda f: None)
 
         def stop_children(_):
-            return DeferredList(
-                unlistened
-                + [maybeDeferred(c.stopService) for c in reversed(list(self)) if c.running]
-            )
+            # the listeners are stopping already: a second stopService would cancel their
+            # stopListening (an unhandled CancelledError)
+            others = [c for c in reversed(list(self)) if c.running and c not in self.listeners]
+            return DeferredList(unlistened + [maybeDeferred(c.stopService) for c in others])
 
         def stopped(_):
             self._stop()
