@@ -610,12 +610,13 @@ class AdminAPI(JsonRouter):
     @inlineCallbacks
     def push_policy(self, request, name: str):
         """PushPolicy: {"agents": {id: {"status": pushed|not connected|empty policy|failed}}}.
-        `?wait=S`: how long to wait for each connected agent's report (default 10 s)."""
+        `?wait=S`: how long to wait for each connected agent's report (default 10 s; 0: do
+        not wait, each notified agent is `sent`)."""
         try:
             wait = float(request.args.get(b"wait", [b"10"])[0])
         except ValueError:
             raise Invalid("wait", "'wait' must be a number of seconds") from None
-        if not 0 < wait <= 120:
+        if not 0 <= wait <= 120:  # 0: notify, do not wait for reports
             raise Invalid("wait", "'wait' must be 0..120 seconds")
         policy = self.policyservice.get_policy(name)  # 404 before anything is written
         # a token scoped to a target may push only to agents inside it, as for jobs

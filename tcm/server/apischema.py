@@ -516,7 +516,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "Push a policy to its connected agents and wait for their reports",
         EMPTY_BODY,
         body_required=False,
-        query={"wait": said("'wait' must be 0..120 seconds", number(0, 120, exclusive=True))},
+        query={"wait": said("'wait' must be 0..120 seconds", number(0, 120))},
         responses={200: fields("agents", agents=ANY_OBJECT)},
     ),
     # -- connection profiles ----------------------------------------------------------------
