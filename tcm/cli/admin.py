@@ -24,6 +24,7 @@ from tcm.cli.api import (  # noqa: F401  (Api, CliError: imported from here by s
     Api,
     CliError,
     arg_value,
+    closed_pipe,
     connect,
     dump,
     duration,
@@ -171,10 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(connect(args), args)
+        status = args.func(connect(args), args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return status
     except CliError as e:
         print(f"tcm: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return closed_pipe()
     except KeyboardInterrupt:
         return 130
 
