@@ -59,7 +59,10 @@ class Api:
         self.token = token
         self.context = tls_context(ca_cert)
 
-    def call(self, method: str, path: str, body: Any = None, timeout: float = 60) -> Any:
+    def call(
+        self, method: str, path: str, body: Any = None, timeout: float = 60, text: bool = False
+    ) -> Any:
+        """The JSON answer (with `text`, the answer's text: e.g. CSV); CliError on an error."""
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(
             self.url + "/api/v1" + path,
@@ -69,7 +72,7 @@ class Api:
         )
         try:
             with urllib.request.urlopen(req, context=self.context, timeout=timeout) as resp:
-                raw = resp.read()
+                body_bytes = resp.read()
         except urllib.error.HTTPError as e:
             raw = e.read()
             try:
@@ -89,7 +92,9 @@ class Api:
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise CliError(f"cannot reach {self.url}: {reason}") from None
-        return json.loads(raw) if raw else None
+        if text:
+            return body_bytes.decode("utf-8", "replace")
+        return json.loads(body_bytes) if body_bytes else None
 
 
 def connect(args: argparse.Namespace) -> Api:
