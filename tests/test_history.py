@@ -183,3 +183,33 @@ class TestAuditFilters(StoreTest):
         ]
         assert await log.entries(None, 100, who="ops", action="target.create") == [by_ops[1]]
         assert len(await log.entries(NOW + 1, 100)) == 0
+
+
+@pytest.mark.parametrize(
+    "text, seconds", [("30d", 30 * DAY), ("12h", 43200.0), ("86400", DAY), ("90m", 5400.0)]
+)
+def test_job_retention_option(text, seconds):
+    from tcm.server.tap import Options, config_from
+
+    options = Options()
+    options.parseOptions(["--state-dir", "/tmp/x", "--job-retention", text])
+    assert config_from(options).job_retention == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "10s", "20y", "-1d"])
+def test_a_bad_job_retention_is_a_usage_error(text):
+    from twisted.python import usage
+
+    from tcm.server.tap import Options
+
+    with pytest.raises(usage.UsageError, match="--job-retention"):
+        Options().parseOptions(["--state-dir", "/tmp/x", "--job-retention", text])
+
+
+def test_the_default_retention_is_30_days():
+    from tcm.server.config import ServerConfig
+    from tcm.server.tap import Options, config_from
+
+    options = Options()
+    options.parseOptions(["--state-dir", "/tmp/x"])
+    assert config_from(options).job_retention == 30 * DAY == ServerConfig("/tmp/x").job_retention
