@@ -433,8 +433,24 @@ class IAudit(Interface):
     def record(who, action, obj="", details=None):  # type: ignore[misc]
         """Deferred: an entry is committed."""
 
-    def entries(since, limit):  # type: ignore[misc]
+    def entries(since, limit, who=None, action=None):  # type: ignore[misc]
         """Deferred of entries; Invalid."""
+
+    def refused(who, method, path, status, reason):  # type: ignore[misc]
+        """Record a refused request (401/403); Deferred."""
+
+
+class IJobHistory(Interface):
+    """Past jobs: filtered pages, results as CSV, and their purge after the retention."""
+
+    def page(state=None, action=None, since=None, limit=100, before=None):  # type: ignore[misc]
+        """Deferred of {"jobs", "next"}; Invalid."""
+
+    def results_csv(job_id):  # type: ignore[misc]
+        """Deferred of CSV text; NotFound."""
+
+    def purge():  # type: ignore[misc]
+        """Deferred of how many jobs were purged."""
 
 
 class INodeRegistry(Interface):

@@ -137,6 +137,29 @@ async def test_push_waits_for_the_agents_report(inproc_server):  # noqa: F811
 
 
 @pytest_twisted.ensureDeferred
+async def test_push_with_wait_0_notifies_and_does_not_wait(inproc_server):  # noqa: F811
+    server = inproc_server
+    client, _w, identity = await server.session()
+    offline = await server.enroll_identity()
+    await target_of(server, "two", [identity.agent_id, offline.agent_id])
+    body = {"name": "z", "type": "agent.settings", "document": {"spool_fsync": False}}
+    await server.admin("POST", "/api/v1/policies", {**body, "targets": ["two"]})
+    await client.wait_message(lambda m: m.get("type") == "notify")
+    reply = await server.admin("POST", "/api/v1/policies/z/push?wait=0")
+    assert reply.status == 200, reply
+    result = reply.body["agents"]
+    assert result[identity.agent_id]["status"] == "sent"
+    assert result[offline.agent_id]["status"] == "not connected"
+    note = await client.wait_message(
+        lambda m: m.get("type") == "notify" and m["data"].get("name") == "z"
+    )
+    assert note["data"]["version"] == 1
+    bad = await server.admin("POST", "/api/v1/policies/z/push?wait=-1")
+    assert bad.status == 400 and "0..120" in bad.body["error"]
+    await client.shut()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_token_with_a_profile_gives_it_at_enrollment(inproc_server):  # noqa: F811
     from tcm.tls import pki
 

@@ -125,5 +125,12 @@ def test_roles_through_the_cli_and_the_audit_log(server, agents):
     assert ("admin", "apitoken.create", "otto") in seen
     assert ("admin", "apitoken.revoke", "val") in seen
     assert any(e["actor"] == "otto" and e["action"] == "job.create" for e in log)
-    assert not any(e["actor"] == "val" for e in log)
+    # the viewer changed nothing; its refusals (403, then 401 once revoked: no name) are logged
+    assert {e["action"] for e in log if e["actor"] == "val"} == {"request.refused"}
+    refused = [e for e in log if e["actor"] == "val"]
+    assert refused[0]["object"] == "POST /api/v1/jobs" and refused[0]["details"]["status"] == 403
+    assert any(
+        e["actor"] == "-" and e["object"] == "GET /api/v1/agents" and e["details"]["status"] == 401
+        for e in log
+    )
     assert "apitoken.create" in server.cli("audit")

@@ -200,3 +200,119 @@ def test_valid_filters_parse_and_evaluate_on_any_view(expr, view):
     f = parse(expr)
     assert f({**view, "id": "x"}) in (True, False)
     assert parse(f"not ({expr})")(view) is not f(view)
+
+
+# -- known fields (issue 15.1) ----------------------------------------------------------------
+
+from tcm.server.selection import KNOWN_FIELDS, VIEW_FIELDS  # noqa: E402
+from tcm.server.targets import FieldSet  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "expr, position, suggestion",
+    [
+        ('os.famly != "debian"', 0, "os.family"),
+        ('os.famly == "debian"', 0, "os.family"),
+        ("online and memory.totl > 8GiB", 11, "memory.total"),
+        ("not aproved", 4, "approved"),
+        ('name == "x" or (grup == "web")', 16, "group"),
+        ("nosuchthing_at_all", 0, None),
+    ],
+)
+def test_an_unknown_field_is_refused_with_its_position_and_a_suggestion(expr, position, suggestion):
+    with pytest.raises(FilterError) as e:
+        parse(expr, KNOWN_FIELDS)
+    assert e.value.position == position
+    assert e.value.suggestion == suggestion
+    assert str(e.value).startswith("unknown field")
+    if suggestion:
+        assert str(e.value).endswith(f"\N{EM DASH} did you mean {suggestion!r}?")
+    parse(expr)  # without a field set, the language alone accepts it
+
+
+def test_the_documented_message():
+    with pytest.raises(FilterError) as e:
+        parse('os.famly == "debian"', KNOWN_FIELDS)
+    assert str(e.value) == (
+        "unknown field 'os.famly' at position 0 \N{EM DASH} did you mean 'os.family'?"
+    )
+
+
+DOCUMENTED = [
+    # every field docs/operating.md names in the filter section
+    "id", "name", "platform", "online", "mode", "group", "approved", "enrolled_at", "last_seen",
+    "os.family", "os.version", "hostname.fqdn", "cpu.logical", "memory.total",
+    "disks.partitions.fstype", "disks.partitions.free", "network.interfaces.addresses.address",
+    "software.packages.name", "users.users.name", "os",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("field", DOCUMENTED)
+def test_every_documented_field_is_known(field):
+    assert field in KNOWN_FIELDS
+    parse(f"{field} == 1 or not {field}", KNOWN_FIELDS)
+
+
+def test_documented_fields_are_the_ones_in_operating_md():
+    import os
+    import re
+
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "operating.md")).read()
+    section = doc.split("### The filter language", 1)[1].split("\n## ", 1)[0]
+    fields = section.split("- **Fields**", 1)[1].split("\n- ", 1)[0]
+    named = set(re.findall(r"`([a-z_]+(?:\.[a-z_]+)*)`", fields))
+    assert named <= KNOWN_FIELDS.names  # the documentation names no field the server refuses
+    assert VIEW_FIELDS <= named  # and it names every field of the agent's own
+
+
+def test_not_approved_selects_agents_awaiting_approval():
+    views = [{**DEBIAN, "approved": True}, {**RHEL, "approved": False}]
+    assert parse("not approved", KNOWN_FIELDS).select(views) == {"a-2"}
+    assert parse("approved", KNOWN_FIELDS).select(views) == {"a-1"}
+
+
+def test_field_set_prefixes_and_open_subtrees():
+    known = FieldSet.of({"online"}, {"os": ["family"], "tags": ["*"]})
+    assert "os" in known and "os.family" in known and "online" in known
+    assert "os.fam" not in known and "os.family.x" not in known
+    assert "tags.owner" in known and "tags.a.b" in known
+    assert "tags" in known
+    assert known.suggest("onlin") == "online"
+
+
+def test_a_saved_target_with_an_unknown_field_has_no_members_only_when_checked():
+    target = Target("t", filter='os.famly != "debian"')
+    assert target.members(VIEWS) == {"a-1", "a-2", "a-3"}  # the silent selection of issue 15
+    with pytest.raises(FilterError):
+        target.members(VIEWS, KNOWN_FIELDS)
+
+
+def _paths(value, prefix: str = ""):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _paths(v, f"{prefix}.{k}" if prefix else k)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _paths(item, prefix)
+    else:
+        yield prefix
+
+
+def test_the_builtin_collectors_produce_only_known_fields():
+    from tcm.plugins import builtin_inventory
+    from tcm.server import inventory
+
+    assert set(inventory.FIELDS) == set(inventory.CLASSES)
+    sample = {
+        "users": {"users": [{"name": "u", "terminal": "t", "host": "h", "started": 1, "pid": 2}]},
+        "disks": {"partitions": [{"device": "d", "mountpoint": "/", "fstype": "ext4",
+                                  "total": 1, "used": 1, "free": 0}]},
+    }  # fmt: skip
+    for cls, collect in builtin_inventory.COLLECTORS.items():
+        data = collect()
+        for path in _paths({cls: data}):
+            assert path in KNOWN_FIELDS, path
+    for cls, data in sample.items():
+        for path in _paths({cls: data}):
+            assert path in KNOWN_FIELDS, path
+        assert set(_paths({cls: builtin_inventory.COLLECTORS[cls]()})) <= set(_paths({cls: data}))

@@ -61,6 +61,14 @@ class Options(usage.Options):
     def postOptions(self):
         if not self["state-dir"]:
             raise usage.UsageError("--state-dir is required")
+        if self["ca-cert"]:
+            try:
+                with open(self["ca-cert"], "rb"):
+                    pass
+            except OSError as e:
+                raise usage.UsageError(
+                    f"--ca-cert {self['ca-cert']}: cannot read it: {e.strerror or e}"
+                ) from None
         if self["proxy"]:
             from tcm.agent.proxy import HTTPProxy
 

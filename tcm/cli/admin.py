@@ -24,6 +24,7 @@ from tcm.cli.api import (  # noqa: F401  (Api, CliError: imported from here by s
     Api,
     CliError,
     arg_value,
+    closed_pipe,
     connect,
     dump,
     duration,
@@ -107,6 +108,10 @@ def cmd_audit(api: Api, args) -> int:
     query = [("limit", str(args.limit))]
     if args.since is not None:
         query.append(("since", str(time.time() - args.since)))
+    if args.who is not None:
+        query.append(("who", args.who))
+    if args.action is not None:
+        query.append(("action", args.action))
     entries = api.call("GET", "/audit?" + urllib.parse.urlencode(query))["entries"]
     if args.json:
         dump(entries)
@@ -159,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("audit", help="the audit log: who changed what, when")
     s.add_argument("--since", type=duration, help="only the last ... (e.g. 1h, 7d)")
+    s.add_argument("--who", help="only what this principal did (an API token's name, admin)")
+    s.add_argument(
+        "--action",
+        help="only this action (job.create, request.refused, ...) or a prefix ending in '.'",
+    )
     s.add_argument("--limit", type=int, default=1000)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_audit)
@@ -171,10 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(connect(args), args)
+        status = args.func(connect(args), args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return status
     except CliError as e:
         print(f"tcm: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return closed_pipe()
     except KeyboardInterrupt:
         return 130
 

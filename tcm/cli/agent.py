@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from tcm.agent import CONTROL_SOCKET
+from tcm.cli.api import CliError, closed_pipe, tls_context
 
 
 class ControlError(Exception):
@@ -153,6 +154,16 @@ def agent_info(state_dir: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`tcm-agent`: its commands, with a quiet stop when the reader of the output goes away."""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return status
+    except BrokenPipeError:
+        return closed_pipe()
+
+
+def _main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tcm-agent", description="The tcm agent on this machine.")
     p.add_argument(
         "--state-dir", default=os.environ.get("TCM_AGENT_STATE_DIR", "/var/lib/tcm-agent")
@@ -199,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         args.state_dir = args.swarm_state_dir
         try:
             args.source_addresses and swarm.parse_sources(args.source_addresses)
-        except ValueError as e:
+            if args.ca_cert:
+                tls_context(args.ca_cert)  # a clear error now, not a traceback per agent
+        except (ValueError, CliError) as e:
             print(f"tcm-agent: {e}", file=sys.stderr)
             return 2
         return swarm.run(args)

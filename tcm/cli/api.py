@@ -12,6 +12,7 @@ import json
 import os
 import re
 import ssl
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -23,15 +24,45 @@ class CliError(Exception):
     """A failure to report on stderr with exit status 2."""
 
 
+# The exit status when the reader of our output went away (`tcm agents | head -1`): what a
+# shell reports for a process ended by SIGPIPE, without the traceback.
+CLOSED_PIPE = 141
+
+
+def closed_pipe() -> int:
+    """Stop quietly after a BrokenPipeError on stdout: point stdout at /dev/null so that the
+    interpreter's last flush does not fail again, and give CLOSED_PIPE."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return CLOSED_PIPE
+
+
+def tls_context(ca_cert: str | None) -> ssl.SSLContext:
+    """A client TLS context trusting `ca_cert` (the system's CAs when None); CliError when
+    the file cannot be read or holds no certificate."""
+    try:
+        return ssl.create_default_context(cafile=ca_cert)
+    except OSError as e:
+        if isinstance(e, ssl.SSLError):
+            raise CliError(f"--ca-cert {ca_cert}: not a PEM CA certificate ({e.reason})") from None
+        raise CliError(f"--ca-cert {ca_cert}: cannot read it: {e.strerror or e}") from None
+
+
 class Api:
     """A tiny JSON client for /api/v1 over HTTPS, trusting the tcm CA."""
 
     def __init__(self, url: str, ca_cert: str | None, token: str):
         self.url = url.rstrip("/")
         self.token = token
-        self.context = ssl.create_default_context(cafile=ca_cert)
+        self.context = tls_context(ca_cert)
 
-    def call(self, method: str, path: str, body: Any = None, timeout: float = 60) -> Any:
+    def call(
+        self, method: str, path: str, body: Any = None, timeout: float = 60, text: bool = False
+    ) -> Any:
+        """The JSON answer (with `text`, the answer's text: e.g. CSV); CliError on an error."""
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(
             self.url + "/api/v1" + path,
@@ -41,7 +72,7 @@ class Api:
         )
         try:
             with urllib.request.urlopen(req, context=self.context, timeout=timeout) as resp:
-                raw = resp.read()
+                body_bytes = resp.read()
         except urllib.error.HTTPError as e:
             raw = e.read()
             try:
@@ -61,7 +92,9 @@ class Api:
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise CliError(f"cannot reach {self.url}: {reason}") from None
-        return json.loads(raw) if raw else None
+        if text:
+            return body_bytes.decode("utf-8", "replace")
+        return json.loads(body_bytes) if body_bytes else None
 
 
 def connect(args: argparse.Namespace) -> Api:

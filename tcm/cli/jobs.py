@@ -102,6 +102,9 @@ def cmd_run(api: Api, args) -> int:
 
 
 def cmd_jobs_show(api: Api, args) -> int:
+    if args.csv:  # agent, name, state, times, exit code, error (the server writes it)
+        sys.stdout.write(api.call("GET", f"/jobs/{quote(args.id)}/results.csv", text=True))
+        return 0
     job = api.call("GET", f"/jobs/{args.id}")
     if args.json:
         print(
@@ -120,7 +123,16 @@ def cmd_jobs_show(api: Api, args) -> int:
 
 
 def cmd_jobs_list(api: Api, args) -> int:
-    jobs = api.call("GET", "/jobs")["jobs"]
+    query = [("limit", str(args.limit))]
+    for key in ("state", "action", "before"):
+        if getattr(args, key) is not None:
+            query.append((key, getattr(args, key)))
+    if args.since is not None:
+        query.append(("since", str(time.time() - args.since)))
+    page = api.call("GET", "/jobs?" + urllib.parse.urlencode(query))
+    jobs = page["jobs"]
+    if page.get("next"):
+        print(f"more: tcm jobs list --before {page['next']} ...", file=sys.stderr)
     if args.json:
         dump(jobs)
         return 0
@@ -243,12 +255,27 @@ def add_commands(sub: Any) -> None:
 
     jobs = sub.add_parser("jobs", help="jobs")
     jsub = jobs.add_subparsers(dest="jobs_command", required=True)
-    s = jsub.add_parser("list")
+    s = jsub.add_parser("list", help="jobs, newest first, filtered, a page at a time")
+    s.add_argument(
+        "--state",
+        help="jobs with a target in this state (pending, running, failed, ...), or active / "
+        "finished",
+    )
+    s.add_argument("--action", help="only jobs of this action")
+    s.add_argument("--since", type=duration, help="only jobs created in the last ... (e.g. 1h)")
+    s.add_argument("--limit", type=int, default=100, help="at most this many (1..1000)")
+    s.add_argument("--before", metavar="JOB", help="the page after this job (printed as 'more')")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_jobs_list)
-    s = jsub.add_parser("show")
+    s = jsub.add_parser("show", help="a job's targets and results")
     s.add_argument("id")
-    s.add_argument("--json", action="store_true")
+    out = s.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true")
+    out.add_argument(
+        "--csv",
+        action="store_true",
+        help="agent, name, state, delivered/started/finished times, exit code, error",
+    )
     s.set_defaults(func=cmd_jobs_show)
     s = jsub.add_parser("follow", help="print a job's output as it arrives")
     s.add_argument("id")

@@ -26,6 +26,7 @@ from tcm.interfaces import (
     IAudit,
     ICertificates,
     IInventory,
+    IJobHistory,
     IJobs,
     INodeRegistry,
     IPolicies,
@@ -55,6 +56,12 @@ def _seconds(request, arg: str, default: float | None = None) -> float | None:
     return value
 
 
+def _query(request, arg: str) -> str | None:
+    """A query argument as text (the router checked it against its declaration), or None."""
+    raw = request.args.get(arg.encode(), [None])[0]
+    return None if raw is None else raw.decode("utf-8", "replace")
+
+
 @attrs.frozen
 class AdminServices:
     """The services the admin API calls (each typed by its interface in tcm/interfaces.py)."""
@@ -68,6 +75,7 @@ class AdminServices:
     targets: ITargets
     inventory: IInventory
     audit: IAudit
+    history: IJobHistory
     policies: IPolicies
     profiles: IProfiles
     nodes: INodeRegistry
@@ -89,6 +97,7 @@ class AdminAPI(JsonRouter):
         self.targetservice = s.targets
         self.inventoryservice = s.inventory
         self.auditlog = s.audit
+        self.history = s.history
         self.policyservice = s.policies
         self.profileservice = s.profiles
         self.nodes = s.nodes
@@ -107,6 +116,7 @@ class AdminAPI(JsonRouter):
         self.route("GET", "/jobs", self.jobs)
         self.route("GET", "/jobs/{job}", self.job)
         self.route("GET", "/jobs/{job}/output", self.job_output)
+        self.route("GET", "/jobs/{job}/results.csv", self.job_results_csv)
         self.route("GET", "/settings", self.settings)
         self.route("PUT", "/settings", self.change_settings, "admin", "change settings")
         self.route("GET", "/targets", self.targets)
@@ -165,10 +175,17 @@ class AdminAPI(JsonRouter):
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated("missing bearer token (Authorization: Bearer <token>)")
         who = self.access.authenticate(token.strip())  # errors.Unauthenticated: a 401
+        request.who = who  # the Principal (known to the audit of a refusal, too)
+        request.principal = who.name
         permission, doing = self._permissions.get(handler, ("admin", "do this"))
         who.require(permission, doing)  # roles.Refused (errors.Forbidden): a 403
-        request.who = who  # the Principal
-        request.principal = who.name
+
+    def refused(self, request, status: int, reason: str) -> None:
+        """Audit a 401 or 403: who (when known), the route, why."""
+        method = request.method.decode("ascii", "replace")
+        path = request.path.decode("utf-8", "replace")
+        d = self.auditlog.refused(getattr(request, "principal", None), method, path, status, reason)
+        d.addErrback(lambda f: self._log.failure("could not audit a refused request", f))
 
     def status(self, request):
         return {
@@ -299,14 +316,37 @@ class AdminAPI(JsonRouter):
         )
         return Reply({"job": job_id}, status=201)
 
-    @inlineCallbacks
     def jobs(self, request):
-        return {"jobs": (yield self.jobservice.list_jobs())}
+        """Jobs, newest first: `?state=&action=&since=EPOCH&limit=N&before=JOB` (a page;
+        `next` is the `before` of the following one)."""
+        limit = _query(request, "limit")
+        return self.history.page(
+            state=_query(request, "state"),
+            action=_query(request, "action"),
+            since=_seconds(request, "since"),
+            limit=int(limit) if limit is not None else 100,
+            before=_query(request, "before"),
+        )
 
     def job(self, request, job: str):
-        """A job; `?results=false` gives its counts only (cheap to poll for big jobs)."""
+        """A job; `?results=false` gives its counts only (cheap to poll for big jobs);
+        `?format=csv` its results as CSV (as /jobs/{job}/results.csv)."""
+        if _query(request, "format") == "csv":
+            return self.job_results_csv(request, job)
         results = request.args.get(b"results", [b"true"])[0].lower() not in (b"false", b"0")
         return self.jobservice.status(job, results=results)
+
+    @inlineCallbacks
+    def job_results_csv(self, request, job: str):
+        """A job's results as CSV: agent, name, state, times, exit code, error."""
+        text = yield self.history.results_csv(job)
+        return Reply(
+            text.encode("utf-8"),
+            headers={
+                "content-type": "text/csv; charset=utf-8",
+                "content-disposition": f'attachment; filename="job-{job}.csv"',
+            },
+        )
 
     @inlineCallbacks
     def job_output(self, request, job: str):
@@ -556,13 +596,15 @@ class AdminAPI(JsonRouter):
 
     @inlineCallbacks
     def audit(self, request):
-        """?since=EPOCH_SECONDS, &limit=N (default 1000, newest N, oldest first)."""
+        """?since=EPOCH_SECONDS, &limit=N (default 1000, newest N, oldest first), &who=NAME,
+        &action=NAME (or a prefix ending in '.', e.g. job.)."""
         since = _seconds(request, "since")
         try:
             limit = int(request.args.get(b"limit", [b"1000"])[0])
         except ValueError:
             raise Invalid("limit", "'limit' must be an integer") from None
-        return {"entries": (yield self.auditlog.entries(since, limit))}
+        who, action = _query(request, "who"), _query(request, "action")
+        return {"entries": (yield self.auditlog.entries(since, limit, who, action))}
 
     def ca(self, request):
         """The CA certificate agents trust (PEM), for install packages."""
@@ -610,12 +652,13 @@ class AdminAPI(JsonRouter):
     @inlineCallbacks
     def push_policy(self, request, name: str):
         """PushPolicy: {"agents": {id: {"status": pushed|not connected|empty policy|failed}}}.
-        `?wait=S`: how long to wait for each connected agent's report (default 10 s)."""
+        `?wait=S`: how long to wait for each connected agent's report (default 10 s; 0: do
+        not wait, each notified agent is `sent`)."""
         try:
             wait = float(request.args.get(b"wait", [b"10"])[0])
         except ValueError:
             raise Invalid("wait", "'wait' must be a number of seconds") from None
-        if not 0 < wait <= 120:
+        if not 0 <= wait <= 120:  # 0: notify, do not wait for reports
             raise Invalid("wait", "'wait' must be 0..120 seconds")
         policy = self.policyservice.get_policy(name)  # 404 before anything is written
         # a token scoped to a target may push only to agents inside it, as for jobs

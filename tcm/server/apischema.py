@@ -27,6 +27,7 @@ from tcm.protocol.schemas import NAME_PATTERN, PROFILE_SETTINGS
 from tcm.server.roles import ROLES
 
 MAX_SECONDS = 10 * 365 * 86400.0  # ten years: the longest time span a request may name
+CSV_TEXT = {"type": "string", "contentMediaType": "text/csv"}  # a text/csv answer
 MAX_EPOCH = 1e11  # epoch seconds (year 5138): any real clock's time
 MAX_INT32 = 2**31 - 1  # integer columns of the store
 MAX_ITEMS = 100_000  # agent ids in one list
@@ -276,6 +277,10 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                 "poll_interval": said("poll_interval must be 1..86400 seconds", number(1, 86400)),
                 "long_poll": said("long_poll must be 0..300 seconds (0: off)", number(0, 300)),
                 "require_approval": {"type": "boolean"},
+                "job_retention": said(
+                    "job_retention must be 3600..315360000 seconds (1 hour to 10 years)",
+                    number(3600, 3650 * 86400.0),
+                ),
             },
             unknown="unknown setting(s) {names}",
             minProperties=1,
@@ -348,11 +353,33 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         ),
         responses={201: JOB_CREATED},
     ),
-    ("GET", f"{ADMIN}/jobs"): _op("Recent jobs", responses={200: listing("jobs")}),
+    ("GET", f"{ADMIN}/jobs"): _op(
+        "Jobs, newest first, a page at a time: `next` is the `before` of the following page",
+        query={
+            "state": said(
+                "'state' must be a target state (some target in it), active or finished",
+                {"type": "string", "maxLength": 32},
+            ),
+            "action": said("'action' must be an action name", {"type": "string", "maxLength": 64}),
+            "since": said("'since' must be a number of seconds >= 0", number(0, MAX_EPOCH)),
+            "limit": said("'limit' must be 1..1000", integer(1, 1000)),
+            "before": said("'before' must be a job id", {"type": "string", "maxLength": 64}),
+        },
+        responses={200: listing("jobs", next={"type": ["string", "null"]})},
+    ),
     ("GET", f"{ADMIN}/jobs/{{job}}"): _op(
-        "A job: its counts and, unless ?results=false, every target's state and result",
-        query={"results": {"type": "boolean"}},
+        "A job: its counts and, unless ?results=false, every target's state and result; "
+        "?format=csv: its results as CSV (text/csv, as /jobs/{job}/results.csv)",
+        query={
+            "results": {"type": "boolean"},
+            "format": said("'format' must be json or csv", {"enum": ["json", "csv"]}),
+        },
         responses={200: JOB_STATUS},
+    ),
+    ("GET", f"{ADMIN}/jobs/{{job}}/results.csv"): _op(
+        "A job's results as CSV (text/csv): agent, name, state, delivered_at, started_at, "
+        "finished_at, exit_code, error",
+        responses={200: CSV_TEXT},
     ),
     ("GET", f"{ADMIN}/jobs/{{job}}/output"): _op(
         "A job's output after chunk `after`; `wait` seconds for the next one",
@@ -476,6 +503,11 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         query={
             "since": said("'since' must be a number of seconds >= 0", number(0, MAX_EPOCH)),
             "limit": said("'limit' must be 1..100000", integer(1, 100_000)),
+            "who": said("'who' must be a principal's name", {"type": "string", "maxLength": 64}),
+            "action": said(
+                "'action' must be an audit action (or a prefix ending in '.')",
+                {"type": "string", "maxLength": 64},
+            ),
         },
         responses={200: listing("entries")},
     ),
@@ -516,7 +548,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "Push a policy to its connected agents and wait for their reports",
         EMPTY_BODY,
         body_required=False,
-        query={"wait": said("'wait' must be 0..120 seconds", number(0, 120, exclusive=True))},
+        query={"wait": said("'wait' must be 0..120 seconds", number(0, 120))},
         responses={200: fields("agents", agents=ANY_OBJECT)},
     ),
     # -- connection profiles ----------------------------------------------------------------

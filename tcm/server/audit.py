@@ -11,6 +11,9 @@ from tcm.interfaces import IAudit
 from tcm.server.errors import Invalid
 from tcm.server.roles import Principal
 
+REFUSED = "request.refused"  # the action of a 401/403 entry
+UNKNOWN = "-"  # the actor of a request refused before it named a principal
+
 
 @implementer(IAudit)
 class AuditLog:
@@ -31,8 +34,25 @@ class AuditLog:
         actor = who.name if isinstance(who, Principal) else who
         return self._store.audit(actor, action, obj, details or {}, self._clock.seconds())
 
-    def entries(self, since: float | None, limit: int) -> Deferred[list[dict[str, Any]]]:
-        """The newest `limit` entries since `since` (epoch seconds), oldest first."""
+    def entries(
+        self,
+        since: float | None,
+        limit: int,
+        who: str | None = None,
+        action: str | None = None,
+    ) -> Deferred[list[dict[str, Any]]]:
+        """The newest `limit` entries since `since` (epoch seconds), by `who`, of `action`
+        (a name, or a prefix ending in '.'), oldest first."""
         if not 1 <= limit <= 100000:
             raise Invalid("limit", "'limit' must be 1..100000")
-        return self._store.list_audit(since, limit)
+        return self._store.list_audit(since, limit, who, action)
+
+    def refused(
+        self, who: str | None, method: str, path: str, status: int, reason: str
+    ) -> Deferred[None]:
+        """Record a refused request: `who` (None: no valid credential), the route, why.
+
+        Written as `request.refused` on `METHOD PATH` with {status, reason}."""
+        return self.record(
+            who or UNKNOWN, REFUSED, f"{method} {path}", {"status": status, "reason": reason}
+        )

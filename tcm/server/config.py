@@ -37,6 +37,7 @@ class ServerConfig:
     taskserver_max_clients: int = DEFAULT_MAX_CLIENTS
     name: str | None = None  # this server's name, in its agents' certificates (gateways)
     metrics_port: int | None = None  # /metrics and /status on loopback
+    job_retention: float = 30 * 86400.0  # seconds jobs are kept (run-time setting job_retention)
 
     @property
     def database_url(self) -> str:

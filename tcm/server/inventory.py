@@ -29,6 +29,33 @@ CLASSES: tuple[str, ...] = (
     "users",
 )
 
+# The fields each class holds, as paths below the class (lists fanned out, as filters walk
+# them): what a filter may name besides the agent's own fields (tcm/server/selection.py). A
+# test checks that the built-in collectors produce no field outside these.
+FIELDS: dict[str, tuple[str, ...]] = {
+    "os": ("system", "id", "id_like", "family", "name", "version", "kernel", "arch"),
+    "hostname": ("hostname", "fqdn"),
+    "cpu": ("model", "logical", "physical", "freq_mhz.current", "freq_mhz.min", "freq_mhz.max"),
+    "memory": (
+        "total",
+        "available",
+        "used",
+        "percent",
+        "swap.total",
+        "swap.used",
+        "swap.free",
+    ),
+    "disks": tuple(
+        f"partitions.{f}" for f in ("device", "mountpoint", "fstype", "total", "used", "free")
+    ),
+    "network": (
+        *(f"interfaces.{f}" for f in ("name", "mac", "is_up", "speed", "mtu")),
+        *(f"interfaces.addresses.{f}" for f in ("family", "address", "netmask", "broadcast")),
+    ),
+    "software": ("manager", "count", "packages.name", "packages.version", "packages.arch"),
+    "users": tuple(f"users.{f}" for f in ("name", "terminal", "host", "started", "pid")),
+}
+
 # At most this many distinct digests of one class go into a refresh job's `known` map; past
 # that the class is simply sent in full.
 MAX_KNOWN_DIGESTS = 32

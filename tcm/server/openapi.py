@@ -50,7 +50,8 @@ def _responses(op: Operation) -> dict[str, Any]:
     for status, schema in sorted(op.responses.items()):
         entry: dict[str, Any] = {"description": _REASONS.get(status, str(status))}
         if schema is not None:
-            entry["content"] = {"application/json": {"schema": schema}}
+            media = schema.get("contentMediaType", "application/json")  # CSV answers
+            entry["content"] = {media: {"schema": schema}}
         out[str(status)] = entry
     out["default"] = {
         "description": "An error: the reason in `error`",

@@ -32,6 +32,9 @@ from tcm.server.agentconfig import (
 )
 from tcm.server.errors import Conflict, Invalid, NotFound
 
+# PushPolicy with wait 0: notified over its session or poll, its report not awaited.
+SENT = "sent"
+
 
 @implementer(IPolicies)
 class PolicyService:
@@ -200,7 +203,8 @@ class PolicyService:
     @inlineCallbacks
     def push(self, name: str, wait: float = DEFAULT_PUSH_WAIT):
         """PushPolicy: deliver a policy to its agents now; per agent `pushed` (applied there),
-        `not connected`, `empty policy` or `failed` (with the agent's reason)."""
+        `not connected`, `empty policy` or `failed` (with the agent's reason). With `wait` 0
+        nothing is awaited: each notified agent is `sent`."""
         policy = self.get_policy(name)
         agents = sorted((yield self.book.members(policy["targets"])))
         version = policy["version"]
@@ -209,6 +213,19 @@ class PolicyService:
             for agent_id in agents:
                 results[agent_id] = {"status": EMPTY, "reason": "the policy document is empty"}
             return {"policy": name, "version": version, "agents": results}
+        if wait <= 0:
+            sent, offline = self.book.notify(agents, "policies", version, name)
+            for agent_id in sent:
+                results[agent_id] = {
+                    "status": SENT,
+                    "reason": "notified; its report was not awaited (wait 0)",
+                }
+            for agent_id in offline:
+                results[agent_id] = {
+                    "status": NOT_CONNECTED,
+                    "reason": "no session and no waiting poll; it gets the policy when it returns",
+                }
+            return {"policy": name, "version": version, "agents": dict(sorted(results.items()))}
         waits = {a: self._wait_report(a, name, version, wait) for a in agents}
         sent, offline = self.book.notify(agents, "policies", version, name)
         for agent_id in offline:

@@ -15,18 +15,24 @@ from zope.interface import implementer
 from tcm.interfaces import IAgentPresence, IInventory, IJobs, ITargets
 from tcm.server import inventory
 from tcm.server.errors import Conflict, Invalid, NotFound
-from tcm.server.targets import NAME, FilterError, Target, UnknownTarget, parse
+from tcm.server.targets import NAME, FieldSet, FilterError, Target, UnknownTarget, parse
 from tcm.store import Conflict as StoreConflict
 
 # Fields of an agent view that are not inventory classes (see TargetService.agent_views).
 VIEW_FIELDS = frozenset(
-    {"id", "name", "platform", "online", "mode", "group", "enrolled_at", "last_seen"}
+    {"id", "name", "platform", "online", "mode", "group", "approved", "enrolled_at", "last_seen"}
 )
+# Every field a filter may name: the view's own and each inventory class's (one place; a
+# filter naming anything else is refused with a suggestion).
+KNOWN_FIELDS = FieldSet.of(VIEW_FIELDS, inventory.FIELDS)
 JOB_STATES = ("pending", "delivered", "running", "succeeded", "failed", "expired")
 SELECTORS = ("filter", "agents", "from_job", "target")
 
 
 def filter_error(e: FilterError, field: str = "filter") -> Invalid:
+    """The 400 for a filter that does not parse or names an unknown field."""
+    if e.suggestion is not None:
+        return Invalid(field, f"bad filter: {e}", position=e.position, suggestion=e.suggestion)
     return Invalid(field, f"bad filter: {e}", position=e.position)
 
 
@@ -118,8 +124,8 @@ class TargetService:
 
         A view has `id`, `name` (the host name the agent gave), `platform`, `online` (a live
         session), `mode` ("persistent", "http" or None), `group` (its groups' names),
-        `enrolled_at`, `last_seen`, and each inventory class named in `roots` (e.g. `os`,
-        `memory`) as stored. Fires with a list of dicts."""
+        `approved`, `enrolled_at`, `last_seen` (VIEW_FIELDS), and each inventory class named
+        in `roots` (e.g. `os`, `memory`) as stored. Fires with a list of dicts."""
         rows = yield self._agents.list_agents()
         groups = yield self._targets.group_memberships()
         classes = set(roots) - VIEW_FIELDS
@@ -138,6 +144,7 @@ class TargetService:
                 online=session is not None,
                 mode="persistent" if session is not None else self._presence.http_mode_of(agent_id),
                 group=groups.get(agent_id, []),
+                approved=bool(r["approved"]),
                 enrolled_at=r["enrolled_at"],
                 last_seen=r["last_seen"],
             )
@@ -160,8 +167,8 @@ class TargetService:
         state); a fixed list keeps the agents that still exist and are not revoked. Fails
         with UnknownTarget, or FilterError for a stored filter that no longer parses."""
         target = yield self.load_target(name)
-        views = yield self.agent_views(target.roots())
-        return target.members(views)
+        views = yield self.agent_views(target.roots(KNOWN_FIELDS))
+        return target.members(views, KNOWN_FIELDS)
 
     @inlineCallbacks
     def resolve_targets(self, names: list[str] | None = None):
@@ -176,14 +183,14 @@ class TargetService:
         roots: set[str] = set()
         for target in found:
             try:
-                roots |= target.roots()
+                roots |= target.roots(KNOWN_FIELDS)
             except FilterError:
                 pass
         views = yield self.agent_views(roots)
         out: dict[str, set[str]] = {}
         for target in found:
             try:
-                out[target.name] = target.members(views)
+                out[target.name] = target.members(views, KNOWN_FIELDS)
             except FilterError:
                 out[target.name] = set()
         return out
@@ -226,7 +233,7 @@ class TargetService:
             if not isinstance(text, str):
                 raise Invalid("filter", "'filter' must be a string")
             try:
-                parse(text)
+                parse(text, KNOWN_FIELDS)
             except FilterError as e:
                 raise filter_error(e) from None
             return "filter", text

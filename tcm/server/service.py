@@ -43,6 +43,7 @@ from tcm.interfaces import (
     IAudit,
     ICertificates,
     IInventory,
+    IJobHistory,
     IJobs,
     INodeRegistry,
     IPolicies,
@@ -64,6 +65,7 @@ from tcm.server.certificates import Certificates
 from tcm.server.config import ServerConfig
 from tcm.server.dispatcher import Dispatcher
 from tcm.server.heap import HeapSettler
+from tcm.server.history import JobHistory
 from tcm.server.hub import AgentHub, AgentRequests
 from tcm.server.jobservice import JobService
 from tcm.server.links import NodeLinkFactory
@@ -172,6 +174,7 @@ class ServerParts:
     policies: PolicyService
     profiles: ProfileService
     audit: AuditLog
+    history: JobHistory
     hub: AgentHub
     site: Site
     admin_api: AdminAPI
@@ -360,6 +363,10 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
         ),
     )
     audit = provides(IAudit, AuditLog(db.audit, clock))
+    history = provides(
+        IJobHistory,
+        JobHistory(db.jobs, db.agents, jobs, lambda: settings["job_retention"], clock),
+    )
     inventory = provides(
         IInventory, InventoryService(db.inventory, db.agents, directory, targets, clock)
     )
@@ -391,6 +398,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
             targets=targets,
             inventory=inventory,
             audit=audit,
+            history=history,
             policies=policies,
             profiles=profiles,
             nodes=nodes,
@@ -433,8 +441,10 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
         yield agent_config.load()
         yield jobs.load()
         jobs.start()
+        history.start()  # purges jobs past the retention now and every hour
 
     def stop() -> None:
+        history.stop()
         jobs.stop()
         db.close()
 
@@ -471,6 +481,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
         policies=policies,
         profiles=profiles,
         audit=audit,
+        history=history,
         hub=hub,
         site=site,
         admin_api=admin_api,

@@ -13,6 +13,10 @@ from tcm.interfaces import IRuntimeSettings
 from tcm.server.config import ServerConfig
 from tcm.server.errors import Invalid
 
+MIN_RETENTION = 3600.0  # job_retention: seconds jobs are kept, an hour ...
+MAX_RETENTION = 3650 * 86400.0  # ... to ten years
+JOB_RETENTION_RANGE = "job_retention must be 3600..315360000 seconds (1 hour to 10 years)"
+
 
 @implementer(IRuntimeSettings)
 class RuntimeSettings(Mapping[str, Any]):
@@ -28,6 +32,7 @@ class RuntimeSettings(Mapping[str, Any]):
         "poll_interval": (int, float),
         "long_poll": (int, float),
         "require_approval": (bool,),
+        "job_retention": (int, float),
     }
 
     def __init__(self, config: ServerConfig, settings_store: Any = None):
@@ -37,6 +42,7 @@ class RuntimeSettings(Mapping[str, Any]):
             persistent_connections=config.persistent_connections,
             poll_interval=config.poll_interval,
             long_poll=config.long_poll,
+            job_retention=config.job_retention,
         )
         self._persistent_off: list[Callable[[], None]] = []
 
@@ -75,6 +81,8 @@ class RuntimeSettings(Mapping[str, Any]):
                 raise Invalid(key, "poll_interval must be 1..86400 seconds")
             if key == "long_poll" and not 0 <= number <= 300:
                 raise Invalid(key, "long_poll must be 0..300 seconds (0: off)")
+            if key == "job_retention" and not MIN_RETENTION <= number <= MAX_RETENTION:
+                raise Invalid(key, JOB_RETENTION_RANGE)
             clean[key] = value
         return clean
 

@@ -77,6 +77,13 @@ class Options(usage.Options):
         ],
         ["handshake-timeout", None, 30.0, "Seconds an agent has to send hello.", float],
         [
+            "job-retention",
+            None,
+            "30d",
+            "How long jobs, their results and output are kept before the server purges them: "
+            "seconds, or with s/m/h/d (default 30d; setting job_retention).",
+        ],
+        [
             "max-handshakes",
             None,
             100,
@@ -130,6 +137,7 @@ class Options(usage.Options):
             raise usage.UsageError("--taskserver-policy must be fewest or capacity")
         if self["taskserver-max-clients"] < 1:
             raise usage.UsageError("--taskserver-max-clients must be at least 1")
+        self["job-retention"] = retention_seconds(self["job-retention"])
         from twisted.internet import reactor
 
         try:
@@ -138,6 +146,26 @@ class Options(usage.Options):
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
+
+
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def retention_seconds(text: str | float) -> float:
+    """Seconds of `--job-retention` ('30d', '12h', '86400'); UsageError out of 1h..10 years."""
+    from tcm.server.settings import JOB_RETENTION_RANGE, MAX_RETENTION, MIN_RETENTION
+
+    raw = str(text).strip()
+    unit = raw[-1:] if raw[-1:] in "smhd" else ""
+    try:
+        seconds = float(raw[: len(raw) - len(unit)]) * _UNITS[unit]
+    except ValueError:
+        raise usage.UsageError(
+            f"--job-retention: not a duration: {raw!r} (e.g. 30d, 12h, 86400)"
+        ) from None
+    if not MIN_RETENTION <= seconds <= MAX_RETENTION:
+        raise usage.UsageError(f"--job-retention: {JOB_RETENTION_RANGE}")
+    return seconds
 
 
 def config_from(options: Options) -> ServerConfig:
@@ -163,6 +191,7 @@ def config_from(options: Options) -> ServerConfig:
         taskserver_max_clients=options["taskserver-max-clients"],
         name=options["name"],
         metrics_port=options["metrics-port"],
+        job_retention=options["job-retention"],
     )
 
 

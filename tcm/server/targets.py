@@ -32,6 +32,7 @@ name in code point order wins). See `most_specific`.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -61,12 +62,15 @@ COMPARISONS = ("==", "!=", "<=", ">=", "<", ">", "!~", "~")
 
 
 class FilterError(ValueError):
-    """A filter expression that does not parse; `position` is the 0-based character offset."""
+    """A filter expression that does not parse, or names a field no agent view has;
+    `position` is the 0-based character offset, `suggestion` a known field it may mean."""
 
-    def __init__(self, message: str, position: int):
-        super().__init__(f"{message} at position {position}")
+    def __init__(self, message: str, position: int, suggestion: str | None = None):
+        hint = f" \N{EM DASH} did you mean {suggestion!r}?" if suggestion else ""
+        super().__init__(f"{message} at position {position}{hint}")
         self.message = message
         self.position = position
+        self.suggestion = suggestion
 
 
 class UnknownTarget(LookupError):
@@ -227,6 +231,7 @@ class Compare:
     path: tuple[str, ...]
     op: str
     value: Any
+    position: int = attrs.field(default=0, eq=False)
 
     def __call__(self, view: View) -> bool:
         values = values_at(view, self.path)
@@ -250,16 +255,23 @@ class Compare:
     def fields(self) -> set[tuple[str, ...]]:
         return {self.path}
 
+    def references(self) -> list[tuple[tuple[str, ...], int]]:
+        return [(self.path, self.position)]
+
 
 @attrs.frozen
 class Present:
     path: tuple[str, ...]
+    position: int = attrs.field(default=0, eq=False)
 
     def __call__(self, view: View) -> bool:
         return any(bool(v) for v in values_at(view, self.path))
 
     def fields(self) -> set[tuple[str, ...]]:
         return {self.path}
+
+    def references(self) -> list[tuple[tuple[str, ...], int]]:
+        return [(self.path, self.position)]
 
 
 @attrs.frozen
@@ -272,6 +284,9 @@ class Not:
     def fields(self) -> set[tuple[str, ...]]:
         return self.operand.fields()
 
+    def references(self) -> list[tuple[tuple[str, ...], int]]:
+        return self.operand.references()
+
 
 @attrs.frozen
 class And:
@@ -283,6 +298,9 @@ class And:
     def fields(self) -> set[tuple[str, ...]]:
         return set().union(*(o.fields() for o in self.operands))
 
+    def references(self) -> list[tuple[tuple[str, ...], int]]:
+        return [r for o in self.operands for r in o.references()]
+
 
 @attrs.frozen
 class Or:
@@ -293,6 +311,9 @@ class Or:
 
     def fields(self) -> set[tuple[str, ...]]:
         return set().union(*(o.fields() for o in self.operands))
+
+    def references(self) -> list[tuple[tuple[str, ...], int]]:
+        return [r for o in self.operands for r in o.references()]
 
 
 @attrs.frozen
@@ -401,11 +422,11 @@ class _Parser:
             value = self.value()
             if op in ("~", "!~") and not isinstance(value, str):
                 raise FilterError(f"{op} needs a quoted glob pattern", value_tok.position)
-            return Compare(path, op, value)
+            return Compare(path, op, value, tok.position)
         if self.is_("keyword", "in"):
             self.advance()
-            return Compare(path, "in", self.list_value())
-        return Present(path)
+            return Compare(path, "in", self.list_value(), tok.position)
+        return Present(path, tok.position)
 
     def value(self) -> Any:
         tok = self.tok
@@ -437,15 +458,70 @@ def _describe(tok: Token) -> str:
     return "the end" if tok.kind == "end" else repr(tok.text)
 
 
-def parse(text: str) -> Filter:
-    """Parse a filter expression; FilterError (with the position) when it is not one."""
+@attrs.frozen
+class FieldSet:
+    """The fields agent views have, as dotted paths (`os.family`, `online`).
+
+    A path is known when it is one of `paths` or leads to one (`os`, `disks.partitions`); a
+    path ending in `.*` (`tags.*`) admits anything below its prefix."""
+
+    paths: frozenset[str]
+
+    @classmethod
+    def of(cls, top: Iterable[str], nested: Mapping[str, Iterable[str]]) -> FieldSet:
+        """Top-level fields plus each class's fields below it (`{"os": ["family"]}`)."""
+        paths = set(top)
+        for root, below in nested.items():
+            paths.add(root)
+            paths.update(f"{root}.{p}" for p in below)
+        return cls(frozenset(paths))
+
+    @property
+    def names(self) -> frozenset[str]:
+        """Every known path and every prefix of one (what a filter may name exactly)."""
+        out: set[str] = set()
+        for path in self.paths:
+            parts = path.removesuffix(".*").split(".")
+            out.update(".".join(parts[: i + 1]) for i in range(len(parts)))
+        return frozenset(out)
+
+    def __contains__(self, path: object) -> bool:
+        if not isinstance(path, str):
+            return False
+        if path in self.names:
+            return True
+        return any(
+            p.endswith(".*") and path.startswith(p[:-1]) and len(path) > len(p) - 1
+            for p in self.paths
+        )
+
+    def suggest(self, path: str) -> str | None:
+        """The known field closest to a misspelt one (difflib), or None."""
+        close = difflib.get_close_matches(path, sorted(self.names), n=1, cutoff=0.6)
+        return close[0] if close else None
+
+
+def check_fields(f: Filter, known: FieldSet) -> None:
+    """FilterError at the first field of `f` that no agent view has, with a suggestion."""
+    for path, position in sorted(f.root.references(), key=lambda r: r[1]):
+        name = ".".join(path)
+        if name not in known:
+            raise FilterError(f"unknown field {name!r}", position, known.suggest(name))
+
+
+def parse(text: str, known: FieldSet | None = None) -> Filter:
+    """Parse a filter expression; FilterError (with the position) when it is not one, or
+    when it names a field outside `known` (when given)."""
     if not isinstance(text, str):
         raise FilterError("a filter must be a string", 0)
     if len(text) > MAX_LENGTH:
         raise FilterError(f"filter longer than {MAX_LENGTH} characters", MAX_LENGTH)
     if not text.strip():
         raise FilterError("empty filter", 0)
-    return Filter(text, _Parser(text).parse())
+    f = Filter(text, _Parser(text).parse())
+    if known is not None:
+        check_fields(f, known)
+    return f
 
 
 # -- targets -----------------------------------------------------------------------------
@@ -471,16 +547,17 @@ class Target:
             description=row.get("description", ""),
         )
 
-    def members(self, views: Iterable[View]) -> set[str]:
-        """The ids of the agents (among `views`) that this target selects now."""
+    def members(self, views: Iterable[View], known: FieldSet | None = None) -> set[str]:
+        """The ids of the agents (among `views`) that this target selects now; FilterError
+        when its filter does not parse or names a field outside `known` (when given)."""
         if self.filter is not None:
-            return parse(self.filter).select(views)
+            return parse(self.filter, known).select(views)
         chosen = set(self.agents or ())
         return {v["id"] for v in views if v["id"] in chosen}
 
-    def roots(self) -> frozenset[str]:
+    def roots(self, known: FieldSet | None = None) -> frozenset[str]:
         """The top-level fields its filter reads (none for a fixed list)."""
-        return parse(self.filter).roots if self.filter is not None else frozenset()
+        return parse(self.filter, known).roots if self.filter is not None else frozenset()
 
 
 def most_specific(memberships: Mapping[str, set[str]], agent_id: str) -> str | None:

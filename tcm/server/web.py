@@ -151,6 +151,9 @@ class JsonRouter(Resource):
     def authorize(self, request, handler: Handler) -> None:
         """Raise ApiError unless the request may call this handler (subclasses decide)."""
 
+    def refused(self, request, status: int, reason: str) -> None:
+        """A request was refused with 401 or 403 (subclasses audit it)."""
+
     def render(self, request):
         path = request.path.decode("utf-8", "replace")
         if not path.startswith(self._prefix):
@@ -208,7 +211,10 @@ class JsonRouter(Resource):
         if failure.check(ApiError):
             return self._finish(request, failure.value)
         if isinstance(failure.value, errors.DomainError):
-            return self._finish(request, api_error(failure.value))
+            error = api_error(failure.value)
+            if error.status in (401, 403):
+                self.refused(request, error.status, error.message)
+            return self._finish(request, error)
         self._log.failure(
             "error serving {method} {path}", failure, method=request.method, path=request.path
         )
@@ -229,6 +235,11 @@ class JsonRouter(Resource):
         for k, v in headers.items():
             request.setHeader(k, v)
         if status == 204 or body is None:
+            request.finish()
+            return None
+        if isinstance(body, bytes):  # a Reply of another media type (its content-type set)
+            request.setHeader(b"content-length", str(len(body)).encode())
+            request.write(body)
             request.finish()
             return None
         payload = json.dumps(body, separators=(",", ":"), default=str).encode()

@@ -33,13 +33,25 @@ class AuditStore:
         return self._writes.submit(op)
 
     def list_audit(
-        self, since: float | None = None, limit: int = 1000
+        self,
+        since: float | None = None,
+        limit: int = 1000,
+        actor: str | None = None,
+        action: str | None = None,
     ) -> Deferred[list[dict[str, Any]]]:
-        """The newest `limit` entries at or after `since`, oldest first."""
+        """The newest `limit` entries at or after `since` (by `actor`, of `action`: an
+        action name, or a prefix ending in '.' such as 'job.'), oldest first."""
         al = t.audit_log
         q = sa.select(al).order_by(al.c.id.desc()).limit(limit)
         if since is not None:
             q = q.where(al.c.at >= since)
+        if actor is not None:
+            q = q.where(al.c.actor == actor)
+        if action is not None:
+            if action.endswith("."):
+                q = q.where(al.c.action.startswith(action, autoescape=True))
+            else:
+                q = q.where(al.c.action == action)
 
         def read(c: Connection) -> list[dict[str, Any]]:
             return [dict(r._mapping) for r in c.execute(q)][::-1]

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 
 from tcm.store import schema as t
 
@@ -262,3 +262,99 @@ class JobStore:
             return sorted(r.agent_id for r in c.execute(sel))
 
         return self._db.read(q)
+
+    # -- history: filtered pages and retention (issue 15) ---------------------------------
+    def list_jobs_page(
+        self,
+        limit: int,
+        action: str | None = None,
+        since: float | None = None,
+        before: str | None = None,
+        with_states: Iterable[str] | None = None,
+        without_states: Iterable[str] | None = None,
+    ) -> Deferred[list[dict[str, Any]] | None]:
+        """Up to `limit` jobs, newest first (created_at, then id, descending), each with the
+        number of its targets in each state: only those of `action`, created at or after
+        `since`, older than the job `before` (the paging cursor), with some target in one of
+        `with_states`, with no target in any of `without_states`. None when `before` names
+        no job."""
+        jt = t.job_targets
+        j = t.jobs
+
+        def q(c: Connection) -> list[dict[str, Any]] | None:
+            query = sa.select(j)
+            if before is not None:
+                cursor = c.execute(sa.select(j.c.created_at).where(j.c.id == before)).first()
+                if cursor is None:
+                    return None
+                at = cursor[0]
+                query = query.where(
+                    sa.or_(j.c.created_at < at, sa.and_(j.c.created_at == at, j.c.id < before))
+                )
+            if action is not None:
+                query = query.where(j.c.action == action)
+            if since is not None:
+                query = query.where(j.c.created_at >= since)
+            if with_states is not None:
+                query = query.where(
+                    sa.exists().where(jt.c.job_id == j.c.id, jt.c.state.in_(list(with_states)))
+                )
+            if without_states is not None:
+                query = query.where(
+                    ~sa.exists().where(jt.c.job_id == j.c.id, jt.c.state.in_(list(without_states)))
+                )
+            query = query.order_by(j.c.created_at.desc(), j.c.id.desc()).limit(limit)
+            jobs = [dict(r._mapping) for r in c.execute(query)]
+            ids = [job["id"] for job in jobs]
+            counts: dict[str, dict[str, int]] = {}
+            if ids:
+                for r in c.execute(
+                    sa.select(jt.c.job_id, jt.c.state, sa.func.count())
+                    .where(jt.c.job_id.in_(ids))
+                    .group_by(jt.c.job_id, jt.c.state)
+                ):
+                    counts.setdefault(r[0], {})[r[1]] = r[2]
+            for job in jobs:
+                job["states"] = counts.get(job["id"], {})
+            return jobs
+
+        return self._db.read(q)
+
+    def purge_jobs(
+        self, created_before: float, now: float, active_states: Iterable[str], batch: int = 500
+    ) -> Deferred[int]:
+        """Delete the jobs created before `created_before` that are over (expired by `now`
+        and no target in `active_states`), with their targets and output, `batch` jobs per
+        transaction; fires with how many were deleted."""
+        jt, j, out = t.job_targets, t.jobs, t.job_output
+        active = list(active_states)
+
+        def op(c: Connection) -> int:
+            ids = [
+                r[0]
+                for r in c.execute(
+                    sa.select(j.c.id)
+                    .where(
+                        j.c.created_at < created_before,
+                        j.c.expires_at <= now,
+                        ~sa.exists().where(jt.c.job_id == j.c.id, jt.c.state.in_(active)),
+                    )
+                    .limit(batch)
+                )
+            ]
+            if ids:
+                c.execute(out.delete().where(out.c.job_id.in_(ids)))
+                c.execute(jt.delete().where(jt.c.job_id.in_(ids)))
+                c.execute(j.delete().where(j.c.id.in_(ids)))
+            return len(ids)
+
+        @inlineCallbacks
+        def purge_all():
+            total = 0
+            while True:
+                n = yield self._db.transaction(op)
+                total += n
+                if n < batch:
+                    return total
+
+        return purge_all()
