@@ -140,3 +140,113 @@ def test_names_and_limits():
         "/agent/v1/whoami",
     ):
         assert f"`{path}`" in TEXT or f"{path}`" in TEXT, path
+
+
+# -- what the document states, asserted against a running server ----------------------------
+# Each limit, timeout and code the text gives as a number is read from the text here and
+# checked against a real server on loopback (tests/inproc.py): a change on either side that
+# the other does not follow fails.
+
+import pytest_twisted  # noqa: E402
+
+from tcm.server.config import ServerConfig  # noqa: E402
+from tests.inproc import start_server, within  # noqa: E402
+
+
+def _limits_row(limit: str) -> str:
+    row = re.search(rf"^\| {re.escape(limit)} \| (.*?) \| (.*?) \|$", TEXT, re.MULTILINE)
+    assert row is not None, f"no row for {limit!r} in the limits table"
+    return row.group(1)
+
+
+def _seconds(text: str) -> float:
+    found = re.match(r"(\d+(?:\.\d+)?) s\b", text)
+    assert found, text
+    return float(found.group(1))
+
+
+def _mib(text: str) -> int:
+    found = re.match(r"(\d+) MiB\b", text)
+    assert found, text
+    return int(found.group(1)) * 1024 * 1024
+
+
+def test_the_documented_hello_timeout_is_the_server_default():
+    documented = _seconds(_limits_row("time to `hello`"))
+    assert documented == ServerConfig(state_dir="unused").handshake_timeout
+    assert f"(default {documented:g} s, `--handshake-timeout`)" in TEXT  # section 4, rule 2
+
+
+@pytest_twisted.inlineCallbacks
+def test_documented_limits_hold_on_a_running_server(tmp_path):
+    server = yield start_server(str(tmp_path / "server"))
+    try:
+        client, welcome, _ = yield server.session()
+        data = welcome["data"]
+        # message size and requests in flight: the defaults, sent in welcome
+        assert data["max_message_size"] == _mib(_limits_row("message size"))
+        in_flight = int(_limits_row("requests in flight per session").split()[0])
+        assert data["max_in_flight"] == in_flight
+        # the hello timeout the running server applies (its effect: the test below)
+        assert server.parts.config.handshake_timeout == _seconds(_limits_row("time to `hello`"))
+        # without task servers both assignment fields are there, task_server null
+        assert "task_server" in data and data["task_server"] is None
+        assert data["task_server_status"] == "no task server registered"
+        assert '"task_server_status": "no task server\nregistered"' in TEXT
+        # the agent API's request body limit: over it, 413
+        body_limit = _mib(_limits_row("request body of an agent API call"))
+        reply = yield server.agent_https("POST", "/agent/v1/enroll", raw=b" " * (body_limit + 1))
+        assert reply.status == 413, reply
+        yield client.shut()
+    finally:
+        yield server.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_hello_timeout_closes_4001_as_documented(tmp_path):
+    server = yield start_server(str(tmp_path / "server"), handshake_timeout=0.3)
+    try:
+        identity = yield server.enroll_identity()
+        client = yield server.ws_connect(identity)
+        yield client.wait_closed()
+        assert client.close_info[1] == codes.CLOSE_HELLO_TIMEOUT == 4001
+        assert "closes\n   with **4001**" in TEXT
+    finally:
+        yield server.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_invalid_utf8_closes_1007_as_documented(tmp_path):
+    server = yield start_server(str(tmp_path / "server"))
+    try:
+        client, _, _ = yield server.session()
+        client.send_raw(b'{"id": "\xff\xfe"}')  # a text frame, not UTF-8
+        yield within(client.wait_closed())
+        assert client.close_info[1] == 1007, client.close_info
+        assert re.search(
+            r"^\| 1007 \| \(RFC 6455\) \| a text frame that is not valid UTF-8", TEXT, re.M
+        )
+        assert (
+            "not UTF-8" not in re.search(r"^\| `malformed` .*$", TEXT, re.M).group(0).split("(")[0]
+        )
+        yield server.check_serving()
+    finally:
+        yield server.stop()
+
+
+def test_internal_is_documented_as_sent():
+    row = re.search(r"^\| `internal` \| `ERR_INTERNAL` \| (.*) \|$", TEXT, re.M)
+    assert row is not None and "not sent" not in row.group(1) and "reserved" not in row.group(1)
+
+
+OPERATING = (DOC.parent / "operating.md").read_text(encoding="utf-8")
+AGENT = (DOC.parent / "agent.md").read_text(encoding="utf-8")
+
+
+def test_operating_md_states_what_exists():
+    # revocation, approval and the exit status of a refused enrollment (tests/test_startup.py
+    # runs a real agent with a bad token: status 1)
+    assert "revocation commands\n  are planned" not in OPERATING
+    assert "Approval of new agents is not built" not in OPERATING
+    assert "enrollment is refused exits with status 1" in OPERATING
+    assert "status 0" not in OPERATING
