@@ -11,6 +11,7 @@ import pytest
 
 from tcm.protocol import codes, schemas
 from tcm.protocol.envelope import decode, encode
+from tcm.tls import pki
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 TEXT = DOC.read_text(encoding="utf-8")
@@ -211,6 +212,7 @@ def test_hello_timeout_closes_4001_as_documented(tmp_path):
         yield client.wait_closed()
         assert client.close_info[1] == codes.CLOSE_HELLO_TIMEOUT == 4001
         assert "closes\n   with **4001**" in TEXT
+        yield server.check_serving()
     finally:
         yield server.stop()
 
@@ -250,3 +252,63 @@ def test_operating_md_states_what_exists():
     assert "Approval of new agents is not built" not in OPERATING
     assert "enrollment is refused exits with status 1" in OPERATING
     assert "status 0" not in OPERATING
+
+
+def _refusals() -> dict[int, list[str]]:
+    """Section 9's upgrade refusals: status -> the reasons it quotes."""
+    table = re.search(r"^\| status \| when \|\n\|---\|---\|\n((?:\|.*\|\n)+)", TEXT, re.M)
+    assert table is not None, "no upgrade refusal table"
+    out: dict[int, list[str]] = {}
+    for row in table.group(1).splitlines():
+        status, when = (c.strip() for c in row.strip("|").split("|", 1))
+        out[int(status)] = re.findall(r'\("([^"]+)"', when)
+    return out
+
+
+def _matches(quoted: str, reason: str, agent_id: str = "") -> bool:
+    """Whether a refusal reason is the one the document quotes (ID: the agent's id; [...]:
+    anything)."""
+    pattern = ".*".join(re.escape(p.replace("ID", agent_id)) for p in quoted.split("[...]"))
+    return re.search(pattern, reason) is not None
+
+
+@pytest_twisted.inlineCallbacks
+def test_upgrade_refusals_are_the_documented_ones(tmp_path):
+    refusals = _refusals()
+    assert sorted(refusals) == [400, 403, 503]
+    server = yield start_server(str(tmp_path / "server"))
+    try:
+
+        def refused(client, status: int) -> str:
+            assert not client.opened_ok
+            reason = client.close_info[2]
+            assert f"upgrade failed [{status}]" in reason, reason
+            return reason
+
+        identity = yield server.enroll_identity()
+        client = yield server.ws_connect(identity, protocols=["chat"])
+        assert _matches(refusals[400][0], refused(client, 400))
+
+        no_certificate, unknown, revoked = refusals[403]
+        client = yield server.ws_connect(None)
+        assert _matches(no_certificate, refused(client, 403))
+        key = pki.generate_key()
+        ca = server.parts.certificates.ca
+        stranger = (ca.sign_csr(pki.make_csr(key), common_name="a-never"), pki.key_to_pem(key))
+        client = yield server.ws_connect(stranger)
+        assert _matches(unknown, refused(client, 403), "a-never")
+        other = yield server.enroll_identity()
+        reply = yield server.admin("POST", f"/api/v1/agents/{other.agent_id}/revoke")
+        assert reply.status == 200, reply
+        client = yield server.ws_connect(other)
+        assert _matches(revoked, refused(client, 403), other.agent_id)
+
+        reply = yield server.admin("PUT", "/api/v1/settings", {"persistent_connections": False})
+        assert reply.status == 200, reply
+        client = yield server.ws_connect(identity)
+        assert _matches(refusals[503][0], refused(client, 503))
+        reply = yield server.admin("PUT", "/api/v1/settings", {"persistent_connections": True})
+        assert reply.status == 200, reply
+        yield server.check_serving()
+    finally:
+        yield server.stop()
