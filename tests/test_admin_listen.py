@@ -128,3 +128,14 @@ def test_admin_listen_must_be_an_endpoint(tmp_path):
     options = Options()
     options.parseOptions(["--state-dir", str(tmp_path), "--admin-listen", "tcm:9443"])
     assert options["admin-listen"] == ["tcm:9443"]
+
+
+def test_the_all_in_one_takes_admin_listen_too(tmp_path):
+    from tcm.allinone import Options as AllInOneOptions
+    from tcm.server.tap import config_from
+
+    options = AllInOneOptions()
+    options.parseOptions(
+        ["--state-dir", str(tmp_path), "--admin-listen", "tcm:9443:interface=127.0.0.1"]
+    )
+    assert config_from(options).admin_listen == ["tcm:9443:interface=127.0.0.1"]

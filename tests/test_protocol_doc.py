@@ -154,10 +154,11 @@ from tcm.server.config import ServerConfig  # noqa: E402
 from tests.inproc import start_server, within  # noqa: E402
 
 
-def _limits_row(limit: str) -> str:
+def _limits_row(limit: str, column: int = 1) -> str:
+    """A row of section 9's limits table: its default (1) or what happens when exceeded (2)."""
     row = re.search(rf"^\| {re.escape(limit)} \| (.*?) \| (.*?) \|$", TEXT, re.MULTILINE)
     assert row is not None, f"no row for {limit!r} in the limits table"
-    return row.group(1)
+    return row.group(column)
 
 
 def _seconds(text: str) -> float:
@@ -309,6 +310,55 @@ def test_upgrade_refusals_are_the_documented_ones(tmp_path):
         assert _matches(refusals[503][0], refused(client, 503))
         reply = yield server.admin("PUT", "/api/v1/settings", {"persistent_connections": True})
         assert reply.status == 200, reply
+        yield server.check_serving()
+    finally:
+        yield server.stop()
+
+
+def _section(title: str) -> str:
+    found = re.search(rf"^## {re.escape(title)}\n(.*?)^## ", TEXT, re.M | re.S)
+    assert found is not None, title
+    return found.group(1)
+
+
+def test_keepalive_defaults_are_the_server_s():
+    keepalive = _section("7. Keepalive")
+    config = ServerConfig(state_dir="unused")
+    stated = re.search(r"`welcome`\s+\(default (\d+) s", keepalive)
+    timeout = re.search(r"keepalive timeout \(default (\d+) s\)", keepalive)
+    silent = re.search(
+        r"`2 × keepalive \+ keepalive_timeout` seconds \(default (\d+) s\)", keepalive
+    )
+    assert stated and timeout and silent
+    assert float(stated.group(1)) == config.keepalive
+    assert float(timeout.group(1)) == config.keepalive_timeout
+    assert float(silent.group(1)) == 2 * config.keepalive + config.keepalive_timeout
+
+
+@pytest_twisted.inlineCallbacks
+def test_silent_sessions_close_4008_and_welcome_sends_the_keepalive(tmp_path):
+    server = yield start_server(str(tmp_path / "server"), keepalive=0.3, keepalive_timeout=0.2)
+    try:
+        client, welcome, _ = yield server.session()  # sends nothing after hello, no pings
+        assert welcome["data"]["keepalive"] == 0.3
+        yield client.wait_closed()
+        assert client.close_info[1] == codes.CLOSE_KEEPALIVE == 4008, client.close_info
+        assert "close frame with **4008**" in _section("7. Keepalive").replace("\n", " ")
+        yield server.check_serving()
+    finally:
+        yield server.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_over_the_message_size_closes_1009_as_documented(tmp_path):
+    server = yield start_server(str(tmp_path / "server"), max_message_size=4096)
+    try:
+        client, welcome, _ = yield server.session()
+        assert welcome["data"]["max_message_size"] == 4096
+        client.send_json({"id": "big", "type": "request", "data": {"body": "x" * 5000}})
+        yield client.wait_closed()
+        assert client.close_info[1] == codes.CLOSE_TOO_BIG == 1009, client.close_info
+        assert "closes the connection with **1009**" in _limits_row("message size", 2)
         yield server.check_serving()
     finally:
         yield server.stop()
