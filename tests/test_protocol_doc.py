@@ -238,6 +238,8 @@ def test_invalid_utf8_closes_1007_as_documented(tmp_path):
 
 
 def test_internal_is_documented_as_sent():
+    # a running server sends it only on a fault of its own, which no input brings about; the
+    # session's behaviour: tests/test_sessions.py::test_a_failed_request_is_answered_with_...
     row = re.search(r"^\| `internal` \| `ERR_INTERNAL` \| (.*) \|$", TEXT, re.M)
     assert row is not None and "not sent" not in row.group(1) and "reserved" not in row.group(1)
 
