@@ -167,13 +167,14 @@ class CertificateAuthority:
         return pki.common_name(cert)
 
     def issue_server_certificate(
-        self, hostnames: Iterable[str], days: int = 825
+        self, hostnames: Iterable[str], days: int = 397
     ) -> tuple[bytes, bytes]:
         """A new key and a serverAuth certificate for ``hostnames`` as ``(key_pem, cert_pem)``.
 
         Names that parse as IP addresses become IP SANs, the rest DNS SANs; the loopback
         names ``localhost``, ``127.0.0.1`` and ``::1`` are always added. The first name is
-        the common name. 825 days is the longest lifetime Apple platforms accept.
+        the common name. 397 days (398 with the clock-skew backdating) is the longest lifetime
+        browsers and Apple platforms accept for a TLS server certificate since 2020.
         """
         names = _unique([*hostnames, *LOOPBACK_NAMES])
         key = pki.generate_key()

@@ -18,6 +18,9 @@ class ServerConfig:
     interface: str = "127.0.0.1"
     # endpoint strings to listen on (tcm/tls/endpoints.py); empty: tcm's TLS on port/interface
     listen: list[str] = attrs.field(factory=list)
+    # endpoint strings of the admin listener: the same site, outside the agents' handshake
+    # admission gate, so that a flood on the agents' port does not hold admins back
+    admin_listen: list[str] = attrs.field(factory=list)
     hostnames: list[str] = attrs.field(factory=list)
     database: str | None = None  # default: sqlite in state_dir
     cert: str | None = None  # admin-supplied server certificate (PEM) ...

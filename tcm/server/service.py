@@ -81,7 +81,7 @@ from tcm.server.web import ApiWithWebSocket
 from tcm.server.websocket import AgentServerFactory
 from tcm.store import Database
 from tcm.tls import pki
-from tcm.tls.endpoints import listeners, port_description
+from tcm.tls.endpoints import TLSServerEndpoint, listeners, parse, port_description
 from tcm.tls.handshake import HandshakeLogger
 from tcm.tls.server import server_tls_options
 
@@ -204,6 +204,7 @@ class ServerService(service.MultiService):
     parts: ServerParts  # set by make_server_service
     embedding: EmbeddingServer  # set by make_server_service
     listeners: list[Any]  # the listen endpoints (StreamServerEndpointServices), closed first
+    admin_handshakes: HandshakeLogger  # the admin listener's TLS failures (no gate)
 
     def add_listeners(
         self, config: ServerConfig, certificates: Certificates, factory: Any, site: Site
@@ -212,10 +213,23 @@ class ServerService(service.MultiService):
         certificate and its CA for client certificates, serving `factory`; plain ones (an
         admin API behind a TLS-terminating proxy) serve `site` without TLS, where no agent
         certificate can be presented."""
-        key_pem, cert_pem = certificates.server_identity(config)
+        # the admin listener's address is one of the names the certificate must carry
+        admin_names = [
+            e.address[0]
+            for e in (parse(self.reactor, d, "--admin-listen") for d in config.admin_listen)
+            if isinstance(e, TLSServerEndpoint) and e.address is not None and e.address[0]
+        ]
+        named = attrs.evolve(config, hostnames=[*config.hostnames, *admin_names])
+        key_pem, cert_pem = certificates.server_identity(named)
         tls = server_tls_options(key_pem, cert_pem, [certificates.ca_pem])
         endpoints = config.listen or [port_description(config.port, config.interface)]
         self.listeners = listeners(self.reactor, endpoints, tls, factory, site)
+        # The admin listener: the same site and TLS, without the agents' admission gate (a
+        # handshake flood on the agents' port waits there, not here).
+        self.admin_handshakes = HandshakeLogger(site, None)
+        self.listeners += listeners(
+            self.reactor, config.admin_listen, tls, self.admin_handshakes, site
+        )
         for listener in self.listeners:
             listener.setServiceParent(self)
 
@@ -430,7 +444,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     def start():
         """Migrate and open the store, then load agents, tokens, nodes, settings, policies
         and profiles, and unfinished jobs."""
-        _write_server_json(config)
+        _write_server_json(config, admin_url(reactor, config))
         db.open()
         yield admission.load()
         yield access.load()
@@ -491,16 +505,28 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     return top
 
 
-def _write_server_json(config: ServerConfig) -> None:
-    """Where the admin CLI finds this server when given only --state-dir."""
-    host = config.interface if config.interface not in ("0.0.0.0", "::", "") else "127.0.0.1"
+def admin_url(reactor: Any, config: ServerConfig) -> str:
+    """The URL the admin CLI uses: the first TCP `tcm:` admin listener's (--admin-listen),
+    else the server's own port."""
+    interface, port = config.interface, config.port
+    for description in config.admin_listen:
+        endpoint = parse(reactor, description, "--admin-listen")
+        if isinstance(endpoint, TLSServerEndpoint) and endpoint.address is not None:
+            interface, port = endpoint.address
+            break
+    host = interface if interface not in ("0.0.0.0", "::", "") else "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
+    return f"https://{host}:{port}"
+
+
+def _write_server_json(config: ServerConfig, url: str) -> None:
+    """Where the admin CLI finds this server when given only --state-dir."""
     pki.write_public(
         os.path.join(config.state_dir, "server.json"),
         json.dumps(
             {
-                "url": f"https://{host}:{config.port}",
+                "url": url,
                 # with an admin-supplied certificate the CLI trusts the system store (or
                 # --ca-cert); the tcm CA then only verifies agents
                 "ca": None if config.cert else "ca.pem",

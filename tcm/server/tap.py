@@ -5,13 +5,13 @@ from __future__ import annotations
 from twisted.python import usage
 
 from tcm.server.service import ServerConfig, make_server_service
-from tcm.tls.endpoints import listen_addresses
+from tcm.tls.endpoints import listen_addresses, parse
 
 
 class Options(usage.Options):
     synopsis = (
         "--state-dir DIR [--port P] [--interface ADDR] [--listen ENDPOINT ...] "
-        "[--hostname NAME ...]"
+        "[--admin-listen ENDPOINT ...] [--hostname NAME ...]"
     )
     longdesc = (
         "The tcm management server: admin REST API and agent endpoint (HTTPS and WSS) on one "
@@ -111,6 +111,7 @@ class Options(usage.Options):
         super().__init__()
         self["hostnames"] = []
         self["listen"] = []
+        self["admin-listen"] = []
 
     def opt_listen(self, description):
         """An endpoint string to listen on as well (repeatable; alone, instead of --port):
@@ -118,6 +119,13 @@ class Options(usage.Options):
         TLS; tcp:, unix: or systemd: without TLS, e.g. behind a TLS-terminating proxy
         (docs/operating.md, "Listen addresses")."""
         self["listen"].append(description)
+
+    def opt_admin_listen(self, description):
+        """An endpoint string for admins only (repeatable), e.g. tcm:9443:interface=127.0.0.1:
+        the same API and TLS, outside the agents' handshake admission, so a handshake flood
+        on the agents' port does not hold admin requests back; server.json names it for the
+        CLI (docs/operating.md, "Admin listener")."""
+        self["admin-listen"].append(description)
 
     def opt_hostname(self, name):
         """A DNS name or address agents use to reach this server (repeatable)."""
@@ -146,6 +154,11 @@ class Options(usage.Options):
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
+        for description in self["admin-listen"]:
+            try:
+                parse(reactor, description, "--admin-listen")
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from None
 
 
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -174,6 +187,7 @@ def config_from(options: Options) -> ServerConfig:
         port=options["addresses"].port,
         interface=options["addresses"].interface,
         listen=options["addresses"].endpoints,
+        admin_listen=list(options["admin-listen"]),
         hostnames=options["hostnames"],
         database=options["database"],
         cert=options["cert"],

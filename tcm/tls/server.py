@@ -18,7 +18,21 @@ from twisted.internet import ssl
 from tcm.tls import pki
 from tcm.tls.pki import CertificateError
 
-__all__ = ["server_tls_options"]
+__all__ = ["TLS12_CIPHERS", "server_tls_options"]
+
+# TLS 1.2 suites: ECDHE (forward secrecy) with AEAD only, ECDSA and RSA certificates (the tcm
+# CA makes ECDSA, an admin's --cert may be RSA). No CBC (LUCKY13, padding oracles), no SHA-1
+# MACs, no static RSA key exchange, no DHE. TLS 1.3 keeps OpenSSL's own suites, all AEAD.
+TLS12_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+    ]
+)
 
 
 class _ServerCertificateOptions(ssl.CertificateOptions):
@@ -54,7 +68,8 @@ def server_tls_options(
     chain_pems: Sequence[bytes] = (),
 ) -> ssl.CertificateOptions:
     """TLS 1.2+ server options: the server's key and certificate, optional client
-    certificates verified against ``ca_pems``, session tickets on.
+    certificates verified against ``ca_pems``, session tickets on, TLS 1.2 limited to
+    ECDHE with AEAD suites (``TLS12_CIPHERS``).
 
     The server certificate may come from anywhere (the admin's own CA); ``ca_pems`` only
     decides which client certificates are accepted. Give the tcm CA alone: every client
@@ -88,6 +103,7 @@ def server_tls_options(
         requireCertificate=False,
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
         enableSessionTickets=True,
+        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS),
         clientCAs=authorities,
     )
     options.getContext()
