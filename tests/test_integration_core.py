@@ -114,7 +114,11 @@ def test_stopped_agent_runs_job_once_when_back_within_ttl(base, server, agents):
     agent = agents[2]
     counter = os.path.join(base, "counter-within-ttl")
     job_id = _counted_job_for_stopped_agent(server, agent, counter, ttl=60)
-    assert server.job(job_id)["counts"]["pending"] == 1
+    queued = server.job(job_id)
+    # queued for an agent with no session and no waiting poll: counted and said apart
+    assert queued["counts"]["not_connected"] == 1 and queued["counts"]["pending"] == 0
+    assert queued["results"][0]["state"] == "pending"
+    assert queued["results"][0]["reason"] == "not connected"
     time.sleep(0.5)
     assert runs(counter) == 0
     agent.start()

@@ -68,6 +68,8 @@ async def test_a_duplicate_during_the_commit_is_acknowledged_after_it(tmp_path):
         assert await first is True
         assert await again is False  # a duplicate: stored once
         status = await jobs.status(job_id)
-        assert status["counts"]["succeeded"] == 1 and status["counts"]["pending"] == 1
+        assert status["counts"]["succeeded"] == 1
+        # a-2 has no session and no waiting poll: not connected, not merely pending
+        assert status["counts"]["not_connected"] == 1 and status["counts"]["pending"] == 0
     finally:
         db.close()

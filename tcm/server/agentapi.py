@@ -109,8 +109,8 @@ class AgentAPI(JsonRouter):
     def result(self, request, job: str):
         body = json_object(request)
         state = body.get("state")
-        if state not in ("succeeded", "failed", "expired"):
-            raise Invalid("state", "result 'state' must be succeeded, failed or expired")
+        if state not in ("succeeded", "failed", "expired", "canceled"):
+            raise Invalid("state", "result 'state' must be succeeded, failed, expired or canceled")
         error = body.get("error")
         if error is not None and not isinstance(error, str):
             raise Invalid("error", "'error' must be a string")

@@ -22,7 +22,16 @@ from tcm.store import Conflict as StoreConflict
 VIEW_FIELDS = frozenset(
     {"id", "name", "platform", "online", "mode", "group", "enrolled_at", "last_seen"}
 )
-JOB_STATES = ("pending", "delivered", "running", "succeeded", "failed", "expired")
+JOB_STATES = (
+    "pending",
+    "delivered",
+    "running",
+    "succeeded",
+    "failed",
+    "expired",
+    "canceled",
+    "unsupported",
+)
 SELECTORS = ("filter", "agents", "from_job", "target")
 
 
