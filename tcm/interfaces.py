@@ -348,6 +348,9 @@ class IJobs(Interface):
     def result(agent_id, job_id, state, result, error, started, finished, received):  # type: ignore[misc]
         """Deferred of whether the result was stored; Invalid, Conflict."""
 
+    def cancels_for(agent_id):  # type: ignore[misc]
+        """`action.cancel` envelopes (objects) for a polling agent's canceled running jobs."""
+
     def cancel(job_id, agent_ids, by=""):  # type: ignore[misc]
         """Deferred of {"canceled": [...], "stopping": [...]}: a job's unfinished targets
         (all, or `agent_ids`') canceled; NotFound, Invalid."""

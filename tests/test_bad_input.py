@@ -536,7 +536,10 @@ def test_admin_job_for_unknown_agent_is_400_naming_it(server):
         "POST", "/api/v1/jobs", {"action": "ping", "targets": [known.agent_id, "a-no-such-agent"]}
     )
     assert reply.status == 400
-    assert reply.body == {"error": "unknown agent ids", "unknown": ["a-no-such-agent"]}
+    assert reply.body == {
+        "error": "unknown agent ids: a-no-such-agent",  # named in the message too
+        "unknown": ["a-no-such-agent"],
+    }
     jobs = yield server.admin("GET", "/api/v1/jobs")
     assert jobs.body == {"jobs": []}
     yield server.check_serving()

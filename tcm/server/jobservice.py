@@ -277,17 +277,19 @@ class JobService:
         )
         return {"canceled": not_started, "stopping": running}
 
+    @staticmethod
+    def _cancel_envelope(job_id: str, reason: str) -> Envelope:
+        return Envelope(
+            type="action.cancel",
+            id=f"cancel-{job_id}",
+            data={"job": job_id, "reason": reason[:256]},
+        )
+
     def _send_cancel(self, job_id: str, agent_ids: Iterable[str], reason: str) -> None:
         agent_ids = list(agent_ids)
         if not agent_ids:
             return
-        frame = encode(
-            Envelope(
-                type="action.cancel",
-                id=f"cancel-{job_id}",
-                data={"job": job_id, "reason": reason[:256]},
-            )
-        )
+        frame = encode(self._cancel_envelope(job_id, reason))
         # Tasks run on the session they came on; the runner is the agent's, so any session
         # reaches it: the task session first, as the job itself went.
         self.dispatcher.push(frame, agent_ids, task=True)
@@ -337,10 +339,19 @@ class JobService:
                     continue
             self._deliver(job, [agent_id])
 
+    def cancels_for(self, agent_id: str) -> list[dict[str, Any]]:
+        """`action.cancel` envelopes (as objects) for an agent that polls over HTTP: its
+        running jobs an operator canceled."""
+        return [
+            self._cancel_envelope(job_id, "canceled").to_dict()
+            for job_id in self.book.cancel_asked(agent_id)
+        ]
+
     def work_for(self, agent_id: str) -> list[Job]:
         """Jobs for an agent that polls over HTTP (marked delivered)."""
         now = self.clock.seconds()
-        jobs = self.book.deliverable(agent_id, now)
+        canceled = set(self.book.cancel_asked(agent_id))
+        jobs = [j for j in self.book.deliverable(agent_id, now) if j.id not in canceled]
         for job in jobs:
             self._persist(self.book.delivered(job.id, [agent_id], now))
         return jobs
