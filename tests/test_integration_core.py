@@ -295,7 +295,7 @@ def test_example_plugin_installed_separately_runs_end_to_end(base, server, agent
         assert r["result"]["total"] > 0 and r["result"]["path"] == base
         listed = {a["id"]: a for a in server.agents()}
         assert "example.disk_usage" in listed[agent.agent_id]["capabilities"]
-        # an agent without the plugin fails such a job at once, with a reason
+        # an agent without the plugin: its target ends `unsupported` at once, never sent
         other = server.cli_json(
             "run",
             "example.disk_usage",
@@ -305,7 +305,8 @@ def test_example_plugin_installed_separately_runs_end_to_end(base, server, agent
             agents[0].agent_id,
             "--wait",
         )
-        assert other["results"][0]["state"] == "failed"
+        assert other["results"][0]["state"] == "unsupported"
         assert "no handler" in other["results"][0]["error"]
+        assert other["counts"]["unsupported"] == 1
     finally:
         agent.stop()

@@ -37,7 +37,13 @@ def _summary(job: dict[str, Any]) -> dict[str, Any]:
         "action": job["action"],
         "counts": job["counts"],
         "results": [
-            {"agent": r["agent"], "state": r["state"], "result": r["result"], "error": r["error"]}
+            {
+                "agent": r["agent"],
+                "state": r["state"],
+                "result": r["result"],
+                "error": r["error"],
+                "reason": r.get("reason"),  # "not connected" for a pending target
+            }
             for r in job["results"]
         ],
     }
