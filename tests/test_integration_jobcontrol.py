@@ -196,3 +196,29 @@ def test_a_killed_agent_leaves_no_command_running(base, server, agents):
 
 def _online(server, agent_id: str) -> bool:
     return any(a["id"] == agent_id and a["online"] for a in server.agents())
+
+
+def test_cancel_reaches_a_task_through_its_task_server(stack):
+    """The all-in-one: the task runs on the agent's task session through the embedded task
+    server, and the cancel goes the same way."""
+    from tests.harness import Server, agent_status, start_agents
+
+    base, add = stack
+    server = add(Server(str(base), name="tcm", plugin="tcm"))
+    server.start()
+    (agent,) = [add(a) for a in start_agents(str(base), server, 1)]
+    wait_until(lambda: agent.count("task session open") >= 1, 30, 0.05, "the agent's task session")
+    assert agent_status(agent)["task"]["task_server"] == "local"
+    args = json.dumps({"argv": ["sh", "-c", "echo $$; exec sleep 60"]})
+    job_id = server.cli_json("run", "command.run", "--args-json", args, "--targets", "all")["job"]
+    wait_until(
+        lambda: output_of(server, job_id).get(agent.agent_id, "").strip() != "",
+        30,
+        0.1,
+        "the task to run",
+    )
+    pgid = int(output_of(server, job_id)[agent.agent_id].split()[0])
+    out = server.cli_json("jobs", "cancel", job_id)
+    assert out["stopping"] == [agent.agent_id]
+    wait_until(lambda: server.job(job_id)["counts"]["canceled"] == 1, 15, 0.1, "the task canceled")
+    wait_until(lambda: not group_survivors(pgid), 10, 0.1, "the command's group to end")
