@@ -158,7 +158,7 @@ def cmd_jobs_list(api: Api, args) -> int:
     rows = []
     for j in jobs:
         states = j["states"]
-        done = sum(states.get(s, 0) for s in ("succeeded", "failed", "expired"))
+        done = sum(states.get(s, 0) for s in ("succeeded", *UNSUCCESSFUL))
         rows.append(
             [
                 j["id"],
