@@ -348,6 +348,16 @@ class IJobs(Interface):
     def result(agent_id, job_id, state, result, error, started, finished, received):  # type: ignore[misc]
         """Deferred of whether the result was stored; Invalid, Conflict."""
 
+    def cancels_for(agent_id):  # type: ignore[misc]
+        """`action.cancel` envelopes (objects) for a polling agent's canceled running jobs."""
+
+    def cancel(job_id, agent_ids, by=""):  # type: ignore[misc]
+        """Deferred of {"canceled": [...], "stopping": [...]}: a job's unfinished targets
+        (all, or `agent_ids`') canceled; NotFound, Invalid."""
+
+    def actions():  # type: ignore[misc]
+        """What enrolled agents advertise: [{name, agents, task, streams, schema}]."""
+
 
 class IPolicies(Interface):
     """Policies: storage, resolution to agents, PushPolicy, agents' reports."""
@@ -544,6 +554,9 @@ class ISessionHost(Interface):
 
     def notified(data: dict) -> None:  # type: ignore[misc]
         """A `notify` arrived: something changed on the server (a topic in `data`)."""
+
+    def cancel_requested(data: dict) -> None:  # type: ignore[misc]
+        """An `action.cancel` arrived: an operator canceled job `data["job"]`."""
 
     def learn_server_time(server_time) -> None:  # type: ignore[misc]
         """The server's clock, as a welcome or a poll's answer states it."""

@@ -73,6 +73,11 @@ EXAMPLES: dict[str, Envelope] = {
             "timeout": 30.0,
         },
     ),
+    "action.cancel": Envelope(
+        type="action.cancel",
+        id="cancel-9c1d2e3f4a5b6c7d",
+        data={"job": "9c1d2e3f4a5b6c7d", "reason": "canceled by admin"},
+    ),
     "request": Envelope(
         type="request",
         id="0d1e2f3a4b5c6d7e8f9a0b1c2d3e4f5a",
@@ -189,10 +194,10 @@ def test_not_an_object(payload):
 
 
 def test_unknown_type_keeps_the_id():
-    e = refusal(b'{"id":"m-1","type":"action.cancel","data":{}}')
+    e = refusal(b'{"id":"m-1","type":"action.pause","data":{}}')
     assert e.code == codes.ERR_UNKNOWN_TYPE
     assert e.msg_id == "m-1"
-    assert "action.cancel" in e.message
+    assert "action.pause" in e.message
 
 
 @pytest.mark.parametrize(
@@ -512,6 +517,9 @@ DATA_STRATEGIES = {
             "args": st.dictionaries(st.text(max_size=8), json_values, max_size=4),
         },
         optional={"timeout": st.floats(min_value=0.001, max_value=1e6)},
+    ),
+    "action.cancel": st.fixed_dictionaries(
+        {"job": st.text(min_size=1, max_size=64)}, optional={"reason": st.text(max_size=256)}
     ),
     "request": st.fixed_dictionaries(
         {

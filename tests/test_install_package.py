@@ -97,7 +97,9 @@ def test_package_installs_offline_enrolls_and_runs_a_job(tmp_path, package_wheel
         assert installed.returncode == 0, installed.stdout + installed.stderr
         run_script = prefix / "bin" / "tcm-agent-run"
         assert str(run_script) in installed.stdout  # it says how to start the agent
-        assert "ExecStart=" + str(run_script) in (prefix / "etc" / "tcm-agent.service").read_text()
+        unit = (prefix / "etc" / "tcm-agent.service").read_text()
+        assert "ExecStart=" + str(run_script) in unit
+        assert "KillMode=control-group" in unit.splitlines()
         # the venv holds tcm from the package, not the checkout
         venv_python = prefix / "venv" / "bin" / "python"
         where = subprocess.run(

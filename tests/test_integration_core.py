@@ -114,7 +114,11 @@ def test_stopped_agent_runs_job_once_when_back_within_ttl(base, server, agents):
     agent = agents[2]
     counter = os.path.join(base, "counter-within-ttl")
     job_id = _counted_job_for_stopped_agent(server, agent, counter, ttl=60)
-    assert server.job(job_id)["counts"]["pending"] == 1
+    queued = server.job(job_id)
+    # queued for an agent with no session and no waiting poll: counted and said apart
+    assert queued["counts"]["not_connected"] == 1 and queued["counts"]["pending"] == 0
+    assert queued["results"][0]["state"] == "pending"
+    assert queued["results"][0]["reason"] == "not connected"
     time.sleep(0.5)
     assert runs(counter) == 0
     agent.start()
@@ -291,7 +295,7 @@ def test_example_plugin_installed_separately_runs_end_to_end(base, server, agent
         assert r["result"]["total"] > 0 and r["result"]["path"] == base
         listed = {a["id"]: a for a in server.agents()}
         assert "example.disk_usage" in listed[agent.agent_id]["capabilities"]
-        # an agent without the plugin fails such a job at once, with a reason
+        # an agent without the plugin: its target ends `unsupported` at once, never sent
         other = server.cli_json(
             "run",
             "example.disk_usage",
@@ -301,7 +305,8 @@ def test_example_plugin_installed_separately_runs_end_to_end(base, server, agent
             agents[0].agent_id,
             "--wait",
         )
-        assert other["results"][0]["state"] == "failed"
+        assert other["results"][0]["state"] == "unsupported"
         assert "no handler" in other["results"][0]["error"]
+        assert other["counts"]["unsupported"] == 1
     finally:
         agent.stop()

@@ -23,12 +23,13 @@ from tcm.server.jobs import (
 
 S = TargetState
 P, D, R, OK, F, X = S.PENDING, S.DELIVERED, S.RUNNING, S.SUCCEEDED, S.FAILED, S.EXPIRED
+C, U = S.CANCELED, S.UNSUPPORTED
 
 # The state diagram of the docs, written out independently of the code's table.
 ALLOWED = {
-    (P, D), (P, R), (P, X), (P, OK), (P, F),
-    (D, R), (D, X), (D, OK), (D, F),
-    (R, OK), (R, F),
+    (P, D), (P, R), (P, X), (P, OK), (P, F), (P, C), (P, U),
+    (D, R), (D, X), (D, OK), (D, F), (D, C),
+    (R, OK), (R, F), (R, C),
 }  # fmt: skip
 ALL_PAIRS = list(itertools.product(TargetState, TargetState))
 
@@ -46,7 +47,7 @@ def test_forbidden_transitions(current, new):
 
 
 def test_state_groups():
-    assert TERMINAL == {OK, F, X}
+    assert TERMINAL == {OK, F, X, C, U}
     assert NOT_STARTED == {P, D}
     assert ACTIVE == {P, D, R}
     assert all(not any(transition_ok(t, n) for n in TargetState) for t in TERMINAL)
@@ -251,8 +252,62 @@ def test_summarize_counts_and_progress():
     )
     assert counts == {
         "pending": 1, "delivered": 1, "running": 2, "succeeded": 2, "failed": 1, "expired": 1,
+        "canceled": 0, "unsupported": 0, "not_connected": 0,
         "in_progress": 3, "completed": 4, "total": 8, "progress": 50.0,
     }  # fmt: skip
+
+
+def test_summarize_counts_canceled_unsupported_and_not_connected_apart():
+    counts = summarize(
+        ["pending", "pending", "pending", "canceled", "unsupported", "succeeded"],
+        not_connected=2,
+    )
+    assert counts["pending"] == 1  # queued for a reachable agent
+    assert counts["not_connected"] == 2
+    assert counts["canceled"] == 1
+    assert counts["unsupported"] == 1
+    assert counts["completed"] == 3
+    assert counts["total"] == 6
+
+
+# -- cancel ------------------------------------------------------------------------------------
+
+
+def test_cancel_splits_not_started_from_running():
+    book = JobBook()
+    book.add(job(), {"a": P, "b": D, "c": R})
+    not_started, running = book.cancel("j1", None, 110.0)
+    assert not_started == ["a", "b"]
+    assert running == ["c"]
+    assert book.state("j1", "c") is R  # until its agent reports
+    assert book.cancel_asked("c") == ["j1"]
+    assert book.cancel_asked("a") == []
+
+
+def test_cancel_of_some_agents_only():
+    book = JobBook()
+    book.add(job(), {"a": P, "b": P})
+    assert book.cancel("j1", ["b", "zz"], 110.0) == (["b"], [])
+
+
+def test_canceled_targets_are_never_delivered_after():
+    book = JobBook()
+    book.add(job(), {"a": P, "b": R})
+    not_started, _ = book.cancel("j1", None, 110.0)
+    for agent_id in not_started:
+        book.finish("j1", agent_id, C, 110.0)
+    assert book.deliverable("a", 110.0) == []
+    assert book.delivered("j1", ["a"], 111.0) == []
+    assert book.accept("j1", "a", 111.0)[0] is Accept.UNKNOWN
+    book.finish("j1", "b", C, 112.0)  # the agent reports its handler ended
+    assert book.cancel_asked("b") == []
+    assert "j1" not in book.jobs
+
+
+def test_not_started_lists_pending_targets():
+    book = JobBook()
+    book.add(job(), {"a": P, "b": D, "c": R})
+    assert book.not_started("j1") == ["a"]
 
 
 def test_summarize_rounds_progress():

@@ -573,3 +573,53 @@ def test_expiry_is_judged_on_the_server_clock(tmp_path):
     runner.learn_server_time(800.0)
     runner.receive(quick_request("q3", 900.0))
     assert handler.runs == 1
+
+
+# -- cancel (action.cancel from the server) ------------------------------------------------------
+
+
+def test_cancel_ends_a_running_handler_reported_canceled(w):
+    w.push(action="slow", args={})
+    w.link.answer(200, {"decision": "run"})
+    assert w.runner.cancel("j1", "canceled by admin") is True
+    assert w.slow.cancelled == 1  # the handler's canceller ran (command.run kills its group)
+    assert w.state() == FINISHED
+    assert w.outcome()["state"] == "canceled"
+    assert w.outcome()["error"] == "canceled by admin"
+    assert w.runner.running_jobs() == []
+    assert w.link.paths()[-1] == result_path()
+
+
+def test_cancel_while_the_accept_is_out_does_not_start_it(w):
+    w.push(action="slow", args={})
+    assert w.runner.cancel("j1", "canceled by admin") is True
+    w.link.answer(200, {"decision": "run"}, index=0)
+    assert w.slow.contexts == []  # never started
+    assert w.outcome()["state"] == "canceled"
+
+
+def test_cancel_of_a_job_not_running_here_does_nothing(w):
+    assert w.runner.cancel("nope") is False
+    w.push()
+    w.link.answer(200, {"decision": "run"})
+    assert w.runner.cancel("j1") is False  # finished already: its result stands
+    assert w.outcome()["state"] == "succeeded"
+
+
+def test_a_timeout_is_still_a_timeout_not_a_cancel(w):
+    w.push(action="slow", args={}, timeout=1.0)
+    w.link.answer(200, {"decision": "run"})
+    w.clock.advance(1.0)
+    assert w.outcome()["state"] == "failed"
+
+
+def test_stop_ends_handlers_and_leaves_them_interrupted(w):
+    w.push(action="slow", args={})
+    w.link.answer(200, {"decision": "run"})
+    w.runner.stop()
+    assert w.slow.cancelled == 1  # the command's group ends with the agent
+    assert w.state() == STARTED  # the next start reports it interrupted, as after a kill
+    again = w.new_runner()
+    again.recover()
+    assert w.outcome()["state"] == "failed"
+    assert "interrupted" in w.outcome()["error"]

@@ -210,7 +210,7 @@ def test_types_agents_may_not_send_get_unexpected(mtype):
 def test_unknown_type_after_hello():
     hub = FakeHub()
     session, transport = opened(hub)
-    session.frame_received(b'{"id":"new-1","type":"action.cancel","data":{}}', 1001.0)
+    session.frame_received(b'{"id":"new-1","type":"action.pause","data":{}}', 1001.0)
     [error] = transport.sent()
     assert error.in_reply_to == "new-1"
     assert error.data["code"] == codes.ERR_UNKNOWN_TYPE

@@ -55,7 +55,13 @@ class SessionHost:
     def hello(self) -> dict[str, Any]:
         return {
             "capabilities": [
-                {"name": h.name, "streams": bool(h.streams), "task": bool(h.task)}
+                {
+                    "name": h.name,
+                    "streams": bool(h.streams),
+                    "task": bool(h.task),
+                    # the server checks a job's arguments against it before sending it
+                    "schema": h.schema or {},
+                }
                 for h in sorted(self._handlers.values(), key=lambda h: h.name)
             ],
             "running": self._runner.running_jobs(),
@@ -65,6 +71,12 @@ class SessionHost:
 
     def action_requested(self, env: Envelope, received: float | None = None, via=None) -> None:
         self._runner.receive(env, received, via)
+
+    def cancel_requested(self, data: dict[str, Any]) -> None:
+        """The server canceled a job: end its handler if it runs here."""
+        job_id = data.get("job")
+        if isinstance(job_id, str):
+            self._runner.cancel(job_id, data.get("reason") or "canceled")
 
     def notified(self, data: dict[str, Any]) -> None:
         """The server says something changed: fetch it again."""

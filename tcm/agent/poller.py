@@ -118,6 +118,8 @@ class Poller:
                 continue
             if env.type == "notify":
                 self._host.notified(env.data)
+            elif env.type == "action.cancel":
+                self._host.cancel_requested(env.data)
             else:
                 self._host.action_requested(env)
         self._host.deliver_results()

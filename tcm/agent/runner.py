@@ -11,6 +11,10 @@ For each `action.request` (pushed on the session or fetched by a poll):
    that has a result is not started.
 4. The result is spooled on disk, then sent; the spool entry is kept until the server answers
    that it stored it.
+
+An `action.cancel` from the server (an operator canceled the job) cancels the handler's
+Deferred: a handler ends its work in its canceller (`command.run` ends the command's whole
+process group, SIGTERM then SIGKILL) and the job is reported `canceled`.
 """
 
 from __future__ import annotations
@@ -78,6 +82,9 @@ class ActionRunner:
         self._sending: set[str] = set()
         self._received: dict[str, float] = {}  # job -> when its request arrived here
         self._via: dict[str, Any] = {}  # job -> the session it came on (a task session)
+        self._handling: set[str] = set()  # jobs whose handler runs now (not only reserved)
+        self._canceled: dict[str, str] = {}  # job -> why the server canceled it
+        self._stopping = False  # the agent stops: handlers end, their jobs stay "started"
         self.clock_offset = 0.0  # server clock minus this machine's clock
         self.completed = 0
 
@@ -124,6 +131,26 @@ class ActionRunner:
         d.addCallback(self._accepted, job_id, handler, data)
         d.addErrback(self._accept_failed, job_id)
 
+    def cancel(self, job_id: str, reason: str = "canceled") -> bool:
+        """The server canceled a job: end its handler if it runs here (reported `canceled`).
+        A job waiting for its accept is not started; anything else is not ours to stop."""
+        if job_id not in self._running:
+            return False
+        self._log.info("job {job} canceled: {reason}", job=job_id, reason=reason)
+        self._canceled[job_id] = reason
+        if job_id in self._handling:
+            self._running[job_id].cancel()
+        return True
+
+    def stop(self) -> None:
+        """The agent stops: end every running handler (a command's whole process group).
+        Their ledger entries stay "started", so the next start reports them interrupted, as
+        after a kill."""
+        self._stopping = True
+        for job_id in sorted(self._handling):
+            self._log.info("job {job} ended: the agent stops", job=job_id)
+            self._running[job_id].cancel()
+
     def server_now(self) -> float:
         """The time on the server's clock, as far as this agent knows it."""
         return self.reactor.seconds() + self.clock_offset
@@ -167,6 +194,11 @@ class ActionRunner:
 
     def _accepted(self, response, job_id: str, handler: Any, data: dict[str, Any]) -> None:
         decision = (response.body or {}).get("decision") if response.status == 200 else None
+        reason = self._canceled.pop(job_id, None)
+        if decision == "run" and reason is not None:  # canceled while it was being accepted
+            self._running.pop(job_id, None)
+            self._conclude(job_id, "canceled", None, reason, None)
+            return
         if decision != "run":
             self._running.pop(job_id, None)
             self._received.pop(job_id, None)
@@ -192,6 +224,7 @@ class ActionRunner:
         ctx = ActionContext(job_id, timeout, self.reactor, self.state_dir, self)
         d = maybeDeferred(handler.run, ctx, data.get("args", {}))
         self._running[job_id] = d
+        self._handling.add(job_id)
         timer = None
         if timeout:
             timer = self.reactor.callLater(timeout, d.cancel)
@@ -200,8 +233,12 @@ class ActionRunner:
             self._conclude(job_id, "succeeded", result, None, started)
 
         def failed(f) -> None:
+            if self._stopping and f.check(CancelledError):
+                return  # "interrupted" at the next start, as the ledger says "started"
             if f.check(ActionFailed):
                 self._conclude(job_id, "failed", f.value.result or None, f.value.reason, started)
+            elif f.check(CancelledError) and job_id in self._canceled:
+                self._conclude(job_id, "canceled", None, self._canceled[job_id], started)
             elif f.check(CancelledError):
                 self._conclude(job_id, "failed", None, f"timed out after {timeout} s", started)
             else:
@@ -214,6 +251,8 @@ class ActionRunner:
             if timer is not None and timer.active():
                 timer.cancel()
             self._running.pop(job_id, None)
+            self._handling.discard(job_id)
+            self._canceled.pop(job_id, None)
 
         d.addCallbacks(succeeded, failed)
         d.addBoth(cleanup)

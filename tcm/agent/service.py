@@ -127,6 +127,7 @@ class Agent:
         """Before the services under the agent's stop: polls, task session, policies, timer."""
         self.connection.stop()
         self.task_client.stop()
+        self.runner.stop()  # the jobs' commands end with the agent
         self.policies.stop_all()
         self.local.stop_flush_loop()
 

@@ -61,6 +61,7 @@ class AgentConnection:
         self._handlers: dict[str, Callable[[Envelope], None]] = {
             "welcome": self._on_welcome,
             "action.request": self._on_action,
+            "action.cancel": self._on_cancel,
             "response": self._on_response,
             "error": self._on_error,
             "notify": self._on_notify,
@@ -111,6 +112,9 @@ class AgentConnection:
         # Note the arrival now; act on it on the next reactor turn, after whatever else the
         # reactor has read, so that reading stays ahead of the work reading brings.
         self.clock.callLater(0, self.agent.action_requested, env, time.time(), self)
+
+    def _on_cancel(self, env: Envelope) -> None:
+        self.agent.cancel_requested(env.data)
 
     def _on_notify(self, env: Envelope) -> None:
         self.agent.notified(env.data)

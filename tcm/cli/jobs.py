@@ -10,6 +10,26 @@ from typing import Any
 
 from tcm.cli.api import Api, CliError, arg_value, dump, duration, parse_args_kv, quote, table, ts
 
+# Target states that end a job without success: `tcm run --wait` and `tcm jobs follow` exit 1.
+UNSUCCESSFUL = ("failed", "expired", "canceled", "unsupported")
+
+
+def job_args(pairs: list[str]) -> dict[str, Any]:
+    """`--arg KEY=VALUE` pairs: VALUE is JSON if it parses, else a string; a VALUE that looks
+    like JSON (starts with `[`, `{` or `"`) but does not parse is an error, not a string."""
+    for pair in pairs:
+        value = pair.partition("=")[2]
+        if value.lstrip()[:1] in ("[", "{", '"'):
+            try:
+                json.loads(value)
+            except ValueError as e:
+                key = pair.partition("=")[0]
+                raise CliError(
+                    f"--arg {key}: {value!r} looks like JSON but does not parse ({e}); "
+                    "quote it as a JSON string to send it as text"
+                ) from None
+    return parse_args_kv(pairs)
+
 
 def _summary(job: dict[str, Any]) -> dict[str, Any]:
     return {
@@ -17,7 +37,13 @@ def _summary(job: dict[str, Any]) -> dict[str, Any]:
         "action": job["action"],
         "counts": job["counts"],
         "results": [
-            {"agent": r["agent"], "state": r["state"], "result": r["result"], "error": r["error"]}
+            {
+                "agent": r["agent"],
+                "state": r["state"],
+                "result": r["result"],
+                "error": r["error"],
+                "reason": r.get("reason"),  # "not connected" for a pending target
+            }
             for r in job["results"]
         ],
     }
@@ -28,7 +54,9 @@ def _progress_line(job: dict[str, Any]) -> str:
     return (
         f"job {job['id']}: {c['completed']}/{c['total']} completed "
         f"(succeeded {c['succeeded']}, failed {c['failed']}, expired {c['expired']}, "
-        f"in progress {c['in_progress']}, not started {c['pending']})"
+        f"canceled {c.get('canceled', 0)}, unsupported {c.get('unsupported', 0)}, "
+        f"in progress {c['in_progress']}, not started {c['pending']}, "
+        f"not connected {c.get('not_connected', 0)})"
     )
 
 
@@ -45,7 +73,10 @@ def _print_job(job: dict[str, Any]) -> None:
             detail = json.dumps(r["result"])
         if len(detail) > 80:
             detail = detail[:77] + "..."
-        rows.append([r["agent"], r["state"], detail])
+        state = r["state"]
+        if r.get("reason"):
+            state = f"{state} ({r['reason']})"
+        rows.append([r["agent"], state, detail])
     print(table(rows, ["AGENT", "STATE", "RESULT / ERROR"]))
 
 
@@ -67,7 +98,7 @@ def wait_for(api: Api, job_id: str, timeout: float | None, quiet: bool) -> dict[
 
 
 def cmd_run(api: Api, args) -> int:
-    body: dict[str, Any] = {"action": args.action, "args": parse_args_kv(args.arg or [])}
+    body: dict[str, Any] = {"action": args.action, "args": job_args(args.arg or [])}
     if args.args_json:
         extra = arg_value(args.args_json)
         if not isinstance(extra, dict):
@@ -139,7 +170,7 @@ def cmd_jobs_list(api: Api, args) -> int:
     rows = []
     for j in jobs:
         states = j["states"]
-        done = sum(states.get(s, 0) for s in ("succeeded", "failed", "expired"))
+        done = sum(states.get(s, 0) for s in ("succeeded", *UNSUCCESSFUL))
         rows.append(
             [
                 j["id"],
@@ -154,10 +185,19 @@ def cmd_jobs_list(api: Api, args) -> int:
 
 
 def cmd_jobs_follow(api: Api, args) -> int:
-    """Print a job's output as it arrives, until every target has finished."""
+    """Print a job's output as it arrives, until every target has finished; exit 1 when any
+    target failed, expired, was canceled or is unsupported."""
     after = 0
     while True:
-        chunks = api.call("GET", f"/jobs/{args.id}/output?after={after}&wait=10")["output"]
+        # The state first: once it says finished, all output is stored, and what is left is
+        # read without waiting, so a finished job returns at once.
+        job = api.call("GET", f"/jobs/{quote(args.id)}?results=false")
+        counts = job["counts"]
+        done = counts["completed"] >= counts["total"]
+        wait = 0 if done else 10
+        chunks = api.call("GET", f"/jobs/{quote(args.id)}/output?after={after}&wait={wait}")[
+            "output"
+        ]
         for c in chunks:
             after = max(after, c["id"])
             prefix = f"[{c['agent_id']}] " if not args.raw else ""
@@ -165,10 +205,56 @@ def cmd_jobs_follow(api: Api, args) -> int:
             for line in c["text"].splitlines(keepends=True):
                 stream.write(prefix + line)
             stream.flush()
-        job = api.call("GET", f"/jobs/{args.id}?results=false")
-        if job["counts"]["completed"] >= job["counts"]["total"] and not chunks:
+        if done and not chunks:
             print(_progress_line(job), file=sys.stderr)
-            return 0
+            return 1 if any(counts.get(s, 0) for s in UNSUCCESSFUL) else 0
+
+
+def cmd_jobs_cancel(api: Api, args) -> int:
+    """Cancel a job (or its targets on --agents): not started ones end at once, running
+    ones are told to stop."""
+    body: dict[str, Any] = {}
+    if args.agents:
+        body["agents"] = [a for a in args.agents.split(",") if a]
+        if not body["agents"]:
+            raise CliError("--agents needs agent ids separated by commas")
+    out = api.call("POST", f"/jobs/{quote(args.id)}/cancel", body)
+    if args.json:
+        dump(out)
+        return 0
+    print(
+        f"job {out['job']}: {len(out['canceled'])} targets canceled, "
+        f"{len(out['stopping'])} running told to stop"
+    )
+    return 0
+
+
+def _argument_summary(schema: dict[str, Any] | None) -> str:
+    """The arguments a schema names, required ones marked: "argv*, cwd, env"."""
+    if not schema:
+        return "-"
+    required = set(schema.get("required", []))
+    names = sorted(schema.get("properties", {}))
+    return ", ".join(f"{n}*" if n in required else n for n in names) or "-"
+
+
+def cmd_actions(api: Api, args) -> int:
+    """What the enrolled agents advertise, and how many have each action."""
+    actions = api.call("GET", "/actions")["actions"]
+    if args.json:
+        dump(actions)
+        return 0
+    rows = [
+        [
+            a["name"],
+            str(a["agents"]),
+            "task" if a["task"] else "quick",
+            _argument_summary(a.get("schema")),
+        ]
+        for a in actions
+    ]
+    print(table(rows, ["ACTION", "AGENTS", "KIND", "ARGUMENTS (* required)"]))
+    return 0
 
 
 def cmd_inventory_show(api: Api, args) -> int:
@@ -241,7 +327,8 @@ def add_commands(sub: Any) -> None:
         "--arg",
         action="append",
         metavar="KEY=VALUE",
-        help="an argument; VALUE is JSON if it parses, else a string",
+        help="an argument; VALUE is JSON if it parses, else a string (a VALUE starting "
+        'with [, { or " must be valid JSON)',
     )
     s.add_argument("--args-json", help="all arguments as one JSON object")
     s.add_argument("--targets", help="'all' or agent ids separated by commas")
@@ -253,8 +340,12 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_run)
 
-    jobs = sub.add_parser("jobs", help="jobs")
-    jsub = jobs.add_subparsers(dest="jobs_command", required=True)
+    jobs = sub.add_parser(
+        "jobs",
+        help="list, show, follow and cancel jobs",
+        description="Jobs: an action sent to agents (created by `tcm run`).",
+    )
+    jsub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="COMMAND")
     s = jsub.add_parser("list", help="jobs, newest first, filtered, a page at a time")
     s.add_argument(
         "--state",
@@ -267,7 +358,7 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--before", metavar="JOB", help="the page after this job (printed as 'more')")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_jobs_list)
-    s = jsub.add_parser("show", help="a job's targets and results")
+    s = jsub.add_parser("show", help="a job's counts and every target's state and result")
     s.add_argument("id")
     out = s.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true")
@@ -277,10 +368,28 @@ def add_commands(sub: Any) -> None:
         help="agent, name, state, delivered/started/finished times, exit code, error",
     )
     s.set_defaults(func=cmd_jobs_show)
-    s = jsub.add_parser("follow", help="print a job's output as it arrives")
+    s = jsub.add_parser(
+        "follow",
+        help="print a job's output as it arrives until it finishes "
+        "(exit 1 if a target failed, expired, was canceled or is unsupported)",
+    )
     s.add_argument("id")
     s.add_argument("--raw", action="store_true", help="no agent prefix")
     s.set_defaults(func=cmd_jobs_follow)
+    s = jsub.add_parser(
+        "cancel",
+        help="cancel a job: targets not started end at once, running ones are stopped",
+    )
+    s.add_argument("id")
+    s.add_argument("--agents", help="only these agents' targets (ids separated by commas)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_jobs_cancel)
+
+    s = sub.add_parser(
+        "actions", help="the actions enrolled agents advertise, and how many have each"
+    )
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_actions)
 
     inv = sub.add_parser("inventory", help="inventory per agent and data class")
     invsub = inv.add_subparsers(dest="inventory_command", required=True)

@@ -115,6 +115,9 @@ Wants=network-online.target
 ExecStart=@PREFIX@/bin/tcm-agent-run
 Restart=always
 RestartSec=5
+# A stop or restart ends everything the agent started (jobs' commands included); the agent
+# also ends its commands' process groups itself, even when it is killed.
+KillMode=control-group
 WorkingDirectory=@STATE_DIR@
 
 [Install]

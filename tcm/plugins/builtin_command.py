@@ -1,8 +1,13 @@
 """Built-in action `command.run`: run a program, stream its output, report how it exited.
 
-The child runs in a session (and so a process group) of its own when util-linux/busybox
-`setsid` is on the agent's PATH, so cancelling the job kills whatever the command started
-too, not only its first process; without `setsid` only that process is signalled.
+The command runs under a small *group supervisor* (`SUPERVISOR`, the agent's own Python with
+no site packages): the supervisor starts the command in a session, and so a process group, of
+its own and ends that whole group, SIGTERM then SIGKILL after KILL_GRACE, when it is told to
+(a cancel, a timeout) and when the agent dies: on Linux the supervisor asks the kernel for a
+signal at the agent's death (`prctl(PR_SET_PDEATHSIG)`), so even an agent killed by SIGKILL
+leaves nothing of the command behind, grandchildren included; the command's leader has the
+same request for the supervisor's death. Where the supervisor cannot be run (no Python
+executable known), the command runs directly and only its own process is signalled.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import codecs
 import os
 import shutil
 import signal
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -87,7 +93,7 @@ class CommandProcess(ProcessProtocol):
         }
         self.ended: Deferred[ProcessDone | ProcessTerminated] = Deferred()
         self.pid: int | None = None
-        self.own_group = False
+        self.supervised = False  # run under the group supervisor, which ends the group
         self._killer: IDelayedCall | None = None
         self._terminating = False
 
@@ -119,7 +125,7 @@ class CommandProcess(ProcessProtocol):
     def processEnded(self, reason: Failure) -> None:
         for stream in self.streams.values():
             stream.close()
-        if self._killer is not None and self._killer.active() and not self._group_alive():
+        if self._killer is not None and self._killer.active():
             self._killer.cancel()
         ended = reason.value
         if isinstance(ended, ProcessDone | ProcessTerminated):
@@ -128,21 +134,16 @@ class CommandProcess(ProcessProtocol):
             self.ended.errback(reason)
 
     def terminate(self) -> None:
-        """SIGTERM the command (its whole group when it has one), SIGKILL after KILL_GRACE."""
+        """End the command: SIGTERM, SIGKILL after KILL_GRACE. Under the supervisor it is the
+        supervisor that ends the whole group so (SIGKILL to the supervisor itself only if it
+        has not ended a while after that)."""
         self._terminating = True
         self.signal(signal.SIGTERM)
-        self._killer = self._context.reactor.callLater(KILL_GRACE, self.signal, signal.SIGKILL)
+        grace = KILL_GRACE + 3.0 if self.supervised else KILL_GRACE
+        self._killer = self._context.reactor.callLater(grace, self.signal, signal.SIGKILL)
 
     def signal(self, signum: int) -> None:
-        """Send `signum` to the command's process group, else to its process."""
-        if self.own_group and self.pid is not None:
-            try:
-                os.killpg(self.pid, signum)
-                return
-            except ProcessLookupError:
-                # Either setsid(1) has not run yet (no such group: signal the process), or the
-                # group is empty and the process reaped (signalProcess sees that below).
-                pass
+        """Send `signum` to the command (to its supervisor, which passes it to the group)."""
         if self.transport is None:
             return
         try:
@@ -150,20 +151,97 @@ class CommandProcess(ProcessProtocol):
         except (ProcessExitedAlready, OSError):
             pass
 
-    def _group_alive(self) -> bool:
-        # Grandchildren that outlive the command keep the group; they still get SIGKILL.
-        if not (self.own_group and self.pid is not None):
-            return False
+
+# Run as `python -I -S -c SUPERVISOR AGENT_PID GRACE ARGV...`. Standard library only, and no
+# import of tcm: it must start fast and the job's environment must not change it.
+SUPERVISOR = r"""
+import os, signal, sys, time
+
+agent, grace, argv = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
+WATCHED = {signal.SIGTERM, signal.SIGCHLD}
+
+
+def on_death_of_parent(signum):
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signum), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: a normal stop still ends the group (SIGTERM from the agent)
+
+
+signal.pthread_sigmask(signal.SIG_BLOCK, WATCHED)
+on_death_of_parent(signal.SIGTERM)
+if os.getppid() != agent:  # the agent died before the request above: run nothing
+    sys.exit(137)
+leader = os.fork()
+if leader == 0:
+    os.setsid()
+    on_death_of_parent(signal.SIGKILL)
+    for ignored in ("SIGPIPE", "SIGXFSZ"):  # Python ignores them; exec would keep that
+        if hasattr(signal, ignored):
+            signal.signal(getattr(signal, ignored), signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as e:
+        os.write(2, ("cannot run %r: %s\n" % (argv[0], e)).encode())
+    os._exit(127)
+
+
+def group(signum):
+    try:
+        os.killpg(leader, signum)
+    except ProcessLookupError:
         try:
-            os.killpg(self.pid, 0)
+            os.kill(leader, signum)  # before its setsid: the process alone
+        except ProcessLookupError:
+            pass
+
+
+status = None
+deadline = None
+while True:
+    if status is None:
+        pid, st = os.waitpid(leader, os.WNOHANG)
+        if pid == leader:
+            status = st
+    if status is not None:
+        if deadline is None:
+            break  # the command ended by itself: what it left running is its business
+        try:
+            os.killpg(leader, 0)
         except OSError:
-            return False
-        return True
+            break  # stopping, and the whole group is gone
+    now = time.monotonic()
+    if deadline is not None and now >= deadline:
+        group(signal.SIGKILL)
+        deadline = now + 3600.0  # killed; only wait for the leader now
+        if status is not None:
+            break
+    wait = None if deadline is None else max(deadline - now, 0.0)
+    if status is not None:
+        wait = 0.05 if wait is None else min(wait, 0.05)
+    info = signal.sigtimedwait(WATCHED, wait) if wait is not None else signal.sigwaitinfo(WATCHED)
+    if info is not None and info.si_signo == signal.SIGTERM and deadline is None:
+        group(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+if os.WIFSIGNALED(status):
+    signum = os.WTERMSIG(status)
+    if signum not in (signal.SIGKILL, signal.SIGSTOP):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    os.kill(os.getpid(), signum)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
 
-def find_setsid() -> str | None:
-    """The setsid(1) program on the agent's PATH, if any."""
-    return shutil.which("setsid")
+def supervised(argv: list[str]) -> list[str] | None:
+    """The command line that runs `argv` under the group supervisor; None where it cannot
+    run (no Python executable known, not POSIX)."""
+    if not sys.executable or os.name != "posix":
+        return None
+    return [sys.executable, "-I", "-S", "-c", SUPERVISOR, str(os.getpid()), str(KILL_GRACE), *argv]
 
 
 def find_executable(program: str, path: str, cwd: str | None) -> str | None:
@@ -222,10 +300,10 @@ class CommandAction:
         protocol = CommandProcess(
             context, max_output, stdin.encode("utf-8") if stdin is not None else None
         )
-        setsid = find_setsid()
-        if setsid is not None:
-            # "--" and the untouched argv: setsid execs it with the same PATH lookup as above.
-            spawn_executable, spawn_args = setsid, [setsid, "--", *argv]
+        supervisor = supervised(argv)
+        if supervisor is not None:
+            # the untouched argv: the supervisor execs it with the same PATH lookup as above
+            spawn_executable, spawn_args = supervisor[0], supervisor
         else:
             spawn_executable, spawn_args = executable, argv
         started = reactor.seconds()
@@ -236,7 +314,7 @@ class CommandAction:
         except (OSError, ValueError) as e:
             raise ActionFailed(f"cannot start {argv[0]!r}: {e}") from e
         protocol.pid = transport.pid
-        protocol.own_group = setsid is not None
+        protocol.supervised = supervisor is not None
 
         def cancel(_: Deferred[dict[str, Any]]) -> None:
             # Deferred.cancel then fails `result` with CancelledError; `finish` stays quiet.

@@ -87,6 +87,16 @@ DATA: dict[str, dict[str, Any]] = {
             "timeout": {"type": "number", "exclusiveMinimum": 0},
         },
     },
+    # server -> agent: stop a job an operator canceled (the runner ends its handler; the
+    # agent reports the target `canceled`). Agents that do not know it answer an error.
+    "action.cancel": {
+        "type": "object",
+        "required": ["job"],
+        "properties": {
+            "job": _JOB,
+            "reason": {"type": "string", "maxLength": 256},
+        },
+    },
     # agent -> server: one call of the agent API (an HTTP request carried by the session)
     "request": {
         "type": "object",
@@ -131,7 +141,9 @@ DATA: dict[str, dict[str, Any]] = {
 
 # Which side may send which type (for docs and for the receivers' checks).
 AGENT_SENDS = frozenset({"hello", "request", "error"})
-SERVER_SENDS = frozenset({"welcome", "action.request", "response", "error", "notify"})
+SERVER_SENDS = frozenset(
+    {"welcome", "action.request", "action.cancel", "response", "error", "notify"}
+)
 
 # Names of policies, connection profiles and policy types (also targets, by convention).
 NAME_PATTERN = r"^[a-z][a-z0-9_.-]{0,63}$"

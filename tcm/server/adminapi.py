@@ -38,7 +38,7 @@ from tcm.server import apischema, inventory, openapi
 from tcm.server.errors import Invalid, Unauthenticated
 from tcm.server.roles import ROLES
 from tcm.server.selection import check_name, id_list
-from tcm.server.web import JsonRouter, Reply, json_object
+from tcm.server.web import JsonRouter, Reply, json_body, json_object
 
 ACTION_NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
 
@@ -117,6 +117,8 @@ class AdminAPI(JsonRouter):
         self.route("GET", "/jobs/{job}", self.job)
         self.route("GET", "/jobs/{job}/output", self.job_output)
         self.route("GET", "/jobs/{job}/results.csv", self.job_results_csv)
+        self.route("POST", "/jobs/{job}/cancel", self.cancel_job, "run", "cancel jobs")
+        self.route("GET", "/actions", self.actions)
         self.route("GET", "/settings", self.settings)
         self.route("PUT", "/settings", self.change_settings, "admin", "change settings")
         self.route("GET", "/targets", self.targets)
@@ -368,6 +370,32 @@ class AdminAPI(JsonRouter):
             yield self.jobservice.output_waiter(job, wait)
             rows = yield self.jobservice.stored_output(job, after_id)
         return {"output": rows}
+
+    @inlineCallbacks
+    def cancel_job(self, request, job: str):
+        """Cancel a job, or its targets on `agents`."""
+        body = json_body(request, required=False)
+        agents = body.get("agents") if isinstance(body, dict) else None
+        if agents is not None:
+            yield self._check_scope(request, agents)
+        else:
+            yield self._check_scope(request, (yield self.jobservice.agents_in_states(job, None)))
+        outcome = yield self.jobservice.cancel(job, agents, by=request.principal)
+        yield self.auditlog.record(
+            request.who,
+            "job.cancel",
+            job,
+            {
+                "agents": agents if agents is not None else "all",
+                "canceled": len(outcome["canceled"]),
+                "stopping": len(outcome["stopping"]),
+            },
+        )
+        return {"job": job, **outcome}
+
+    def actions(self, request):
+        """What the enrolled agents advertise."""
+        return {"actions": self.jobservice.actions()}
 
     # -- settings ------------------------------------------------------------------------
     def settings(self, request):

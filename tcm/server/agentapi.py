@@ -109,8 +109,8 @@ class AgentAPI(JsonRouter):
     def result(self, request, job: str):
         body = json_object(request)
         state = body.get("state")
-        if state not in ("succeeded", "failed", "expired"):
-            raise Invalid("state", "result 'state' must be succeeded, failed or expired")
+        if state not in ("succeeded", "failed", "expired", "canceled"):
+            raise Invalid("state", "result 'state' must be succeeded, failed, expired or canceled")
         error = body.get("error")
         if error is not None and not isinstance(error, str):
             raise Invalid("error", "'error' must be a string")
@@ -169,7 +169,8 @@ class AgentAPI(JsonRouter):
         jobs = self.jobs.work_for(agent_id)
         notices = self.policyservice.notices_for(agent_id)
         if jobs or notices or wait <= 0:
-            return self._work_answer(notices + [j.request().to_dict() for j in jobs])
+            cancels = self.jobs.cancels_for(agent_id)  # canceled while running there
+            return self._work_answer(notices + [j.request().to_dict() for j in jobs] + cancels)
         polls = self.presence.polls
         waiter = polls.wait(agent_id, wait)
         request.notifyFinish().addErrback(lambda _: polls.cancel(waiter))

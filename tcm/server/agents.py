@@ -51,7 +51,8 @@ class AgentDirectory:
                 "hostname": r["hostname"],
                 "revoked": bool(r["revoked"]),
                 "approved": bool(r.get("approved", True)),
-                "capabilities": None,
+                # what it advertised last (stored), until its next session says again
+                "capabilities": {c["name"]: c for c in r["capabilities"] or []} or None,
                 "described": describe(r["hostname"], r["platform"], r["capabilities"]),
             }
 
@@ -68,6 +69,15 @@ class AgentDirectory:
 
     def ids(self) -> list[str]:
         return [a for a, r in self._agents.items() if not r["revoked"]]
+
+    def advertised(self, agent_id: str) -> dict[str, Any] | None:
+        """The action handlers an agent advertised last (name -> capability with its
+        argument schema), live or stored; None if it never said (or is revoked)."""
+        record = self._agents.get(agent_id)
+        if record is None or record["revoked"]:
+            return None
+        caps: dict[str, Any] | None = record.get("capabilities")
+        return caps
 
     def revoked_ids(self) -> list[str]:
         return [a for a, r in self._agents.items() if r["revoked"]]
@@ -274,6 +284,15 @@ class AgentAdmission:
     def known_ids(self) -> list[str]:
         """Agents not revoked."""
         return self.directory.ids()
+
+    def advertised(self, agent_id: str) -> dict[str, Any] | None:
+        """The action handlers an agent advertised last (name -> capability with its
+        argument schema), live or stored; None if it never said (or is revoked)."""
+        record = self._agents.get(agent_id)
+        if record is None or record["revoked"]:
+            return None
+        caps: dict[str, Any] | None = record.get("capabilities")
+        return caps
 
     def revoked_ids(self) -> list[str]:
         return self.directory.revoked_ids()

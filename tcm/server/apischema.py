@@ -109,7 +109,16 @@ CONFIG_NAME = string(64, NAME_PATTERN)  # policies, profiles, policy types
 NODE_NAME = string(63, r"^[a-z0-9][a-z0-9_.-]{0,62}$")  # nodeapi.NODE_NAME
 ACTION_NAME = string(64, r"^[a-z][a-z0-9_.-]{0,63}$")
 DESCRIPTION = said("'description' must be a string of at most 255 characters (no NUL)", string(255))
-JOB_STATES = ["pending", "delivered", "running", "succeeded", "failed", "expired"]
+JOB_STATES = [
+    "pending",
+    "delivered",
+    "running",
+    "succeeded",
+    "failed",
+    "expired",
+    "canceled",
+    "unsupported",
+]
 SEGMENT = string(256, min_length=1)  # a path parameter: one URL segment as sent
 NAME_RULE = "1-64 letters, digits, '_', '.', '-' (first a letter or digit)"
 
@@ -366,6 +375,35 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             "before": said("'before' must be a job id", {"type": "string", "maxLength": 64}),
         },
         responses={200: listing("jobs", next={"type": ["string", "null"]})},
+    ),
+    # -- cancel and the advertised actions (issue 15) ------------------------------------
+    ("POST", f"{ADMIN}/jobs/{{job}}/cancel"): _op(
+        "Cancel a job's unfinished targets (all, or those of `agents`): those not started end "
+        "`canceled` at once, running ones are told to stop",
+        obj(
+            {
+                "agents": said(
+                    "'agents' must be a non-empty list of agent ids",
+                    array(AGENT_ID, min_items=1),
+                )
+            }
+        ),
+        body_required=False,
+        path={"job": JOB_ID},
+        responses={
+            200: fields(
+                "job",
+                "canceled",
+                "stopping",
+                job=_STR,
+                canceled=array(_STR),
+                stopping=array(_STR),
+            )
+        },
+    ),
+    ("GET", f"{ADMIN}/actions"): _op(
+        "The actions enrolled agents advertise: how many agents have each, its argument schema",
+        responses={200: listing("actions")},
     ),
     ("GET", f"{ADMIN}/jobs/{{job}}"): _op(
         "A job: its counts and, unless ?results=false, every target's state and result; "
@@ -680,8 +718,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         obj(
             {
                 "state": said(
-                    "result 'state' must be succeeded, failed or expired",
-                    {"enum": ["succeeded", "failed", "expired"]},
+                    "result 'state' must be succeeded, failed, expired or canceled",
+                    {"enum": ["succeeded", "failed", "expired", "canceled"]},
                 ),
                 "result": FREE_FORM,
                 "error": said("'error' must be a string", nullable(string(MAX_TEXT, pattern=None))),

@@ -76,3 +76,12 @@ class Dispatcher:
 
     def is_online(self, agent_id: str) -> bool:
         return agent_id in self.registry
+
+    def is_reachable(self, agent_id: str) -> bool:
+        """The agent has a session (its own or a task session) or a waiting long-poll: a
+        push reaches it now."""
+        if agent_id in self.registry:
+            return True
+        if self.task_registry is not None and self.task_registry.get(agent_id) is not None:
+            return True
+        return self.polls is not None and self.polls.get(agent_id) is not None

@@ -4,8 +4,16 @@ A job is one action with arguments sent to a set of agents. Each (job, agent) pa
 *target* with a state:
 
     pending --> delivered --> running --> succeeded | failed
-       |            |
+       |            |            |
+       +------------+------------+--> canceled  (an operator's cancel; a running one when
+       |            |                             the agent reports its handler ended)
        +------------+--> expired   (TTL passed before the agent accepted it; never run after)
+       |
+       +--> unsupported  (the agent's handlers lack the action: never sent)
+
+A pending target whose agent has neither a session nor a waiting poll is reported with the
+reason `not connected` (`summarize`): a view of `pending`, not a state of its own, so it
+becomes `delivered` as soon as the agent comes.
 
 The store holds the truth; `JobBook` is the server's working set of targets that are not
 finished yet, so that accept and result decisions need no database round trip.
@@ -29,9 +37,19 @@ class TargetState(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     EXPIRED = "expired"
+    CANCELED = "canceled"
+    UNSUPPORTED = "unsupported"
 
 
-TERMINAL = frozenset({TargetState.SUCCEEDED, TargetState.FAILED, TargetState.EXPIRED})
+TERMINAL = frozenset(
+    {
+        TargetState.SUCCEEDED,
+        TargetState.FAILED,
+        TargetState.EXPIRED,
+        TargetState.CANCELED,
+        TargetState.UNSUPPORTED,
+    }
+)
 NOT_STARTED = frozenset({TargetState.PENDING, TargetState.DELIVERED})
 ACTIVE = frozenset({TargetState.PENDING, TargetState.DELIVERED, TargetState.RUNNING})
 
@@ -39,15 +57,24 @@ _ALLOWED: dict[TargetState, frozenset[TargetState]] = {
     TargetState.PENDING: frozenset(
         {TargetState.DELIVERED, TargetState.RUNNING, TargetState.EXPIRED}
         | {TargetState.SUCCEEDED, TargetState.FAILED}
+        | {TargetState.CANCELED, TargetState.UNSUPPORTED}
     ),
     TargetState.DELIVERED: frozenset(
         {TargetState.RUNNING, TargetState.EXPIRED, TargetState.SUCCEEDED, TargetState.FAILED}
+        | {TargetState.CANCELED}
     ),
-    TargetState.RUNNING: frozenset({TargetState.SUCCEEDED, TargetState.FAILED}),
+    TargetState.RUNNING: frozenset(
+        {TargetState.SUCCEEDED, TargetState.FAILED, TargetState.CANCELED}
+    ),
     TargetState.SUCCEEDED: frozenset(),
     TargetState.FAILED: frozenset(),
     TargetState.EXPIRED: frozenset(),
+    TargetState.CANCELED: frozenset(),
+    TargetState.UNSUPPORTED: frozenset(),
 }
+
+# The reason a pending target is reported with when its agent is not reachable now.
+NOT_CONNECTED = "not connected"
 
 
 class InvalidTransition(Exception):
@@ -119,6 +146,8 @@ class JobBook:
         self.jobs: dict[str, Job] = {}
         self._targets: dict[str, dict[str, TargetState]] = {}
         self._by_agent: dict[str, set[str]] = {}
+        # running targets an operator canceled: the agent is told (again at each session)
+        self._cancel_asked: set[tuple[str, str]] = set()
 
     def add(self, job: Job, targets: dict[str, TargetState]) -> None:
         """Track a job and (more of) its unfinished targets: all of them for a new job, one
@@ -191,12 +220,43 @@ class JobBook:
                     changes.extend(self._finish(job_id, agent_id, TargetState.EXPIRED, now))
         return changes
 
+    def cancel(
+        self, job_id: str, agent_ids: Iterable[str] | None, now: float
+    ) -> tuple[list[str], list[str]]:
+        """An operator cancels a job's unfinished targets (all, or those of `agent_ids`).
+
+        Returns (not started, running): the first end `canceled` now (their caller finishes
+        them), the second are asked to stop and stay `running` until their agent reports."""
+        targets = self._targets.get(job_id, {})
+        wanted = targets if agent_ids is None else [a for a in agent_ids if a in targets]
+        not_started: list[str] = []
+        running: list[str] = []
+        for agent_id in sorted(wanted):
+            transition(targets[agent_id], TargetState.CANCELED)
+            if targets[agent_id] is TargetState.RUNNING:
+                self._cancel_asked.add((job_id, agent_id))
+                running.append(agent_id)
+            else:
+                not_started.append(agent_id)
+        return not_started, running
+
+    def cancel_asked(self, agent_id: str) -> list[str]:
+        """The running jobs of an agent that an operator canceled (told again on reconnect)."""
+        return sorted(
+            j for j in self._by_agent.get(agent_id, ()) if (j, agent_id) in self._cancel_asked
+        )
+
+    def not_started(self, job_id: str) -> list[str]:
+        """A job's pending targets (whose agents may or may not be reachable)."""
+        return [a for a, s in self._targets.get(job_id, {}).items() if s is TargetState.PENDING]
+
     def active_targets(self, job_id: str) -> dict[str, TargetState]:
         return dict(self._targets.get(job_id, {}))
 
     def _finish(self, job_id: str, agent_id: str, state: TargetState, now: float) -> list[Change]:
         targets = self._targets[job_id]
         del targets[agent_id]
+        self._cancel_asked.discard((job_id, agent_id))
         jobs_of_agent = self._by_agent[agent_id]
         jobs_of_agent.discard(job_id)
         if not jobs_of_agent:
@@ -207,15 +267,20 @@ class JobBook:
         return [Change(job_id, agent_id, state, now)]
 
 
-def summarize(states: Iterable[str]) -> dict[str, Any]:
-    """Counts of a job's targets, as the API reports them."""
+def summarize(states: Iterable[str], not_connected: int = 0) -> dict[str, Any]:
+    """Counts of a job's targets, as the API reports them. `not_connected` of the pending
+    ones are queued for agents with no session and no waiting poll: counted apart
+    (`not_connected`), so `pending` counts those queued for a reachable agent."""
     counts: dict[str, Any] = {s.value: 0 for s in TargetState}
     total = 0
     for s in states:
         counts[s] = counts.get(s, 0) + 1
         total += 1
+    not_connected = min(not_connected, counts["pending"])
+    counts["pending"] -= not_connected
+    counts["not_connected"] = not_connected
     counts["in_progress"] = counts["delivered"] + counts["running"]
-    counts["completed"] = counts["succeeded"] + counts["failed"] + counts["expired"]
+    counts["completed"] = sum(counts[s.value] for s in TERMINAL)
     counts["total"] = total
     counts["progress"] = round(100.0 * counts["completed"] / total, 1) if total else 100.0
     return counts

@@ -6,21 +6,33 @@ to a live session or to a poller, goes through `Dispatcher.push`.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+import fastjsonschema
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tcm.interfaces import IJobs
+from tcm.protocol.envelope import Envelope, encode
 from tcm.server import inventory
 from tcm.server.dispatcher import Dispatcher
 from tcm.server.errors import Conflict, Invalid, NotFound
-from tcm.server.jobs import TERMINAL, Accept, Change, Job, JobBook, TargetState, summarize
+from tcm.server.jobs import (
+    NOT_CONNECTED,
+    TERMINAL,
+    Accept,
+    Change,
+    Job,
+    JobBook,
+    TargetState,
+    summarize,
+)
 
 TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
 
@@ -42,6 +54,7 @@ class JobService:
         capabilities_of: Callable[[str], dict[str, Any] | None],
         known_agents: Callable[[], list[str]],
         inventory_store: Any,
+        advertised: Callable[[str], dict[str, Any] | None] | None = None,
     ):
         # the store's jobs area (db.jobs) and its inventory area (db.inventory: results of
         # inventory.collect)
@@ -52,6 +65,9 @@ class JobService:
         self.book = JobBook()
         self._capabilities_of = capabilities_of
         self._known_agents = known_agents
+        # what each enrolled agent advertised last, live or stored (None: never said)
+        self._advertised = advertised or capabilities_of
+        self._validators: dict[str, Any] = {}  # canonical schema JSON -> compiled validator
         self._committing: dict[tuple[str, str], Deferred] = {}  # results not yet committed
         self._output_waiters: dict[str, list[Deferred]] = {}  # job -> followers waiting
         self._expiry = LoopingCall(self.expire)
@@ -106,7 +122,9 @@ class JobService:
             agent_ids = sorted(set(targets))
             unknown = sorted(set(agent_ids) - set(known))
             if unknown:
-                raise Invalid("targets", "unknown agent ids", unknown=unknown[:50])
+                shown = ", ".join(unknown[:20]) + (" ..." if len(unknown) > 20 else "")
+                raise Invalid("targets", f"unknown agent ids: {shown}", unknown=unknown[:50])
+        unsupported = self._check_action(action, args, agent_ids, known)
         job = Job(
             id=os.urandom(8).hex(),
             action=action,
@@ -134,7 +152,22 @@ class JobService:
             now,
         )
         self.book.add(job, {a: TargetState.PENDING for a in agent_ids})
-        self._deliver(job, agent_ids)
+        # Agents known to lack the handler end at once, never queued nor sent.
+        ended = [
+            self._finish(
+                job.id,
+                agent_id,
+                TargetState.UNSUPPORTED,
+                None,
+                f"agent has no handler for action {action!r}",
+                None,
+                now,
+            )
+            for agent_id in unsupported
+        ]
+        if ended:
+            yield gatherResults(ended)
+        self._deliver(job, [a for a in agent_ids if a not in unsupported])
         self._log.info(
             "job {job} ({action}) created for {n} agents",
             job=job.id,
@@ -142,6 +175,124 @@ class JobService:
             n=len(agent_ids),
         )
         return job.id
+
+    def _check_action(
+        self, action: str, args: dict[str, Any], agent_ids: list[str], known: list[str]
+    ) -> set[str]:
+        """Refuse a job no enrolled agent can run, or whose arguments fail the schema its
+        targets' handlers advertise; return the targets known to lack the handler.
+
+        Agents that never advertised their handlers (not connected since they enrolled)
+        neither refuse a job nor are skipped; agents of older versions advertise no schema,
+        so their arguments are checked by the agent."""
+        everyone = {a: self._advertised(a) for a in known}
+        advertised = {a: caps for a, caps in everyone.items() if caps is not None}
+        if advertised and not any(action in caps for caps in advertised.values()):
+            names = sorted({name for caps in advertised.values() for name in caps})
+            raise Invalid(
+                "action",
+                f"no enrolled agent has action {action!r}; known actions: {', '.join(names)}",
+                known=names,
+            )
+        unsupported = set()
+        schemas: dict[str, Any] = {}
+        for agent_id in agent_ids:
+            caps = everyone.get(agent_id)
+            if caps is None:
+                continue
+            capability = caps.get(action)
+            if capability is None:
+                unsupported.add(agent_id)
+            elif isinstance(capability.get("schema"), dict):
+                schema = capability["schema"]
+                schemas.setdefault(json.dumps(schema, sort_keys=True), schema)
+        for key, schema in schemas.items():
+            problem = self._args_problem(key, schema, args)
+            if problem is not None:
+                raise Invalid("args", f"invalid arguments for {action}: {problem}")
+        return unsupported
+
+    def _args_problem(self, key: str, schema: dict[str, Any], args: dict[str, Any]) -> str | None:
+        """The schema's message about `args` (naming the field), or None when they fit."""
+        validator = self._validators.get(key)
+        if validator is None:
+            try:
+                validator = fastjsonschema.compile(schema)
+            except (fastjsonschema.JsonSchemaDefinitionException, ValueError, TypeError) as e:
+                self._log.warn("an advertised argument schema does not compile: {e}", e=e)
+                return None  # the agent checks the arguments itself
+            if len(self._validators) > 1000:  # versions come and go: stay bounded
+                self._validators.clear()
+            self._validators[key] = validator
+        try:
+            validator(args)
+        except fastjsonschema.JsonSchemaValueException as e:
+            return e.message
+        return None
+
+    def actions(self) -> list[dict[str, Any]]:
+        """What the enrolled agents advertise: each action, how many agents have it, whether
+        it is a task, and its argument schema (the newest seen)."""
+        out: dict[str, dict[str, Any]] = {}
+        for agent_id in self._known_agents():
+            caps = self._advertised(agent_id)
+            for name, capability in (caps or {}).items():
+                entry = out.setdefault(
+                    name,
+                    {"name": name, "agents": 0, "task": False, "streams": False, "schema": None},
+                )
+                entry["agents"] += 1
+                entry["task"] = entry["task"] or bool(capability.get("task"))
+                entry["streams"] = entry["streams"] or bool(capability.get("streams"))
+                if capability.get("schema") is not None:
+                    entry["schema"] = capability["schema"]
+        return [out[name] for name in sorted(out)]
+
+    @inlineCallbacks
+    def cancel(self, job_id: str, agent_ids: list[str] | None, by: str = ""):
+        """Cancel a job's unfinished targets (all, or those of `agent_ids`): those not
+        started end `canceled` now and are never delivered; running ones are told to stop
+        (their agent reports `canceled`). Returns the two lists of agent ids."""
+        known = yield self.store.job_agents(job_id, None)
+        if known is None:
+            raise NotFound(f"no such job: {job_id}")
+        if agent_ids is not None:
+            unknown = sorted(set(agent_ids) - set(known))
+            if unknown:
+                raise Invalid("agents", f"not targets of job {job_id}: {', '.join(unknown[:20])}")
+        now = self.clock.seconds()
+        not_started, running = self.book.cancel(job_id, agent_ids, now)
+        why = f"canceled by {by}" if by else "canceled"
+        ended = [
+            self._finish(job_id, a, TargetState.CANCELED, None, why, None, now) for a in not_started
+        ]
+        if ended:
+            yield gatherResults(ended)
+        self._send_cancel(job_id, running, why)
+        self._log.info(
+            "job {job}: {n} targets canceled, {m} running told to stop",
+            job=job_id,
+            n=len(not_started),
+            m=len(running),
+        )
+        return {"canceled": not_started, "stopping": running}
+
+    @staticmethod
+    def _cancel_envelope(job_id: str, reason: str) -> Envelope:
+        return Envelope(
+            type="action.cancel",
+            id=f"cancel-{job_id}",
+            data={"job": job_id, "reason": reason[:256]},
+        )
+
+    def _send_cancel(self, job_id: str, agent_ids: Iterable[str], reason: str) -> None:
+        agent_ids = list(agent_ids)
+        if not agent_ids:
+            return
+        frame = encode(self._cancel_envelope(job_id, reason))
+        # Tasks run on the session they came on; the runner is the agent's, so any session
+        # reaches it: the task session first, as the job itself went.
+        self.dispatcher.push(frame, agent_ids, task=True)
 
     def _deliver(self, job: Job, agent_ids: list[str]) -> None:
         now = self.clock.seconds()
@@ -160,7 +311,7 @@ class JobService:
             self._finish(
                 job.id,
                 agent_id,
-                TargetState.FAILED,
+                TargetState.UNSUPPORTED,
                 None,
                 f"agent has no handler for action {job.action!r}",
                 None,
@@ -176,17 +327,31 @@ class JobService:
         """An agent has a live session: (re)send what it has not finished. A task session
         (through a task server) gets the unfinished tasks that are not running yet."""
         now = self.clock.seconds()
+        canceled = self.book.cancel_asked(agent_id)
+        for job_id in canceled:  # canceled while it was away: tell it again
+            self._send_cancel(job_id, [agent_id], "canceled")
         for job in self.book.deliverable(agent_id, now):
+            if job.id in canceled:
+                continue
             if channel == "task":
                 caps = self._capabilities_of(agent_id) or {}
                 if not caps.get(job.action, {}).get("task"):
                     continue
             self._deliver(job, [agent_id])
 
+    def cancels_for(self, agent_id: str) -> list[dict[str, Any]]:
+        """`action.cancel` envelopes (as objects) for an agent that polls over HTTP: its
+        running jobs an operator canceled."""
+        return [
+            self._cancel_envelope(job_id, "canceled").to_dict()
+            for job_id in self.book.cancel_asked(agent_id)
+        ]
+
     def work_for(self, agent_id: str) -> list[Job]:
         """Jobs for an agent that polls over HTTP (marked delivered)."""
         now = self.clock.seconds()
-        jobs = self.book.deliverable(agent_id, now)
+        canceled = set(self.book.cancel_asked(agent_id))
+        jobs = [j for j in self.book.deliverable(agent_id, now) if j.id not in canceled]
         for job in jobs:
             self._persist(self.book.delivered(job.id, [agent_id], now))
         return jobs
@@ -246,7 +411,12 @@ class JobService:
         current = self.book.state(job_id, agent_id)
         if current is None:
             return succeed(False)  # already stored (a redelivered result), or unknown
-        if target_state not in (TargetState.SUCCEEDED, TargetState.FAILED, TargetState.EXPIRED):
+        if target_state not in (
+            TargetState.SUCCEEDED,
+            TargetState.FAILED,
+            TargetState.EXPIRED,
+            TargetState.CANCELED,
+        ):
             raise Invalid("state", f"not a final state: {state}")
         if target_state is TargetState.EXPIRED and current is TargetState.RUNNING:
             raise Conflict("job already running here; report its result")
@@ -332,6 +502,10 @@ class JobService:
             )
 
     # -- reading -----------------------------------------------------------------------
+    def _not_connected(self, job_id: str) -> set[str]:
+        """Pending targets of a job whose agent has no session and no waiting poll."""
+        return {a for a in self.book.not_started(job_id) if not self.dispatcher.is_reachable(a)}
+
     def active_count(self) -> int:
         """Jobs with unfinished targets."""
         return len(self.book.jobs)
@@ -360,13 +534,17 @@ class JobService:
             if job is None:
                 raise NotFound(f"no such job: {job_id}")
             states = job.pop("states")
-            job["counts"] = summarize(s for s, n in states.items() for _ in range(n))
+            job["counts"] = summarize(
+                (s for s, n in states.items() for _ in range(n)),
+                not_connected=len(self._not_connected(job_id)),
+            )
             return job
         job = yield self.store.get_job(job_id)
         if job is None:
             raise NotFound(f"no such job: {job_id}")
         targets = job.pop("targets")
-        job["counts"] = summarize(t["state"] for t in targets)
+        away = self._not_connected(job_id)
+        job["counts"] = summarize((t["state"] for t in targets), not_connected=len(away))
         job["results"] = [
             {
                 "agent": t["agent_id"],
@@ -379,6 +557,7 @@ class JobService:
                 "started_at": t["started_at"],
                 "finished_at": t["finished_at"],
                 "online": self.dispatcher.is_online(t["agent_id"]),
+                "reason": NOT_CONNECTED if t["agent_id"] in away else None,
             }
             for t in targets
         ]

@@ -25,7 +25,16 @@ VIEW_FIELDS = frozenset(
 # Every field a filter may name: the view's own and each inventory class's (one place; a
 # filter naming anything else is refused with a suggestion).
 KNOWN_FIELDS = FieldSet.of(VIEW_FIELDS, inventory.FIELDS)
-JOB_STATES = ("pending", "delivered", "running", "succeeded", "failed", "expired")
+JOB_STATES = (
+    "pending",
+    "delivered",
+    "running",
+    "succeeded",
+    "failed",
+    "expired",
+    "canceled",
+    "unsupported",
+)
 SELECTORS = ("filter", "agents", "from_job", "target")
 
 

@@ -351,6 +351,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
             capabilities_of=presence.capabilities_of,
             known_agents=directory.ids,
             inventory_store=db.inventory,
+            advertised=directory.advertised,
         ),
     )
     targets = provides(

@@ -20,7 +20,9 @@ if TYPE_CHECKING:
     from tcm.store.database import Database, WriteQueue
 
 # A fixed condition (no expanding IN parameter), so it works in executemany batches too.
-UNFINISHED = sa.text("job_targets.state NOT IN ('succeeded', 'failed', 'expired')")
+UNFINISHED = sa.text(
+    "job_targets.state NOT IN ('succeeded', 'failed', 'expired', 'canceled', 'unsupported')"
+)
 
 
 def _target_update(**values: Any) -> sa.Update:
