@@ -56,8 +56,8 @@ def cmd_settings_get(api: Api, args) -> int:
 
 def cmd_settings_set(api: Api, args) -> int:
     value = arg_value(args.value)
-    if isinstance(value, str) and value.lower() in ("on", "off", "yes", "no"):
-        value = value.lower() in ("on", "yes")
+    if isinstance(value, str) and value.lower() in ("on", "off", "yes", "no", "true", "false"):
+        value = value.lower() in ("on", "yes", "true")
     settings = api.call("PUT", "/settings", {args.key: value})
     print(f"{args.key} = {json.dumps(settings[args.key])}")
     return 0

@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from tcm.interfaces import ICertificates, INodeRegistry
 from tcm.protocol import codes
-from tcm.server.errors import Conflict, Forbidden, Invalid
+from tcm.server.errors import Conflict, Forbidden, Invalid, NotFound
 from tcm.server.nodes import NodeDirectory, TaskServerAssignments
 from tcm.store import TokenRefused
 from tcm.tls import pki
@@ -100,6 +100,21 @@ class NodeRegistry:
             "certificate": cert_pem.decode(),
             "ca": self._certificates.ca_pem.decode(),
         }
+
+    @inlineCallbacks
+    def remove(self, name: str, role: str):
+        """Remove a task server or gateway: its certificate is refused from now on (and a
+        pending enrollment withdrawn), its live links are closed (4007); a task server's
+        agents are assigned again as when its link is lost. Fires with whether it changed."""
+        changed = yield self._store.remove_node(name, role)
+        if changed is None:
+            raise NotFound(f"no {role} {name}")
+        yield self.reload()
+        for node in [n for n in self.links.values() if n.name == name]:
+            node._close(codes.CLOSE_REVOKED, f"{role} {name} was removed by an admin")
+        if changed:
+            self._log.info("{role} {name} removed", role=role, name=name)
+        return changed
 
     # -- links ---------------------------------------------------------------------------
     def link_up(self, node: Any) -> None:

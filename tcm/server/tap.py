@@ -154,7 +154,7 @@ def config_from(options: Options) -> ServerConfig:
         poll_interval=options["poll-interval"],
         long_poll=options["long-poll"],
         persistent_connections=not options["no-persistent"],
-        require_approval=options["require-approval"],
+        require_approval=bool(options["require-approval"]),  # a flag counts: 0 or 1
         handshake_timeout=options["handshake-timeout"],
         max_handshakes=options["max-handshakes"],
         max_message_size=options["max-message-size"],
