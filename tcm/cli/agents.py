@@ -55,11 +55,13 @@ def cmd_taskservers(api: Api, args) -> int:
             t["state"],
             f"{t['clients']}",
             f"{t['assigned']}/{t['max_clients']}",
+            ts(t.get("since")),
+            t.get("reason") or "-",
             t["url"] or "-",
         ]
         for t in listing["taskservers"]
     ]
-    print(table(rows, ["NAME", "STATE", "CLIENTS", "ASSIGNED/MAX", "URL"]))
+    print(table(rows, ["NAME", "STATE", "CLIENTS", "ASSIGNED/MAX", "SINCE", "REASON", "URL"]))
     print(f"policy: {listing['policy']}")
     return 0
 
