@@ -10,6 +10,7 @@ import json
 import pytest
 
 from tests.harness import AgentProc, wait_until
+from tests.test_integration_admin import cli_as
 
 pytestmark = pytest.mark.integration
 
@@ -114,3 +115,38 @@ def test_a_removed_gateway_is_revoked_and_audited(server):
     assert "gateway.remove" in server.cli("audit")
     r = server.cli_result("taskservers", "remove", "gw9")  # not a task server
     assert r.returncode != 0 and "no taskserver gw9" in r.stderr
+
+
+def test_whoami_and_the_removals_need_the_admin_role(server, agents):
+    me = server.cli_json("whoami")
+    assert me == {
+        "name": "admin",
+        "role": "admin",
+        "permissions": ["read", "run", "policy", "admin"],
+        "target": None,
+    }
+    assert "scope:       every agent" in server.cli("whoami")
+    server.cli("targets", "create", "just-one", "--agents", agents[0].agent_id)
+    token = server.cli(
+        "apitoken", "create", "ops-one", "--role", "operator", "--target", "just-one"
+    ).strip()
+    r = cli_as(server, token, "whoami", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {
+        "name": "ops-one",
+        "role": "operator",
+        "permissions": ["read", "run", "policy"],
+        "target": "just-one",
+    }
+    r = cli_as(server, token, "whoami")
+    assert "role:        operator" in r.stdout and "scope:       target just-one" in r.stdout
+    for args in (
+        ["agents", "delete", agents[1].agent_id],
+        ["agents", "set", agents[1].agent_id, "--name", "x"],
+        ["token", "revoke", "abc"],
+        ["taskservers", "remove", "ts1"],
+        ["gateways", "remove", "gw1"],
+    ):
+        r = cli_as(server, token, *args)
+        assert r.returncode == 2 and "403" in r.stderr and "'admin'" in r.stderr, (args, r)
+    assert agents[1].agent_id in by_id(server)

@@ -40,6 +40,18 @@ def cmd_status(api: Api, args) -> int:
     return 0
 
 
+def cmd_whoami(api: Api, args) -> int:
+    who = api.call("GET", "/whoami")
+    if args.json:
+        dump(who)
+        return 0
+    print(f"token:       {who['name']}")
+    print(f"role:        {who['role']}")
+    print(f"permissions: {', '.join(who['permissions'])}")
+    print(f"scope:       {'target ' + who['target'] if who['target'] else 'every agent'}")
+    return 0
+
+
 def cmd_settings_get(api: Api, args) -> int:
     settings = api.call("GET", "/settings")
     if args.key:
@@ -129,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="server status")
     s.set_defaults(func=cmd_status)
+    s = sub.add_parser("whoami", help="this token's name, role, permissions and scope")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_whoami)
 
     st = sub.add_parser("settings", help="server settings changeable at run time")
     stsub = st.add_subparsers(dest="settings_command", required=True)

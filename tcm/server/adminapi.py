@@ -35,7 +35,7 @@ from tcm.interfaces import (
 )
 from tcm.server import apischema, inventory, openapi
 from tcm.server.errors import Invalid, Unauthenticated
-from tcm.server.roles import ROLES
+from tcm.server.roles import PERMISSIONS, ROLES
 from tcm.server.selection import check_name, id_list
 from tcm.server.web import JsonRouter, Reply, json_object
 
@@ -157,6 +157,7 @@ class AdminAPI(JsonRouter):
             "DELETE", "/taskservers/{name}", self.remove_taskserver, "admin", "remove task servers"
         )
         self.route("DELETE", "/gateways/{name}", self.remove_gateway, "admin", "remove gateways")
+        self.route("GET", "/whoami", self.whoami)
 
     def route(
         self, method: str, pattern: str, handler, permission: str | None = None, doing=None
@@ -265,6 +266,16 @@ class AdminAPI(JsonRouter):
         if changed:
             yield self.auditlog.record(request.who, "token.revoke", token, {})
         return {"token": token, "revoked": True, "changed": changed}
+
+    def whoami(self, request):
+        """The caller's principal: token name, role, its permissions, target scope."""
+        who = request.who
+        return {
+            "name": who.name,
+            "role": who.role,
+            "permissions": [p for p in PERMISSIONS if who.may(p)],
+            "target": who.target,
+        }
 
     def remove_taskserver(self, request, name: str):
         return self._remove_node(request, name, "taskserver")

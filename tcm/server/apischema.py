@@ -811,3 +811,18 @@ OPERATIONS.update(
         ),
     }
 )
+OPERATIONS[("GET", f"{ADMIN}/whoami")] = _op(
+    "The caller's principal: token name, role, permissions, target scope",
+    responses={
+        200: fields(
+            "name",
+            "role",
+            "permissions",
+            "target",
+            name=_STR,
+            role=_STR,
+            permissions={"type": "array", "items": _STR},
+            target=_OPT_STR,
+        )
+    },
+)
