@@ -204,6 +204,12 @@ class IAgentAdmission(Interface):
     def revoke(agent_id):  # type: ignore[misc]
         """Deferred of whether the agent was revoked now; NotFound."""
 
+    def delete(agent_id):  # type: ignore[misc]
+        """Deferred of whether the agent was deleted (revoked and hidden) now; NotFound."""
+
+    def label(agent_id, name=None, tags=None, untag=None, reset_name=False):  # type: ignore[misc]
+        """Deferred of the agent's row with its new display name and tags; NotFound."""
+
     def session_seen(agent_id, hello, capabilities):  # type: ignore[misc]
         """An agent's session opened: stored as seen."""
 
@@ -227,6 +233,9 @@ class IAccessTokens(Interface):
 
     def enrollment_tokens():  # type: ignore[misc]
         """Deferred of the enrollment tokens."""
+
+    def revoke_enrollment_token(token_id):  # type: ignore[misc]
+        """Deferred of whether the enrollment token was revoked now; NotFound."""
 
     def check_token_name(name):  # type: ignore[misc]
         """Invalid for a name no API token may have."""
@@ -495,6 +504,9 @@ class INodeRegistry(Interface):
 
     def tell_revoked(agent_ids):  # type: ignore[misc]
         """Tell gateways which agents are revoked."""
+
+    def remove(name, role):  # type: ignore[misc]
+        """Deferred of (changed, agents without a task server now); NotFound."""
 
     def task_server_views():  # type: ignore[misc]
         """Task servers with state and client counts."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -207,6 +208,11 @@ def test_profile_with_persistent_off_drops_to_http_and_back_without_restart(api,
         timeout=30,
     ).stdout
     assert "Connection profile: http-only v1" in text
+    # the HTTP-mode text status shows the HTTPS calls' traffic
+    sent = re.search(r"Sent over HTTPS: +(\S+ \S+)", text)
+    received = re.search(r"Received over HTTPS: +(\S+ \S+)", text)
+    assert sent and received, text
+    assert not sent.group(1).startswith("0 ") and not received.group(1).startswith("0 ")
     view = wait_until(
         lambda: (
             (v := next(x for x in server.agents() if x["id"] == a.agent_id))["profile"]
@@ -218,6 +224,7 @@ def test_profile_with_persistent_off_drops_to_http_and_back_without_restart(api,
         "the server to show the agent's profile",
     )
     assert view["online"] is False
+    assert (view["mode"], view["state"]) == ("http", "ok")  # working over polls: not offline
 
     # Moved back (http-only no longer assigned, so `base` wins again): the notify reaches it
     # through its held long-poll, and the session comes back.

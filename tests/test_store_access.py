@@ -32,6 +32,7 @@ class TestEnrollmentTokens(StoreTest):
             "used": 0,
             "description": "lab",
             "profile": "edge",
+            "revoked_at": None,
         }
 
     @pytest_twisted.ensureDeferred
@@ -76,8 +77,33 @@ class TestEnrollmentTokens(StoreTest):
         token = await db.access.create_token(None, None, "", "branch", now=NOW)
         assert (await db.access.consume_token_row(token, NOW))["profile"] == "branch"
 
+    @pytest_twisted.ensureDeferred
+    async def test_a_revoked_token_is_refused_at_once_and_listed_as_revoked(self, db):
+        token = await db.access.create_token(None, 100, now=NOW)
+        token_id = token.split(".")[0]
+        await db.access.consume_token(token, NOW)
+        assert await db.access.revoke_token(token_id, NOW + 5) is True
+        assert await db.access.revoke_token(token_id, NOW + 6) is False  # once
+        assert await db.access.revoke_token("nosuch", NOW) is None
+        with pytest.raises(TokenRefused, match="revoked"):
+            await db.access.consume_token(token, NOW + 7)
+        (listed,) = await db.access.list_tokens()
+        assert (listed["revoked_at"], listed["used"], listed["uses_left"]) == (NOW + 5, 1, 99)
+
 
 class TestNodes(StoreTest):
+    @pytest_twisted.ensureDeferred
+    async def test_a_removed_node_is_revoked_and_its_pending_secret_withdrawn(self, db):
+        secret = await db.access.register_node("ts1", "taskserver", None, 60, NOW)
+        assert await db.access.remove_node("ts1", "gateway") is None  # not of that role
+        assert await db.access.remove_node("nosuch", "taskserver") is None
+        assert await db.access.remove_node("ts1", "taskserver") is True
+        assert await db.access.remove_node("ts1", "taskserver") is False
+        (row,) = await db.access.list_nodes()
+        assert row["revoked"] is True
+        with pytest.raises(TokenRefused):
+            await db.access.enroll_node("ts1", secret, "ab" * 32, NOW + 1)
+
     @pytest_twisted.ensureDeferred
     async def test_a_node_enrolls_once_with_its_secret(self, db):
         secret = await db.access.register_node("ts-1", "taskserver", 500, 60.0, NOW)

@@ -24,6 +24,9 @@ class TestAgentStore(StoreTest):
             "capabilities": [],
             "revoked": False,
             "approved": True,
+            "display_name": None,
+            "tags": None,
+            "deleted": False,
         }
         assert (await db.agents.get_agent("a-2"))["approved"] is False
         assert await db.agents.get_agent("a-3") is None
@@ -44,6 +47,21 @@ class TestAgentStore(StoreTest):
         assert (await db.agents.get_agent("a-2"))["revoked"] is True
         assert await db.agents.agent_ids() == ["a-1"]
         assert sorted(await db.agents.agent_ids(include_revoked=True)) == ["a-1", "a-2"]
+
+    @pytest_twisted.ensureDeferred
+    async def test_name_tags_and_delete_keep_the_row(self, db):
+        await db.agents.add_agent("a-1", "web-1", "00" * 32, NOW)
+        await db.agents.set_agent_label("a-1", "front door", {"env": "prod", "rack": "r1"})
+        row = await db.agents.get_agent("a-1")
+        assert (row["display_name"], row["tags"]) == ("front door", {"env": "prod", "rack": "r1"})
+        await db.agents.set_agent_label("a-1", None, {})
+        row = await db.agents.get_agent("a-1")
+        assert (row["display_name"], row["tags"]) == (None, {})
+        await db.agents.delete_agent("a-1")
+        row = await db.agents.get_agent("a-1")
+        assert (row["revoked"], row["deleted"], row["hostname"]) == (True, True, "web-1")
+        assert await db.agents.agent_ids() == []
+        assert await db.agents.agent_ids(include_revoked=True) == ["a-1"]
 
     @pytest_twisted.ensureDeferred
     async def test_seen_alone_or_with_the_hello(self, db):

@@ -41,6 +41,18 @@ def cmd_status(api: Api, args) -> int:
     return 0
 
 
+def cmd_whoami(api: Api, args) -> int:
+    who = api.call("GET", "/whoami")
+    if args.json:
+        dump(who)
+        return 0
+    print(f"token:       {who['name']}")
+    print(f"role:        {who['role']}")
+    print(f"permissions: {', '.join(who['permissions'])}")
+    print(f"scope:       {'target ' + who['target'] if who['target'] else 'every agent'}")
+    return 0
+
+
 def cmd_settings_get(api: Api, args) -> int:
     settings = api.call("GET", "/settings")
     if args.key:
@@ -57,8 +69,8 @@ def cmd_settings_get(api: Api, args) -> int:
 
 def cmd_settings_set(api: Api, args) -> int:
     value = arg_value(args.value)
-    if isinstance(value, str) and value.lower() in ("on", "off", "yes", "no"):
-        value = value.lower() in ("on", "yes")
+    if isinstance(value, str) and value.lower() in ("on", "off", "yes", "no", "true", "false"):
+        value = value.lower() in ("on", "yes", "true")
     settings = api.call("PUT", "/settings", {args.key: value})
     print(f"{args.key} = {json.dumps(settings[args.key])}")
     return 0
@@ -134,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="server status")
     s.set_defaults(func=cmd_status)
+    s = sub.add_parser("whoami", help="this token's name, role, permissions and scope")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_whoami)
 
     st = sub.add_parser("settings", help="server settings changeable at run time")
     stsub = st.add_subparsers(dest="settings_command", required=True)

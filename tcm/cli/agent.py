@@ -82,6 +82,10 @@ def print_status(st: dict[str, Any]) -> None:
         f"  Last poll:          {_ago(h['last_poll'])}"
         + (f" (error: {h['last_error']})" if h["last_error"] else "")
     )
+    if st["mode"] == "http" or h.get("bytes_sent"):
+        # the HTTPS calls' counted traffic (polls, results, output) since the agent started
+        print(f"  Sent over HTTPS:    {_size(h.get('bytes_sent') or 0)}")
+        print(f"  Received over HTTPS: {_size(h.get('bytes_received') or 0)}")
     print(
         f"  Reconnect attempts: {st['reconnect_attempts']}"
         + (f" (last: {st['last_refusal']})" if st["last_refusal"] else "")

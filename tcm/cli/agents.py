@@ -35,11 +35,12 @@ def cmd_token_list(api: Api, args) -> int:
             ts(t["expires_at"]),
             "-" if t["uses_left"] is None else str(t["uses_left"]),
             str(t["used"]),
+            "revoked " + ts(t["revoked_at"]) if t.get("revoked_at") else "ok",
             t["description"],
         ]
         for t in tokens
     ]
-    print(table(rows, ["ID", "CREATED", "EXPIRES", "USES LEFT", "USED", "DESCRIPTION"]))
+    print(table(rows, ["ID", "CREATED", "EXPIRES", "USES LEFT", "USED", "STATE", "DESCRIPTION"]))
     return 0
 
 
@@ -54,11 +55,13 @@ def cmd_taskservers(api: Api, args) -> int:
             t["state"],
             f"{t['clients']}",
             f"{t['assigned']}/{t['max_clients']}",
+            ts(t.get("since")),
+            t.get("reason") or "-",
             t["url"] or "-",
         ]
         for t in listing["taskservers"]
     ]
-    print(table(rows, ["NAME", "STATE", "CLIENTS", "ASSIGNED/MAX", "URL"]))
+    print(table(rows, ["NAME", "STATE", "CLIENTS", "ASSIGNED/MAX", "SINCE", "REASON", "URL"]))
     print(f"policy: {listing['policy']}")
     return 0
 
@@ -129,24 +132,118 @@ def cmd_agents_revoke(api: Api, args) -> int:
     return 0
 
 
-def cmd_agents(api: Api, args) -> int:
-    agents = api.call("GET", "/agents")["agents"]
-    if args.json:
-        dump(agents)
-        return 0
+def _via(raw: str | None) -> str:
+    """A session's route as shown: direct, gateway NAME, task server NAME."""
+    if not raw:
+        return "-"
+    return raw.replace("taskserver:", "task server ").replace("gateway:", "gateway ")
+
+
+def _name(agent: dict[str, Any]) -> str:
+    """The display name with the agent's tags, e.g. `web-1 [env=prod]`."""
+    tags = agent.get("tags") or {}
+    label = agent.get("name") or agent["hostname"]
+    if tags:
+        label += " [" + ",".join(f"{k}={v}" for k, v in sorted(tags.items())) + "]"
+    return label
+
+
+def _agent_rows(agents: list[dict[str, Any]]) -> str:
     rows = [
         [
             a["id"],
-            a["hostname"],
-            "yes" if a["online"] else "no",
-            ts(a["connected_since"]),
+            _name(a),
+            a.get("mode") or "offline",
+            _via(a.get("via")),
+            a.get("task_server") or "-",
+            a.get("state", "ok"),
             ts(a["last_seen"]),
             _profile_ref(a.get("profile")),
         ]
         for a in agents
     ]
-    print(table(rows, ["ID", "HOSTNAME", "ONLINE", "CONNECTED SINCE", "LAST SEEN", "PROFILE"]))
+    return table(
+        rows, ["ID", "NAME", "MODE", "VIA", "TASK SERVER", "STATE", "LAST SEEN", "PROFILE"]
+    )
+
+
+def cmd_agents(api: Api, args) -> int:
+    path = "/agents?include=deleted" if getattr(args, "all", False) else "/agents"
+    agents = api.call("GET", path)["agents"]
+    if args.json:
+        dump(agents)
+        return 0
+    print(_agent_rows(agents))
     return 0
+
+
+def cmd_agents_pending(api: Api, args) -> int:
+    agents = api.call("GET", "/agents?state=pending")["agents"]
+    if args.json:
+        dump(agents)
+    elif agents:
+        print(_agent_rows(agents))
+    else:
+        print("no agent awaits approval")
+    return 0
+
+
+def _tags(pairs: list[str]) -> dict[str, str]:
+    tags = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"tcm: --tag takes KEY=VALUE, not {pair!r}")
+        tags[key] = value
+    return tags
+
+
+def cmd_agents_set(api: Api, args) -> int:
+    body: dict[str, Any] = {}
+    if args.name is not None:
+        body["name"] = args.name or None  # --name '': back to the hostname
+    if args.tag:
+        body["tags"] = _tags(args.tag)
+    if args.untag:
+        body["untag"] = args.untag
+    if not body:
+        raise SystemExit("tcm: agents set needs --name, --tag or --untag")
+    view = api.call("PATCH", f"/agents/{args.agent_id}", body)
+    if args.json:
+        dump(view)
+    else:
+        print(f"{view['id']}: {_name(view)}")
+    return 0
+
+
+def cmd_agents_delete(api: Api, args) -> int:
+    reply = api.call("DELETE", f"/agents/{args.agent_id}")
+    if args.json:
+        dump(reply)
+    else:
+        print(f"{args.agent_id} deleted" if reply["changed"] else f"{args.agent_id} was deleted")
+    return 0
+
+
+def cmd_token_revoke(api: Api, args) -> int:
+    reply = api.call("POST", f"/tokens/{args.token_id}/revoke", {})
+    if args.json:
+        dump(reply)
+    else:
+        print(f"{args.token_id} revoked" if reply["changed"] else f"{args.token_id} was revoked")
+    return 0
+
+
+def _cmd_node_remove(kind: str):
+    def run(api: Api, args) -> int:
+        reply = api.call("DELETE", f"/{kind}/{args.name}")
+        if args.json:
+            dump(reply)
+        else:
+            print(f"{args.name} removed" if reply["changed"] else f"{args.name} was removed")
+        return 0
+
+    return run
 
 
 def add_commands(sub: Any) -> None:
@@ -165,6 +262,23 @@ def add_commands(sub: Any) -> None:
     s.add_argument("agent_id")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_agents_approve)
+    ag.add_argument("--all", action="store_true", help="deleted agents too")
+    s = agsub.add_parser("pending", help="agents awaiting approval")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_agents_pending)
+    s = agsub.add_parser("set", help="set an agent's display name and tags")
+    s.add_argument("agent_id")
+    s.add_argument("--name", help="display name ('' for the hostname again)")
+    s.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--untag", action="append", default=[], metavar="KEY")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_agents_set)
+    s = agsub.add_parser(
+        "delete", help="delete an agent: revoked and hidden from lists; its history is kept"
+    )
+    s.add_argument("agent_id")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_agents_delete)
 
     tok = sub.add_parser("token", help="enrollment tokens")
     toksub = tok.add_subparsers(dest="token_command", required=True)
@@ -178,6 +292,10 @@ def add_commands(sub: Any) -> None:
     s = toksub.add_parser("list", help="list enrollment tokens")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_token_list)
+    s = toksub.add_parser("revoke", help="withdraw an enrollment token: refused at once")
+    s.add_argument("token_id", help="the token's ID (the part before the dot)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_token_revoke)
 
     ts = sub.add_parser("taskservers", help="task servers: list, enroll")
     ts.add_argument("--json", action="store_true")
@@ -191,6 +309,12 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--ttl", type=float, default=3600, help="seconds the token is valid")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_taskservers_enroll)
+    s = tssub.add_parser(
+        "remove", help="remove a task server: refused from now on, its agents moved"
+    )
+    s.add_argument("name")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_node_remove("taskservers"))
 
     gw = sub.add_parser("gateways", help="internet gateways: list, enroll")
     gw.add_argument("--json", action="store_true")
@@ -203,3 +327,7 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--ttl", type=float, default=3600, help="seconds the token is valid")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_gateways_enroll)
+    s = gwsub.add_parser("remove", help="remove a gateway: refused from now on, links closed")
+    s.add_argument("name")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_node_remove("gateways"))

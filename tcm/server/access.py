@@ -42,6 +42,14 @@ class AccessTokens:
     def enrollment_tokens(self) -> Deferred[list[dict[str, Any]]]:
         return self._store.list_tokens()
 
+    @inlineCallbacks
+    def revoke_enrollment_token(self, token_id: str):
+        """Withdraw an enrollment token: refused at once. Fires with whether it changed."""
+        changed = yield self._store.revoke_token(token_id, self._clock.seconds())
+        if changed is None:
+            raise errors.NotFound(f"no enrollment token {token_id}")
+        return changed
+
     # -- API tokens ----------------------------------------------------------------------
     @staticmethod
     def check_token_name(name: str) -> None:

@@ -36,7 +36,7 @@ from tcm.interfaces import (
 )
 from tcm.server import apischema, inventory, openapi
 from tcm.server.errors import Invalid, Unauthenticated
-from tcm.server.roles import ROLES
+from tcm.server.roles import PERMISSIONS, ROLES
 from tcm.server.selection import check_name, id_list
 from tcm.server.web import JsonRouter, Reply, json_body, json_object
 
@@ -159,6 +159,17 @@ class AdminAPI(JsonRouter):
         )
         self.route("GET", "/gateways", self.gateways)
         self.route("POST", "/gateways", self.register_gateway, "admin", "register gateways")
+        # the fleet's state and removals (issue 15.5)
+        self.route("PATCH", "/agents/{agent}", self.label_agent, "admin", "name and tag agents")
+        self.route("DELETE", "/agents/{agent}", self.delete_agent, "admin", "delete agents")
+        self.route(
+            "POST", "/tokens/{token}/revoke", self.revoke_token, "admin", "revoke enrollment tokens"
+        )
+        self.route(
+            "DELETE", "/taskservers/{name}", self.remove_taskserver, "admin", "remove task servers"
+        )
+        self.route("DELETE", "/gateways/{name}", self.remove_gateway, "admin", "remove gateways")
+        self.route("GET", "/whoami", self.whoami)
 
     def route(
         self, method: str, pattern: str, handler, permission: str | None = None, doing=None
@@ -201,12 +212,26 @@ class AdminAPI(JsonRouter):
     # -- agents --------------------------------------------------------------------------
     def _agent_view(self, row: dict[str, Any]) -> dict[str, Any]:
         session = self.presence.session(row["id"])
+        mode = "persistent" if session else self.presence.http_mode_of(row["id"]) or "offline"
+        if row.get("deleted"):
+            state = "deleted"
+        elif row["revoked"]:
+            state = "revoked"
+        elif not row.get("approved", True):
+            state = "awaiting approval"
+        else:
+            state = "ok"
         return {
             "id": row["id"],
+            "name": row.get("display_name") or row["hostname"],
+            "tags": dict(row.get("tags") or {}),
             "hostname": row["hostname"],
             "platform": row["platform"],
             "online": session is not None,
-            "mode": "persistent" if session else self.presence.http_mode_of(row["id"]),
+            "mode": mode,
+            "state": state,
+            "deleted": bool(row.get("deleted", False)),
+            "task_server": self.nodes.assignments.of(row["id"]) if session else None,
             "via": session.via if session else None,
             "connected_since": session.connected_at if session else None,
             "tls": session.tls if session else None,
@@ -220,8 +245,70 @@ class AdminAPI(JsonRouter):
 
     @inlineCallbacks
     def agents(self, request):
+        """Agents (not deleted ones unless ?include=deleted; ?state= picks one state)."""
         rows = yield self.admission.list_agents()
-        return {"agents": [self._agent_view(r) for r in rows]}
+        include = request.args.get(b"include", [b""])[0] == b"deleted"
+        views = [self._agent_view(r) for r in rows if include or not r.get("deleted")]
+        wanted = request.args.get(b"state", [None])[0]
+        if wanted is not None:
+            state = {b"pending": "awaiting approval"}.get(wanted, wanted.decode())
+            views = [v for v in views if v["state"] == state]
+        return {"agents": views}
+
+    # -- the fleet's state and removals (issue 15.5) ---------------------------------------
+    @inlineCallbacks
+    def label_agent(self, request, agent: str):
+        """Set an agent's display name (null: back to its hostname) and tags."""
+        body = json_object(request)
+        row = yield self.admission.label(
+            agent,
+            name=body.get("name"),
+            tags=body.get("tags"),
+            untag=body.get("untag"),
+            reset_name="name" in body and body["name"] is None,
+        )
+        yield self.auditlog.record(request.who, "agent.label", agent, body)
+        return self._agent_view(row)
+
+    @inlineCallbacks
+    def delete_agent(self, request, agent: str):
+        """Delete an agent: revoked and hidden; its jobs and audit entries are kept."""
+        changed = yield self.admission.delete(agent)
+        if changed:
+            yield self.auditlog.record(request.who, "agent.delete", agent, {})
+        return {"agent_id": agent, "deleted": True, "changed": changed}
+
+    @inlineCallbacks
+    def revoke_token(self, request, token: str):
+        """Withdraw an enrollment token: an enrollment with it is refused from now on."""
+        changed = yield self.access.revoke_enrollment_token(token)
+        if changed:
+            yield self.auditlog.record(request.who, "token.revoke", token, {})
+        return {"token": token, "revoked": True, "changed": changed}
+
+    def whoami(self, request):
+        """The caller's principal: token name, role, its permissions, target scope."""
+        who = request.who
+        return {
+            "name": who.name,
+            "role": who.role,
+            "permissions": [p for p in PERMISSIONS if who.may(p)],
+            "target": who.target,
+        }
+
+    def remove_taskserver(self, request, name: str):
+        return self._remove_node(request, name, "taskserver")
+
+    def remove_gateway(self, request, name: str):
+        return self._remove_node(request, name, "gateway")
+
+    @inlineCallbacks
+    def _remove_node(self, request, name: str, role: str):
+        """Remove a node: refused from now on, links closed, a task server's agents moved."""
+        changed = yield self.nodes.remove(name, role)
+        if changed:
+            yield self.auditlog.record(request.who, f"{role}.remove", name, {})
+        return {"name": name, "removed": True, "changed": changed}
 
     @inlineCallbacks
     def agent(self, request, agent: str):

@@ -50,6 +50,7 @@ class AgentDirectory:
             self._agents[r["id"]] = {
                 "hostname": r["hostname"],
                 "revoked": bool(r["revoked"]),
+                "deleted": bool(r.get("deleted", False)),
                 "approved": bool(r.get("approved", True)),
                 # what it advertised last (stored), until its next session says again
                 "capabilities": {c["name"]: c for c in r["capabilities"] or []} or None,
@@ -60,6 +61,7 @@ class AgentDirectory:
         self._agents[agent_id] = {
             "hostname": hostname,
             "revoked": False,
+            "deleted": False,
             "approved": approved,
             "capabilities": None,
         }
@@ -84,7 +86,9 @@ class AgentDirectory:
 
     def pending_ids(self) -> list[str]:
         """Agents enrolled but not approved yet."""
-        return [a for a, r in self._agents.items() if not r.get("approved", True)]
+        return [
+            a for a, r in self._agents.items() if not r.get("approved", True) and not r["revoked"]
+        ]
 
     def __len__(self) -> int:
         return len(self._agents)
@@ -457,6 +461,41 @@ class AgentAdmission:
         self._presence.close_agent(agent_id, codes.CLOSE_REVOKED)
         self._nodes.tell_revoked([agent_id])
         return True
+
+    @inlineCallbacks
+    def delete(self, agent_id: str):
+        """Delete an agent: revoked (sessions closed, gateways told) and hidden from
+        listings; its jobs and audit entries are kept. Fires with whether anything changed."""
+        record = self.directory.get(agent_id)
+        if record is None:
+            raise NotFound(f"no agent {agent_id}")
+        if record.get("deleted"):
+            return False
+        yield self.revoke(agent_id)
+        yield self._agents.delete_agent(agent_id)
+        record["deleted"] = True
+        self._log.info("agent {agent} deleted", agent=agent_id)
+        return True
+
+    @inlineCallbacks
+    def label(
+        self,
+        agent_id: str,
+        name: str | None = None,
+        tags: dict[str, str] | None = None,
+        untag: list[str] | None = None,
+        reset_name: bool = False,
+    ):
+        """Set an agent's display name (`reset_name`: back to its hostname) and tags (added
+        or replaced; `untag` removes keys). Fires with its stored row after."""
+        row = yield self.get_agent(agent_id)
+        current = dict(row.get("tags") or {})
+        for key in untag or ():
+            current.pop(key, None)
+        current.update(tags or {})
+        display = None if reset_name else (name if name is not None else row["display_name"])
+        yield self._agents.set_agent_label(agent_id, display, current)
+        return {**row, "display_name": display, "tags": current}
 
     # -- sessions --------------------------------------------------------------------------
     def session_seen(self, agent_id: str, hello: dict[str, Any], capabilities: Any) -> None:

@@ -171,6 +171,11 @@ AGENT_VIEW = fields(
     revoked=_BOOL,
     approved=_BOOL,
     capabilities={"type": "array", "items": _STR},
+    name=_STR,  # display name (default: the hostname)
+    tags={"type": "object", "additionalProperties": _STR},
+    task_server=_OPT_STR,
+    state={"enum": ["ok", "awaiting approval", "revoked", "deleted"]},
+    deleted=_BOOL,
 )
 TARGET_VIEW = fields(
     "name",
@@ -814,3 +819,80 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         responses={200: STORED},
     ),
 }
+
+# -- the fleet's state and removals (issue 15.5) ------------------------------------------------
+TAG_KEY = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+AGENT_LABEL = obj(
+    {
+        "name": said(
+            "'name' must be a display name of 1-255 characters (no NUL) or null (the hostname)",
+            nullable(string(255, min_length=1)),
+        ),
+        "tags": said(
+            f"'tags' must be an object of tag keys ({NAME_RULE}) to strings (at most 255)",
+            {
+                "type": "object",
+                "maxProperties": 64,
+                "propertyNames": {"pattern": TAG_KEY, "maxLength": 64},
+                "additionalProperties": string(255),
+            },
+        ),
+        "untag": said(
+            f"'untag' must be a list of tag keys ({NAME_RULE})",
+            array(string(64, TAG_KEY), max_items=64),
+        ),
+    },
+    unknown="unknown members {names}: an agent takes 'name', 'tags' and 'untag'",
+)
+
+OPERATIONS[("GET", f"{ADMIN}/agents")] = _op(
+    "Every enrolled agent (deleted ones with ?include=deleted); ?state=pending: those "
+    "awaiting approval",
+    query={
+        "include": said("'include' must be 'deleted'", {"enum": ["deleted"]}),
+        "state": said(
+            "'state' must be ok, pending or revoked", {"enum": ["ok", "pending", "revoked"]}
+        ),
+    },
+    responses={200: listing("agents", AGENT_VIEW)},
+)
+OPERATIONS.update(
+    {
+        ("PATCH", f"{ADMIN}/agents/{{agent}}"): _op(
+            "Set an agent's display name and tags", AGENT_LABEL, responses={200: AGENT_VIEW}
+        ),
+        ("DELETE", f"{ADMIN}/agents/{{agent}}"): _op(
+            "Delete an agent: revoked and hidden from listings; its history is kept",
+            responses={200: fields("agent_id", "deleted", "changed", changed=_BOOL)},
+        ),
+        ("POST", f"{ADMIN}/tokens/{{token}}/revoke"): _op(
+            "Withdraw an enrollment token: refused at once",
+            EMPTY_BODY,
+            body_required=False,
+            responses={200: fields("token", "revoked", "changed", changed=_BOOL)},
+        ),
+        ("DELETE", f"{ADMIN}/taskservers/{{name}}"): _op(
+            "Remove a task server: its identity refused, its links closed, its agents moved",
+            responses={200: fields("name", "removed", "changed", changed=_BOOL)},
+        ),
+        ("DELETE", f"{ADMIN}/gateways/{{name}}"): _op(
+            "Remove a gateway: its identity refused, its links closed",
+            responses={200: fields("name", "removed", "changed", changed=_BOOL)},
+        ),
+    }
+)
+OPERATIONS[("GET", f"{ADMIN}/whoami")] = _op(
+    "The caller's principal: token name, role, permissions, target scope",
+    responses={
+        200: fields(
+            "name",
+            "role",
+            "permissions",
+            "target",
+            name=_STR,
+            role=_STR,
+            permissions={"type": "array", "items": _STR},
+            target=_OPT_STR,
+        )
+    },
+)

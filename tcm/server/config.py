@@ -38,6 +38,7 @@ class ServerConfig:
     cert_days: int = 365
     taskserver_policy: str = "fewest"  # or "capacity" (docs/operating.md)
     taskserver_max_clients: int = DEFAULT_MAX_CLIENTS
+    taskserver_rebalance_rate: int = 50  # most agents moved per second when one returns
     name: str | None = None  # this server's name, in its agents' certificates (gateways)
     metrics_port: int | None = None  # /metrics and /status on loopback
     job_retention: float = 30 * 86400.0  # seconds jobs are kept (run-time setting job_retention)

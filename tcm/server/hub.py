@@ -70,6 +70,8 @@ class AgentHub:
         self._profiles = profiles
         self._requests = requests
         self.max_in_flight = config.max_in_flight
+        self.rebalance_rate = config.taskserver_rebalance_rate  # agents moved per second
+        self._rebalancing: Any = None  # the next rebalancing step (an IDelayedCall)
 
     def welcome_for(self, session: AgentSession) -> dict[str, Any]:
         cfg = self._config
@@ -186,6 +188,39 @@ class AgentHub:
                 continue
             if assignments.of(session.agent_id) is None:
                 self._tell_task_server(session, "a task server became available")
+        self._rebalance_soon()
+
+    # -- rebalancing: at a bounded rate when a task server returns or joins ------------------
+    def _rebalance_soon(self) -> None:
+        if self._rebalancing is None and self.rebalance_rate > 0:
+            self._rebalancing = self._clock.callLater(1.0, self._rebalance_step)
+
+    def _rebalance_step(self) -> None:
+        """Move at most `rebalance_rate` agents (this second) toward the policy's target and
+        tell each; again in a second while there may be more to move. Agents behind a
+        gateway stay: they can reach only the task servers their gateway links to."""
+        self._rebalancing = None
+        registry = self._presence.registry
+        movable = [s.agent_id for s in registry.all() if is_direct(s)]
+        moves = self._nodes.assignments.rebalance(self.rebalance_rate, movable)
+        for move in moves:
+            session = registry.get(move.agent_id)
+            if session is not None:
+                self._tell_task_server(session, "rebalancing")
+        if moves:
+            self._log.info(
+                "rebalancing: moved {n} agents (at most {rate} a second)",
+                n=len(moves),
+                rate=self.rebalance_rate,
+            )
+        if len(moves) == self.rebalance_rate:
+            self._rebalance_soon()
+
+    def stop_rebalancing(self) -> None:
+        """Cancel a pending rebalancing step (the server stops)."""
+        if self._rebalancing is not None and self._rebalancing.active():
+            self._rebalancing.cancel()
+        self._rebalancing = None
 
     def reach_changed(self, gateway: Any) -> None:
         """A gateway links to other task servers now: its agents' task sessions follow."""

@@ -16,8 +16,8 @@ from zope.interface import implementer
 
 from tcm.interfaces import ICertificates, INodeRegistry
 from tcm.protocol import codes
-from tcm.server.errors import Conflict, Forbidden, Invalid
-from tcm.server.nodes import NodeDirectory, TaskServerAssignments
+from tcm.server.errors import Conflict, Forbidden, Invalid, NotFound
+from tcm.server.nodes import Change, NodeDirectory, TaskServerAssignments
 from tcm.store import TokenRefused
 from tcm.tls import pki
 
@@ -101,6 +101,23 @@ class NodeRegistry:
             "ca": self._certificates.ca_pem.decode(),
         }
 
+    @inlineCallbacks
+    def remove(self, name: str, role: str):
+        """Remove a task server or gateway: its certificate is refused from now on (and a
+        pending enrollment withdrawn), its live links are closed (4007); a task server's
+        agents are assigned again as when its link is lost. Fires with whether it changed."""
+        changed = yield self._store.remove_node(name, role)
+        if changed is None:
+            raise NotFound(f"no {role} {name}")
+        yield self.reload()
+        for node in [n for n in self.links.values() if n.name == name]:
+            node._close(codes.CLOSE_REVOKED, f"{role} {name} was removed by an admin")
+        if changed and role == "taskserver":
+            self.assignments.changes[name] = Change(self.clock.seconds(), "was removed")
+        if changed:
+            self._log.info("{role} {name} removed", role=role, name=name)
+        return changed
+
     # -- links ---------------------------------------------------------------------------
     def link_up(self, node: Any) -> None:
         """A node linked (its hello): it supersedes an older link of the same key; a task
@@ -114,7 +131,9 @@ class NodeRegistry:
             return
         record = self.directory.records.get(node.name, {})
         limits = [m for m in (record.get("max_clients"), node.max_clients) if m]
-        self.assignments.up(node.name, node.url or "", min(limits) if limits else None)
+        self.assignments.up(
+            node.name, node.url or "", min(limits) if limits else None, self.clock.seconds()
+        )
 
     def link_down(self, node: Any) -> list[str] | None:
         """A link was lost: None if a newer link superseded it, else the agents that lose
@@ -126,7 +145,9 @@ class NodeRegistry:
         self._log.warn("{role} {name} link lost", role=node.role, name=node.name)
         if node.role != "taskserver":
             return []
-        return self.assignments.down(node.name)
+        removed = self.directory.records.get(node.name, {}).get("revoked")
+        reason = "was removed" if removed else "went down"
+        return self.assignments.down(node.name, self.clock.seconds(), reason)
 
     def tell_pending(self, agent_ids: list[str], approved: list[str] | None = None) -> None:
         """Tell every gateway which agents await approval (or were approved)."""
@@ -157,11 +178,25 @@ class NodeRegistry:
                 state = "full"
             else:
                 state = "up"
+            change = assignments.change_of(name)
+            if change is not None:
+                since, reason = change.at, change.reason
+            elif record.get("revoked"):
+                since, reason = None, "removed"
+            elif record.get("enrolled_at") is not None:
+                since, reason = (
+                    record["enrolled_at"],
+                    "enrolled, not linked since the server started",
+                )
+            else:
+                since, reason = record["registered_at"], "registered"
             out.append(
                 {
                     "name": name,
                     "url": node.url if connected else record.get("url"),
                     "state": state,
+                    "since": since,  # the time and reason of its last change
+                    "reason": reason,
                     "clients": node.open_sessions() if connected else 0,
                     # of those, task sessions a gateway carries here (agents outside)
                     "via_gateways": sum(

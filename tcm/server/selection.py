@@ -20,7 +20,8 @@ from tcm.store import Conflict as StoreConflict
 
 # Fields of an agent view that are not inventory classes (see TargetService.agent_views).
 VIEW_FIELDS = frozenset(
-    {"id", "name", "platform", "online", "mode", "group", "approved", "enrolled_at", "last_seen"}
+    {"id", "name", "hostname", "tags", "platform", "online", "mode", "group", "approved"}
+    | {"enrolled_at", "last_seen"}
 )
 # Every field a filter may name: the view's own and each inventory class's (one place; a
 # filter naming anything else is refused with a suggestion).
@@ -131,10 +132,11 @@ class TargetService:
     def agent_views(self, roots: frozenset[str] | set[str] = frozenset()):
         """The views filters are evaluated on, one per agent not revoked, built now.
 
-        A view has `id`, `name` (the host name the agent gave), `platform`, `online` (a live
-        session), `mode` ("persistent", "http" or None), `group` (its groups' names),
-        `approved`, `enrolled_at`, `last_seen` (VIEW_FIELDS), and each inventory class named
-        in `roots` (e.g. `os`, `memory`) as stored. Fires with a list of dicts."""
+        A view has `id`, `name` (its display name, by default the host name the agent
+        gave), `hostname`, `tags` (an admin's {key: value}, e.g. `tags.env == "prod"`),
+        `platform`, `online` (a live session), `mode` ("persistent", "http" or None), `group`
+        (its groups' names), `approved`, `enrolled_at`, `last_seen`, and each inventory class
+        named in `roots` (e.g. `os`, `memory`) as stored. Fires with a list of dicts."""
         rows = yield self._agents.list_agents()
         groups = yield self._targets.group_memberships()
         classes = set(roots) - VIEW_FIELDS
@@ -148,7 +150,9 @@ class TargetService:
             view: dict[str, Any] = dict(inventory_data.get(agent_id, {}))
             view.update(
                 id=agent_id,
-                name=r["hostname"],
+                name=r.get("display_name") or r["hostname"],
+                hostname=r["hostname"],
+                tags=dict(r.get("tags") or {}),
                 platform=r["platform"],
                 online=session is not None,
                 mode="persistent" if session is not None else self._presence.http_mode_of(agent_id),

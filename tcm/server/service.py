@@ -251,6 +251,7 @@ class ServerService(service.MultiService):
 
     def stopService(self):
         service.Service.stopService(self)
+        self.parts.hub.stop_rebalancing()  # no agent is moved while the server stops
         # No new connection from here on: an agent told 4012 that came back within the
         # grace below would be served by a server about to go, and its session (a welcome
         # ends the agent's restart hint) then dropped without a 4012: it would climb its

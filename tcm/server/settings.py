@@ -38,8 +38,8 @@ class RuntimeSettings(Mapping[str, Any]):
     def __init__(self, config: ServerConfig, settings_store: Any = None):
         self._store = settings_store
         self._values: dict[str, Any] = dict(
-            require_approval=config.require_approval,
-            persistent_connections=config.persistent_connections,
+            require_approval=bool(config.require_approval),
+            persistent_connections=bool(config.persistent_connections),
             poll_interval=config.poll_interval,
             long_poll=config.long_poll,
             job_retention=config.job_retention,

@@ -105,6 +105,13 @@ class Options(usage.Options):
             "Most agents assigned to one task server (unless registered with its own maximum).",
             int,
         ],
+        [
+            "taskserver-rebalance-rate",
+            None,
+            50,
+            "Most agents moved per second toward a task server that returns or joins (0: none).",
+            int,
+        ],
     ]
 
     def __init__(self):
@@ -143,6 +150,8 @@ class Options(usage.Options):
             raise usage.UsageError("--cert and --key go together")
         if self["taskserver-policy"] not in ("fewest", "capacity"):
             raise usage.UsageError("--taskserver-policy must be fewest or capacity")
+        if self["taskserver-rebalance-rate"] < 0:
+            raise usage.UsageError("--taskserver-rebalance-rate must be 0 or more")
         if self["taskserver-max-clients"] < 1:
             raise usage.UsageError("--taskserver-max-clients must be at least 1")
         self["job-retention"] = retention_seconds(self["job-retention"])
@@ -196,13 +205,14 @@ def config_from(options: Options) -> ServerConfig:
         poll_interval=options["poll-interval"],
         long_poll=options["long-poll"],
         persistent_connections=not options["no-persistent"],
-        require_approval=options["require-approval"],
+        require_approval=bool(options["require-approval"]),  # a flag counts: 0 or 1
         handshake_timeout=options["handshake-timeout"],
         max_handshakes=options["max-handshakes"],
         max_message_size=options["max-message-size"],
         max_in_flight=options["max-in-flight"],
         taskserver_policy=options["taskserver-policy"],
         taskserver_max_clients=options["taskserver-max-clients"],
+        taskserver_rebalance_rate=options["taskserver-rebalance-rate"],
         name=options["name"],
         metrics_port=options["metrics-port"],
         job_retention=options["job-retention"],

@@ -82,6 +82,8 @@ class AccessStore:
             ).first()
             if row is None or not hmac.compare_digest(row.secret_hash, hash_secret(secret)):
                 raise TokenRefused("unknown enrollment token")
+            if row.revoked_at is not None:
+                raise TokenRefused("enrollment token revoked")
             if row.expires_at is not None and now >= row.expires_at:
                 raise TokenRefused("enrollment token expired")
             if row.uses_left is not None and row.uses_left <= 0:
@@ -100,7 +102,42 @@ class AccessStore:
 
         return self._db.transaction(op)
 
+    def revoke_token(self, token_id: str, now: float) -> Deferred[bool | None]:
+        """Withdraw an enrollment token: refused from now on. True if it changed, False if
+        it was revoked already, None if there is no such token."""
+        et = t.enrollment_tokens
+
+        def op(c: Connection) -> bool | None:
+            row = c.execute(sa.select(et.c.revoked_at).where(et.c.id == token_id)).first()
+            if row is None:
+                return None
+            if row.revoked_at is not None:
+                return False
+            c.execute(et.update().where(et.c.id == token_id).values(revoked_at=now))
+            return True
+
+        return self._db.transaction(op)
+
     # -- relay nodes (task servers, gateways) ---------------------------------------
+    def remove_node(self, name: str, role: str) -> Deferred[bool | None]:
+        """Revoke a node of that role: its certificate refused from now on, its pending
+        enrollment withdrawn. True if it changed, False if revoked already, None if no
+        such node."""
+        n = t.nodes
+
+        def op(c: Connection) -> bool | None:
+            row = c.execute(
+                sa.select(n.c.revoked).where(n.c.name == name).where(n.c.role == role)
+            ).first()
+            if row is None:
+                return None
+            if row.revoked:
+                return False
+            c.execute(n.update().where(n.c.name == name).values(revoked=True, token_hash=None))
+            return True
+
+        return self._db.transaction(op)
+
     def register_node(
         self, name: str, role: str, max_clients: int | None, ttl: float, now: float
     ) -> Deferred[str]:

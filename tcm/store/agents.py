@@ -58,6 +58,32 @@ class AgentStore:
 
         return self._db.transaction(op)
 
+    def set_agent_label(
+        self, agent_id: str, display_name: str | None, tags: dict[str, str]
+    ) -> Deferred[None]:
+        """Set an agent's display name (None: its hostname) and its tags."""
+
+        def op(c: Connection) -> None:
+            c.execute(
+                t.agents.update()
+                .where(t.agents.c.id == agent_id)
+                .values(display_name=display_name, tags=tags)
+            )
+
+        return self._db.transaction(op)
+
+    def delete_agent(self, agent_id: str) -> Deferred[None]:
+        """Revoke an agent and hide it from listings; its jobs and audit entries stay."""
+
+        def op(c: Connection) -> None:
+            c.execute(
+                t.agents.update()
+                .where(t.agents.c.id == agent_id)
+                .values(revoked=True, deleted=True)
+            )
+
+        return self._db.transaction(op)
+
     def agent_seen(
         self,
         agent_id: str,

@@ -19,6 +19,11 @@ agents = sa.Table(
     sa.Column("revoked", sa.Boolean, nullable=False, server_default=sa.false()),
     # False while an admin has not approved it (with the require_approval setting on)
     sa.Column("approved", sa.Boolean, nullable=False, server_default=sa.true()),
+    # an admin's name for it (NULL: its hostname) and tags {key: value} (revision 0007)
+    sa.Column("display_name", sa.String(255)),
+    sa.Column("tags", sa.JSON),
+    # deleted: revoked and hidden from listings; its jobs and audit entries are kept
+    sa.Column("deleted", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 
 enrollment_tokens = sa.Table(
@@ -32,6 +37,7 @@ enrollment_tokens = sa.Table(
     sa.Column("used", sa.Integer, nullable=False, server_default="0"),
     sa.Column("description", sa.String(255), nullable=False, server_default=""),
     sa.Column("profile", sa.String(64)),  # agents enrolling with it get this profile (0004)
+    sa.Column("revoked_at", sa.Float),  # withdrawn by an admin: refused from then on (0007)
 )
 
 jobs = sa.Table(
