@@ -20,12 +20,13 @@ from tcm.store import Conflict as StoreConflict
 
 # Fields of an agent view that are not inventory classes (see TargetService.agent_views).
 VIEW_FIELDS = frozenset(
-    {"id", "name", "hostname", "tags", "platform", "online", "mode", "group", "approved"}
-    | {"enrolled_at", "last_seen"}
+    {"id", "name", "tags", "platform", "online", "mode", "group", "approved", "enrolled_at"}
+    | {"last_seen"}
 )
 # Every field a filter may name: the view's own and each inventory class's (one place; a
 # filter naming anything else is refused with a suggestion).
-KNOWN_FIELDS = FieldSet.of(VIEW_FIELDS, inventory.FIELDS)
+# `tags` is an admin's open map: any `tags.KEY` may be named.
+KNOWN_FIELDS = FieldSet.of(VIEW_FIELDS | {"tags.*"}, inventory.FIELDS)
 JOB_STATES = (
     "pending",
     "delivered",
@@ -133,7 +134,8 @@ class TargetService:
         """The views filters are evaluated on, one per agent not revoked, built now.
 
         A view has `id`, `name` (its display name, by default the host name the agent
-        gave), `hostname`, `tags` (an admin's {key: value}, e.g. `tags.env == "prod"`),
+        gave; `hostname` is the inventory class of that name), `tags` (an admin's
+        {key: value}, e.g. `tags.env == "prod"`),
         `platform`, `online` (a live session), `mode` ("persistent", "http" or None), `group`
         (its groups' names), `approved`, `enrolled_at`, `last_seen`, and each inventory class
         named in `roots` (e.g. `os`, `memory`) as stored. Fires with a list of dicts."""
@@ -151,7 +153,6 @@ class TargetService:
             view.update(
                 id=agent_id,
                 name=r.get("display_name") or r["hostname"],
-                hostname=r["hostname"],
                 tags=dict(r.get("tags") or {}),
                 platform=r["platform"],
                 online=session is not None,
