@@ -177,6 +177,9 @@ class IAgentAdmission(Interface):
     def pending_ids():  # type: ignore[misc]
         """Ids of agents awaiting approval."""
 
+    def renew(agent_id, csr):  # type: ignore[misc]
+        """A new certificate for an agent's new key, same identity: {certificate, ca}."""
+
     def count():  # type: ignore[misc]
         """How many agents are enrolled."""
 

@@ -226,7 +226,7 @@ def test_server_certificate_names(ca):
     ]
     assert list(_ext(cert, x509.ExtendedKeyUsage).value) == [ExtendedKeyUsageOID.SERVER_AUTH]
     lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
-    assert lifetime == datetime.timedelta(days=825, minutes=5)
+    assert lifetime == datetime.timedelta(days=397, minutes=5)
     assert ca.is_issued_by(cert)
 
 

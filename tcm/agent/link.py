@@ -63,6 +63,11 @@ class Identity:
             )
         return options
 
+    def renewed(self, cert_pem: bytes, key_pem: bytes) -> None:
+        """A renewed certificate and its key: presented on every new connection from now."""
+        self.cert_pem, self.key_pem = cert_pem, key_pem
+        self._options.clear()
+
 
 split_url = pki.split_url
 

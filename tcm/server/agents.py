@@ -252,7 +252,7 @@ class AgentAdmission:
         settings: IRuntimeSettings,
         profiles: IProfiles,
         clock: Any,
-        cert_days: int,
+        cert_days: float,
     ):
         self._agents = agent_store
         self._access = access_store
@@ -406,6 +406,23 @@ class AgentAdmission:
         if key_id is not None:
             self.recent_enrollments.remember(key_id, (token, now, reply), now)
         return False, reply
+
+    def renew(self, agent_id: str, csr: str) -> dict[str, str]:
+        """A new certificate for an enrolled agent's new key (its CSR), same identity, no
+        token: the agent proves who it is with its current, still valid certificate."""
+        self.check_agent(agent_id)
+        try:
+            cert_pem = self._certificates.sign_agent(csr.encode(), agent_id, self.cert_days)
+        except ValueError as e:
+            raise Invalid("csr", f"bad certificate request: {e}") from None
+        cert = pki.load_certificate(cert_pem)
+        self._log.info(
+            "agent {agent} renewed its certificate (serial {serial:x}, until {until})",
+            agent=agent_id,
+            serial=cert.serial_number,
+            until=cert.not_valid_after_utc.isoformat(),
+        )
+        return {"certificate": cert_pem.decode(), "ca": self._certificates.ca_pem.decode()}
 
     @inlineCallbacks
     def approve(self, agent_id: str):

@@ -622,6 +622,15 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             201: fields("agent_id", "certificate", "ca", agent_id=_STR, certificate=_STR, ca=_STR)
         },
     ),
+    ("POST", f"{AGENT}/renew"): _op(
+        "Renew this agent's certificate: a CSR for a new key, answered with a certificate "
+        "for the same identity (the current certificate authenticates the call)",
+        said(
+            "renew needs 'csr' (PEM) string",
+            obj({"csr": said("renew needs 'csr' (PEM) string", string(16384))}, required=("csr",)),
+        ),
+        responses={200: fields("certificate", "ca", certificate=_STR, ca=_STR)},
+    ),
     ("POST", f"{AGENT}/jobs/{{job}}/accept"): _op(
         "Accept a job pushed to this agent",
         EMPTY_BODY,

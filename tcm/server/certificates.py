@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 
 from cryptography import x509
@@ -29,9 +30,15 @@ class Certificates:
         """The CA certificate agents and nodes trust (PEM)."""
         return self.ca.cert_pem
 
-    def sign_agent(self, csr_pem: bytes, agent_id: str, days: int) -> bytes:
-        """An agent's client certificate; ValueError for a bad CSR."""
-        return self.ca.sign_csr(csr_pem, common_name=agent_id, days=days, unit=self.unit)
+    def sign_agent(self, csr_pem: bytes, agent_id: str, days: float) -> bytes:
+        """An agent's client certificate living `days` (a fraction for hours); ValueError
+        for a bad CSR. Enrollment and renewal alike."""
+        return self.ca.sign_csr(
+            csr_pem,
+            common_name=agent_id,
+            unit=self.unit,
+            lifetime=datetime.timedelta(days=days),
+        )
 
     def sign_node(self, csr_pem: bytes, name: str, days: int, hostnames: list[str]) -> bytes:
         """A node's certificate (`node:NAME`), a client one that also serves its own names."""

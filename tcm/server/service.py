@@ -356,7 +356,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
             settings,
             profiles,
             clock,
-            config.cert_days,
+            config.agent_cert_lifetime / 86400.0,
         ),
     )
     audit = provides(IAudit, AuditLog(db.audit, clock))

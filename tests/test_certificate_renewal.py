@@ -1,0 +1,163 @@
+"""Certificates renew (issue 16.4): real server and agent processes on loopback.
+
+The server issues agent certificates of two minutes (`--agent-cert-lifetime 2m`); the agent
+renews at 30 % of the life (`--renew-at 0.3`) over its session, keeps its identity, shows the
+new serial in `tcm-agent status --json`, still runs jobs; the old certificate keeps working
+until it expires. An agent whose certificate expired says to enroll again.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import ssl
+import time
+import urllib.request
+
+from tcm.server.ca import CertificateAuthority
+from tcm.tls import pki
+from tests.harness import AgentProc, Server, agent_status, wait_until
+
+
+def _whoami(server: Server, cert_path: str, key_path: str) -> dict:
+    ctx = ssl.create_default_context(cafile=server.ca)
+    ctx.load_cert_chain(cert_path, key_path)
+    with urllib.request.urlopen(f"{server.url}/agent/v1/whoami", context=ctx, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _ping(server: Server) -> dict:
+    out = server.cli("run", "ping", "--targets", "all", "--json")
+    job_id = json.loads(out)["job"]
+    return wait_until(
+        lambda: (r := server.job(job_id)["results"][0])["state"] in ("succeeded", "failed") and r,
+        30,
+        0.2,
+        "the ping to finish",
+    )
+
+
+def test_agent_renews_its_certificate_over_its_session(tmp_path):
+    server = Server(str(tmp_path), extra=["--agent-cert-lifetime", "2m"])
+    server.start()
+    agent = AgentProc(str(tmp_path), "agent", server, server.token(), extra=["--renew-at", "0.3"])
+    try:
+        agent.start()
+        first = agent_status(agent)["certificate"]
+        assert 100 < first["not_after"] - time.time() <= 125  # two minutes, as the server says
+        old_cert = str(tmp_path / "old-cert.pem")
+        old_key = str(tmp_path / "old-key.pem")
+        shutil.copy(os.path.join(agent.state_dir, "cert.pem"), old_cert)
+        shutil.copy(os.path.join(agent.state_dir, "key.pem"), old_key)
+
+        renewed = wait_until(
+            lambda: (c := agent_status(agent)["certificate"])["serial"] != first["serial"] and c,
+            90,
+            0.5,
+            "the certificate to renew",
+        )
+        assert renewed["not_after"] > first["not_after"]
+        assert renewed["last_error"] is None and renewed["expired"] is False
+        assert "certificate renewed" in agent.log()
+        with open(os.path.join(agent.state_dir, "cert.pem"), "rb") as f:
+            on_disk = pki.load_certificate(f.read())
+        assert f"{on_disk.serial_number:x}" == renewed["serial"]
+        assert pki.common_name(on_disk) == agent.agent_id  # the same identity
+        assert not os.path.exists(os.path.join(agent.state_dir, "key.next.pem"))
+
+        # the old certificate keeps working until it expires; the new one works too
+        assert _whoami(server, old_cert, old_key)["agent_id"] == agent.agent_id
+        assert (
+            _whoami(
+                server,
+                os.path.join(agent.state_dir, "cert.pem"),
+                os.path.join(agent.state_dir, "key.pem"),
+            )["agent_id"]
+            == agent.agent_id
+        )
+        # a new session presents the new certificate, and jobs still run
+        agent.stop()
+        agent.start()
+        assert _ping(server)["state"] == "succeeded"
+        assert f"renewed its certificate (serial {renewed['serial']}" in server.log()
+    finally:
+        agent.stop()
+        server.stop()
+
+
+def test_expired_certificate_says_enroll_again(tmp_path):
+    server = Server(str(tmp_path))
+    server.start()
+    agent = AgentProc(str(tmp_path), "agent", server, server.token())
+    try:
+        agent.start()
+        agent_id = agent.agent_id
+        agent.stop()
+        # the agent was offline through its certificate's whole life: one that ended an hour ago
+        an_hour_ago = time.time() - 3600
+        ca = CertificateAuthority.load_or_create(server.state_dir, clock=lambda: an_hour_ago - 600)
+        with open(os.path.join(agent.state_dir, "key.pem"), "rb") as f:
+            key = pki.load_key(f.read())
+        expired = ca.sign_csr(pki.make_csr(key), agent_id, lifetime=datetime.timedelta(seconds=600))
+        pki.write_public(os.path.join(agent.state_dir, "cert.pem"), expired)
+
+        restarted = AgentProc(str(tmp_path), "agent")  # no token: it cannot enroll by itself
+        restarted.start(wait=False)
+        try:
+            status = wait_until(
+                lambda: (
+                    os.path.exists(os.path.join(agent.state_dir, "control.sock"))
+                    and agent_status(restarted)
+                ),
+                30,
+                0.2,
+                "the agent's control socket",
+            )
+            cert = status["certificate"]
+            assert cert["expired"] is True
+            assert "enroll again with a token" in cert["last_error"]
+            assert "enroll again with a token" in restarted.log()
+            time.sleep(3)  # no TLS failure loop: it does not try to connect at all
+            again = agent_status(restarted)
+            assert again["reconnect_attempts"] == 0
+            assert again["mode"] != "persistent"
+            assert "certificate verify failed" not in restarted.log()
+        finally:
+            restarted.stop()
+    finally:
+        agent.stop()
+        server.stop()
+
+
+def test_an_interrupted_renewal_is_put_in_place_or_dropped(tmp_path):
+    from tcm.agent.renewal import promote_renewed
+
+    d = str(tmp_path)
+
+    def write(name: str, text: str) -> None:
+        with open(os.path.join(d, name), "w") as f:
+            f.write(text)
+
+    def read(name: str) -> str:
+        with open(os.path.join(d, name)) as f:
+            return f.read()
+
+    write("key.pem", "old key")
+    write("cert.pem", "old cert")
+    write("key.next.pem", "new key")  # the certificate never came
+    promote_renewed(d)
+    assert (read("key.pem"), read("cert.pem")) == ("old key", "old cert")
+    assert not os.path.exists(os.path.join(d, "key.next.pem"))
+
+    write("key.next.pem", "new key")
+    write("cert.next.pem", "new cert")  # both written, none renamed yet
+    promote_renewed(d)
+    assert (read("key.pem"), read("cert.pem")) == ("new key", "new cert")
+
+    write("key.pem", "newer key")  # the key renamed, then a crash before the certificate
+    write("cert.next.pem", "newer cert")
+    promote_renewed(d)
+    assert (read("key.pem"), read("cert.pem")) == ("newer key", "newer cert")
+    assert sorted(os.listdir(d)) == ["cert.pem", "key.pem"]
