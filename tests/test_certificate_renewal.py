@@ -16,6 +16,8 @@ import ssl
 import time
 import urllib.request
 
+from cryptography import x509
+
 from tcm.server.ca import CertificateAuthority
 from tcm.tls import pki
 from tests.harness import AgentProc, Server, agent_status, wait_until
@@ -161,3 +163,46 @@ def test_an_interrupted_renewal_is_put_in_place_or_dropped(tmp_path):
     promote_renewed(d)
     assert (read("key.pem"), read("cert.pem")) == ("newer key", "newer cert")
     assert sorted(os.listdir(d)) == ["cert.pem", "key.pem"]
+
+
+def test_the_self_made_server_certificate_renews_itself(tmp_path):
+    from tcm.server.certificates import Certificates, ServerTLS
+    from tcm.server.config import ServerConfig
+
+    now = [time.time()]
+    ca = CertificateAuthority.load_or_create(str(tmp_path), clock=lambda: now[0])
+    config = ServerConfig(state_dir=str(tmp_path), hostnames=["tcm.example"])
+    tls = ServerTLS(Certificates(ca, unit="s1", clock=lambda: now[0]), config)
+
+    def served() -> x509.Certificate:
+        return tls.serverConnectionForTLS(None).get_certificate().to_cryptography()
+
+    first = served()
+    assert first.not_valid_after_utc - first.not_valid_before_utc <= datetime.timedelta(days=398)
+    now[0] += 200 * 86400  # half its life: kept
+    assert tls.check() is False and served().serial_number == first.serial_number
+    now[0] += 100 * 86400  # past two thirds: a new one, for new connections
+    assert tls.check() is True
+    second = served()
+    assert second.serial_number != first.serial_number
+    assert second.not_valid_after_utc > first.not_valid_after_utc
+    with open(os.path.join(str(tmp_path), "server.pem"), "rb") as f:
+        assert pki.load_certificate(f.read()).serial_number == second.serial_number
+    assert pki.names_in(pki.cert_to_pem(second), ["tcm.example"])
+
+
+def test_an_admins_server_certificate_is_left_alone(tmp_path):
+    from tcm.server.certificates import Certificates, ServerTLS
+    from tcm.server.config import ServerConfig
+
+    now = [time.time()]
+    ca = CertificateAuthority.load_or_create(str(tmp_path / "ca"), clock=lambda: now[0])
+    key_pem, cert_pem = ca.issue_server_certificate(["own.example"], days=10)
+    pki.write_private(str(tmp_path / "own.key"), key_pem)
+    pki.write_public(str(tmp_path / "own.pem"), cert_pem)
+    config = ServerConfig(
+        state_dir=str(tmp_path), cert=str(tmp_path / "own.pem"), key=str(tmp_path / "own.key")
+    )
+    tls = ServerTLS(Certificates(ca, unit="s1", clock=lambda: now[0]), config)
+    now[0] += 9 * 86400
+    assert tls.check() is False and tls.cert_pem == cert_pem

@@ -60,7 +60,7 @@ from tcm.server.agentconfig import AgentConfigBook
 from tcm.server.agents import AgentAdmission, AgentDirectory, AgentPresence
 from tcm.server.audit import AuditLog
 from tcm.server.ca import CertificateAuthority
-from tcm.server.certificates import Certificates
+from tcm.server.certificates import SERVER_CERT_CHECK, Certificates, ServerTLS
 from tcm.server.config import ServerConfig
 from tcm.server.dispatcher import Dispatcher
 from tcm.server.heap import HeapSettler
@@ -81,7 +81,6 @@ from tcm.store import Database
 from tcm.tls import pki
 from tcm.tls.endpoints import listeners, port_description
 from tcm.tls.handshake import HandshakeLogger
-from tcm.tls.server import server_tls_options
 
 __all__ = ["ServerConfig", "ServerService", "make_server_service"]
 
@@ -209,8 +208,9 @@ class ServerService(service.MultiService):
         certificate and its CA for client certificates, serving `factory`; plain ones (an
         admin API behind a TLS-terminating proxy) serve `site` without TLS, where no agent
         certificate can be presented."""
-        key_pem, cert_pem = certificates.server_identity(config)
-        tls = server_tls_options(key_pem, cert_pem, [certificates.ca_pem])
+        tls = ServerTLS(certificates, config)
+        # the self-made certificate renews itself before it expires, for new connections
+        TimerService(SERVER_CERT_CHECK, tls.check).setServiceParent(self)
         endpoints = config.listen or [port_description(config.port, config.interface)]
         self.listeners = listeners(self.reactor, endpoints, tls, factory, site)
         for listener in self.listeners:
