@@ -161,6 +161,8 @@ AGENT_VIEW = fields(
     revoked=_BOOL,
     approved=_BOOL,
     capabilities={"type": "array", "items": _STR},
+    state=_STR,  # "cloned" (issue 16.5) among the others
+    cloned=_STR,  # why the identity was found cloned
 )
 TARGET_VIEW = fields(
     "name",

@@ -360,6 +360,9 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
         ),
     )
     audit = provides(IAudit, AuditLog(db.audit, clock))
+    presence.on_cloned = lambda agent_id, why: audit.record(
+        "server", "agent.cloned", agent_id, {"why": why}
+    )
     inventory = provides(
         IInventory, InventoryService(db.inventory, db.agents, directory, targets, clock)
     )
