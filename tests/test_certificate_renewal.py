@@ -13,14 +13,16 @@ import json
 import os
 import shutil
 import ssl
+import subprocess
 import time
 import urllib.request
 
+import pytest
 from cryptography import x509
 
 from tcm.server.ca import CertificateAuthority
 from tcm.tls import pki
-from tests.harness import AgentProc, Server, agent_status, wait_until
+from tests.harness import PYTHON, AgentProc, Server, agent_status, wait_until
 
 
 def _whoami(server: Server, cert_path: str, key_path: str) -> dict:
@@ -28,6 +30,16 @@ def _whoami(server: Server, cert_path: str, key_path: str) -> dict:
     ctx.load_cert_chain(cert_path, key_path)
     with urllib.request.urlopen(f"{server.url}/agent/v1/whoami", context=ctx, timeout=10) as r:
         return json.loads(r.read())
+
+
+def _agent_cli(agent: AgentProc, command: str) -> None:
+    done = subprocess.run(
+        [PYTHON, "-m", "tcm.cli.agent", "--state-dir", agent.state_dir, command],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
 
 
 def _ping(server: Server) -> dict:
@@ -79,11 +91,18 @@ def test_agent_renews_its_certificate_over_its_session(tmp_path):
             )["agent_id"]
             == agent.agent_id
         )
-        # a new session presents the new certificate, and jobs still run
-        agent.stop()
-        agent.start()
-        assert _ping(server)["state"] == "succeeded"
         assert f"renewed its certificate (serial {renewed['serial']}" in server.log()
+
+        # the old certificate ends when it expires; a new session of the running agent
+        # presents the new one, and jobs still run
+        wait_until(lambda: time.time() > first["not_after"] + 1, 150, 1.0, "the old one to end")
+        with pytest.raises(OSError):
+            _whoami(server, old_cert, old_key)
+        opened = agent.count(AgentProc.SESSION_OPEN)
+        _agent_cli(agent, "disconnect")
+        _agent_cli(agent, "reconnect")
+        agent.wait_session(opened + 1)
+        assert _ping(server)["state"] == "succeeded"
     finally:
         agent.stop()
         server.stop()
