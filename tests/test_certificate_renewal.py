@@ -225,3 +225,71 @@ def test_an_admins_server_certificate_is_left_alone(tmp_path):
     tls = ServerTLS(Certificates(ca, unit="s1", clock=lambda: now[0]), config)
     now[0] += 9 * 86400
     assert tls.check() is False and tls.cert_pem == cert_pem
+
+
+class _CAOverAPI:
+    """The agent API's renew call answered by a real CA (as AgentAPI.renew would), or
+    failing while `down` is set."""
+
+    def __init__(self, ca: CertificateAuthority, lifetime: datetime.timedelta):
+        self.ca = ca
+        self.lifetime = lifetime
+        self.down = False
+        self.calls = 0
+
+    def call(self, method: str, path: str, body=None, timeout=None, via=None):
+        from twisted.internet.defer import fail, succeed
+
+        from tcm.agent.link import CallFailed, Response
+
+        self.calls += 1
+        assert (method, path) == ("POST", "/agent/v1/renew")
+        if self.down:
+            return fail(CallFailed("POST /agent/v1/renew over HTTPS: connection refused"))
+        cert = self.ca.sign_csr(body["csr"].encode(), "a-1", lifetime=self.lifetime)
+        return succeed(Response(200, {"certificate": cert.decode(), "ca": ""}, "https"))
+
+
+def test_renewal_is_scheduled_retried_and_put_in_force(tmp_path):
+    from twisted.internet.task import Clock
+
+    from tcm.agent.link import Identity
+    from tcm.agent.renewal import RETRY, CertificateRenewal
+
+    clock = Clock()
+    clock.advance(time.time())
+    ca = CertificateAuthority.load_or_create(str(tmp_path / "ca"), clock=clock.seconds)
+    lifetime = datetime.timedelta(hours=3)
+    api = _CAOverAPI(ca, lifetime)
+    key = pki.generate_key()
+    identity = Identity(
+        ca_pem=ca.cert_pem,
+        cert_pem=ca.sign_csr(pki.make_csr(key), "a-1", lifetime=lifetime),
+        key_pem=pki.key_to_pem(key),
+    )
+    old_options = identity.options_now("tcm.example")
+    renewal = CertificateRenewal(clock, str(tmp_path), identity, api, fraction=0.5)
+    renewal.start()
+    first = renewal.status()
+    assert first is not None and api.calls == 0
+    # due at half the span from not_before (3 h and the 5 min of skew) to not_after
+    clock.advance(first["renew_at"] - clock.seconds() - 1)
+    assert api.calls == 0
+    api.down = True
+    clock.advance(1)
+    assert api.calls == 1 and "connection refused" in renewal.status()["last_error"]
+    api.down = False
+    clock.advance(RETRY)
+    assert api.calls == 2
+    second = renewal.status()
+    assert second["serial"] != first["serial"] and second["last_error"] is None
+    assert identity.options_now("tcm.example") is not old_options  # new connections: new cert
+    with open(tmp_path / "cert.pem", "rb") as f:
+        assert f.read() == identity.cert_pem
+    with open(tmp_path / "key.pem", "rb") as f:
+        assert f.read() == identity.key_pem
+    clock.advance(RETRY)
+    assert api.calls == 2  # not again until the new certificate is due
+    clock.advance(second["renew_at"] - clock.seconds())
+    assert api.calls == 3
+    renewal.stop()
