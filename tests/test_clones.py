@@ -21,26 +21,28 @@ from tests.harness import AgentProc, Server, free_port, wait_until
 def test_a_reconnecting_agent_is_not_a_clone():
     watch = CloneWatch(limit=6, window=120)
     for minute in range(20):  # a reconnect a minute, each superseding a half-open session
-        assert watch.session_opened("a-1", "fp-1", True, minute * 60.0) is None
+        assert watch.session_opened("a-1", "fp-1", "fp-1", True, minute * 60.0) is None
+    assert watch.session_opened("a-2", "fp-2", None, False, 0.0) is None  # no supersede
     assert not watch.is_cloned("a-1") and watch.superseded_total == 20
 
 
 def test_sessions_superseding_each_other_mark_a_clone():
     watch = CloneWatch(limit=6, window=120)
-    found = [watch.session_opened("a-1", None, True, t * 2.0) for t in range(6)]
+    found = [watch.session_opened("a-1", None, None, True, t * 2.0) for t in range(6)]
     assert found[:5] == [None] * 5
     assert found[5] == "6 sessions superseded each other within 120 s"
     assert watch.is_cloned("a-1") and not watch.is_cloned("a-2")
-    assert watch.session_opened("a-1", None, True, 20.0) is None  # reported once
+    assert watch.session_opened("a-1", None, None, True, 20.0) is None  # reported once
 
 
 def test_two_keys_alternating_mark_a_clone_but_a_renewal_does_not():
     watch = CloneWatch()
-    assert watch.session_opened("a-1", "old", False, 0.0) is None
-    assert watch.session_opened("a-1", "new", True, 10.0) is None  # renewed: a new key
-    assert watch.session_opened("a-1", "new", True, 20.0) is None
+    old, new = "0" * 64, "1" * 64
+    assert watch.session_opened("a-1", new, old, True, 10.0) is None  # renewed: a new key
+    assert watch.session_opened("a-1", new, new, True, 20.0) is None
     assert not watch.is_cloned("a-1")
-    assert "two certificates alternate" in (watch.session_opened("a-1", "old", True, 30.0) or "")
+    why = watch.session_opened("a-1", old, new, True, 30.0)
+    assert why == f"two certificates alternate ({new[:16]}, {old[:16]})"
     watch.forget("a-1")
     assert not watch.is_cloned("a-1")
 

@@ -112,6 +112,13 @@ def is_direct(session: AgentSession) -> bool:
     return isinstance(session.route, DirectRoute)
 
 
+def _fingerprint(session: AgentSession | None) -> str | None:
+    """The certificate a direct session presented (behind a node: None, the node checked)."""
+    if session is None or not is_direct(session):
+        return None
+    return pki.peer_fingerprint(session.transport.peer_transport)
+
+
 @implementer(IAgentPresence)
 class AgentPresence:
     """Where agents are: live sessions, held polls, the last poll of agents in HTTP mode."""
@@ -170,12 +177,15 @@ class AgentPresence:
         """Whether an agent's own session may take its place (superseding a live one): not
         when its identity is cloned; then it and the live one are closed with 4013."""
         agent_id = session.agent_id
-        fingerprint = (
-            pki.peer_fingerprint(session.transport.peer_transport) if is_direct(session) else None
-        )
         live = self.registry.get(agent_id)
         supersedes = live is not None and live is not session
-        why = self.clones.session_opened(agent_id, fingerprint, supersedes, self.clock.seconds())
+        why = self.clones.session_opened(
+            agent_id,
+            _fingerprint(session),
+            _fingerprint(live) if supersedes else None,
+            supersedes,
+            self.clock.seconds(),
+        )
         if why is not None and self.on_cloned is not None:
             self.on_cloned(agent_id, why)
         if not self.clones.is_cloned(agent_id):

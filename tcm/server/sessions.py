@@ -320,30 +320,36 @@ class CloneWatch:
         self.cloned.pop(agent_id, None)
 
     def session_opened(
-        self, agent_id: str, fingerprint: str | None, supersedes: bool, now: float
+        self,
+        agent_id: str,
+        fingerprint: str | None,
+        replaced: str | None,
+        supersedes: bool,
+        now: float,
     ) -> str | None:
-        """A session of `agent_id` opens (replacing a live one when `supersedes`): why the
-        identity is found cloned now, or None (also when it was marked before)."""
-        if agent_id in self.cloned:
+        """A session of `agent_id` opens with certificate `fingerprint`, replacing a live one
+        (`supersedes`) whose certificate was `replaced`: why the identity is found cloned now,
+        or None (also when it was marked before). Keys are only kept for identities that
+        supersede, so a fleet that does not costs nothing here."""
+        if agent_id in self.cloned or not supersedes:
             return None
-        why = self._two_keys(agent_id, fingerprint)
-        if supersedes:
-            self.superseded_total += 1
-            why = why or self._alternating(agent_id, now)
+        self.superseded_total += 1
+        why = self._two_keys(agent_id, replaced, fingerprint) or self._alternating(agent_id, now)
         if why is not None:
             self.cloned[agent_id] = why
             self._log.warn("agent {agent} is cloned: {why}", agent=agent_id, why=why)
         return why
 
-    def _two_keys(self, agent_id: str, fingerprint: str | None) -> str | None:
-        if fingerprint is None:  # behind a gateway: the gateway checked the certificate
+    def _two_keys(self, agent_id: str, replaced: str | None, fingerprint: str | None) -> str | None:
+        if fingerprint is None or replaced is None:  # behind a node: the node checked it
             return None
-        keys = self._keys.setdefault(agent_id, [])
-        if keys and keys[-1] == fingerprint:
+        keys = self._keys.setdefault(agent_id, [replaced[:16]])
+        new = fingerprint[:16]
+        if keys[-1] == new:
             return None
-        if fingerprint in keys:
-            return f"two certificates alternate ({keys[-1][:16]}, {fingerprint[:16]})"
-        keys.append(fingerprint)
+        if new in keys:
+            return f"two certificates alternate ({keys[-1]}, {new})"
+        keys.append(new)
         del keys[:-4]
         return None
 
