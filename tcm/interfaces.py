@@ -136,6 +136,10 @@ class IAgentPresence(Interface):
     task_registry = Attribute("SessionRegistry of agents' task sessions (via task servers).")
     polls = Attribute("PollRegistry of held long-polls.")
     closing_everything = Attribute("True once a stop closes every session.")
+    clones = Attribute("CloneWatch: identities found cloned (sessions.py).")
+
+    def admit_session(session):  # type: ignore[misc]
+        """Whether an agent's own session may open (False: its identity is cloned)."""
 
     def session(agent_id):  # type: ignore[misc]
         """The agent's own live session, or None."""
@@ -176,6 +180,9 @@ class IAgentAdmission(Interface):
 
     def pending_ids():  # type: ignore[misc]
         """Ids of agents awaiting approval."""
+
+    def renew(agent_id, csr):  # type: ignore[misc]
+        """A new certificate for an agent's new key, same identity: {certificate, ca}."""
 
     def count():  # type: ignore[misc]
         """How many agents are enrolled."""

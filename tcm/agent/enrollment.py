@@ -4,6 +4,7 @@ State directory layout:
     agent.json   agent id, server URL (written at enrollment)
     key.pem      private key (0600), made here, never leaves the machine
     cert.pem     certificate signed by the server's CA; its subject is the agent id
+    key.next.pem, cert.next.pem  a renewal on its way into place (renewal.py)
     ca.pem       the CA this agent trusts for its server
     jobs/        the ledger and result spool (ledger.py)
     policies.json  the policies in force (policies.py)
@@ -13,6 +14,7 @@ State directory layout:
 from __future__ import annotations
 
 import json
+import os
 import socket
 from typing import Any
 
@@ -25,6 +27,7 @@ from twisted.web.client import Agent
 from tcm.agent.backoff import backoff_policy
 from tcm.agent.config import AgentConfig
 from tcm.agent.link import Identity, _EndpointFactory
+from tcm.agent.renewal import promote_renewed
 from tcm.statedir import StateDir
 from tcm.tls import pki
 
@@ -46,10 +49,25 @@ class AgentState(StateDir):
         return self.read("cert.pem") is not None and "agent_id" in self.meta()
 
     def identity(self) -> Identity:
+        promote_renewed(self.dir)
         ca = self.read("ca.pem")
         if ca is None:
             raise EnrollmentError(f"no CA certificate in {self.dir}: give --ca-cert")
         return Identity(ca_pem=ca, cert_pem=self.read("cert.pem"), key_pem=self.read("key.pem"))
+
+    def forget_certificate(self) -> None:
+        """Drop an expired certificate (and its key) before enrolling again."""
+        for name in ("cert.pem", "key.pem"):
+            try:
+                os.unlink(self.path(name))
+            except FileNotFoundError:
+                pass
+
+
+def _expired(state: AgentState, now: float) -> bool:
+    promote_renewed(state.dir)
+    cert_pem = state.read("cert.pem")
+    return cert_pem is not None and now >= pki.not_after(pki.load_certificate(cert_pem))
 
 
 def _untrusted(error: BaseException) -> bool:
@@ -126,6 +144,9 @@ def enroll_if_needed(reactor: Any, config: AgentConfig, state: AgentState, proxy
     """Enroll with the token unless enrolled already; fires with the agent's Identity."""
     log = Logger(namespace="tcm.agent.enroll")
     cfg = config
+    if state.enrolled() and cfg.token and _expired(state, reactor.seconds()):
+        log.warn("the agent's certificate expired: enrolling again with the token given")
+        state.forget_certificate()
     if not state.enrolled():
         if not (cfg.server and cfg.token and cfg.ca_cert):
             raise EnrollmentError("not enrolled yet: give --server, --ca-cert and --token")

@@ -45,6 +45,7 @@ from tcm.agent.link import HttpsClient, Identity, ServerLink
 from tcm.agent.policies import PolicyEngine, load_policy_handlers
 from tcm.agent.profile import ProfileKeeper
 from tcm.agent.proxy import HTTPProxy
+from tcm.agent.renewal import CertificateRenewal
 from tcm.agent.runner import ActionRunner, load_handlers
 from tcm.agent.taskclient import TaskClient
 from tcm.interfaces import (
@@ -89,6 +90,7 @@ class Agent:
         "profile",
         "policies",
         "local",
+        "renewal",
     )
 
     def __init__(
@@ -102,6 +104,7 @@ class Agent:
         profile: ProfileKeeper,
         policies: PolicyEngine,
         local: LocalActions,
+        renewal: CertificateRenewal,
     ):
         self.agent_id = agent_id
         self.state_dir = state_dir
@@ -112,6 +115,7 @@ class Agent:
         self.profile = profile
         self.policies = policies
         self.local = local
+        self.renewal = renewal
 
     def start(self, parent: service.MultiService, control_socket: bool) -> None:
         """Recover interrupted jobs, open the control socket, put the stored policies in
@@ -119,6 +123,10 @@ class Agent:
         self.runner.recover()
         if control_socket:
             control_service(self.connection.reactor, self, self.state_dir).setServiceParent(parent)
+        if self.renewal.expired():  # only a token helps: say so rather than fail TLS forever
+            self.renewal.start()
+            return
+        self.renewal.start()
         self.policies.restore()
         self.connection.start(parent)
         self.local.start_flush_loop()
@@ -130,6 +138,7 @@ class Agent:
         self.runner.stop()  # the jobs' commands end with the agent
         self.policies.stop_all()
         self.local.stop_flush_loop()
+        self.renewal.stop()
 
     # -- local control (tcm-agent status / disconnect / reconnect) -----------------------
     def user_disconnect(self) -> dict[str, Any]:
@@ -152,6 +161,7 @@ class Agent:
             "task": self.task_client.status(),
             "reconnect_attempts": c["reconnect_attempts"],
             "last_refusal": c["last_refusal"],
+            "certificate": self.renewal.status(),
             "results_waiting": self.ledger.count(FINISHED),
             "jobs_running": len(self.runner.running_jobs()),
             "mode_history": c["mode_history"],
@@ -184,6 +194,14 @@ def make_agent(
     host = SessionHost(reactor, runner, handlers, policy_handlers, profile)
     connection = ServerConnection(reactor, config, identity, link, host, server, proxy)
     task_client = TaskClient(reactor, config, identity, link, host, connection)
+    renewal = CertificateRenewal(
+        reactor,
+        state.dir,
+        identity,
+        link,
+        config.renew_fraction,
+        on_expired=lambda why: _stop_connecting(connection),
+    )
     verifyObject(IAgentAPI, link)
     verifyObject(IPolicyAgent, local)
     verifyObject(ISessionHost, host)
@@ -193,7 +211,7 @@ def make_agent(
     host.on_notify("policies", policies.notified)
     host.on_notify("profile", profile.notified)
     host.on_notify("task_server", task_client.notified)
-    for observer in (task_client, runner, profile, policies):  # the order they are told in
+    for observer in (task_client, runner, profile, policies, renewal):  # the order told in
         verifyObject(ISessionObserver, observer)
         connection.subscribe(observer)
     profile.subscribe(connection)
@@ -201,7 +219,16 @@ def make_agent(
 
     agent_id = meta["agent_id"]
     agent = Agent(
-        agent_id, state.dir, connection, task_client, runner, ledger, profile, policies, local
+        agent_id,
+        state.dir,
+        connection,
+        task_client,
+        runner,
+        ledger,
+        profile,
+        policies,
+        local,
+        renewal,
     )
     verifyObject(IAgentControl, agent)
     Logger(namespace=__name__).info(
@@ -211,6 +238,13 @@ def make_agent(
         n=ledger.count(FINISHED),
     )
     return agent
+
+
+def _stop_connecting(connection: ServerConnection) -> None:
+    """An expired certificate: no session nor poll can succeed, only a new enrollment."""
+    if connection.session_service is not None and connection.session_service.running:
+        connection.session_service.stopService()
+    connection.stop()
 
 
 class AgentService(service.MultiService):

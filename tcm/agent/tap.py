@@ -37,6 +37,13 @@ class Options(usage.Options):
         ["keepalive-timeout", None, 20.0, "Seconds to wait for a pong.", float],
         ["backoff-max", None, 60.0, "Longest wait between reconnect attempts.", float],
         ["backoff-initial", None, 1.0, "First wait between reconnect attempts.", float],
+        [
+            "renew-at",
+            None,
+            2 / 3,
+            "Renew the certificate when this part of its life has passed (0 to 1).",
+            float,
+        ],
     ]
     optFlags = [
         ["no-long-poll", None, "In HTTP mode, poll at the interval only (no long-polls)."],
@@ -69,6 +76,8 @@ class Options(usage.Options):
                 raise usage.UsageError(
                     f"--ca-cert {self['ca-cert']}: cannot read it: {e.strerror or e}"
                 ) from None
+        if not 0 < self["renew-at"] < 1:
+            raise usage.UsageError("--renew-at must be between 0 and 1, e.g. 0.66")
         if self["proxy"]:
             from tcm.agent.proxy import HTTPProxy
 
@@ -93,5 +102,6 @@ def makeService(options: Options):
             proxy=options["proxy"],
             long_poll=not options["no-long-poll"],
             gateways=options["gateways"],
+            renew_fraction=options["renew-at"],
         )
     )

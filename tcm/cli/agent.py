@@ -59,6 +59,12 @@ def _size(n: int) -> str:
     return f"{n / 1024:.2f} KB" if n >= 1024 else f"{n} B"
 
 
+def _when(t: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat(timespec="seconds")
+
+
 def print_status(st: dict[str, Any]) -> None:
     p, h = st["persistent"], st["http"]
     print("Network Status")
@@ -90,6 +96,12 @@ def print_status(st: dict[str, Any]) -> None:
         f"  Reconnect attempts: {st['reconnect_attempts']}"
         + (f" (last: {st['last_refusal']})" if st["last_refusal"] else "")
     )
+    cert = st.get("certificate")
+    if cert:
+        until = _when(cert["not_after"])
+        print(f"  Certificate:        serial {cert['serial']}, valid until {until}")
+        if cert.get("last_error"):
+            print(f"    {cert['last_error']}")
     t = st.get("task")
     if t is not None:
         print("Task Server Connection")

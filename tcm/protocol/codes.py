@@ -21,6 +21,7 @@ CLOSE_BY_AGENT_USER = 4009
 CLOSE_UPSTREAM_LOST = 4010
 CLOSE_BY_PROFILE = 4011
 CLOSE_RESTARTING = 4012
+CLOSE_CLONED = 4013
 
 CLOSE_REASONS = {
     CLOSE_SUPERSEDED: "superseded by a newer session of the same agent",
@@ -36,6 +37,7 @@ CLOSE_REASONS = {
     CLOSE_UPSTREAM_LOST: "the relay lost its link to the server; reconnect",
     CLOSE_BY_PROFILE: "persistent connections are off in the agent's connection profile",
     CLOSE_RESTARTING: "the server is restarting; reconnect in a few seconds",
+    CLOSE_CLONED: "identity cloned (two agents, one certificate): re-key (revoke, enroll anew)",
 }
 
 # Codes carried in the data of an `error` envelope.

@@ -211,6 +211,13 @@ class AdminAPI(JsonRouter):
 
     # -- agents --------------------------------------------------------------------------
     def _agent_view(self, row: dict[str, Any]) -> dict[str, Any]:
+        view = self._agent_fields(row)
+        if self.presence.clones.is_cloned(row["id"]):  # issue 16.5: a state of its own
+            view["state"] = "cloned"
+            view["cloned"] = self.presence.clones.cloned[row["id"]]
+        return view
+
+    def _agent_fields(self, row: dict[str, Any]) -> dict[str, Any]:
         session = self.presence.session(row["id"])
         mode = "persistent" if session else self.presence.http_mode_of(row["id"]) or "offline"
         if row.get("deleted"):

@@ -63,6 +63,7 @@ class AgentAPI(JsonRouter):
         self.route("POST", "/policies/status", self.policy_status)
         self.route("GET", "/profile", self.profile)
         self.route("POST", "/profile/status", self.profile_status)
+        self.route("POST", "/renew", self.renew)
 
     def authorize(self, request, handler) -> None:
         if handler == self.enroll:
@@ -84,6 +85,13 @@ class AgentAPI(JsonRouter):
         hostname = str(body.get("hostname", ""))[:255]
         _again, reply = yield self.admission.enroll(token, csr, hostname)
         return Reply(reply, status=201)
+
+    def renew(self, request):
+        """A new certificate for the calling agent's new key: same identity, no token."""
+        csr = json_object(request).get("csr")
+        if not isinstance(csr, str):
+            raise Invalid("csr", "renew needs 'csr' (PEM) string")
+        return self.admission.renew(request.agent_id, csr)
 
     def whoami(self, request):
         return {"agent_id": request.agent_id, "transport": _carried_by(request)}

@@ -27,7 +27,7 @@ from tcm.protocol import codes, link
 from tcm.server.dispatcher import DirectRoute
 from tcm.server.errors import Forbidden, Invalid, NotFound
 from tcm.server.polls import PollRegistry
-from tcm.server.sessions import AgentSession, SessionRegistry
+from tcm.server.sessions import AgentSession, CloneWatch, SessionRegistry
 from tcm.store import TokenRefused
 from tcm.tls import pki
 
@@ -126,6 +126,13 @@ def is_direct(session: AgentSession) -> bool:
     return isinstance(session.route, DirectRoute)
 
 
+def _fingerprint(session: AgentSession | None) -> str | None:
+    """The certificate a direct session presented (behind a node: None, the node checked)."""
+    if session is None or not is_direct(session):
+        return None
+    return pki.peer_fingerprint(session.transport.peer_transport)
+
+
 @implementer(IAgentPresence)
 class AgentPresence:
     """Where agents are: live sessions, held polls, the last poll of agents in HTTP mode."""
@@ -150,6 +157,8 @@ class AgentPresence:
         self.polls = PollRegistry(clock)
         self.last_poll: dict[str, float] = {}
         self.closing_everything = False  # a stop closes every session: no line or write each
+        self.clones = CloneWatch()
+        self.on_cloned: Any = None  # called (agent_id, why) when an identity is found cloned
 
     def session(self, agent_id: str) -> AgentSession | None:
         """The agent's own live session here, if any."""
@@ -177,6 +186,27 @@ class AgentPresence:
         if agent_id in self.registry:
             return self.clock.seconds()
         return max(stored or 0, self.last_poll.get(agent_id, 0)) or None
+
+    def admit_session(self, session: AgentSession) -> bool:
+        """Whether an agent's own session may take its place (superseding a live one): not
+        when its identity is cloned; then it and the live one are closed with 4013."""
+        agent_id = session.agent_id
+        live = self.registry.get(agent_id)
+        supersedes = live is not None and live is not session
+        why = self.clones.session_opened(
+            agent_id,
+            _fingerprint(session),
+            _fingerprint(live) if supersedes else None,
+            supersedes,
+            self.clock.seconds(),
+        )
+        if why is not None and self.on_cloned is not None:
+            self.on_cloned(agent_id, why)
+        if not self.clones.is_cloned(agent_id):
+            return True
+        session.close(codes.CLOSE_CLONED)
+        self.close_agent(agent_id, codes.CLOSE_CLONED)
+        return False
 
     def close_agent(self, agent_id: str, code: int) -> None:
         """Close both sessions (own and task) of one agent."""
@@ -266,7 +296,7 @@ class AgentAdmission:
         settings: IRuntimeSettings,
         profiles: IProfiles,
         clock: Any,
-        cert_days: int,
+        cert_days: float,
     ):
         self._agents = agent_store
         self._access = access_store
@@ -334,6 +364,11 @@ class AgentAdmission:
             raise Forbidden(f"unknown agent {agent_id}: enroll again")
         if record["revoked"]:
             raise Forbidden(f"agent {agent_id} is revoked")
+        if self._presence.clones.is_cloned(agent_id):
+            raise Forbidden(
+                f"agent {agent_id} is cloned (two agents, one identity): revoke it and "
+                f"enroll each machine with its own token"
+            )
         if not record.get("approved", True):
             raise Forbidden(
                 f"agent {agent_id} is awaiting approval (tcm agents approve {agent_id})"
@@ -430,6 +465,23 @@ class AgentAdmission:
             self.recent_enrollments.remember(key_id, (token, now, reply), now)
         return False, reply
 
+    def renew(self, agent_id: str, csr: str) -> dict[str, str]:
+        """A new certificate for an enrolled agent's new key (its CSR), same identity, no
+        token: the agent proves who it is with its current, still valid certificate."""
+        self.check_agent(agent_id)
+        try:
+            cert_pem = self._certificates.sign_agent(csr.encode(), agent_id, self.cert_days)
+        except ValueError as e:
+            raise Invalid("csr", f"bad certificate request: {e}") from None
+        cert = pki.load_certificate(cert_pem)
+        self._log.info(
+            "agent {agent} renewed its certificate (serial {serial:x}, until {until})",
+            agent=agent_id,
+            serial=cert.serial_number,
+            until=cert.not_valid_after_utc.isoformat(),
+        )
+        return {"certificate": cert_pem.decode(), "ca": self._certificates.ca_pem.decode()}
+
     @inlineCallbacks
     def approve(self, agent_id: str):
         """Approve an agent that enrolled while approval was required; gateways are told.
@@ -459,6 +511,7 @@ class AgentAdmission:
         record["revoked"] = True
         self._log.info("agent {agent} revoked", agent=agent_id)
         self._presence.close_agent(agent_id, codes.CLOSE_REVOKED)
+        self._presence.clones.forget(agent_id)  # re-keyed: revoked says it all from now on
         self._nodes.tell_revoked([agent_id])
         return True
 

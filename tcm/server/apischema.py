@@ -174,8 +174,9 @@ AGENT_VIEW = fields(
     name=_STR,  # display name (default: the hostname)
     tags={"type": "object", "additionalProperties": _STR},
     task_server=_OPT_STR,
-    state={"enum": ["ok", "awaiting approval", "revoked", "deleted"]},
+    state={"enum": ["ok", "awaiting approval", "revoked", "deleted", "cloned"]},
     deleted=_BOOL,
+    cloned=_STR,  # why the identity was found cloned (issue 16.5)
 )
 TARGET_VIEW = fields(
     "name",
@@ -696,6 +697,15 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         responses={
             201: fields("agent_id", "certificate", "ca", agent_id=_STR, certificate=_STR, ca=_STR)
         },
+    ),
+    ("POST", f"{AGENT}/renew"): _op(
+        "Renew this agent's certificate: a CSR for a new key, answered with a certificate "
+        "for the same identity (the current certificate authenticates the call)",
+        said(
+            "renew needs 'csr' (PEM) string",
+            obj({"csr": said("renew needs 'csr' (PEM) string", string(16384))}, required=("csr",)),
+        ),
+        responses={200: fields("certificate", "ca", certificate=_STR, ca=_STR)},
     ),
     ("POST", f"{AGENT}/jobs/{{job}}/accept"): _op(
         "Accept a job pushed to this agent",

@@ -41,6 +41,12 @@ CLOCK_SKEW = datetime.timedelta(minutes=5)
 #: Names every server certificate carries, so loopback clients can always verify it.
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
+#: The server certificate's default lifetime: under the 398 days browsers accept.
+SERVER_CERT_DAYS = 397
+
+#: The shortest certificate the CA issues (agents' certificates may live a few minutes).
+MIN_LIFETIME = datetime.timedelta(seconds=60)
+
 _ACCEPTED_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 _MINIMUM_RSA_BITS = 2048
 
@@ -131,6 +137,7 @@ class CertificateAuthority:
         client: bool = True,
         server_names: Sequence[str] = (),
         unit: str | None = None,
+        lifetime: datetime.timedelta | None = None,
     ) -> bytes:
         """Certify the key of a CSR as ``common_name``; the PEM certificate.
 
@@ -138,6 +145,7 @@ class CertificateAuthority:
         ``client`` grants clientAuth; ``server_names`` (DNS names or IP addresses) grant
         serverAuth with those names as SANs. ``unit`` becomes the subject's OU: an agent's
         certificate names the server it belongs to there (gateways route by it).
+        ``lifetime``, when given, replaces ``days`` (agents' certificates of a few hours).
         """
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
@@ -151,7 +159,14 @@ class CertificateAuthority:
         if not valid:
             raise CertificateError("certificate signing request signature does not verify")
         return pki.cert_to_pem(
-            self._issue(public_key, common_name, days, client, server_names, unit)
+            self._issue(
+                public_key,
+                common_name,
+                lifetime or datetime.timedelta(days=days),
+                client,
+                server_names,
+                unit,
+            )
         )
 
     def verify_issued(self, cert: x509.Certificate) -> str:
@@ -167,18 +182,20 @@ class CertificateAuthority:
         return pki.common_name(cert)
 
     def issue_server_certificate(
-        self, hostnames: Iterable[str], days: int = 397
+        self, hostnames: Iterable[str], days: int = SERVER_CERT_DAYS
     ) -> tuple[bytes, bytes]:
         """A new key and a serverAuth certificate for ``hostnames`` as ``(key_pem, cert_pem)``.
 
         Names that parse as IP addresses become IP SANs, the rest DNS SANs; the loopback
         names ``localhost``, ``127.0.0.1`` and ``::1`` are always added. The first name is
         the common name. 397 days (398 with the clock-skew backdating) is the longest lifetime
-        browsers and Apple platforms accept for a TLS server certificate since 2020.
+        browsers and Apple platforms accept for a TLS server certificate since 2020; the server
+        renews it before it expires (tcm/server/certificates.py).
         """
         names = _unique([*hostnames, *LOOPBACK_NAMES])
         key = pki.generate_key()
-        certificate = self._issue(key.public_key(), names[0], days, False, names)
+        lifetime = datetime.timedelta(days=days)
+        certificate = self._issue(key.public_key(), names[0], lifetime, False, names)
         return pki.key_to_pem(key), pki.cert_to_pem(certificate)
 
     def is_issued_by(self, cert: x509.Certificate) -> bool:
@@ -193,14 +210,17 @@ class CertificateAuthority:
         self,
         public_key: CertificatePublicKeyTypes,
         common_name: str,
-        days: int,
+        lifetime: datetime.timedelta,
         client: bool,
         server_names: Sequence[str],
         unit: str | None = None,
     ) -> x509.Certificate:
         _check_public_key(public_key)
-        if days < 1:
-            raise CertificateError(f"days must be at least 1, not {days}")
+        if lifetime < MIN_LIFETIME:
+            raise CertificateError(
+                f"a certificate lives at least {MIN_LIFETIME.total_seconds():.0f} s, "
+                f"not {lifetime.total_seconds():.0f} s"
+            )
         if not client and not server_names:
             raise CertificateError("a certificate needs client=True or server_names")
         try:
@@ -212,7 +232,7 @@ class CertificateAuthority:
             raise CertificateError(f"unusable common name {common_name!r}: {e}") from None
         now = _utc(self._clock())
         # A certificate outliving its CA would fail verification from that day anyway.
-        expires = min(now + datetime.timedelta(days=days), self.certificate.not_valid_after_utc)
+        expires = min(now + lifetime, self.certificate.not_valid_after_utc)
         usages = [ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
         if server_names:
             usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
@@ -233,7 +253,8 @@ class CertificateAuthority:
             .issuer_name(self.certificate.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - CLOCK_SKEW)
+            # a tenth of a short life at most: an agent renews at a part of the whole span
+            .not_valid_before(now - min(CLOCK_SKEW, lifetime / 10))
             .not_valid_after(expires)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_leaf_key_usage(public_key), critical=True)

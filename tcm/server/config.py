@@ -35,7 +35,8 @@ class ServerConfig:
     max_handshakes: int = 100  # TLS handshakes in progress at once (tcm/server/admission.py)
     max_message_size: int = 1024 * 1024
     max_in_flight: int = 64
-    cert_days: int = 365
+    cert_days: int = 365  # nodes' certificates
+    agent_cert_lifetime: float = 365 * 86400.0  # seconds (--agent-cert-lifetime 2h, 90d)
     taskserver_policy: str = "fewest"  # or "capacity" (docs/operating.md)
     taskserver_max_clients: int = DEFAULT_MAX_CLIENTS
     taskserver_rebalance_rate: int = 50  # most agents moved per second when one returns

@@ -264,6 +264,8 @@ class AgentHub:
             )
             self._jobs.session_opened(session.agent_id, channel="task")
             return
+        if not presence.admit_session(session):  # a cloned identity (sessions.py CloneWatch)
+            return
         presence.registry.add(session)
         self._admission.session_seen(session.agent_id, hello, session.capabilities)
         self._log.info(

@@ -55,6 +55,17 @@ class ServerMetrics:
             len(self.presence.task_registry),
         )
         yield gauge(f"{PREFIX}_agents", "Enrolled agents", self.admission.count())
+        clones = self.presence.clones
+        yield gauge(
+            f"{PREFIX}_cloned_agents",
+            "Agent identities found cloned (refused with 4013 until re-keyed)",
+            len(clones.cloned),
+        )
+        yield counter(
+            f"{PREFIX}_sessions_superseded",
+            "Agents' sessions superseded by a newer session of the same identity",
+            clones.superseded_total,
+        )
         yield gauge(
             f"{PREFIX}_node_links",
             "Live links of relay nodes (task servers, gateway workers), by role",

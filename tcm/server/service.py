@@ -61,7 +61,7 @@ from tcm.server.agentconfig import AgentConfigBook
 from tcm.server.agents import AgentAdmission, AgentDirectory, AgentPresence
 from tcm.server.audit import AuditLog
 from tcm.server.ca import CertificateAuthority
-from tcm.server.certificates import Certificates
+from tcm.server.certificates import SERVER_CERT_CHECK, Certificates, ServerTLS
 from tcm.server.config import ServerConfig
 from tcm.server.dispatcher import Dispatcher
 from tcm.server.heap import HeapSettler
@@ -83,7 +83,6 @@ from tcm.store import Database
 from tcm.tls import pki
 from tcm.tls.endpoints import TLSServerEndpoint, listeners, parse, port_description
 from tcm.tls.handshake import HandshakeLogger
-from tcm.tls.server import server_tls_options
 
 __all__ = ["ServerConfig", "ServerService", "make_server_service"]
 
@@ -220,8 +219,9 @@ class ServerService(service.MultiService):
             if isinstance(e, TLSServerEndpoint) and e.address is not None and e.address[0]
         ]
         named = attrs.evolve(config, hostnames=[*config.hostnames, *admin_names])
-        key_pem, cert_pem = certificates.server_identity(named)
-        tls = server_tls_options(key_pem, cert_pem, [certificates.ca_pem])
+        tls = ServerTLS(certificates, named)
+        # the self-made certificate renews itself before it expires, for new connections
+        TimerService(SERVER_CERT_CHECK, tls.check).setServiceParent(self)
         endpoints = config.listen or [port_description(config.port, config.interface)]
         self.listeners = listeners(self.reactor, endpoints, tls, factory, site)
         # The admin listener: the same site and TLS, without the agents' admission gate (a
@@ -375,13 +375,16 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
             settings,
             profiles,
             clock,
-            config.cert_days,
+            config.agent_cert_lifetime / 86400.0,
         ),
     )
     audit = provides(IAudit, AuditLog(db.audit, clock))
     history = provides(
         IJobHistory,
         JobHistory(db.jobs, db.agents, jobs, lambda: settings["job_retention"], clock),
+    )
+    presence.on_cloned = lambda agent_id, why: audit.record(
+        "server", "agent.cloned", agent_id, {"why": why}
     )
     inventory = provides(
         IInventory, InventoryService(db.inventory, db.agents, directory, targets, clock)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import json
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -279,3 +280,84 @@ class SessionRegistry:
     def idle_since(self, deadline: float) -> list[AgentSession]:
         """Sessions that received nothing since `deadline` (half-open, most likely)."""
         return [s for s in self._sessions.values() if s.last_rx < deadline]
+
+
+#: Supersedes of one identity within `CLONE_WINDOW` seconds that mark it cloned.
+CLONE_SUPERSEDES = 6
+CLONE_WINDOW = 120.0
+
+
+class CloneWatch:
+    """Tells a cloned identity (one agent's state directory copied to a second machine) from
+    an agent that reconnects: pure bookkeeping, time passed in.
+
+    - *Alternating sessions*: two live agents of one identity supersede each other at every
+      reconnect; `limit` supersedes within `window` seconds mark it cloned. A reconnecting
+      agent supersedes its half-open old session once per reconnect, far below that.
+    - *Two keys*: a session presents a certificate (fingerprint) the identity had before
+      another one. A renewing agent moves to its new key and never back.
+
+    A cloned identity is refused (close 4013) until the operator re-keys it; the mark is kept
+    in memory (a restart forgets it, and the clones are found again)."""
+
+    _log = Logger()
+
+    def __init__(self, limit: int = CLONE_SUPERSEDES, window: float = CLONE_WINDOW):
+        self.limit = limit
+        self.window = window
+        self._supersedes: dict[str, deque[float]] = {}
+        self._keys: dict[str, list[str]] = {}  # fingerprints in the order they came, last 4
+        self.cloned: dict[str, str] = {}  # agent id -> why
+        self.superseded_total = 0
+
+    def is_cloned(self, agent_id: str) -> bool:
+        return agent_id in self.cloned
+
+    def forget(self, agent_id: str) -> None:
+        """The identity was re-keyed (revoked): nothing of it is kept."""
+        self._supersedes.pop(agent_id, None)
+        self._keys.pop(agent_id, None)
+        self.cloned.pop(agent_id, None)
+
+    def session_opened(
+        self,
+        agent_id: str,
+        fingerprint: str | None,
+        replaced: str | None,
+        supersedes: bool,
+        now: float,
+    ) -> str | None:
+        """A session of `agent_id` opens with certificate `fingerprint`, replacing a live one
+        (`supersedes`) whose certificate was `replaced`: why the identity is found cloned now,
+        or None (also when it was marked before). Keys are only kept for identities that
+        supersede, so a fleet that does not costs nothing here."""
+        if agent_id in self.cloned or not supersedes:
+            return None
+        self.superseded_total += 1
+        why = self._two_keys(agent_id, replaced, fingerprint) or self._alternating(agent_id, now)
+        if why is not None:
+            self.cloned[agent_id] = why
+            self._log.warn("agent {agent} is cloned: {why}", agent=agent_id, why=why)
+        return why
+
+    def _two_keys(self, agent_id: str, replaced: str | None, fingerprint: str | None) -> str | None:
+        if fingerprint is None or replaced is None:  # behind a node: the node checked it
+            return None
+        keys = self._keys.setdefault(agent_id, [replaced[:16]])
+        new = fingerprint[:16]
+        if keys[-1] == new:
+            return None
+        if new in keys:
+            return f"two certificates alternate ({keys[-1]}, {new})"
+        keys.append(new)
+        del keys[:-4]
+        return None
+
+    def _alternating(self, agent_id: str, now: float) -> str | None:
+        times = self._supersedes.setdefault(agent_id, deque())
+        times.append(now)
+        while times and times[0] < now - self.window:
+            times.popleft()
+        if len(times) >= self.limit:
+            return f"{len(times)} sessions superseded each other within {self.window:.0f} s"
+        return None

@@ -93,6 +93,13 @@ class Options(usage.Options):
         ["max-message-size", None, 1024 * 1024, "Largest accepted message, bytes.", int],
         ["max-in-flight", None, 64, "Most requests one session may have unanswered.", int],
         [
+            "agent-cert-lifetime",
+            None,
+            "365d",
+            "How long agents' certificates live: seconds, or a number with s, m, h or d "
+            "(e.g. 2h, 90d). Agents renew theirs over their session when 2/3 of it passed.",
+        ],
+        [
             "taskserver-policy",
             None,
             "fewest",
@@ -148,6 +155,12 @@ class Options(usage.Options):
             raise usage.UsageError("--state-dir is required")
         if bool(self["cert"]) != bool(self["key"]):
             raise usage.UsageError("--cert and --key go together")
+        try:
+            self["agent-cert-lifetime"] = parse_duration(self["agent-cert-lifetime"])
+        except ValueError as e:
+            raise usage.UsageError(f"--agent-cert-lifetime: {e}") from None
+        if self["agent-cert-lifetime"] < 120:
+            raise usage.UsageError("--agent-cert-lifetime: at least 2 minutes")
         if self["taskserver-policy"] not in ("fewest", "capacity"):
             raise usage.UsageError("--taskserver-policy must be fewest or capacity")
         if self["taskserver-rebalance-rate"] < 0:
@@ -170,24 +183,36 @@ class Options(usage.Options):
                 raise usage.UsageError(str(e)) from None
 
 
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
 def retention_seconds(text: str | float) -> float:
     """Seconds of `--job-retention` ('30d', '12h', '86400'); UsageError out of 1h..10 years."""
     from tcm.server.settings import JOB_RETENTION_RANGE, MAX_RETENTION, MIN_RETENTION
 
-    raw = str(text).strip()
-    unit = raw[-1:] if raw[-1:] in "smhd" else ""
     try:
-        seconds = float(raw[: len(raw) - len(unit)]) * _UNITS[unit]
+        seconds = parse_duration(text)
     except ValueError:
         raise usage.UsageError(
-            f"--job-retention: not a duration: {raw!r} (e.g. 30d, 12h, 86400)"
+            f"--job-retention: not a duration: {str(text).strip()!r} (e.g. 30d, 12h, 86400)"
         ) from None
     if not MIN_RETENTION <= seconds <= MAX_RETENTION:
         raise usage.UsageError(f"--job-retention: {JOB_RETENTION_RANGE}")
     return seconds
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str | float) -> float:
+    """Seconds from `90`, `90s`, `30m`, `2h` or `365d`; ValueError otherwise."""
+    raw = str(text).strip().lower()
+    unit = _UNITS.get(raw[-1:]) if raw else None
+    number = raw[:-1] if unit is not None else raw
+    try:
+        value = float(number) * (unit or 1.0)
+    except ValueError:
+        raise ValueError(f"not a duration: {text!r} (e.g. 3600, 2h, 90d)") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"not a positive duration: {text!r}")
+    return value
 
 
 def config_from(options: Options) -> ServerConfig:
@@ -216,6 +241,7 @@ def config_from(options: Options) -> ServerConfig:
         name=options["name"],
         metrics_port=options["metrics-port"],
         job_retention=options["job-retention"],
+        agent_cert_lifetime=options["agent-cert-lifetime"],
     )
 
 
