@@ -102,8 +102,9 @@ class AgentAPI(JsonRouter):
             or not isinstance(text, str)
         ):
             raise Invalid(None, "output needs int 'seq', 'stream' (stdout/stderr/log), 'text'")
-        self.jobs.output(request.agent_id, job, seq, stream, text)
-        return Reply(None, status=204)
+        # refused (403/404/409) unless this agent's target of `job` may send output now
+        d = self.jobs.output(request.agent_id, job, seq, stream, text)
+        return d.addCallback(lambda _: Reply(None, status=204))
 
     @inlineCallbacks
     def result(self, request, job: str):

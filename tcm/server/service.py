@@ -334,6 +334,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
             capabilities_of=presence.capabilities_of,
             known_agents=directory.ids,
             inventory_store=db.inventory,
+            max_output=config.max_output,
         ),
     )
     targets = provides(

@@ -86,6 +86,13 @@ class Options(usage.Options):
         ["max-message-size", None, 1024 * 1024, "Largest accepted message, bytes.", int],
         ["max-in-flight", None, 64, "Most requests one session may have unanswered.", int],
         [
+            "max-output",
+            None,
+            8 * 1024 * 1024,
+            "Bytes of output kept per job and agent; more is dropped after a marker line.",
+            int,
+        ],
+        [
             "taskserver-policy",
             None,
             "fewest",
@@ -128,6 +135,8 @@ class Options(usage.Options):
             raise usage.UsageError("--cert and --key go together")
         if self["taskserver-policy"] not in ("fewest", "capacity"):
             raise usage.UsageError("--taskserver-policy must be fewest or capacity")
+        if self["max-output"] < 1:
+            raise usage.UsageError("--max-output must be at least 1 byte")
         if self["taskserver-max-clients"] < 1:
             raise usage.UsageError("--taskserver-max-clients must be at least 1")
         from twisted.internet import reactor
@@ -159,6 +168,7 @@ def config_from(options: Options) -> ServerConfig:
         max_handshakes=options["max-handshakes"],
         max_message_size=options["max-message-size"],
         max_in_flight=options["max-in-flight"],
+        max_output=options["max-output"],
         taskserver_policy=options["taskserver-policy"],
         taskserver_max_clients=options["taskserver-max-clients"],
         name=options["name"],
