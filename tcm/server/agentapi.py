@@ -81,7 +81,7 @@ class AgentAPI(JsonRouter):
         token, csr = body.get("token"), body.get("csr")
         if not isinstance(token, str) or not isinstance(csr, str):
             raise Invalid(None, "enroll needs 'token' and 'csr' (PEM) strings")
-        hostname = str(body.get("hostname", ""))[:255]
+        hostname = str(body.get("hostname", ""))  # at most 255 printable (its schema)
         _again, reply = yield self.admission.enroll(token, csr, hostname)
         return Reply(reply, status=201)
 

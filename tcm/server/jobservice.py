@@ -19,7 +19,7 @@ from zope.interface import implementer
 from tcm.interfaces import IJobs
 from tcm.server import inventory
 from tcm.server.dispatcher import Dispatcher
-from tcm.server.errors import Conflict, Forbidden, Invalid, NotFound
+from tcm.server.errors import Conflict, Forbidden, Invalid, NotFound, TooLarge
 from tcm.server.jobs import (
     DEFAULT_MAX_OUTPUT,
     TERMINAL,
@@ -54,6 +54,7 @@ class JobService:
         known_agents: Callable[[], list[str]],
         inventory_store: Any,
         max_output: int = DEFAULT_MAX_OUTPUT,
+        max_message_size: int | None = None,
     ):
         # the store's jobs area (db.jobs) and its inventory area (db.inventory: results of
         # inventory.collect)
@@ -70,6 +71,8 @@ class JobService:
         # output: a cap per target; jobs loaded at startup may have output stored already
         self.outputs = OutputAllowance(max_output)
         self._loaded_jobs: set[str] = set()
+        # the sessions' message limit: a larger action.request could never be delivered
+        self.max_message_size = max_message_size
         self._expiry.clock = clock
 
     @inlineCallbacks
@@ -133,9 +136,16 @@ class JobService:
             created_by=created_by,
         )
         try:
-            job.frame()  # encodable, or nothing is stored
+            frame = job.frame()  # encodable, or nothing is stored
         except (TypeError, ValueError) as e:
             raise Invalid("args", f"job cannot be encoded: {e}") from None
+        if self.max_message_size is not None and len(frame) > self.max_message_size:
+            raise TooLarge(
+                f"the job's request is {len(frame)} bytes, over the {self.max_message_size}"
+                " bytes agents' sessions accept (--max-message-size)",
+                size=len(frame),
+                limit=self.max_message_size,
+            )
         yield self.store.create_job(
             dict(
                 id=job.id,
