@@ -148,3 +148,23 @@ def test_who_may_send_output():
     assert not output_admitted(TargetState.DELIVERED, quick=False)
     assert not output_admitted(TargetState.PENDING, quick=True)
     assert not output_admitted(None, quick=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_output_with_a_lone_surrogate_is_a_400_not_a_500(tmp_path):
+    server = await start_server(str(tmp_path / "server"))
+    try:
+        a, a_id = await _session(server)
+        job = await _job(server, a, "command.run", a_id.agent_id)
+        await a.request("POST", f"/agent/v1/jobs/{job}/accept", {})
+        raw = b'{"seq": 1, "stream": "stdout", "text": "half \\ud800 a character"}'
+        reply = await server.agent_https(
+            "POST", f"/agent/v1/jobs/{job}/output", identity=a_id, raw=raw
+        )
+        assert reply.status == 400, reply
+        assert "surrogate" in reply.body["error"]
+        status, _ = await _output(a, job, 2, "whole\n")
+        assert status == 204
+        assert await _stored(server, job) == ["whole\n"]
+    finally:
+        await server.stop()

@@ -42,7 +42,8 @@ JSON: st.SearchStrategy[Any] = st.recursive(
     | st.booleans()
     | st.integers(-(2**70), 2**70)
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=30),
+    | st.text(max_size=30)
+    | st.text(st.characters(exclude_categories=()), max_size=5),  # lone surrogates too
     lambda inner: (
         st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
     ),

@@ -94,9 +94,31 @@ def json_body(request, required: bool = True) -> Any:
             raise ApiError(400, "request body must be a JSON object")
         return {}
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        body = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ApiError(400, f"request body is not valid JSON: {e}") from None
+    if (b"\\ud" in raw or b"\\uD" in raw) and _has_lone_surrogate(body):
+        # JSON lets \ud800 stand alone; no store (nor UTF-8) can hold it: refused here
+        raise ApiError(400, "request body is not valid JSON: a lone surrogate is not text")
+    return body
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether a decoded JSON value holds a string that is not valid Unicode text."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def json_object(request) -> dict[str, Any]:
