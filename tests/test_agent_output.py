@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import pytest_twisted
 
 from tcm.server.jobs import DEFAULT_MAX_OUTPUT, OutputAllowance, TargetState, output_admitted
@@ -168,3 +169,15 @@ async def test_output_with_a_lone_surrogate_is_a_400_not_a_500(tmp_path):
         assert await _stored(server, job) == ["whole\n"]
     finally:
         await server.stop()
+
+
+def test_the_cap_is_a_server_option(tmp_path):
+    from twisted.python import usage
+
+    from tcm.server.tap import Options, config_from
+
+    options = Options()
+    options.parseOptions(["--state-dir", str(tmp_path), "--max-output", "1000"])
+    assert config_from(options).max_output == 1000
+    with pytest.raises(usage.UsageError, match="--max-output"):
+        Options().parseOptions(["--state-dir", str(tmp_path), "--max-output", "0"])
