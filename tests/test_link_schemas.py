@@ -139,6 +139,19 @@ def test_any_message_to_any_end_is_taken_or_closes_the_link(header, payload):
         assert all(code == codes.CLOSE_PROTOCOL_ERROR for code, _ in closes.closes)
 
 
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.binary(max_size=300) | _VALUES.map(lambda v: __import__("json").dumps(v).encode()))
+def test_any_bytes_to_any_end_are_taken_or_close_the_link(message):
+    """Not only headers of the right shape: any bytes, any JSON (issue 16.9)."""
+    for end, closes in [_node_link("gateway"), _node_link("taskserver"), _down_link()]:
+        end.message_received(message)  # never raises
+        assert all(code == codes.CLOSE_PROTOCOL_ERROR for code, _ in closes.closes)
+    for relay in (GatewayRelay(Clock(), 5, ["server"]), TaskServerRelay(Clock(), 5)):
+        proto, closes = _upstream(relay)
+        proto.onMessage(message, True)  # never raises
+        assert all(code == codes.CLOSE_PROTOCOL_ERROR for code, _ in closes.closes)
+
+
 def test_each_end_closes_on_a_type_it_does_not_take_with_the_reason():
     node, closes = _node_link("gateway")
     node.message_received(link.encode({"t": "hello", "role": "gateway", "url": "u"}))

@@ -190,3 +190,12 @@ class TestJobs(StoreTest):
         ]
         assert await db.jobs.get_output("j", out[-1]["id"]) == []
         assert await db.jobs.get_output("other") == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_output_bytes_counts_utf8_per_target(self, db):
+        await db.jobs.create_job(job("j"), ["a-1", "a-2"], NOW)
+        assert await db.jobs.output_bytes("j", "a-1") == 0
+        await db.jobs.add_output("j", "a-1", 1, "stdout", "é\n", NOW)
+        await db.jobs.add_output("j", "a-1", 2, "stderr", "abc", NOW)
+        await db.jobs.add_output("j", "a-2", 1, "stdout", "x", NOW)
+        assert await db.jobs.output_bytes("j", "a-1") == 6

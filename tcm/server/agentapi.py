@@ -82,7 +82,7 @@ class AgentAPI(JsonRouter):
         token, csr = body.get("token"), body.get("csr")
         if not isinstance(token, str) or not isinstance(csr, str):
             raise Invalid(None, "enroll needs 'token' and 'csr' (PEM) strings")
-        hostname = str(body.get("hostname", ""))[:255]
+        hostname = str(body.get("hostname", ""))  # at most 255 printable (its schema)
         _again, reply = yield self.admission.enroll(token, csr, hostname)
         return Reply(reply, status=201)
 
@@ -110,8 +110,9 @@ class AgentAPI(JsonRouter):
             or not isinstance(text, str)
         ):
             raise Invalid(None, "output needs int 'seq', 'stream' (stdout/stderr/log), 'text'")
-        self.jobs.output(request.agent_id, job, seq, stream, text)
-        return Reply(None, status=204)
+        # refused (403/404/409) unless this agent's target of `job` may send output now
+        d = self.jobs.output(request.agent_id, job, seq, stream, text)
+        return d.addCallback(lambda _: Reply(None, status=204))
 
     @inlineCallbacks
     def result(self, request, job: str):

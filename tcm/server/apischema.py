@@ -37,6 +37,8 @@ MAX_TEXT = 4 * 1024 * 1024  # one output chunk or error text (a body is at most 
 
 
 NO_NUL = r"^[^\u0000]*$"  # PostgreSQL text cannot hold NUL: refused here, not failed there
+# printable: no C0 control character, DEL or C1 control character (a host name, a label)
+PRINTABLE = r"^[^\u0000-\u001f\u007f-\u009f]*$"
 
 
 def string(
@@ -688,7 +690,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                     "token": said(ENROLL_NEEDS, string(512)),
                     "csr": said(ENROLL_NEEDS, string(16384)),
                     "hostname": said(
-                        "'hostname' must be a string of at most 1024 characters", string(1024)
+                        "'hostname' must be a string of at most 255 printable characters",
+                        string(255, pattern=PRINTABLE),
                     ),
                 },
                 required=("token", "csr"),

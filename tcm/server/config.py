@@ -35,6 +35,7 @@ class ServerConfig:
     max_handshakes: int = 100  # TLS handshakes in progress at once (tcm/server/admission.py)
     max_message_size: int = 1024 * 1024
     max_in_flight: int = 64
+    max_output: int = 8 * 1024 * 1024  # bytes of output kept per job target (issue 16.1)
     cert_days: int = 365  # nodes' certificates
     agent_cert_lifetime: float = 365 * 86400.0  # seconds (--agent-cert-lifetime 2h, 90d)
     taskserver_policy: str = "fewest"  # or "capacity" (docs/operating.md)

@@ -284,3 +284,59 @@ def summarize(states: Iterable[str], not_connected: int = 0) -> dict[str, Any]:
     counts["total"] = total
     counts["progress"] = round(100.0 * counts["completed"] / total, 1) if total else 100.0
     return counts
+
+
+# -- output: who may send it, and how much is kept (issue 16.1) ----------------------------
+
+MiB = 1024 * 1024
+DEFAULT_MAX_OUTPUT = 8 * MiB
+
+
+def output_admitted(state: TargetState | None, quick: bool) -> bool:
+    """Whether a target in `state` may send output now: a running one, or a delivered one of
+    a quick action (it runs without the accept round trip, so it is never *running*)."""
+    return state is TargetState.RUNNING or (state is TargetState.DELIVERED and quick)
+
+
+def _size_words(limit: int) -> str:
+    return f"{limit // MiB} MiB" if limit % MiB == 0 else f"{limit} bytes"
+
+
+class OutputAllowance:
+    """How much output each target has had stored, against a cap per target.
+
+    Output within the cap is kept whole; the chunk that crosses it keeps what fits followed
+    by one marker line; everything after is dropped. Pure bookkeeping: the caller stores.
+    """
+
+    def __init__(self, limit: int = DEFAULT_MAX_OUTPUT) -> None:
+        self.limit = limit
+        self.marker = f"\n[output truncated at {_size_words(limit)}]\n"
+        self._used: dict[tuple[str, str], int] = {}
+
+    def known(self, job_id: str, agent_id: str) -> bool:
+        """Whether this target's use is known (else: ask the store once, `resume`)."""
+        return (job_id, agent_id) in self._used
+
+    def resume(self, job_id: str, agent_id: str, stored_bytes: int) -> None:
+        """A target's use as the store has it (after a restart)."""
+        self._used.setdefault((job_id, agent_id), stored_bytes)
+
+    def take(self, job_id: str, agent_id: str, text: str) -> str | None:
+        """What of `text` to store: all of it, its part within the cap followed by the
+        marker (once), or None (the cap was reached before)."""
+        key = (job_id, agent_id)
+        used = self._used.get(key, 0)
+        if used > self.limit:  # the marker is stored (beyond the cap: marked)
+            return None
+        data = text.encode("utf-8", "surrogatepass")
+        if used + len(data) <= self.limit:
+            self._used[key] = used + len(data)
+            return text
+        self._used[key] = self.limit + 1
+        kept = data[: self.limit - used].decode("utf-8", "ignore")
+        return kept + self.marker
+
+    def forget(self, job_id: str, agent_id: str) -> None:
+        """A target finished: its output is closed."""
+        self._used.pop((job_id, agent_id), None)

@@ -22,15 +22,18 @@ from tcm.interfaces import IJobs
 from tcm.protocol.envelope import Envelope, encode
 from tcm.server import inventory
 from tcm.server.dispatcher import Dispatcher
-from tcm.server.errors import Conflict, Invalid, NotFound
+from tcm.server.errors import Conflict, Forbidden, Invalid, NotFound, TooLarge
 from tcm.server.jobs import (
+    DEFAULT_MAX_OUTPUT,
     NOT_CONNECTED,
     TERMINAL,
     Accept,
     Change,
     Job,
     JobBook,
+    OutputAllowance,
     TargetState,
+    output_admitted,
     summarize,
 )
 
@@ -55,6 +58,8 @@ class JobService:
         known_agents: Callable[[], list[str]],
         inventory_store: Any,
         advertised: Callable[[str], dict[str, Any] | None] | None = None,
+        max_output: int = DEFAULT_MAX_OUTPUT,
+        max_message_size: int | None = None,
     ):
         # the store's jobs area (db.jobs) and its inventory area (db.inventory: results of
         # inventory.collect)
@@ -71,6 +76,11 @@ class JobService:
         self._committing: dict[tuple[str, str], Deferred] = {}  # results not yet committed
         self._output_waiters: dict[str, list[Deferred]] = {}  # job -> followers waiting
         self._expiry = LoopingCall(self.expire)
+        # output: a cap per target; jobs loaded at startup may have output stored already
+        self.outputs = OutputAllowance(max_output)
+        self._loaded_jobs: set[str] = set()
+        # the sessions' message limit: a larger action.request could never be delivered
+        self.max_message_size = max_message_size
         self._expiry.clock = clock
 
     @inlineCallbacks
@@ -88,6 +98,7 @@ class JobService:
                 created_by=row["created_by"],
             )
             self.book.add(job, {a: TargetState(s) for a, s in states.items()})
+            self._loaded_jobs.add(job.id)
         self._log.info("loaded {n} unfinished jobs", n=len(self.book.jobs))
 
     def start(self, interval: float = 1.0) -> None:
@@ -135,9 +146,16 @@ class JobService:
             created_by=created_by,
         )
         try:
-            job.frame()  # encodable, or nothing is stored
+            frame = job.frame()  # encodable, or nothing is stored
         except (TypeError, ValueError) as e:
             raise Invalid("args", f"job cannot be encoded: {e}") from None
+        if self.max_message_size is not None and len(frame) > self.max_message_size:
+            raise TooLarge(
+                f"the job's request is {len(frame)} bytes, over the {self.max_message_size}"
+                " bytes agents' sessions accept (--max-message-size)",
+                size=len(frame),
+                limit=self.max_message_size,
+            )
         yield self.store.create_job(
             dict(
                 id=job.id,
@@ -361,11 +379,46 @@ class JobService:
         self._persist(changes)
         return decision
 
-    def output(self, agent_id: str, job_id: str, seq: int, stream: str, text: str):
-        now = self.clock.seconds()
-        d = self.store.add_output(job_id, agent_id, seq, stream, text, now)
+    # -- output (issue 16.1): only from a current target, capped per target --------------
+    def output(self, agent_id: str, job_id: str, seq: int, stream: str, text: str) -> Deferred:
+        """Store a chunk of a target's output. Only the agent of a target that runs it (or
+        was sent it, for a quick action) may send output: otherwise NotFound (no such job),
+        Forbidden (not this agent's job) or Conflict (not running here). What passes the
+        cap is dropped, with one marker line."""
+        job = self.book.jobs.get(job_id)
+        state = self.book.state(job_id, agent_id)
+        if job is None or not output_admitted(state, self._quick(agent_id, job.action)):
+            return self._refuse_output(agent_id, job_id)
+        if job_id in self._loaded_jobs and not self.outputs.known(job_id, agent_id):
+            d = self.store.output_bytes(job_id, agent_id)  # stored before a restart
+            d.addCallback(lambda n: self.outputs.resume(job_id, agent_id, n))
+            return d.addCallback(lambda _: self._store_output(agent_id, job_id, seq, stream, text))
+        return self._store_output(agent_id, job_id, seq, stream, text)
+
+    def _quick(self, agent_id: str, action: str) -> bool:
+        """Whether the agent runs `action` without accepting it first (neither a task nor
+        streaming; unknown capabilities: the agent decides, so allowed)."""
+        caps = self._capabilities_of(agent_id)
+        if caps is None or action not in caps:
+            return True
+        return not (caps[action].get("task") or caps[action].get("streams"))
+
+    def _store_output(self, agent_id: str, job_id: str, seq: int, stream: str, text: str):
+        kept = self.outputs.take(job_id, agent_id, text)
+        if kept is None:
+            return succeed(None)  # over the cap: dropped (the marker is stored already)
+        d = self.store.add_output(job_id, agent_id, seq, stream, kept, self.clock.seconds())
         d.addCallback(lambda _: self._wake_followers(job_id))
         return d
+
+    @inlineCallbacks
+    def _refuse_output(self, agent_id: str, job_id: str):
+        agents = yield self.store.job_agents(job_id, None)
+        if agents is None:
+            raise NotFound(f"no such job: {job_id}")
+        if agent_id not in agents:
+            raise Forbidden(f"job {job_id} is not for this agent")
+        raise Conflict(f"job {job_id} is not running on this agent")
 
     def output_waiter(self, job_id: str, timeout: float) -> Deferred:
         """Fires when the job's next output is stored or a target finishes, or after
@@ -430,6 +483,7 @@ class JobService:
         changes = self.book.finish(job_id, agent_id, state, self.clock.seconds())
         if not changes:
             return succeed(None)
+        self.outputs.forget(job_id, agent_id)
         key = (job_id, agent_id)
         d = self.store.store_result(
             job_id,
@@ -491,6 +545,8 @@ class JobService:
 
     def expire(self) -> None:
         changes = self.book.expire(self.clock.seconds())
+        for c in changes:
+            self.outputs.forget(c.job_id, c.agent_id)
         if changes:
             self._log.info("{n} job targets expired before delivery", n=len(changes))
         self._persist(changes)

@@ -315,7 +315,7 @@ class NodeLinkProtocol(LinkEndMixin, LeanWebSocketMixin, WebSocketServerProtocol
             raise ConnectionDeny(403, refusal)
         self.end = NodeLink(
             name,
-            lambda data: self.sendMessage(data, isBinary=True),
+            self._send_to_node,
             self.sendClose,
             factory.hub,
             factory.clock,
@@ -323,6 +323,12 @@ class NodeLinkProtocol(LinkEndMixin, LeanWebSocketMixin, WebSocketServerProtocol
             max_message_size=factory.max_message_size,
         )
         return link.SUBPROTOCOL
+
+    def _send_to_node(self, data: bytes) -> None:
+        # A batch flushed after the link began to close (the node broke the protocol) has no
+        # one to go to: dropped, not an error in a timed call.
+        if self.state == self.STATE_OPEN:
+            self.sendMessage(data, isBinary=True)
 
 
 class NodeLinkFactory(WebSocketServerFactory):

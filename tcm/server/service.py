@@ -77,7 +77,7 @@ from tcm.server.policies import PolicyService
 from tcm.server.profiles import ProfileService
 from tcm.server.selection import InventoryService, TargetService
 from tcm.server.settings import RuntimeSettings
-from tcm.server.web import ApiWithWebSocket
+from tcm.server.web import ApiWithWebSocket, limited_site
 from tcm.server.websocket import AgentServerFactory
 from tcm.store import Database
 from tcm.tls import pki
@@ -353,6 +353,8 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
             known_agents=directory.ids,
             inventory_store=db.inventory,
             advertised=directory.advertised,
+            max_output=config.max_output,
+            max_message_size=config.max_message_size,
         ),
     )
     targets = provides(
@@ -440,8 +442,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
         config.keepalive_timeout,
     )
     root = _resource_tree(admin_api, agent_api, agent_ws, NodeAPI(nodes), link_ws)
-    site = Site(root, timeout=60)
-    site.displayTracebacks = False
+    site = limited_site(root, timeout=60)  # header lines and bodies beyond limits: 431/413
     requests.site = site
 
     # -- lifecycle -----------------------------------------------------------------------

@@ -100,6 +100,13 @@ class Options(usage.Options):
             "(e.g. 2h, 90d). Agents renew theirs over their session when 2/3 of it passed.",
         ],
         [
+            "max-output",
+            None,
+            8 * 1024 * 1024,
+            "Bytes of output kept per job and agent; more is dropped after a marker line.",
+            int,
+        ],
+        [
             "taskserver-policy",
             None,
             "fewest",
@@ -165,6 +172,8 @@ class Options(usage.Options):
             raise usage.UsageError("--taskserver-policy must be fewest or capacity")
         if self["taskserver-rebalance-rate"] < 0:
             raise usage.UsageError("--taskserver-rebalance-rate must be 0 or more")
+        if self["max-output"] < 1:
+            raise usage.UsageError("--max-output must be at least 1 byte")
         if self["taskserver-max-clients"] < 1:
             raise usage.UsageError("--taskserver-max-clients must be at least 1")
         self["job-retention"] = retention_seconds(self["job-retention"])
@@ -235,6 +244,7 @@ def config_from(options: Options) -> ServerConfig:
         max_handshakes=options["max-handshakes"],
         max_message_size=options["max-message-size"],
         max_in_flight=options["max-in-flight"],
+        max_output=options["max-output"],
         taskserver_policy=options["taskserver-policy"],
         taskserver_max_clients=options["taskserver-max-clients"],
         taskserver_rebalance_rate=options["taskserver-rebalance-rate"],

@@ -103,7 +103,10 @@ class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type:
 
     # -- SessionTransport ------------------------------------------------------------------
     def send_frame(self, frame: bytes) -> None:
-        self.sendMessage(frame, isBinary=False)
+        # An answer that comes back after the connection began to close (a request the
+        # session was still serving when the agent broke the protocol) has no one to go to.
+        if self.state == self.STATE_OPEN:
+            self.sendMessage(frame, isBinary=False)
 
     def send_prepared(self, prepared: Any) -> None:
         self.sendPreparedMessage(prepared)

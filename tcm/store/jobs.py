@@ -148,6 +148,25 @@ class JobStore:
 
         return self._writes.submit(op)
 
+    def output_bytes(self, job_id: str, agent_id: str) -> Deferred[int]:
+        """How many bytes (UTF-8) of output one target has stored."""
+        jo = t.job_output
+
+        def q(c: Connection) -> int:
+            text = jo.c.text
+            if c.dialect.name == "postgresql":
+                size: Any = sa.func.octet_length(text)
+            else:  # SQLite: the length of the text as a blob is its UTF-8 size
+                size = sa.func.length(sa.cast(text, sa.LargeBinary))
+            total = c.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(size), 0))
+                .where(jo.c.job_id == job_id)
+                .where(jo.c.agent_id == agent_id)
+            ).scalar()
+            return int(total or 0)
+
+        return self._db.read(q)
+
     def get_output(self, job_id: str, after_id: int = 0) -> Deferred[list[dict[str, Any]]]:
         """A job's output chunks with an id above `after_id`, in the order stored."""
         jo = t.job_output
