@@ -25,6 +25,7 @@ from tcm.interfaces import (
     IAgentPresence,
     IAudit,
     ICertificates,
+    ICluster,
     IInventory,
     IJobHistory,
     IJobs,
@@ -80,6 +81,7 @@ class AdminServices:
     profiles: IProfiles
     nodes: INodeRegistry
     certificates: ICertificates
+    cluster: ICluster | None = None  # a node of a cluster (tcm/server/cluster); None: alone
 
 
 class AdminAPI(JsonRouter):
@@ -102,6 +104,7 @@ class AdminAPI(JsonRouter):
         self.profileservice = s.profiles
         self.nodes = s.nodes
         self.certificates = s.certificates
+        self.cluster = s.cluster
         self._permissions: dict[Any, tuple[str, str]] = {}
         self.route("GET", "/status", self.status)
         self.route("GET", "/openapi.json", openapi.serve)
@@ -170,6 +173,7 @@ class AdminAPI(JsonRouter):
         )
         self.route("DELETE", "/gateways/{name}", self.remove_gateway, "admin", "remove gateways")
         self.route("GET", "/whoami", self.whoami)
+        self.route("GET", "/cluster", self.cluster_nodes)
 
     def route(
         self, method: str, pattern: str, handler, permission: str | None = None, doing=None
@@ -201,13 +205,41 @@ class AdminAPI(JsonRouter):
         d.addErrback(lambda f: self._log.failure("could not audit a refused request", f))
 
     def status(self, request):
-        return {
+        status = {
             "version": tcm.__version__,
             "name": self.name,
             "sessions": len(self.presence.registry),
             "agents": self.admission.count(),
             "active_jobs": self.jobservice.active_count(),
         }
+        if self.cluster is not None:
+            status["cluster"] = self.cluster.status()
+        return status
+
+    @inlineCallbacks
+    def cluster_nodes(self, request):
+        """The cluster's nodes (a single server: itself, up, with no bus)."""
+        if self.cluster is None:
+            return {
+                "node": self.name,
+                "bus": "none",
+                "nodes": [
+                    {
+                        "node": self.name,
+                        "address": "",
+                        "sessions": {
+                            "core": len(self.presence.registry),
+                            "task": len(self.presence.task_registry),
+                            "polls": len(self.presence.polls),
+                        },
+                        "state": "up",
+                        "last_heartbeat": None,
+                        "this": True,
+                    }
+                ],
+            }
+        nodes = yield self.cluster.nodes()
+        return {**self.cluster.status(), "nodes": nodes}
 
     # -- agents --------------------------------------------------------------------------
     def _agent_view(self, row: dict[str, Any]) -> dict[str, Any]:

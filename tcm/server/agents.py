@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
@@ -309,6 +310,30 @@ class AgentAdmission:
         self.cert_days = cert_days
         self.directory = directory
         self.recent_enrollments = RecentEnrollments()  # an agent may ask again
+        # told of the agents whose rows changed here (a cluster tells the other nodes)
+        self.on_changed: Callable[[list[str]], None] | None = None
+
+    def _changed(self, agent_id: str) -> None:
+        if self.on_changed is not None:
+            self.on_changed([agent_id])
+
+    @inlineCallbacks
+    def refresh(self, agent_ids: list[str] | None):
+        """Read agents' rows again (all: None), changed by another node of the cluster:
+        enrolled, approved, revoked, deleted. A revoked agent's session here is closed."""
+        if agent_ids is None:
+            rows = yield self._agents.list_agents()
+        else:
+            rows = []
+            for agent_id in agent_ids:
+                row = yield self._agents.get_agent(agent_id)
+                if row is not None:
+                    rows.append(row)
+        self.directory.load(rows)
+        for row in rows:
+            if row["revoked"]:
+                self._presence.close_agent(row["id"], codes.CLOSE_REVOKED)
+        return len(rows)
 
     @inlineCallbacks
     def load(self):
@@ -450,6 +475,7 @@ class AgentAdmission:
         approved = not self._settings["require_approval"]
         yield self._agents.add_agent(agent_id, hostname, fingerprint, now, approved)
         self.directory.add(agent_id, hostname, approved)
+        self._changed(agent_id)
         if not approved:
             self._log.info("agent {agent} awaits approval", agent=agent_id)
             self._nodes.tell_pending([agent_id])
@@ -493,6 +519,7 @@ class AgentAdmission:
             return False
         yield self._agents.approve_agent(agent_id)
         record["approved"] = True
+        self._changed(agent_id)
         self._log.info("agent {agent} approved", agent=agent_id)
         self._nodes.tell_pending([], approved=[agent_id])
         return True
@@ -509,6 +536,7 @@ class AgentAdmission:
             return False
         yield self._agents.revoke_agent(agent_id)
         record["revoked"] = True
+        self._changed(agent_id)
         self._log.info("agent {agent} revoked", agent=agent_id)
         self._presence.close_agent(agent_id, codes.CLOSE_REVOKED)
         self._presence.clones.forget(agent_id)  # re-keyed: revoked says it all from now on
@@ -527,6 +555,7 @@ class AgentAdmission:
         yield self.revoke(agent_id)
         yield self._agents.delete_agent(agent_id)
         record["deleted"] = True
+        self._changed(agent_id)
         self._log.info("agent {agent} deleted", agent=agent_id)
         return True
 

@@ -153,6 +153,9 @@ class JsonRouter(Resource):
         self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
         # (method, regex source) -> (full pattern, compiled declaration or None)
         self._declared: dict[tuple[str, str], tuple[str, CheckedOperation | None]] = {}
+        # told (method, path below the prefix) of each write answered with success: the
+        # cluster tells the other nodes (tcm/server/cluster)
+        self.written: Callable[[str, str], None] | None = None
 
     def route(self, method: str, pattern: str, handler: Handler) -> None:
         """Add a route; `{name}` in the pattern captures one path segment."""
@@ -255,6 +258,9 @@ class JsonRouter(Resource):
         else:
             body, status, headers = result, 200, {}
         request.setResponseCode(status)
+        if self.written is not None and status < 400 and request.method not in (b"GET", b"HEAD"):
+            path = request.path.decode("utf-8", "replace")[len(self._prefix) :]
+            self.written(request.method.decode("ascii", "replace"), path)
         for k, v in headers.items():
             request.setHeader(k, v)
         if status == 204 or body is None:

@@ -30,6 +30,7 @@ from twisted.python.threadpool import ThreadPool
 from tcm.store.access import AccessStore
 from tcm.store.agents import AgentStore
 from tcm.store.audit import AuditStore
+from tcm.store.cluster import ClusterStore
 from tcm.store.config import ConfigStore
 from tcm.store.inventory import InventoryStore
 from tcm.store.jobs import JobStore
@@ -75,6 +76,9 @@ def upgrade(engine: Engine) -> None:
     cfg = Config()
     cfg.set_main_option("script_location", MIGRATIONS)
     with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            # nodes of a cluster starting at once: one migrates, the others wait for it
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(7413001)"))
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
 
@@ -195,6 +199,7 @@ class Database:
         self.targets = TargetStore(self)
         self.inventory = InventoryStore(self, self.writes)
         self.audit = AuditStore(self, self.writes)
+        self.cluster = ClusterStore(self)
 
     # -- lifecycle ---------------------------------------------------------------------
     def open(self) -> None:
