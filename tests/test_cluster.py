@@ -72,7 +72,7 @@ class Cluster:
         self.nodes: list[Server] = []
         self.agents: list[AgentProc] = []
 
-    def node(self, name: str, start: bool = True) -> Server:
+    def node(self, name: str, start: bool = True, extra: list[str] | None = None) -> Server:
         server = Server(
             self.base,
             name=name,
@@ -85,6 +85,7 @@ class Cluster:
                 name,
                 "--cluster-key",
                 self.key,
+                *(extra or []),
             ],
         )
         self.nodes.append(server)
@@ -140,6 +141,13 @@ def _gated_job(server: Server, runs: str, gate: str) -> str:
     args = json.dumps({"argv": ["sh", "-c", script]})
     out = server.cli("run", "command.run", "--args-json", args, "--targets", "all", "--json")
     return json.loads(out)["job"]
+
+
+def _metrics(port: int) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return r.read().decode()
 
 
 def _states(server: Server, job_id: str) -> Counter:
@@ -301,7 +309,9 @@ def test_redis_restarted(tmp_path: Any, database: str, own_redis: dict[str, Any]
     PostgreSQL), and the bus comes back by itself."""
     cluster = Cluster(str(tmp_path), database, own_redis["url"])
     try:
-        n1, n2 = cluster.node("n1"), cluster.node("n2")
+        metrics_port = free_port()
+        n1 = cluster.node("n1")
+        n2 = cluster.node("n2", extra=["--metrics-port", str(metrics_port)])
         token = n1.token(uses=2)
         a0, a1 = cluster.agent("a0", n1, token), cluster.agent("a1", n2, token)
         a0.wait_session(1)
@@ -311,8 +321,9 @@ def test_redis_restarted(tmp_path: Any, database: str, own_redis: dict[str, Any]
         opened = a0.count(a0.SESSION_OPEN), a1.count(a1.SESSION_OPEN)
         own_redis["stop"]()
         wait_until(lambda: n1.cli_json("nodes")["bus"] == "down", 20, 0.3, "n1 seeing the bus down")
-        status = json.loads(n2.cli("status"))
         wait_until(lambda: json.loads(n2.cli("status"))["cluster"]["bus"] == "down", 20, 0.3)
+        status = json.loads(n2.cli("status"))
+        assert "tcm_server_cluster_bus_up 0.0" in _metrics(metrics_port)
         job = json.loads(
             n1.cli(
                 "run",
@@ -329,6 +340,7 @@ def test_redis_restarted(tmp_path: Any, database: str, own_redis: dict[str, Any]
 
         own_redis["start"]()
         wait_until(lambda: n2.cli_json("nodes")["bus"] == "up", 20, 0.3, "bus up again")
+        assert "tcm_server_cluster_bus_up 1.0" in _metrics(metrics_port)
         job2 = json.loads(
             n2.cli(
                 "run",

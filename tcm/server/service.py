@@ -426,7 +426,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
             presence,
             jobs,
             _cluster_reloads(
-                settings, access, admission, policies, profiles, agent_config, presence
+                settings, access, admission, policies, profiles, agent_config, presence, jobs
             ),
             clock,
         )
@@ -511,7 +511,9 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     # tcm/server/heap.py: full garbage collections kept off long-lived objects (sessions)
     HeapSettler(lambda: len(presence.registry)).setServiceParent(top)
     if config.metrics_port is not None:
-        metrics = ServerMetrics(name, presence, admission, nodes, jobs, dispatcher, handshakes)
+        metrics = ServerMetrics(
+            name, presence, admission, nodes, jobs, dispatcher, handshakes, cluster
+        )
         StreamServerEndpointService(
             TCP4ServerEndpoint(reactor, config.metrics_port, interface="127.0.0.1"),
             server_metrics_site(metrics),
@@ -576,7 +578,11 @@ _AREAS = {
 
 def _tell_cluster(cluster: ClusterNode) -> Callable[[str, str], None]:
     def written(method: str, path: str) -> None:
-        area = _AREAS.get(path.strip("/").split("/", 1)[0])
+        parts = path.strip("/").split("/")
+        if parts[0] == "jobs" and parts[-1] == "cancel" and len(parts) == 3:
+            cluster.changed("jobs", [parts[1]])  # every node reads the job again
+            return
+        area = _AREAS.get(parts[0])
         if area is not None:
             cluster.changed(area)
 
@@ -591,6 +597,7 @@ def _cluster_reloads(
     profiles: ProfileService,
     agent_config: AgentConfigBook,
     presence: AgentPresence,
+    jobs: JobService,
 ) -> dict[str, Callable[[list[str] | None], Any]]:
     """What a node does when another node changed an area: read it again from the store,
     and tell its own agents where they must fetch again."""
@@ -613,7 +620,16 @@ def _cluster_reloads(
     def targets_changed(_ids: Any) -> None:
         agent_config.forget_members()
 
+    @inlineCallbacks
+    def jobs_changed(ids: list[str] | None):
+        if ids is None:
+            yield jobs.resync()
+            return
+        for job_id in ids:
+            yield jobs.adopt(job_id)
+
     return {
+        "jobs": jobs_changed,
         "settings": settings.reload,
         "access": lambda _ids: access.load(),
         "agents": admission.refresh,
