@@ -375,3 +375,103 @@ def test_changes_reach_every_node(cluster: Cluster) -> None:
     n1.cli("agents", "revoke", agent.agent_id)
     wait_until(lambda: "revoked" in agent.log(), 10, 0.2, "the agent told it is revoked")
     time.sleep(0)  # nothing else to wait for
+
+
+PG_BIN = next(iter(sorted(__import__("glob").glob("/usr/lib/postgresql/*/bin"))), None)
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[dict[str, Any]]:
+    """A PostgreSQL server of this test's own (initdb into a temporary directory, a free
+    port), stopped and started by the test; never the machine's shared one."""
+    import pwd
+    import tempfile
+
+    if PG_BIN is None:
+        pytest.skip("no PostgreSQL server binaries under /usr/lib/postgresql")
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb and postgres refuse to run as root
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root without a postgres user to run PostgreSQL as")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    base = tempfile.mkdtemp(prefix="tcm-pg-")
+    data, log = os.path.join(base, "data"), os.path.join(base, "pg.log")
+    if as_user:
+        os.chown(base, user.pw_uid, user.pw_gid)
+    port = free_port()
+    subprocess.run(
+        [*as_user, f"{PG_BIN}/initdb", "-D", data, "-A", "trust", "-U", "postgres"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off"
+
+    def start() -> None:
+        subprocess.run(
+            [*as_user, f"{PG_BIN}/pg_ctl", "-D", data, "-o", options, "-l", log, "-w", "start"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+    def stop() -> None:
+        subprocess.run(
+            [*as_user, f"{PG_BIN}/pg_ctl", "-D", data, "-m", "fast", "-w", "stop"],
+            capture_output=True,
+            timeout=60,
+        )
+
+    start()
+    url = f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+    try:
+        yield {"url": url, "start": start, "stop": stop}
+    finally:
+        stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_postgresql_restarted(tmp_path: Any, own_postgres: dict[str, Any], redis_url: str) -> None:
+    """PostgreSQL stopped while agents run a job: sessions stay up, an admin write is a 503
+    saying why, results are not acknowledged (the agents keep them) and are stored once
+    when it is back; nothing is lost, nothing runs twice."""
+    cluster = Cluster(str(tmp_path), own_postgres["url"], redis_url)
+    try:
+        n1, n2 = cluster.node("n1"), cluster.node("n2")
+        token = n1.token(uses=2)
+        a0, a1 = cluster.agent("a0", n1, token), cluster.agent("a1", n2, token)
+        a0.wait_session(1)
+        a1.wait_session(1)
+        runs, gate = str(tmp_path / "runs.log"), str(tmp_path / "gate")
+        job = _gated_job(n1, runs, gate)
+        wait_until(lambda: sum(_runs(runs).values()) == 2, 30, 0.2, "both targets started")
+        opened = a0.count(a0.SESSION_OPEN), a1.count(a1.SESSION_OPEN)
+
+        own_postgres["stop"]()
+        refused = n2.cli_result("settings", "set", "poll_interval", "70")
+        assert refused.returncode != 0
+        assert "503" in refused.stderr and "database is unavailable" in refused.stderr
+        with open(gate, "w"):
+            pass
+        # the agents finish; nothing can be stored, so nothing is acknowledged
+        wait_until(
+            lambda: (
+                all(e.get("state") == "finished" for a in (a0, a1) for e in a.ledger().values())
+                and all(a.ledger() for a in (a0, a1))
+            ),
+            30,
+            0.2,
+            "both results waiting in the agents' spools",
+        )
+        assert json.loads(n1.cli("status"))["sessions"] == 1  # sessions stay up
+
+        own_postgres["start"]()
+        wait_until(lambda: _states(n2, job)["succeeded"] == 2, 90, 0.5, "both results stored")
+        assert _runs(runs) == {"a0": 1, "a1": 1}
+        assert (a0.count(a0.SESSION_OPEN), a1.count(a1.SESSION_OPEN)) == opened
+        n2.cli("settings", "set", "poll_interval", "70")
+        print("postgresql restart: targets 2, stored 2, lost 0, twice 0")
+    finally:
+        cluster.stop()

@@ -30,6 +30,7 @@ from tcm import compat
 from tcm.server import errors
 from tcm.server.apicheck import CheckedOperation, InvalidRequest
 from tcm.server.apischema import Operation
+from tcm.store.errors import StoreUnavailable
 
 MAX_BODY = 8 * 1024 * 1024
 
@@ -236,6 +237,8 @@ class JsonRouter(Resource):
     def _fail(self, request, failure: Failure) -> None:
         if failure.check(ApiError):
             return self._finish(request, failure.value)
+        if failure.check(StoreUnavailable):  # nothing written: try again when it is back
+            return self._finish(request, ApiError(503, str(failure.value)))
         if isinstance(failure.value, errors.DomainError):
             error = api_error(failure.value)
             if error.status in (401, 403):
