@@ -615,7 +615,7 @@ class JobService:
             raise Conflict("job already running here; report its result")
         return self._finish(
             job_id, agent_id, target_state, result, error, started, finished or now, received
-        ).addCallback(lambda _: True)
+        ).addCallback(lambda stored: stored is not False)
 
     def _finish(self, job_id, agent_id, state, result, error, started, finished, received=None):
         previous = self.book.state(job_id, agent_id)
@@ -635,6 +635,8 @@ class JobService:
             finished,
             received,
             stored=self.clock.seconds(),
+            # sharing the store, another node may have stored this target's result first
+            **({"checked": True} if self.shared else {}),
         )
         self._committing[key] = d
         if job is not None and job.action == inventory.ACTION:
@@ -643,6 +645,8 @@ class JobService:
         def committed(value):
             self._committing.pop(key, None)
             self._wake_followers(job_id)
+            if value is False:  # another node stored it first: a duplicate here
+                return value
             if self.on_stored is not None:
                 self.on_stored(
                     {"type": "result", "job": job_id, "agent": agent_id, "state": state.value}

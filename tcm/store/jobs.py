@@ -122,8 +122,13 @@ class JobStore:
         finished: float,
         received: float | None = None,
         stored: float | None = None,
-    ) -> Deferred[None]:
-        """Store a target's result, once: a target already finished keeps its first result."""
+        checked: bool = False,
+    ) -> Deferred[Any]:
+        """Store a target's result, once: a target already finished keeps its first result.
+
+        `checked` (nodes sharing the store, where another node may have stored it first):
+        fires with whether this one was stored, at the price of a statement of its own in
+        the group commit instead of a row of its batch."""
         row = {
             "j": job_id,
             "a": agent_id,
@@ -135,7 +140,14 @@ class JobStore:
             "received": received,
             "stored": stored if stored is not None else finished,
         }
-        return self._writes.add("result", [row])
+        if not checked:
+            return self._writes.add("result", [row])
+        updated: list[int] = []
+
+        def op(c: Connection) -> None:
+            updated.append(c.execute(BATCHED["result"], row).rowcount)
+
+        return self._writes.submit(op).addCallback(lambda _: bool(updated and updated[0]))
 
     def add_output(
         self, job_id: str, agent_id: str, seq: int, stream: str, text: str, at: float
