@@ -475,3 +475,43 @@ def test_postgresql_restarted(tmp_path: Any, own_postgres: dict[str, Any], redis
         print("postgresql restart: targets 2, stored 2, lost 0, twice 0")
     finally:
         cluster.stop()
+
+
+def test_agent_servers_option() -> None:
+    """`--server` more than once: the first is the server, the others its cluster's nodes,
+    each once; a URL that is not https is refused."""
+    from twisted.python import usage
+
+    from tcm.agent.tap import Options
+
+    o = Options()
+    o.parseOptions(
+        ["--state-dir", "/tmp/x", "-s", "https://n1:1", "--server", "https://n2:2"]
+        + ["--server", "https://n1:1", "--server", "https://n3:3"]
+    )
+    assert o["server"] == "https://n1:1"
+    assert o["servers"] == ["https://n2:2", "https://n3:3"]
+    with pytest.raises(usage.UsageError, match="--server wants https://HOST:PORT"):
+        Options().parseOptions(["--state-dir", "/tmp/x", "--server", "n1:1"])
+
+
+def test_an_agent_enrolls_through_any_node_and_keeps_the_list(cluster: Cluster) -> None:
+    """The first --server does not answer: the agent enrolls through the next, keeps the
+    whole list, and a later start needs only its state directory."""
+    n1 = cluster.node("n1")
+    dead = f"https://127.0.0.1:{free_port()}"
+    token = n1.token(uses=1)
+    agent = AgentProc(
+        cluster.base,
+        "a0",
+        extra=["--server", dead, "--server", n1.url, "--ca-cert", n1.ca, "--token", token],
+    )
+    cluster.agents.append(agent)
+    agent.start()
+    with open(os.path.join(agent.state_dir, "agent.json")) as f:
+        meta = json.load(f)
+    assert meta["server"] == dead and meta["servers"] == [dead, n1.url]
+    agent.stop()
+    agent.args = ["tcm-agent", "--state-dir", agent.state_dir, "--backoff-max", "1"]
+    agent.start()  # back, through the second server again
+    assert _nodes(n1)["n1"]["state"] == "up"
