@@ -66,6 +66,7 @@ class NodeUnderTest:
             reactor,
         )
         self.jobs.on_created = self.node.job_created
+        self.jobs.on_stored = self.node.event
         self.transports: dict[str, FakeTransport] = {}
 
     def connect(self, agent_id: str) -> FakeTransport:
@@ -102,6 +103,7 @@ def two_nodes(tmp_path: Any) -> Iterator[tuple[NodeUnderTest, NodeUnderTest, Dat
 
 def _start(*nodes: NodeUnderTest) -> None:
     for n in nodes:
+        n.node.bus.add_event_listener(n.node._events_heard)
         n.node.bus.start(n.node._received, n.node._bus_state)
 
 
@@ -248,3 +250,15 @@ def test_settle_takes_the_stores_view() -> None:
     # a job not tracked yet is taken whole
     assert book.settle(job, {"d": TargetState.PENDING, "e": TargetState.SUCCEEDED}) == []
     assert book.active_targets("j") == {"d": TargetState.PENDING}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_follower_is_woken_by_a_result_stored_on_another_node(two_nodes) -> None:
+    a, b, db = two_nodes
+    _start(a, b)
+    job_id = await a.jobs.create("ping", {}, ["b-1"], 60, None)
+    waiting = a.jobs.output_waiter(job_id, 30.0)  # `tcm jobs follow` on n1
+    assert await b.jobs.accept("b-1", job_id) is Accept.RUN
+    assert await b.jobs.result("b-1", job_id, "succeeded", {}, None, None, None) is True
+    await _settle()  # n2's events go out in a batch
+    assert waiting.called  # woken long before its 30 s

@@ -538,8 +538,18 @@ class JobService:
         if kept is None:
             return succeed(None)  # over the cap: dropped (the marker is stored already)
         d = self.store.add_output(job_id, agent_id, seq, stream, kept, self.clock.seconds())
-        d.addCallback(lambda _: self._wake_followers(job_id))
+        d.addCallback(lambda _: self._output_stored(job_id, agent_id))
         return d
+
+    def _output_stored(self, job_id: str, agent_id: str) -> None:
+        self._wake_followers(job_id)
+        if self.on_stored is not None:
+            self.on_stored({"type": "output", "job": job_id, "agent": agent_id})
+
+    def wake(self, job_id: str) -> None:
+        """Another node stored output or a result of this job: its followers here read the
+        store again now."""
+        self._wake_followers(job_id)
 
     @inlineCallbacks
     def _refuse_output(self, agent_id: str, job_id: str):

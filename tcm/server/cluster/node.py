@@ -76,6 +76,9 @@ class ClusterNode(service.Service):
     # -- lifecycle -----------------------------------------------------------------------
     def startService(self) -> None:
         super().startService()
+        # other nodes' results and output wake `jobs follow` here (batched: at most five
+        # messages a second from each node)
+        self.bus.add_event_listener(self._events_heard)
         self.bus.start(self._received, self._bus_state)
         self._beat.start(HEARTBEAT, now=True)
         self._resync.start(RESYNC, now=False)
@@ -245,6 +248,13 @@ class ClusterNode(service.Service):
         events, self._events, self._events_call = self._events, [], None
         if events and self.bus.up:
             self.bus.publish_events(events).addErrback(lambda f: None)
+
+    def _events_heard(self, batch: dict[str, Any]) -> None:
+        if batch.get("node") == self.name:
+            return
+        for event in batch.get("events") or ():
+            if isinstance(event, dict) and event.get("type") in ("result", "output"):
+                self._jobs.wake(str(event.get("job")))
 
     # -- reading ---------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
