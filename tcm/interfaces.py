@@ -579,6 +579,9 @@ class ICluster(Interface):
     def nodes():  # type: ignore[misc]
         """Deferred list of every node: name, address, sessions, state, last heartbeat."""
 
+    def where(agent_ids):  # type: ignore[misc]
+        """Deferred {agent: node} of those agents whose sessions other live nodes hold."""
+
 
 class ICertificates(Interface):
     """Certificates signed by the server's CA, and the server's own TLS identity."""

@@ -210,6 +210,10 @@ def test_three_nodes_one_cluster(cluster: Cluster) -> None:
     assert {n: v["state"] for n, v in nodes.items()} == {"n1": "up", "n2": "up", "n3": "up"}
     status = n1.cli_json("nodes")
     assert status["bus"] == "up" and status["node"] == "n1"
+    # any node lists every agent online, with the node holding its session
+    listed = n1.agents()
+    assert all(a["online"] for a in listed)
+    assert Counter(a["node"] for a in listed) == {"n1": 2, "n2": 2, "n3": 2}
 
     job = json.loads(
         n2.cli(

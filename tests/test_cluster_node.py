@@ -222,6 +222,8 @@ async def test_nodes_list_and_state(two_nodes) -> None:
         )
     assert {n["node"]: n["state"] for n in await a.node.nodes()} == {"n1": "up", "n2": "down"}
     assert a.bus.redis.agents["n1"] == {"a-1"}  # presence: the agents whose sessions it holds
+    assert await b.node.where(["a-1", "b-1"]) == {"a-1": "n1"}
+    assert await a.node.where(["a-1"]) == {}  # its own: not elsewhere
 
 
 @pytest_twisted.ensureDeferred

@@ -16,7 +16,7 @@ import re
 from typing import Any
 
 import attrs
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import inlineCallbacks, succeed
 
 import tcm
 from tcm.interfaces import (
@@ -242,8 +242,19 @@ class AdminAPI(JsonRouter):
         return {**self.cluster.status(), "nodes": nodes}
 
     # -- agents --------------------------------------------------------------------------
-    def _agent_view(self, row: dict[str, Any]) -> dict[str, Any]:
+    def _where(self, agent_ids: list[str]):
+        """{agent: node} of agents whose sessions other nodes of the cluster hold."""
+        if self.cluster is None:
+            return succeed({})
+        return self.cluster.where(agent_ids)
+
+    def _agent_view(self, row: dict[str, Any], node: str | None = None) -> dict[str, Any]:
         view = self._agent_fields(row)
+        if node is not None and not view["online"]:
+            # its session is on another node of the cluster (a held poll counts as one too)
+            view.update(online=True, mode="persistent", node=node)
+        elif self.cluster is not None and view["online"]:
+            view["node"] = self.name
         if self.presence.clones.is_cloned(row["id"]):  # issue 16.5: a state of its own
             view["state"] = "cloned"
             view["cloned"] = self.presence.clones.cloned[row["id"]]
@@ -287,7 +298,9 @@ class AdminAPI(JsonRouter):
         """Agents (not deleted ones unless ?include=deleted; ?state= picks one state)."""
         rows = yield self.admission.list_agents()
         include = request.args.get(b"include", [b""])[0] == b"deleted"
-        views = [self._agent_view(r) for r in rows if include or not r.get("deleted")]
+        rows = [r for r in rows if include or not r.get("deleted")]
+        where = yield self._where([r["id"] for r in rows])
+        views = [self._agent_view(r, where.get(r["id"])) for r in rows]
         wanted = request.args.get(b"state", [None])[0]
         if wanted is not None:
             state = {b"pending": "awaiting approval"}.get(wanted, wanted.decode())
@@ -351,7 +364,9 @@ class AdminAPI(JsonRouter):
 
     @inlineCallbacks
     def agent(self, request, agent: str):
-        return self._agent_view((yield self.admission.get_agent(agent)))
+        row = yield self.admission.get_agent(agent)
+        where = yield self._where([agent])
+        return self._agent_view(row, where.get(agent))
 
     @inlineCallbacks
     def approve_agent(self, request, agent: str):

@@ -771,7 +771,9 @@ class JobService:
                 "started_at": t["started_at"],
                 "finished_at": t["finished_at"],
                 "online": self.dispatcher.is_online(t["agent_id"]),
-                "reason": NOT_CONNECTED if t["agent_id"] in away else None,
+                "reason": NOT_CONNECTED
+                if t["agent_id"] in away and t["state"] == "pending"
+                else None,
             }
             for t in targets
         ]

@@ -106,7 +106,7 @@ class ClusterNode(service.Service):
         p = self._presence
         ids = {s.agent_id for s in p.registry.all()}
         ids.update(s.agent_id for s in p.task_registry.all())
-        ids.update(getattr(p.polls, "_waiting", {}))
+        ids.update(p.polls.agent_ids())
         return ids
 
     def _row(self, stopped: bool = False) -> dict[str, Any]:
@@ -263,6 +263,19 @@ class ClusterNode(service.Service):
             "bus": "up" if self.bus.up else "down",
             "bus_reason": None if self.bus.up else self.bus.down_reason,
         }
+
+    def where(self, agent_ids: list[str]) -> Deferred[dict[str, str]]:
+        """{agent: node} of the agents whose sessions other live nodes hold (from their
+        presence; {} while the bus is down)."""
+        if not self.bus.up or not agent_ids:
+            return succeed({})
+
+        def held(routes: dict[str, list[str]]) -> dict[str, str]:
+            return {a: n for n, ids in routes.items() if n != self.name for a in ids}
+
+        d = self.bus.routes(agent_ids).addCallback(held)
+        d.addErrback(lambda f: {})
+        return d
 
     @inlineCallbacks
     def nodes(self):
