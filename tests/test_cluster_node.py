@@ -264,3 +264,15 @@ async def test_a_follower_is_woken_by_a_result_stored_on_another_node(two_nodes)
     assert await b.jobs.result("b-1", job_id, "succeeded", {}, None, None, None) is True
     await _settle()  # n2's events go out in a batch
     assert waiting.called  # woken long before its 30 s
+
+
+@pytest_twisted.ensureDeferred
+async def test_output_reaches_a_node_that_did_not_accept_the_job(two_nodes) -> None:
+    """The agent accepted on n1, then moved to n2 (which never heard of the job): its output
+    is taken there, from the store's view."""
+    a, b, db = two_nodes
+    job_id = await a.jobs.create("ping", {}, ["b-1"], 60, None)
+    assert await a.jobs.accept("b-1", job_id) is Accept.RUN
+    await b.jobs.output("b-1", job_id, 1, "stdout", "hello\n")
+    chunks = await a.jobs.stored_output(job_id, 0)
+    assert [c["text"] for c in chunks] == ["hello\n"]

@@ -510,13 +510,22 @@ class JobService:
         return self.dispatcher.pushed - before
 
     # -- output (issue 16.1): only from a current target, capped per target --------------
-    def output(self, agent_id: str, job_id: str, seq: int, stream: str, text: str) -> Deferred:
+    def output(
+        self, agent_id: str, job_id: str, seq: int, stream: str, text: str, adopted: bool = False
+    ) -> Deferred:
         """Store a chunk of a target's output. Only the agent of a target that runs it (or
         was sent it, for a quick action) may send output: otherwise NotFound (no such job),
         Forbidden (not this agent's job) or Conflict (not running here). What passes the
         cap is dropped, with one marker line."""
         job = self.book.jobs.get(job_id)
         state = self.book.state(job_id, agent_id)
+        if self.shared and state in (None, TargetState.PENDING) and not adopted:
+            # another node accepted it, or this one has not heard of it: the store's view
+            d = self.store.load_job(job_id)
+            d.addCallback(lambda loaded: self._settle(*loaded) if loaded else None)
+            return d.addCallback(
+                lambda _: self.output(agent_id, job_id, seq, stream, text, adopted=True)
+            )
         if job is None or not output_admitted(state, self._quick(agent_id, job.action)):
             return self._refuse_output(agent_id, job_id)
         if job_id in self._loaded_jobs and not self.outputs.known(job_id, agent_id):
