@@ -276,3 +276,25 @@ async def test_output_reaches_a_node_that_did_not_accept_the_job(two_nodes) -> N
     await b.jobs.output("b-1", job_id, 1, "stdout", "hello\n")
     chunks = await a.jobs.stored_output(job_id, 0)
     assert [c["text"] for c in chunks] == ["hello\n"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_agent_enrolled_on_another_node_a_moment_ago_is_served_at_its_next_try(
+    two_nodes,
+) -> None:
+    """Its first session attempt here came before the change message: refused once, and its
+    row read from the store for the next attempt."""
+    from tcm.server.agents import AgentAdmission, AgentDirectory
+    from tcm.server.errors import Forbidden
+
+    a, b, db = two_nodes
+    admission = AgentAdmission(
+        AgentDirectory(), db.agents, db.access, a.presence, None, None, a.settings, None,
+        reactor, 1.0,
+    )  # fmt: skip
+    admission.shared = True
+    await db.agents.add_agent("a-new", "host", "f" * 64, reactor.seconds(), True)  # on n2
+    with pytest.raises(Forbidden, match="unknown agent"):
+        admission.check_agent("a-new")
+    await _settle()
+    assert admission.check_agent("a-new") == "a-new"

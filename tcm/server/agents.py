@@ -312,6 +312,18 @@ class AgentAdmission:
         self.recent_enrollments = RecentEnrollments()  # an agent may ask again
         # told of the agents whose rows changed here (a cluster tells the other nodes)
         self.on_changed: Callable[[list[str]], None] | None = None
+        # nodes of a cluster: an agent unknown here may have enrolled on another node a
+        # moment ago (before its change message came): its row is read for its next attempt
+        self.shared = False
+        self._looking_up: set[str] = set()
+
+    def _look_up(self, agent_id: str) -> None:
+        if agent_id in self._looking_up or len(self._looking_up) > 1000:
+            return
+        self._looking_up.add(agent_id)
+        d = self.refresh([agent_id])
+        d.addErrback(lambda f: None)
+        d.addBoth(lambda _: self._looking_up.discard(agent_id))
 
     def _changed(self, agent_id: str) -> None:
         if self.on_changed is not None:
@@ -386,6 +398,8 @@ class AgentAdmission:
         """The agent id if this agent may be served now: known, not revoked, approved."""
         record = self.directory.get(agent_id)
         if record is None:
+            if self.shared:  # enrolled on another node a moment ago? read it for next time
+                self._look_up(agent_id)
             raise Forbidden(f"unknown agent {agent_id}: enroll again")
         if record["revoked"]:
             raise Forbidden(f"agent {agent_id} is revoked")

@@ -434,6 +434,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
         jobs.on_created = cluster.job_created
         jobs.on_stored = cluster.event
         admission.on_changed = lambda ids: cluster.changed("agents", ids)
+        admission.shared = True
 
     # -- the consumers: the HTTP and WebSocket endpoints ----------------------------------
     url = f"wss://{config.interface}"
