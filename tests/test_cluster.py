@@ -375,6 +375,31 @@ def test_changes_reach_every_node(cluster: Cluster) -> None:
         0.2,
         "the setting on n2",
     )
+    # PushPolicy from n1 to an agent on n2: notified by n2, its report heard on n1
+    wait_until(
+        lambda: {a["id"]: a.get("node") for a in n1.agents()} == {agent.agent_id: "n2"},
+        10,
+        0.2,
+        "n1 knowing the agent is on n2",
+    )
+    from tcm.cli.admin import Api
+
+    with open(os.path.join(n1.state_dir, "admin.token")) as f:
+        api = Api(n1.url, n1.ca, f.read().strip())
+    api.call("POST", "/targets", {"name": "on-n2", "agents": [agent.agent_id]})
+    api.call(
+        "POST",
+        "/policies",
+        {
+            "name": "inventory-hourly",
+            "type": "inventory.schedule",
+            "document": {"every": 3600, "classes": ["hostname"]},
+            "targets": ["on-n2"],
+        },
+    )
+    pushed = n1.cli_json("policies", "push", "inventory-hourly", "--wait", "20")
+    assert pushed["agents"][agent.agent_id]["status"] == "pushed"
+
     n1.cli("agents", "revoke", agent.agent_id)
     wait_until(lambda: "revoked" in agent.log(), 10, 0.2, "the agent told it is revoked")
     # a node stopped cleanly is down at once (not after its heartbeat's expiry)

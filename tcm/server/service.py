@@ -435,6 +435,11 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
         jobs.on_stored = cluster.event
         admission.on_changed = lambda ids: cluster.changed("agents", ids)
         admission.shared = True
+        # PushPolicy on any node: agents on other nodes notified there, their reports heard
+        policies.elsewhere = cluster.where
+        policies.on_push = lambda: cluster.changed("policies")
+        policies.on_report = cluster.event
+        cluster.event_listeners["policy.report"] = policies.reports_elsewhere
 
     # -- the consumers: the HTTP and WebSocket endpoints ----------------------------------
     url = f"wss://{config.interface}"

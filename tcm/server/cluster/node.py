@@ -30,6 +30,7 @@ from tcm.interfaces import ICluster, IClusterBus
 
 HEARTBEAT = 2.0
 DOWN_AFTER = 3 * HEARTBEAT + 1.0
+PRESENCE = 0.5  # seconds between checks for sessions opened or closed (written when changed)
 RESYNC = 10.0
 EVENT_BATCH = 0.2  # seconds of events sent as one message
 
@@ -67,7 +68,11 @@ class ClusterNode(service.Service):
         self._beat.clock = clock
         self._resync = LoopingCall(self.resync)
         self._resync.clock = clock
+        self._presence_check = LoopingCall(self._presence_changed)
+        self._presence_check.clock = clock
         self.counts = {"jobs_sent": 0, "jobs_received": 0, "changes_received": 0}
+        # other nodes' events of a type, to the service that waits for them here
+        self.event_listeners: dict[str, Callable[[dict[str, Any]], None]] = {}
         self._handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
             "job": self._on_job,
             "change": self._on_change,
@@ -82,10 +87,11 @@ class ClusterNode(service.Service):
         self.bus.start(self._received, self._bus_state)
         self._beat.start(HEARTBEAT, now=True)
         self._resync.start(RESYNC, now=False)
+        self._presence_check.start(PRESENCE, now=False)
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
-        for loop in (self._beat, self._resync):
+        for loop in (self._beat, self._resync, self._presence_check):
             if loop.running:
                 loop.stop()
         left = self.bus.leave() if self.bus.up else succeed(None)
@@ -128,24 +134,32 @@ class ClusterNode(service.Service):
         stored.addErrback(lambda f: self._log.warn("heartbeat not stored: {e}", e=f.value))
         if not self.bus.up:
             return stored
+        return self._write_presence(self.local_agents())
+
+    def _presence_changed(self) -> Any:
+        """Between heartbeats: write presence as soon as sessions opened or closed here (so
+        routes and `where` are at most PRESENCE seconds behind)."""
+        if not self.bus.up or self._published is None:
+            return None
         now = self.local_agents()
+        if now == self._published:
+            return None
+        return self._write_presence(now)
+
+    def _write_presence(self, now: set[str]) -> Deferred[Any]:
         if self._published is None:
             d = self.bus.refresh_presence(DOWN_AFTER, (), (), sorted(now))
         else:
             d = self.bus.refresh_presence(
                 DOWN_AFTER, now - self._published, self._published - now, None
             )
-        previous = self._published
 
         def failed(f: Any) -> None:
             self._published = None  # written whole next time
             self._log.warn("presence not refreshed: {e}", e=f.value)
 
         self._published = now
-        d.addErrback(failed)
-        if previous is None:
-            d.addCallback(lambda _: None)
-        return d
+        return d.addErrback(failed)
 
     def _bus_state(self, up: bool) -> None:
         if up:
@@ -253,8 +267,13 @@ class ClusterNode(service.Service):
         if batch.get("node") == self.name:
             return
         for event in batch.get("events") or ():
-            if isinstance(event, dict) and event.get("type") in ("result", "output"):
+            if not isinstance(event, dict):
+                continue
+            if event.get("type") in ("result", "output"):
                 self._jobs.wake(str(event.get("job")))
+            listener = self.event_listeners.get(str(event.get("type")))
+            if listener is not None:
+                listener(event)
 
     # -- reading ---------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
