@@ -169,7 +169,8 @@ class ClusterNode(service.Service):
             self.resync()
             # changes other nodes made while the bus was away
             for area, reload in self._reloads.items():
-                maybeDeferred(reload, None).addErrback(self._reload_failed, area)
+                if area != "cancel":  # (a cancel's message is not replayed)
+                    maybeDeferred(reload, None).addErrback(self._reload_failed, area)
         else:
             self._log.warn(
                 "bus down ({why}): serving this node's sessions", why=self.bus.down_reason
