@@ -545,3 +545,29 @@ def test_an_agent_enrolls_through_any_node_and_keeps_the_list(cluster: Cluster) 
     agent.args = ["tcm-agent", "--state-dir", agent.state_dir, "--backoff-max", "1"]
     agent.start()  # back, through the second server again
     assert _nodes(n1)["n1"]["state"] == "up"
+
+
+def test_destinations_move_to_the_next_node_when_one_is_lost() -> None:
+    """An agent with several nodes: a session lost without a close (the node killed) goes to
+    the next node at once, not to the lost one first; gateways keep their rule (after a
+    gateway, the first node is preferred again)."""
+    from tcm.agent.gateways import Destinations
+
+    d = Destinations(["https://n1:1", "https://n2:2", "https://n3:3", "https://gw:4"], servers=3)
+    d.session_ended(1006)
+    assert d.current == "https://n2:2"
+    d.session_ended(None)
+    assert d.current == "https://n3:3"
+    d.session_ended(1006)
+    assert d.current == "https://n1:1"  # round the nodes, never to the gateway for a loss
+    d.session_ended(4012)  # a node that says it restarts: the first is preferred
+    assert d.current == "https://n1:1"
+    d.move_on("unreachable")
+    d.move_on("unreachable")
+    d.move_on("unreachable")
+    assert d.current == "https://gw:4"
+    d.session_ended(1006)
+    assert d.current == "https://n1:1"
+    single = Destinations(["https://srv:1", "https://gw:2"])  # one server: as before
+    single.session_ended(1006)
+    assert single.current == "https://srv:1"
