@@ -491,14 +491,19 @@ class INodeRegistry(Interface):
     def refusal(name, fingerprint):  # type: ignore[misc]
         """Why a link from that node is refused, or None."""
 
-    def gateway_fingerprints():  # type: ignore[misc]
-        """{gateway: certificate fingerprint} of enrolled gateways."""
+    def gateway_fingerprints(previous=False):  # type: ignore[misc]
+        """{gateway: certificate fingerprint} of enrolled gateways (with `previous`: of
+        the certificates they renewed last)."""
 
     def register(name, role, max_clients, ttl):  # type: ignore[misc]
         """Deferred of the one-time secret; Conflict."""
 
     def enroll(name, token, csr, hostnames):  # type: ignore[misc]
         """Deferred of {name, role, certificate, ca}; Invalid, Forbidden."""
+
+    def renew(name, current, csr):  # type: ignore[misc]
+        """Deferred of {certificate, ca} for the node's new key, its current certificate
+        (a verified client certificate) as proof; Invalid, Forbidden, Conflict."""
 
     def link_up(node):  # type: ignore[misc]
         """A node linked."""

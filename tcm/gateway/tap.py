@@ -32,6 +32,13 @@ class Options(usage.Options):
         ["key", None, None, "Private key of --cert (PEM)."],
         ["max-clients", None, 19000, "Most agent sessions one worker process holds.", int],
         ["keepalive", None, 50.0, "Seconds between the agents' pings (as the servers').", float],
+        [
+            "renew-at",
+            None,
+            2 / 3,
+            "Renew the node certificate when this part of its life has passed (0 to 1).",
+            float,
+        ],
         ["drain-grace", None, 5.0, "Seconds between telling agents to go and stopping.", float],
         ["metrics-port", None, None, "Loopback port for /metrics and /status (+ worker).", int],
         ["workers", None, 1, "Processes sharing the port (SO_REUSEPORT).", int],
@@ -97,6 +104,8 @@ class Options(usage.Options):
             raise usage.UsageError("--cert and --key go together")
         if self["max-clients"] < 1 or self["workers"] < 1:
             raise usage.UsageError("--max-clients and --workers must be at least 1")
+        if not 0 < self["renew-at"] < 1:
+            raise usage.UsageError("--renew-at must be between 0 and 1, e.g. 0.66")
         if self["listen"] and self["workers"] > 1:
             raise usage.UsageError("--workers share --port (SO_REUSEPORT): not with --listen")
         from twisted.internet import reactor
@@ -125,6 +134,7 @@ def makeService(options: Options):
             key=options["key"],
             max_clients=options["max-clients"],
             keepalive=options["keepalive"],
+            renew_fraction=options["renew-at"],
             drain_grace=options["drain-grace"],
             metrics_port=options["metrics-port"],
             workers=options["workers"],

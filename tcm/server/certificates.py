@@ -55,14 +55,15 @@ class Certificates:
             lifetime=datetime.timedelta(days=days),
         )
 
-    def sign_node(self, csr_pem: bytes, name: str, days: int, hostnames: list[str]) -> bytes:
-        """A node's certificate (`node:NAME`), a client one that also serves its own names."""
+    def sign_node(self, csr_pem: bytes, name: str, days: float, hostnames: list[str]) -> bytes:
+        """A node's certificate (`node:NAME`), a client one that also serves its own names,
+        living `days` (a fraction for hours)."""
         return self.ca.sign_csr(
             csr_pem,
             common_name=link.NODE_PREFIX + name,
-            days=days,
+            lifetime=datetime.timedelta(days=days),
             client=True,
-            server_names=[*hostnames, "localhost", "127.0.0.1", "::1"],
+            server_names=list(dict.fromkeys([*hostnames, "localhost", "127.0.0.1", "::1"])),
         )
 
     def verify_issued(self, cert: x509.Certificate) -> str:

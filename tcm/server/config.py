@@ -36,7 +36,8 @@ class ServerConfig:
     max_message_size: int = 1024 * 1024
     max_in_flight: int = 64
     max_output: int = 8 * 1024 * 1024  # bytes of output kept per job target (issue 16.1)
-    cert_days: int = 365  # nodes' certificates
+    # seconds the certificates of task servers and gateways live (--node-cert-lifetime)
+    node_cert_lifetime: float = 365 * 86400.0
     agent_cert_lifetime: float = 365 * 86400.0  # seconds (--agent-cert-lifetime 2h, 90d)
     taskserver_policy: str = "fewest"  # or "capacity" (docs/operating.md)
     taskserver_max_clients: int = DEFAULT_MAX_CLIENTS

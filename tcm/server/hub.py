@@ -119,9 +119,10 @@ class AgentHub:
         """A node vouches for an agent it verified: may that agent be served?"""
         return self._admission.check_agent(agent_id)
 
-    def gateway_fingerprints(self) -> dict[str, str]:
-        """The gateways a task server may accept links from (name -> certificate)."""
-        return self._nodes.gateway_fingerprints()
+    def gateway_fingerprints(self, previous: bool = False) -> dict[str, str]:
+        """The gateways a task server may accept links from (name -> certificate; with
+        `previous`, the certificate each renewed last)."""
+        return self._nodes.gateway_fingerprints(previous)
 
     def task_server_for(self, session: AgentSession) -> dict[str, Any]:
         """Assign the agent a task server (or say why there is none), for welcome/notify.

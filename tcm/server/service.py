@@ -18,6 +18,7 @@ components of one `Database` (tcm/store), `db.jobs`, `db.agents`, ...
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import secrets
@@ -109,10 +110,18 @@ class EmbeddingServer:
     _nodes_store: Any  # the access area: register_node, enroll_node, list_nodes
     _ca: CertificateAuthority
     _reload_nodes: Callable[[], Deferred[None]]
+    _renew_node: Callable[[str, Any, str], Deferred[dict[str, str]]]
 
     @property
     def ca_pem(self) -> bytes:
         return self._ca.cert_pem
+
+    @inlineCallbacks
+    def renew_node_certificate(self, name: str, cert_pem: bytes, csr_pem: bytes):
+        """An embedded node's renewal, as `POST /link/v1/renew` would do it: the new
+        certificate (PEM) for the CSR's key."""
+        reply = yield self._renew_node(name, pki.load_certificate(cert_pem), csr_pem.decode())
+        return reply["certificate"].encode()
 
     @inlineCallbacks
     def node_certificate(
@@ -139,7 +148,7 @@ class EmbeddingServer:
         cert_pem = self._ca.sign_csr(
             csr,
             link.NODE_PREFIX + name,
-            days=self.config.cert_days,
+            lifetime=datetime.timedelta(seconds=self.config.node_cert_lifetime),
             client=True,
             server_names=server_names,
         )
@@ -340,7 +349,9 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     assignments = TaskServerAssignments(config.taskserver_policy, config.taskserver_max_clients)
     nodes = provides(
         INodeRegistry,
-        NodeRegistry(db.access, certificates, assignments, clock, config.cert_days),
+        NodeRegistry(
+            db.access, certificates, assignments, clock, config.node_cert_lifetime / 86400.0
+        ),
     )
     dispatcher = Dispatcher(presence.registry, presence.polls, presence.task_registry)
     jobs = provides(
@@ -482,7 +493,9 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
             TCP4ServerEndpoint(reactor, config.metrics_port, interface="127.0.0.1"),
             server_metrics_site(metrics),
         ).setServiceParent(top)
-    top.embedding = EmbeddingServer(config, reactor, clock, name, root, db.access, ca, nodes.reload)
+    top.embedding = EmbeddingServer(
+        config, reactor, clock, name, root, db.access, ca, nodes.reload, nodes.renew
+    )
     top.parts = ServerParts(
         config=config,
         clock=clock,

@@ -100,6 +100,13 @@ class Options(usage.Options):
             "(e.g. 2h, 90d). Agents renew theirs over their session when 2/3 of it passed.",
         ],
         [
+            "node-cert-lifetime",
+            None,
+            "365d",
+            "How long task servers' and gateways' certificates live (as --agent-cert-lifetime). "
+            "They renew theirs over HTTPS when 2/3 of it passed (their --renew-at).",
+        ],
+        [
             "max-output",
             None,
             8 * 1024 * 1024,
@@ -168,6 +175,12 @@ class Options(usage.Options):
             raise usage.UsageError(f"--agent-cert-lifetime: {e}") from None
         if self["agent-cert-lifetime"] < 120:
             raise usage.UsageError("--agent-cert-lifetime: at least 2 minutes")
+        try:
+            self["node-cert-lifetime"] = parse_duration(self["node-cert-lifetime"])
+        except ValueError as e:
+            raise usage.UsageError(f"--node-cert-lifetime: {e}") from None
+        if self["node-cert-lifetime"] < 120:
+            raise usage.UsageError("--node-cert-lifetime: at least 2 minutes")
         if self["taskserver-policy"] not in ("fewest", "capacity"):
             raise usage.UsageError("--taskserver-policy must be fewest or capacity")
         if self["taskserver-rebalance-rate"] < 0:
@@ -252,6 +265,7 @@ def config_from(options: Options) -> ServerConfig:
         metrics_port=options["metrics-port"],
         job_retention=options["job-retention"],
         agent_cert_lifetime=options["agent-cert-lifetime"],
+        node_cert_lifetime=options["node-cert-lifetime"],
     )
 
 

@@ -230,6 +230,8 @@ nodes = sa.Table(
     sa.Column("url", sa.String(512)),  # where agents reach it (reported by the node)
     sa.Column("max_clients", sa.Integer),  # NULL: the server's default
     sa.Column("fingerprint", sa.String(64)),  # of its certificate, once enrolled
+    # of the certificate it renewed last: accepted too until it expires
+    sa.Column("previous_fingerprint", sa.String(64)),
     sa.Column("registered_at", sa.Float, nullable=False),
     sa.Column("enrolled_at", sa.Float),
     sa.Column("token_hash", sa.String(64)),  # one-time enrollment secret, until used

@@ -28,6 +28,13 @@ class Options(usage.Options):
         ["max-clients", None, 5000, "Most agent sessions this task server holds.", int],
         ["metrics-port", None, None, "Loopback port for /metrics and /status.", int],
         ["keepalive", None, 50.0, "Seconds between the agents' pings (as the server's).", float],
+        [
+            "renew-at",
+            None,
+            2 / 3,
+            "Renew the node certificate when this part of its life has passed (0 to 1).",
+            float,
+        ],
     ]
 
     def __init__(self):
@@ -50,6 +57,8 @@ class Options(usage.Options):
             raise usage.UsageError("--state-dir is required")
         if self["max-clients"] < 1:
             raise usage.UsageError("--max-clients must be at least 1")
+        if not 0 < self["renew-at"] < 1:
+            raise usage.UsageError("--renew-at must be between 0 and 1, e.g. 0.66")
         from twisted.internet import reactor
 
         try:
@@ -73,6 +82,7 @@ def makeService(options: Options):
             token=options["token"],
             max_clients=options["max-clients"],
             keepalive=options["keepalive"],
+            renew_fraction=options["renew-at"],
             metrics_port=options["metrics-port"],
         )
     )
