@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from twisted.internet import threads
 
-from tcm.server import web
+from tcm import httplimits as web
 from tcm.tls import pki
 from tests.inproc import HOST, start_server
 

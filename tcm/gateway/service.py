@@ -34,10 +34,10 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 from zope.interface import implementer
 
 from tcm.gateway.forward import AgentApiForwarder
+from tcm.httplimits import limited_site
 from tcm.process import raise_descriptor_limit
 from tcm.relay.edge import EdgeFactory
 from tcm.relay.node import (
@@ -292,8 +292,8 @@ class GatewayService(NodeService):
         self.root = GatewayRoot(
             self.relay, WebSocketResource(core), WebSocketResource(task), cfg.max_message_size
         )
-        site = Site(self.root, timeout=90)  # longer than the longest long-poll (60 s)
-        site.displayTracebacks = False
+        # longer than the longest long-poll (60 s); lines and bodies over limits: 431/413
+        site = limited_site(self.root, 90)
         self.handshakes = HandshakeLogger(site)  # TLS failures, counted by reason
         if cfg.workers > 1:
             endpoint = ReusePortTLSEndpoint(self.reactor, cfg.port, tls, cfg.interface, 4096)

@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import fastjsonschema
+import jsonschema_rs
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -231,21 +231,29 @@ class JobService:
         return unsupported
 
     def _args_problem(self, key: str, schema: dict[str, Any], args: dict[str, Any]) -> str | None:
-        """The schema's message about `args` (naming the field), or None when they fit."""
+        """The schema's message about `args` (naming the field), or None when they fit.
+
+        The schema comes from agents (their `hello`): it is interpreted (jsonschema-rs, draft
+        7, as the agent's own check), never compiled into code here, and its patterns run on
+        a regex engine without catastrophic backtracking."""
         validator = self._validators.get(key)
         if validator is None:
             try:
-                validator = fastjsonschema.compile(schema)
-            except (fastjsonschema.JsonSchemaDefinitionException, ValueError, TypeError) as e:
-                self._log.warn("an advertised argument schema does not compile: {e}", e=e)
+                validator = jsonschema_rs.Draft7Validator(schema)
+            except (jsonschema_rs.ValidationError, ValueError, TypeError) as e:
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                self._log.warn("an advertised argument schema is not valid: {e}", e=why)
                 return None  # the agent checks the arguments itself
             if len(self._validators) > 1000:  # versions come and go: stay bounded
                 self._validators.clear()
             self._validators[key] = validator
         try:
-            validator(args)
-        except fastjsonschema.JsonSchemaValueException as e:
-            return e.message
+            validator.validate(args)
+        except jsonschema_rs.ValidationError as e:
+            where = "".join(
+                f"[{p}]" if isinstance(p, int) else f".{p}" for p in e.instance_path
+            ).lstrip(".")
+            return f"{where or 'arguments'}: {e.message}"
         return None
 
     def actions(self) -> list[dict[str, Any]]:

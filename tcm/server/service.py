@@ -37,6 +37,7 @@ from twisted.web.server import Site
 from zope.interface.interface import InterfaceClass
 from zope.interface.verify import verifyObject
 
+from tcm.httplimits import limited_site
 from tcm.interfaces import (
     IAccessTokens,
     IAgentAdmission,
@@ -78,7 +79,7 @@ from tcm.server.policies import PolicyService
 from tcm.server.profiles import ProfileService
 from tcm.server.selection import InventoryService, TargetService
 from tcm.server.settings import RuntimeSettings
-from tcm.server.web import ApiWithWebSocket, limited_site
+from tcm.server.web import ApiWithWebSocket
 from tcm.server.websocket import AgentServerFactory
 from tcm.store import Database
 from tcm.tls import pki

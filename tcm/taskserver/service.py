@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from tcm.httplimits import limited_site
 from tcm.process import raise_descriptor_limit
 from tcm.protocol import codes, link
 from tcm.relay.downstream import DownLinkFactory
@@ -78,9 +79,7 @@ def edge_site(resource: Resource, gateway_links: Resource | None = None) -> Site
         root.putChild(path, top)
         top.putChild(b"v1", v1)
         v1.putChild(b"ws", child)
-    site = Site(root, timeout=60)
-    site.displayTracebacks = False
-    return site
+    return limited_site(root, 60)  # lines and bodies over limits: 431/413 at once
 
 
 class TaskServerService(NodeService):
