@@ -15,34 +15,12 @@ import pytest
 from cryptography import x509
 
 from tcm import httplimits
-from tests.harness import AgentProc, Server, free_port, wait_until
+from tests.harness import AgentProc, Server, free_port, tls_exchange, wait_until
 
 pytestmark = pytest.mark.integration
 
 NAME = "solo"
 ISSUED = "gateway identity local-gateway issued"
-
-
-def _exchange(port: int, ca: str, request: bytes) -> tuple[bytes, bool]:
-    """Send `request` over TLS; (the answer, whether the gateway closed within 10 s)."""
-    context = ssl.create_default_context(cafile=ca)
-    context.check_hostname = False
-    with context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10)) as c:
-        try:
-            c.sendall(request)
-        except OSError:
-            pass  # answered and closed while we were still sending
-        received = b""
-        while True:
-            try:
-                data = c.recv(65536)
-            except TimeoutError:
-                return received, False
-            except (OSError, ssl.SSLError):
-                return received, True
-            if not data:
-                return received, True
-            received += data
 
 
 def _gateway(server: Server) -> dict | None:
@@ -122,12 +100,14 @@ def test_an_agent_through_the_all_in_one_gateway_runs_a_job(stack):
 
     # the gateway's HTTP answers a header line or a body over its limit at once (431/413)
     long_header = b"GET /agent/v1/whoami HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 100_000
-    received, closed = _exchange(gw_port, server.ca, long_header + b"\r\n\r\n")
+    with open(server.ca, "rb") as f:
+        ca_pem = f.read()
+    received, closed = tls_exchange(gw_port, ca_pem, [long_header + b"\r\n\r\n"], 10)
     assert received.startswith(b"HTTP/1.1 431 ") and closed, received[:200]
     declared = b"POST /agent/v1/enroll HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % (
         httplimits.MAX_BODY + 1
     )
-    received, closed = _exchange(gw_port, server.ca, declared)
+    received, closed = tls_exchange(gw_port, ca_pem, [declared], 10)
     assert received.startswith(b"HTTP/1.1 413 ") and closed, received[:200]
 
     # a restart keeps the gateway's identity (no second enrollment), and the agent comes back
