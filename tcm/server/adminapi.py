@@ -650,10 +650,10 @@ class AdminAPI(JsonRouter):
         ttl = body.get("ttl")
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float)):
             raise Invalid("ttl", "'ttl' must be a number of seconds")
-        items, digests = yield self.inventoryservice.stale(
+        items, _ = yield self.inventoryservice.stale(
             float(older_than), body.get("target"), body.get("classes")
         )
-        plan = inventory.refresh_plan(items, digests)
+        plan = inventory.refresh_plan(items)
         yield self._check_scope(request, sorted({a for job in plan for a in job.agents}))
         created = []
         for job in plan:

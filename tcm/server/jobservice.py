@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import attrs
 import fastjsonschema
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.task import LoopingCall
@@ -60,6 +61,8 @@ class JobService:
         advertised: Callable[[str], dict[str, Any] | None] | None = None,
         max_output: int = DEFAULT_MAX_OUTPUT,
         max_message_size: int | None = None,
+        known_digests: inventory.KnownDigests | None = None,
+        max_class_bytes: int = inventory.DEFAULT_MAX_CLASS_BYTES,
     ):
         # the store's jobs area (db.jobs) and its inventory area (db.inventory: results of
         # inventory.collect)
@@ -82,6 +85,10 @@ class JobService:
         # the sessions' message limit: a larger action.request could never be delivered
         self.max_message_size = max_message_size
         self._expiry.clock = clock
+        # the inventory digests the store holds per agent: every inventory.collect request
+        # carries its agent's, so that only what changed comes back (issue 18)
+        self.known_digests = inventory.KnownDigests() if known_digests is None else known_digests
+        self.max_class_bytes = max_class_bytes
 
     @inlineCallbacks
     def load(self):
@@ -100,6 +107,8 @@ class JobService:
             self.book.add(job, {a: TargetState(s) for a, s in states.items()})
             self._loaded_jobs.add(job.id)
         self._log.info("loaded {n} unfinished jobs", n=len(self.book.jobs))
+        held = yield self.inventory_store.inventory_times()
+        self.known_digests.load({key: value[1] for key, value in held.items()})
 
     def start(self, interval: float = 1.0) -> None:
         self._expiry.start(interval, now=False)
@@ -335,10 +344,34 @@ class JobService:
                 None,
                 now,
             )
-        sent, _offline = self.dispatcher.push(job.frame(), capable)
-        if tasks:
-            sent += self.dispatcher.push(job.frame(), tasks, task=True)[0]
+        sent: list[str] = []
+        for frame, group in self._frames(job, capable):
+            sent += self.dispatcher.push(frame, group)[0]
+        for frame, group in self._frames(job, tasks):
+            sent += self.dispatcher.push(frame, group, task=True)[0]
         self._persist(self.book.delivered(job.id, sent, now))
+
+    def _frames(self, job: Job, agent_ids: list[str]) -> list[tuple[bytes, list[str]]]:
+        """The request frame(s) of a job for these agents: one for all, except for an
+        inventory collection, whose request carries each agent's known digests (agents
+        whose requests come out equal share one frame, and so one push)."""
+        if not agent_ids:
+            return []
+        if job.action != inventory.ACTION:
+            return [(job.frame(), agent_ids)]
+        groups: dict[str, tuple[Job, list[str]]] = {}
+        for agent_id in agent_ids:
+            own = self._for_agent(job, agent_id)
+            key = json.dumps(own.args.get("known"), sort_keys=True)
+            groups.setdefault(key, (own, []))[1].append(agent_id)
+        return [(own.frame(), group) for own, group in groups.values()]
+
+    def _for_agent(self, job: Job, agent_id: str) -> Job:
+        """The job as one agent receives it: an inventory collection with its known digests."""
+        if job.action != inventory.ACTION:
+            return job
+        args = inventory.collect_args(job.args, self.known_digests.known(agent_id))
+        return job if args == job.args else attrs.evolve(job, args=args)
 
     # -- agent side ------------------------------------------------------------------
     def session_opened(self, agent_id: str, channel: str = "core") -> None:
@@ -372,7 +405,7 @@ class JobService:
         jobs = [j for j in self.book.deliverable(agent_id, now) if j.id not in canceled]
         for job in jobs:
             self._persist(self.book.delivered(job.id, [agent_id], now))
-        return jobs
+        return [self._for_agent(job, agent_id) for job in jobs]
 
     def accept(self, agent_id: str, job_id: str) -> Accept:
         decision, changes = self.book.accept(job_id, agent_id, self.clock.seconds())
@@ -485,6 +518,23 @@ class JobService:
             return succeed(None)
         self.outputs.forget(job_id, agent_id)
         key = (job_id, agent_id)
+        collected = None
+        if job is not None and job.action == inventory.ACTION:
+            collected = inventory.read_result(
+                result, self.clock.seconds(), self.max_class_bytes, inventory.CLASSES
+            )
+            if collected is not None:
+                # the data goes to the inventory store only; the target keeps which classes
+                # changed and their digests (issue 18: stored once)
+                result = {"inventory": collected.summary(), "collected_at": collected.collected_at}
+                problem = collected.problem()
+                if problem is not None:
+                    self._log.warn(
+                        "job {job}: {agent}: {problem}", job=job_id, agent=agent_id, problem=problem
+                    )
+                    error = problem if error is None else f"{error}; {problem}"
+                    if state is TargetState.SUCCEEDED:
+                        state = TargetState.FAILED
         d = self.store.store_result(
             job_id,
             agent_id,
@@ -497,8 +547,8 @@ class JobService:
             stored=self.clock.seconds(),
         )
         self._committing[key] = d
-        if job is not None and job.action == inventory.ACTION:
-            self._store_inventory(agent_id, result)
+        if collected is not None:
+            self._store_inventory(agent_id, collected)
 
         def committed(value):
             self._committing.pop(key, None)
@@ -516,16 +566,23 @@ class JobService:
         d.addCallbacks(committed, not_committed)
         return d
 
-    def _store_inventory(self, agent_id: str, result: Any) -> None:
+    def _store_inventory(self, agent_id: str, collected: inventory.Collected) -> None:
         """Keep an inventory result per data class. Queued in the same reactor turn as the
         result itself, it is committed in the same transaction (the write queue's flush), so
         the agent's acknowledgement covers both; a failure fails both, and the agent's
         resent result writes both again."""
-        collected = inventory.read_result(result, self.clock.seconds())
-        if collected is None:
-            return
-        self.inventory_store.store_inventory(agent_id, collected, self.clock.seconds()).addErrback(
-            lambda f: None  # logged by the write queue; the result's own Deferred fails too
+        known = self.known_digests
+
+        def stored(missing: Any) -> None:
+            known.stored(agent_id, collected)
+            for cls in missing or ():  # said unchanged, but not held: ask in full next time
+                known.forget(agent_id, cls)
+
+        self.inventory_store.store_inventory(
+            agent_id, collected, self.clock.seconds()
+        ).addCallbacks(
+            stored,
+            lambda f: None,  # logged by the write queue; the result's own Deferred fails too
         )
 
     @staticmethod
@@ -617,4 +674,22 @@ class JobService:
             }
             for t in targets
         ]
+        if job["action"] == inventory.ACTION:
+            yield self._with_inventory(job["results"])
         return job
+
+    @inlineCallbacks
+    def _with_inventory(self, results: list[dict[str, Any]]):
+        """Put the data each inventory target collected back into its result, read from the
+        inventory store (the target keeps only which classes changed, with their digests):
+        `classes` as the agent sent them, `digests` and `unchanged` as it named them."""
+        wanted: dict[str, dict[str, str]] = {}
+        for r in results:
+            summary = inventory.stored_summary(r["result"])
+            if summary is not None and summary["changed"]:
+                wanted[r["agent"]] = summary["changed"]
+        data = (yield self.inventory_store.versions_data(wanted)) if wanted else {}
+        for r in results:
+            summary = inventory.stored_summary(r["result"])
+            if summary is not None:
+                r["result"] = inventory.shown_result(r["result"], summary, data.get(r["agent"], {}))

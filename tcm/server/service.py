@@ -322,6 +322,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
     name = config.name or _load_or_create_name(config.state_dir)
     db = Database(config.database_url, reactor=reactor)
+    db.inventory.history = config.inventory_history
 
     # -- the services, each with the store area(s) and the services it uses ---------------
     ca = CertificateAuthority.load_or_create(config.state_dir)
@@ -355,6 +356,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
             advertised=directory.advertised,
             max_output=config.max_output,
             max_message_size=config.max_message_size,
+            max_class_bytes=config.inventory_class_bytes,
         ),
     )
     targets = provides(

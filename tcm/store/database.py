@@ -97,7 +97,7 @@ class WriteQueue:
         self._transaction = transaction
         self._batched: dict[str, Executable] = {}
         self._rows: dict[str, list[dict[str, Any]]] = {}
-        self._ops: list[Callable[[Connection], None]] = []
+        self._ops: list[tuple[Callable[[Connection], Any], Deferred[Any]]] = []
         self._waiters: list[Deferred[None]] = []
         self._running = False
         self.flushes = 0
@@ -108,10 +108,12 @@ class WriteQueue:
             raise ValueError(f"batched kind {kind!r} registered twice")
         self._batched[kind] = statement
 
-    def submit(self, op: Callable[[Connection], None]) -> Deferred[None]:
-        """Queue an operation of its own (run after the batched rows)."""
-        self._ops.append(op)
-        return self._wait()
+    def submit(self, op: Callable[[Connection], T]) -> Deferred[T]:
+        """Queue an operation of its own (run after the batched rows); fires with what it
+        returned, once committed."""
+        d: Deferred[Any] = self._wait()
+        self._ops.append((op, d))
+        return d
 
     def add(self, kind: str, rows: list[dict[str, Any]]) -> Deferred[None]:
         """Queue rows of a registered batched kind."""
@@ -133,14 +135,15 @@ class WriteQueue:
         ops, self._ops = self._ops, []
         waiters, self._waiters = self._waiters, []
         count = sum(len(r) for r in rows.values()) + len(ops)
+        returned: dict[int, Any] = {}  # id(waiter) -> what its operation returned
 
         def write(conn: Connection) -> None:
             for kind, statement in self._batched.items():
                 batch = rows.get(kind)
                 if batch:
                     conn.execute(statement, batch)
-            for op in ops:
-                op(conn)
+            for op, waiter in ops:
+                returned[id(waiter)] = op(conn)
 
         d = self._transaction(write)
 
@@ -150,7 +153,8 @@ class WriteQueue:
                 if isinstance(result, Exception):
                     waiter.errback(result)
                 else:
-                    waiter.callback(None)
+                    waiter.callback(returned.get(id(waiter)))
+            returned.clear()
             if self._waiters:
                 self._reactor.callLater(0, self._flush)
             else:
