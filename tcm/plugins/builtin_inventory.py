@@ -320,10 +320,10 @@ def digest(data: Any) -> str:
 MIN_KNOWN_DIGEST = 16
 
 
-def matching_known(full: str, known: Sequence[str]) -> str | None:
-    """The known value that names the digest `full` (equal, or a prefix of at least
-    MIN_KNOWN_DIGEST hex digits), or None."""
-    for value in known:
+def matching_known(full: str, known: str | Sequence[str]) -> str | None:
+    """The known value (one, or any of a list) that names the digest `full` (equal, or a
+    prefix of at least MIN_KNOWN_DIGEST hex digits), or None."""
+    for value in [known] if isinstance(known, str) else known:
         if len(value) >= MIN_KNOWN_DIGEST and full.startswith(value):
             return value
     return None
@@ -331,7 +331,7 @@ def matching_known(full: str, known: Sequence[str]) -> str | None:
 
 def collect(
     classes: Sequence[str],
-    known: Mapping[str, Sequence[str]] | None = None,
+    known: Mapping[str, str | Sequence[str]] | None = None,
     collectors: Mapping[str, Callable[[], Any]] | None = None,
 ) -> dict[str, Any]:
     """Run the named collectors (blocking); returns {"classes", "digests", "unchanged"}.

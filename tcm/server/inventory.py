@@ -329,3 +329,42 @@ def shown_result(
     if purged:
         out["purged"] = purged
     return out
+
+
+def _flatten(value: Any, path: str, out: dict[str, Any]) -> None:
+    """Leaves of a JSON value by path. Lists of objects that have a `name` are keyed by it
+    (and `arch` where there is one: a package installed for two architectures), so that a
+    package added to a list of thousands is one change, not a shift of every later index."""
+    if isinstance(value, Mapping) and value:
+        for key in sorted(value):
+            _flatten(value[key], f"{path}.{key}" if path else str(key), out)
+    elif isinstance(value, list) and value:
+        named = all(isinstance(v, Mapping) and isinstance(v.get("name"), str) for v in value)
+        keys = [
+            f"{v['name']}:{v['arch']}" if named and v.get("arch") else (v["name"] if named else i)
+            for i, v in enumerate(value)
+        ]
+        if named and len(set(keys)) != len(keys):  # names repeat: by position after all
+            keys = list(range(len(value)))
+        for key, v in zip(keys, value, strict=True):
+            _flatten(v, f"{path}[{key}]", out)
+    else:
+        out[path] = value
+
+
+def diff(old: Any, new: Any) -> dict[str, dict[str, Any]]:
+    """What changed from `old` to `new` (two versions of a class's data), leaf by leaf:
+    {"added": {path: value}, "removed": {path: value}, "changed": {path: [old, new]}}."""
+    before: dict[str, Any] = {}
+    after: dict[str, Any] = {}
+    _flatten(old, "", before)
+    _flatten(new, "", after)
+    return {
+        "added": {k: after[k] for k in sorted(after.keys() - before.keys())},
+        "removed": {k: before[k] for k in sorted(before.keys() - after.keys())},
+        "changed": {
+            k: [before[k], after[k]]
+            for k in sorted(before.keys() & after.keys())
+            if before[k] != after[k]
+        },
+    }

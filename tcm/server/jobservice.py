@@ -546,9 +546,11 @@ class JobService:
             received,
             stored=self.clock.seconds(),
         )
-        self._committing[key] = d
         if collected is not None:
-            self._store_inventory(agent_id, collected)
+            # acknowledged once the inventory is stored and known too (the same commit)
+            stored = self._store_inventory(agent_id, collected)
+            d.addCallback(lambda value: stored.addCallback(lambda _: value))
+        self._committing[key] = d
 
         def committed(value):
             self._committing.pop(key, None)
@@ -566,7 +568,7 @@ class JobService:
         d.addCallbacks(committed, not_committed)
         return d
 
-    def _store_inventory(self, agent_id: str, collected: inventory.Collected) -> None:
+    def _store_inventory(self, agent_id: str, collected: inventory.Collected) -> Deferred:
         """Keep an inventory result per data class. Queued in the same reactor turn as the
         result itself, it is committed in the same transaction (the write queue's flush), so
         the agent's acknowledgement covers both; a failure fails both, and the agent's
@@ -578,7 +580,7 @@ class JobService:
             for cls in missing or ():  # said unchanged, but not held: ask in full next time
                 known.forget(agent_id, cls)
 
-        self.inventory_store.store_inventory(
+        return self.inventory_store.store_inventory(
             agent_id, collected, self.clock.seconds()
         ).addCallbacks(
             stored,

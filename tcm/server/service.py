@@ -53,6 +53,7 @@ from tcm.interfaces import (
 )
 from tcm.process import raise_descriptor_limit, stop_with_failure
 from tcm.protocol import codes, link
+from tcm.server import inventory as inventory_domain
 from tcm.server.access import AccessTokens
 from tcm.server.adminapi import AdminAPI, AdminServices
 from tcm.server.admission import HandshakeGate
@@ -344,6 +345,8 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
         NodeRegistry(db.access, certificates, assignments, clock, config.cert_days),
     )
     dispatcher = Dispatcher(presence.registry, presence.polls, presence.task_registry)
+    # the inventory digests the store holds per agent: what each collection carries
+    known_digests = inventory_domain.KnownDigests()
     jobs = provides(
         IJobs,
         JobService(
@@ -357,6 +360,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
             max_output=config.max_output,
             max_message_size=config.max_message_size,
             max_class_bytes=config.inventory_class_bytes,
+            known_digests=known_digests,
         ),
     )
     targets = provides(
@@ -365,7 +369,17 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     )
     # what policies and profiles share: agents' config rows, missed notices, members
     agent_config = AgentConfigBook(db.agents, dispatcher, clock, targets.resolve_target)
-    policies = provides(IPolicies, PolicyService(agent_config, db.config, db.inventory, clock))
+    policies = provides(
+        IPolicies,
+        PolicyService(
+            agent_config,
+            db.config,
+            db.inventory,
+            clock,
+            known_digests=known_digests,
+            max_class_bytes=config.inventory_class_bytes,
+        ),
+    )
     profiles = provides(IProfiles, ProfileService(agent_config, db.config, clock))
     admission = provides(
         IAgentAdmission,
