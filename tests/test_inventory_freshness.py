@@ -133,3 +133,16 @@ def test_refresh_plan_groups_agents_by_class_set():
     # each agent's known digests are added at dispatch (collect_args), not to the job
     assert plan[0].args() == {"classes": ["memory"]}
     assert plan[1].args() == {"classes": ["os", "cpu"]}
+
+
+def test_an_unchanged_class_named_only_is_the_version_the_server_named():
+    got = read_result(
+        {"classes": {}, "digests": {}, "unchanged": ["os", "cpu", 7]},
+        now=5.0,
+        known={"os": "a" * 16},
+    )
+    assert got.unchanged == {"os": "a" * 16}
+    assert got.rejected == {
+        "cpu": "said unchanged, but the server named no version of it",
+        "7": "not a class name (1..64 characters)",
+    }

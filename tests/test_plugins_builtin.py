@@ -569,3 +569,17 @@ def test_server_knows_the_same_inventory_classes_and_digest():
     assert server_inventory.CLASSES == tuple(inventory.COLLECTORS)
     data = {"b": [1, 2], "a": "é"}
     assert server_inventory.digest(data) == inventory.digest(data)
+
+
+def test_inventory_known_digest_prefixes_name_unchanged_classes_compactly():
+    collectors = {"os": lambda: {"name": "debian"}, "cpu": lambda: [4]}
+    full = inventory.digest({"name": "debian"})
+    got = inventory.collect(["os", "cpu"], {"os": full[:16], "cpu": "0" * 16}, collectors)
+    assert got["unchanged"] == ["os"] and list(got["classes"]) == ["cpu"]
+    assert got["digests"] == {"cpu": inventory.digest([4])}  # a prefix is not sent back
+    # a prefix shorter than 16 hex digits names nothing: the class is sent
+    got = inventory.collect(["os"], {"os": full[:8]}, collectors)
+    assert got["unchanged"] == [] and got["digests"]["os"] == full
+    # a whole digest (an older server's refresh) is sent back, as that server expects
+    got = inventory.collect(["os"], {"os": [full]}, collectors)
+    assert got["unchanged"] == ["os"] and got["digests"] == {"os": full}

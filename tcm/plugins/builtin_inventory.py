@@ -338,9 +338,10 @@ def collect(
 
     `classes` has the data of each class whose digest is not among the `known` digests of
     that class (the server holds that data already), and `unchanged` names the others.
-    `digests` has every class collected: the full digest of a class sent, and of an
-    unchanged one the known value it matched (the server sends digest prefixes, so the
-    answer stays small). Raises ActionFailed, with what was collected as its result, when a
+    `digests` has the digest of each class sent, and of each unchanged class the server
+    named by its whole digest (older servers read unchanged classes from there); one the
+    server named by a prefix is only named in `unchanged`, so the answer stays small.
+    Raises ActionFailed, with what was collected as its result, when a
     collector fails.
     """
     known = known or {}
@@ -360,7 +361,8 @@ def collect(
         full = digest(data)
         matched = matching_known(full, known.get(name, ()))
         if matched is not None:
-            digests[name] = matched
+            if len(matched) == len(full):  # a server that sent whole digests wants them back
+                digests[name] = matched
             unchanged.append(name)
         else:
             digests[name] = full

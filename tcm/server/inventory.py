@@ -122,12 +122,15 @@ def read_result(
     now: float,
     max_class_bytes: int = DEFAULT_MAX_CLASS_BYTES,
     classes: Iterable[str] = (),
+    known: Mapping[str, str] | None = None,
 ) -> Collected | None:
     """The inventory in an action result, or None when it holds none.
 
     Each class is checked on its own: an unknown class name (when `classes` lists the known
     ones), a class over `max_class_bytes`, a digest that is not the data's, or an unchanged
-    class without a digest is refused and named in `rejected`; the rest is kept. The agent's
+    class without a digest is refused and named in `rejected`; the rest is kept. A class
+    named in `unchanged` without a digest is the version the server told the agent it holds
+    (`known`: class -> digest prefix). The agent's
     `collected_at` is used unless it lies in the server's future (a fast agent clock): then
     the server's time of storing is."""
     if not isinstance(result, Mapping):
@@ -138,15 +141,15 @@ def read_result(
         return None
     if not isinstance(digests, Mapping):
         digests = {}
-    known = frozenset(classes)
+    valid = frozenset(classes)
     rejected: dict[str, str] = {}
 
     def refused(name: Any) -> bool:
         if not isinstance(name, str) or not 0 < len(name) <= 64:
             rejected[str(name)[:64] or "?"] = "not a class name (1..64 characters)"
             return True
-        if known and name not in known:
-            rejected[name] = f"unknown class; known classes: {', '.join(sorted(known))}"
+        if valid and name not in valid:
+            rejected[name] = f"unknown class; known classes: {', '.join(sorted(valid))}"
             return True
         return False
 
@@ -176,6 +179,17 @@ def read_result(
             rejected[name] = "an unchanged class needs its digest (16 to 64 lowercase hex digits)"
             continue
         unchanged[name] = value
+    named = result.get("unchanged")
+    for name in named if isinstance(named, list) else ():
+        if name in unchanged or name in changed or name in rejected or name in digests:
+            continue
+        if refused(name):
+            continue
+        held = (known or {}).get(name)
+        if held is None:
+            rejected[name] = "said unchanged, but the server named no version of it"
+            continue
+        unchanged[name] = held
     at = result.get("collected_at")
     if isinstance(at, bool) or not isinstance(at, int | float) or not 0 < at <= now:
         at = now

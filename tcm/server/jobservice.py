@@ -521,7 +521,11 @@ class JobService:
         collected = None
         if job is not None and job.action == inventory.ACTION:
             collected = inventory.read_result(
-                result, self.clock.seconds(), self.max_class_bytes, inventory.CLASSES
+                result,
+                self.clock.seconds(),
+                self.max_class_bytes,
+                inventory.CLASSES,
+                self.known_digests.known(agent_id),
             )
             if collected is not None:
                 # the data goes to the inventory store only; the target keeps which classes

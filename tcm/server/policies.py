@@ -350,7 +350,13 @@ class PolicyService:
         if not run.get("ok") or not isinstance(result, dict):
             return report, None
         now = self.clock.seconds()
-        collected = inventory.read_result(result, now, self.max_class_bytes, inventory.CLASSES)
+        collected = inventory.read_result(
+            result,
+            now,
+            self.max_class_bytes,
+            inventory.CLASSES,
+            self.known_digests.known(agent_id),
+        )
         if collected is None:
             return report, None
         known = self.known_digests
