@@ -487,7 +487,15 @@ class IJobHistory(Interface):
         """Deferred of CSV text; NotFound."""
 
     def purge():  # type: ignore[misc]
-        """Deferred of how many jobs were purged."""
+        """Deferred of how many jobs were purged (by age, then by size)."""
+
+    store_figures = Attribute("The store's size as last measured (dict).")
+
+    def measure():  # type: ignore[misc]
+        """Deferred of the store's size now (dict), kept as store_figures."""
+
+    def retention():  # type: ignore[misc]
+        """What retention keeps: {job_retention, result_bytes_per_job, ...}."""
 
 
 class INodeRegistry(Interface):

@@ -226,3 +226,31 @@ async def test_known_digests_are_loaded_at_startup(tmp_path):
         assert set(jobs.known_digests.known("a-1")) == {"os", "hostname", "software"}
     finally:
         db.close()
+
+
+def test_memory_is_given_back_once_after_a_large_batch():
+    from twisted.internet.task import Clock
+
+    from tcm.process import MemoryReleaser, release_memory
+
+    clock = Clock()
+    calls = []
+    releaser = MemoryReleaser(clock, threshold=100, interval=2.0, release=lambda: calls.append(1))
+    releaser.handled(60)
+    clock.advance(10)
+    assert calls == []  # under the threshold: nothing to give back
+    releaser.handled(60)
+    clock.advance(1)
+    releaser.handled(500)  # still busy: wait for the batch to end
+    clock.advance(1.5)
+    assert calls == []
+    clock.advance(0.6)
+    assert calls == [1] and releaser.pending == 0
+    clock.advance(60)
+    assert calls == [1]
+    releaser.handled(100)
+    releaser.stop()
+    clock.advance(60)
+    assert calls == [1]
+    # the real call: glibc's malloc_trim where there is one, a no-op elsewhere
+    assert release_memory() in (True, False)

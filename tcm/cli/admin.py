@@ -37,7 +37,7 @@ from tcm.cli.api import (  # noqa: F401  (Api, CliError: imported from here by s
 
 
 def cmd_status(api: Api, args) -> int:
-    dump(api.call("GET", "/status"))
+    dump(api.call("GET", "/status?store=now"))
     return 0
 
 

@@ -203,13 +203,19 @@ class AdminAPI(JsonRouter):
         d = self.auditlog.refused(getattr(request, "principal", None), method, path, status, reason)
         d.addErrback(lambda f: self._log.failure("could not audit a refused request", f))
 
+    @inlineCallbacks
     def status(self, request):
+        """?store=now: the store's size measured now (else as of the last purge, hourly)."""
+        if request.args.get(b"store", [b""])[0] == b"now":
+            yield self.history.measure()
         return {
             "version": tcm.__version__,
             "name": self.name,
             "sessions": len(self.presence.registry),
             "agents": self.admission.count(),
             "active_jobs": self.jobservice.active_count(),
+            "store": self.history.store_figures,
+            "retention": self.history.retention(),
         }
 
     # -- agents --------------------------------------------------------------------------

@@ -278,7 +278,8 @@ AGENT = "/agent/v1"
 OPERATIONS: dict[tuple[str, str], Operation] = {
     # -- the server ---------------------------------------------------------------------
     ("GET", f"{ADMIN}/status"): _op(
-        "The server's version, name and counts",
+        "The server's version, name and counts, the store's size and what retention keeps",
+        query={"store": said("'store' must be 'now'", {"enum": ["now"]})},
         responses={
             200: fields(
                 "version",
@@ -288,6 +289,17 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                 sessions=_INT,
                 agents=_INT,
                 active_jobs=_INT,
+                store=ANY_OBJECT,
+                retention=fields(
+                    "job_retention",
+                    "result_bytes_per_job",
+                    "result_bytes_total",
+                    "inventory_history",
+                    job_retention=_NUM,
+                    result_bytes_per_job=_INT,
+                    result_bytes_total=_INT,
+                    inventory_history=_INT,
+                ),
             )
         },
     ),

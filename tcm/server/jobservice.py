@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tcm.interfaces import IJobs
+from tcm.process import MemoryReleaser
 from tcm.protocol.envelope import Envelope, encode
 from tcm.server import inventory
 from tcm.server.dispatcher import Dispatcher
@@ -89,6 +90,9 @@ class JobService:
         # carries its agent's, so that only what changed comes back (issue 18)
         self.known_digests = inventory.KnownDigests() if known_digests is None else known_digests
         self.max_class_bytes = max_class_bytes
+        # large results are parsed, stored and dropped; afterwards the memory they took is
+        # given back to the system (glibc keeps it otherwise: RSS would stay at the peak)
+        self.memory = MemoryReleaser(clock)
 
     @inlineCallbacks
     def load(self):
@@ -116,6 +120,7 @@ class JobService:
     def stop(self) -> None:
         if self._expiry.running:
             self._expiry.stop()
+        self.memory.stop()
 
     # -- admin side ------------------------------------------------------------------
     @inlineCallbacks
@@ -579,7 +584,10 @@ class JobService:
         resent result writes both again."""
         known = self.known_digests
 
+        size = collected.size()
+
         def stored(missing: Any) -> None:
+            self.memory.handled(size)
             known.stored(agent_id, collected)
             for cls in missing or ():  # said unchanged, but not held: ask in full next time
                 known.forget(agent_id, cls)

@@ -66,7 +66,7 @@ from tcm.server.certificates import SERVER_CERT_CHECK, Certificates, ServerTLS
 from tcm.server.config import ServerConfig
 from tcm.server.dispatcher import Dispatcher
 from tcm.server.heap import HeapSettler
-from tcm.server.history import JobHistory
+from tcm.server.history import JobHistory, SizeLimits
 from tcm.server.hub import AgentHub, AgentRequests
 from tcm.server.jobservice import JobService
 from tcm.server.links import NodeLinkFactory
@@ -399,7 +399,21 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     audit = provides(IAudit, AuditLog(db.audit, clock))
     history = provides(
         IJobHistory,
-        JobHistory(db.jobs, db.agents, jobs, lambda: settings["job_retention"], clock),
+        JobHistory(
+            db.jobs,
+            db.agents,
+            jobs,
+            lambda: settings["job_retention"],
+            clock,
+            limits=SizeLimits(
+                config.result_bytes_per_job,
+                config.result_bytes_total,
+                config.inventory_history,
+            ),
+            database=db,
+            inventory_store=db.inventory,
+            audit=audit,
+        ),
     )
     presence.on_cloned = lambda agent_id, why: audit.record(
         "server", "agent.cloned", agent_id, {"why": why}
