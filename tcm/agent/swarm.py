@@ -218,6 +218,8 @@ class Swarm(service.MultiService):
         self._reporter.clock = reactor
         self.started_at = 0.0
         self.gc_frozen = False
+        self._sessions: dict[int, tuple[Any, int, int]] = {}  # member -> its session's count
+        self._wire = [0, 0]  # bytes sent, received by sessions, counted so far
 
     def member_dir(self, i: int) -> str:
         return os.path.join(self.state_dir, f"agent-{self.first + i:06d}")
@@ -286,8 +288,10 @@ class Swarm(service.MultiService):
             reconnects += agent.connection.reconnects
             counting = agent.connection.counting
             if counting is not None and counting.current is not None:
-                sent += counting.current.sent
-                received += counting.current.received
+                self._count_session(member, counting.current)
+            https = agent.connection.link.https.traffic  # every HTTPS request: one total
+            sent += https.sent
+            received += https.received
         return {
             "count": self.count,
             "started": len(self.members),
@@ -297,12 +301,23 @@ class Swarm(service.MultiService):
             "disconnected": modes[DISCONNECTED],
             "completed": completed,
             "reconnect_attempts": reconnects,
-            # bytes on the wire (TLS records) of the members' current sessions
-            "bytes_sent": sent,
-            "bytes_received": received,
+            # bytes on the wire (TLS records) of the members' sessions, past and current,
+            # and of their HTTPS requests (a session's last two seconds before it was lost
+            # are not counted)
+            "bytes_sent": sent + self._wire[0],
+            "bytes_received": received + self._wire[1],
             "uptime": time.time() - self.started_at,
             "pid": os.getpid(),
         }
+
+    def _count_session(self, member: Any, traffic: Any) -> None:
+        """Add what a member's session moved since the last count to the totals."""
+        seen = self._sessions.get(id(member))
+        if seen is None or seen[0] is not traffic:
+            seen = (traffic, 0, 0)
+        self._wire[0] += traffic.sent - seen[1]
+        self._wire[1] += traffic.received - seen[2]
+        self._sessions[id(member)] = (traffic, traffic.sent, traffic.received)
 
     def report(self) -> None:
         counts = self.counts()
