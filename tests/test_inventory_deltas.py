@@ -254,3 +254,38 @@ def test_memory_is_given_back_once_after_a_large_batch():
     assert calls == [1]
     # the real call: glibc's malloc_trim where there is one, a no-op elsewhere
     assert release_memory() in (True, False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_scheduled_collection_learns_what_the_server_holds_from_its_report(tmp_path):
+    from tcm.server.agentconfig import AgentConfigBook
+    from tcm.server.policies import PolicyService
+
+    db = Database(f"sqlite:///{tmp_path / 'tcm.sqlite'}", reactor=reactor)
+    db.open()
+    try:
+        book = AgentConfigBook(db.agents, Dispatcher(SessionRegistry()), reactor, None)
+        service = PolicyService(book, db.config, db.inventory, reactor)
+        service.policies["inv"] = {"name": "inv", "type": "inventory.schedule", "version": 1}
+        collectors = machine("a-1", 20)
+
+        async def run(known):
+            result = agent_inventory.collect(list(collectors), known, collectors)
+            run = {"at": 1.0, "ok": True, "error": None, "result": result}
+            report = {"inv": {"version": 1, "state": "applied", "last_run": run}}
+            return result, await service.report_policies("a-1", report)
+
+        result, answer = await run({})
+        assert set(result["classes"]) == {"os", "hostname", "software"}
+        known = answer["inventory_known"]
+        assert set(known) == {"os", "hostname", "software"}
+        result, answer = await run(known)  # the next run, with what the server said
+        assert result["classes"] == {} and len(result["unchanged"]) == 3
+        kept = book.row("a-1")["policies"]["inv"]["last_run"]["result"]
+        assert kept["classes"] == [] and set(kept["inventory"]["unchanged"]) == set(known)
+        assert (await db.inventory.get_inventory("a-1"))["software"]["version"] == 1
+        # a report without an inventory run answers as before
+        plain = {"inv": {"version": 1, "state": "applied"}}
+        assert service.report_policies("a-1", plain) == {"stored": 1}
+    finally:
+        db.close()
