@@ -107,6 +107,9 @@ def test_a_target_result_shows_data_read_back_from_the_store():
     assert shown["digests"] == {"os": "1" * 16, "cpu": "2" * 16, "users": "3"}
     assert shown["unchanged"] == ["users"]
     assert shown["collected_at"] == 4.0
+    # past the status's budget: left out and named so, not taken for purged
+    shown = shown_result(stored, summary, {}, ["os"])
+    assert shown["omitted"] == ["os"] and shown["purged"] == ["cpu"]
     assert stored_summary({"classes": {}}) is None
     assert stored_summary(None) is None
 

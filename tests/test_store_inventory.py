@@ -123,8 +123,12 @@ class TestInventoryStore(StoreTest):
         # the data of versions named by digest prefix: current or kept, else left out
         assert await db.inventory.versions_data(
             {"a-1": {"os": "3" * 16}, "a-2": {"os": "9" * 16, "cpu": "1" * 16}}
-        ) == {"a-1": {"os": {"v": 3}}, "a-2": {"os": {"v": 9}}}
-        assert await db.inventory.versions_data({"a-1": {"os": "1" * 16}}) == {}
+        ) == ({"a-1": {"os": {"v": 3}}, "a-2": {"os": {"v": 9}}}, set())
+        assert await db.inventory.versions_data({"a-1": {"os": "1" * 16}}) == ({}, set())
+        # past the budget: left out, and said so
+        assert await db.inventory.versions_data(
+            {"a-1": {"os": "3" * 16}, "a-2": {"os": "9" * 16}}, budget=8
+        ) == ({"a-1": {"os": {"v": 3}}}, {("a-2", "os")})
         sizes = await db.inventory.sizes()
         assert sizes["inventory_rows"] == 2 and sizes["inventory_history_rows"] == 2
         assert sizes["inventory_bytes"] == len('{"v":4}') + len('{"v":9}')

@@ -327,11 +327,15 @@ def stored_summary(result: Any) -> dict[str, Any] | None:
 
 
 def shown_result(
-    result: Mapping[str, Any], summary: Mapping[str, Any], data: Mapping[str, Any]
+    result: Mapping[str, Any],
+    summary: Mapping[str, Any],
+    data: Mapping[str, Any],
+    omitted: Iterable[str] = (),
 ) -> dict[str, Any]:
     """A target's inventory result as the jobs API shows it: the classes the agent sent,
     with their data read back from the inventory store (`null` and named in `purged` when
-    that version is no longer kept), the digests and the classes found unchanged."""
+    that version is no longer kept, or in `omitted` when the status would be too large),
+    the digests and the classes found unchanged."""
     classes = {cls: data.get(cls) for cls in summary["changed"]}
     out: dict[str, Any] = {
         **result,
@@ -339,9 +343,12 @@ def shown_result(
         "digests": {**summary["unchanged"], **summary["changed"]},
         "unchanged": sorted(summary["unchanged"]),
     }
-    purged = sorted(cls for cls in summary["changed"] if cls not in data)
+    left_out = set(omitted)
+    purged = sorted(c for c in summary["changed"] if c not in data and c not in left_out)
     if purged:
         out["purged"] = purged
+    if left_out:
+        out["omitted"] = sorted(left_out)
     return out
 
 

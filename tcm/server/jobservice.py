@@ -42,6 +42,10 @@ from tcm.server.jobs import (
 TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
 
 MAX_TTL = 30 * 24 * 3600.0
+# A job's status shows the inventory its targets collected up to this many bytes of data;
+# past it, each class left out is named in its target's `omitted` (read it per agent with
+# `tcm inventory show`): a status of 10,000 package lists is not built in memory.
+SHOWN_INVENTORY_BYTES = 64 * 1024 * 1024
 DEFAULT_TTL = 3600.0
 
 
@@ -702,8 +706,17 @@ class JobService:
             summary = inventory.stored_summary(r["result"])
             if summary is not None and summary["changed"]:
                 wanted[r["agent"]] = summary["changed"]
-        data = (yield self.inventory_store.versions_data(wanted)) if wanted else {}
+        data: dict[str, Any] = {}
+        over: set[tuple[str, str]] = set()
+        if wanted:
+            data, over = yield self.inventory_store.versions_data(wanted, SHOWN_INVENTORY_BYTES)
         for r in results:
             summary = inventory.stored_summary(r["result"])
             if summary is not None:
-                r["result"] = inventory.shown_result(r["result"], summary, data.get(r["agent"], {}))
+                agent = r["agent"]
+                r["result"] = inventory.shown_result(
+                    r["result"],
+                    summary,
+                    data.get(agent, {}),
+                    [cls for cls in summary["changed"] if (agent, cls) in over],
+                )

@@ -219,30 +219,61 @@ class InventoryStore:
         return self._db.read(q)
 
     def versions_data(
-        self, wanted: Mapping[str, Mapping[str, str]]
-    ) -> Deferred[dict[str, dict[str, Any]]]:
-        """agent -> {class: data} of the versions named by digest (or digest prefix) in
-        `wanted` (agent -> {class: digest}): the current version or one in the history. A
-        version no longer kept is left out."""
+        self, wanted: Mapping[str, Mapping[str, str]], budget: int | None = None
+    ) -> Deferred[tuple[dict[str, dict[str, Any]], set[tuple[str, str]]]]:
+        """(agent -> {class: data}, over budget) of the versions named by digest (or digest
+        prefix) in `wanted` (agent -> {class: digest}): the current version or one in the
+        history. A version no longer kept is left out; so is any past `budget` bytes of data
+        in all (in agent order), named in the second part: a job of thousands of agents is
+        not read into memory whole."""
         inv, hist = t.inventory, t.inventory_history
         agents = sorted(wanted)
 
-        def q(c: Connection) -> dict[str, dict[str, Any]]:
+        def q(c: Connection) -> tuple[dict[str, dict[str, Any]], set[tuple[str, str]]]:
             out: dict[str, dict[str, Any]] = {}
+            over: set[tuple[str, str]] = set()
+            left = budget
             for i in range(0, len(agents), _CHUNK):
                 chunk = agents[i : i + _CHUNK]
+                classes = sorted({k for a in chunk for k in wanted[a]})
+                candidates: list[tuple[str, str, int, Any, str]] = []
+                seen: set[tuple[str, str]] = set()
                 for table in (inv, hist):
                     rows = c.execute(
-                        sa.select(table.c.agent_id, table.c["class"], table.c.digest, table.c.data)
+                        sa.select(
+                            table.c.agent_id,
+                            table.c["class"],
+                            table.c.digest,
+                            sa.func.length(sa.cast(table.c.data, sa.Text)),
+                        )
                         .where(table.c.agent_id.in_(chunk))
-                        .where(table.c["class"].in_(sorted({k for a in chunk for k in wanted[a]})))
+                        .where(table.c["class"].in_(classes))
                     )
-                    for r in rows:
-                        cls = r._mapping["class"]
-                        name = wanted[r.agent_id].get(cls)
-                        if name is not None and r.digest.startswith(name):
-                            out.setdefault(r.agent_id, {}).setdefault(cls, r.data)
-            return out
+                    for agent, cls, digest, size in rows:
+                        name = wanted[agent].get(cls)
+                        if name is None or not digest.startswith(name):
+                            continue
+                        if (agent, cls) not in seen:
+                            seen.add((agent, cls))
+                            candidates.append((agent, cls, size or 0, table, digest))
+                found = []
+                for agent, cls, size, table, digest in sorted(candidates, key=lambda x: x[:2]):
+                    if left is not None:
+                        if left < size:
+                            over.add((agent, cls))
+                            continue
+                        left -= size
+                    found.append((table, agent, cls, digest))
+                for table, agent, cls, digest in found:
+                    data = c.execute(
+                        sa.select(table.c.data).where(
+                            table.c.agent_id == agent,
+                            table.c["class"] == cls,
+                            table.c.digest == digest,
+                        )
+                    ).scalar()
+                    out.setdefault(agent, {})[cls] = data
+            return out, over
 
         return self._db.read(q)
 
