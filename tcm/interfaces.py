@@ -65,8 +65,10 @@ class IPolicyContext(Interface):
         """Run one of the agent's actions locally (its arguments checked against its schema);
         a Deferred firing with the action's result dict, or failing with ActionFailed."""
 
-    def report(result: dict | None = None, error: str | None = None) -> None:  # type: ignore[misc]
-        """Send the outcome of one run to the server (kept as the policy's `last_run`)."""
+    def report(result: dict | None = None, error: str | None = None):  # type: ignore[misc]
+        """Send the outcome of one run to the server (kept as the policy's `last_run`).
+        Returns a Deferred of the server's answer (a dict), or of None when it was not
+        delivered (best effort: never fails)."""
 
     def set_agent_settings(settings: dict) -> None:  # type: ignore[misc]
         """Change the agent's own settings (what `agent.settings` documents name); an empty
@@ -324,6 +326,15 @@ class IInventory(Interface):
     def stale(older_than, target, classes):  # type: ignore[misc]
         """Deferred of (stale items, digests); Invalid, NotFound."""
 
+    def history(agent_id, cls):  # type: ignore[misc]
+        """Deferred of the versions kept of an agent's classes (cls None: all); NotFound."""
+
+    def version(agent_id, cls, version):  # type: ignore[misc]
+        """Deferred of one version of a class with its data (version None: current); NotFound."""
+
+    def diff(agent_id, cls, old, new):  # type: ignore[misc]
+        """Deferred of {agent, class, from, to, added, removed, changed}; NotFound."""
+
 
 class IJobs(Interface):
     """Jobs from creation to stored results."""
@@ -476,7 +487,15 @@ class IJobHistory(Interface):
         """Deferred of CSV text; NotFound."""
 
     def purge():  # type: ignore[misc]
-        """Deferred of how many jobs were purged."""
+        """Deferred of how many jobs were purged (by age, then by size)."""
+
+    store_figures = Attribute("The store's size as last measured (dict).")
+
+    def measure():  # type: ignore[misc]
+        """Deferred of the store's size now (dict), kept as store_figures."""
+
+    def retention():  # type: ignore[misc]
+        """What retention keeps: {job_retention, result_bytes_per_job, ...}."""
 
 
 class INodeRegistry(Interface):

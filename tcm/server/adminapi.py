@@ -108,6 +108,9 @@ class AdminAPI(JsonRouter):
         self.route("GET", "/agents", self.agents)
         self.route("GET", "/agents/{agent}", self.agent)
         self.route("GET", "/agents/{agent}/inventory", self.agent_inventory)
+        self.route("GET", "/agents/{agent}/inventory/history", self.inventory_history)
+        self.route("GET", "/agents/{agent}/inventory/classes/{name}", self.inventory_version)
+        self.route("GET", "/agents/{agent}/inventory/classes/{name}/diff", self.inventory_diff)
         self.route("POST", "/agents/{agent}/revoke", self.revoke_agent, "admin", "revoke agents")
         self.route("POST", "/agents/{agent}/approve", self.approve_agent, "admin", "approve agents")
         self.route("POST", "/tokens", self.create_token, "admin", "create enrollment tokens")
@@ -200,13 +203,19 @@ class AdminAPI(JsonRouter):
         d = self.auditlog.refused(getattr(request, "principal", None), method, path, status, reason)
         d.addErrback(lambda f: self._log.failure("could not audit a refused request", f))
 
+    @inlineCallbacks
     def status(self, request):
+        """?store=now: the store's size measured now (else as of the last purge, hourly)."""
+        if request.args.get(b"store", [b""])[0] == b"now":
+            yield self.history.measure()
         return {
             "version": tcm.__version__,
             "name": self.name,
             "sessions": len(self.presence.registry),
             "agents": self.admission.count(),
             "active_jobs": self.jobservice.active_count(),
+            "store": self.history.store_figures,
+            "retention": self.history.retention(),
         }
 
     # -- agents --------------------------------------------------------------------------
@@ -626,6 +635,27 @@ class AdminAPI(JsonRouter):
         return {"agent": agent, "classes": (yield self.inventoryservice.of_agent(agent))}
 
     @inlineCallbacks
+    def inventory_history(self, request, agent: str):
+        """?class=C: the versions kept (newest first per class), without data."""
+        cls = request.args.get(b"class", [None])[0]
+        versions = yield self.inventoryservice.history(
+            agent, cls.decode("utf-8", "replace") if cls is not None else None
+        )
+        return {"agent": agent, "versions": versions}
+
+    @inlineCallbacks
+    def inventory_version(self, request, agent: str, name: str):
+        """?version=V (default: the current one)."""
+        row = yield self.inventoryservice.version(agent, name, _int_arg(request, "version"))
+        return {"agent": agent, **row}
+
+    def inventory_diff(self, request, agent: str, name: str):
+        """?from=V&to=V (default: the one before the current, and the current)."""
+        return self.inventoryservice.diff(
+            agent, name, _int_arg(request, "from"), _int_arg(request, "to")
+        )
+
+    @inlineCallbacks
     def inventory_stale(self, request):
         """?older_than=S (default 3600), &target=NAME, &class=C (repeatable)."""
         older_than = _seconds(request, "older_than", 3600.0)
@@ -650,10 +680,10 @@ class AdminAPI(JsonRouter):
         ttl = body.get("ttl")
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float)):
             raise Invalid("ttl", "'ttl' must be a number of seconds")
-        items, digests = yield self.inventoryservice.stale(
+        items, _ = yield self.inventoryservice.stale(
             float(older_than), body.get("target"), body.get("classes")
         )
-        plan = inventory.refresh_plan(items, digests)
+        plan = inventory.refresh_plan(items)
         yield self._check_scope(request, sorted({a for job in plan for a in job.agents}))
         created = []
         for job in plan:
@@ -826,3 +856,9 @@ class AdminAPI(JsonRouter):
     def _audit_profile(self, request, action: str, view: dict[str, Any]):
         details = {k: view[k] for k in ("version", "settings", "assignments")}
         return self.auditlog.record(request.who, action, view["name"], details)
+
+
+def _int_arg(request, name: str) -> int | None:
+    """An integer query parameter (checked by the operation's schema), or None."""
+    raw = request.args.get(name.encode(), [None])[0]
+    return None if raw is None else int(raw)

@@ -123,16 +123,19 @@ class AgentAPI(JsonRouter):
         error = body.get("error")
         if error is not None and not isinstance(error, str):
             raise Invalid("error", "'error' must be a string")
-        stored = yield self.jobs.result(
+        d = self.jobs.result(
             request.agent_id,
             job,
             state,
-            body.get("result"),
+            body.pop("result", None),
             error,
             _number(body.get("started")),
             _number(body.get("finished")),
             _number(body.get("received")),
         )
+        del body  # the parsed result (an inventory: megabytes of objects) is not kept while
+        # its commit is awaited: what is stored was taken from it already (issue 18)
+        stored = yield d
         return {"stored": stored}
 
     def settings(self, request):

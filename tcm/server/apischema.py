@@ -198,6 +198,18 @@ POLICY_VIEW = fields(
 )
 PROFILE_VIEW = fields("name", "version", name=_STR, version=_INT, settings=ANY_OBJECT)
 JOB_CREATED = fields("job", job=_STR)
+INVENTORY_VERSION = fields(
+    "class",
+    "version",
+    "digest",
+    "current",
+    version=_INT,
+    digest=_STR,
+    collected_at=_NUM,
+    changed_at=_NUM,
+    replaced_at=_OPT_NUM,
+    current=_BOOL,
+)
 NODE_REGISTERED = fields("name", "token", name=_STR, token=_STR, max_clients=_OPT_INT)
 STORED = fields("stored")
 JOB_STATUS = fields("id", "action", "counts", id=_STR, action=_STR, counts=ANY_OBJECT)
@@ -266,7 +278,8 @@ AGENT = "/agent/v1"
 OPERATIONS: dict[tuple[str, str], Operation] = {
     # -- the server ---------------------------------------------------------------------
     ("GET", f"{ADMIN}/status"): _op(
-        "The server's version, name and counts",
+        "The server's version, name and counts, the store's size and what retention keeps",
+        query={"store": said("'store' must be 'now'", {"enum": ["now"]})},
         responses={
             200: fields(
                 "version",
@@ -276,6 +289,17 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                 sessions=_INT,
                 agents=_INT,
                 active_jobs=_INT,
+                store=ANY_OBJECT,
+                retention=fields(
+                    "job_retention",
+                    "result_bytes_per_job",
+                    "result_bytes_total",
+                    "inventory_history",
+                    job_retention=_NUM,
+                    result_bytes_per_job=_INT,
+                    result_bytes_total=_INT,
+                    inventory_history=_INT,
+                ),
             )
         },
     ),
@@ -311,6 +335,38 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", f"{ADMIN}/agents/{{agent}}/inventory"): _op(
         "An agent's stored inventory",
         responses={200: fields("agent", "classes", agent=_STR, classes=ANY_OBJECT)},
+    ),
+    ("GET", f"{ADMIN}/agents/{{agent}}/inventory/history"): _op(
+        "The versions kept of an agent's inventory classes (newest first, without data)",
+        query={"class": said("'class' must be an inventory class name", string(64, min_length=1))},
+        responses={200: listing("versions", INVENTORY_VERSION, agent=_STR)},
+    ),
+    ("GET", f"{ADMIN}/agents/{{agent}}/inventory/classes/{{name}}"): _op(
+        "One version of one inventory class of an agent, with its data (default: the current)",
+        query={"version": said("'version' must be a version number >= 1", integer(1))},
+        responses={200: fields("agent", "data", agent=_STR, data=FREE_FORM)},
+    ),
+    ("GET", f"{ADMIN}/agents/{{agent}}/inventory/classes/{{name}}/diff"): _op(
+        "What changed in an inventory class between two versions (default: the current one "
+        "and the one before it)",
+        query={
+            "from": said("'from' must be a version number >= 1", integer(1)),
+            "to": said("'to' must be a version number >= 1", integer(1)),
+        },
+        responses={
+            200: fields(
+                "agent",
+                "class",
+                "from",
+                "to",
+                "added",
+                "removed",
+                "changed",
+                added=ANY_OBJECT,
+                removed=ANY_OBJECT,
+                changed=ANY_OBJECT,
+            )
+        },
     ),
     ("POST", f"{ADMIN}/agents/{{agent}}/revoke"): _op(
         "Revoke an agent: refused everywhere from now on",

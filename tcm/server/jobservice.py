@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import attrs
 import jsonschema_rs
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.task import LoopingCall
@@ -19,6 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tcm.interfaces import IJobs
+from tcm.process import MemoryReleaser
 from tcm.protocol.envelope import Envelope, encode
 from tcm.server import inventory
 from tcm.server.dispatcher import Dispatcher
@@ -40,6 +42,10 @@ from tcm.server.jobs import (
 TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
 
 MAX_TTL = 30 * 24 * 3600.0
+# A job's status shows the inventory its targets collected up to this many bytes of data;
+# past it, each class left out is named in its target's `omitted` (read it per agent with
+# `tcm inventory show`): a status of 10,000 package lists is not built in memory.
+SHOWN_INVENTORY_BYTES = 64 * 1024 * 1024
 DEFAULT_TTL = 3600.0
 
 
@@ -60,6 +66,8 @@ class JobService:
         advertised: Callable[[str], dict[str, Any] | None] | None = None,
         max_output: int = DEFAULT_MAX_OUTPUT,
         max_message_size: int | None = None,
+        known_digests: inventory.KnownDigests | None = None,
+        max_class_bytes: int = inventory.DEFAULT_MAX_CLASS_BYTES,
     ):
         # the store's jobs area (db.jobs) and its inventory area (db.inventory: results of
         # inventory.collect)
@@ -82,6 +90,13 @@ class JobService:
         # the sessions' message limit: a larger action.request could never be delivered
         self.max_message_size = max_message_size
         self._expiry.clock = clock
+        # the inventory digests the store holds per agent: every inventory.collect request
+        # carries its agent's, so that only what changed comes back (issue 18)
+        self.known_digests = inventory.KnownDigests() if known_digests is None else known_digests
+        self.max_class_bytes = max_class_bytes
+        # large results are parsed, stored and dropped; afterwards the memory they took is
+        # given back to the system (glibc keeps it otherwise: RSS would stay at the peak)
+        self.memory = MemoryReleaser(clock)
 
     @inlineCallbacks
     def load(self):
@@ -100,6 +115,8 @@ class JobService:
             self.book.add(job, {a: TargetState(s) for a, s in states.items()})
             self._loaded_jobs.add(job.id)
         self._log.info("loaded {n} unfinished jobs", n=len(self.book.jobs))
+        held = yield self.inventory_store.inventory_times()
+        self.known_digests.load({key: value[1] for key, value in held.items()})
 
     def start(self, interval: float = 1.0) -> None:
         self._expiry.start(interval, now=False)
@@ -107,6 +124,7 @@ class JobService:
     def stop(self) -> None:
         if self._expiry.running:
             self._expiry.stop()
+        self.memory.stop()
 
     # -- admin side ------------------------------------------------------------------
     @inlineCallbacks
@@ -343,10 +361,34 @@ class JobService:
                 None,
                 now,
             )
-        sent, _offline = self.dispatcher.push(job.frame(), capable)
-        if tasks:
-            sent += self.dispatcher.push(job.frame(), tasks, task=True)[0]
+        sent: list[str] = []
+        for frame, group in self._frames(job, capable):
+            sent += self.dispatcher.push(frame, group)[0]
+        for frame, group in self._frames(job, tasks):
+            sent += self.dispatcher.push(frame, group, task=True)[0]
         self._persist(self.book.delivered(job.id, sent, now))
+
+    def _frames(self, job: Job, agent_ids: list[str]) -> list[tuple[bytes, list[str]]]:
+        """The request frame(s) of a job for these agents: one for all, except for an
+        inventory collection, whose request carries each agent's known digests (agents
+        whose requests come out equal share one frame, and so one push)."""
+        if not agent_ids:
+            return []
+        if job.action != inventory.ACTION:
+            return [(job.frame(), agent_ids)]
+        groups: dict[str, tuple[Job, list[str]]] = {}
+        for agent_id in agent_ids:
+            own = self._for_agent(job, agent_id)
+            key = json.dumps(own.args.get("known"), sort_keys=True)
+            groups.setdefault(key, (own, []))[1].append(agent_id)
+        return [(own.frame(), group) for own, group in groups.values()]
+
+    def _for_agent(self, job: Job, agent_id: str) -> Job:
+        """The job as one agent receives it: an inventory collection with its known digests."""
+        if job.action != inventory.ACTION:
+            return job
+        args = inventory.collect_args(job.args, self.known_digests.known(agent_id))
+        return job if args == job.args else attrs.evolve(job, args=args)
 
     # -- agent side ------------------------------------------------------------------
     def session_opened(self, agent_id: str, channel: str = "core") -> None:
@@ -380,7 +422,7 @@ class JobService:
         jobs = [j for j in self.book.deliverable(agent_id, now) if j.id not in canceled]
         for job in jobs:
             self._persist(self.book.delivered(job.id, [agent_id], now))
-        return jobs
+        return [self._for_agent(job, agent_id) for job in jobs]
 
     def accept(self, agent_id: str, job_id: str) -> Accept:
         decision, changes = self.book.accept(job_id, agent_id, self.clock.seconds())
@@ -493,6 +535,27 @@ class JobService:
             return succeed(None)
         self.outputs.forget(job_id, agent_id)
         key = (job_id, agent_id)
+        collected = None
+        if job is not None and job.action == inventory.ACTION:
+            collected = inventory.read_result(
+                result,
+                self.clock.seconds(),
+                self.max_class_bytes,
+                inventory.CLASSES,
+                self.known_digests.known(agent_id),
+            )
+            if collected is not None:
+                # the data goes to the inventory store only; the target keeps which classes
+                # changed and their digests (issue 18: stored once)
+                result = {"inventory": collected.summary(), "collected_at": collected.collected_at}
+                problem = collected.problem()
+                if problem is not None:
+                    self._log.warn(
+                        "job {job}: {agent}: {problem}", job=job_id, agent=agent_id, problem=problem
+                    )
+                    error = problem if error is None else f"{error}; {problem}"
+                    if state is TargetState.SUCCEEDED:
+                        state = TargetState.FAILED
         d = self.store.store_result(
             job_id,
             agent_id,
@@ -504,9 +567,11 @@ class JobService:
             received,
             stored=self.clock.seconds(),
         )
+        if collected is not None:
+            # acknowledged once the inventory is stored and known too (the same commit)
+            stored = self._store_inventory(agent_id, collected)
+            d.addCallback(lambda value: stored.addCallback(lambda _: value))
         self._committing[key] = d
-        if job is not None and job.action == inventory.ACTION:
-            self._store_inventory(agent_id, result)
 
         def committed(value):
             self._committing.pop(key, None)
@@ -524,16 +589,26 @@ class JobService:
         d.addCallbacks(committed, not_committed)
         return d
 
-    def _store_inventory(self, agent_id: str, result: Any) -> None:
+    def _store_inventory(self, agent_id: str, collected: inventory.Collected) -> Deferred:
         """Keep an inventory result per data class. Queued in the same reactor turn as the
         result itself, it is committed in the same transaction (the write queue's flush), so
         the agent's acknowledgement covers both; a failure fails both, and the agent's
         resent result writes both again."""
-        collected = inventory.read_result(result, self.clock.seconds())
-        if collected is None:
-            return
-        self.inventory_store.store_inventory(agent_id, collected, self.clock.seconds()).addErrback(
-            lambda f: None  # logged by the write queue; the result's own Deferred fails too
+        known = self.known_digests
+
+        size = collected.size()
+
+        def stored(missing: Any) -> None:
+            self.memory.handled(size)
+            known.stored(agent_id, collected)
+            for cls in missing or ():  # said unchanged, but not held: ask in full next time
+                known.forget(agent_id, cls)
+
+        return self.inventory_store.store_inventory(
+            agent_id, collected, self.clock.seconds()
+        ).addCallbacks(
+            stored,
+            lambda f: None,  # logged by the write queue; the result's own Deferred fails too
         )
 
     @staticmethod
@@ -625,4 +700,31 @@ class JobService:
             }
             for t in targets
         ]
+        if job["action"] == inventory.ACTION:
+            yield self._with_inventory(job["results"])
         return job
+
+    @inlineCallbacks
+    def _with_inventory(self, results: list[dict[str, Any]]):
+        """Put the data each inventory target collected back into its result, read from the
+        inventory store (the target keeps only which classes changed, with their digests):
+        `classes` as the agent sent them, `digests` and `unchanged` as it named them."""
+        wanted: dict[str, dict[str, str]] = {}
+        for r in results:
+            summary = inventory.stored_summary(r["result"])
+            if summary is not None and summary["changed"]:
+                wanted[r["agent"]] = summary["changed"]
+        data: dict[str, Any] = {}
+        over: set[tuple[str, str]] = set()
+        if wanted:
+            data, over = yield self.inventory_store.versions_data(wanted, SHOWN_INVENTORY_BYTES)
+        for r in results:
+            summary = inventory.stored_summary(r["result"])
+            if summary is not None:
+                agent = r["agent"]
+                r["result"] = inventory.shown_result(
+                    r["result"],
+                    summary,
+                    data.get(agent, {}),
+                    [cls for cls in summary["changed"] if (agent, cls) in over],
+                )

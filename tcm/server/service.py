@@ -55,6 +55,7 @@ from tcm.interfaces import (
 )
 from tcm.process import raise_descriptor_limit, stop_with_failure
 from tcm.protocol import codes, link
+from tcm.server import inventory as inventory_domain
 from tcm.server.access import AccessTokens
 from tcm.server.adminapi import AdminAPI, AdminServices
 from tcm.server.admission import HandshakeGate
@@ -67,7 +68,7 @@ from tcm.server.certificates import SERVER_CERT_CHECK, Certificates, ServerTLS
 from tcm.server.config import ServerConfig
 from tcm.server.dispatcher import Dispatcher
 from tcm.server.heap import HeapSettler
-from tcm.server.history import JobHistory
+from tcm.server.history import JobHistory, SizeLimits
 from tcm.server.hub import AgentHub, AgentRequests
 from tcm.server.jobservice import JobService
 from tcm.server.links import NodeLinkFactory
@@ -332,6 +333,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
     name = config.name or _load_or_create_name(config.state_dir)
     db = Database(config.database_url, reactor=reactor)
+    db.inventory.history = config.inventory_history
 
     # -- the services, each with the store area(s) and the services it uses ---------------
     ca = CertificateAuthority.load_or_create(config.state_dir)
@@ -355,6 +357,8 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
         ),
     )
     dispatcher = Dispatcher(presence.registry, presence.polls, presence.task_registry)
+    # the inventory digests the store holds per agent: what each collection carries
+    known_digests = inventory_domain.KnownDigests()
     jobs = provides(
         IJobs,
         JobService(
@@ -367,6 +371,8 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
             advertised=directory.advertised,
             max_output=config.max_output,
             max_message_size=config.max_message_size,
+            max_class_bytes=config.inventory_class_bytes,
+            known_digests=known_digests,
         ),
     )
     targets = provides(
@@ -375,7 +381,17 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     )
     # what policies and profiles share: agents' config rows, missed notices, members
     agent_config = AgentConfigBook(db.agents, dispatcher, clock, targets.resolve_target)
-    policies = provides(IPolicies, PolicyService(agent_config, db.config, db.inventory, clock))
+    policies = provides(
+        IPolicies,
+        PolicyService(
+            agent_config,
+            db.config,
+            db.inventory,
+            clock,
+            known_digests=known_digests,
+            max_class_bytes=config.inventory_class_bytes,
+        ),
+    )
     profiles = provides(IProfiles, ProfileService(agent_config, db.config, clock))
     admission = provides(
         IAgentAdmission,
@@ -395,7 +411,21 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     audit = provides(IAudit, AuditLog(db.audit, clock))
     history = provides(
         IJobHistory,
-        JobHistory(db.jobs, db.agents, jobs, lambda: settings["job_retention"], clock),
+        JobHistory(
+            db.jobs,
+            db.agents,
+            jobs,
+            lambda: settings["job_retention"],
+            clock,
+            limits=SizeLimits(
+                config.result_bytes_per_job,
+                config.result_bytes_total,
+                config.inventory_history,
+            ),
+            database=db,
+            inventory_store=db.inventory,
+            audit=audit,
+        ),
     )
     presence.on_cloned = lambda agent_id, why: audit.record(
         "server", "agent.cloned", agent_id, {"why": why}
