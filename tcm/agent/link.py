@@ -52,6 +52,9 @@ class Identity:
     cert_pem: bytes | None = None
     key_pem: bytes | None = None
     _options: dict[str, Any] = attrs.field(factory=dict, repr=False)
+    # The TLS session of the last welcomed session per host, offered for resumption at the
+    # next connection there: the server skips signing and verifying certificates (issue 17).
+    _tls_sessions: dict[str, Any] = attrs.field(factory=dict, repr=False)
 
     def tls_options(self, hostname: str) -> CurrentClientTLS:
         """TLS client options for `hostname`, as the identity is at each connection (an
@@ -72,6 +75,26 @@ class Identity:
         """A renewed certificate and its key: presented on every new connection from now."""
         self.cert_pem, self.key_pem = cert_pem, key_pem
         self._options.clear()
+        self._tls_sessions.clear()  # a resumed session would carry the old certificate
+
+    def tls_session_for(self, hostname: str) -> Any:
+        """The TLS session to offer `hostname` for resumption, or None."""
+        return self._tls_sessions.get(hostname)
+
+    def remember_tls_session(self, transport: Any) -> bool:
+        """Keep the TLS session of a connection the server welcomed, to resume it at the
+        next connection to the same host. By the welcome, TLS 1.3's session tickets (sent
+        right after the handshake) have arrived. True if one was kept."""
+        try:
+            handle = transport.getHandle()
+            hostname = getattr(handle, RESUME_KEY, None)
+            session = handle.get_session() if hostname is not None else None
+        except Exception:  # not TLS, or a connection already gone: nothing to keep
+            return False
+        if session is None or hostname is None:
+            return False
+        self._tls_sessions[hostname] = session
+        return True
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -85,7 +108,17 @@ class CurrentClientTLS:
         self._hostname = hostname
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> Any:
-        return self._identity.options_now(self._hostname).clientConnectionForTLS(tlsProtocol)
+        identity, hostname = self._identity, self._hostname
+        connection = identity.options_now(hostname).clientConnectionForTLS(tlsProtocol)
+        session = identity.tls_session_for(hostname)
+        if session is not None:
+            connection.set_session(session)  # offered; a server that cannot resume says so
+        setattr(connection, RESUME_KEY, hostname)
+        return connection
+
+
+#: The attribute of a client TLS connection naming the host its session may be resumed at.
+RESUME_KEY = "_tcm_resume_host"
 
 
 split_url = pki.split_url

@@ -74,6 +74,7 @@ class GatewayConfig:
     keepalive: float = 50.0
     drain_grace: float = 5.0  # seconds between telling agents to go and stopping
     metrics_port: int | None = None  # /metrics and /status on loopback (+ worker number)
+    tls_groups: str | None = None  # key exchange groups (None: OpenSSL's default list)
     workers: int = 1
     worker: int | None = None  # set in worker processes the first one starts
     max_message_size: int = 1024 * 1024
@@ -259,7 +260,7 @@ class GatewayService(NodeService):
                 key_pem = f.read()
         else:
             _, cert_pem, key_pem = first.tls()
-        tls = server_tls_options(key_pem, cert_pem, cas)
+        tls = server_tls_options(key_pem, cert_pem, cas, groups=cfg.tls_groups)
         core = EdgeFactory(self.relay, cfg.url(), cfg.max_message_size, channel="core")
         task = EdgeFactory(self.relay, cfg.url(), cfg.max_message_size, channel="task")
         self.root = GatewayRoot(

@@ -54,6 +54,7 @@ class TaskServerConfig:
     keepalive: float = 50.0  # what agents are told to ping at comes from the server
     drain_grace: float = 2.0  # seconds between telling agents to go and stopping
     metrics_port: int | None = None  # /metrics and /status on loopback
+    tls_groups: str | None = None  # key exchange groups (None: OpenSSL's default list)
 
     def url(self) -> str:
         host = self.hostnames[0] if self.hostnames else self.interface
@@ -121,7 +122,7 @@ class TaskServerService(NodeService):
         for listener in listeners(
             self.reactor,
             cfg.listen or [port_description(cfg.port, cfg.interface)],
-            server_tls_options(key_pem, cert_pem, [ca_pem]),
+            server_tls_options(key_pem, cert_pem, [ca_pem], groups=cfg.tls_groups),
             HandshakeLogger(site),  # TLS failures logged, as the server's and gateway's
         ):
             listener.setServiceParent(self)

@@ -6,6 +6,7 @@ from twisted.python import usage
 
 from tcm.taskserver.service import TaskServerConfig, make_taskserver_service
 from tcm.tls.endpoints import listen_addresses
+from tcm.tls.server import tls_groups
 
 
 class Options(usage.Options):
@@ -28,6 +29,15 @@ class Options(usage.Options):
         ["max-clients", None, 5000, "Most agent sessions this task server holds.", int],
         ["metrics-port", None, None, "Loopback port for /metrics and /status.", int],
         ["keepalive", None, 50.0, "Seconds between the agents' pings (as the server's).", float],
+        [
+            "tls-groups",
+            None,
+            None,
+            "TLS key exchange groups offered to agents, colon-separated in OpenSSL's form "
+            "(default: OpenSSL's list, hybrid post-quantum X25519MLKEM768 first where "
+            "available; X25519 alone takes less memory per session: docs/operating.md).",
+            tls_groups,
+        ],
     ]
 
     def __init__(self):
@@ -74,5 +84,6 @@ def makeService(options: Options):
             max_clients=options["max-clients"],
             keepalive=options["keepalive"],
             metrics_port=options["metrics-port"],
+            tls_groups=options["tls-groups"],
         )
     )
