@@ -79,6 +79,7 @@ class GatewayConfig:
     renew_fraction: float = DEFAULT_FRACTION  # of the node certificates' life, then renewed
     drain_grace: float = 5.0  # seconds between telling agents to go and stopping
     metrics_port: int | None = None  # /metrics and /status on loopback (+ worker number)
+    tls_groups: str | None = None  # key exchange groups (None: OpenSSL's default list)
     workers: int = 1
     worker: int | None = None  # set in worker processes the first one starts
     max_message_size: int = 1024 * 1024
@@ -284,9 +285,11 @@ class GatewayService(NodeService):
                 cert_pem = f.read()
             with open(cfg.key, "rb") as f:
                 key_pem = f.read()
-            tls: Any = server_tls_options(key_pem, cert_pem, cas)
+            tls: Any = server_tls_options(key_pem, cert_pem, cas, groups=cfg.tls_groups)
         else:
-            tls = self.identities[self.server_of(cfg.upstreams[0][0])].server_tls(cas)
+            tls = self.identities[self.server_of(cfg.upstreams[0][0])].server_tls(
+                cas, cfg.tls_groups
+            )
         core = EdgeFactory(self.relay, cfg.url(), cfg.max_message_size, channel="core")
         task = EdgeFactory(self.relay, cfg.url(), cfg.max_message_size, channel="task")
         self.root = GatewayRoot(

@@ -124,7 +124,9 @@ class ServerTLS:
         key_pem, cert_pem = self._certificates.server_identity(self._config)
         if cert_pem == self.cert_pem:
             return False
-        options = server_tls_options(key_pem, cert_pem, [self._certificates.ca_pem])
+        options = server_tls_options(
+            key_pem, cert_pem, [self._certificates.ca_pem], groups=self._config.tls_groups
+        )
         if self.options is not None:
             cert = pki.load_certificate(cert_pem)
             self._log.info(

@@ -17,6 +17,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 
 from tcm.protocol.envelope import Envelope
+from tcm.server.web import DirectCall, JsonRouter
 
 CARRIED_BY_HEADER = b"x-tcm-transport"
 
@@ -159,3 +160,40 @@ def render_envelope(
         return env.reply("response", out)
 
     return done.addCallback(to_envelope)
+
+
+def serve_envelope(
+    router: JsonRouter | None,
+    site: Site,
+    transport: Any,
+    env: Envelope,
+    carried_by: bytes = b"websocket",
+) -> Deferred[Envelope]:
+    """Serve a `request` envelope from an agent's own session: with its route's handler
+    called directly when `router` marks the route `direct` (no HTTP request built, the same
+    answer), else rendered on `site` (`render_envelope`).
+
+    Direct only for what a session of the agent itself carries: no headers (a forwarded
+    certificate, a relayed HTTPS call go the HTTP way), an ASCII path, and a `PeerView`
+    whose agent was verified when the connection was accepted."""
+    data = env.data
+    if (
+        router is not None
+        and carried_by == b"websocket"
+        and isinstance(transport, PeerView)
+        and not data.get("headers")
+        and data["path"].isascii()
+    ):
+        call = DirectCall(data["method"], data["path"], data.get("body"), transport, "websocket")
+        d = router.serve_direct(call)
+        if d is not None:
+            return d.addCallback(_response_envelope, env)
+    return render_envelope(site, transport, env, carried_by)
+
+
+def _response_envelope(answer: tuple[int, Any], env: Envelope) -> Envelope:
+    status, body = answer
+    out: dict[str, Any] = {"status": status}
+    if body is not None:
+        out["body"] = body
+    return env.reply("response", out)

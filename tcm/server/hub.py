@@ -21,22 +21,25 @@ from tcm.interfaces import (
 from tcm.protocol.envelope import Envelope
 from tcm.server.agents import is_direct
 from tcm.server.config import ServerConfig
-from tcm.server.envelope_http import render_envelope
+from tcm.server.envelope_http import serve_envelope
 from tcm.server.sessions import AgentSession, SessionState
+from tcm.server.web import JsonRouter
 
 
 class AgentRequests:
-    """Renders agents' requests (over a session, or carried by a gateway) on the site's
-    resource tree: the same tree answers them as over HTTPS. The site is set once built (it
-    holds the WebSocket endpoint whose sessions call this)."""
+    """Serves agents' requests (over a session, or carried by a gateway) with the handlers
+    of the site's resource tree: the same handlers answer them as over HTTPS, called
+    directly where the agent API allows (`serve_envelope`). The site and the agent API are
+    set once built (the site holds the WebSocket endpoint whose sessions call this)."""
 
     site: Site | None = None
+    api: JsonRouter | None = None  # the agent API, whose `direct` routes skip HTTP
 
     def render(
         self, peer: Any, env: Envelope, carried_by: bytes = b"websocket"
     ) -> Deferred[Envelope]:
         assert self.site is not None, "the site is set by make_server_service"
-        return render_envelope(self.site, peer, env, carried_by=carried_by)
+        return serve_envelope(self.api, self.site, peer, env, carried_by=carried_by)
 
 
 class AgentHub:

@@ -486,6 +486,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     root = _resource_tree(admin_api, agent_api, agent_ws, NodeAPI(nodes), link_ws)
     site = limited_site(root, timeout=60)  # header lines and bodies beyond limits: 431/413
     requests.site = site
+    requests.api = agent_api
 
     # -- lifecycle -----------------------------------------------------------------------
     @inlineCallbacks

@@ -6,6 +6,7 @@ from twisted.python import usage
 
 from tcm.server.service import ServerConfig, make_server_service
 from tcm.tls.endpoints import listen_addresses, parse
+from tcm.tls.server import tls_groups
 
 
 class Options(usage.Options):
@@ -91,6 +92,15 @@ class Options(usage.Options):
             int,
         ],
         ["max-message-size", None, 1024 * 1024, "Largest accepted message, bytes.", int],
+        [
+            "tls-groups",
+            None,
+            None,
+            "TLS key exchange groups offered to agents, colon-separated in OpenSSL's form "
+            "(default: OpenSSL's list, hybrid post-quantum X25519MLKEM768 first where "
+            "available; X25519 alone takes less memory per session: docs/operating.md).",
+            tls_groups,
+        ],
         ["max-in-flight", None, 64, "Most requests one session may have unanswered.", int],
         [
             "agent-cert-lifetime",
@@ -329,6 +339,7 @@ def config_from(options: Options) -> ServerConfig:
         job_retention=options["job-retention"],
         agent_cert_lifetime=options["agent-cert-lifetime"],
         node_cert_lifetime=options["node-cert-lifetime"],
+        tls_groups=options["tls-groups"],
     )
 
 

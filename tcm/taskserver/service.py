@@ -59,6 +59,7 @@ class TaskServerConfig:
     drain_grace: float = 2.0  # seconds between telling agents to go and stopping
     renew_fraction: float = DEFAULT_FRACTION  # of the node certificate's life, then renewed
     metrics_port: int | None = None  # /metrics and /status on loopback
+    tls_groups: str | None = None  # key exchange groups (None: OpenSSL's default list)
 
     def url(self) -> str:
         host = self.hostnames[0] if self.hostnames else self.interface
@@ -136,7 +137,7 @@ class TaskServerService(NodeService):
         for listener in listeners(
             self.reactor,
             cfg.listen or [port_description(cfg.port, cfg.interface)],
-            identity.server_tls([identity.ca_pem]),
+            identity.server_tls([identity.ca_pem], cfg.tls_groups),
             HandshakeLogger(site),  # TLS failures logged, as the server's and gateway's
         ):
             listener.setServiceParent(self)

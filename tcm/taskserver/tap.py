@@ -6,6 +6,7 @@ from twisted.python import usage
 
 from tcm.taskserver.service import TaskServerConfig, make_taskserver_service
 from tcm.tls.endpoints import listen_addresses
+from tcm.tls.server import tls_groups
 
 
 class Options(usage.Options):
@@ -34,6 +35,15 @@ class Options(usage.Options):
             2 / 3,
             "Renew the node certificate when this part of its life has passed (0 to 1).",
             float,
+        ],
+        [
+            "tls-groups",
+            None,
+            None,
+            "TLS key exchange groups offered to agents, colon-separated in OpenSSL's form "
+            "(default: OpenSSL's list, hybrid post-quantum X25519MLKEM768 first where "
+            "available; X25519 alone takes less memory per session: docs/operating.md).",
+            tls_groups,
         ],
     ]
 
@@ -84,5 +94,6 @@ def makeService(options: Options):
             keepalive=options["keepalive"],
             renew_fraction=options["renew-at"],
             metrics_port=options["metrics-port"],
+            tls_groups=options["tls-groups"],
         )
     )
