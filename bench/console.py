@@ -142,12 +142,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--agents", type=int, default=10_000)
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--keep", action="store_true", help="keep the logs (printed path)")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="tcm-bench-console-")
     try:
         row = measure(args.agents, work, args.timeout)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"logs kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     emit(
         "console",
         [row],

@@ -18,9 +18,9 @@ export async function audit(main, ctx) {
         table(
           [
             ["When", (e) => fmtTime(e.at)],
-            ["Who", (e) => e.who],
+            ["Who", (e) => e.actor],
             ["Action", (e) => e.action],
-            ["Subject", (e) => e.subject],
+            ["Object", (e) => e.object],
             ["Details", (e) => JSON.stringify(e.details)],
           ],
           entries.slice().reverse(),

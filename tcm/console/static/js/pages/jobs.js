@@ -3,7 +3,7 @@
 import { api, apiBlob, live } from "../api.js";
 import { clear, downloadBlob, fmtTime, h, message } from "../dom.js";
 import { VTable } from "../vtable.js";
-import { applyAgentEvents, attempt, loadAgents, table } from "./common.js";
+import { attempt, table } from "./common.js";
 
 const STATES = ["pending", "delivered", "running", "succeeded", "failed", "expired", "canceled", "unsupported"];
 const SHOWN = ["pending", "delivered", "running", "succeeded", "failed", "expired", "not_connected"];
@@ -24,9 +24,8 @@ export async function jobs(main, ctx) {
           ["Action", (j) => j.action],
           ["Created", (j) => fmtTime(j.created_at)],
           ["By", (j) => j.created_by],
-          ["Targets", (j) => (j.counts ? j.counts.total : "")],
-          ["Succeeded", (j) => (j.counts ? j.counts.succeeded : "")],
-          ["Failed", (j) => (j.counts ? j.counts.failed : "")],
+          ["Targets", (j) => Object.values(j.states || {}).reduce((a, b) => a + b, 0)],
+          ["States", (j) => Object.entries(j.states || {}).map(([s, n]) => `${s} ${n}`).join(", ")],
         ],
         page.jobs,
         { empty: "No jobs yet.", label: "jobs" },
@@ -47,7 +46,9 @@ export async function jobs(main, ctx) {
 
 export async function job(main, ctx) {
   const id = ctx.params.job;
-  let agents = new Map();
+  // whether each target's agent can be reached (a session or polling), from the snapshot's
+  // `reason` and then the agents' live events: a big job's page does not load every agent
+  const reachable = new Map();
   const rows = new Map(); // agent id -> row
   let shownState = "";
   let detail = null; // the agent whose output is open
@@ -63,11 +64,7 @@ export async function job(main, ctx) {
     [...STATES, "not_connected"].map((s) => h("option", { value: s }, s.replace("_", " "))),
   );
   const targetName = h("input", { id: "job-target-name", placeholder: "target name", "aria-label": "target name" });
-  const reachable = (agentId) => {
-    const a = agents.get(agentId);
-    return a && (a.mode === "persistent" || a.mode === "http");
-  };
-  const stateOf = (r) => (r.state === "pending" && !reachable(r.agent) ? "not_connected" : r.state);
+  const stateOf = (r) => (r.state === "pending" && reachable.get(r.agent) === false ? "not_connected" : r.state);
   const lastLine = (text) => {
     const lines = text.trimEnd().split("\n");
     return lines[lines.length - 1] || "";
@@ -75,7 +72,6 @@ export async function job(main, ctx) {
   const vt = new VTable({
     columns: [
       { key: "agent", title: "Agent id", width: "13em", text: (r) => r.agent },
-      { key: "name", title: "Name", width: "minmax(8em,1.5fr)", text: (r) => (agents.get(r.agent) || {}).name || "" },
       { key: "state", title: "State", width: "8em", text: (r) => stateOf(r).replace("_", " "), cls: (r) => `state-${r.state}` },
       { key: "delivered_at", title: "Delivered", width: "10.5em", text: (r) => fmtTime(r.delivered_at) },
       { key: "started_at", title: "Started", width: "10.5em", text: (r) => fmtTime(r.started_at) },
@@ -137,14 +133,14 @@ export async function job(main, ctx) {
     if (r.output.length > MAX_OUTPUT) r.output = r.output.slice(-MAX_OUTPUT);
   };
   const load = async () => {
-    const [status, out, known] = await Promise.all([
+    const [status, out] = await Promise.all([
       api("GET", `/jobs/${encodeURIComponent(id)}`),
       api("GET", `/jobs/${encodeURIComponent(id)}/output`),
-      loadAgents(),
     ]);
-    agents = known;
     rows.clear();
+    reachable.clear();
     for (const t of status.results) {
+      reachable.set(t.agent, t.reason !== "not connected");
       const res = t.result && typeof t.result === "object" ? t.result : {};
       rows.set(t.agent, { ...t, exit_code: res.exit_code ?? null, output: "", seen: new Set() });
     }
@@ -165,7 +161,6 @@ export async function job(main, ctx) {
     draw();
   };
   const apply = async (events) => {
-    let agentsChanged = false;
     for (const e of events) {
       if (e.kind === "target" && e.job === id) {
         const r = rows.get(e.agent);
@@ -183,11 +178,10 @@ export async function job(main, ctx) {
       } else if (e.kind === "output" && e.job === id) {
         const r = rows.get(e.agent);
         if (r) addOutput(r, e.seq, e.text);
-      } else if (e.kind === "agent") {
-        agentsChanged = true;
+      } else if (e.kind === "agent" && e.mode && rows.has(e.id)) {
+        reachable.set(e.id, e.mode === "persistent" || e.mode === "http");
       }
     }
-    if (agentsChanged) await applyAgentEvents(agents, events);
     draw();
   };
   const view = live([`job:${id}`, "agents"], {
