@@ -52,8 +52,9 @@ def shoot(base: str, out: str, n: int) -> list[str]:
             timeout=30,
         )
         r.raise_for_status()
-        server.cli("targets", "create", "linux", "--filter", 'platform = "linux"')
-        server.cli("run", "inventory.collect", "--targets", "all", "--wait")
+        server.cli("targets", "create", "linux", "--filter", 'platform == "linux"')
+        ids = ",".join(a.agent_id for a in agents)
+        server.cli("run", "inventory.collect", "--targets", ids, "--wait", "--wait-timeout", "60")
         with open(os.path.join(server.state_dir, "admin.token")) as f:
             admin = f.read().strip()
         with sync_playwright() as p:
@@ -75,12 +76,13 @@ def shoot(base: str, out: str, n: int) -> list[str]:
             page.get_by_role("button", name="Sign in").click()
             page.locator('[data-count="persistent"]').wait_for()
             page.wait_for_function(
-                f"() => document.querySelector('[data-count=\"persistent\"] .n')"
+                f"() => document.querySelector('[data-count=\"persistent\"] .n')?"
                 f".textContent === '{n}'"
             )
             snap("overview")
             page.get_by_role("link", name="Endpoints").click()
             page.locator(".vt-body .vt-row").first.wait_for()
+            snap("endpoints")  # all agents, the hostile hostname among them (as text)
             page.locator("#filter").fill("online and platfrom = 1")
             page.get_by_role("button", name="Filter", exact=True).click()
             page.locator(".filter-error .msg-error").wait_for()
@@ -93,7 +95,7 @@ def shoot(base: str, out: str, n: int) -> list[str]:
             )
             for a in agents:
                 page.locator(f'.vt-row[data-key="{a.agent_id}"] input[type="checkbox"]').check()
-            snap("endpoints")
+            snap("endpoints-selection")
             page.get_by_role("button", name="Run action on selection").click()
             page.locator("#action").select_option("command.run")
             script = "for i in 1 2 3; do echo step $i on $(hostname); sleep 0.5; done"
@@ -102,7 +104,7 @@ def shoot(base: str, out: str, n: int) -> list[str]:
             page.get_by_role("button", name="Run", exact=True).click()
             page.wait_for_url("**/console/jobs/*")
             page.wait_for_function(
-                f"() => document.querySelector('[data-count=\"succeeded\"] .n')"
+                f"() => document.querySelector('[data-count=\"succeeded\"] .n')?"
                 f".textContent === '{n}'"
             )
             page.locator(f'.vt-row[data-key="{agents[0].agent_id}"]').click()

@@ -147,7 +147,10 @@ export class VTable {
       const text = c.text(row);
       const cell = el.cells[i];
       const s = text === null || text === undefined ? "" : String(text);
-      if (cell.textContent !== s) cell.textContent = s;
+      if (cell.textContent !== s) {
+        cell.textContent = s;
+        cell.title = s; // the whole value when the column cuts it (an attribute: text)
+      }
       cell.className = c.cls ? `vt-cell ${c.cls(row) || ""}` : "vt-cell";
       if (c.title) cell.dataset.col = c.key;
     });

@@ -7,7 +7,7 @@ import { VTable } from "../vtable.js";
 import { applyAgentEvents, attempt, loadAgents } from "./common.js";
 
 const COLUMNS = [
-  { key: "id", title: "Agent id", width: "13em", text: (a) => a.id },
+  { key: "id", title: "Agent id", width: "15.5em", text: (a) => a.id },
   { key: "name", title: "Name", width: "minmax(10em,2fr)", text: (a) => a.name },
   { key: "mode", title: "Mode", width: "7em", text: (a) => a.mode, cls: (a) => `mode-${a.mode}` },
   { key: "state", title: "State", width: "9em", text: (a) => a.state },
@@ -17,7 +17,7 @@ const COLUMNS = [
   {
     key: "last_seen",
     title: "Last seen",
-    width: "10.5em",
+    width: "11.5em",
     text: (a) => fmtTime(a.last_seen),
     sort: (a) => a.last_seen || 0,
   },
@@ -44,7 +44,7 @@ export async function endpoints(main, ctx) {
   const filter = h("input", {
     id: "filter",
     type: "search",
-    placeholder: 'e.g. online and platform = "linux" and tags.site = "paris"',
+    placeholder: 'e.g. online and platform == "linux" and tags.site == "paris"',
     "aria-label": "filter",
     spellcheck: "false",
   });

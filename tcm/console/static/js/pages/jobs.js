@@ -71,11 +71,11 @@ export async function job(main, ctx) {
   };
   const vt = new VTable({
     columns: [
-      { key: "agent", title: "Agent id", width: "13em", text: (r) => r.agent },
+      { key: "agent", title: "Agent id", width: "15.5em", text: (r) => r.agent },
       { key: "state", title: "State", width: "8em", text: (r) => stateOf(r).replace("_", " "), cls: (r) => `state-${r.state}` },
-      { key: "delivered_at", title: "Delivered", width: "10.5em", text: (r) => fmtTime(r.delivered_at) },
-      { key: "started_at", title: "Started", width: "10.5em", text: (r) => fmtTime(r.started_at) },
-      { key: "finished_at", title: "Finished", width: "10.5em", text: (r) => fmtTime(r.finished_at) },
+      { key: "delivered_at", title: "Delivered", width: "11.5em", text: (r) => fmtTime(r.delivered_at) },
+      { key: "started_at", title: "Started", width: "11.5em", text: (r) => fmtTime(r.started_at) },
+      { key: "finished_at", title: "Finished", width: "11.5em", text: (r) => fmtTime(r.finished_at) },
       { key: "exit_code", title: "Exit", width: "4em", text: (r) => (r.exit_code ?? "") },
       { key: "error", title: "Error / reason", width: "minmax(8em,1.5fr)", text: (r) => r.error || r.reason || "" },
       { key: "output", title: "Output (last line)", width: "minmax(8em,2fr)", text: (r) => lastLine(r.output) },
@@ -156,7 +156,7 @@ export async function job(main, ctx) {
         { class: "meta" },
         `${status.action} · created ${fmtTime(status.created_at)} by ${status.created_by || "?"} · expires ${fmtTime(status.expires_at)}`,
       ),
-      h("pre", { class: "args" }, JSON.stringify(status.args ?? {}, null, 1)),
+      h("pre", { class: "args" }, JSON.stringify(status.args ?? {})),
     );
     draw();
   };

@@ -7,7 +7,7 @@ export async function targets(main, ctx) {
   const list = h("div");
   const result = h("div", { class: "result" });
   const name = h("input", { id: "new-target-name", "aria-label": "name", placeholder: "name" });
-  const filter = h("input", { id: "new-target-filter", "aria-label": "filter", placeholder: 'filter, e.g. platform = "linux"', spellcheck: "false" });
+  const filter = h("input", { id: "new-target-filter", "aria-label": "filter", placeholder: 'filter, e.g. platform == "linux"', spellcheck: "false" });
   const load = async () => {
     const { targets: rows } = await api("GET", "/targets");
     clear(
