@@ -217,3 +217,39 @@ def test_a_bad_filter_shows_the_servers_error_at_its_position(fleet, browser):
         assert all("status of 400" in e for e in w.errors), w.errors
     finally:
         w.close()
+
+
+# each page: its link, its heading, what it shows once its data arrived
+PAGES = [
+    ("Overview", "Overview", '[data-count="agents"]'),
+    ("Endpoints", "Endpoints", ".vt-body .vt-row"),
+    ("Run", "Run an action", "#arg-argv"),
+    ("Jobs", "Jobs", 'table[aria-label="jobs"], main .empty'),
+    ("Inventory", "Inventory freshness", 'table[aria-label="freshness"], main .empty'),
+    ("Policies", "Policies", 'table[aria-label="policies"], main .empty'),
+    ("Targets", "Targets", 'table[aria-label="targets"], main .empty'),
+    ("Profiles", "Connection profiles", 'table[aria-label="profiles"], main .empty'),
+    ("Task servers & gateways", "Task servers and gateways", 'table[aria-label="task servers"]'),
+    ("Settings", "Settings", 'table[aria-label="settings"]'),
+    ("Audit", "Audit log", 'table[aria-label="audit"], main .empty'),
+]
+
+
+@pytest.mark.parametrize("role", ["admin", "viewer"])
+def test_every_page_renders_without_a_browser_error(fleet, browser, role):
+    server = fleet["server"]
+    w = Watched(browser)
+    page = w.page
+    try:
+        w.sign_in(server.url, fleet[role])
+        for link, heading, loaded in PAGES:
+            page.get_by_role("link", name=link, exact=True).click()
+            page.get_by_role("heading", name=heading, exact=True).wait_for()
+            page.locator(loaded).first.wait_for()
+            assert page.locator(".msg-error").count() == 0, (
+                link,
+                page.locator(".msg-error").all_text_contents(),
+            )
+        assert w.errors == [] and w.dialogs == []
+    finally:
+        w.close()
