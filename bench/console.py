@@ -118,6 +118,7 @@ def measure(n: int, work: str, timeout: float) -> dict:
                 polling=50,
             )
             shown = time.time()
+            stats = page.evaluate("window.tcmStats")
             cpu1 = ps.cpu_times()
             assert page.evaluate("window.__no_reload") == 1, "the job page reloaded"
             job = api.call("GET", f"/jobs/{job_id}")
@@ -125,6 +126,11 @@ def measure(n: int, work: str, timeout: float) -> dict:
             row["job_succeeded"] = job["counts"]["succeeded"]
             row["last_stored_s"] = round(max(stored) - job["created_at"], 3)
             row["page_all_succeeded_after_last_stored_s"] = round(shown - max(stored), 3)
+            # when the page's stream got its last batch: the server's part of that lag
+            row["last_batch_after_last_stored_s"] = round(stats["lastBatchAt"] - max(stored), 3)
+            row["job_page_batches"] = stats["batches"]
+            row["job_page_events"] = stats["events"]
+            row["job_page_resyncs"] = stats["resyncs"]
             row["server_cpu_s_job"] = round(
                 (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system), 2
             )

@@ -62,6 +62,10 @@ export async function apiBlob(path) {
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
+// What the page's streams received (read by bench/console.py; nothing depends on it).
+export const streamStats = { batches: 0, events: 0, lastBatchAt: null, resyncs: 0 };
+window.tcmStats = streamStats;
+
 // One server-sent event stream read with fetch (so the token goes in a header): `batch`
 // events carry deltas; `resync` (or a reconnect, when deltas may have been missed) asks
 // the page to load its snapshot again.
@@ -146,6 +150,10 @@ export class LiveStream {
     if (type === "batch") {
       const batch = JSON.parse(data);
       this.batches += 1;
+      streamStats.batches += 1;
+      streamStats.events += batch.events.length;
+      streamStats.lastBatchAt = Date.now() / 1000;
+      if (batch.resync) streamStats.resyncs += 1;
       if (batch.resync) this.onResync();
       else this.onEvents(batch.events);
     }
