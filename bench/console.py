@@ -44,7 +44,24 @@ def heap(page, cdp) -> dict:
     return {
         "js_heap_mib": round(metrics.get("JSHeapUsedSize", 0) / 2**20, 1),
         "dom_nodes": int(metrics.get("Nodes", 0)),
+        "browser_uss_mib": browser_uss_mib(),
     }
+
+
+def browser_uss_mib() -> float:
+    """The memory of every chromium process this bench started (browser, renderer, GPU,
+    network service), in MiB: the sum of their unique set sizes (pages only that process
+    has; shared libraries not counted once per process)."""
+    import psutil
+
+    total = 0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "chrom" in child.name():
+                total += child.memory_full_info().uss
+        except psutil.Error:
+            pass
+    return round(total / 2**20, 1)
 
 
 def measure(n: int, work: str, timeout: float) -> dict:
@@ -127,7 +144,10 @@ def measure(n: int, work: str, timeout: float) -> dict:
             row["last_stored_s"] = round(max(stored) - job["created_at"], 3)
             row["page_all_succeeded_after_last_stored_s"] = round(shown - max(stored), 3)
             # when the page's stream got its last batch: the server's part of that lag
-            row["last_batch_after_last_stored_s"] = round(stats["lastBatchAt"] - max(stored), 3)
+            last_batch = stats["lastBatchAt"]  # None: the snapshot already had every result
+            row["last_batch_after_last_stored_s"] = (
+                None if last_batch is None else round(last_batch - max(stored), 3)
+            )
             row["job_page_batches"] = stats["batches"]
             row["job_page_events"] = stats["events"]
             row["job_page_resyncs"] = stats["resyncs"]
@@ -171,6 +191,7 @@ def main() -> None:
             ("page_all_succeeded_after_last_stored_s", "page lag s"),
             ("job_js_heap_mib", "job heap MiB"),
             ("job_dom_nodes", "DOM nodes"),
+            ("job_browser_uss_mib", "browser USS MiB"),
             ("server_cpu_ms_per_agent", "server CPU ms/agent"),
         ],
     )
