@@ -217,6 +217,8 @@ async def test_the_servers_stream_carries_sessions_opened_and_closed(inproc_serv
     await wait_for(lambda: hub.subscribers("agents") == 1, what="the stream to subscribe")
     client, _, identity = await server.session()
     await client.shut()
+    revoked = await server.admin("POST", f"/api/v1/agents/{identity.agent_id}/revoke")
+    assert revoked.status == 200
     reply = await within(streaming, 15)
     assert reply.status == 200
     assert reply.headers.getRawHeaders(b"content-type") == [b"text/event-stream; charset=utf-8"]
@@ -231,6 +233,11 @@ async def test_the_servers_stream_carries_sessions_opened_and_closed(inproc_serv
         for e in json.loads(b.split("\n")[1].removeprefix("data: "))["events"]
     ]
     mine = [e for e in events if e["id"] == identity.agent_id]
-    # enrolled (new), then its session: coalesced per agent, so the latest state wins
-    assert mine and mine[-1]["online"] is False and mine[-1]["mode"] == "offline"
+    # enrolled (new), its session opened and closed, revoked: merged per agent within a
+    # batch, so what the page holds in the end is the latest of each field
+    seen: dict = {}
+    for e in mine:
+        seen.update(e)
+    assert seen["online"] is False and seen["mode"] == "offline"
+    assert seen["state"] == "revoked" and seen["revoked"] is True
     assert hub.subscribers() == 0

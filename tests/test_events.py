@@ -81,6 +81,26 @@ def test_events_of_one_key_coalesce_to_the_latest_and_output_is_appended():
     ]
 
 
+def test_coalesced_events_keep_the_fields_only_earlier_ones_carried():
+    clock, hub, client, _ = hub_and_client()
+    hub.publish(agent_event("first"))
+    clock.advance(0)  # the next batch waits for the interval: these two coalesce
+    hub.publish(agent_event("a1", mode="offline", online=False))
+    hub.publish(agent_event("a1", state="revoked", revoked=True))
+    clock.advance(1)
+    assert client.batches[-1]["events"] == [
+        {
+            "kind": "agent",
+            "key": "a1",
+            "id": "a1",
+            "mode": "offline",
+            "online": False,
+            "state": "revoked",
+            "revoked": True,
+        }
+    ]
+
+
 def test_only_subscribers_of_a_topic_get_its_events():
     clock = Clock()
     hub = EventHub(clock)

@@ -19,9 +19,10 @@ and each node's bus calls its own hub's `publish`.
 
 Per subscription:
 
-- **Coalescing.** An event with a `key` replaces the unsent event of the same kind and key
-  (an agent's mode, a target's state: only the latest matters); an event without a key
-  (an output chunk) is appended.
+- **Coalescing.** An event with a `key` is merged into the unsent event of the same kind and
+  key, its fields replacing theirs (an agent's mode, a target's state: only the latest
+  matters, and fields only an earlier event carried are kept); an event without a key (an
+  output chunk) is appended.
 - **Bounded.** Over `max_pending` unsent events or `max_bytes` of unsent output text, what is
   pending is dropped and the next batch says `resync`: the client reloads its snapshot from
   the REST API. Events published until that batch goes are dropped too (the snapshot the
@@ -136,8 +137,12 @@ class Subscription:
             self._appended.append(item)
             self._appended_bytes += len(item.get("text", "") or "")
         else:
-            self._pending.pop((event.kind, event.key), None)  # moves to the end: newest last
-            self._pending[(event.kind, event.key)] = item
+            # merged into the unsent one (each publisher tells only what it knows: a session
+            # closed and a revocation of one agent make one event with both), moved last
+            earlier = self._pending.pop((event.kind, event.key), None)
+            self._pending[(event.kind, event.key)] = (
+                item if earlier is None else {**earlier, **item}
+            )
         if (
             len(self._pending) + len(self._appended) > self.max_pending
             or self._appended_bytes > self.max_bytes
