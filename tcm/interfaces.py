@@ -109,6 +109,27 @@ SCHEDULE_SCHEMA: dict = {
 # Services raise tcm.server.errors (NotFound, Conflict, Invalid, Forbidden, ...), never HTTP.
 
 
+class IEventPublisher(Interface):
+    """Where the server's state changes are told (tcm/server/events.py): the one interface
+    publishers know, so a cluster's bus can stand in for one node's hub."""
+
+    def publish(event) -> None:  # type: ignore[misc]
+        """Tell subscribers of `event.topic` (an events.Event); never blocks, never fails."""
+
+
+class IEventHub(IEventPublisher):
+    """One node's subscriptions of the console's live events."""
+
+    clock = Attribute("The clock batches are timed on (IReactorTime).")
+
+    def subscribe(topics, sink, close):  # type: ignore[misc]
+        """A Subscription: batches of the topics' events go to `sink(batch)`; `close(reason)`
+        ends the client's stream when it is dropped."""
+
+    def subscribers(topic=None) -> int:  # type: ignore[misc]
+        """How many subscriptions there are (of `topic`)."""
+
+
 class IRuntimeSettings(Interface):
     """Settings an admin changes while the server runs; read as a mapping (`s["long_poll"]`)."""
 

@@ -25,6 +25,7 @@ from tcm.interfaces import (
     IAgentPresence,
     IAudit,
     ICertificates,
+    IEventHub,
     IInventory,
     IJobHistory,
     IJobs,
@@ -35,7 +36,9 @@ from tcm.interfaces import (
     ITargets,
 )
 from tcm.server import apischema, inventory, openapi
-from tcm.server.errors import Invalid, Unauthenticated
+from tcm.server.console import EventStream
+from tcm.server.errors import Invalid, Unauthenticated, Unavailable
+from tcm.server.events import parse_topics
 from tcm.server.roles import PERMISSIONS, ROLES
 from tcm.server.selection import check_name, id_list
 from tcm.server.web import JsonRouter, Reply, json_body, json_object
@@ -80,6 +83,7 @@ class AdminServices:
     profiles: IProfiles
     nodes: INodeRegistry
     certificates: ICertificates
+    events: IEventHub | None = None  # the console's live events (GET /events)
 
 
 class AdminAPI(JsonRouter):
@@ -102,6 +106,7 @@ class AdminAPI(JsonRouter):
         self.profileservice = s.profiles
         self.nodes = s.nodes
         self.certificates = s.certificates
+        self.eventhub = s.events
         self._permissions: dict[Any, tuple[str, str]] = {}
         self.route("GET", "/status", self.status)
         self.route("GET", "/openapi.json", openapi.serve)
@@ -173,6 +178,7 @@ class AdminAPI(JsonRouter):
         )
         self.route("DELETE", "/gateways/{name}", self.remove_gateway, "admin", "remove gateways")
         self.route("GET", "/whoami", self.whoami)
+        self.route("GET", "/events", self.events)  # the console's live events (issue 14)
 
     def route(
         self, method: str, pattern: str, handler, permission: str | None = None, doing=None
@@ -301,6 +307,19 @@ class AdminAPI(JsonRouter):
         if changed:
             yield self.auditlog.record(request.who, "token.revoke", token, {})
         return {"token": token, "revoked": True, "changed": changed}
+
+    def events(self, request):
+        """The live events of `?topics=` as a text/event-stream, for `?wait=` seconds (then
+        the client reconnects): batched deltas, at most a few a second (tcm/server/events.py)."""
+        if self.eventhub is None:
+            raise Unavailable("this server publishes no live events")
+        try:
+            topics = parse_topics(_query(request, "topics"))
+        except ValueError as e:
+            raise Invalid("topics", str(e)) from None
+        wait = _seconds(request, "wait", 3600.0)
+        stream = EventStream(self.eventhub, self.eventhub.clock, request, topics, wait or 0.0)
+        return stream.start()
 
     def whoami(self, request):
         """The caller's principal: token name, role, its permissions, target scope."""

@@ -250,6 +250,16 @@ PROFILE_SETTINGS_BODY = said(
 )
 POLICY_TARGETS = said("'targets' must be a list of target names", array(string(64), 1024))
 PROFILE_PRIORITY = said("'priority' must be an integer", integer(-1_000_000, 1_000_000))
+# A text/event-stream answer: the schema of each of its events (as OpenAPI 3.2's itemSchema)
+SSE_EVENT = {
+    "type": "object",
+    "contentMediaType": "text/event-stream",
+    "properties": {
+        "event": {"enum": ["hello", "batch", "close"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+    "required": ["event", "data"],
+}
 EMPTY_BODY = obj({})  # routes that take no body: nothing, or {} (what the CLI sends)
 
 
@@ -694,6 +704,19 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "Delete a connection profile", responses={200: fields("deleted", deleted=_STR)}
     ),
     # -- task servers and gateways ------------------------------------------------------------
+    ("GET", f"{ADMIN}/events"): _op(
+        "The console's live events (text/event-stream): a `hello` event, then `batch` events "
+        "(at most 4 a second: `seq`, `resync`, `events`), a `close` event when the server ends "
+        "the stream after `wait` seconds or when the client reads too slowly",
+        query={
+            "topics": said(
+                "'topics' must be a comma-separated list of agents, jobs, policies, job:JOB_ID",
+                {"type": "string", "maxLength": 1200},
+            ),
+            "wait": said("'wait' must be 0..86400 seconds", number(0, 86400)),
+        },
+        responses={200: SSE_EVENT},
+    ),
     ("GET", f"{ADMIN}/taskservers"): _op(
         "Registered task servers with their state and client counts",
         responses={200: listing("taskservers", policy=_STR)},

@@ -12,6 +12,7 @@ import tcm
 from tcm.interfaces import (
     IAgentAdmission,
     IAgentPresence,
+    IEventPublisher,
     IJobs,
     INodeRegistry,
     IPolicies,
@@ -22,6 +23,7 @@ from tcm.protocol.envelope import Envelope
 from tcm.server.agents import is_direct
 from tcm.server.config import ServerConfig
 from tcm.server.envelope_http import serve_envelope
+from tcm.server.events import NO_EVENTS, agent_event
 from tcm.server.sessions import AgentSession, SessionState
 from tcm.server.web import JsonRouter
 
@@ -46,6 +48,7 @@ class AgentHub:
     """What agent sessions and node links call on the server."""
 
     _log = Logger()
+    events: IEventPublisher = NO_EVENTS  # the console's live events (set where wired)
 
     def __init__(
         self,
@@ -281,6 +284,18 @@ class AgentHub:
         self._policies.session_opened(session.agent_id, hello)
         self._profiles.session_opened(session.agent_id, hello)
         self._jobs.session_opened(session.agent_id)
+        now = self._clock.seconds()
+        self.events.publish(
+            agent_event(
+                session.agent_id,
+                mode="persistent",
+                online=True,
+                via=session.via,
+                task_server=self._nodes.assignments.of(session.agent_id),
+                connected_since=session.connected_at,
+                last_seen=now,
+            )
+        )
 
     def session_closed(self, session: AgentSession) -> None:
         presence = self._presence
@@ -294,6 +309,17 @@ class AgentHub:
                 return  # a stop: seen and logged once for all sessions (closing_all)
             self._admission.session_left(session.agent_id)
             self._log.info("agent {agent} session closed", agent=session.agent_id)
+            self.events.publish(
+                agent_event(
+                    session.agent_id,
+                    mode=presence.http_mode_of(session.agent_id) or "offline",
+                    online=False,
+                    via=None,
+                    task_server=None,
+                    connected_since=None,
+                    last_seen=self._clock.seconds(),
+                )
+            )
 
     def handle_request(self, session: AgentSession, env: Envelope) -> Deferred[Envelope]:
         return self._requests.render(session.transport.peer_transport, env)

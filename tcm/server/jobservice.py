@@ -19,12 +19,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcm.interfaces import IJobs
+from tcm.interfaces import IEventPublisher, IJobs
 from tcm.process import MemoryReleaser
 from tcm.protocol.envelope import Envelope, encode
 from tcm.server import inventory
 from tcm.server.dispatcher import Dispatcher
 from tcm.server.errors import Conflict, Forbidden, Invalid, NotFound, TooLarge
+from tcm.server.events import NO_EVENTS, finished_event, job_event, output_event, target_event
 from tcm.server.jobs import (
     DEFAULT_MAX_OUTPUT,
     NOT_CONNECTED,
@@ -54,6 +55,7 @@ class JobService:
     """Jobs from creation to stored results."""
 
     _log = Logger()
+    events: IEventPublisher = NO_EVENTS  # the console's live events (set where wired)
 
     def __init__(
         self,
@@ -188,6 +190,9 @@ class JobService:
             now,
         )
         self.book.add(job, {a: TargetState.PENDING for a in agent_ids})
+        self.events.publish(
+            job_event(job.id, action=action, total=len(agent_ids), created_at=now, by=created_by)
+        )
         # Agents known to lack the handler end at once, never queued nor sent.
         ended = [
             self._finish(
@@ -459,6 +464,9 @@ class JobService:
             return succeed(None)  # over the cap: dropped (the marker is stored already)
         d = self.store.add_output(job_id, agent_id, seq, stream, kept, self.clock.seconds())
         d.addCallback(lambda _: self._wake_followers(job_id))
+        d.addCallback(
+            lambda _: self.events.publish(output_event(job_id, agent_id, seq, stream, kept))
+        )
         return d
 
     @inlineCallbacks
@@ -576,6 +584,11 @@ class JobService:
         def committed(value):
             self._committing.pop(key, None)
             self._wake_followers(job_id)
+            self.events.publish(
+                finished_event(job_id, agent_id, state.value, self.clock.seconds(), result, error)
+            )
+            if job_id not in self.book.jobs:  # its last target: the job is done
+                self.events.publish(job_event(job_id, finished=True))
             return value
 
         def not_committed(f):
@@ -635,6 +648,8 @@ class JobService:
         self._persist(changes)
 
     def _persist(self, changes: list[Change]) -> None:
+        for c in changes:
+            self.events.publish(target_event(c.job_id, c.agent_id, c.state.value, c.at))
         if changes:
             self.store.set_states(changes).addErrback(
                 lambda f: self._log.failure("could not store job state changes", f)

@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, suc
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from tcm.interfaces import IPolicies
+from tcm.interfaces import IEventPublisher, IPolicies
 from tcm.schedule import Cron, ScheduleError
 from tcm.server import inventory
 from tcm.server.agentconfig import (
@@ -31,6 +31,7 @@ from tcm.server.agentconfig import (
     policy_types_on_server,
 )
 from tcm.server.errors import Conflict, Invalid, NotFound
+from tcm.server.events import NO_EVENTS, policy_event
 
 # PushPolicy with wait 0: notified over its session or poll, its report not awaited.
 SENT = "sent"
@@ -41,6 +42,7 @@ class PolicyService:
     """Policies: storage, resolution to agents, PushPolicy, agents' reports."""
 
     _log = Logger()
+    events: IEventPublisher = NO_EVENTS  # the console's live events (set where wired)
 
     def __init__(
         self,
@@ -314,6 +316,15 @@ class PolicyService:
                 merged.pop(name, None)
             else:
                 merged[name] = {**merged.get(name, {}), **report}
+            self.events.publish(
+                policy_event(
+                    agent_id,
+                    name,
+                    state=report["state"],
+                    version=report["version"],
+                    error=(report.get("error") or None),
+                )
+            )
             for version, d in self._waiters.pop((agent_id, name), []):
                 if report["version"] >= version or report["state"] == "removed":
                     d.callback(report)

@@ -44,6 +44,7 @@ from tcm.interfaces import (
     IAgentPresence,
     IAudit,
     ICertificates,
+    IEventHub,
     IInventory,
     IJobHistory,
     IJobs,
@@ -66,7 +67,9 @@ from tcm.server.audit import AuditLog
 from tcm.server.ca import CertificateAuthority
 from tcm.server.certificates import SERVER_CERT_CHECK, Certificates, ServerTLS
 from tcm.server.config import ServerConfig
+from tcm.server.console import ConsoleResource
 from tcm.server.dispatcher import Dispatcher
+from tcm.server.events import EventHub
 from tcm.server.heap import HeapSettler
 from tcm.server.history import JobHistory, SizeLimits
 from tcm.server.hub import AgentHub, AgentRequests
@@ -448,6 +451,10 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
         requests,
     )
 
+    # the console's live events: every part where state changes publishes to the one hub
+    events = provides(IEventHub, EventHub(clock))
+    jobs.events = presence.events = admission.events = hub.events = policies.events = events
+
     # -- the consumers: the HTTP and WebSocket endpoints ----------------------------------
     url = f"wss://{config.interface}"
     admin_api = AdminAPI(
@@ -466,6 +473,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
             profiles=profiles,
             nodes=nodes,
             certificates=certificates,
+            events=events,
         )
     )
     agent_api = AgentAPI(
@@ -484,6 +492,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
         config.keepalive_timeout,
     )
     root = _resource_tree(admin_api, agent_api, agent_ws, NodeAPI(nodes), link_ws)
+    root.putChild(b"console", ConsoleResource())  # the web console (tcm/server/console.py)
     site = limited_site(root, timeout=60)  # header lines and bodies beyond limits: 431/413
     requests.site = site
     requests.api = agent_api
