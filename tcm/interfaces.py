@@ -567,6 +567,67 @@ class INodeRegistry(Interface):
         """Gateways with their links."""
 
 
+class IClusterBus(Interface):
+    """The bus between the server nodes of a cluster, and where their presence lives."""
+
+    up = Attribute("Whether the bus is connected now.")
+    down_reason = Attribute("Why it is not (text), when it is not.")
+
+    def start(on_message, on_state):  # type: ignore[misc]
+        """Subscribe: on_message(dict) for this node's and everyone's messages,
+        on_state(bool) at each change of `up`."""
+
+    def stop():  # type: ignore[misc]
+        """Unsubscribe and stop its threads."""
+
+    def send(node, message):  # type: ignore[misc]
+        """Deferred: one message (a dict) to one node."""
+
+    def broadcast(message):  # type: ignore[misc]
+        """Deferred: one message to every node."""
+
+    def publish_events(events):  # type: ignore[misc]
+        """Deferred: a batch of events for whoever listens (the console)."""
+
+    def add_event_listener(listener):  # type: ignore[misc]
+        """listener(dict) receives every node's event batches from now on."""
+
+    def refresh_presence(ttl, added, removed, full):  # type: ignore[misc]
+        """Deferred: this node is alive `ttl` seconds more, with these agents."""
+
+    def leave():  # type: ignore[misc]
+        """Deferred: this node's presence goes now."""
+
+    def routes(agent_ids):  # type: ignore[misc]
+        """Deferred {node: [agent ids it holds]} over every live node."""
+
+
+class ICluster(Interface):
+    """This server's place in a cluster of nodes: what the other services tell it, and what
+    the admin API asks of it."""
+
+    name = Attribute("This node's name.")
+
+    def job_created(job_id, agent_ids):  # type: ignore[misc]
+        """A job was committed here: one message to each other node with its recipients."""
+
+    def changed(area, ids=None):  # type: ignore[misc]
+        """An admin change (agents, settings, policies, profiles, targets, access, cancel)
+        that every node must apply to its own agents."""
+
+    def event(event):  # type: ignore[misc]
+        """An event (a dict) for the events channel (batched)."""
+
+    def status():  # type: ignore[misc]
+        """{"node", "bus", "bus_reason"}: for /status and /metrics."""
+
+    def nodes():  # type: ignore[misc]
+        """Deferred list of every node: name, address, sessions, state, last heartbeat."""
+
+    def where(agent_ids):  # type: ignore[misc]
+        """Deferred {agent: node} of those agents whose sessions other live nodes hold."""
+
+
 class ICertificates(Interface):
     """Certificates signed by the server's CA, and the server's own TLS identity."""
 

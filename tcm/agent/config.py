@@ -29,4 +29,6 @@ class AgentConfig:
     bind_address: str | None = None  # source address of connections (swarm)
     fallback_delay: float = 60.0  # seconds (jittered) before polling after a session loss
     renew_fraction: float = 2 / 3  # renew the certificate when this part of its life passed
+    # more nodes of the server's cluster (a second --server, ...): tried in turn after it
+    servers: list[str] = attrs.field(factory=list)
     gateways: list[str] = attrs.field(factory=list)  # tried in turn when the server is not

@@ -140,10 +140,11 @@ class ServerConnection:
             )
             return endpoint
 
-        if not cfg.gateways:
+        if not cfg.gateways and not cfg.servers:
             self.destinations = None
             return endpoint_for(self.server), ws_url(self.server)
-        self.destinations = Destinations([self.server, *cfg.gateways])
+        # the server first, then the other nodes of its cluster, then its gateways
+        self.destinations = Destinations([self.server, *cfg.servers, *cfg.gateways])
         rotating = RotatingEndpoint(self.destinations, endpoint_for, self._destination_switched)
         return rotating, ws_url(self.server)
 
@@ -293,6 +294,11 @@ class ServerConnection:
         if server != self.server:
             reconnect.append(f"server {self.server} -> {server}")
             self.server = server
+        # a profile's further servers: the other nodes of the cluster, tried in turn
+        servers = list(s["servers"][1:]) if s.get("servers") else d.servers
+        if servers != cfg.servers:
+            cfg.servers = servers
+            reconnect.append(f"servers {', '.join([server, *servers])}")
         if (proxy_text or None) != (str(self.proxy) if self.proxy is not None else None):
             self.proxy = HTTPProxy.parse(proxy_text) if proxy_text else None
             reconnect.append(f"proxy {proxy_text or 'none'}")

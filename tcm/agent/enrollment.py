@@ -94,8 +94,11 @@ def enroll(
     token: str,
     bind: str | None = None,
     proxy: Any = None,
+    servers: list[str] | None = None,
 ):
-    """Make a key, send a CSR with the token, keep the signed certificate."""
+    """Make a key, send a CSR with the token, keep the signed certificate (and the list of
+    the cluster's `servers` to connect to, the first preferred)."""
+    servers = servers or [server]
     log = Logger(namespace="tcm.agent.enroll")
     key_pem = state.read("key.pem")
     if key_pem is None:
@@ -133,7 +136,10 @@ def enroll(
     pki.write_public(state.path("cert.pem"), payload["certificate"].encode())
     pki.write_public(
         state.path("agent.json"),
-        json.dumps({"agent_id": payload["agent_id"], "server": server}, indent=1).encode(),
+        json.dumps(
+            {"agent_id": payload["agent_id"], "server": servers[0], "servers": list(servers)},
+            indent=1,
+        ).encode(),
     )
     log.info("enrolled with {server} as {agent}", server=server, agent=payload["agent_id"])
     return payload["agent_id"]
@@ -156,21 +162,27 @@ def enroll_if_needed(reactor: Any, config: AgentConfig, state: AgentState, proxy
         # session's backoff; refused (a bad or used token): give up at once, with why.
         delay = backoff_policy(cfg.backoff_initial, 2.0, cfg.backoff_max)
         attempt = 0
+        # any node of a cluster enrolls: the first, else the next one in turn
+        servers = [cfg.server, *(u for u in cfg.servers if u != cfg.server)]
         while True:
             try:
                 yield enroll(
                     reactor,
                     state,
-                    cfg.server,
+                    servers[attempt % len(servers)],
                     ca_pem,
                     cfg.token,
                     cfg.bind_address,
                     proxy,
+                    servers,
                 )
                 break
             except EnrollmentUnavailable as e:
-                wait = delay(attempt)
                 attempt += 1
+                if attempt % len(servers):  # another node first, at once
+                    log.warn("{why}; trying the next server", why=str(e))
+                    continue
+                wait = delay(attempt // len(servers) - 1)
                 log.warn("{why}; trying again in {wait:.1f} s", why=str(e), wait=wait)
                 yield deferLater(reactor, wait, lambda: None)
     return state.identity()

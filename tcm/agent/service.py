@@ -184,6 +184,8 @@ def make_agent(
     """Build one enrolled agent's parts and wire them (the module's docstring has the map)."""
     meta = state.meta()
     server = config.server or meta["server"]
+    if not config.servers and not config.server:
+        config.servers = [u for u in meta.get("servers", []) if u != server]
     proxy = HTTPProxy.parse(config.proxy) if config.proxy else None
     ledger = Ledger(state.path("jobs"), fsync=config.spool_fsync)
     link = ServerLink(HttpsClient(reactor, server, identity, proxy, bind=config.bind_address))

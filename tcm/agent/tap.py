@@ -16,7 +16,6 @@ class Options(usage.Options):
     )
     optParameters = [
         ["state-dir", "d", None, "Directory for the agent's key, certificate and spool."],
-        ["server", "s", None, "Server URL, https://HOST:PORT (kept after enrollment)."],
         ["ca-cert", None, None, "CA certificate (PEM) of the server, for enrollment."],
         ["token", "t", None, "Enrollment token (needed once)."],
         [
@@ -57,6 +56,20 @@ class Options(usage.Options):
     def __init__(self):
         super().__init__()
         self["gateways"] = []
+        self["server"] = None
+        self["servers"] = []
+
+    def opt_server(self, url):
+        """Server URL, https://HOST:PORT (kept after enrollment). Repeatable: the nodes of a
+        cluster, the first preferred, the others tried in turn when it fails (and to enroll)."""
+        if not url.startswith("https://"):
+            raise usage.UsageError(f"--server wants https://HOST:PORT, not {url!r}")
+        if self["server"] is None:
+            self["server"] = url
+        elif url not in (self["server"], *self["servers"]):
+            self["servers"].append(url)
+
+    opt_s = opt_server
 
     def opt_gateway(self, url):
         """A gateway URL (https://HOST:PORT), tried in turn when the server is not reachable
@@ -92,6 +105,7 @@ def makeService(options: Options):
         AgentConfig(
             state_dir=options["state-dir"],
             server=options["server"],
+            servers=options["servers"],
             ca_cert=options["ca-cert"],
             token=options["token"],
             keepalive=options["keepalive"],

@@ -122,6 +122,29 @@ def cmd_apitoken_revoke(api: Api, args) -> int:
     return 0
 
 
+def cmd_nodes(api: Api, args) -> int:
+    """The cluster's server nodes (a single server lists itself)."""
+    cluster = api.call("GET", "/cluster")
+    if args.json:
+        dump(cluster)
+        return 0
+    rows = [
+        [
+            n["node"] + (" *" if n.get("this") else ""),
+            n.get("address") or "-",
+            str(n["sessions"]["core"]),
+            str(n["sessions"]["task"]),
+            str(n["sessions"]["polls"]),
+            n["state"],
+            ts(n.get("last_heartbeat")),
+        ]
+        for n in cluster["nodes"]
+    ]
+    print(table(rows, ["NODE", "ADDRESS", "CORE", "TASK", "POLLS", "STATE", "LAST HEARTBEAT"]))
+    print(f"bus: {cluster['bus']} (seen from {cluster['node']}, marked *)")
+    return 0
+
+
 def cmd_audit(api: Api, args) -> int:
     query = [("limit", str(args.limit))]
     if args.since is not None:
@@ -182,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = atsub.add_parser("revoke")
     s.add_argument("name")
     s.set_defaults(func=cmd_apitoken_revoke)
+
+    s = sub.add_parser("nodes", help="the server nodes of this cluster, their sessions and state")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_nodes)
 
     s = sub.add_parser("audit", help="the audit log: who changed what, when")
     s.add_argument("--since", type=duration, help="only the last ... (e.g. 1h, 7d)")

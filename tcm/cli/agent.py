@@ -193,7 +193,12 @@ def _main(argv: list[str] | None = None) -> int:
     sub.add_parser("reconnect", help="allow the persistent connection again")
     s = sub.add_parser("swarm", help="run many real agents in this process (load tests)")
     s.add_argument("--count", type=int, required=True, help="number of agents")
-    s.add_argument("--server", help="server URL (needed to enroll)")
+    s.add_argument(
+        "--server",
+        action="append",
+        help="server URL (needed to enroll); again for the other nodes of a cluster, tried in "
+        "turn after the first",
+    )
     s.add_argument("--ca-cert", help="server CA certificate (needed to enroll)")
     s.add_argument("--token", help="enrollment token with at least --count uses")
     s.add_argument("--source-addresses", help="e.g. 127.0.0.2-127.0.0.9 (loopback only)")

@@ -16,7 +16,7 @@ import re
 from typing import Any
 
 import attrs
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import inlineCallbacks, succeed
 
 import tcm
 from tcm.interfaces import (
@@ -25,6 +25,7 @@ from tcm.interfaces import (
     IAgentPresence,
     IAudit,
     ICertificates,
+    ICluster,
     IEventHub,
     IInventory,
     IJobHistory,
@@ -42,6 +43,7 @@ from tcm.server.events import parse_topics
 from tcm.server.roles import PERMISSIONS, ROLES
 from tcm.server.selection import check_name, id_list
 from tcm.server.web import JsonRouter, Reply, json_body, json_object
+from tcm.store.errors import StoreUnavailable
 
 ACTION_NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
 
@@ -84,6 +86,7 @@ class AdminServices:
     nodes: INodeRegistry
     certificates: ICertificates
     events: IEventHub | None = None  # the console's live events (GET /events)
+    cluster: ICluster | None = None  # a node of a cluster (tcm/server/cluster); None: alone
 
 
 class AdminAPI(JsonRouter):
@@ -107,6 +110,7 @@ class AdminAPI(JsonRouter):
         self.nodes = s.nodes
         self.certificates = s.certificates
         self.eventhub = s.events
+        self.cluster = s.cluster
         self._permissions: dict[Any, tuple[str, str]] = {}
         self.route("GET", "/status", self.status)
         self.route("GET", "/openapi.json", openapi.serve)
@@ -179,6 +183,7 @@ class AdminAPI(JsonRouter):
         self.route("DELETE", "/gateways/{name}", self.remove_gateway, "admin", "remove gateways")
         self.route("GET", "/whoami", self.whoami)
         self.route("GET", "/events", self.events)  # the console's live events (issue 14)
+        self.route("GET", "/cluster", self.cluster_nodes)
 
     def route(
         self, method: str, pattern: str, handler, permission: str | None = None, doing=None
@@ -213,8 +218,11 @@ class AdminAPI(JsonRouter):
     def status(self, request):
         """?store=now: the store's size measured now (else as of the last purge, hourly)."""
         if request.args.get(b"store", [b""])[0] == b"now":
-            yield self.history.measure()
-        return {
+            try:
+                yield self.history.measure()
+            except StoreUnavailable:  # the store down: its figures as last measured
+                pass
+        status = {
             "version": tcm.__version__,
             "name": self.name,
             "sessions": len(self.presence.registry),
@@ -223,10 +231,49 @@ class AdminAPI(JsonRouter):
             "store": self.history.store_figures,
             "retention": self.history.retention(),
         }
+        if self.cluster is not None:
+            status["cluster"] = self.cluster.status()
+        return status
+
+    @inlineCallbacks
+    def cluster_nodes(self, request):
+        """The cluster's nodes (a single server: itself, up, with no bus)."""
+        if self.cluster is None:
+            return {
+                "node": self.name,
+                "bus": "none",
+                "nodes": [
+                    {
+                        "node": self.name,
+                        "address": "",
+                        "sessions": {
+                            "core": len(self.presence.registry),
+                            "task": len(self.presence.task_registry),
+                            "polls": len(self.presence.polls),
+                        },
+                        "state": "up",
+                        "last_heartbeat": None,
+                        "this": True,
+                    }
+                ],
+            }
+        nodes = yield self.cluster.nodes()
+        return {**self.cluster.status(), "nodes": nodes}
 
     # -- agents --------------------------------------------------------------------------
-    def _agent_view(self, row: dict[str, Any]) -> dict[str, Any]:
+    def _where(self, agent_ids: list[str]):
+        """{agent: node} of agents whose sessions other nodes of the cluster hold."""
+        if self.cluster is None:
+            return succeed({})
+        return self.cluster.where(agent_ids)
+
+    def _agent_view(self, row: dict[str, Any], node: str | None = None) -> dict[str, Any]:
         view = self._agent_fields(row)
+        if node is not None and not view["online"]:
+            # its session is on another node of the cluster (a held poll counts as one too)
+            view.update(online=True, mode="persistent", node=node)
+        elif self.cluster is not None and view["online"]:
+            view["node"] = self.name
         if self.presence.clones.is_cloned(row["id"]):  # issue 16.5: a state of its own
             view["state"] = "cloned"
             view["cloned"] = self.presence.clones.cloned[row["id"]]
@@ -270,7 +317,9 @@ class AdminAPI(JsonRouter):
         """Agents (not deleted ones unless ?include=deleted; ?state= picks one state)."""
         rows = yield self.admission.list_agents()
         include = request.args.get(b"include", [b""])[0] == b"deleted"
-        views = [self._agent_view(r) for r in rows if include or not r.get("deleted")]
+        rows = [r for r in rows if include or not r.get("deleted")]
+        where = yield self._where([r["id"] for r in rows])
+        views = [self._agent_view(r, where.get(r["id"])) for r in rows]
         wanted = request.args.get(b"state", [None])[0]
         if wanted is not None:
             state = {b"pending": "awaiting approval"}.get(wanted, wanted.decode())
@@ -347,7 +396,9 @@ class AdminAPI(JsonRouter):
 
     @inlineCallbacks
     def agent(self, request, agent: str):
-        return self._agent_view((yield self.admission.get_agent(agent)))
+        row = yield self.admission.get_agent(agent)
+        where = yield self._where([agent])
+        return self._agent_view(row, where.get(agent))
 
     @inlineCallbacks
     def approve_agent(self, request, agent: str):

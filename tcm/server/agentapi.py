@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import inlineCallbacks, maybeDeferred
 
 from tcm.interfaces import (
     IAgentAdmission,
@@ -105,8 +105,9 @@ class AgentAPI(JsonRouter):
 
     # -- jobs ----------------------------------------------------------------------------
     def accept(self, request, job: str):
-        decision = self.jobs.accept(request.agent_id, job)
-        return {"decision": decision.value}
+        # alone the server decides at once; nodes sharing the store decide in SQL (Deferred)
+        d = maybeDeferred(self.jobs.accept, request.agent_id, job)
+        return d.addCallback(lambda decision: {"decision": decision.value})
 
     def output(self, request, job: str):
         body = json_object(request)

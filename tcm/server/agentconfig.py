@@ -126,6 +126,10 @@ class AgentConfigBook:
     def load(self):
         self.agents = {r["agent_id"]: r for r in (yield self.agent_store.load_agent_config())}
 
+    def forget_members(self) -> None:
+        """Targets changed (on another node of the cluster): resolve them again."""
+        self._members_cache.clear()
+
     def row(self, agent_id: str) -> dict[str, Any]:
         """The agent's config row (made when it has none)."""
         return self.agents.setdefault(agent_id, {"agent_id": agent_id, "policies": {}})

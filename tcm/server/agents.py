@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
@@ -315,6 +316,42 @@ class AgentAdmission:
         self.cert_days = cert_days
         self.directory = directory
         self.recent_enrollments = RecentEnrollments()  # an agent may ask again
+        # told of the agents whose rows changed here (a cluster tells the other nodes)
+        self.on_changed: Callable[[list[str]], None] | None = None
+        # nodes of a cluster: an agent unknown here may have enrolled on another node a
+        # moment ago (before its change message came): its row is read for its next attempt
+        self.shared = False
+        self._looking_up: set[str] = set()
+
+    def _look_up(self, agent_id: str) -> None:
+        if agent_id in self._looking_up or len(self._looking_up) > 1000:
+            return
+        self._looking_up.add(agent_id)
+        d = self.refresh([agent_id])
+        d.addErrback(lambda f: None)
+        d.addBoth(lambda _: self._looking_up.discard(agent_id))
+
+    def _changed(self, agent_id: str) -> None:
+        if self.on_changed is not None:
+            self.on_changed([agent_id])
+
+    @inlineCallbacks
+    def refresh(self, agent_ids: list[str] | None):
+        """Read agents' rows again (all: None), changed by another node of the cluster:
+        enrolled, approved, revoked, deleted. A revoked agent's session here is closed."""
+        if agent_ids is None:
+            rows = yield self._agents.list_agents()
+        else:
+            rows = []
+            for agent_id in agent_ids:
+                row = yield self._agents.get_agent(agent_id)
+                if row is not None:
+                    rows.append(row)
+        self.directory.load(rows)
+        for row in rows:
+            if row["revoked"]:
+                self._presence.close_agent(row["id"], codes.CLOSE_REVOKED)
+        return len(rows)
 
     @inlineCallbacks
     def load(self):
@@ -367,6 +404,8 @@ class AgentAdmission:
         """The agent id if this agent may be served now: known, not revoked, approved."""
         record = self.directory.get(agent_id)
         if record is None:
+            if self.shared:  # enrolled on another node a moment ago? read it for next time
+                self._look_up(agent_id)
             raise Forbidden(f"unknown agent {agent_id}: enroll again")
         if record["revoked"]:
             raise Forbidden(f"agent {agent_id} is revoked")
@@ -456,6 +495,7 @@ class AgentAdmission:
         approved = not self._settings["require_approval"]
         yield self._agents.add_agent(agent_id, hostname, fingerprint, now, approved)
         self.directory.add(agent_id, hostname, approved)
+        self._changed(agent_id)
         if not approved:
             self._log.info("agent {agent} awaits approval", agent=agent_id)
             self._nodes.tell_pending([agent_id])
@@ -500,6 +540,7 @@ class AgentAdmission:
             return False
         yield self._agents.approve_agent(agent_id)
         record["approved"] = True
+        self._changed(agent_id)
         self._log.info("agent {agent} approved", agent=agent_id)
         self.events.publish(agent_event(agent_id, state="ok", approved=True))
         self._nodes.tell_pending([], approved=[agent_id])
@@ -517,6 +558,7 @@ class AgentAdmission:
             return False
         yield self._agents.revoke_agent(agent_id)
         record["revoked"] = True
+        self._changed(agent_id)
         self._log.info("agent {agent} revoked", agent=agent_id)
         self.events.publish(agent_event(agent_id, state="revoked", revoked=True))
         self._presence.close_agent(agent_id, codes.CLOSE_REVOKED)
@@ -536,6 +578,7 @@ class AgentAdmission:
         yield self.revoke(agent_id)
         yield self._agents.delete_agent(agent_id)
         record["deleted"] = True
+        self._changed(agent_id)
         self._log.info("agent {agent} deleted", agent=agent_id)
         return True
 

@@ -310,6 +310,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                     result_bytes_total=_INT,
                     inventory_history=_INT,
                 ),
+                cluster=ANY_OBJECT,
             )
         },
     ),
@@ -987,4 +988,9 @@ OPERATIONS[("GET", f"{ADMIN}/whoami")] = _op(
             target=_OPT_STR,
         )
     },
+)
+OPERATIONS[("GET", f"{ADMIN}/cluster")] = _op(
+    "The server nodes of this cluster: each node's address, sessions, state (up or down) and "
+    "last heartbeat, and the bus as this node sees it (a single server: one node, no bus)",
+    responses={200: fields("node", "bus", "nodes", node=_STR, bus=_STR)},
 )

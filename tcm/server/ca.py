@@ -129,6 +129,15 @@ class CertificateAuthority:
         )
         return ca
 
+    @staticmethod
+    def new_pem(
+        name: str = "tcm CA", clock: Callable[[], float] = time.time
+    ) -> tuple[bytes, bytes]:
+        """A new CA as (key PEM, certificate PEM), written nowhere (a cluster's first node
+        stores it sealed in the database before any node writes it to its state directory)."""
+        key = pki.generate_key()
+        return pki.key_to_pem(key), pki.cert_to_pem(_self_signed_ca(key, name, _utc(clock())))
+
     def sign_csr(
         self,
         csr_pem: bytes,

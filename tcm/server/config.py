@@ -50,6 +50,13 @@ class ServerConfig:
     name: str | None = None  # this server's name, in its agents' certificates (gateways)
     metrics_port: int | None = None  # /metrics and /status on loopback
     job_retention: float = 30 * 86400.0  # seconds jobs are kept (run-time setting job_retention)
+    # a cluster of nodes (tcm/server/cluster): Redis URL, and the key file sealing the CA
+    redis: str | None = None
+    cluster_key: str | None = None
+
+    @property
+    def clustered(self) -> bool:
+        return self.redis is not None
 
     @property
     def database_url(self) -> str:

@@ -73,6 +73,9 @@ _ALLOWED: dict[TargetState, frozenset[TargetState]] = {
     TargetState.UNSUPPORTED: frozenset(),
 }
 
+# How far a target got: a node's own view and the store's are merged to the further one.
+_RANK = {TargetState.PENDING: 0, TargetState.DELIVERED: 1, TargetState.RUNNING: 2}
+
 # The reason a pending target is reported with when its agent is not reachable now.
 NOT_CONNECTED = "not connected"
 
@@ -159,6 +162,23 @@ class JobBook:
         self._targets.setdefault(job.id, {}).update(active)
         for agent_id in active:
             self._by_agent.setdefault(agent_id, set()).add(job.id)
+
+    def settle(self, job: Job, unfinished: dict[str, TargetState]) -> list[str]:
+        """Take the store's view of a job's unfinished targets (a job another node created or
+        changed): targets tracked here but finished in the store are dropped (no change to
+        write: the store has it), the others keep the further of the two states. Returns the
+        dropped agent ids."""
+        old = self._targets.get(job.id, {})
+        merged = {
+            a: old[a] if a in old and _RANK[old[a]] >= _RANK[s] else s
+            for a, s in unfinished.items()
+            if s not in TERMINAL
+        }
+        dropped = [a for a in old if a not in merged]
+        for agent_id in dropped:
+            self._finish(job.id, agent_id, TargetState.CANCELED, 0.0)  # the store has it
+        self.add(self.jobs.get(job.id, job), merged)
+        return dropped
 
     def state(self, job_id: str, agent_id: str) -> TargetState | None:
         """The state of an unfinished target, or None if not tracked (finished or unknown)."""

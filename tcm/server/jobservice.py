@@ -70,6 +70,7 @@ class JobService:
         max_message_size: int | None = None,
         known_digests: inventory.KnownDigests | None = None,
         max_class_bytes: int = inventory.DEFAULT_MAX_CLASS_BYTES,
+        shared: bool = False,
     ):
         # the store's jobs area (db.jobs) and its inventory area (db.inventory: results of
         # inventory.collect)
@@ -99,6 +100,15 @@ class JobService:
         # large results are parsed, stored and dropped; afterwards the memory they took is
         # given back to the system (glibc keeps it otherwise: RSS would stay at the peak)
         self.memory = MemoryReleaser(clock)
+        # Nodes of a cluster share the store (tcm/server/cluster): accept decisions are a
+        # compare-and-set in SQL, and a job this node does not know is read from the store.
+        self.shared = shared
+        # told of each job committed here (the cluster sends it to the other nodes), and of
+        # each result committed here (the cluster's events)
+        self.on_created: Callable[[str, list[str]], None] | None = None
+        self.on_stored: Callable[[dict[str, Any]], None] | None = None
+        self._opened: set[str] = set()  # sessions opened, not asked of the store yet
+        self._opened_call: Any = None
 
     @inlineCallbacks
     def load(self):
@@ -209,6 +219,8 @@ class JobService:
         if ended:
             yield gatherResults(ended)
         self._deliver(job, [a for a in agent_ids if a not in unsupported])
+        if self.on_created is not None:
+            self.on_created(job.id, [a for a in agent_ids if a not in unsupported])
         self._log.info(
             "job {job} ({action}) created for {n} agents",
             job=job.id,
@@ -398,7 +410,13 @@ class JobService:
     # -- agent side ------------------------------------------------------------------
     def session_opened(self, agent_id: str, channel: str = "core") -> None:
         """An agent has a live session: (re)send what it has not finished. A task session
-        (through a task server) gets the unfinished tasks that are not running yet."""
+        (through a task server) gets the unfinished tasks that are not running yet.
+
+        Sharing the store with other nodes, the store is asked too (for the agents whose
+        sessions opened in the same quarter second at once): a job another node created that
+        this one has not heard of yet (the bus lost its message) is sent all the same."""
+        if self.shared and channel == "core":
+            self._ask_store_for(agent_id)
         now = self.clock.seconds()
         canceled = self.book.cancel_asked(agent_id)
         for job_id in canceled:  # canceled while it was away: tell it again
@@ -411,6 +429,27 @@ class JobService:
                 if not caps.get(job.action, {}).get("task"):
                     continue
             self._deliver(job, [agent_id])
+
+    OPENED_BATCH = 0.25  # seconds of session openings asked of the store in one query
+
+    def _ask_store_for(self, agent_id: str) -> None:
+        self._opened.add(agent_id)
+        if self._opened_call is None:
+            self._opened_call = self.clock.callLater(self.OPENED_BATCH, self._ask_store)
+
+    def _ask_store(self) -> Deferred[int]:
+        agents, self._opened, self._opened_call = sorted(self._opened), set(), None
+
+        @inlineCallbacks
+        def unknown_jobs(job_ids: set[str]):
+            sent = 0
+            for job_id in sorted(job_ids - set(self.book.jobs)):
+                sent += yield self.adopt(job_id, agents, again=True)
+            return sent
+
+        d = self.store.unfinished_jobs_of(agents).addCallback(unknown_jobs)
+        d.addErrback(lambda f: self._log.failure("reading the jobs of opened sessions", f))
+        return d
 
     def cancels_for(self, agent_id: str) -> list[dict[str, Any]]:
         """`action.cancel` envelopes (as objects) for an agent that polls over HTTP: its
@@ -429,19 +468,119 @@ class JobService:
             self._persist(self.book.delivered(job.id, [agent_id], now))
         return [self._for_agent(job, agent_id) for job in jobs]
 
-    def accept(self, agent_id: str, job_id: str) -> Accept:
+    def accept(self, agent_id: str, job_id: str) -> Accept | Deferred[Accept]:
+        """Whether the agent may start the job. Alone, the working set decides; sharing the
+        store with other nodes, one SQL compare-and-set does (a Deferred)."""
+        if self.shared:
+            return self._claim(agent_id, job_id)
         decision, changes = self.book.accept(job_id, agent_id, self.clock.seconds())
         self._persist(changes)
         return decision
 
+    def _claim(self, agent_id: str, job_id: str) -> Deferred[Accept]:
+        now = self.clock.seconds()
+
+        def decided(state: str) -> Accept:
+            job = self.book.jobs.get(job_id)
+            if state == "running":
+                if job is not None and self.book.state(job_id, agent_id) is not None:
+                    self.book.accept(job_id, agent_id, now)  # the store has the change
+                return Accept.RUN
+            if job is not None:  # finished (or expired) in the store: not tracked here
+                others = self.book.active_targets(job_id)
+                others.pop(agent_id, None)
+                self.book.settle(job, others)
+            if state == "expired":
+                return Accept.EXPIRED
+            if state in TERMINAL_VALUES:
+                return Accept.FINISHED
+            return Accept.UNKNOWN
+
+        return self.store.claim_target(job_id, agent_id, now).addCallback(decided)
+
+    # -- nodes sharing the store (tcm/server/cluster) ----------------------------------
+    @inlineCallbacks
+    def adopt(self, job_id: str, recipients: Iterable[str] = (), again: bool = False):
+        """A job another node committed (or changed): take the store's view of it into the
+        working set, and push it to its targets whose sessions are here. Fires with how
+        many were sent it."""
+        loaded = yield self.store.load_job(job_id)
+        if loaded is None:
+            return 0
+        self._settle(*loaded)
+        return self._deliver_here(job_id, recipients, again)
+
+    @inlineCallbacks
+    def resync(self, keep_younger: float = 60.0):
+        """Take the store's view of every unfinished job (the bus may have lost messages, or
+        another node died), and push what waits to the agents whose sessions are here. Jobs
+        tracked here that the store has finished are dropped, unless created in the last
+        `keep_younger` seconds (a read that began before their commit). Fires with how many
+        targets were sent."""
+        active = yield self.store.load_active()
+        seen = set()
+        for row, states in active:
+            self._settle(row, states)
+            seen.add(row["id"])
+        now = self.clock.seconds()
+        for job_id, job in list(self.book.jobs.items()):
+            if job_id not in seen and now - job.created_at > keep_younger:
+                self.book.settle(job, {})
+        return sum(self._deliver_here(job_id, ()) for job_id in list(self.book.jobs))
+
+    def _settle(self, row: dict[str, Any], states: dict[str, str]) -> None:
+        job = self.book.jobs.get(row["id"]) or Job(
+            id=row["id"],
+            action=row["action"],
+            args=row["args"],
+            created_at=row["created_at"],
+            expires_at=row["expires_at"],
+            timeout=row["timeout"],
+            created_by=row["created_by"],
+        )
+        unfinished = {
+            a: TargetState(s) for a, s in states.items() if (job.id, a) not in self._committing
+        }
+        self.book.settle(job, unfinished)
+        self._loaded_jobs.add(job.id)
+
+    def _deliver_here(self, job_id: str, recipients: Iterable[str], again: bool = False) -> int:
+        """Push a job to its pending targets that have a session here: those another node
+        listed, and any that came here meanwhile. `again`: the recipients' delivered and
+        running targets too (their sessions just opened here, after another node sent it)."""
+        job = self.book.jobs.get(job_id)
+        if job is None:
+            return 0
+        pending = set(self.book.not_started(job_id))
+        if job.is_expired(self.clock.seconds()):
+            pending = set()
+        wanted = pending & set(recipients)
+        if again:
+            wanted |= set(self.book.active_targets(job_id)) & set(recipients)
+        wanted |= {a for a in pending if self.dispatcher.is_reachable(a)}
+        if not wanted:
+            return 0
+        before = self.dispatcher.pushed
+        self._deliver(job, sorted(wanted))
+        return self.dispatcher.pushed - before
+
     # -- output (issue 16.1): only from a current target, capped per target --------------
-    def output(self, agent_id: str, job_id: str, seq: int, stream: str, text: str) -> Deferred:
+    def output(
+        self, agent_id: str, job_id: str, seq: int, stream: str, text: str, adopted: bool = False
+    ) -> Deferred:
         """Store a chunk of a target's output. Only the agent of a target that runs it (or
         was sent it, for a quick action) may send output: otherwise NotFound (no such job),
         Forbidden (not this agent's job) or Conflict (not running here). What passes the
         cap is dropped, with one marker line."""
         job = self.book.jobs.get(job_id)
         state = self.book.state(job_id, agent_id)
+        if self.shared and state in (None, TargetState.PENDING) and not adopted:
+            # another node accepted it, or this one has not heard of it: the store's view
+            d = self.store.load_job(job_id)
+            d.addCallback(lambda loaded: self._settle(*loaded) if loaded else None)
+            return d.addCallback(
+                lambda _: self.output(agent_id, job_id, seq, stream, text, adopted=True)
+            )
         if job is None or not output_admitted(state, self._quick(agent_id, job.action)):
             return self._refuse_output(agent_id, job_id)
         if job_id in self._loaded_jobs and not self.outputs.known(job_id, agent_id):
@@ -463,11 +602,21 @@ class JobService:
         if kept is None:
             return succeed(None)  # over the cap: dropped (the marker is stored already)
         d = self.store.add_output(job_id, agent_id, seq, stream, kept, self.clock.seconds())
-        d.addCallback(lambda _: self._wake_followers(job_id))
+        d.addCallback(lambda _: self._output_stored(job_id, agent_id))
         d.addCallback(
             lambda _: self.events.publish(output_event(job_id, agent_id, seq, stream, kept))
         )
         return d
+
+    def _output_stored(self, job_id: str, agent_id: str) -> None:
+        self._wake_followers(job_id)
+        if self.on_stored is not None:
+            self.on_stored({"type": "output", "job": job_id, "agent": agent_id})
+
+    def wake(self, job_id: str) -> None:
+        """Another node stored output or a result of this job: its followers here read the
+        store again now."""
+        self._wake_followers(job_id)
 
     @inlineCallbacks
     def _refuse_output(self, agent_id: str, job_id: str):
@@ -512,6 +661,7 @@ class JobService:
         started: float | None,
         finished: float | None,
         received: float | None = None,
+        adopted: bool = False,
     ) -> Deferred[bool]:
         """Record a target's outcome. Fires True when stored now, False for a duplicate."""
         target_state = TargetState(state)
@@ -520,6 +670,15 @@ class JobService:
         if committing is not None:  # the same result again while the first is committed:
             return self._after(committing, False)  # acknowledged once that commit is done
         current = self.book.state(job_id, agent_id)
+        if current is None and self.shared and not adopted:
+            # a job this node has not heard of yet (the bus is a hint): read it, then decide
+            d = self.store.load_job(job_id)
+            d.addCallback(lambda loaded: self._settle(*loaded) if loaded else None)
+            return d.addCallback(
+                lambda _: self.result(
+                    agent_id, job_id, state, result, error, started, finished, received, True
+                )
+            )
         if current is None:
             return succeed(False)  # already stored (a redelivered result), or unknown
         if target_state not in (
@@ -533,7 +692,7 @@ class JobService:
             raise Conflict("job already running here; report its result")
         return self._finish(
             job_id, agent_id, target_state, result, error, started, finished or now, received
-        ).addCallback(lambda _: True)
+        ).addCallback(lambda stored: stored is not False)
 
     def _finish(self, job_id, agent_id, state, result, error, started, finished, received=None):
         previous = self.book.state(job_id, agent_id)
@@ -574,6 +733,8 @@ class JobService:
             finished,
             received,
             stored=self.clock.seconds(),
+            # sharing the store, another node may have stored this target's result first
+            **({"checked": True} if self.shared else {}),
         )
         if collected is not None:
             # acknowledged once the inventory is stored and known too (the same commit)
@@ -584,11 +745,17 @@ class JobService:
         def committed(value):
             self._committing.pop(key, None)
             self._wake_followers(job_id)
+            if value is False:  # another node stored it first: a duplicate here
+                return value
             self.events.publish(
                 finished_event(job_id, agent_id, state.value, self.clock.seconds(), result, error)
             )
             if job_id not in self.book.jobs:  # its last target: the job is done
                 self.events.publish(job_event(job_id, finished=True))
+            if self.on_stored is not None:
+                self.on_stored(
+                    {"type": "result", "job": job_id, "agent": agent_id, "state": state.value}
+                )
             return value
 
         def not_committed(f):
@@ -711,7 +878,9 @@ class JobService:
                 "started_at": t["started_at"],
                 "finished_at": t["finished_at"],
                 "online": self.dispatcher.is_online(t["agent_id"]),
-                "reason": NOT_CONNECTED if t["agent_id"] in away else None,
+                "reason": NOT_CONNECTED
+                if t["agent_id"] in away and t["state"] == "pending"
+                else None,
             }
             for t in targets
         ]

@@ -27,6 +27,7 @@ class ServerMetrics:
         jobs: IJobs,  # active jobs
         dispatcher: Dispatcher,  # pushes
         handshakes: Any,  # the TLS HandshakeLogger (failures, admission gate)
+        cluster: Any = None,  # ICluster of a node of a cluster (bus state, messages)
     ):
         self.name = name
         self.presence = presence
@@ -35,6 +36,7 @@ class ServerMetrics:
         self.jobs = jobs
         self.dispatcher = dispatcher
         self.handshakes = handshakes
+        self.cluster = cluster
         self.registry = CollectorRegistry()
         self.registry.register(SnapshotCollector(self.families))  # type: ignore[arg-type]
 
@@ -114,6 +116,18 @@ class ServerMetrics:
         yield gauge(
             f"{PREFIX}_active_jobs", "Jobs with unfinished targets", self.jobs.active_count()
         )
+        if self.cluster is not None:
+            yield gauge(
+                f"{PREFIX}_cluster_bus_up",
+                "1 while this node's bus (Redis) is connected, 0 while it is down",
+                1 if self.cluster.status()["bus"] == "up" else 0,
+            )
+            for key, text in (
+                ("jobs_sent", "Job messages sent to other nodes"),
+                ("jobs_received", "Job messages received from other nodes"),
+                ("changes_received", "Changes received from other nodes"),
+            ):
+                yield counter(f"{PREFIX}_cluster_{key}", text, self.cluster.counts[key])
 
     def status(self) -> dict[str, Any]:
         links = sorted(self.nodes.links.values(), key=lambda n: n.key)
@@ -125,6 +139,11 @@ class ServerMetrics:
                 "agents": self.admission.count(),
                 "active jobs": self.jobs.active_count(),
                 "pushed": self.dispatcher.pushed,
+                **(
+                    {"node": self.name, "bus": self.cluster.status()["bus"]}
+                    if self.cluster is not None
+                    else {}
+                ),
             },
             "tables": {
                 "Node links": [

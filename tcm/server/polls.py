@@ -61,6 +61,10 @@ class PollRegistry:
     def get(self, agent_id: str) -> PollWaiter | None:
         return self._waiting.get(agent_id)
 
+    def agent_ids(self) -> list[str]:
+        """The agents holding a poll now."""
+        return list(self._waiting)
+
     def remove(self, waiter: PollWaiter) -> None:
         if self._waiting.get(waiter.agent_id) is waiter:
             del self._waiting[waiter.agent_id]

@@ -44,6 +44,8 @@ from tcm.interfaces import (
     IAgentPresence,
     IAudit,
     ICertificates,
+    ICluster,
+    IClusterBus,
     IEventHub,
     IInventory,
     IJobHistory,
@@ -66,6 +68,9 @@ from tcm.server.agents import AgentAdmission, AgentDirectory, AgentPresence
 from tcm.server.audit import AuditLog
 from tcm.server.ca import CertificateAuthority
 from tcm.server.certificates import SERVER_CERT_CHECK, Certificates, ServerTLS
+from tcm.server.cluster.bus import RedisBus
+from tcm.server.cluster.node import ClusterNode
+from tcm.server.cluster.secrets import ClusterIdentity, join, load_or_create_key
 from tcm.server.config import ServerConfig
 from tcm.server.console import ConsoleResource
 from tcm.server.dispatcher import Dispatcher
@@ -337,6 +342,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     name = config.name or _load_or_create_name(config.state_dir)
     db = Database(config.database_url, reactor=reactor)
     db.inventory.history = config.inventory_history
+    identity = _join_cluster(config, db, name) if config.clustered else None
 
     # -- the services, each with the store area(s) and the services it uses ---------------
     ca = CertificateAuthority.load_or_create(config.state_dir)
@@ -376,6 +382,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
             max_message_size=config.max_message_size,
             max_class_bytes=config.inventory_class_bytes,
             known_digests=known_digests,
+            shared=config.clustered,
         ),
     )
     targets = provides(
@@ -454,6 +461,28 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     # the console's live events: every part where state changes publishes to the one hub
     events = provides(IEventHub, EventHub(clock))
     jobs.events = presence.events = admission.events = hub.events = policies.events = events
+    cluster: ClusterNode | None = None
+    if identity is not None:
+        cluster = ClusterNode(
+            name,
+            admin_url(reactor, config),
+            provides(
+                IClusterBus,
+                RedisBus(str(config.redis), f"tcm:{identity.cluster_id}", name, reactor),
+            ),
+            db.cluster,
+            presence,
+            jobs,
+            _cluster_reloads(
+                settings, access, admission, policies, profiles, agent_config, presence, jobs
+            ),
+            clock,
+        )
+        provides(ICluster, cluster)
+        jobs.on_created = cluster.job_created
+        jobs.on_stored = cluster.event
+        admission.on_changed = lambda ids: cluster.changed("agents", ids)
+        admission.shared = True
 
     # -- the consumers: the HTTP and WebSocket endpoints ----------------------------------
     url = f"wss://{config.interface}"
@@ -474,8 +503,11 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
             nodes=nodes,
             certificates=certificates,
             events=events,
+            cluster=cluster,
         )
     )
+    if cluster is not None:
+        admin_api.written = _tell_cluster(cluster)
     agent_api = AgentAPI(
         admission, presence, settings, jobs, policies, profiles, clock, config.keepalive
     )
@@ -525,11 +557,15 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     gate = HandshakeGate(clock, config.max_handshakes) if config.max_handshakes > 0 else None
     handshakes = HandshakeLogger(site, gate)
     top.add_listeners(config, certificates, handshakes, site)
+    if cluster is not None:
+        cluster.setServiceParent(top)  # started once the store is open (ServerService)
     TimerService(config.keepalive, presence.sweep_silent_sessions).setServiceParent(top)
     # tcm/server/heap.py: full garbage collections kept off long-lived objects (sessions)
     HeapSettler(lambda: len(presence.registry)).setServiceParent(top)
     if config.metrics_port is not None:
-        metrics = ServerMetrics(name, presence, admission, nodes, jobs, dispatcher, handshakes)
+        metrics = ServerMetrics(
+            name, presence, admission, nodes, jobs, dispatcher, handshakes, cluster
+        )
         StreamServerEndpointService(
             TCP4ServerEndpoint(reactor, config.metrics_port, interface="127.0.0.1"),
             server_metrics_site(metrics),
@@ -563,6 +599,98 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
         handshakes=handshakes,
     )
     return top
+
+
+def _join_cluster(config: ServerConfig, db: Database, name: str) -> ClusterIdentity:
+    """Migrate the shared database and take the cluster's CA and admin token from it (the
+    first node puts its own there): before the CA is loaded below. Blocking, at startup."""
+    from tcm.store.database import upgrade
+
+    upgrade(db.engine)
+    key_file = config.cluster_key or os.path.join(config.state_dir, "cluster.key")
+    identity = join(db.engine, load_or_create_key(key_file), config.state_dir, name)
+    Logger().info(
+        "node {name} of cluster {cluster} ({how} its CA)",
+        name=name,
+        cluster=identity.cluster_id,
+        how="made" if identity.created_ca else "took",
+    )
+    return identity
+
+
+#: Admin writes whose effect every node applies to its own agents: first path segment ->
+#: the area each node reloads from the store (agents tell their own changes, see below).
+_AREAS = {
+    "settings": "settings",
+    "policies": "policies",
+    "profiles": "profiles",
+    "targets": "targets",
+    "groups": "targets",
+    "apitokens": "access",
+}
+
+
+def _tell_cluster(cluster: ClusterNode) -> Callable[[str, str], None]:
+    def written(method: str, path: str) -> None:
+        parts = path.strip("/").split("/")
+        if parts[0] == "jobs" and parts[-1] == "cancel" and len(parts) == 3:
+            cluster.changed("jobs", [parts[1]])  # every node reads the job again
+            return
+        area = _AREAS.get(parts[0])
+        if area is not None:
+            cluster.changed(area)
+
+    return written
+
+
+def _cluster_reloads(
+    settings: RuntimeSettings,
+    access: AccessTokens,
+    admission: AgentAdmission,
+    policies: PolicyService,
+    profiles: ProfileService,
+    agent_config: AgentConfigBook,
+    presence: AgentPresence,
+    jobs: JobService,
+) -> dict[str, Callable[[list[str] | None], Any]]:
+    """What a node does when another node changed an area: read it again from the store,
+    and tell its own agents where they must fetch again."""
+
+    def here() -> list[str]:
+        return [s.agent_id for s in presence.registry.all()]
+
+    @inlineCallbacks
+    def policies_changed(_ids: Any):
+        yield policies.load()
+        yield agent_config.load()
+        agent_config.notify(here(), "policies", None, None)
+
+    @inlineCallbacks
+    def profiles_changed(_ids: Any):
+        yield profiles.load()
+        yield agent_config.load()
+        agent_config.notify(here(), "profile", None, None)
+
+    def targets_changed(_ids: Any) -> None:
+        agent_config.forget_members()
+
+    @inlineCallbacks
+    def jobs_changed(ids: list[str] | None):
+        if ids is None:
+            yield jobs.resync()
+            return
+        for job_id in ids:
+            yield jobs.adopt(job_id)
+
+    return {
+        "jobs": jobs_changed,
+        "settings": settings.reload,
+        "access": lambda _ids: access.load(),
+        "agents": admission.refresh,
+        "policies": policies_changed,
+        "profiles": profiles_changed,
+        "targets": targets_changed,
+    }
 
 
 def admin_url(reactor: Any, config: ServerConfig) -> str:

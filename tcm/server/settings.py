@@ -93,6 +93,16 @@ class RuntimeSettings(Mapping[str, Any]):
         self._values.update(self.validate(stored, ignore_unknown=True))
 
     @inlineCallbacks
+    def reload(self, _ids: Any = None):
+        """Take the stored values again (another node of the cluster changed them), and
+        apply them as `change` would."""
+        before = self.persistent_enabled()
+        yield self.load()
+        if before and not self.persistent_enabled():
+            for callback in self._persistent_off:
+                callback()
+
+    @inlineCallbacks
     def change(self, changes: dict[str, Any]):
         """Validate, store and apply setting changes at run time; fires with all settings."""
         if not changes:

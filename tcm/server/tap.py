@@ -53,6 +53,29 @@ class Options(usage.Options):
             "postgresql+psycopg2://USER@HOST/DB and the [postgres] extra).",
         ],
         [
+            "redis",
+            None,
+            None,
+            "Redis URL (redis://HOST:PORT/DB) of a cluster: nodes on one PostgreSQL "
+            "--database and one Redis are one management service (docs/operating.md, "
+            '"A cluster of nodes").',
+        ],
+        [
+            "node-name",
+            None,
+            None,
+            "This node's name in its cluster (the same as --name; default: made once and kept "
+            "in the state directory).",
+        ],
+        [
+            "cluster-key",
+            None,
+            None,
+            "Key file sealing the cluster's CA key in the database; every node is given the "
+            "same file (made by the first node when missing; default: cluster.key in the "
+            "state directory).",
+        ],
+        [
             "cert",
             None,
             None,
@@ -199,6 +222,22 @@ class Options(usage.Options):
         self["hostnames"].append(name)
 
     def postOptions(self):
+        if self["node-name"] is not None:
+            if self["name"] is not None and self["name"] != self["node-name"]:
+                raise usage.UsageError("--name and --node-name name the same: give one")
+            self["name"] = self["node-name"]
+        if self["redis"] is not None:
+            database = self["database"] or ""
+            if not database.startswith("postgresql"):
+                raise usage.UsageError(
+                    "--redis makes this server a node of a cluster, whose nodes share one "
+                    "PostgreSQL database: give --database postgresql+psycopg2://USER@HOST/DB "
+                    "too (SQLite serves one node only)"
+                )
+            if not self["redis"].startswith(("redis://", "rediss://", "unix://")):
+                raise usage.UsageError(f"--redis wants redis://HOST:PORT/DB, not {self['redis']!r}")
+        elif self["cluster-key"] is not None:
+            raise usage.UsageError("--cluster-key is for a node of a cluster: give --redis too")
         if self["name"] is not None:
             from tcm.protocol.names import NODE_NAME
 
@@ -340,6 +379,8 @@ def config_from(options: Options) -> ServerConfig:
         agent_cert_lifetime=options["agent-cert-lifetime"],
         node_cert_lifetime=options["node-cert-lifetime"],
         tls_groups=options["tls-groups"],
+        redis=options["redis"],
+        cluster_key=options["cluster-key"],
     )
 
 

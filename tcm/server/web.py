@@ -31,6 +31,7 @@ from tcm.httplimits import MAX_BODY as MAX_BODY
 from tcm.server import errors
 from tcm.server.apicheck import CheckedOperation, InvalidRequest
 from tcm.server.apischema import Operation
+from tcm.store.errors import StoreUnavailable
 
 
 class ApiError(Exception):
@@ -192,6 +193,9 @@ class JsonRouter(Resource):
         # (method, regex source) -> (full pattern, compiled declaration or None)
         self._declared: dict[tuple[str, str], tuple[str, CheckedOperation | None]] = {}
         self._direct: set[tuple[str, str]] = set()  # (method, regex source) callable directly
+        # told (method, path below the prefix) of each write answered with success: the
+        # cluster tells the other nodes (tcm/server/cluster)
+        self.written: Callable[[str, str], None] | None = None
 
     def route(self, method: str, pattern: str, handler: Handler) -> None:
         """Add a route; `{name}` in the pattern captures one path segment."""
@@ -317,6 +321,8 @@ class JsonRouter(Resource):
         """The answer to a handler's failure (a domain error's status, or a logged 500)."""
         if failure.check(ApiError):
             return failure.value  # type: ignore[return-value]
+        if failure.check(StoreUnavailable):  # nothing written: try again when it is back
+            return ApiError(503, str(failure.value))
         if isinstance(failure.value, errors.DomainError):
             error = api_error(failure.value)
             if error.status in (401, 403):
@@ -332,6 +338,9 @@ class JsonRouter(Resource):
             return None
         status, headers, body = _response(result)
         request.setResponseCode(status)
+        if self.written is not None and status < 400 and request.method not in (b"GET", b"HEAD"):
+            path = request.path.decode("utf-8", "replace")[len(self._prefix) :]
+            self.written(request.method.decode("ascii", "replace"), path)
         for k, v in headers.items():
             request.setHeader(k, v)
         if status == 204 or body is None:

@@ -6,7 +6,7 @@ from tcm.store.agents import AgentStore
 from tcm.store.audit import AuditStore
 from tcm.store.config import ConfigStore
 from tcm.store.database import Database, WriteQueue, make_engine, upgrade
-from tcm.store.errors import Conflict, TokenRefused
+from tcm.store.errors import Conflict, StoreUnavailable, TokenRefused
 from tcm.store.inventory import InventoryStore
 from tcm.store.jobs import JobStore
 from tcm.store.settings import SettingsStore
@@ -22,6 +22,7 @@ __all__ = [
     "InventoryStore",
     "JobStore",
     "SettingsStore",
+    "StoreUnavailable",
     "TargetStore",
     "TokenRefused",
     "WriteQueue",

@@ -30,7 +30,9 @@ from twisted.python.threadpool import ThreadPool
 from tcm.store.access import AccessStore
 from tcm.store.agents import AgentStore
 from tcm.store.audit import AuditStore
+from tcm.store.cluster import ClusterStore
 from tcm.store.config import ConfigStore
+from tcm.store.errors import StoreUnavailable
 from tcm.store.inventory import InventoryStore
 from tcm.store.jobs import JobStore
 from tcm.store.settings import SettingsStore
@@ -75,8 +77,28 @@ def upgrade(engine: Engine) -> None:
     cfg = Config()
     cfg.set_main_option("script_location", MIGRATIONS)
     with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            # nodes of a cluster starting at once: one migrates, the others wait for it
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(7413001)"))
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+def _reachable(fn: Callable[..., T], *args: Any) -> T:
+    try:
+        return fn(*args)
+    except sa.exc.DBAPIError as e:
+        why = _first_line(e.orig if e.orig is not None else e)
+        unreachable = isinstance(e, sa.exc.OperationalError | sa.exc.InterfaceError)
+        if unreachable and "locked" not in why:  # (SQLite's busy writer: an error of its own)
+            raise StoreUnavailable(f"the database is unavailable: {why}") from e
+        if e.connection_invalidated:
+            raise StoreUnavailable(f"the database connection was lost: {why}") from e
+        raise
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 class WriteQueue:
@@ -199,6 +221,7 @@ class Database:
         self.targets = TargetStore(self)
         self.inventory = InventoryStore(self, self.writes)
         self.audit = AuditStore(self, self.writes)
+        self.cluster = ClusterStore(self)
 
     # -- lifecycle ---------------------------------------------------------------------
     def open(self) -> None:
@@ -269,8 +292,9 @@ class Database:
         self.engine.dispose()
 
     def run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
-        """Run fn(*args) on the database's thread pool."""
-        return deferToThreadPool(self._reactor, self._pool, fn, *args)
+        """Run fn(*args) on the database's thread pool. A database that cannot be reached
+        (PostgreSQL down or restarting) fails it with StoreUnavailable, saying why."""
+        return deferToThreadPool(self._reactor, self._pool, _reachable, fn, *args)
 
     def transaction(self, fn: Callable[[Connection], T]) -> Deferred[T]:
         """Run fn(connection) in one transaction on the database's thread pool."""

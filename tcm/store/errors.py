@@ -9,3 +9,8 @@ class TokenRefused(Exception):
 
 class Conflict(Exception):
     """A name already taken (a target, a group, an active API token)."""
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be reached now (down, restarting, unreachable): nothing was
+    written; the caller may try again later."""

@@ -26,14 +26,19 @@ UNFINISHED = sa.text(
 )
 
 
-def _target_update(**values: Any) -> sa.Update:
+# Delivered and expired are only ever reached from a target not started (nodes sharing the
+# store: a node's stale view must not undo another node's `running`).
+NOT_STARTED = sa.text("job_targets.state IN ('pending', 'delivered')")
+
+
+def _target_update(condition: Any = UNFINISHED, **values: Any) -> sa.Update:
     """UPDATE of one unfinished job target per row, for executemany."""
     jt = t.job_targets
     return (
         jt.update()
         .where(jt.c.job_id == sa.bindparam("j"))
         .where(jt.c.agent_id == sa.bindparam("a"))
-        .where(UNFINISHED)
+        .where(condition)
         .values(**values)
     )
 
@@ -42,13 +47,16 @@ def _target_update(**values: Any) -> sa.Update:
 # same target in one flush are written states first.
 BATCHED: dict[str, sa.Update] = {
     "delivered": _target_update(
-        state="delivered", updated_at=sa.bindparam("at"), delivered_at=sa.bindparam("at")
+        NOT_STARTED,
+        state="delivered",
+        updated_at=sa.bindparam("at"),
+        delivered_at=sa.bindparam("at"),
     ),
     "running": _target_update(
         state="running", updated_at=sa.bindparam("at"), started_at=sa.bindparam("at")
     ),
     "expired": _target_update(
-        state="expired", updated_at=sa.bindparam("at"), finished_at=sa.bindparam("at")
+        NOT_STARTED, state="expired", updated_at=sa.bindparam("at"), finished_at=sa.bindparam("at")
     ),
     "result": _target_update(
         state=sa.bindparam("state"),
@@ -132,8 +140,13 @@ class JobStore:
         finished: float,
         received: float | None = None,
         stored: float | None = None,
-    ) -> Deferred[None]:
-        """Store a target's result, once: a target already finished keeps its first result."""
+        checked: bool = False,
+    ) -> Deferred[Any]:
+        """Store a target's result, once: a target already finished keeps its first result.
+
+        `checked` (nodes sharing the store, where another node may have stored it first):
+        fires with whether this one was stored, at the price of a statement of its own in
+        the group commit instead of a row of its batch."""
         row = {
             "j": job_id,
             "a": agent_id,
@@ -146,7 +159,14 @@ class JobStore:
             "stored": stored if stored is not None else finished,
             "size": result_size(result, error),
         }
-        return self._writes.add("result", [row])
+        if not checked:
+            return self._writes.add("result", [row])
+        updated: list[int] = []
+
+        def op(c: Connection) -> None:
+            updated.append(c.execute(BATCHED["result"], row).rowcount)
+
+        return self._writes.submit(op).addCallback(lambda _: bool(updated and updated[0]))
 
     def add_output(
         self, job_id: str, agent_id: str, seq: int, stream: str, text: str, at: float
@@ -285,6 +305,82 @@ class JobStore:
             return [(dict(j._mapping), by_job[j.id]) for j in jobs]
 
         return self._db.read(q)
+
+    def load_job(self, job_id: str) -> Deferred[tuple[dict[str, Any], dict[str, str]] | None]:
+        """One job and its unfinished targets' states (a node adopting a job another node
+        created), or None without it."""
+        jt = t.job_targets
+
+        def q(c: Connection) -> tuple[dict[str, Any], dict[str, str]] | None:
+            job = c.execute(sa.select(t.jobs).where(t.jobs.c.id == job_id)).first()
+            if job is None:
+                return None
+            rows = c.execute(
+                sa.select(jt.c.agent_id, jt.c.state)
+                .where(jt.c.job_id == job_id)
+                .where(jt.c.state.in_(["pending", "delivered", "running"]))
+            ).all()
+            return dict(job._mapping), {r.agent_id: r.state for r in rows}
+
+        return self._db.read(q)
+
+    def unfinished_jobs_of(self, agent_ids: list[str]) -> Deferred[set[str]]:
+        """The jobs with an unfinished target for any of these agents (one query per 500)."""
+        jt = t.job_targets
+
+        def q(c: Connection) -> set[str]:
+            out: set[str] = set()
+            for i in range(0, len(agent_ids), 500):
+                out.update(
+                    r[0]
+                    for r in c.execute(
+                        sa.select(jt.c.job_id)
+                        .where(jt.c.agent_id.in_(agent_ids[i : i + 500]))
+                        .where(jt.c.state.in_(["pending", "delivered", "running"]))
+                        .distinct()
+                    )
+                )
+            return out
+
+        return self._db.read(q)
+
+    def claim_target(self, job_id: str, agent_id: str, now: float) -> Deferred[str]:
+        """Compare-and-set of an agent's wish to start a target, for nodes sharing the
+        store: `running` when it was pending or delivered and the job has not expired (set
+        running now) or when it runs already (the same agent asking again); otherwise the
+        target's stored state (`expired`, `succeeded`, ...), or `unknown` without it. One
+        statement decides, so two nodes never both say run."""
+        jt = t.job_targets
+
+        def op(c: Connection) -> str:
+            live = sa.select(t.jobs.c.id).where(t.jobs.c.id == job_id, t.jobs.c.expires_at > now)
+            claimed = c.execute(
+                jt.update()
+                .where(jt.c.job_id == job_id)
+                .where(jt.c.agent_id == agent_id)
+                .where(jt.c.state.in_(["pending", "delivered"]))
+                .where(sa.exists(live))
+                .values(state="running", updated_at=now, started_at=now)
+            ).rowcount
+            if claimed:
+                return "running"
+            row = c.execute(
+                sa.select(jt.c.state).where(jt.c.job_id == job_id, jt.c.agent_id == agent_id)
+            ).first()
+            if row is None:
+                return "unknown"
+            if row.state in ("pending", "delivered"):  # not started, and past its TTL
+                c.execute(
+                    jt.update()
+                    .where(jt.c.job_id == job_id)
+                    .where(jt.c.agent_id == agent_id)
+                    .where(jt.c.state.in_(["pending", "delivered"]))
+                    .values(state="expired", updated_at=now, finished_at=now)
+                )
+                return "expired"
+            return str(row.state)
+
+        return self._db.transaction(op)
 
     def job_agents(
         self, job_id: str, states: Iterable[str] | None = None

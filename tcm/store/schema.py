@@ -257,3 +257,28 @@ nodes = sa.Table(
     sa.Column("token_expires", sa.Float),
     sa.Column("revoked", sa.Boolean, nullable=False, server_default=sa.false()),
 )
+
+# -- a cluster of server nodes on one database (revision 0009) ------------------------------
+cluster_secrets = sa.Table(
+    "cluster_secrets",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    # the CA key sealed with the cluster key (Fernet); the CA certificate and admin token
+    sa.Column("value", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("created_by", sa.String(64), nullable=False, server_default=""),
+)
+
+cluster_nodes = sa.Table(
+    "cluster_nodes",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("address", sa.String(255), nullable=False, server_default=""),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("heartbeat_at", sa.Float, nullable=False),
+    sa.Column("core", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("task", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("polls", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("bus", sa.String(16), nullable=False, server_default="down"),
+    sa.Column("stopped", sa.Boolean, nullable=False, server_default=sa.false()),
+)
