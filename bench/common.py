@@ -169,21 +169,84 @@ def cpu_percent(proc: psutil.Process, seconds: float) -> float:
     return 100.0 * used / seconds
 
 
-def run_job(api: Api, body: dict[str, Any], total: int, timeout: float) -> dict[str, Any]:
-    """Create a job; wait until every target finished; per-target times (server clock)."""
-    created = api.call("POST", "/jobs", body)["job"]
+def cpu_seconds(proc: psutil.Process) -> float:
+    """User + system CPU seconds a process used so far."""
+    t = proc.cpu_times()
+    return t.user + t.system
+
+
+class KeptApi:
+    """The admin API over one kept-alive HTTPS connection: a poll for a job's counts costs
+    the server a request, not a TLS handshake (which would count in `server_cpu_s`)."""
+
+    def __init__(self, api: Api):
+        import http.client
+        import urllib.parse
+
+        u = urllib.parse.urlsplit(api.url)
+        self._api = api
+        self._conn = http.client.HTTPSConnection(
+            u.hostname, u.port, context=api.context, timeout=60
+        )
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        headers = {"Authorization": f"Bearer {self._api.token}"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        for attempt in (0, 1):
+            try:
+                self._conn.request(method, "/api/v1" + path, body=data, headers=headers)
+                resp = self._conn.getresponse()
+                raw = resp.read()
+                break
+            except (OSError, ConnectionError):
+                self._conn.close()  # the server closed an idle connection: once more
+                if attempt:
+                    raise
+        if resp.status >= 400:
+            raise AssertionError(f"{method} {path}: {resp.status} {raw[:300]!r}")
+        return json.loads(raw) if raw else None
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def run_job(
+    api: Api,
+    body: dict[str, Any],
+    total: int,
+    timeout: float,
+    cpu_of: psutil.Process | None = None,
+) -> dict[str, Any]:
+    """Create a job; wait until every target finished; per-target times (server clock).
+
+    With `cpu_of` (the server process), also the CPU seconds it used from just before the
+    job's creation until every result was stored (`server_cpu_s`): the polls for the counts
+    are in it (one small GET every 0.2 s), the final GET of every result is not."""
+    kept = KeptApi(api)
+    kept.call("GET", "/status")  # the connection's handshake before the clock starts
+    cpu0 = cpu_seconds(cpu_of) if cpu_of is not None else 0.0
+    created = kept.call("POST", "/jobs", body)["job"]
     deadline = time.monotonic() + timeout
+    polls = 0
     while True:
-        job = api.call("GET", f"/jobs/{created}?results=false")  # counts only: cheap
+        job = kept.call("GET", f"/jobs/{created}?results=false")  # counts only: cheap
+        polls += 1
         if job["counts"]["completed"] >= total or time.monotonic() > deadline:
             break
         time.sleep(0.2)
+    cpu_s = cpu_seconds(cpu_of) - cpu0 if cpu_of is not None else None
+    kept.close()
     job = api.call("GET", f"/jobs/{created}")  # every target, once, at the end
     t0 = job["created_at"]
     results = job["results"]
     return {
         "job": created,
         "counts": job["counts"],
+        "server_cpu_s": cpu_s,
+        "polls": polls,
         # server clock: written to the agent's session; agent clock (same machine): the
         # agent had the request; server clock: its result stored
         "sent": sorted(r["delivered_at"] - t0 for r in results if r["delivered_at"]),

@@ -7,6 +7,11 @@ tcm's) and client processes (up to 9,000 connections each, over several loopback
 addresses), waits until all N are open, broadcasts once, and prints the arrival times
 (client clock minus the send time written in the message: one machine, one clock).
 
+`python bench/floor.py --connect --count N` is the floor of a reconnect: the server
+requires a client certificate (tcm's own server TLS options and a client certificate of its
+CA, like an agent's), each client opens a WebSocket, sends one message and gets one back;
+the figure is the server process's CPU per connection (`floor_cpu_per_connect_ms`).
+
 Roles --role server / --role clients are the child processes.
 """
 
@@ -41,16 +46,29 @@ def serve(args) -> int:
     key_pem, cert_pem = ca.issue_server_certificate(["127.0.0.1"])
     from tcm.tls import pki
 
-    options = ssl.CertificateOptions(
-        privateKey=pki.load_key(key_pem),
-        certificate=pki.load_certificate(cert_pem),
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-    )
+    if args.mtls:  # as tcm's server: client certificates of the CA verified
+        from tcm.tls.server import server_tls_options
+
+        options = server_tls_options(key_pem, cert_pem, [ca.cert_pem], groups=args.tls_groups)
+        key = pki.generate_key()
+        with open(os.path.join(args.dir, "client.pem"), "wb") as f:
+            f.write(ca.sign_csr(pki.make_csr(key), "floor-client"))
+        with open(os.path.join(args.dir, "client.key"), "wb") as f:
+            f.write(pki.key_to_pem(key))
+    else:
+        options = ssl.CertificateOptions(
+            privateKey=pki.load_key(key_pem),
+            certificate=pki.load_certificate(cert_pem),
+            raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        )
     conns: list = []
 
     class Proto(WebSocketServerProtocol):
         def onOpen(self):
             conns.append(self)
+
+        def onMessage(self, payload, is_binary):
+            self.sendMessage(payload, is_binary)  # one message each way
 
         def onClose(self, *a):
             if self in conns:
@@ -66,6 +84,9 @@ def serve(args) -> int:
         def lineReceived(self, line):
             if line == b"count":
                 self.sendLine(str(len(conns)).encode())
+            elif line == b"cpu":
+                t = os.times()
+                self.sendLine(str(t.user + t.system).encode())
             elif line == b"go":
                 sent = time.time()
                 prepared = factory.prepareMessage(json.dumps({"t": sent}).encode())
@@ -81,6 +102,7 @@ def serve(args) -> int:
     SSL4ServerEndpoint(reactor, args.port, options, interface="127.0.0.1", backlog=2048).listen(
         factory
     )
+    print(json.dumps({"ready": True}), flush=True)
     reactor.run()
     return 0
 
@@ -94,18 +116,36 @@ def clients(args) -> int:
 
     raise_descriptor_limit()
     with open(os.path.join(args.dir, "ca.pem"), "rb") as f:
-        ca = ssl.Certificate.loadPEM(f.read())
-    creator = ssl.optionsForClientTLS("127.0.0.1", trustRoot=ca)
+        ca_pem = f.read()
+    ca = ssl.Certificate.loadPEM(ca_pem)
+    if args.mtls:
+        from tcm.tls import pki
+
+        with open(os.path.join(args.dir, "client.pem"), "rb") as f:
+            client_pem = f.read()
+        with open(os.path.join(args.dir, "client.key"), "rb") as f:
+            client_key = f.read()
+        creator = pki.client_tls_options("127.0.0.1", ca_pem, client_pem, client_key)
+    else:
+        creator = ssl.optionsForClientTLS("127.0.0.1", trustRoot=ca)
     arrivals: list[float] = []
     opened = [0]
+    echoed = [0]
 
     class Proto(WebSocketClientProtocol):
         def onOpen(self):
             opened[0] += 1
+            if args.mtls:
+                self.sendMessage(b'{"type":"hello"}')
             if opened[0] == args.count:
                 print(json.dumps({"opened": opened[0]}), flush=True)
 
         def onMessage(self, payload, is_binary):
+            if args.mtls:
+                echoed[0] += 1
+                if echoed[0] == args.count:
+                    print(json.dumps({"echoed": echoed[0]}), flush=True)
+                return
             arrivals.append(time.time() - json.loads(payload)["t"])
             if len(arrivals) == args.count:
                 print(json.dumps({"arrivals": arrivals}), flush=True)
@@ -148,7 +188,8 @@ def measure(count: int, timeout: float = 180.0) -> dict:
             text=True,
             bufsize=1,
         )
-        time.sleep(1.0)
+        assert server.stdout is not None
+        assert json.loads(server.stdout.readline()).get("ready")
         procs = []
         left = count
         while left > 0:
@@ -205,9 +246,71 @@ def measure(count: int, timeout: float = 180.0) -> dict:
     }
 
 
+def measure_connect(count: int, timeout: float = 300.0, tls_groups: str | None = None) -> dict:
+    """`count` clients connect once each (mutual TLS, WebSocket upgrade, one message each
+    way): the server process's CPU seconds from its start being done until every client
+    got its answer, and per connection."""
+    sys.path.insert(0, ROOT)
+    from tests.harness import free_port
+
+    port = free_port()
+    extra = ["--mtls"] + (["--tls-groups", tls_groups] if tls_groups else [])
+    with tempfile.TemporaryDirectory(prefix="tcm-floor-") as d:
+        server = subprocess.Popen(
+            [sys.executable, __file__, "--role", "server", "--port", str(port), "--dir", d] + extra,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        procs = []
+        try:
+            assert server.stdin is not None and server.stdout is not None
+            assert json.loads(server.stdout.readline()).get("ready")
+            server.stdin.write("cpu\n")
+            server.stdin.flush()
+            cpu0 = float(server.stdout.readline())
+            t0 = time.monotonic()
+            left = count
+            while left > 0:
+                n = min(PER_PROCESS, left)
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, __file__, "--role", "clients", "--port", str(port)]
+                        + ["--dir", d, "--count", str(n), "--timeout", str(timeout)]
+                        + extra,
+                        stdout=subprocess.PIPE,
+                        text=True,
+                        bufsize=1,
+                    )
+                )
+                left -= n
+            for p in procs:
+                assert p.stdout is not None
+                assert json.loads(p.stdout.readline()).get("opened")
+                assert json.loads(p.stdout.readline()).get("echoed")
+            wall = time.monotonic() - t0
+            server.stdin.write("cpu\n")
+            server.stdin.flush()
+            cpu1 = float(server.stdout.readline())
+        finally:
+            for p in procs:
+                p.kill()
+            server.kill()
+    return {
+        "count": count,
+        "connect_all_s": round(wall, 2),
+        "floor_cpu_s": round(cpu1 - cpu0, 3),
+        "floor_cpu_per_connect_ms": round(1000 * (cpu1 - cpu0) / count, 3),
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--role", choices=["server", "clients"])
+    p.add_argument("--mtls", action="store_true", help="client certificates (--connect)")
+    p.add_argument("--connect", action="store_true", help="measure connections, not a push")
+    p.add_argument("--tls-groups", default=None)
     p.add_argument("--port", type=int)
     p.add_argument("--dir")
     p.add_argument("--count", type=int, default=1000)
@@ -217,6 +320,9 @@ def main() -> int:
         return serve(args)
     if args.role == "clients":
         return clients(args)
+    if args.connect:
+        print(json.dumps(measure_connect(args.count, args.timeout, args.tls_groups)))
+        return 0
     print(json.dumps(measure(args.count, args.timeout)))
     return 0
 

@@ -44,6 +44,9 @@ def tcm_rows(mode: str, n: int, results: list[dict]) -> dict:
     received = [x for r in results for x in r["received"]]
     sent = [x for r in results for x in r["sent"]]
     stored_last = [max(r["stored"]) for r in results if r["stored"]]
+    cpus = sorted(r["server_cpu_s"] for r in results if r.get("server_cpu_s") is not None)
+    cpu = cpus[len(cpus) // 2] if cpus else None  # the median round
+    stored_n = min(r["counts"]["succeeded"] for r in results)
     return {
         "mode": mode,
         "agents": n,
@@ -53,16 +56,25 @@ def tcm_rows(mode: str, n: int, results: list[dict]) -> dict:
         "delivery": summary(received),
         "all_stored_s": max(stored_last) if stored_last else None,
         "all_stored_median_s": sorted(stored_last)[len(stored_last) // 2] if stored_last else None,
+        # the server process's CPU from the job's creation until all stored (median round)
+        "server_cpu_s": round(cpu, 3) if cpu is not None else None,
+        "server_cpu_per_result_ms": round(1000 * cpu / stored_n, 4) if cpu and stored_n else None,
     }
 
 
 def run_tcm_job(server: BenchServer, n: int, timeout: float) -> dict:
     return run_job(
-        server.api(), {"action": "ping", "targets": "all", "ttl": timeout + 60}, n, timeout
+        server.api(),
+        {"action": "ping", "targets": "all", "ttl": timeout + 60},
+        n,
+        timeout,
+        cpu_of=server.ps(),
     )
 
 
-def bench_count(n: int, modes: list[str], rounds: int, work: str) -> list[dict]:
+def bench_count(
+    n: int, modes: list[str], rounds: int, work: str, settle: float = 2.0
+) -> list[dict]:
     rows: list[dict] = []
     base = os.path.join(work, f"n{n}")
     os.makedirs(base, exist_ok=True)
@@ -77,7 +89,7 @@ def bench_count(n: int, modes: list[str], rounds: int, work: str) -> list[dict]:
         try:
             swarm.start()
             server.wait_sessions(n, timeout=max(300, n / 20))
-            time.sleep(2)
+            time.sleep(settle)
             if "tcm" in tcm_modes:
                 run_tcm_job(server, n, 60)  # warm-up
                 rows.append(tcm_rows("tcm", n, [run_tcm_job(server, n, 60) for _ in range(rounds)]))
@@ -137,13 +149,20 @@ def main() -> int:
         help="kept between runs: agents enrolled once reconnect next time",
     )
     p.add_argument("--fresh", action="store_true", help="forget earlier identities first")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=2.0,
+        help="seconds to wait once every agent is connected (the server settles its heap "
+        "within 30 s of a fleet connecting: 40 measures the steady state)",
+    )
     args = p.parse_args()
     if args.fresh:
         shutil.rmtree(args.work, ignore_errors=True)
     modes = args.modes.split(",")
     rows: list[dict] = []
     for n in [int(x) for x in args.counts.split(",")]:
-        rows.extend(bench_count(n, modes, args.rounds, args.work))
+        rows.extend(bench_count(n, modes, args.rounds, args.work, args.settle))
     emit(
         "push",
         rows,
@@ -155,6 +174,7 @@ def main() -> int:
             ("delivery.p99", "p99 s"),
             ("delivery.last", "last s"),
             ("all_stored_s", "all stored s"),
+            ("server_cpu_per_result_ms", "srv CPU ms/result"),
             ("last_vs_floor", "x floor"),
             ("faster_than_poll_60s", "x faster than poll"),
         ],

@@ -7,6 +7,7 @@ agents were enrolled on a first run and keep their identities in --work, so the 
 is the reconnect of already-enrolled agents (TLS handshake + upgrade + hello/welcome).
 
 Usage: .venv/bin/python bench/sessions.py [--counts 1000,10000,19000] [--idle 60] [--work DIR]
+       [--server-args '--tls-groups X25519']
 """
 
 from __future__ import annotations
@@ -18,24 +19,33 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import BenchServer, SwarmProcs, cpu_percent, emit, swarm_state_dir  # noqa: E402
+from common import (  # noqa: E402
+    BenchServer,
+    SwarmProcs,
+    cpu_percent,
+    cpu_seconds,
+    emit,
+    swarm_state_dir,
+)
 
 
-def measure(n: int, idle: float, work: str) -> dict:
+def measure(n: int, idle: float, work: str, server_args: list[str] | None = None) -> dict:
     base = os.path.join(work, f"n{n}")
     os.makedirs(base, exist_ok=True)
     swarm_dir = swarm_state_dir(base)
     enrolled = os.path.exists(os.path.join(swarm_dir, "agent-000000", "cert.pem"))
-    server = BenchServer(base)
+    server = BenchServer(base, extra=server_args or [])
     server.start()
     swarm = SwarmProcs(base, server, n, server.token(uses=n + 10), extra=["--backoff-max", "5"])
     try:
         time.sleep(1)
         rss0 = server.ps().memory_info().rss
+        cpu0 = cpu_seconds(server.ps())
         t0 = time.monotonic()
         swarm.start()
         server.wait_sessions(n, timeout=max(600, n / 10))
         connect_s = time.monotonic() - t0
+        connect_cpu = cpu_seconds(server.ps()) - cpu0
         time.sleep(5)  # settle: handshakes, hellos and their store writes done
         rss1 = server.ps().memory_info().rss
         cpu = cpu_percent(server.ps(), idle)
@@ -49,6 +59,7 @@ def measure(n: int, idle: float, work: str) -> dict:
         "target": n,
         "connect_s": round(connect_s, 2),
         "accepts_per_s": round(n / connect_s, 1),
+        "server_cpu_per_connect_ms": round(1000 * connect_cpu / n, 3),
         "first_run_enrolled": not enrolled,
         "server_rss_mb": round(rss1 / 2**20, 1),
         "rss_per_session_kb": round((rss1 - rss0) / n / 1024, 1),
@@ -68,8 +79,12 @@ def main() -> int:
         help="seconds of idle CPU sampling (>= keepalive to include pings)",
     )
     p.add_argument("--work", default="/tmp/tcm-bench")
+    p.add_argument("--server-args", default="", help="more tcm-server options")
     args = p.parse_args()
-    rows = [measure(int(n), args.idle, args.work) for n in args.counts.split(",")]
+    extra = args.server_args.split()
+    rows = [measure(int(n), args.idle, args.work, extra) for n in args.counts.split(",")]
+    for row in rows:
+        row["server_args"] = args.server_args
     emit(
         "sessions",
         rows,
@@ -78,6 +93,7 @@ def main() -> int:
             ("connect_s", "connect s"),
             ("accepts_per_s", "accepts/s"),
             ("rss_per_session_kb", "KB/session"),
+            ("server_cpu_per_connect_ms", "srv CPU ms/connect"),
             ("server_rss_mb", "server MB"),
             ("idle_cpu_pct", "idle CPU %"),
             ("swarm_rss_per_agent_kb", "swarm KB/agent"),

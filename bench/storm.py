@@ -4,7 +4,12 @@ once); how long until 50 / 99 / 100 % of the agents have a session again, how ma
 failed meanwhile, the server's peak CPU and RSS, and that a job created right after the
 restart reaches every agent exactly once.
 
-Usage: .venv/bin/python bench/storm.py [--counts 10000] [--kill] [--work DIR]
+Cost per unit: `server_cpu_per_reconnect_ms`, the restarted server process's CPU until every
+agent is back, less what the same server's start took without a storm, per session opened;
+in the same run `floor_cpu_per_connect_ms`, bench/floor.py's bare Twisted + Autobahn server
+for the same kind of clients (mutual TLS, WebSocket upgrade, one message each way).
+
+Usage: .venv/bin/python bench/storm.py [--counts 10000] [--kill] [--work DIR] [--no-floor]
        --kill restarts with SIGKILL instead of SIGTERM (a crash, not a shutdown).
 """
 
@@ -22,7 +27,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import BenchServer, SwarmProcs, emit, run_job  # noqa: E402
+from common import BenchServer, KeptApi, SwarmProcs, cpu_seconds, emit, run_job  # noqa: E402
+from floor import measure_connect  # noqa: E402
 
 
 def swarm_attempts(state_dir: str) -> int:
@@ -80,6 +86,8 @@ def measure(n: int, kill: bool, work: str, server_args: list[str] | None = None)
     os.makedirs(base, exist_ok=True)
     server = BenchServer(base, extra=server_args or [])
     server.start()
+    # what a start costs this server with no agent connecting (its database as it will be)
+    startup_cpu = cpu_seconds(server.ps())
     swarm = SwarmProcs(base, server, n, server.token(uses=n + 10))
     try:
         swarm.start()
@@ -100,14 +108,19 @@ def measure(n: int, kill: bool, work: str, server_args: list[str] | None = None)
         sampler.start()
         marks: dict[str, float] = {}
         deadline = time.monotonic() + 300
+        kept = KeptApi(server.api())  # one connection: the polls cost no handshakes
+        cpu_back = None
+        sessions_back = 0
         while time.monotonic() < deadline:
-            s = server.status()["sessions"]
+            s = kept.call("GET", "/status")["sessions"]
             for name, frac in (("50", 0.5), ("99", 0.99), ("100", 1.0)):
                 if name not in marks and s >= frac * n:
                     marks[name] = time.monotonic() - t0
             if "100" in marks:
+                cpu_back, sessions_back = cpu_seconds(server.ps()), s
                 break
             time.sleep(0.25)
+        kept.close()
         sampler.running = False
         opened = sorted(sessions_opened(server.log_path, log_offset))
         # the log's stamps are whole seconds: a mark is late by up to 1 s, never early
@@ -135,6 +148,14 @@ def measure(n: int, kill: bool, work: str, server_args: list[str] | None = None)
         "peak_cpu_pct": sampler.peak_cpu,
         "peak_rss_mb": round(sampler.peak_rss / 2**20, 1),
         "job_after": job["counts"],
+        "server_cpu_reconnects_s": (
+            round(cpu_back - startup_cpu, 2) if cpu_back is not None else None
+        ),
+        "server_cpu_per_reconnect_ms": (
+            round(1000 * (cpu_back - startup_cpu) / sessions_back, 3)
+            if cpu_back is not None and sessions_back
+            else None
+        ),
     }
 
 
@@ -143,6 +164,7 @@ def main() -> int:
     p.add_argument("--counts", default="10000")
     p.add_argument("--kill", action="store_true")
     p.add_argument("--work", default="/tmp/tcm-bench")
+    p.add_argument("--no-floor", action="store_true", help="skip the floor's connections")
     p.add_argument(
         "--server-args",
         default="",
@@ -153,6 +175,17 @@ def main() -> int:
     rows = [measure(int(n), args.kill, args.work, extra) for n in args.counts.split(",")]
     for row in rows:
         row["server_args"] = args.server_args
+        if not args.no_floor:
+            groups = None
+            if "--tls-groups" in extra:
+                groups = extra[extra.index("--tls-groups") + 1]
+            floor = measure_connect(row["agents"], tls_groups=groups)
+            row["floor_cpu_per_connect_ms"] = floor["floor_cpu_per_connect_ms"]
+            row["floor_connect_all_s"] = floor["connect_all_s"]
+            mine = row["server_cpu_per_reconnect_ms"]
+            row["reconnect_vs_floor"] = (
+                round(mine / floor["floor_cpu_per_connect_ms"], 2) if mine else None
+            )
     emit(
         "storm",
         rows,
@@ -165,6 +198,9 @@ def main() -> int:
             ("api_saw_99pct_s", "99% via API s"),
             ("failed_attempts", "failed attempts"),
             ("peak_cpu_pct", "peak CPU %"),
+            ("server_cpu_per_reconnect_ms", "srv CPU ms/reconnect"),
+            ("floor_cpu_per_connect_ms", "floor CPU ms/connect"),
+            ("reconnect_vs_floor", "x floor"),
             ("peak_rss_mb", "peak RSS MB"),
             ("job_after.succeeded", "job ok after"),
         ],

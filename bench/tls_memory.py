@@ -7,7 +7,7 @@ Twisted runs them), handshaken in this process with tcm's `server_tls_options` a
 `pki.client_tls_options` and agent certificates from a fresh tcm CA; the client sides are
 then freed, and glibc's count of bytes in use tells what the N server sides hold.
 
-Usage: .venv/bin/python bench/tls_memory.py [--count 2000]
+Usage: .venv/bin/python bench/tls_memory.py [--count 2000] [--tls-groups X25519]
 """
 
 from __future__ import annotations
@@ -130,11 +130,14 @@ def measure(count: int, server_ctx, creators, release: bool) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--count", type=int, default=2000)
+    p.add_argument("--tls-groups", default=None, help="the server's --tls-groups")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         ca = CertificateAuthority.load_or_create(tmp)
         key_pem, cert_pem = ca.issue_server_certificate(["127.0.0.1"])
-        server_ctx = server_tls_options(key_pem, cert_pem, [ca.cert_pem]).getContext()
+        server_ctx = server_tls_options(
+            key_pem, cert_pem, [ca.cert_pem], groups=args.tls_groups
+        ).getContext()
         creators = []
         for i in range(20):
             key = pki.generate_key()

@@ -128,6 +128,10 @@ class EmbeddedGateway(GatewayService):
         )
         self.server = server  # the EmbeddingServer of tcm/server/service.py
 
+    def issuer(self, name: str, url: str, identity: Any) -> Any:
+        """Renewed by the server's own CA, in process, like it was issued."""
+        return lambda csr: self.server.renew_node_certificate(self.NAME, identity.cert_pem, csr)
+
     @inlineCallbacks
     def _prepare(self):
         server, cfg = self.server, self.config

@@ -65,8 +65,10 @@ class IPolicyContext(Interface):
         """Run one of the agent's actions locally (its arguments checked against its schema);
         a Deferred firing with the action's result dict, or failing with ActionFailed."""
 
-    def report(result: dict | None = None, error: str | None = None) -> None:  # type: ignore[misc]
-        """Send the outcome of one run to the server (kept as the policy's `last_run`)."""
+    def report(result: dict | None = None, error: str | None = None):  # type: ignore[misc]
+        """Send the outcome of one run to the server (kept as the policy's `last_run`).
+        Returns a Deferred of the server's answer (a dict), or of None when it was not
+        delivered (best effort: never fails)."""
 
     def set_agent_settings(settings: dict) -> None:  # type: ignore[misc]
         """Change the agent's own settings (what `agent.settings` documents name); an empty
@@ -105,6 +107,27 @@ SCHEDULE_SCHEMA: dict = {
 # Each consumer (admin API, agent API, node API, WebSocket and link endpoints, hub, metrics)
 # is given only the services it uses; make_server_service checks each with verifyObject.
 # Services raise tcm.server.errors (NotFound, Conflict, Invalid, Forbidden, ...), never HTTP.
+
+
+class IEventPublisher(Interface):
+    """Where the server's state changes are told (tcm/server/events.py): the one interface
+    publishers know, so a cluster's bus can stand in for one node's hub."""
+
+    def publish(event) -> None:  # type: ignore[misc]
+        """Tell subscribers of `event.topic` (an events.Event); never blocks, never fails."""
+
+
+class IEventHub(IEventPublisher):
+    """One node's subscriptions of the console's live events."""
+
+    clock = Attribute("The clock batches are timed on (IReactorTime).")
+
+    def subscribe(topics, sink, close):  # type: ignore[misc]
+        """A Subscription: batches of the topics' events go to `sink(batch)`; `close(reason)`
+        ends the client's stream when it is dropped."""
+
+    def subscribers(topic=None) -> int:  # type: ignore[misc]
+        """How many subscriptions there are (of `topic`)."""
 
 
 class IRuntimeSettings(Interface):
@@ -324,6 +347,15 @@ class IInventory(Interface):
     def stale(older_than, target, classes):  # type: ignore[misc]
         """Deferred of (stale items, digests); Invalid, NotFound."""
 
+    def history(agent_id, cls):  # type: ignore[misc]
+        """Deferred of the versions kept of an agent's classes (cls None: all); NotFound."""
+
+    def version(agent_id, cls, version):  # type: ignore[misc]
+        """Deferred of one version of a class with its data (version None: current); NotFound."""
+
+    def diff(agent_id, cls, old, new):  # type: ignore[misc]
+        """Deferred of {agent, class, from, to, added, removed, changed}; NotFound."""
+
 
 class IJobs(Interface):
     """Jobs from creation to stored results."""
@@ -476,7 +508,15 @@ class IJobHistory(Interface):
         """Deferred of CSV text; NotFound."""
 
     def purge():  # type: ignore[misc]
-        """Deferred of how many jobs were purged."""
+        """Deferred of how many jobs were purged (by age, then by size)."""
+
+    store_figures = Attribute("The store's size as last measured (dict).")
+
+    def measure():  # type: ignore[misc]
+        """Deferred of the store's size now (dict), kept as store_figures."""
+
+    def retention():  # type: ignore[misc]
+        """What retention keeps: {job_retention, result_bytes_per_job, ...}."""
 
 
 class INodeRegistry(Interface):
@@ -491,14 +531,19 @@ class INodeRegistry(Interface):
     def refusal(name, fingerprint):  # type: ignore[misc]
         """Why a link from that node is refused, or None."""
 
-    def gateway_fingerprints():  # type: ignore[misc]
-        """{gateway: certificate fingerprint} of enrolled gateways."""
+    def gateway_fingerprints(previous=False):  # type: ignore[misc]
+        """{gateway: certificate fingerprint} of enrolled gateways (with `previous`: of
+        the certificates they renewed last)."""
 
     def register(name, role, max_clients, ttl):  # type: ignore[misc]
         """Deferred of the one-time secret; Conflict."""
 
     def enroll(name, token, csr, hostnames):  # type: ignore[misc]
         """Deferred of {name, role, certificate, ca}; Invalid, Forbidden."""
+
+    def renew(name, current, csr):  # type: ignore[misc]
+        """Deferred of {certificate, ca} for the node's new key, its current certificate
+        (a verified client certificate) as proof; Invalid, Forbidden, Conflict."""
 
     def link_up(node):  # type: ignore[misc]
         """A node linked."""
@@ -555,6 +600,10 @@ class IClusterBus(Interface):
 
     def routes(agent_ids):  # type: ignore[misc]
         """Deferred {node: [agent ids it holds]} over every live node."""
+
+    def share_topics(ttl, topics):  # type: ignore[misc]
+        """Deferred: this node's console subscribers' topics (kept `ttl` seconds), fired with
+        the union of every other live node's topics."""
 
 
 class ICluster(Interface):

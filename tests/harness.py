@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -22,6 +23,36 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def tls_exchange(
+    port: int, ca_pem: bytes, parts: list[bytes], patience: float = 5.0, host: str = "127.0.0.1"
+) -> tuple[bytes, bool]:
+    """Send `parts` over TLS (trusting `ca_pem`, no name check), then read until the peer
+    closes or `patience` passes: (what was read, whether it closed within `patience`)."""
+    context = ssl.create_default_context(cadata=ca_pem.decode())
+    context.check_hostname = False
+    raw = socket.create_connection((host, port), timeout=patience)
+    with context.wrap_socket(raw) as conn:
+        conn.settimeout(patience)
+        deadline = time.monotonic() + patience
+        try:
+            for part in parts:
+                conn.sendall(part)
+        except OSError:
+            pass  # the peer answered and closed while we were still sending
+        received = b""
+        while time.monotonic() < deadline:
+            try:
+                data = conn.recv(65536)
+            except TimeoutError:
+                return received, False
+            except (OSError, ssl.SSLError):
+                return received, True
+            if not data:
+                return received, True
+            received += data
+        return received, False
 
 
 def wait_until(

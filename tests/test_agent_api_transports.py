@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest_twisted
 from twisted.web.server import Request
 
+from tcm.server.web import DirectCall
 from tests.inproc import inproc_server  # noqa: F401  (fixture)
 
 
@@ -41,12 +42,14 @@ async def test_one_handler_answers_both_transports(inproc_server):  # noqa: F811
     s_ws = await client.request("GET", "/agent/v1/settings")
     assert s_https.body == s_ws["data"]["body"]  # identical answers, byte for byte as JSON
 
-    # every call went through the same handler objects, as real twisted.web Requests,
-    # with the agent identified from the same client certificate
+    # every call went through the same handler objects, over HTTPS as real twisted.web
+    # Requests, over the session called directly (no HTTP request built: issue 17), with
+    # the agent identified from the same client certificate
     assert len(calls) == 4
     assert calls[0][2] is calls[1][2] and calls[0][2].__name__ == "whoami"
     assert calls[2][2] is calls[3][2] and calls[2][2].__name__ == "settings"
-    assert all(issubclass(c[0], Request) for c in calls)
+    assert [issubclass(c[0], Request) for c in calls] == [True, False, True, False]
+    assert [c[0] is DirectCall for c in calls] == [False, True, False, True]
     assert {c[1] for c in calls} == {identity.agent_id}
     await client.shut()
 
@@ -74,3 +77,54 @@ async def test_job_result_over_either_transport_is_stored_once(inproc_server):  
     assert status.body["counts"]["succeeded"] == 1
     assert status.body["results"][0]["result"] == {"pong": True}
     await client.shut()
+
+
+@pytest_twisted.ensureDeferred
+async def test_direct_calls_answer_as_http_does(inproc_server):  # noqa: F811
+    """Over a session the routes marked `direct` are served without an HTTP request; every
+    answer, refusals included, is the one HTTPS gives for the same call."""
+    server = inproc_server
+    client, _welcome, identity = await server.session()
+    reply = await server.admin(
+        "POST", "/api/v1/jobs", {"action": "ping", "targets": [identity.agent_id]}
+    )
+    job = reply.body["job"]
+    cases = [
+        ("POST", f"/agent/v1/jobs/{job}/result", {"state": "done"}),  # 400: not a state
+        ("POST", f"/agent/v1/jobs/{job}/result", None),  # 400: no body
+        ("POST", f"/agent/v1/jobs/{job}/result", [1, 2]),  # 400: not an object
+        ("POST", f"/agent/v1/jobs/{job}/result", {"state": "failed", "error": 3}),  # 400
+        ("POST", "/agent/v1/jobs/nosuchjob/accept", {}),  # refused by the job service
+        ("POST", f"/agent/v1/jobs/{job}/output", {"seq": "x"}),  # 400
+        ("GET", "/agent/v1/nosuchroute", None),  # 404: no route, rendered the HTTP way
+        ("DELETE", "/agent/v1/settings", None),  # 405
+        ("GET", "/agent/v1/settings?x=1", None),  # a query the declaration does not know
+        ("GET", "/agent/v1/profile", None),
+        ("GET", "/agent/v1/policies", None),
+    ]
+    for method, path, body in cases:
+        over_https = await server.agent_https(method, path, body, identity=identity)
+        over_ws = await client.request(method, path, body)
+        assert over_ws["type"] == "response", (method, path)
+        assert over_ws["data"]["status"] == over_https.status, (method, path, over_ws)
+        assert over_ws["data"].get("body") == over_https.body, (method, path)
+    await client.shut()
+
+
+def test_direct_call_body_rules():
+    """A direct call's body is read as `json_body` reads an HTTP body."""
+    import pytest
+
+    from tcm.server.web import ApiError, json_body
+
+    assert json_body(DirectCall("POST", "/a", {"k": 1}, None, "websocket")) == {"k": 1}
+    assert json_body(DirectCall("GET", "/a", None, None, "websocket"), required=False) == {}
+    with pytest.raises(ApiError) as e:
+        json_body(DirectCall("POST", "/a", None, None, "websocket"))
+    assert e.value.status == 400
+    with pytest.raises(ApiError) as e:
+        json_body(DirectCall("POST", "/a", {"t": ["ok", "\ud800"]}, None, "websocket"))
+    assert "lone surrogate" in e.value.message
+    call = DirectCall("GET", "/agent/v1/work?wait=5&x=", None, None, "websocket")
+    assert call.path == "/agent/v1/work"
+    assert call.args == {b"wait": [b"5"], b"x": [b""]}

@@ -14,7 +14,8 @@ import ssl
 import pytest
 from cryptography import x509
 
-from tests.harness import AgentProc, Server, free_port, wait_until
+from tcm import httplimits
+from tests.harness import AgentProc, Server, free_port, tls_exchange, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -96,6 +97,18 @@ def test_an_agent_through_the_all_in_one_gateway_runs_a_job(stack):
             cert = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
     cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
     assert cn == "node:local-gateway"
+
+    # the gateway's HTTP answers a header line or a body over its limit at once (431/413)
+    long_header = b"GET /agent/v1/whoami HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 100_000
+    with open(server.ca, "rb") as f:
+        ca_pem = f.read()
+    received, closed = tls_exchange(gw_port, ca_pem, [long_header + b"\r\n\r\n"], 10)
+    assert received.startswith(b"HTTP/1.1 431 ") and closed, received[:200]
+    declared = b"POST /agent/v1/enroll HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % (
+        httplimits.MAX_BODY + 1
+    )
+    received, closed = tls_exchange(gw_port, ca_pem, [declared], 10)
+    assert received.startswith(b"HTTP/1.1 413 ") and closed, received[:200]
 
     # a restart keeps the gateway's identity (no second enrollment), and the agent comes back
     server.stop()

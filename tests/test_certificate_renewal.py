@@ -293,3 +293,40 @@ def test_renewal_is_scheduled_retried_and_put_in_force(tmp_path):
     clock.advance(second["renew_at"] - clock.seconds())
     assert api.calls == 3
     renewal.stop()
+
+
+def test_a_gateway_worker_takes_the_certificate_another_worker_renewed(tmp_path):
+    """Workers share the state directory; the first renews, the others follow the files."""
+    from twisted.internet.task import Clock
+
+    from tcm.tls.identity import Identity
+    from tcm.tls.renewal import FollowRenewals
+
+    ca = CertificateAuthority.load_or_create(str(tmp_path / "ca"))
+    d = tmp_path / "node"
+    d.mkdir()
+
+    def issue() -> tuple[bytes, bytes]:
+        key = pki.generate_key()
+        cert = ca.sign_csr(pki.make_csr(key, "node:gw1"), "node:gw1", days=1)
+        return cert, pki.key_to_pem(key)
+
+    cert1, key1 = issue()
+    (d / "cert.pem").write_bytes(cert1)
+    (d / "key.pem").write_bytes(key1)
+    identity = Identity(ca.cert_pem, cert1, key1)
+    old_options = identity.options_now("gw.example")
+    clock = Clock()
+    follow = FollowRenewals(clock, str(d), identity, every=30)
+    follow.start()
+    assert identity.cert_pem == cert1
+    cert2, key2 = issue()
+    (d / "key.pem").write_bytes(key2)  # the key renamed, the certificate not yet: wait
+    clock.advance(30)
+    assert identity.cert_pem == cert1
+    (d / "cert.pem").write_bytes(cert2)
+    clock.advance(30)
+    assert (identity.cert_pem, identity.key_pem) == (cert2, key2)
+    assert identity.options_now("gw.example") is not old_options  # new connections: new cert
+    follow.stop()
+    assert not clock.getDelayedCalls()

@@ -320,3 +320,31 @@ async def test_a_cancel_on_one_node_stops_a_target_running_on_another(two_nodes)
     assert [e.type for e in sent if e.type == "action.cancel"] == ["action.cancel"]
     assert _states(db, job_id)["b-1"][0] == "running"  # until the agent reports
     assert _states(db, job_id)["a-2"][0] == "canceled"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_console_on_one_node_sees_events_of_another(two_nodes) -> None:
+    """n1's console follows `jobs`: n2's job events for that topic cross the bus (only
+    topics some other node follows do) and reach n1's subscribers."""
+    from tcm.server.cluster.node import ClusterEvents
+    from tcm.server.events import EventHub, job_event
+
+    a, b, db = two_nodes
+    hubs = {}
+    for n in (a, b):
+        hubs[n.name] = n.node.hub = EventHub(reactor, interval=0.01)
+    seen: list[dict[str, Any]] = []
+    hubs["n1"].subscribe(["jobs"], seen.append, lambda why: None)
+    _start(a, b)
+    await a.node.heartbeat()
+    await b.node.heartbeat()
+    assert b.node.remote_topics == {"jobs"} and a.node.remote_topics == set()
+    publisher = ClusterEvents(hubs["n2"], b.node)
+    publisher.publish(job_event("j-on-n2", action="ping", total=1))
+    publisher.publish(job_event("j-other", action="ping", total=1).__class__(
+        "job:j-other", "job", None, {}
+    ))  # fmt: skip
+    await _settle()
+    kinds = [e for batch in seen for e in batch.get("events", [batch])]
+    assert any("j-on-n2" in str(e) for e in kinds)
+    assert not any("j-other" in str(e) for e in kinds)  # nobody follows that topic elsewhere

@@ -486,6 +486,14 @@ capability = st.fixed_dictionaries(
         "schema": st.dictionaries(st.text(max_size=8), json_values, max_size=3),
     },
 )
+# printable text: no control characters (C0, DEL, C1), as hello's hostname and platform
+printable = st.text(
+    st.characters(
+        blacklist_categories=("Cs",),
+        blacklist_characters=[chr(c) for c in (*range(32), *range(127, 160))],
+    ),
+    max_size=255,
+)
 headers = st.dictionaries(st.text(max_size=10), st.text(max_size=20), max_size=3)
 
 DATA_STRATEGIES = {
@@ -496,8 +504,8 @@ DATA_STRATEGIES = {
             "capabilities": st.lists(capability, max_size=4),
         },
         optional={
-            "hostname": st.text(max_size=255),
-            "platform": short,
+            "hostname": printable,
+            "platform": printable,
             "running": st.lists(st.text(min_size=1, max_size=64), max_size=4),
         },
     ),
@@ -573,3 +581,11 @@ def test_valid_envelopes_round_trip_unchanged(env):
         assert type(a) is type(b)
         if isinstance(a, float):
             assert math.isfinite(b)
+
+
+@pytest.mark.parametrize("field", ["hostname", "platform"])
+@pytest.mark.parametrize("bad", ["web\x00-01", "line\nbreak", "esc\x1b[31m", "c1\x85"])
+def test_hello_hostname_and_platform_refuse_control_characters(field, bad):
+    data = {"agent_version": "1", "protocol": 1, "capabilities": [], field: bad}
+    with pytest.raises(ProtocolError, match=f"data.{field} must match pattern"):
+        decode(encode(Envelope(type="hello", id=new_id(), sender="a-1", data=data)))

@@ -58,7 +58,10 @@ def test_settler_settles_when_the_population_changes_and_every_interval():
 
         node = _Node()
         ref = weakref.ref(node)
-        population[0] = 5000  # a fleet connected: settled at the next look
+        population[0] = 5000  # a fleet connecting: not while it grows ...
+        clock.advance(30)
+        assert gc.get_freeze_count() == 0
+        population[0] = 5020  # ... settled once it holds steady between two looks
         clock.advance(30)
         del node
         gc.collect()
@@ -68,6 +71,27 @@ def test_settler_settles_when_the_population_changes_and_every_interval():
         assert ref() is not None
         clock.advance(600)  # ... but ten minutes on, anyway: given back and collected
         assert ref() is None
+    finally:
+        settler.stopService()
+    assert gc.get_freeze_count() == 0
+
+
+def test_settler_settles_a_growing_population_at_the_latest_after_the_wait():
+    clock = Clock()
+    population = [0]
+    settler = HeapSettler(lambda: population[0], clock=clock, check_every=5, settle_every=600)
+    settler.startService()
+    try:
+        for step in range(1, 6):  # a fleet still connecting, 2,000 more every look
+            population[0] = 2000 * step
+            clock.advance(5)
+        assert gc.get_freeze_count() == 0  # first seen at 5 s, 20 s ago: not yet
+        population[0] = 12000
+        clock.advance(5)
+        assert gc.get_freeze_count() == 0
+        population[0] = 14000
+        clock.advance(5)  # 30 s after the change was first seen: settled anyway
+        assert gc.get_freeze_count() > 0
     finally:
         settler.stopService()
     assert gc.get_freeze_count() == 0

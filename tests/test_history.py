@@ -8,7 +8,8 @@ import io
 
 import pytest
 import pytest_twisted
-from twisted.internet.task import Clock
+from twisted.internet import reactor
+from twisted.internet.task import Clock, deferLater
 
 from tcm.server.errors import Invalid
 from tcm.server.history import JobHistory, exit_code, results_csv
@@ -183,6 +184,35 @@ class TestAuditFilters(StoreTest):
         ]
         assert await log.entries(None, 100, who="ops", action="target.create") == [by_ops[1]]
         assert len(await log.entries(NOW + 1, 100)) == 0
+
+
+class TestRefusalFlood(StoreTest):
+    @pytest_twisted.ensureDeferred
+    async def test_refusals_past_the_limit_are_counted_in_one_entry(self, db):
+        from tcm.server.audit import REFUSED, AuditLog
+
+        clock = Clock()
+        clock.advance(NOW)
+        log = AuditLog(db.audit, clock, refusals_per_minute=5)
+        for i in range(1000):  # a flood of bad tokens within one minute
+            await log.refused(None, "GET", "/api/v1/jobs", 401 if i % 2 else 403, "no")
+        written = await log.entries(None, 10000, action=REFUSED)
+        assert len(written) == 5  # one by one up to the limit, the rest held
+        clock.advance(60)  # the minute ends: one entry counts the rest, by status
+        await log.flush_refusals()  # nothing held any more: nothing written twice
+        for _ in range(200):  # the timer's write, committed by the store's thread
+            written = await log.entries(None, 10000, action=REFUSED)
+            if len(written) > 5:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        assert len(written) == 6
+        summary = written[-1]
+        assert summary["object"] == "*" and summary["actor"] == "-"
+        assert summary["details"]["suppressed"] == {"401": 498, "403": 497}
+        assert summary["details"]["since"] == NOW
+        await log.refused("ops", "DELETE", "/api/v1/targets/t", 403, "role")  # a new minute
+        assert len(await log.entries(None, 10000, action=REFUSED)) == 7
+        assert not clock.getDelayedCalls()
 
 
 @pytest.mark.parametrize(

@@ -82,9 +82,13 @@ def test_package_installs_offline_enrolls_and_runs_a_job(tmp_path, package_wheel
         top = unpacked / "tcm-agent-branch"
         names = sorted(os.listdir(top))
         assert names == [
-            "README", "agent.env", "ca.pem", "install.sh", "profile.json",
-            "tcm-agent.service", "wheels",
+            "README", "agent-requirements.txt", "agent.env", "ca.pem", "install.sh",
+            "profile.json", "tcm-agent.service", "wheels",
         ]  # fmt: skip
+        # what the agent runs on, none of the server's (issue 17)
+        carried = " ".join(os.listdir(top / "wheels")).lower()
+        for server_side in ("sqlalchemy", "alembic", "mako", "prometheus"):
+            assert server_side not in carried
         assert any(w.startswith("tcm-") for w in os.listdir(top / "wheels"))
 
         prefix, state = tmp_path / "opt", tmp_path / "agent-state"

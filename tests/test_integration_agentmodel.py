@@ -166,7 +166,9 @@ def test_push_policy_statuses(api, agents, server):
         0.1,
         "the first inventory run",
     )
-    assert run["ok"] and run["result"] == {"classes": ["hostname"]}
+    assert run["ok"] and run["result"]["classes"] == ["hostname"]
+    # which classes changed and their digests are kept; the data only in the inventory
+    assert list(run["result"]["inventory"]["changed"]) == ["hostname"]
     # the collected class is in the server's inventory, as from an inventory.collect job
     stored = api.call("GET", f"/agents/{a.agent_id}/inventory")
     assert "hostname" in stored["classes"]

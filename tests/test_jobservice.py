@@ -3,6 +3,8 @@ and a result whose commit failed can be sent again and is then stored."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
@@ -107,7 +109,7 @@ class RecordingDispatcher(Dispatcher):
         return super().push(frame, agent_ids, task)
 
 
-def make_advertised(tmp_path):
+def make_advertised(tmp_path, advertised=ADVERTISED):
     db = Database(f"sqlite:///{tmp_path / 'tcm.sqlite'}", reactor=reactor)
     db.open()
     dispatcher = RecordingDispatcher()
@@ -116,9 +118,9 @@ def make_advertised(tmp_path):
         dispatcher,
         reactor,
         capabilities_of=lambda a: None,
-        known_agents=lambda: sorted(ADVERTISED),
+        known_agents=lambda: sorted(advertised),
         inventory_store=db.inventory,
-        advertised=ADVERTISED.get,
+        advertised=advertised.get,
     )
     return db, jobs, dispatcher
 
@@ -150,12 +152,48 @@ async def test_arguments_failing_an_advertised_schema_are_refused_naming_the_fie
     try:
         e = await refused(jobs.create("command.run", {"argv": "uname"}, "all", 60, None))
         assert e.field == "args"
-        assert "data.argv must be array" in e.message
+        assert 'argv: "uname" is not of type "array"' in e.message
+        e = await refused(jobs.create("command.run", {"argv": ["a", 5]}, ["a-1"], 60, None))
+        assert 'argv[1]: 5 is not of type "string"' in e.message
         e = await refused(jobs.create("command.run", {}, ["a-1"], 60, None))
-        assert "must contain ['argv'] properties" in e.message
+        assert '"argv" is a required property' in e.message
         # an older agent's handler advertises no schema: the agent checks for itself
         assert await jobs.create("command.run", {"argv": "uname"}, ["a-3"], 60, None)
     finally:
+        db.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hostile_advertised_schema_is_interpreted_never_compiled_or_stalling(tmp_path):
+    """Argument schemas come from agents: one crafted to inject code into a generated
+    validator, or to backtrack for ever on its pattern, neither runs code nor stalls."""
+    injected = {
+        "type": "object",
+        "properties": {"x'] or __import__('os').system('touch PWNED') or d['": {"type": "string"}},
+        "required": ["x'] or __import__('os').system('touch PWNED') or d['"],
+    }
+    catastrophic = {
+        "type": "object",
+        "properties": {"s": {"type": "string", "pattern": "^(a+)+$"}},
+    }
+    bad = {"type": "objectx"}  # not a schema: the agent checks for itself
+    hostile = {
+        "a-1": {"act.x": {"name": "act.x", "schema": injected}},
+        "a-2": {"act.y": {"name": "act.y", "schema": catastrophic}},
+        "a-3": {"act.z": {"name": "act.z", "schema": bad}},
+    }
+    db, jobs, _ = make_advertised(tmp_path, hostile)  # what these agents said in their hello
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        e = await refused(jobs.create("act.x", {}, ["a-1"], 60, None))
+        assert "is a required property" in e.message
+        assert not (tmp_path / "PWNED").exists()
+        e = await refused(jobs.create("act.y", {"s": "a" * 5000 + "b"}, ["a-2"], 60, None))
+        assert "does not match" in e.message  # answered, not backtracking for ever
+        assert await jobs.create("act.z", {"anything": 1}, ["a-3"], 60, None)
+    finally:
+        os.chdir(cwd)
         db.close()
 
 

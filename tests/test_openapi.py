@@ -110,6 +110,9 @@ def _bounded(case) -> None:
     """Cut a drawn `wait` (job output, policy push, agent long-poll) to MAX_WAIT seconds: the
     value is valid either way, and a run of a few hundred cases must not sit in long-polls."""
     query = case.query or {}
+    if case.path == "/api/v1/events":  # a stream: open for `wait` seconds (default an hour)
+        case.query = query
+        query.setdefault("wait", MAX_WAIT)
     wait = query.get("wait")
     if isinstance(wait, (int, float)) and not isinstance(wait, bool) and wait > MAX_WAIT:
         query["wait"] = MAX_WAIT

@@ -71,5 +71,8 @@ def test_wheel_contains_the_dropin(tmp_path):
     assert "twisted/plugins/tcm_plugins.py" in names
     assert "twisted/plugins/tcm_endpoints.py" in names  # the tcm: endpoint type
     assert "twisted/plugins/__init__.py" not in names
+    # the web console's static files (tcm/server/console.py serves them from the package)
+    for name in ("index.html", "js/app.js", "js/pages/jobs.js", "css/console.css"):
+        assert f"tcm/console/static/{name}" in names
     assert "tcm/store/migrations/versions/0001_initial.py" in names
     assert "tcm/store/migrations/env.py" in names

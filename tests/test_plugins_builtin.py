@@ -569,3 +569,61 @@ def test_server_knows_the_same_inventory_classes_and_digest():
     assert server_inventory.CLASSES == tuple(inventory.COLLECTORS)
     data = {"b": [1, 2], "a": "é"}
     assert server_inventory.digest(data) == inventory.digest(data)
+
+
+def test_inventory_known_digest_prefixes_name_unchanged_classes_compactly():
+    collectors = {"os": lambda: {"name": "debian"}, "cpu": lambda: [4]}
+    full = inventory.digest({"name": "debian"})
+    got = inventory.collect(["os", "cpu"], {"os": full[:16], "cpu": "0" * 16}, collectors)
+    assert got["unchanged"] == ["os"] and list(got["classes"]) == ["cpu"]
+    assert got["digests"] == {"cpu": inventory.digest([4])}  # a prefix is not sent back
+    # a prefix shorter than 16 hex digits names nothing: the class is sent
+    got = inventory.collect(["os"], {"os": full[:8]}, collectors)
+    assert got["unchanged"] == [] and got["digests"]["os"] == full
+    # a whole digest (an older server's refresh) is sent back, as that server expects
+    got = inventory.collect(["os"], {"os": [full]}, collectors)
+    assert got["unchanged"] == ["os"] and got["digests"] == {"os": full}
+
+
+def test_inventory_schedule_runs_with_the_digests_the_server_said_it_holds():
+    from twisted.internet.defer import succeed
+    from zope.interface import implementer
+
+    from tcm.interfaces import IPolicyContext
+    from tcm.plugins.builtin_policies import inventory_schedule
+
+    @implementer(IPolicyContext)
+    class Context:
+        policy, version, restored, reactor, state_dir = "inv", 1, False, None, None
+
+        def __init__(self):
+            self.runs = []
+            self.answers = [{"stored": 1, "inventory_known": {"os": "ab" * 8}}, {"stored": 1}, None]
+
+        def schedule(self, spec, run, now=False):
+            self.run = run
+            return self
+
+        def stop(self):
+            pass
+
+        def run_action(self, name, args):
+            self.runs.append((name, args))
+            return succeed({"classes": {}, "digests": {}, "unchanged": []})
+
+        def report(self, result=None, error=None):
+            return succeed(self.answers.pop(0))
+
+        def set_agent_settings(self, settings):
+            pass
+
+    context = Context()
+    inventory_schedule.apply(context, {"every": 3600, "classes": ["os"]})
+    context.run()
+    context.run()  # the server's answer to the first report is this run's `known`
+    context.run()  # an answer without inventory_known leaves what was learnt
+    assert context.runs == [
+        ("inventory.collect", {"classes": ["os"]}),
+        ("inventory.collect", {"classes": ["os"], "known": {"os": "ab" * 8}}),
+        ("inventory.collect", {"classes": ["os"], "known": {"os": "ab" * 8}}),
+    ]

@@ -217,6 +217,20 @@ def test_gateway_links_admitted_by_the_servers_list():
     assert new.closed == (codes.CLOSE_UNAUTHORIZED, "gateway gw1 is not registered now")
 
 
+def test_a_renewed_gateways_old_certificate_stays_accepted_until_it_renews_again():
+    gateways = GatewayLinks()
+    gateways.set_allowed({"gw1": "FP1"})
+    live = Down("gw1", "FP1")
+    gateways.attach(live)
+    gateways.set_allowed({"gw1": "FP2"}, {"gw1": "FP1"})  # gw1 renewed: FP1 -> FP2
+    assert live.closed is None  # the link made with the old certificate goes on
+    assert gateways.refusal("gw1", "FP1") is None and gateways.refusal("gw1", "FP2") is None
+    gateways.set_allowed({"gw1": "FP3"}, {"gw1": "FP2"})  # and again: FP1 is done
+    assert live.closed == (codes.CLOSE_UNAUTHORIZED, "gateway gw1 is not registered now")
+    assert "other than the one it enrolled" in gateways.refusal("gw1", "FP1")[1]  # type: ignore[index]
+    assert gateways.refusal("gw1", None)[0] == 403  # type: ignore[index]
+
+
 # -- the two relays' message tables ------------------------------------------------------------
 
 
@@ -231,6 +245,11 @@ def test_each_relay_takes_only_the_server_messages_of_its_role():
         gw.from_server({"t": "nodes", "gateways": {}}, b"")
     ts.from_server({"t": "nodes", "gateways": {"gw1": "FP"}}, b"")
     assert ts.gateways.allowed == {"gw1": "FP"}
+    ts.from_server({"t": "nodes", "gateways": {"gw1": "FP2"}, "previous": {"gw1": "FP"}}, b"")
+    assert ts.gateways.previous == {"gw1": "FP"}
+    bad = link.encode({"t": "nodes", "gateways": {}, "previous": ["FP"]})
+    with pytest.raises(link.LinkError, match="'previous' is"):
+        link.decode(bad, link.SERVER_SENDS)
     gw.from_server({"t": "revoked", "agents": ["x"], "full": True}, b"", "a")
     assert gw.access.revoked == {"a": {"x"}}
 

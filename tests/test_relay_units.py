@@ -133,6 +133,7 @@ class Hub:
         self.revoked: list[str] = []
         self.persistent = True
         self.gateways = {"gw1": "FP-GW1"}
+        self.previous_gateways: dict[str, str] = {}
 
     def revoked_agents(self) -> list[str]:
         return list(self.revoked)
@@ -140,8 +141,8 @@ class Hub:
     def pending_agents(self) -> list[str]:
         return []
 
-    def gateway_fingerprints(self) -> dict[str, str]:
-        return dict(self.gateways)
+    def gateway_fingerprints(self, previous: bool = False) -> dict[str, str]:
+        return dict(self.previous_gateways if previous else self.gateways)
 
     def render_relayed(self, view, env):
         from twisted.internet.defer import succeed

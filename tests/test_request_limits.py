@@ -5,10 +5,6 @@ hostname that is too long or not printable, and a CSR the CA does not accept."""
 
 from __future__ import annotations
 
-import socket
-import ssl
-import time
-
 import pytest
 import pytest_twisted
 from cryptography import x509
@@ -16,9 +12,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from twisted.internet import threads
 
-from tcm.server import web
+from tcm import httplimits as web
 from tcm.tls import pki
-from tests.inproc import HOST, start_server
+from tests.harness import tls_exchange
+from tests.inproc import start_server
 
 MAX_MESSAGE_SIZE = 4096
 PATIENCE = 5.0  # seconds a raw client waits for the answer and the close (twisted.web: 60)
@@ -33,36 +30,8 @@ async def server(tmp_path):
         await srv.stop()
 
 
-def _exchange(port: int, ca_pem: bytes, parts: list[bytes]) -> tuple[bytes, bool]:
-    """Send `parts` over TLS, then read until the server closes or PATIENCE passes:
-    (what was read, whether the server closed within PATIENCE)."""
-    context = ssl.create_default_context(cadata=ca_pem.decode())
-    context.check_hostname = False
-    raw = socket.create_connection((HOST, port), timeout=PATIENCE)
-    with context.wrap_socket(raw) as conn:
-        conn.settimeout(PATIENCE)
-        deadline = time.monotonic() + PATIENCE
-        try:
-            for part in parts:
-                conn.sendall(part)
-        except OSError:
-            pass  # the server answered and closed while we were still sending
-        received = b""
-        while time.monotonic() < deadline:
-            try:
-                data = conn.recv(65536)
-            except TimeoutError:
-                return received, False
-            except (OSError, ssl.SSLError):
-                return received, True
-            if not data:
-                return received, True
-            received += data
-        return received, False
-
-
 def exchange(server, *parts: bytes):
-    return threads.deferToThread(_exchange, server.port, server.ca_pem, list(parts))
+    return threads.deferToThread(tls_exchange, server.port, server.ca_pem, list(parts), PATIENCE)
 
 
 @pytest_twisted.ensureDeferred

@@ -142,6 +142,26 @@ class TestNodes(StoreTest):
         assert (node["registered_at"], node["max_clients"]) == (NOW, 10)
 
     @pytest_twisted.ensureDeferred
+    async def test_a_renewal_keeps_the_certificate_renewed_with_until_the_next(self, db):
+        secret = await db.access.register_node("gw", "gateway", None, 60.0, NOW)
+        await db.access.enroll_node("gw", secret, "a1" * 32, NOW)
+        assert await db.access.renew_node("gw", "a1" * 32, "b2" * 32) is True
+        (node,) = await db.access.list_nodes()
+        assert (node["fingerprint"], node["previous_fingerprint"]) == ("b2" * 32, "a1" * 32)
+        # a worker still on the old certificate asks too: from the one it has
+        assert await db.access.renew_node("gw", "a1" * 32, "c3" * 32) is True
+        (node,) = await db.access.list_nodes()
+        assert (node["fingerprint"], node["previous_fingerprint"]) == ("c3" * 32, "b2" * 32)
+        assert await db.access.renew_node("gw", "a1" * 32, "d4" * 32) is False  # done with
+        assert await db.access.renew_node("nosuch", "c3" * 32, "d4" * 32) is False
+        await db.access.remove_node("gw", "gateway")
+        assert await db.access.renew_node("gw", "c3" * 32, "d4" * 32) is False  # removed
+        secret = await db.access.register_node("gw", "gateway", None, 60.0, NOW)
+        await db.access.enroll_node("gw", secret, "e5" * 32, NOW)  # enrolled afresh
+        (node,) = await db.access.list_nodes()
+        assert (node["fingerprint"], node["previous_fingerprint"]) == ("e5" * 32, None)
+
+    @pytest_twisted.ensureDeferred
     async def test_nodes_report_their_url_and_are_listed_by_name(self, db):
         for name in ("b", "a", "c"):
             await db.access.register_node(name, "gateway", None, 60.0, NOW)

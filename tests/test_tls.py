@@ -505,3 +505,84 @@ def test_alpn_clients_get_through_the_wrapper(ca, server_options, listen):
     client = yield exchange(echo, creator)
     _check_echoed(client)
     assert client.alpn == b"http/1.1"
+
+
+# -- issue 17: the agent offers its last session; key exchange groups ------------------------
+
+
+class RememberingClient(Client):
+    """A client that hands its connection to the agent's identity, as the agent does once
+    the server welcomed its session; records the key exchange group."""
+
+    group = None
+
+    def __init__(self, identity):
+        super().__init__()
+        self.identity = identity
+
+    def dataReceived(self, data):
+        from OpenSSL._util import ffi, lib
+
+        name = lib.SSL_get0_group_name(self.transport.getHandle()._ssl)
+        self.group = ffi.string(name).decode() if name != ffi.NULL else None
+        self.kept = self.identity.remember_tls_session(self.transport)
+        super().dataReceived(data)
+
+
+def _exchange_as(server: Server, identity, host: str) -> defer.Deferred:
+    endpoint = wrapClientTLS(
+        identity.tls_options(host), TCP4ClientEndpoint(reactor, "127.0.0.1", server.number)
+    )
+    d = connectProtocol(endpoint, RememberingClient(identity))
+    d.addCallback(lambda client: client.done)
+    return d.addTimeout(TIMEOUT, reactor)
+
+
+@pytest_twisted.inlineCallbacks
+def test_agent_offers_its_last_session_and_forgets_it_when_renewed(
+    ca, agent, server_options, listen
+):
+    from tcm.agent.link import Identity
+
+    server = yield listen(server_options)
+    identity = Identity(ca.cert_pem, *agent)
+    first = yield _exchange_as(server, identity, "127.0.0.1")
+    _check_echoed(first)
+    assert first.kept  # the session (with its ticket) kept for the next connection
+    second = yield _exchange_as(server, identity, "127.0.0.1")
+    _check_echoed(second)
+    identity.renewed(*agent)  # a new certificate: a resumed session would carry the old one
+    third = yield _exchange_as(server, identity, "127.0.0.1")
+    _check_echoed(third)
+    full, resumed, after_renewal = server.connections.seen
+    assert full.peer_chain is not None
+    assert resumed.peer_chain is None and resumed.peer_cn == "agent-0001"
+    assert after_renewal.peer_chain is not None  # a full handshake again
+
+
+@pytest_twisted.inlineCallbacks
+def test_tls_groups_choose_the_key_exchange(ca, agent, listen):
+    from tcm.agent.link import Identity
+
+    key_pem, cert_pem = ca.issue_server_certificate(["127.0.0.1"])
+    server = yield listen(server_tls_options(key_pem, cert_pem, [ca.cert_pem], groups="X25519"))
+    client = yield _exchange_as(server, Identity(ca.cert_pem, *agent), "127.0.0.1")
+    _check_echoed(client)
+    assert client.group == "x25519"
+
+
+def test_unknown_tls_groups_are_refused_at_start(ca):
+    from twisted.python import usage
+
+    from tcm.server.tap import Options
+    from tcm.tls.pki import CertificateError
+    from tcm.tls.server import tls_groups
+
+    assert tls_groups("X25519:P-256") == "X25519:P-256"
+    with pytest.raises(ValueError, match="not known to this OpenSSL"):
+        tls_groups("X25519:nosuchgroup")
+    key_pem, cert_pem = ca.issue_server_certificate(["127.0.0.1"])
+    with pytest.raises(CertificateError, match="not known"):
+        server_tls_options(key_pem, cert_pem, [ca.cert_pem], groups="nosuchgroup")
+    with pytest.raises(usage.UsageError):
+        Options().parseOptions(["--state-dir", "/nonexistent", "--tls-groups", "nosuchgroup"])

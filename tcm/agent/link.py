@@ -21,7 +21,7 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
@@ -31,6 +31,10 @@ from zope.interface import implementer
 
 from tcm.interfaces import IAgentAPI
 from tcm.tls import pki
+
+# the agent's names for them, as before
+from tcm.tls.identity import CurrentClientTLS as CurrentClientTLS
+from tcm.tls.identity import Identity as Identity
 
 
 @attrs.frozen
@@ -42,50 +46,6 @@ class Response:
 
 class CallFailed(Exception):
     """An agent API call that got no answer (connection refused, lost, timed out)."""
-
-
-@attrs.define
-class Identity:
-    """What the agent presents and trusts on every connection."""
-
-    ca_pem: bytes
-    cert_pem: bytes | None = None
-    key_pem: bytes | None = None
-    _options: dict[str, Any] = attrs.field(factory=dict, repr=False)
-
-    def tls_options(self, hostname: str) -> CurrentClientTLS:
-        """TLS client options for `hostname`, as the identity is at each connection (an
-        endpoint made once presents a renewed certificate from its next connection on)."""
-        return CurrentClientTLS(self, hostname)
-
-    def options_now(self, hostname: str):
-        """The options for `hostname` now, made once per certificate: each one holds an
-        OpenSSL context (certificate, key, trust store), costly to build per connection."""
-        options = self._options.get(hostname)
-        if options is None:
-            options = self._options[hostname] = pki.client_tls_options(
-                hostname, self.ca_pem, self.cert_pem, self.key_pem
-            )
-        return options
-
-    def renewed(self, cert_pem: bytes, key_pem: bytes) -> None:
-        """A renewed certificate and its key: presented on every new connection from now."""
-        self.cert_pem, self.key_pem = cert_pem, key_pem
-        self._options.clear()
-
-
-@implementer(IOpenSSLClientConnectionCreator)
-class CurrentClientTLS:
-    """An identity's client TLS for one host, looked up at each connection."""
-
-    __slots__ = ("_identity", "_hostname")
-
-    def __init__(self, identity: Identity, hostname: str):
-        self._identity = identity
-        self._hostname = hostname
-
-    def clientConnectionForTLS(self, tlsProtocol: Any) -> Any:
-        return self._identity.options_now(self._hostname).clientConnectionForTLS(tlsProtocol)
 
 
 split_url = pki.split_url

@@ -122,8 +122,8 @@ class PolicyContext:
     def run_action(self, name: str, args: dict) -> Deferred:
         return self._engine.agent.run_action(name, args)
 
-    def report(self, result: dict | None = None, error: str | None = None) -> None:
-        self._engine.run_reported(self.policy, self.version, result, error)
+    def report(self, result: dict | None = None, error: str | None = None) -> Deferred:
+        return self._engine.run_reported(self.policy, self.version, result, error)
 
     def set_agent_settings(self, settings: dict) -> None:
         self._engine.agent.set_agent_settings(settings)
@@ -347,11 +347,14 @@ class PolicyEngine:
         self._fetching = d
         return d
 
-    def run_reported(self, name: str, version: int, result: dict | None, error: str | None) -> None:
-        """A handler reports one run: keep it, and send it to the server (best effort)."""
+    def run_reported(
+        self, name: str, version: int, result: dict | None, error: str | None
+    ) -> Deferred:
+        """A handler reports one run: keep it, and send it to the server (best effort);
+        fires with the server's answer, or None when it was not delivered."""
         entry = self.status.get(name)
         if entry is None or entry.get("version") != version:
-            return
+            return succeed(None)
         entry["last_run"] = {
             "at": self.reactor.seconds(),
             "ok": error is None,
@@ -366,6 +369,7 @@ class PolicyEngine:
                 why=f.getErrorMessage(),
             )
         )
+        return d
 
     def stop_all(self) -> None:
         for name in list(self.applied):

@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from twisted.application import service
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -32,7 +33,123 @@ from tcm.agent.modes import DISCONNECTED, HTTP, PERSISTENT
 from tcm.agent.policies import load_policy_handlers
 from tcm.agent.runner import load_handlers
 from tcm.agent.service import AgentService
+from tcm.interfaces import IActionContext
+from tcm.plugins.builtin_inventory import InventoryAction, digest, matching_known
 from tcm.process import raise_descriptor_limit
+
+# The file in the swarm's state directory that says which members' software changed: a
+# benchmark writes {"software": {"<member number>": release, ...}} and the next collection of
+# each member named gets a new version of its package list.
+CHANGES_FILE = "inventory-changes.json"
+
+
+class SwarmInventory(InventoryAction):
+    """`inventory.collect` for swarm members, each with an inventory of its own: a package
+    list of `packages` entries (varied per member, as real machines' are), and host, OS,
+    hardware classes that differ per member too, so that every member's digests are its own.
+
+    What differs from the built-in action is only where the data comes from; what is sent
+    follows the same rule (`matching_known`). A real agent hashes its data on its own CPU;
+    a swarm would hash thousands of package lists on one, so each member's digests are kept
+    until its data changes and the data is made only when it must be sent."""
+
+    def __init__(self, packages: int, state_dir: str):
+        self.packages = packages
+        self.state_dir = state_dir
+        self._changes: dict[str, dict[str, int]] = {}
+        self._changes_mtime = 0.0
+        self._digests: dict[tuple[int, str], tuple[int, str]] = {}
+
+    def _release(self, cls: str, member: int) -> int:
+        path = os.path.join(self.state_dir, CHANGES_FILE)
+        try:
+            mtime = os.stat(path).st_mtime
+        except OSError:
+            return 0
+        if mtime != self._changes_mtime:
+            with open(path) as f:
+                self._changes = json.load(f)
+            self._changes_mtime = mtime
+        return int(self._changes.get(cls, {}).get(str(member), 0))
+
+    def make(self, cls: str, member: int, release: int) -> Any:
+        """The data of one class of one member."""
+        host = f"swarm-{member:06d}"
+        if cls == "software":
+            packages = []
+            for i in range(self.packages):
+                if (i * 31 + member) % 97 == 0:
+                    continue  # not installed on this member
+                own = (i * 7 + member) % 50 == 0 or (release and i % 500 == member % 500)
+                version = f"{1 + i % 9}.{i % 13}.{(member + release) % 17 if own else 0}"
+                packages.append({"name": f"pkg-{i:05d}", "version": version, "arch": "amd64"})
+            return {"manager": "dpkg", "count": len(packages), "packages": packages}
+        made: dict[str, Any] = {
+            "os": {
+                "system": "Linux",
+                "family": "debian",
+                "name": "Debian GNU/Linux",
+                "version": "12",
+                "kernel": f"6.1.0-{10 + member % 9}-amd64",
+                "arch": "x86_64",
+            },
+            "hostname": {"hostname": host, "fqdn": f"{host}.swarm.example"},
+            "cpu": {"model": "Swarm CPU", "logical": 2 + member % 8, "physical": 1 + member % 4},
+            "memory": {"total": (4 + member % 60) * 2**30, "swap": {"total": 2**31}},
+            "disks": {
+                "partitions": [
+                    {"device": "/dev/sda1", "mountpoint": "/", "fstype": "ext4",
+                     "total": (100 + member % 400) * 2**30}
+                ]
+            },
+            "network": {
+                "interfaces": [
+                    {"name": "eth0", "mac": f"02:00:{member >> 16 & 255:02x}:"
+                     f"{member >> 8 & 255:02x}:{member & 255:02x}:01", "is_up": True,
+                     "addresses": [{"family": "AF_INET", "address": f"10.{member >> 16 & 255}."
+                                    f"{member >> 8 & 255}.{member & 255}"}]}
+                ]
+            },
+            "users": {"users": []},
+        }  # fmt: skip
+        return made[cls]
+
+    def run(self, context: IActionContext, args: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        member = int(context.state_dir.path.rstrip("/").rsplit("-", 1)[-1])
+        requested = args.get("classes")
+        classes = list(self.make_classes()) if requested is None else list(requested)
+        known = args.get("known") or {}
+        sent: dict[str, Any] = {}
+        digests: dict[str, str] = {}
+        unchanged: list[str] = []
+        for cls in classes:
+            release = self._release(cls, member)
+            cached = self._digests.get((member, cls))
+            data = None
+            if cached is None or cached[0] != release:
+                data = self.make(cls, member, release)
+                cached = (release, digest(data))
+                self._digests[(member, cls)] = cached
+            matched = matching_known(cached[1], known.get(cls, ()))
+            if matched is not None:
+                if len(matched) == len(cached[1]):
+                    digests[cls] = matched
+                unchanged.append(cls)
+            else:
+                digests[cls] = cached[1]
+                sent[cls] = data if data is not None else self.make(cls, member, release)
+        return succeed(
+            {
+                "classes": sent,
+                "digests": digests,
+                "unchanged": unchanged,
+                "collected_at": float(context.reactor.seconds()),
+            }
+        )
+
+    @staticmethod
+    def make_classes() -> tuple[str, ...]:
+        return ("os", "hostname", "cpu", "memory", "disks", "network", "software", "users")
 
 
 def parse_sources(spec: str | None) -> list[str | None]:
@@ -72,6 +189,7 @@ class Swarm(service.MultiService):
         rate: float = 500.0,
         enroll_rate: float = 200.0,
         first: int = 0,
+        inventory_packages: int = 0,
         **agent_options: Any,
     ):
         super().__init__()
@@ -87,6 +205,11 @@ class Swarm(service.MultiService):
         self.first = first
         self.agent_options = agent_options
         self.handlers = load_handlers()
+        if inventory_packages:  # each member an inventory of its own (bench/inventory.py)
+            self.handlers = {
+                **self.handlers,
+                "inventory.collect": SwarmInventory(inventory_packages, state_dir),
+            }
         self.policy_handlers = load_policy_handlers()
         self.members: list[AgentService] = []
         self._next = 0
@@ -95,6 +218,8 @@ class Swarm(service.MultiService):
         self._reporter.clock = reactor
         self.started_at = 0.0
         self.gc_frozen = False
+        self._sessions: dict[int, tuple[Any, int, int]] = {}  # member -> its session's count
+        self._wire = [0, 0]  # bytes sent, received by sessions, counted so far
 
     def member_dir(self, i: int) -> str:
         return os.path.join(self.state_dir, f"agent-{self.first + i:06d}")
@@ -151,7 +276,7 @@ class Swarm(service.MultiService):
 
     def counts(self) -> dict[str, Any]:
         modes = {PERSISTENT: 0, HTTP: 0, DISCONNECTED: 0}
-        completed = enrolled = reconnects = 0
+        completed = enrolled = reconnects = sent = received = 0
         for member in self.members:
             agent = member.agent
             if agent is None:  # not enrolled yet
@@ -161,6 +286,12 @@ class Swarm(service.MultiService):
             completed += agent.runner.completed
             enrolled += 1
             reconnects += agent.connection.reconnects
+            counting = agent.connection.counting
+            if counting is not None and counting.current is not None:
+                self._count_session(member, counting.current)
+            https = agent.connection.link.https.traffic  # every HTTPS request: one total
+            sent += https.sent
+            received += https.received
         return {
             "count": self.count,
             "started": len(self.members),
@@ -170,9 +301,23 @@ class Swarm(service.MultiService):
             "disconnected": modes[DISCONNECTED],
             "completed": completed,
             "reconnect_attempts": reconnects,
+            # bytes on the wire (TLS records) of the members' sessions, past and current,
+            # and of their HTTPS requests (a session's last two seconds before it was lost
+            # are not counted)
+            "bytes_sent": sent + self._wire[0],
+            "bytes_received": received + self._wire[1],
             "uptime": time.time() - self.started_at,
             "pid": os.getpid(),
         }
+
+    def _count_session(self, member: Any, traffic: Any) -> None:
+        """Add what a member's session moved since the last count to the totals."""
+        seen = self._sessions.get(id(member))
+        if seen is None or seen[0] is not traffic:
+            seen = (traffic, 0, 0)
+        self._wire[0] += traffic.sent - seen[1]
+        self._wire[1] += traffic.received - seen[2]
+        self._sessions[id(member)] = (traffic, traffic.sent, traffic.received)
 
     def report(self) -> None:
         counts = self.counts()
@@ -239,6 +384,7 @@ def run(args: Any) -> int:
         parse_sources(args.source_addresses),
         rate=args.rate,
         first=args.first,
+        inventory_packages=args.inventory_packages,
         servers=list(args.server[1:]) if args.server else [],
         keepalive=args.keepalive,
         backoff_max=args.backoff_max,

@@ -37,7 +37,13 @@ from tcm.cli.api import (  # noqa: F401  (Api, CliError: imported from here by s
 
 
 def cmd_status(api: Api, args) -> int:
-    dump(api.call("GET", "/status"))
+    try:
+        status = api.call("GET", "/status?store=now")  # the store's size, measured now
+    except CliError as e:
+        if ": 400 " not in str(e):
+            raise
+        status = api.call("GET", "/status")  # a server before issue 18: no store figures
+    dump(status)
     return 0
 
 

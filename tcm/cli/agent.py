@@ -222,6 +222,13 @@ def _main(argv: list[str] | None = None) -> int:
         help="seconds between pings (default: as the server says)",
     )
     s.add_argument("--backoff-max", type=float, default=60.0)
+    s.add_argument(
+        "--inventory-packages",
+        type=int,
+        default=0,
+        help="give each agent an inventory of its own with this many packages (benchmarks; "
+        "default: this machine's real inventory)",
+    )
     s.add_argument("--duration", type=float, help="stop after this many seconds")
     s.add_argument("--verbose", action="store_true", help="every agent's info log lines")
     args = p.parse_args(argv)

@@ -258,14 +258,65 @@ def cmd_actions(api: Api, args) -> int:
 
 
 def cmd_inventory_show(api: Api, args) -> int:
-    inv = api.call("GET", f"/agents/{quote(args.agent)}/inventory")
+    agent = quote(args.agent)
+    if args.history:
+        query = "?" + urllib.parse.urlencode({"class": args.cls}) if args.cls else ""
+        versions = api.call("GET", f"/agents/{agent}/inventory/history{query}")["versions"]
+        if args.json:
+            dump(versions)
+            return 0
+        rows = [
+            [
+                v["class"],
+                str(v["version"]) + (" (current)" if v["current"] else ""),
+                v["digest"][:16],
+                ts(v["collected_at"]),
+                ts(v["changed_at"]),
+                ts(v["replaced_at"]) if v["replaced_at"] else "-",
+            ]
+            for v in versions
+        ]
+        print(table(rows, ["CLASS", "VERSION", "DIGEST", "COLLECTED", "CHANGED", "REPLACED"]))
+        return 0
+    if args.cls:
+        query = f"?version={args.version}" if args.version else ""
+        c = api.call("GET", f"/agents/{agent}/inventory/classes/{quote(args.cls)}{query}")
+        if args.json:
+            dump(c)
+            return 0
+        _print_class(args.cls, c)
+        return 0
+    inv = api.call("GET", f"/agents/{agent}/inventory")
     if args.json:
         dump(inv)
         return 0
     for name in sorted(inv["classes"]):
-        c = inv["classes"][name]
-        print(f"[{name}]  collected {ts(c['collected_at'])}  changed {ts(c['changed_at'])}")
-        print(json.dumps(c["data"], indent=2, sort_keys=True))
+        _print_class(name, inv["classes"][name])
+    return 0
+
+
+def _print_class(name: str, c: dict[str, Any]) -> None:
+    version = f"  version {c['version']}" if "version" in c else ""
+    print(f"[{name}]{version}  collected {ts(c['collected_at'])}  changed {ts(c['changed_at'])}")
+    print(json.dumps(c["data"], indent=2, sort_keys=True))
+
+
+def cmd_inventory_diff(api: Api, args) -> int:
+    query = {k: v for k, v in (("from", args.old), ("to", args.new)) if v is not None}
+    path = f"/agents/{quote(args.agent)}/inventory/classes/{quote(args.cls)}/diff"
+    d = api.call("GET", path + ("?" + urllib.parse.urlencode(query) if query else ""))
+    if args.json:
+        dump(d)
+        return 0
+    print(f"{d['class']} of {d['agent']}: version {d['from']} -> {d['to']}")
+    for key, value in d["added"].items():
+        print(f"+ {key} = {json.dumps(value)}")
+    for key, value in d["removed"].items():
+        print(f"- {key} = {json.dumps(value)}")
+    for key, (old, new) in d["changed"].items():
+        print(f"~ {key}: {json.dumps(old)} -> {json.dumps(new)}")
+    if not (d["added"] or d["removed"] or d["changed"]):
+        print("(no difference)")
     return 0
 
 
@@ -395,8 +446,20 @@ def add_commands(sub: Any) -> None:
     invsub = inv.add_subparsers(dest="inventory_command", required=True)
     s = invsub.add_parser("show", help="an agent's stored inventory")
     s.add_argument("agent")
+    s.add_argument("--class", dest="cls", help="only this class")
+    s.add_argument("--version", type=int, help="with --class: this version (default: current)")
+    s.add_argument(
+        "--history", action="store_true", help="the versions kept (of --class, or of all)"
+    )
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_inventory_show)
+    s = invsub.add_parser("diff", help="what changed in a class between two versions")
+    s.add_argument("agent")
+    s.add_argument("--class", dest="cls", required=True, help="the inventory class")
+    s.add_argument("--from", dest="old", type=int, help="version (default: the one before --to)")
+    s.add_argument("--to", dest="new", type=int, help="version (default: the current one)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_inventory_diff)
     for verb in ("stale", "refresh"):
         s = invsub.add_parser(
             verb,

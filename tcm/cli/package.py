@@ -5,7 +5,9 @@ without network access to anything but its server:
 
     tcm-agent-NAME/
       install.sh          ./install.sh --prefix DIR [--state-dir DIR] [--no-systemd]
-      wheels/*.whl        the tcm wheel and every dependency's wheel (pip wheel, at build time)
+      wheels/*.whl        the tcm wheel and the wheels of what the agent runs on (pip wheel, at
+                          build time): AGENT_REQUIREMENTS and theirs, none of the server's
+      agent-requirements.txt  those requirements (install.sh installs them, then tcm alone)
       ca.pem              the server's CA certificate
       profile.json        the connection profile (the agent runs it from its first start)
       agent.env           server URL and an enrollment token made for this package
@@ -73,8 +75,11 @@ chmod 700 "$STATE_DIR"
 
 echo "installing the tcm agent into $PREFIX (state in $STATE_DIR)"
 "$PYTHON" -m venv "$PREFIX/venv"
+# the agent's requirements, then tcm without its own (they are the server's too)
 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 "$PREFIX/venv/bin/python" -m pip install \
-    --quiet --no-index --find-links "$HERE/wheels" tcm
+    --quiet --no-index --find-links "$HERE/wheels" -r "$HERE/agent-requirements.txt"
+PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 "$PREFIX/venv/bin/python" -m pip install \
+    --quiet --no-index --find-links "$HERE/wheels" --no-deps tcm
 
 umask 077
 cp "$HERE/ca.pem" "$PREFIX/etc/ca.pem"
@@ -145,15 +150,36 @@ def source_tree() -> str | None:
     return None
 
 
+#: What the agent runs on, and nothing of the server's (SQLAlchemy, Alembic, Mako,
+#: prometheus_client): the install package carries these and the tcm wheel (installed
+#: without its own requirements, which are the server's too). Kept with setup.cfg's
+#: install_requires (same lower bounds); tests/test_install_package.py checks that every
+#: module the agent imports comes from one of these or their dependencies.
+AGENT_REQUIREMENTS = (
+    "twisted[tls] >= 26.10",
+    "autobahn >= 26.10",
+    "pyopenssl >= 24.3",
+    "service-identity >= 24.1",
+    "zope.interface >= 6.0",
+    "cryptography >= 42.0",
+    "psutil >= 5.9",
+    "treq >= 24.9",
+    "attrs >= 23.1",
+    "fastjsonschema >= 2.19",
+)
+
+
 def build_wheels(source: str, dest: str, timeout: float | None = None) -> None:
-    """`pip wheel` the tcm source and all its dependencies into dest."""
-    cmd = [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", dest, source]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise CliError(f"pip wheel took over {timeout} s") from None
-    if done.returncode != 0:
-        raise CliError(f"pip wheel failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    """`pip wheel` the tcm source (alone) and the agent's requirements with theirs into
+    dest: what an agent install needs (`AGENT_REQUIREMENTS`), not the server's."""
+    pip = [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", dest]
+    for cmd in ([*pip, "--no-deps", source], [*pip, *AGENT_REQUIREMENTS]):
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise CliError(f"pip wheel took over {timeout} s") from None
+        if done.returncode != 0:
+            raise CliError(f"pip wheel failed ({done.returncode}):\n{done.stderr[-3000:]}")
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
@@ -219,6 +245,7 @@ def build_package(
             _add(tar, f"{top}/profile.json", json.dumps(package_profile, indent=1).encode())
             _add(tar, f"{top}/agent.env", env.encode(), 0o600)
             _add(tar, f"{top}/tcm-agent.service", UNIT.encode())
+            _add(tar, f"{top}/agent-requirements.txt", "\n".join(AGENT_REQUIREMENTS).encode())
             readme = README.format(
                 profile=profile_name,
                 version=profile["version"],

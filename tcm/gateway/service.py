@@ -34,24 +34,28 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 from zope.interface import implementer
 
 from tcm.gateway.forward import AgentApiForwarder
+from tcm.httplimits import limited_site
 from tcm.process import raise_descriptor_limit
 from tcm.relay.edge import EdgeFactory
 from tcm.relay.node import (
     NodeEnrollmentError,
+    NodeRenewal,
     NodeService,
     NodeState,
+    Running,
     client_endpoint,
     enroll_node,
+    https_issuer,
 )
 from tcm.relay.relays import GatewayRelay
 from tcm.relay.upstream import UpstreamFactory, upstream_service
-from tcm.tls import pki
 from tcm.tls.endpoints import listeners, port_description
 from tcm.tls.handshake import HandshakeLogger
+from tcm.tls.identity import Identity
+from tcm.tls.renewal import DEFAULT_FRACTION, FollowRenewals
 from tcm.tls.server import server_tls_options
 
 
@@ -72,8 +76,10 @@ class GatewayConfig:
     key: str | None = None  # ... and its key (default: the node certificate)
     max_clients: int = 19000
     keepalive: float = 50.0
+    renew_fraction: float = DEFAULT_FRACTION  # of the node certificates' life, then renewed
     drain_grace: float = 5.0  # seconds between telling agents to go and stopping
     metrics_port: int | None = None  # /metrics and /status on loopback (+ worker number)
+    tls_groups: str | None = None  # key exchange groups (None: OpenSSL's default list)
     workers: int = 1
     worker: int | None = None  # set in worker processes the first one starts
     max_message_size: int = 1024 * 1024
@@ -184,6 +190,9 @@ class GatewayService(NodeService):
             [n for n, _ in config.upstreams],
             task_server_upstreams=self.task_server_upstreams(),
         )
+        # the node identity from each management server upstream, renewed in place
+        self.identities: dict[str, Identity] = {}
+        self.renewals: dict[str, NodeRenewal | FollowRenewals] = {}
         self.links: dict[str, UpstreamFactory] = {}
         self.link_services: dict[str, Any] = {}
         self.root: GatewayRoot | None = None
@@ -200,15 +209,22 @@ class GatewayService(NodeService):
         named = set(cfg.upstream_servers)
         return [n for n, _ in cfg.upstreams if n not in servers and (servers or n in named)]
 
-    def identity_of(self, name: str) -> NodeState:
-        """The node identity a link to this upstream is made with."""
+    def server_of(self, name: str) -> str:
+        """The management server upstream whose node identity a link to `name` uses."""
         ts_names = self.relay.routing.ts_names
         if name not in ts_names:
-            return self.states[name]
-        server = self.config.upstream_servers.get(name) or next(
+            return name
+        return self.config.upstream_servers.get(name) or next(
             n for n in self.relay.links.names if n not in ts_names
         )
-        return self.states[server]
+
+    def identity_of(self, name: str) -> NodeState:
+        """The node identity's files a link to this upstream is made with."""
+        return self.states[self.server_of(name)]
+
+    def issuer(self, name: str, url: str, identity: Identity) -> Any:
+        """How the node identity from management server upstream `name` renews."""
+        return https_issuer(self.reactor, url, identity)
 
     @inlineCallbacks
     def _prepare(self):
@@ -244,29 +260,43 @@ class GatewayService(NodeService):
 
     def build(self) -> None:
         cfg = self.config
-        first = self.identity_of(cfg.upstreams[0][0])
+        urls = dict(cfg.upstreams)
         cas: list[bytes] = []
-        for state in self.states.values():
+        for name, state in self.states.items():
             if not state.enrolled():
                 continue  # a task server's: its server's identity is used
-            ca = state.tls()[0]
-            if ca not in cas:
-                cas.append(ca)
+            identity = self.identities[name] = state.identity()
+            if identity.ca_pem not in cas:
+                cas.append(identity.ca_pem)
+            # the first worker (or the only process) renews; the others take the files
+            if cfg.workers > 1 and cfg.worker:
+                self.renewals[name] = FollowRenewals(self.reactor, state.dir, identity)
+            else:
+                self.renewals[name] = NodeRenewal(
+                    self.reactor,
+                    state,
+                    identity,
+                    self.issuer(name, urls[name], identity),
+                    cfg.renew_fraction,
+                )
+            Running(self.renewals[name]).setServiceParent(self)
         if cfg.cert and cfg.key:
             with open(cfg.cert, "rb") as f:
                 cert_pem = f.read()
             with open(cfg.key, "rb") as f:
                 key_pem = f.read()
+            tls: Any = server_tls_options(key_pem, cert_pem, cas, groups=cfg.tls_groups)
         else:
-            _, cert_pem, key_pem = first.tls()
-        tls = server_tls_options(key_pem, cert_pem, cas)
+            tls = self.identities[self.server_of(cfg.upstreams[0][0])].server_tls(
+                cas, cfg.tls_groups
+            )
         core = EdgeFactory(self.relay, cfg.url(), cfg.max_message_size, channel="core")
         task = EdgeFactory(self.relay, cfg.url(), cfg.max_message_size, channel="task")
         self.root = GatewayRoot(
             self.relay, WebSocketResource(core), WebSocketResource(task), cfg.max_message_size
         )
-        site = Site(self.root, timeout=90)  # longer than the longest long-poll (60 s)
-        site.displayTracebacks = False
+        # longer than the longest long-poll (60 s); lines and bodies over limits: 431/413
+        site = limited_site(self.root, 90)
         self.handshakes = HandshakeLogger(site)  # TLS failures, counted by reason
         if cfg.workers > 1:
             endpoint = ReusePortTLSEndpoint(self.reactor, cfg.port, tls, cfg.interface, 4096)
@@ -277,9 +307,8 @@ class GatewayService(NodeService):
                 listener.setServiceParent(self)
         for name, url in cfg.upstreams:
             state = self.identity_of(name)
-            ca_pem, node_cert, node_key = state.tls()
             host = urlsplit(url).hostname or "127.0.0.1"
-            client_tls = pki.client_tls_options(host, ca_pem, node_cert, node_key)
+            client_tls = self.identities[self.server_of(name)].tls_options(host)
             factory = UpstreamFactory(
                 self.relay,
                 url,

@@ -7,6 +7,7 @@ from twisted.python import usage
 from tcm.gateway.service import GatewayConfig, make_gateway_service
 from tcm.protocol.names import NODE_NAME
 from tcm.tls.endpoints import listen_addresses
+from tcm.tls.server import tls_groups
 
 
 class Options(usage.Options):
@@ -32,9 +33,25 @@ class Options(usage.Options):
         ["key", None, None, "Private key of --cert (PEM)."],
         ["max-clients", None, 19000, "Most agent sessions one worker process holds.", int],
         ["keepalive", None, 50.0, "Seconds between the agents' pings (as the servers').", float],
+        [
+            "renew-at",
+            None,
+            2 / 3,
+            "Renew the node certificate when this part of its life has passed (0 to 1).",
+            float,
+        ],
         ["drain-grace", None, 5.0, "Seconds between telling agents to go and stopping.", float],
         ["metrics-port", None, None, "Loopback port for /metrics and /status (+ worker).", int],
         ["workers", None, 1, "Processes sharing the port (SO_REUSEPORT).", int],
+        [
+            "tls-groups",
+            None,
+            None,
+            "TLS key exchange groups offered to agents, colon-separated in OpenSSL's form "
+            "(default: OpenSSL's list, hybrid post-quantum X25519MLKEM768 first where "
+            "available; X25519 alone takes less memory per session: docs/operating.md).",
+            tls_groups,
+        ],
         ["worker-index", None, None, "(internal) this worker's number.", int],
     ]
 
@@ -97,6 +114,8 @@ class Options(usage.Options):
             raise usage.UsageError("--cert and --key go together")
         if self["max-clients"] < 1 or self["workers"] < 1:
             raise usage.UsageError("--max-clients and --workers must be at least 1")
+        if not 0 < self["renew-at"] < 1:
+            raise usage.UsageError("--renew-at must be between 0 and 1, e.g. 0.66")
         if self["listen"] and self["workers"] > 1:
             raise usage.UsageError("--workers share --port (SO_REUSEPORT): not with --listen")
         from twisted.internet import reactor
@@ -125,9 +144,11 @@ def makeService(options: Options):
             key=options["key"],
             max_clients=options["max-clients"],
             keepalive=options["keepalive"],
+            renew_fraction=options["renew-at"],
             drain_grace=options["drain-grace"],
             metrics_port=options["metrics-port"],
             workers=options["workers"],
             worker=options["worker-index"],
+            tls_groups=options["tls-groups"],
         )
     )

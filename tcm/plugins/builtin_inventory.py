@@ -315,17 +315,37 @@ def digest(data: Any) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+# A known digest shorter than this is not trusted to name a version (the server sends
+# the first 16 hex digits: 64 bits, enough to tell one agent's versions of a class apart).
+MIN_KNOWN_DIGEST = 16
+
+
+def matching_known(full: str, known: str | Sequence[str]) -> str | None:
+    """The known value (one, or any of a list) that names the digest `full` (equal, or a
+    prefix of at least MIN_KNOWN_DIGEST hex digits), or None."""
+    for value in [known] if isinstance(known, str) else known:
+        if len(value) >= MIN_KNOWN_DIGEST and full.startswith(value):
+            return value
+    return None
+
+
 def collect(
-    classes: Sequence[str], known: Mapping[str, Sequence[str]] | None = None
+    classes: Sequence[str],
+    known: Mapping[str, str | Sequence[str]] | None = None,
+    collectors: Mapping[str, Callable[[], Any]] | None = None,
 ) -> dict[str, Any]:
     """Run the named collectors (blocking); returns {"classes", "digests", "unchanged"}.
 
-    `digests` has every class collected; `classes` has the data of those whose digest is not
-    among the `known` digests of that class (the server holds that data already), and
-    `unchanged` names the others. Raises ActionFailed, with what was collected as its
-    result, when a collector fails.
+    `classes` has the data of each class whose digest is not among the `known` digests of
+    that class (the server holds that data already), and `unchanged` names the others.
+    `digests` has the digest of each class sent, and of each unchanged class the server
+    named by its whole digest (older servers read unchanged classes from there); one the
+    server named by a prefix is only named in `unchanged`, so the answer stays small.
+    Raises ActionFailed, with what was collected as its result, when a
+    collector fails.
     """
     known = known or {}
+    collectors = COLLECTORS if collectors is None else collectors
     sent: dict[str, Any] = {}
     digests: dict[str, str] = {}
     unchanged: list[str] = []
@@ -335,14 +355,19 @@ def collect(
 
     for name in classes:
         try:
-            data = COLLECTORS[name]()
+            data = collectors[name]()
         except Exception as e:
             raise ActionFailed(f"collecting {name!r} failed: {e!r}", result=result()) from e
-        digests[name] = digest(data)
-        if digests[name] in known.get(name, ()):
+        full = digest(data)
+        matched = matching_known(full, known.get(name, ()))
+        if matched is not None:
+            if len(matched) == len(full):  # a server that sent whole digests wants them back
+                digests[name] = matched
             unchanged.append(name)
         else:
+            digests[name] = full
             sent[name] = data
+        del data  # one class's data at a time beyond what is sent
     return result()
 
 
@@ -384,6 +409,11 @@ class InventoryAction:
         "additionalProperties": False,
     }
 
+    def collectors(self, context: IActionContext) -> Mapping[str, Callable[[], Any]]:
+        """The collector of each class: this machine's (a load generator's swarm gives each
+        of its agents data of its own, tcm/agent/swarm.py)."""
+        return COLLECTORS
+
     def run(self, context: IActionContext, args: dict[str, Any]) -> Deferred[dict[str, Any]]:
         """Collect in the reactor's thread pool: {"classes", "collected_at", "digests",
         "unchanged"}."""
@@ -400,7 +430,8 @@ class InventoryAction:
             for name, value in (args.get("known") or {}).items()
         }
         reactor = context.reactor
-        d = deferToThreadPool(reactor, reactor.getThreadPool(), collect, classes, known)
+        collectors = self.collectors(context)
+        d = deferToThreadPool(reactor, reactor.getThreadPool(), collect, classes, known, collectors)
 
         def stamp(result: dict[str, Any]) -> dict[str, Any]:
             # Stamped back on the reactor thread, with the reactor's clock.

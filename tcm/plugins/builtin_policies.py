@@ -23,6 +23,8 @@ class StopSchedule:
 
 
 def _run_and_report(context: IPolicyContext, action: str, args: dict[str, Any]) -> Deferred:
+    """Run the action and report its outcome; fires with the server's answer to the report
+    (None when there was none)."""
     d = context.run_action(action, args)
     d.addCallbacks(
         lambda result: context.report(result, None),
@@ -56,13 +58,26 @@ class InventorySchedulePolicy:
 
     def apply(self, context: IPolicyContext, document: dict[str, Any]) -> StopSchedule:
         args = {"classes": document["classes"]} if "classes" in document else {}
-        return StopSchedule(
-            context.schedule(
-                document,
-                lambda: _run_and_report(context, "inventory.collect", args),
-                now=not context.restored,
-            )
-        )
+        # What the server holds of this agent's inventory, as it said after the last run:
+        # the next run sends only the classes that changed since (issue 18). Empty at first
+        # (and after a restart): that run sends everything once.
+        known: dict[str, str] = {}
+
+        def run() -> Deferred:
+            run_args = {**args, "known": dict(known)} if known else dict(args)
+            d = _run_and_report(context, "inventory.collect", run_args)
+            d.addCallback(learn)
+            return d
+
+        def learn(answer: Any) -> None:
+            told = answer.get("inventory_known") if isinstance(answer, dict) else None
+            if isinstance(told, dict):
+                known.clear()
+                known.update(
+                    {k: v for k, v in told.items() if isinstance(k, str) and isinstance(v, str)}
+                )
+
+        return StopSchedule(context.schedule(document, run, now=not context.restored))
 
 
 @implementer(IPlugin, IPolicyHandler)

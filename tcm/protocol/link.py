@@ -24,6 +24,7 @@ Server -> node:
   {"t": "revoked", "agents": [...], "full"}               agents the node must refuse
   {"t": "pending", "agents": [...], "approved", "full"}   agents awaiting approval (refused)
   {"t": "nodes", "gateways": {name: fingerprint}}         gateways a task server may accept
+      (+ "previous": {name: fingerprint}: the certificate each renewed last, until it expires)
 Either way:
   {"t": "batch", "n": [len1, len2, ...]} + messages       several link messages, back to back
 
@@ -47,6 +48,7 @@ import fastjsonschema
 SUBPROTOCOL = "tcm.link.v1"
 WS_PATH = "/link/v1/ws"
 ENROLL_PATH = "/link/v1/enroll"
+RENEW_PATH = "/link/v1/renew"  # a new certificate for a node's new key, with its current one
 NODE_PREFIX = "node:"  # the CN of a node's certificate; agent ids never contain ':'
 
 NODE_SENDS = frozenset({"hello", "open", "frame", "closed", "request", "reach", "batch"})
@@ -196,6 +198,11 @@ HEADERS: dict[str, dict[str, Any]] = {
             "type": "object",
             "additionalProperties": {"type": "string"},
             "description": "link message 'nodes' needs gateways as {name: fingerprint}",
+        },
+        previous={
+            "type": "object",
+            "additionalProperties": {"type": "string"},
+            "description": "link message 'nodes': 'previous' is {name: fingerprint}",
         },
     ),
     # either way

@@ -40,6 +40,8 @@ CAPABILITY = {
     },
 }
 
+PRINTABLE = r"^[^\u0000-\u001f\u007f-\u009f]*$"  # no control characters
+
 DATA: dict[str, dict[str, Any]] = {
     # agent -> server, first message of a session
     "hello": {
@@ -49,8 +51,9 @@ DATA: dict[str, dict[str, Any]] = {
             "agent_version": {"type": "string", "maxLength": 64},
             "protocol": {"type": "integer", "minimum": 1},
             "capabilities": {"type": "array", "items": CAPABILITY, "maxItems": 1024},
-            "hostname": {"type": "string", "maxLength": 255},
-            "platform": {"type": "string", "maxLength": 255},
+            # printable: shown in listings and the console as they are
+            "hostname": {"type": "string", "maxLength": 255, "pattern": PRINTABLE},
+            "platform": {"type": "string", "maxLength": 255, "pattern": PRINTABLE},
             "running": {"type": "array", "items": _JOB, "maxItems": 10000},
             "policy_types": {"type": "array", "items": _NAME, "maxItems": 1024},
             "profile": {

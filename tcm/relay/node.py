@@ -5,17 +5,21 @@ State directory:
     key.pem     private key (0600), made here
     cert.pem    certificate `node:NAME`, for the link (client) and for agents (server)
     ca.pem      the tcm CA: verifies the server and the agents
+
+The certificate renews over HTTPS with itself (`NodeRenewal`, POST /link/v1/renew) when a
+part of its life has passed; the files are replaced as the agent's are (tcm/tls/renewal.py).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import treq
 from twisted.application import service
 from twisted.internet.abstract import isIPAddress
-from twisted.internet.defer import inlineCallbacks, maybeDeferred
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, wrapClientTLS
 from twisted.logger import Logger
 from twisted.web.client import Agent
@@ -26,6 +30,15 @@ from tcm.process import stop_with_failure
 from tcm.protocol import link
 from tcm.statedir import StateDir
 from tcm.tls import pki
+from tcm.tls.identity import Identity
+from tcm.tls.renewal import (
+    DEFAULT_FRACTION,
+    CertificateRenewal,
+    FollowRenewals,
+    RenewalFailed,
+    promote_renewed,
+    utc,
+)
 
 
 class NodeEnrollmentError(Exception):
@@ -42,6 +55,7 @@ class NodeState(StateDir):
 
     def tls(self) -> tuple[bytes, bytes, bytes]:
         """(ca_pem, cert_pem, key_pem)."""
+        promote_renewed(self.dir)  # a renewal interrupted between its renames
         ca, cert, key = self.read("ca.pem"), self.read("cert.pem"), self.read("key.pem")
         if ca is None or cert is None or key is None:
             raise NodeEnrollmentError(f"{self.dir} holds no node identity: enroll first")
@@ -54,6 +68,11 @@ class NodeState(StateDir):
             self.path("node.json"),
             json.dumps({"name": name, "role": role, "server": server}, indent=1).encode(),
         )
+
+    def identity(self) -> Identity:
+        """The TLS identity of these files, for the link (client) and the agents (server)."""
+        ca_pem, cert_pem, key_pem = self.tls()
+        return Identity(ca_pem, cert_pem, key_pem)
 
     def key_pem(self) -> bytes:
         key = self.read("key.pem")
@@ -75,13 +94,18 @@ def client_endpoint(reactor: Any, url: str, tls_options: Any):
 
 @implementer(IAgentEndpointFactory)
 class _Endpoints:
-    def __init__(self, reactor: Any, ca_pem: bytes):
+    """HTTPS to the server: trusting `ca_pem`, presenting `identity` when given."""
+
+    def __init__(self, reactor: Any, ca_pem: bytes, identity: Identity | None = None):
         self._reactor = reactor
         self._ca = ca_pem
+        self._identity = identity
 
     def endpointForURI(self, uri):
         host = uri.host.decode()
         url = f"https://{host}:{uri.port}"
+        if self._identity is not None:
+            return client_endpoint(self._reactor, url, self._identity.tls_options(host))
         return client_endpoint(self._reactor, url, pki.client_tls_options(host, self._ca))
 
 
@@ -117,6 +141,75 @@ def enroll_node(
     state.store_identity(name, payload["role"], server, ca_pem, payload["certificate"].encode())
     log.info("enrolled with {server} as node {name}", server=server, name=name)
     return name
+
+
+def https_issuer(
+    reactor: Any, server: str, identity: Identity
+) -> Callable[[bytes], Deferred[bytes]]:
+    """A node's renewal call: POST /link/v1/renew to `server` with the CSR, over TLS with the
+    certificate in force. Fires with the new certificate (PEM); RenewalFailed says why not."""
+    http = treq.client.HTTPClient(
+        Agent.usingEndpointFactory(reactor, _Endpoints(reactor, identity.ca_pem, identity))
+    )
+    url = server.rstrip("/") + link.RENEW_PATH
+
+    @inlineCallbacks
+    def issue(csr_pem: bytes):
+        try:
+            resp = yield http.post(url, json={"csr": csr_pem.decode()}, timeout=30)
+            payload = yield resp.json()
+        except Exception as e:
+            raise RenewalFailed(f"cannot reach {server}: {pki.describe_tls_error(e)}") from None
+        if resp.code != 200 or not isinstance(payload, dict):
+            why = payload.get("error", payload) if isinstance(payload, dict) else payload
+            raise RenewalFailed(f"refused by {server} ({resp.code}): {why}")
+        return str(payload.get("certificate", "")).encode()
+
+    return issue
+
+
+class NodeRenewal(CertificateRenewal):
+    """A relay node's certificate renewal: a CSR for a new key with the node's subject to
+    `issue` (its server's /link/v1/renew, or an embedded node's own server)."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        state: NodeState,
+        identity: Identity,
+        issue: Callable[[bytes], Deferred[bytes]],
+        fraction: float = DEFAULT_FRACTION,
+    ):
+        super().__init__(reactor, state.dir, identity, fraction)
+        self.name = state.meta().get("name", "")
+        self.role = state.meta().get("role", "node")
+        self.common_name = link.NODE_PREFIX + self.name
+        self._issue_with = issue
+
+    def _issue(self, csr_pem: bytes) -> Deferred[bytes]:
+        return self._issue_with(csr_pem)
+
+    def expired_message(self, not_after: float) -> str:
+        command = "gateways" if self.role == "gateway" else "taskservers"
+        return (
+            f"node {self.name}'s certificate expired at {utc(not_after)} and cannot be renewed: "
+            f"register it again (tcm {command} enroll {self.name}) and start it with the token"
+        )
+
+
+class Running(service.Service):
+    """A renewal (or a follower of one) started and stopped with its node."""
+
+    def __init__(self, thing: CertificateRenewal | FollowRenewals):
+        self.thing = thing
+
+    def startService(self) -> None:
+        super().startService()
+        self.thing.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.thing.stop()
 
 
 class NodeService(service.MultiService):

@@ -413,4 +413,4 @@ class TaskServerRelay(Relay):
 
     def _on_nodes(self, upstream: str, header: dict[str, Any], payload: bytes) -> None:
         """The gateways this task server may accept (from its server); links of others go."""
-        self.gateways.set_allowed(header["gateways"])
+        self.gateways.set_allowed(header["gateways"], header.get("previous"))

@@ -26,6 +26,7 @@ from tcm.interfaces import (
     IAudit,
     ICertificates,
     ICluster,
+    IEventHub,
     IInventory,
     IJobHistory,
     IJobs,
@@ -36,10 +37,13 @@ from tcm.interfaces import (
     ITargets,
 )
 from tcm.server import apischema, inventory, openapi
-from tcm.server.errors import Invalid, Unauthenticated
+from tcm.server.console import EventStream
+from tcm.server.errors import Invalid, Unauthenticated, Unavailable
+from tcm.server.events import parse_topics
 from tcm.server.roles import PERMISSIONS, ROLES
 from tcm.server.selection import check_name, id_list
 from tcm.server.web import JsonRouter, Reply, json_body, json_object
+from tcm.store.errors import StoreUnavailable
 
 ACTION_NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
 
@@ -81,6 +85,7 @@ class AdminServices:
     profiles: IProfiles
     nodes: INodeRegistry
     certificates: ICertificates
+    events: IEventHub | None = None  # the console's live events (GET /events)
     cluster: ICluster | None = None  # a node of a cluster (tcm/server/cluster); None: alone
 
 
@@ -104,6 +109,7 @@ class AdminAPI(JsonRouter):
         self.profileservice = s.profiles
         self.nodes = s.nodes
         self.certificates = s.certificates
+        self.eventhub = s.events
         self.cluster = s.cluster
         self._permissions: dict[Any, tuple[str, str]] = {}
         self.route("GET", "/status", self.status)
@@ -111,6 +117,9 @@ class AdminAPI(JsonRouter):
         self.route("GET", "/agents", self.agents)
         self.route("GET", "/agents/{agent}", self.agent)
         self.route("GET", "/agents/{agent}/inventory", self.agent_inventory)
+        self.route("GET", "/agents/{agent}/inventory/history", self.inventory_history)
+        self.route("GET", "/agents/{agent}/inventory/classes/{name}", self.inventory_version)
+        self.route("GET", "/agents/{agent}/inventory/classes/{name}/diff", self.inventory_diff)
         self.route("POST", "/agents/{agent}/revoke", self.revoke_agent, "admin", "revoke agents")
         self.route("POST", "/agents/{agent}/approve", self.approve_agent, "admin", "approve agents")
         self.route("POST", "/tokens", self.create_token, "admin", "create enrollment tokens")
@@ -173,6 +182,7 @@ class AdminAPI(JsonRouter):
         )
         self.route("DELETE", "/gateways/{name}", self.remove_gateway, "admin", "remove gateways")
         self.route("GET", "/whoami", self.whoami)
+        self.route("GET", "/events", self.events)  # the console's live events (issue 14)
         self.route("GET", "/cluster", self.cluster_nodes)
 
     def route(
@@ -204,13 +214,22 @@ class AdminAPI(JsonRouter):
         d = self.auditlog.refused(getattr(request, "principal", None), method, path, status, reason)
         d.addErrback(lambda f: self._log.failure("could not audit a refused request", f))
 
+    @inlineCallbacks
     def status(self, request):
+        """?store=now: the store's size measured now (else as of the last purge, hourly)."""
+        if request.args.get(b"store", [b""])[0] == b"now":
+            try:
+                yield self.history.measure()
+            except StoreUnavailable:  # the store down: its figures as last measured
+                pass
         status = {
             "version": tcm.__version__,
             "name": self.name,
             "sessions": len(self.presence.registry),
             "agents": self.admission.count(),
             "active_jobs": self.jobservice.active_count(),
+            "store": self.history.store_figures,
+            "retention": self.history.retention(),
         }
         if self.cluster is not None:
             status["cluster"] = self.cluster.status()
@@ -337,6 +356,19 @@ class AdminAPI(JsonRouter):
         if changed:
             yield self.auditlog.record(request.who, "token.revoke", token, {})
         return {"token": token, "revoked": True, "changed": changed}
+
+    def events(self, request):
+        """The live events of `?topics=` as a text/event-stream, for `?wait=` seconds (then
+        the client reconnects): batched deltas, at most a few a second (tcm/server/events.py)."""
+        if self.eventhub is None:
+            raise Unavailable("this server publishes no live events")
+        try:
+            topics = parse_topics(_query(request, "topics"))
+        except ValueError as e:
+            raise Invalid("topics", str(e)) from None
+        wait = _seconds(request, "wait", 3600.0)
+        stream = EventStream(self.eventhub, self.eventhub.clock, request, topics, wait or 0.0)
+        return stream.start()
 
     def whoami(self, request):
         """The caller's principal: token name, role, its permissions, target scope."""
@@ -673,6 +705,27 @@ class AdminAPI(JsonRouter):
         return {"agent": agent, "classes": (yield self.inventoryservice.of_agent(agent))}
 
     @inlineCallbacks
+    def inventory_history(self, request, agent: str):
+        """?class=C: the versions kept (newest first per class), without data."""
+        cls = request.args.get(b"class", [None])[0]
+        versions = yield self.inventoryservice.history(
+            agent, cls.decode("utf-8", "replace") if cls is not None else None
+        )
+        return {"agent": agent, "versions": versions}
+
+    @inlineCallbacks
+    def inventory_version(self, request, agent: str, name: str):
+        """?version=V (default: the current one)."""
+        row = yield self.inventoryservice.version(agent, name, _int_arg(request, "version"))
+        return {"agent": agent, **row}
+
+    def inventory_diff(self, request, agent: str, name: str):
+        """?from=V&to=V (default: the one before the current, and the current)."""
+        return self.inventoryservice.diff(
+            agent, name, _int_arg(request, "from"), _int_arg(request, "to")
+        )
+
+    @inlineCallbacks
     def inventory_stale(self, request):
         """?older_than=S (default 3600), &target=NAME, &class=C (repeatable)."""
         older_than = _seconds(request, "older_than", 3600.0)
@@ -697,10 +750,10 @@ class AdminAPI(JsonRouter):
         ttl = body.get("ttl")
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float)):
             raise Invalid("ttl", "'ttl' must be a number of seconds")
-        items, digests = yield self.inventoryservice.stale(
+        items, _ = yield self.inventoryservice.stale(
             float(older_than), body.get("target"), body.get("classes")
         )
-        plan = inventory.refresh_plan(items, digests)
+        plan = inventory.refresh_plan(items)
         yield self._check_scope(request, sorted({a for job in plan for a in job.agents}))
         created = []
         for job in plan:
@@ -873,3 +926,9 @@ class AdminAPI(JsonRouter):
     def _audit_profile(self, request, action: str, view: dict[str, Any]):
         details = {k: view[k] for k in ("version", "settings", "assignments")}
         return self.auditlog.record(request.who, action, view["name"], details)
+
+
+def _int_arg(request, name: str) -> int | None:
+    """An integer query parameter (checked by the operation's schema), or None."""
+    raw = request.args.get(name.encode(), [None])[0]
+    return None if raw is None else int(raw)

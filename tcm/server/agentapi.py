@@ -1,8 +1,10 @@
 """The agent API (/agent/v1/...): one resource tree for both transports.
 
 Over HTTPS the agent calls these resources directly; over a live session it sends a `request`
-envelope and the server renders the very same resource (envelope_http.py). The agent is
-identified by the subject of its client certificate in both cases.
+envelope and the same handler serves it: called directly for the routes marked `direct`
+(`JsonRouter.serve_direct`: no HTTP request is built), the others rendered on the resource
+tree (envelope_http.py). The agent is identified by the subject of its client certificate in
+both cases.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from tcm.interfaces import (
 from tcm.server import apischema
 from tcm.server.agents import RE_ENROLL_WINDOW, RecentEnrollments
 from tcm.server.errors import Invalid
-from tcm.server.web import JsonRouter, Reply, json_object
+from tcm.server.web import DirectCall, JsonRouter, Reply, json_object
 
 __all__ = ["RE_ENROLL_WINDOW", "AgentAPI", "RecentEnrollments"]
 
@@ -52,21 +54,26 @@ class AgentAPI(JsonRouter):
         self.profileservice = profiles
         self.clock = clock
         self.keepalive = keepalive
+        # Over a session every route but enrollment (no certificate yet) and the poll for
+        # work (HTTP mode: it holds the request) is called directly.
         self.route("POST", "/enroll", self.enroll)
-        self.route("POST", "/jobs/{job}/accept", self.accept)
-        self.route("POST", "/jobs/{job}/output", self.output)
-        self.route("POST", "/jobs/{job}/result", self.result)
+        self.direct_route("POST", "/jobs/{job}/accept", self.accept)
+        self.direct_route("POST", "/jobs/{job}/output", self.output)
+        self.direct_route("POST", "/jobs/{job}/result", self.result)
         self.route("GET", "/work", self.work)
-        self.route("GET", "/settings", self.settings)
-        self.route("GET", "/whoami", self.whoami)
-        self.route("GET", "/policies", self.policies)
-        self.route("POST", "/policies/status", self.policy_status)
-        self.route("GET", "/profile", self.profile)
-        self.route("POST", "/profile/status", self.profile_status)
-        self.route("POST", "/renew", self.renew)
+        self.direct_route("GET", "/settings", self.settings)
+        self.direct_route("GET", "/whoami", self.whoami)
+        self.direct_route("GET", "/policies", self.policies)
+        self.direct_route("POST", "/policies/status", self.policy_status)
+        self.direct_route("GET", "/profile", self.profile)
+        self.direct_route("POST", "/profile/status", self.profile_status)
+        self.direct_route("POST", "/renew", self.renew)
 
     def authorize(self, request, handler) -> None:
         if handler == self.enroll:
+            return
+        if type(request) is DirectCall:  # the session's connection, verified at its upgrade
+            request.agent_id = self.admission.authenticate_transport(request.peer)
             return
         forwarded = request.getHeader(PROXIED_CERT_HEADER)
         transport = request.channel.transport
@@ -115,8 +122,8 @@ class AgentAPI(JsonRouter):
         d = self.jobs.output(request.agent_id, job, seq, stream, text)
         return d.addCallback(lambda _: Reply(None, status=204))
 
-    @inlineCallbacks
     def result(self, request, job: str):
+        """Acknowledged once committed: {"stored": true}, or false for a duplicate."""
         body = json_object(request)
         state = body.get("state")
         if state not in ("succeeded", "failed", "expired", "canceled"):
@@ -124,17 +131,19 @@ class AgentAPI(JsonRouter):
         error = body.get("error")
         if error is not None and not isinstance(error, str):
             raise Invalid("error", "'error' must be a string")
-        stored = yield self.jobs.result(
+        d = self.jobs.result(
             request.agent_id,
             job,
             state,
-            body.get("result"),
+            body.pop("result", None),
             error,
             _number(body.get("started")),
             _number(body.get("finished")),
             _number(body.get("received")),
         )
-        return {"stored": stored}
+        # returned at once: the parsed result (an inventory: megabytes of objects) is not
+        # held by this frame while its commit is awaited (issue 18)
+        return d.addCallback(_stored)
 
     def settings(self, request):
         """What an agent needs to know to reach this server well."""
@@ -197,10 +206,16 @@ class AgentAPI(JsonRouter):
         }
 
 
+def _stored(stored: bool) -> dict[str, bool]:
+    return {"stored": stored}
+
+
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
 def _carried_by(request) -> str:
+    if type(request) is DirectCall:
+        return request.carried_by
     value = request.requestHeaders.getRawHeaders(b"x-tcm-transport")
     return "websocket" if value == [b"websocket"] and hasattr(request.channel, "_done") else "https"

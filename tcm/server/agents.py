@@ -20,6 +20,7 @@ from tcm.interfaces import (
     IAgentAdmission,
     IAgentPresence,
     ICertificates,
+    IEventPublisher,
     INodeRegistry,
     IProfiles,
     IRuntimeSettings,
@@ -27,6 +28,7 @@ from tcm.interfaces import (
 from tcm.protocol import codes, link
 from tcm.server.dispatcher import DirectRoute
 from tcm.server.errors import Forbidden, Invalid, NotFound
+from tcm.server.events import NO_EVENTS, agent_event
 from tcm.server.polls import PollRegistry
 from tcm.server.sessions import AgentSession, CloneWatch, SessionRegistry
 from tcm.store import TokenRefused
@@ -160,6 +162,7 @@ class AgentPresence:
         self.closing_everything = False  # a stop closes every session: no line or write each
         self.clones = CloneWatch()
         self.on_cloned: Any = None  # called (agent_id, why) when an identity is found cloned
+        self.events: IEventPublisher = NO_EVENTS  # the console's live events (set where wired)
 
     def session(self, agent_id: str) -> AgentSession | None:
         """The agent's own live session here, if any."""
@@ -171,6 +174,8 @@ class AgentPresence:
 
     def agent_polled(self, agent_id: str) -> None:
         """An agent in HTTP mode polled: remember when (for `tcm agents`)."""
+        if agent_id not in self.registry and self.http_mode_of(agent_id) is None:
+            self.events.publish(agent_event(agent_id, mode="http", last_seen=self.clock.seconds()))
         self.last_poll[agent_id] = self.clock.seconds()
 
     def http_mode_of(self, agent_id: str) -> str | None:
@@ -285,6 +290,7 @@ class AgentAdmission:
     Gateways are told of each agent that awaits approval or is revoked, through `nodes`."""
 
     _log = Logger()
+    events: IEventPublisher = NO_EVENTS  # the console's live events (set where wired)
 
     def __init__(
         self,
@@ -496,6 +502,7 @@ class AgentAdmission:
         if token_row.get("profile"):
             yield self._profiles.set_enrollment_profile(agent_id, token_row["profile"])
         self._log.info("agent {agent} enrolled ({host})", agent=agent_id, host=hostname)
+        self.events.publish(agent_event(agent_id, new=True))
         reply = {
             "agent_id": agent_id,
             "certificate": cert_pem.decode(),
@@ -535,6 +542,7 @@ class AgentAdmission:
         record["approved"] = True
         self._changed(agent_id)
         self._log.info("agent {agent} approved", agent=agent_id)
+        self.events.publish(agent_event(agent_id, state="ok", approved=True))
         self._nodes.tell_pending([], approved=[agent_id])
         return True
 
@@ -552,6 +560,7 @@ class AgentAdmission:
         record["revoked"] = True
         self._changed(agent_id)
         self._log.info("agent {agent} revoked", agent=agent_id)
+        self.events.publish(agent_event(agent_id, state="revoked", revoked=True))
         self._presence.close_agent(agent_id, codes.CLOSE_REVOKED)
         self._presence.clones.forget(agent_id)  # re-keyed: revoked says it all from now on
         self._nodes.tell_revoked([agent_id])

@@ -121,6 +121,9 @@ def _coerce(name: str, raw: list[str], schema: dict[str, Any]) -> Any:
     return text
 
 
+VALID_PATHS_KEPT = 1024
+
+
 class CheckedOperation:
     """An Operation compiled: checks a request's path parameters, query and body."""
 
@@ -135,9 +138,18 @@ class CheckedOperation:
         self._path = fastjsonschema.compile(self.path_schema)
         self._query = fastjsonschema.compile(self.query_schema)
         self._body = fastjsonschema.compile(operation.body) if operation.body else None
+        # Path parameters found valid: a push to ten thousand agents brings ten thousand
+        # results for one job id, checked once (issue 17). Bounded; only valid ones kept.
+        self._valid_paths: set[tuple[str, ...]] = set()
 
     def check_path(self, params: dict[str, str]) -> None:
+        key = tuple(params.values())
+        if key in self._valid_paths:
+            return
         self._run(self._path, self.path_schema, params, "path parameter")
+        if len(self._valid_paths) >= VALID_PATHS_KEPT:
+            self._valid_paths.clear()
+        self._valid_paths.add(key)
 
     def check_query(self, args: dict[bytes, list[bytes]]) -> None:
         query: dict[str, Any] = {}

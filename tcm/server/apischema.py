@@ -198,6 +198,18 @@ POLICY_VIEW = fields(
 )
 PROFILE_VIEW = fields("name", "version", name=_STR, version=_INT, settings=ANY_OBJECT)
 JOB_CREATED = fields("job", job=_STR)
+INVENTORY_VERSION = fields(
+    "class",
+    "version",
+    "digest",
+    "current",
+    version=_INT,
+    digest=_STR,
+    collected_at=_NUM,
+    changed_at=_NUM,
+    replaced_at=_OPT_NUM,
+    current=_BOOL,
+)
 NODE_REGISTERED = fields("name", "token", name=_STR, token=_STR, max_clients=_OPT_INT)
 STORED = fields("stored")
 JOB_STATUS = fields("id", "action", "counts", id=_STR, action=_STR, counts=ANY_OBJECT)
@@ -238,6 +250,16 @@ PROFILE_SETTINGS_BODY = said(
 )
 POLICY_TARGETS = said("'targets' must be a list of target names", array(string(64), 1024))
 PROFILE_PRIORITY = said("'priority' must be an integer", integer(-1_000_000, 1_000_000))
+# A text/event-stream answer: the schema of each of its events (as OpenAPI 3.2's itemSchema)
+SSE_EVENT = {
+    "type": "object",
+    "contentMediaType": "text/event-stream",
+    "properties": {
+        "event": {"enum": ["hello", "batch", "close"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+    "required": ["event", "data"],
+}
 EMPTY_BODY = obj({})  # routes that take no body: nothing, or {} (what the CLI sends)
 
 
@@ -266,7 +288,8 @@ AGENT = "/agent/v1"
 OPERATIONS: dict[tuple[str, str], Operation] = {
     # -- the server ---------------------------------------------------------------------
     ("GET", f"{ADMIN}/status"): _op(
-        "The server's version, name and counts",
+        "The server's version, name and counts, the store's size and what retention keeps",
+        query={"store": said("'store' must be 'now'", {"enum": ["now"]})},
         responses={
             200: fields(
                 "version",
@@ -276,6 +299,17 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                 sessions=_INT,
                 agents=_INT,
                 active_jobs=_INT,
+                store=ANY_OBJECT,
+                retention=fields(
+                    "job_retention",
+                    "result_bytes_per_job",
+                    "result_bytes_total",
+                    "inventory_history",
+                    job_retention=_NUM,
+                    result_bytes_per_job=_INT,
+                    result_bytes_total=_INT,
+                    inventory_history=_INT,
+                ),
                 cluster=ANY_OBJECT,
             )
         },
@@ -312,6 +346,38 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", f"{ADMIN}/agents/{{agent}}/inventory"): _op(
         "An agent's stored inventory",
         responses={200: fields("agent", "classes", agent=_STR, classes=ANY_OBJECT)},
+    ),
+    ("GET", f"{ADMIN}/agents/{{agent}}/inventory/history"): _op(
+        "The versions kept of an agent's inventory classes (newest first, without data)",
+        query={"class": said("'class' must be an inventory class name", string(64, min_length=1))},
+        responses={200: listing("versions", INVENTORY_VERSION, agent=_STR)},
+    ),
+    ("GET", f"{ADMIN}/agents/{{agent}}/inventory/classes/{{name}}"): _op(
+        "One version of one inventory class of an agent, with its data (default: the current)",
+        query={"version": said("'version' must be a version number >= 1", integer(1))},
+        responses={200: fields("agent", "data", agent=_STR, data=FREE_FORM)},
+    ),
+    ("GET", f"{ADMIN}/agents/{{agent}}/inventory/classes/{{name}}/diff"): _op(
+        "What changed in an inventory class between two versions (default: the current one "
+        "and the one before it)",
+        query={
+            "from": said("'from' must be a version number >= 1", integer(1)),
+            "to": said("'to' must be a version number >= 1", integer(1)),
+        },
+        responses={
+            200: fields(
+                "agent",
+                "class",
+                "from",
+                "to",
+                "added",
+                "removed",
+                "changed",
+                added=ANY_OBJECT,
+                removed=ANY_OBJECT,
+                changed=ANY_OBJECT,
+            )
+        },
     ),
     ("POST", f"{ADMIN}/agents/{{agent}}/revoke"): _op(
         "Revoke an agent: refused everywhere from now on",
@@ -639,6 +705,19 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "Delete a connection profile", responses={200: fields("deleted", deleted=_STR)}
     ),
     # -- task servers and gateways ------------------------------------------------------------
+    ("GET", f"{ADMIN}/events"): _op(
+        "The console's live events (text/event-stream): a `hello` event, then `batch` events "
+        "(at most 4 a second: `seq`, `resync`, `events`), a `close` event when the server ends "
+        "the stream after `wait` seconds or when the client reads too slowly",
+        query={
+            "topics": said(
+                "'topics' must be a comma-separated list of agents, jobs, policies, job:JOB_ID",
+                {"type": "string", "maxLength": 1200},
+            ),
+            "wait": said("'wait' must be 0..86400 seconds", number(0, 86400)),
+        },
+        responses={200: SSE_EVENT},
+    ),
     ("GET", f"{ADMIN}/taskservers"): _op(
         "Registered task servers with their state and client counts",
         responses={200: listing("taskservers", policy=_STR)},

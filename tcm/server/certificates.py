@@ -55,14 +55,15 @@ class Certificates:
             lifetime=datetime.timedelta(days=days),
         )
 
-    def sign_node(self, csr_pem: bytes, name: str, days: int, hostnames: list[str]) -> bytes:
-        """A node's certificate (`node:NAME`), a client one that also serves its own names."""
+    def sign_node(self, csr_pem: bytes, name: str, days: float, hostnames: list[str]) -> bytes:
+        """A node's certificate (`node:NAME`), a client one that also serves its own names,
+        living `days` (a fraction for hours)."""
         return self.ca.sign_csr(
             csr_pem,
             common_name=link.NODE_PREFIX + name,
-            days=days,
+            lifetime=datetime.timedelta(days=days),
             client=True,
-            server_names=[*hostnames, "localhost", "127.0.0.1", "::1"],
+            server_names=list(dict.fromkeys([*hostnames, "localhost", "127.0.0.1", "::1"])),
         )
 
     def verify_issued(self, cert: x509.Certificate) -> str:
@@ -123,7 +124,9 @@ class ServerTLS:
         key_pem, cert_pem = self._certificates.server_identity(self._config)
         if cert_pem == self.cert_pem:
             return False
-        options = server_tls_options(key_pem, cert_pem, [self._certificates.ca_pem])
+        options = server_tls_options(
+            key_pem, cert_pem, [self._certificates.ca_pem], groups=self._config.tls_groups
+        )
         if self.options is not None:
             cert = pki.load_certificate(cert_pem)
             self._log.info(

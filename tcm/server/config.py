@@ -34,9 +34,15 @@ class ServerConfig:
     handshake_timeout: float = 30.0
     max_handshakes: int = 100  # TLS handshakes in progress at once (tcm/server/admission.py)
     max_message_size: int = 1024 * 1024
+    tls_groups: str | None = None  # key exchange groups (None: OpenSSL's default list)
     max_in_flight: int = 64
     max_output: int = 8 * 1024 * 1024  # bytes of output kept per job target (issue 16.1)
-    cert_days: int = 365  # nodes' certificates
+    inventory_history: int = 5  # earlier versions kept per agent and inventory class
+    inventory_class_bytes: int = 8 * 1024 * 1024  # largest inventory class accepted
+    result_bytes_per_job: int = 256 * 1024**2  # results + output kept per job (0: no cap)
+    result_bytes_total: int = 8 * 1024**3  # results + output kept in all (0: no cap)
+    # seconds the certificates of task servers and gateways live (--node-cert-lifetime)
+    node_cert_lifetime: float = 365 * 86400.0
     agent_cert_lifetime: float = 365 * 86400.0  # seconds (--agent-cert-lifetime 2h, 90d)
     taskserver_policy: str = "fewest"  # or "capacity" (docs/operating.md)
     taskserver_max_clients: int = DEFAULT_MAX_CLIENTS

@@ -24,10 +24,12 @@ from typing import Any
 from twisted.application.internet import TimerService
 from twisted.logger import Logger
 
-CHECK_EVERY = 30.0  # seconds between looks at the population
+CHECK_EVERY = 5.0  # seconds between looks at the population
 SETTLE_AT_MOST_EVERY = 600.0  # seconds: settle at least this often anyway
 GROWTH = 0.1  # settle early when the population changed by this fraction ...
-MIN_CHANGE = 1000  # ... and at least this many
+MIN_CHANGE = 1000  # ... and at least this many, ...
+STEADY = 0.01  # ... once it moved by less than this fraction between two looks ...
+STEADY_WAIT = 30.0  # ... or this many seconds after the change was first seen
 
 
 def settle_heap() -> float:
@@ -42,9 +44,11 @@ def settle_heap() -> float:
 
 class HeapSettler(TimerService):
     """Settles the heap whenever `population()` (the number of sessions) has changed by a
-    tenth and at least a thousand since the last settling, looked at every 30 s, so that a
-    fleet that just connected is settled within half a minute; and every ten minutes anyway.
-    Gives everything back at stop."""
+    tenth and at least a thousand since the last settling and then holds steady between two
+    looks (every 5 s), so that a fleet that just connected is settled within seconds of its
+    last session, not in the middle of its first push (issue 17: a full collection of ten
+    thousand young sessions costs a push more than its results); at the latest 30 s after
+    the change was seen; and every ten minutes anyway. Gives everything back at stop."""
 
     _log = Logger()
 
@@ -62,21 +66,29 @@ class HeapSettler(TimerService):
         self._settle_every = settle_every
         self._settled_at: float | None = None
         self._settled_population = 0
+        self._last_population = 0
+        self._changed_at: float | None = None  # when the change to settle for was first seen
 
     def _check(self) -> None:
         now = self.clock.seconds() if self.clock is not None else time.monotonic()
         population = self._population()
+        last, self._last_population = self._last_population, population
         if self._settled_at is None:  # at start: nothing long-lived yet but the code itself
             self._settled_at = now
             self._settled_population = population
             return
         change = abs(population - self._settled_population)
-        if now - self._settled_at >= self._settle_every or change >= max(
-            MIN_CHANGE, GROWTH * self._settled_population
-        ):
+        due = now - self._settled_at >= self._settle_every
+        if change >= max(MIN_CHANGE, GROWTH * self._settled_population):
+            if self._changed_at is None:
+                self._changed_at = now
+            steady = abs(population - last) <= STEADY * population
+            due = due or steady or now - self._changed_at >= STEADY_WAIT
+        if due:
             took = settle_heap()
             self._settled_at = now
             self._settled_population = population
+            self._changed_at = None
             self._log.debug(
                 "heap settled in {took:.3f} s ({n} objects frozen, population {p})",
                 took=took,

@@ -12,6 +12,7 @@ import tcm
 from tcm.interfaces import (
     IAgentAdmission,
     IAgentPresence,
+    IEventPublisher,
     IJobs,
     INodeRegistry,
     IPolicies,
@@ -21,28 +22,33 @@ from tcm.interfaces import (
 from tcm.protocol.envelope import Envelope
 from tcm.server.agents import is_direct
 from tcm.server.config import ServerConfig
-from tcm.server.envelope_http import render_envelope
+from tcm.server.envelope_http import serve_envelope
+from tcm.server.events import NO_EVENTS, agent_event
 from tcm.server.sessions import AgentSession, SessionState
+from tcm.server.web import JsonRouter
 
 
 class AgentRequests:
-    """Renders agents' requests (over a session, or carried by a gateway) on the site's
-    resource tree: the same tree answers them as over HTTPS. The site is set once built (it
-    holds the WebSocket endpoint whose sessions call this)."""
+    """Serves agents' requests (over a session, or carried by a gateway) with the handlers
+    of the site's resource tree: the same handlers answer them as over HTTPS, called
+    directly where the agent API allows (`serve_envelope`). The site and the agent API are
+    set once built (the site holds the WebSocket endpoint whose sessions call this)."""
 
     site: Site | None = None
+    api: JsonRouter | None = None  # the agent API, whose `direct` routes skip HTTP
 
     def render(
         self, peer: Any, env: Envelope, carried_by: bytes = b"websocket"
     ) -> Deferred[Envelope]:
         assert self.site is not None, "the site is set by make_server_service"
-        return render_envelope(self.site, peer, env, carried_by=carried_by)
+        return serve_envelope(self.api, self.site, peer, env, carried_by=carried_by)
 
 
 class AgentHub:
     """What agent sessions and node links call on the server."""
 
     _log = Logger()
+    events: IEventPublisher = NO_EVENTS  # the console's live events (set where wired)
 
     def __init__(
         self,
@@ -119,9 +125,10 @@ class AgentHub:
         """A node vouches for an agent it verified: may that agent be served?"""
         return self._admission.check_agent(agent_id)
 
-    def gateway_fingerprints(self) -> dict[str, str]:
-        """The gateways a task server may accept links from (name -> certificate)."""
-        return self._nodes.gateway_fingerprints()
+    def gateway_fingerprints(self, previous: bool = False) -> dict[str, str]:
+        """The gateways a task server may accept links from (name -> certificate; with
+        `previous`, the certificate each renewed last)."""
+        return self._nodes.gateway_fingerprints(previous)
 
     def task_server_for(self, session: AgentSession) -> dict[str, Any]:
         """Assign the agent a task server (or say why there is none), for welcome/notify.
@@ -277,6 +284,18 @@ class AgentHub:
         self._policies.session_opened(session.agent_id, hello)
         self._profiles.session_opened(session.agent_id, hello)
         self._jobs.session_opened(session.agent_id)
+        now = self._clock.seconds()
+        self.events.publish(
+            agent_event(
+                session.agent_id,
+                mode="persistent",
+                online=True,
+                via=session.via,
+                task_server=self._nodes.assignments.of(session.agent_id),
+                connected_since=session.connected_at,
+                last_seen=now,
+            )
+        )
 
     def session_closed(self, session: AgentSession) -> None:
         presence = self._presence
@@ -290,6 +309,17 @@ class AgentHub:
                 return  # a stop: seen and logged once for all sessions (closing_all)
             self._admission.session_left(session.agent_id)
             self._log.info("agent {agent} session closed", agent=session.agent_id)
+            self.events.publish(
+                agent_event(
+                    session.agent_id,
+                    mode=presence.http_mode_of(session.agent_id) or "offline",
+                    online=False,
+                    via=None,
+                    task_server=None,
+                    connected_since=None,
+                    last_seen=self._clock.seconds(),
+                )
+            )
 
     def handle_request(self, session: AgentSession, env: Envelope) -> Deferred[Envelope]:
         return self._requests.render(session.transport.peer_transport, env)

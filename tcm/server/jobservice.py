@@ -11,18 +11,21 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import fastjsonschema
+import attrs
+import jsonschema_rs
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcm.interfaces import IJobs
+from tcm.interfaces import IEventPublisher, IJobs
+from tcm.process import MemoryReleaser
 from tcm.protocol.envelope import Envelope, encode
 from tcm.server import inventory
 from tcm.server.dispatcher import Dispatcher
 from tcm.server.errors import Conflict, Forbidden, Invalid, NotFound, TooLarge
+from tcm.server.events import NO_EVENTS, finished_event, job_event, output_event, target_event
 from tcm.server.jobs import (
     DEFAULT_MAX_OUTPUT,
     NOT_CONNECTED,
@@ -40,6 +43,10 @@ from tcm.server.jobs import (
 TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
 
 MAX_TTL = 30 * 24 * 3600.0
+# A job's status shows the inventory its targets collected up to this many bytes of data;
+# past it, each class left out is named in its target's `omitted` (read it per agent with
+# `tcm inventory show`): a status of 10,000 package lists is not built in memory.
+SHOWN_INVENTORY_BYTES = 64 * 1024 * 1024
 DEFAULT_TTL = 3600.0
 
 
@@ -48,6 +55,7 @@ class JobService:
     """Jobs from creation to stored results."""
 
     _log = Logger()
+    events: IEventPublisher = NO_EVENTS  # the console's live events (set where wired)
 
     def __init__(
         self,
@@ -60,6 +68,8 @@ class JobService:
         advertised: Callable[[str], dict[str, Any] | None] | None = None,
         max_output: int = DEFAULT_MAX_OUTPUT,
         max_message_size: int | None = None,
+        known_digests: inventory.KnownDigests | None = None,
+        max_class_bytes: int = inventory.DEFAULT_MAX_CLASS_BYTES,
         shared: bool = False,
     ):
         # the store's jobs area (db.jobs) and its inventory area (db.inventory: results of
@@ -83,6 +93,13 @@ class JobService:
         # the sessions' message limit: a larger action.request could never be delivered
         self.max_message_size = max_message_size
         self._expiry.clock = clock
+        # the inventory digests the store holds per agent: every inventory.collect request
+        # carries its agent's, so that only what changed comes back (issue 18)
+        self.known_digests = inventory.KnownDigests() if known_digests is None else known_digests
+        self.max_class_bytes = max_class_bytes
+        # large results are parsed, stored and dropped; afterwards the memory they took is
+        # given back to the system (glibc keeps it otherwise: RSS would stay at the peak)
+        self.memory = MemoryReleaser(clock)
         # Nodes of a cluster share the store (tcm/server/cluster): accept decisions are a
         # compare-and-set in SQL, and a job this node does not know is read from the store.
         self.shared = shared
@@ -111,6 +128,8 @@ class JobService:
             self.book.add(job, {a: TargetState(s) for a, s in states.items()})
             self._loaded_jobs.add(job.id)
         self._log.info("loaded {n} unfinished jobs", n=len(self.book.jobs))
+        held = yield self.inventory_store.inventory_times()
+        self.known_digests.load({key: value[1] for key, value in held.items()})
 
     def start(self, interval: float = 1.0) -> None:
         self._expiry.start(interval, now=False)
@@ -118,6 +137,7 @@ class JobService:
     def stop(self) -> None:
         if self._expiry.running:
             self._expiry.stop()
+        self.memory.stop()
 
     # -- admin side ------------------------------------------------------------------
     @inlineCallbacks
@@ -181,6 +201,9 @@ class JobService:
             now,
         )
         self.book.add(job, {a: TargetState.PENDING for a in agent_ids})
+        self.events.publish(
+            job_event(job.id, action=action, total=len(agent_ids), created_at=now, by=created_by)
+        )
         # Agents known to lack the handler end at once, never queued nor sent.
         ended = [
             self._finish(
@@ -244,21 +267,29 @@ class JobService:
         return unsupported
 
     def _args_problem(self, key: str, schema: dict[str, Any], args: dict[str, Any]) -> str | None:
-        """The schema's message about `args` (naming the field), or None when they fit."""
+        """The schema's message about `args` (naming the field), or None when they fit.
+
+        The schema comes from agents (their `hello`): it is interpreted (jsonschema-rs, draft
+        7, as the agent's own check), never compiled into code here, and its patterns run on
+        a regex engine without catastrophic backtracking."""
         validator = self._validators.get(key)
         if validator is None:
             try:
-                validator = fastjsonschema.compile(schema)
-            except (fastjsonschema.JsonSchemaDefinitionException, ValueError, TypeError) as e:
-                self._log.warn("an advertised argument schema does not compile: {e}", e=e)
+                validator = jsonschema_rs.Draft7Validator(schema)
+            except (jsonschema_rs.ValidationError, ValueError, TypeError) as e:
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                self._log.warn("an advertised argument schema is not valid: {e}", e=why)
                 return None  # the agent checks the arguments itself
             if len(self._validators) > 1000:  # versions come and go: stay bounded
                 self._validators.clear()
             self._validators[key] = validator
         try:
-            validator(args)
-        except fastjsonschema.JsonSchemaValueException as e:
-            return e.message
+            validator.validate(args)
+        except jsonschema_rs.ValidationError as e:
+            where = "".join(
+                f"[{p}]" if isinstance(p, int) else f".{p}" for p in e.instance_path
+            ).lstrip(".")
+            return f"{where or 'arguments'}: {e.message}"
         return None
 
     def actions(self) -> list[dict[str, Any]]:
@@ -354,10 +385,34 @@ class JobService:
                 None,
                 now,
             )
-        sent, _offline = self.dispatcher.push(job.frame(), capable)
-        if tasks:
-            sent += self.dispatcher.push(job.frame(), tasks, task=True)[0]
+        sent: list[str] = []
+        for frame, group in self._frames(job, capable):
+            sent += self.dispatcher.push(frame, group)[0]
+        for frame, group in self._frames(job, tasks):
+            sent += self.dispatcher.push(frame, group, task=True)[0]
         self._persist(self.book.delivered(job.id, sent, now))
+
+    def _frames(self, job: Job, agent_ids: list[str]) -> list[tuple[bytes, list[str]]]:
+        """The request frame(s) of a job for these agents: one for all, except for an
+        inventory collection, whose request carries each agent's known digests (agents
+        whose requests come out equal share one frame, and so one push)."""
+        if not agent_ids:
+            return []
+        if job.action != inventory.ACTION:
+            return [(job.frame(), agent_ids)]
+        groups: dict[str, tuple[Job, list[str]]] = {}
+        for agent_id in agent_ids:
+            own = self._for_agent(job, agent_id)
+            key = json.dumps(own.args.get("known"), sort_keys=True)
+            groups.setdefault(key, (own, []))[1].append(agent_id)
+        return [(own.frame(), group) for own, group in groups.values()]
+
+    def _for_agent(self, job: Job, agent_id: str) -> Job:
+        """The job as one agent receives it: an inventory collection with its known digests."""
+        if job.action != inventory.ACTION:
+            return job
+        args = inventory.collect_args(job.args, self.known_digests.known(agent_id))
+        return job if args == job.args else attrs.evolve(job, args=args)
 
     # -- agent side ------------------------------------------------------------------
     def session_opened(self, agent_id: str, channel: str = "core") -> None:
@@ -418,7 +473,7 @@ class JobService:
         jobs = [j for j in self.book.deliverable(agent_id, now) if j.id not in canceled]
         for job in jobs:
             self._persist(self.book.delivered(job.id, [agent_id], now))
-        return jobs
+        return [self._for_agent(job, agent_id) for job in jobs]
 
     def accept(self, agent_id: str, job_id: str) -> Accept | Deferred[Accept]:
         """Whether the agent may start the job. Alone, the working set decides; sharing the
@@ -569,6 +624,9 @@ class JobService:
             return succeed(None)  # over the cap: dropped (the marker is stored already)
         d = self.store.add_output(job_id, agent_id, seq, stream, kept, self.clock.seconds())
         d.addCallback(lambda _: self._output_stored(job_id, agent_id))
+        d.addCallback(
+            lambda _: self.events.publish(output_event(job_id, agent_id, seq, stream, kept))
+        )
         return d
 
     def _output_stored(self, job_id: str, agent_id: str) -> None:
@@ -665,6 +723,27 @@ class JobService:
             return succeed(None)
         self.outputs.forget(job_id, agent_id)
         key = (job_id, agent_id)
+        collected = None
+        if job is not None and job.action == inventory.ACTION:
+            collected = inventory.read_result(
+                result,
+                self.clock.seconds(),
+                self.max_class_bytes,
+                inventory.CLASSES,
+                self.known_digests.known(agent_id),
+            )
+            if collected is not None:
+                # the data goes to the inventory store only; the target keeps which classes
+                # changed and their digests (issue 18: stored once)
+                result = {"inventory": collected.summary(), "collected_at": collected.collected_at}
+                problem = collected.problem()
+                if problem is not None:
+                    self._log.warn(
+                        "job {job}: {agent}: {problem}", job=job_id, agent=agent_id, problem=problem
+                    )
+                    error = problem if error is None else f"{error}; {problem}"
+                    if state is TargetState.SUCCEEDED:
+                        state = TargetState.FAILED
         d = self.store.store_result(
             job_id,
             agent_id,
@@ -678,15 +757,22 @@ class JobService:
             # sharing the store, another node may have stored this target's result first
             **({"checked": True} if self.shared else {}),
         )
+        if collected is not None:
+            # acknowledged once the inventory is stored and known too (the same commit)
+            stored = self._store_inventory(agent_id, collected)
+            d.addCallback(lambda value: stored.addCallback(lambda _: value))
         self._committing[key] = d
-        if job is not None and job.action == inventory.ACTION:
-            self._store_inventory(agent_id, result)
 
         def committed(value):
             self._committing.pop(key, None)
             self._wake_followers(job_id)
             if value is False:  # another node stored it first: a duplicate here
                 return value
+            self.events.publish(
+                finished_event(job_id, agent_id, state.value, self.clock.seconds(), result, error)
+            )
+            if job_id not in self.book.jobs:  # its last target: the job is done
+                self.events.publish(job_event(job_id, finished=True))
             if self.on_stored is not None:
                 self.on_stored(
                     {"type": "result", "job": job_id, "agent": agent_id, "state": state.value}
@@ -704,16 +790,26 @@ class JobService:
         d.addCallbacks(committed, not_committed)
         return d
 
-    def _store_inventory(self, agent_id: str, result: Any) -> None:
+    def _store_inventory(self, agent_id: str, collected: inventory.Collected) -> Deferred:
         """Keep an inventory result per data class. Queued in the same reactor turn as the
         result itself, it is committed in the same transaction (the write queue's flush), so
         the agent's acknowledgement covers both; a failure fails both, and the agent's
         resent result writes both again."""
-        collected = inventory.read_result(result, self.clock.seconds())
-        if collected is None:
-            return
-        self.inventory_store.store_inventory(agent_id, collected, self.clock.seconds()).addErrback(
-            lambda f: None  # logged by the write queue; the result's own Deferred fails too
+        known = self.known_digests
+
+        size = collected.size()
+
+        def stored(missing: Any) -> None:
+            self.memory.handled(size)
+            known.stored(agent_id, collected)
+            for cls in missing or ():  # said unchanged, but not held: ask in full next time
+                known.forget(agent_id, cls)
+
+        return self.inventory_store.store_inventory(
+            agent_id, collected, self.clock.seconds()
+        ).addCallbacks(
+            stored,
+            lambda f: None,  # logged by the write queue; the result's own Deferred fails too
         )
 
     @staticmethod
@@ -740,6 +836,8 @@ class JobService:
         self._persist(changes)
 
     def _persist(self, changes: list[Change]) -> None:
+        for c in changes:
+            self.events.publish(target_event(c.job_id, c.agent_id, c.state.value, c.at))
         if changes:
             self.store.set_states(changes).addErrback(
                 lambda f: self._log.failure("could not store job state changes", f)
@@ -807,4 +905,31 @@ class JobService:
             }
             for t in targets
         ]
+        if job["action"] == inventory.ACTION:
+            yield self._with_inventory(job["results"])
         return job
+
+    @inlineCallbacks
+    def _with_inventory(self, results: list[dict[str, Any]]):
+        """Put the data each inventory target collected back into its result, read from the
+        inventory store (the target keeps only which classes changed, with their digests):
+        `classes` as the agent sent them, `digests` and `unchanged` as it named them."""
+        wanted: dict[str, dict[str, str]] = {}
+        for r in results:
+            summary = inventory.stored_summary(r["result"])
+            if summary is not None and summary["changed"]:
+                wanted[r["agent"]] = summary["changed"]
+        data: dict[str, Any] = {}
+        over: set[tuple[str, str]] = set()
+        if wanted:
+            data, over = yield self.inventory_store.versions_data(wanted, SHOWN_INVENTORY_BYTES)
+        for r in results:
+            summary = inventory.stored_summary(r["result"])
+            if summary is not None:
+                agent = r["agent"]
+                r["result"] = inventory.shown_result(
+                    r["result"],
+                    summary,
+                    data.get(agent, {}),
+                    [cls for cls in summary["changed"] if (agent, cls) in over],
+                )

@@ -172,7 +172,7 @@ class NodeLink:
             self.send({"t": "revoked", "agents": self.hub.revoked_agents(), "full": True})
             self.send({"t": "pending", "agents": self.hub.pending_agents(), "full": True})
         else:
-            self.nodes(self.hub.gateway_fingerprints())
+            self.nodes(self.hub.gateway_fingerprints(), self.hub.gateway_fingerprints(True))
         self.hub.link_opened(self)
 
     def _on_open(self, header: dict[str, Any], payload: bytes) -> None:
@@ -258,11 +258,14 @@ class NodeLink:
             self.reach = reach
             self.hub.reach_changed(self)
 
-    def nodes(self, gateways: dict[str, str]) -> None:
+    def nodes(self, gateways: dict[str, str], previous: dict[str, str] | None = None) -> None:
         """Tell a task server which gateways may link to it (name -> certificate
         fingerprint): sent at welcome and whenever the registered nodes change."""
         if self.ready and self.role == "taskserver":
-            self.send({"t": "nodes", "gateways": gateways})
+            message: dict[str, Any] = {"t": "nodes", "gateways": gateways}
+            if previous:
+                message["previous"] = previous
+            self.send(message)
 
     def pending(self, agent_ids: list[str], approved: list[str] | None = None) -> None:
         """Tell a gateway which agents wait for approval (it refuses them until then)."""

@@ -34,7 +34,7 @@ class NodeRegistry:
         certificates: ICertificates,
         assignments: TaskServerAssignments,
         clock: Any,
-        cert_days: int,
+        cert_days: float,
     ):
         self._store = access_store
         self._certificates = certificates
@@ -54,15 +54,16 @@ class NodeRegistry:
         self.directory.load((yield self._store.list_nodes()))
         self.assignments.registered = len(self.directory.task_servers())
         gateways = self.directory.gateway_fingerprints()
+        previous = self.directory.gateway_fingerprints(previous=True)
         for node in list(self.links.values()):
-            node.nodes(gateways)
+            node.nodes(gateways, previous)
 
     def refusal(self, name: str, fingerprint: str | None) -> str | None:
         """Why a link (or a forwarded certificate) from this node is refused, or None."""
         return self.directory.refusal(name, fingerprint)
 
-    def gateway_fingerprints(self) -> dict[str, str]:
-        return self.directory.gateway_fingerprints()
+    def gateway_fingerprints(self, previous: bool = False) -> dict[str, str]:
+        return self.directory.gateway_fingerprints(previous)
 
     # -- registration and enrollment -----------------------------------------------------
     @inlineCallbacks
@@ -100,6 +101,34 @@ class NodeRegistry:
             "certificate": cert_pem.decode(),
             "ca": self._certificates.ca_pem.decode(),
         }
+
+    @inlineCallbacks
+    def renew(self, name: str, current: Any, csr: str):
+        """A new certificate for an enrolled node's new key (its CSR), same name and server
+        names, no token: the node proves who it is with `current`, its verified client
+        certificate, which stays accepted until it expires. Fires with {"certificate", "ca"}."""
+        fingerprint = pki.fingerprint(current)
+        refusal = self.refusal(name, fingerprint)
+        if refusal is not None:
+            raise Forbidden(refusal)
+        try:
+            cert_pem = self._certificates.sign_node(
+                csr.encode(), name, self.cert_days, pki.server_names(current)
+            )
+        except ValueError as e:
+            raise Invalid("csr", f"bad certificate request: {e}") from None
+        renewed = pki.fingerprint(pki.load_certificate(cert_pem))
+        if not (yield self._store.renew_node(name, fingerprint, renewed)):
+            raise Conflict(f"node {name!r} was removed or enrolled again meanwhile")
+        yield self.reload()
+        cert = pki.load_certificate(cert_pem)
+        self._log.info(
+            "node {name} renewed its certificate (serial {serial:x}, until {until})",
+            name=name,
+            serial=cert.serial_number,
+            until=cert.not_valid_after_utc.isoformat(),
+        )
+        return {"certificate": cert_pem.decode(), "ca": self._certificates.ca_pem.decode()}
 
     @inlineCallbacks
     def remove(self, name: str, role: str):

@@ -242,7 +242,7 @@ class NodeDirectory:
             return f"node {name!r} is revoked"
         if record.get("fingerprint") is None:
             return f"node {name!r} has not enrolled"
-        if fingerprint != record["fingerprint"]:
+        if fingerprint not in (record["fingerprint"], record.get("previous_fingerprint")):
             return f"node {name!r} presented a certificate other than the one it enrolled"
         return None
 
@@ -252,10 +252,15 @@ class NodeDirectory:
     def gateways(self) -> list[str]:
         return [n for n, r in self.records.items() if r["role"] == "gateway"]
 
-    def gateway_fingerprints(self) -> dict[str, str]:
-        """Enrolled, not revoked gateways and their certificates' fingerprints."""
+    def gateway_fingerprints(self, previous: bool = False) -> dict[str, str]:
+        """Enrolled, not revoked gateways and their certificates' fingerprints (with
+        `previous`, of the certificates they renewed last, where they did)."""
+        field = "previous_fingerprint" if previous else "fingerprint"
         return {
-            n: r["fingerprint"]
+            n: r[field]
             for n, r in self.records.items()
-            if r["role"] == "gateway" and r.get("fingerprint") and not r.get("revoked")
+            if r["role"] == "gateway"
+            and r.get("fingerprint")
+            and r.get(field)
+            and not r.get("revoked")
         }

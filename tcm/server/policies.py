@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, suc
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from tcm.interfaces import IPolicies
+from tcm.interfaces import IEventPublisher, IPolicies
 from tcm.schedule import Cron, ScheduleError
 from tcm.server import inventory
 from tcm.server.agentconfig import (
@@ -31,6 +31,7 @@ from tcm.server.agentconfig import (
     policy_types_on_server,
 )
 from tcm.server.errors import Conflict, Invalid, NotFound
+from tcm.server.events import NO_EVENTS, policy_event
 
 # PushPolicy with wait 0: notified over its session or poll, its report not awaited.
 SENT = "sent"
@@ -41,6 +42,7 @@ class PolicyService:
     """Policies: storage, resolution to agents, PushPolicy, agents' reports."""
 
     _log = Logger()
+    events: IEventPublisher = NO_EVENTS  # the console's live events (set where wired)
 
     def __init__(
         self,
@@ -49,8 +51,14 @@ class PolicyService:
         inventory_store: Any,
         clock: Any,
         policy_handlers: dict[str, Any] | None = None,
+        known_digests: inventory.KnownDigests | None = None,
+        max_class_bytes: int = inventory.DEFAULT_MAX_CLASS_BYTES,
     ):
         self.book = book
+        # what the store holds of each agent's inventory (shared with the jobs): told back to
+        # an agent after its scheduled collection, so its next run sends only what changed
+        self.known_digests = inventory.KnownDigests() if known_digests is None else known_digests
+        self.max_class_bytes = max_class_bytes
         self.store = config_store
         self.inventory_store = inventory_store
         self.clock = clock
@@ -294,8 +302,10 @@ class PolicyService:
         if entry in self._waiters.get((agent_id, name), []):
             self._drop_waiter(agent_id, name, entry[1])
 
-    def report_policies(self, agent_id: str, reports: Any) -> dict[str, Any]:
-        """An agent says which policies it runs: {name: {version, state, error, at, last_run}}."""
+    def report_policies(self, agent_id: str, reports: Any) -> Any:
+        """An agent says which policies it runs: {name: {version, state, error, at, last_run}}.
+        Answers {"stored": n}, and after a scheduled inventory collection (once it is stored)
+        with `inventory_known` too: the digests the server holds for the agent's next run."""
         if not isinstance(reports, dict) or not all(isinstance(v, dict) for v in reports.values()):
             raise Invalid(
                 "policies", "'policies' must be an object of policy name -> status object"
@@ -309,12 +319,24 @@ class PolicyService:
                 raise Invalid("policies", f"policy {name}: 'version' must be an integer")
         row = self.book.row(agent_id)
         merged = dict(row.get("policies") or {})
+        stored_inventory: list[Deferred] = []
         for name, report in reports.items():
-            report = self._keep_inventory(agent_id, name, report)
+            report, storing = self._keep_inventory(agent_id, name, report)
+            if storing is not None:
+                stored_inventory.append(storing)
             if report["state"] == "removed":
                 merged.pop(name, None)
             else:
                 merged[name] = {**merged.get(name, {}), **report}
+            self.events.publish(
+                policy_event(
+                    agent_id,
+                    name,
+                    state=report["state"],
+                    version=report["version"],
+                    error=(report.get("error") or None),
+                )
+            )
             self._report_heard(agent_id, name, report)
         if self.on_report is not None:
             self.on_report({"type": "policy.report", "agent": agent_id, "reports": reports})
@@ -323,7 +345,17 @@ class PolicyService:
         self.book.agent_store.set_agent_config(
             agent_id, policies=merged, reported_at=row["reported_at"]
         )
-        return {"stored": len(reports)}
+        answer: dict[str, Any] = {"stored": len(reports)}
+        if not stored_inventory:
+            return answer
+        # After a scheduled collection: once it is stored, tell the agent the digests the
+        # server now holds, the `known` of its next run (issue 18: deltas by default).
+        known = self.known_digests
+
+        def told(_: Any) -> dict[str, Any]:
+            return {**answer, "inventory_known": known.known(agent_id)}
+
+        return gatherResults(stored_inventory).addCallback(told)
 
     def _report_heard(self, agent_id: str, name: str, report: dict[str, Any]) -> None:
         for version, d in self._waiters.pop((agent_id, name), []):
@@ -342,21 +374,47 @@ class PolicyService:
             if isinstance(report, dict):
                 self._report_heard(str(event.get("agent")), str(name), report)
 
-    def _keep_inventory(self, agent_id: str, name: str, report: dict[str, Any]) -> dict:
+    def _keep_inventory(
+        self, agent_id: str, name: str, report: dict[str, Any]
+    ) -> tuple[dict[str, Any], Deferred | None]:
         """An inventory.schedule run's result goes where inventory.collect jobs' results go
-        (the per-class inventory store); the policy keeps only which classes it collected."""
+        (the per-class inventory store, once); the policy keeps which classes changed and
+        their digests. Returns the report to keep and the Deferred of the store's write."""
         policy = self.policies.get(name)
         run = report.get("last_run")
         if policy is None or policy["type"] != "inventory.schedule" or not isinstance(run, dict):
-            return report
+            return report, None
         result = run.get("result")
         if not run.get("ok") or not isinstance(result, dict):
-            return report
+            return report, None
         now = self.clock.seconds()
-        collected = inventory.read_result(result, now)
-        if collected is not None:
-            self.inventory_store.store_inventory(agent_id, collected, now).addErrback(
-                lambda f: self._log.failure("storing inventory of {agent}", f, agent=agent_id)
-            )
-        classes = sorted(result.get("classes") or {})
-        return {**report, "last_run": {**run, "result": {"classes": classes}}}
+        collected = inventory.read_result(
+            result,
+            now,
+            self.max_class_bytes,
+            inventory.CLASSES,
+            self.known_digests.known(agent_id),
+        )
+        if collected is None:
+            return report, None
+        known = self.known_digests
+
+        def stored(missing: Any) -> None:
+            known.stored(agent_id, collected)
+            for cls in missing or ():
+                known.forget(agent_id, cls)
+
+        def failed(f: Any) -> None:
+            self._log.failure("storing inventory of {agent}", f, agent=agent_id)
+
+        d = self.inventory_store.store_inventory(agent_id, collected, now)
+        d.addCallbacks(stored, failed)
+        kept = {
+            "classes": sorted(collected.changed),
+            "inventory": collected.summary(),
+        }
+        run = {**run, "result": kept}
+        problem = collected.problem()
+        if problem is not None:
+            run = {**run, "error": problem}
+        return {**report, "last_run": run}, d

@@ -404,6 +404,47 @@ class InventoryService:
         return (yield self._inventory.get_inventory(agent_id))
 
     @inlineCallbacks
+    def history(self, agent_id: str, cls: str | None):
+        """The versions kept of an agent's classes (or of one), without data; NotFound."""
+        if (yield self._agents.get_agent(agent_id)) is None:
+            raise NotFound(f"no such agent: {agent_id}")
+        return (yield self._inventory.class_history(agent_id, cls))
+
+    @inlineCallbacks
+    def version(self, agent_id: str, cls: str, version: int | None):
+        """One version of one class with its data (None: the current); NotFound."""
+        if (yield self._agents.get_agent(agent_id)) is None:
+            raise NotFound(f"no such agent: {agent_id}")
+        row = yield self._inventory.class_version(agent_id, cls, version)
+        if row is None:
+            which = "no" if version is None else f"no version {version} of"
+            raise NotFound(f"{which} inventory class {cls!r} kept for agent {agent_id}")
+        return row
+
+    @inlineCallbacks
+    def diff(self, agent_id: str, cls: str, old: int | None, new: int | None):
+        """What changed in a class from version `old` to `new` (default: the current one and
+        the one before it); NotFound for a version not kept."""
+        if new is None:
+            newest = yield self.version(agent_id, cls, None)
+        else:
+            newest = yield self.version(agent_id, cls, new)
+        if old is None:
+            if newest["version"] <= 1:
+                raise NotFound(f"inventory class {cls!r} of agent {agent_id} has one version")
+            old = newest["version"] - 1
+        oldest = yield self.version(agent_id, cls, old)
+        return {
+            "agent": agent_id,
+            "class": cls,
+            "from": oldest["version"],
+            "to": newest["version"],
+            "from_digest": oldest["digest"],
+            "to_digest": newest["digest"],
+            **inventory.diff(oldest["data"], newest["data"]),
+        }
+
+    @inlineCallbacks
     def stale(self, older_than: float, target: Any, classes: Any):
         """The (agent, class) items older than `older_than` seconds, among the members of
         `target` (default every agent), and the stored digests: fires with (items,

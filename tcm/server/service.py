@@ -18,6 +18,7 @@ components of one `Database` (tcm/store), `db.jobs`, `db.agents`, ...
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import secrets
@@ -36,6 +37,7 @@ from twisted.web.server import Site
 from zope.interface.interface import InterfaceClass
 from zope.interface.verify import verifyObject
 
+from tcm.httplimits import limited_site
 from tcm.interfaces import (
     IAccessTokens,
     IAgentAdmission,
@@ -44,6 +46,7 @@ from tcm.interfaces import (
     ICertificates,
     ICluster,
     IClusterBus,
+    IEventHub,
     IInventory,
     IJobHistory,
     IJobs,
@@ -55,6 +58,7 @@ from tcm.interfaces import (
 )
 from tcm.process import raise_descriptor_limit, stop_with_failure
 from tcm.protocol import codes, link
+from tcm.server import inventory as inventory_domain
 from tcm.server.access import AccessTokens
 from tcm.server.adminapi import AdminAPI, AdminServices
 from tcm.server.admission import HandshakeGate
@@ -65,12 +69,14 @@ from tcm.server.audit import AuditLog
 from tcm.server.ca import CertificateAuthority
 from tcm.server.certificates import SERVER_CERT_CHECK, Certificates, ServerTLS
 from tcm.server.cluster.bus import RedisBus
-from tcm.server.cluster.node import ClusterNode
+from tcm.server.cluster.node import ClusterEvents, ClusterNode
 from tcm.server.cluster.secrets import ClusterIdentity, join, load_or_create_key
 from tcm.server.config import ServerConfig
+from tcm.server.console import ConsoleResource
 from tcm.server.dispatcher import Dispatcher
+from tcm.server.events import EventHub
 from tcm.server.heap import HeapSettler
-from tcm.server.history import JobHistory
+from tcm.server.history import JobHistory, SizeLimits
 from tcm.server.hub import AgentHub, AgentRequests
 from tcm.server.jobservice import JobService
 from tcm.server.links import NodeLinkFactory
@@ -82,7 +88,7 @@ from tcm.server.policies import PolicyService
 from tcm.server.profiles import ProfileService
 from tcm.server.selection import InventoryService, TargetService
 from tcm.server.settings import RuntimeSettings
-from tcm.server.web import ApiWithWebSocket, limited_site
+from tcm.server.web import ApiWithWebSocket
 from tcm.server.websocket import AgentServerFactory
 from tcm.store import Database
 from tcm.tls import pki
@@ -114,10 +120,18 @@ class EmbeddingServer:
     _nodes_store: Any  # the access area: register_node, enroll_node, list_nodes
     _ca: CertificateAuthority
     _reload_nodes: Callable[[], Deferred[None]]
+    _renew_node: Callable[[str, Any, str], Deferred[dict[str, str]]]
 
     @property
     def ca_pem(self) -> bytes:
         return self._ca.cert_pem
+
+    @inlineCallbacks
+    def renew_node_certificate(self, name: str, cert_pem: bytes, csr_pem: bytes):
+        """An embedded node's renewal, as `POST /link/v1/renew` would do it: the new
+        certificate (PEM) for the CSR's key."""
+        reply = yield self._renew_node(name, pki.load_certificate(cert_pem), csr_pem.decode())
+        return reply["certificate"].encode()
 
     @inlineCallbacks
     def node_certificate(
@@ -144,7 +158,7 @@ class EmbeddingServer:
         cert_pem = self._ca.sign_csr(
             csr,
             link.NODE_PREFIX + name,
-            days=self.config.cert_days,
+            lifetime=datetime.timedelta(seconds=self.config.node_cert_lifetime),
             client=True,
             server_names=server_names,
         )
@@ -327,6 +341,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
     name = config.name or _load_or_create_name(config.state_dir)
     db = Database(config.database_url, reactor=reactor)
+    db.inventory.history = config.inventory_history
     identity = _join_cluster(config, db, name) if config.clustered else None
 
     # -- the services, each with the store area(s) and the services it uses ---------------
@@ -346,9 +361,13 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     assignments = TaskServerAssignments(config.taskserver_policy, config.taskserver_max_clients)
     nodes = provides(
         INodeRegistry,
-        NodeRegistry(db.access, certificates, assignments, clock, config.cert_days),
+        NodeRegistry(
+            db.access, certificates, assignments, clock, config.node_cert_lifetime / 86400.0
+        ),
     )
     dispatcher = Dispatcher(presence.registry, presence.polls, presence.task_registry)
+    # the inventory digests the store holds per agent: what each collection carries
+    known_digests = inventory_domain.KnownDigests()
     jobs = provides(
         IJobs,
         JobService(
@@ -361,6 +380,8 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
             advertised=directory.advertised,
             max_output=config.max_output,
             max_message_size=config.max_message_size,
+            max_class_bytes=config.inventory_class_bytes,
+            known_digests=known_digests,
             shared=config.clustered,
         ),
     )
@@ -370,7 +391,17 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     )
     # what policies and profiles share: agents' config rows, missed notices, members
     agent_config = AgentConfigBook(db.agents, dispatcher, clock, targets.resolve_target)
-    policies = provides(IPolicies, PolicyService(agent_config, db.config, db.inventory, clock))
+    policies = provides(
+        IPolicies,
+        PolicyService(
+            agent_config,
+            db.config,
+            db.inventory,
+            clock,
+            known_digests=known_digests,
+            max_class_bytes=config.inventory_class_bytes,
+        ),
+    )
     profiles = provides(IProfiles, ProfileService(agent_config, db.config, clock))
     admission = provides(
         IAgentAdmission,
@@ -390,7 +421,21 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     audit = provides(IAudit, AuditLog(db.audit, clock))
     history = provides(
         IJobHistory,
-        JobHistory(db.jobs, db.agents, jobs, lambda: settings["job_retention"], clock),
+        JobHistory(
+            db.jobs,
+            db.agents,
+            jobs,
+            lambda: settings["job_retention"],
+            clock,
+            limits=SizeLimits(
+                config.result_bytes_per_job,
+                config.result_bytes_total,
+                config.inventory_history,
+            ),
+            database=db,
+            inventory_store=db.inventory,
+            audit=audit,
+        ),
     )
     presence.on_cloned = lambda agent_id, why: audit.record(
         "server", "agent.cloned", agent_id, {"why": why}
@@ -413,6 +458,9 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
         requests,
     )
 
+    # the console's live events: every part where state changes publishes to the one hub
+    events = provides(IEventHub, EventHub(clock))
+    jobs.events = presence.events = admission.events = hub.events = policies.events = events
     cluster: ClusterNode | None = None
     if identity is not None:
         cluster = ClusterNode(
@@ -441,6 +489,11 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
         policies.on_push = lambda: cluster.changed("policies")
         policies.on_report = cluster.event
         cluster.event_listeners["policy.report"] = policies.reports_elsewhere
+        # the console on any node: other nodes' events for the topics followed here
+        cluster.hub = events
+        publisher = ClusterEvents(events, cluster)
+        jobs.events = presence.events = admission.events = hub.events = publisher
+        policies.events = publisher
 
     # -- the consumers: the HTTP and WebSocket endpoints ----------------------------------
     url = f"wss://{config.interface}"
@@ -460,6 +513,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
             profiles=profiles,
             nodes=nodes,
             certificates=certificates,
+            events=events,
             cluster=cluster,
         )
     )
@@ -481,8 +535,10 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
         config.keepalive_timeout,
     )
     root = _resource_tree(admin_api, agent_api, agent_ws, NodeAPI(nodes), link_ws)
+    root.putChild(b"console", ConsoleResource())  # the web console (tcm/server/console.py)
     site = limited_site(root, timeout=60)  # header lines and bodies beyond limits: 431/413
     requests.site = site
+    requests.api = agent_api
 
     # -- lifecycle -----------------------------------------------------------------------
     @inlineCallbacks
@@ -525,7 +581,9 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
             TCP4ServerEndpoint(reactor, config.metrics_port, interface="127.0.0.1"),
             server_metrics_site(metrics),
         ).setServiceParent(top)
-    top.embedding = EmbeddingServer(config, reactor, clock, name, root, db.access, ca, nodes.reload)
+    top.embedding = EmbeddingServer(
+        config, reactor, clock, name, root, db.access, ca, nodes.reload, nodes.renew
+    )
     top.parts = ServerParts(
         config=config,
         clock=clock,

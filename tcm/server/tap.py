@@ -6,6 +6,7 @@ from twisted.python import usage
 
 from tcm.server.service import ServerConfig, make_server_service
 from tcm.tls.endpoints import listen_addresses, parse
+from tcm.tls.server import tls_groups
 
 
 class Options(usage.Options):
@@ -114,6 +115,15 @@ class Options(usage.Options):
             int,
         ],
         ["max-message-size", None, 1024 * 1024, "Largest accepted message, bytes.", int],
+        [
+            "tls-groups",
+            None,
+            None,
+            "TLS key exchange groups offered to agents, colon-separated in OpenSSL's form "
+            "(default: OpenSSL's list, hybrid post-quantum X25519MLKEM768 first where "
+            "available; X25519 alone takes less memory per session: docs/operating.md).",
+            tls_groups,
+        ],
         ["max-in-flight", None, 64, "Most requests one session may have unanswered.", int],
         [
             "agent-cert-lifetime",
@@ -123,11 +133,47 @@ class Options(usage.Options):
             "(e.g. 2h, 90d). Agents renew theirs over their session when 2/3 of it passed.",
         ],
         [
+            "node-cert-lifetime",
+            None,
+            "365d",
+            "How long task servers' and gateways' certificates live (as --agent-cert-lifetime). "
+            "They renew theirs over HTTPS when 2/3 of it passed (their --renew-at).",
+        ],
+        [
             "max-output",
             None,
             8 * 1024 * 1024,
             "Bytes of output kept per job and agent; more is dropped after a marker line.",
             int,
+        ],
+        [
+            "inventory-history",
+            None,
+            5,
+            "Earlier versions of each agent's inventory class kept besides the current one "
+            "(0: none).",
+            int,
+        ],
+        [
+            "inventory-class-bytes",
+            None,
+            "8M",
+            "Largest inventory class accepted (canonical JSON), bytes or with K/M/G; a larger "
+            "one is refused, the rest of the collection kept.",
+        ],
+        [
+            "result-bytes-per-job",
+            None,
+            "256M",
+            "Bytes of results and output kept per job (bytes or with K/M/G; 0: no cap); past "
+            "it the job's oldest output, then its oldest results, are purged.",
+        ],
+        [
+            "result-bytes-total",
+            None,
+            "8G",
+            "Bytes of results and output kept in all (bytes or with K/M/G; 0: no cap); past "
+            "it the oldest finished jobs are purged first.",
         ],
         [
             "taskserver-policy",
@@ -207,6 +253,12 @@ class Options(usage.Options):
             raise usage.UsageError(f"--agent-cert-lifetime: {e}") from None
         if self["agent-cert-lifetime"] < 120:
             raise usage.UsageError("--agent-cert-lifetime: at least 2 minutes")
+        try:
+            self["node-cert-lifetime"] = parse_duration(self["node-cert-lifetime"])
+        except ValueError as e:
+            raise usage.UsageError(f"--node-cert-lifetime: {e}") from None
+        if self["node-cert-lifetime"] < 120:
+            raise usage.UsageError("--node-cert-lifetime: at least 2 minutes")
         if self["taskserver-policy"] not in ("fewest", "capacity"):
             raise usage.UsageError("--taskserver-policy must be fewest or capacity")
         if self["taskserver-rebalance-rate"] < 0:
@@ -216,6 +268,19 @@ class Options(usage.Options):
         if self["taskserver-max-clients"] < 1:
             raise usage.UsageError("--taskserver-max-clients must be at least 1")
         self["job-retention"] = retention_seconds(self["job-retention"])
+        if self["inventory-history"] < 0:
+            raise usage.UsageError("--inventory-history must be 0 or more")
+        for name, least in (
+            ("inventory-class-bytes", 1),
+            ("result-bytes-per-job", 0),
+            ("result-bytes-total", 0),
+        ):
+            try:
+                self[name] = parse_size(self[name])
+            except ValueError as e:
+                raise usage.UsageError(f"--{name}: {e}") from None
+            if self[name] < least:
+                raise usage.UsageError(f"--{name} must be at least {least}")
         from twisted.internet import reactor
 
         try:
@@ -263,6 +328,23 @@ def parse_duration(text: str | float) -> float:
     return value
 
 
+_SIZES = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from `1048576`, `512K`, `256M`, `8G` (binary units); ValueError otherwise."""
+    raw = str(text).strip().lower().removesuffix("b")
+    unit = _SIZES.get(raw[-1:]) if raw else None
+    number = raw[:-1] if unit is not None else raw
+    try:
+        value = float(number) * (unit or 1)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (e.g. 1048576, 512K, 256M, 8G)") from None
+    if value < 0 or value != value or value == float("inf"):
+        raise ValueError(f"not a size: {text!r}")
+    return int(value)
+
+
 def config_from(options: Options) -> ServerConfig:
     return ServerConfig(
         state_dir=options["state-dir"],
@@ -284,6 +366,10 @@ def config_from(options: Options) -> ServerConfig:
         max_message_size=options["max-message-size"],
         max_in_flight=options["max-in-flight"],
         max_output=options["max-output"],
+        inventory_history=options["inventory-history"],
+        inventory_class_bytes=options["inventory-class-bytes"],
+        result_bytes_per_job=options["result-bytes-per-job"],
+        result_bytes_total=options["result-bytes-total"],
         taskserver_policy=options["taskserver-policy"],
         taskserver_max_clients=options["taskserver-max-clients"],
         taskserver_rebalance_rate=options["taskserver-rebalance-rate"],
@@ -291,6 +377,8 @@ def config_from(options: Options) -> ServerConfig:
         metrics_port=options["metrics-port"],
         job_retention=options["job-retention"],
         agent_cert_lifetime=options["agent-cert-lifetime"],
+        node_cert_lifetime=options["node-cert-lifetime"],
+        tls_groups=options["tls-groups"],
         redis=options["redis"],
         cluster_key=options["cluster-key"],
     )

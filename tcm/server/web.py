@@ -17,22 +17,21 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import parse_qs
 
 import attrs
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET
 
 from tcm import compat
+from tcm.httplimits import MAX_BODY as MAX_BODY
 from tcm.server import errors
 from tcm.server.apicheck import CheckedOperation, InvalidRequest
 from tcm.server.apischema import Operation
 from tcm.store.errors import StoreUnavailable
-
-MAX_BODY = 8 * 1024 * 1024
 
 
 class ApiError(Exception):
@@ -87,6 +86,8 @@ def _reject_constant(name: str) -> Any:
 
 def json_body(request, required: bool = True) -> Any:
     """The request's JSON body; ApiError(400) when it is not JSON."""
+    if type(request) is DirectCall:
+        return request.json(required)
     raw = request.content.read(MAX_BODY + 1) if request.content is not None else b""
     if len(raw) > MAX_BODY:
         raise ApiError(413, f"request body over {MAX_BODY} bytes")
@@ -129,6 +130,43 @@ def json_object(request) -> dict[str, Any]:
     return body
 
 
+class DirectCall:
+    """A route called without an HTTP request: a `request` envelope that came over an
+    agent's session, its body already decoded with the envelope.
+
+    What a handler reads of the request it serves, and nothing else: the method, the path
+    and its query (`args`, bytes as twisted.web gives them), the JSON body (through
+    `json_body`, which asks `json`), `peer` (the session's `PeerView`: who is calling) and
+    what `authorize` sets (`agent_id`). The same handler serves both; the answer of a call
+    is the one an HTTP request would get (`JsonRouter.serve_direct`), without the
+    request's objects, headers and bytes (issue 17: most of the server's CPU per result)."""
+
+    __slots__ = ("method", "path", "args", "body", "peer", "carried_by", "agent_id")
+
+    def __init__(self, method: str, path: str, body: Any, peer: Any, carried_by: str):
+        self.method = method
+        self.path, _, query = path.partition("?")
+        self.args: dict[bytes, list[bytes]] = (
+            parse_qs(query.encode("ascii"), keep_blank_values=True) if query else {}
+        )
+        self.body = body
+        self.peer = peer
+        self.carried_by = carried_by
+        self.agent_id: str | None = None
+
+    def json(self, required: bool) -> Any:
+        """The body as `json_body` answers it for an HTTP request whose body this
+        envelope's body would be: absent (null) is {} or a 400, a lone surrogate a 400."""
+        body = self.body
+        if body is None:
+            if required:
+                raise ApiError(400, "request body must be a JSON object")
+            return {}
+        if _has_lone_surrogate(body):
+            raise ApiError(400, "request body is not valid JSON: a lone surrogate is not text")
+        return body
+
+
 @attrs.frozen
 class Route:
     """One route as `JsonRouter.routes()` lists it; `check`: its declaration, compiled."""
@@ -154,18 +192,29 @@ class JsonRouter(Resource):
         self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
         # (method, regex source) -> (full pattern, compiled declaration or None)
         self._declared: dict[tuple[str, str], tuple[str, CheckedOperation | None]] = {}
+        self._direct: set[tuple[str, str]] = set()  # (method, regex source) callable directly
         # told (method, path below the prefix) of each write answered with success: the
         # cluster tells the other nodes (tcm/server/cluster)
         self.written: Callable[[str, str], None] | None = None
 
     def route(self, method: str, pattern: str, handler: Handler) -> None:
         """Add a route; `{name}` in the pattern captures one path segment."""
+        self._add_route(method, pattern, handler, direct=False)
+
+    def direct_route(self, method: str, pattern: str, handler: Handler) -> None:
+        """Add a route whose handler may also be called with a `DirectCall`
+        (`serve_direct`): it reads of its request only what a `DirectCall` has."""
+        self._add_route(method, pattern, handler, direct=True)
+
+    def _add_route(self, method: str, pattern: str, handler: Handler, direct: bool) -> None:
         regex = "^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "/?$"
         full = self._prefix + pattern
         operation = None if self._operations is None else self._operations.get((method, full))
         check = None if operation is None else CheckedOperation(method, full, operation)
         self._routes.append((method, re.compile(regex), handler))
         self._declared[(method, regex)] = (full, check)
+        if direct:
+            self._direct.add((method, regex))
 
     def routes(self) -> list[Route]:
         """The route table, in the order routes were added."""
@@ -207,6 +256,35 @@ class JsonRouter(Resource):
             self._finish(request, ApiError(404, f"no such resource: {path}"))
         return NOT_DONE_YET
 
+    def serve_direct(self, call: DirectCall) -> Deferred[tuple[int, Any]] | None:
+        """Serve `call` with the handler of its route, without an HTTP request: fires with
+        (status, JSON body or None), the status and body `render` would answer. None when
+        the call is not for a route marked `direct` (the caller renders it instead: the same
+        answer, 404 and 405 included, the HTTP way)."""
+        path = call.path
+        if not path.startswith(self._prefix):
+            return None
+        sub = path[len(self._prefix) :] or "/"
+        for m, regex, handler in self._routes:
+            if m != call.method:
+                continue
+            match = regex.match(sub)
+            if match is None:
+                continue
+            if (m, regex.pattern) not in self._direct:
+                return None
+            check = self._declared[(m, regex.pattern)][1]
+            d = maybeDeferred(self._call, call, handler, check, match.groupdict())
+            return d.addCallbacks(
+                self._status_body, lambda f: self._status_body(self._error(call, f))
+            )
+        return None
+
+    @staticmethod
+    def _status_body(result: Any) -> tuple[int, Any]:
+        status, _headers, body = _response(result)
+        return status, (None if status == 204 else body)
+
     def _call(
         self, request, handler: Handler, check: CheckedOperation | None, params: dict[str, str]
     ) -> Any:
@@ -224,7 +302,9 @@ class JsonRouter(Resource):
         read again."""
         check.check_path(params)
         check.check_query(request.args or {})
-        if check.reads_body:
+        if check.reads_body and type(request) is DirectCall:
+            check.check_body(request.json(check.operation.body_required), request.body is not None)
+        elif check.reads_body:
             content = request.content
             present = content is not None and content.read(1) != b""
             if content is not None:
@@ -235,31 +315,28 @@ class JsonRouter(Resource):
             check.check_body(body, present)
 
     def _fail(self, request, failure: Failure) -> None:
+        return self._finish(request, self._error(request, failure))
+
+    def _error(self, request, failure: Failure) -> ApiError:
+        """The answer to a handler's failure (a domain error's status, or a logged 500)."""
         if failure.check(ApiError):
-            return self._finish(request, failure.value)
+            return failure.value  # type: ignore[return-value]
         if failure.check(StoreUnavailable):  # nothing written: try again when it is back
-            return self._finish(request, ApiError(503, str(failure.value)))
+            return ApiError(503, str(failure.value))
         if isinstance(failure.value, errors.DomainError):
             error = api_error(failure.value)
             if error.status in (401, 403):
                 self.refused(request, error.status, error.message)
-            return self._finish(request, error)
+            return error
         self._log.failure(
             "error serving {method} {path}", failure, method=request.method, path=request.path
         )
-        return self._finish(request, ApiError(500, "internal server error"))
+        return ApiError(500, "internal server error")
 
     def _finish(self, request, result: Any):
         if compat.request_disconnected(request) or request.finished:
             return None
-        if isinstance(result, ApiError):
-            body: Any = {"error": result.message, **result.extra}
-            status = result.status
-            headers: dict[str, str] = {}
-        elif isinstance(result, Reply):
-            body, status, headers = result.body, result.status, result.headers
-        else:
-            body, status, headers = result, 200, {}
+        status, headers, body = _response(result)
         request.setResponseCode(status)
         if self.written is not None and status < 400 and request.method not in (b"GET", b"HEAD"):
             path = request.path.decode("utf-8", "replace")[len(self._prefix) :]
@@ -280,6 +357,15 @@ class JsonRouter(Resource):
         request.write(payload)
         request.finish()
         return None
+
+
+def _response(result: Any) -> tuple[int, dict[str, str], Any]:
+    """A handler's result (a value, a `Reply`, an `ApiError`) as (status, headers, body)."""
+    if isinstance(result, ApiError):
+        return result.status, {}, {"error": result.message, **result.extra}
+    if isinstance(result, Reply):
+        return result.status, result.headers, result.body
+    return 200, {}, result
 
 
 class ApiWithWebSocket(Resource):
@@ -304,101 +390,3 @@ class ApiWithWebSocket(Resource):
 
     def render(self, request):
         return self._api.render(request)
-
-
-# -- HTTP limits answered at once (issue 16.2) ---------------------------------------------
-
-MAX_HEADER_LINE = 16 * 1024  # a request line or one header line (twisted.web's own limit)
-
-_REASONS = {413: b"Content Too Large", 431: b"Request Header Fields Too Large"}
-
-
-class LimitedChannel(HTTPChannel):
-    """An HTTP channel that answers a line or a body beyond its limits with 431 or 413 and
-    closes at once (twisted.web drops such a line without an answer and holds the
-    connection until its idle timeout).
-
-    Over the limit the channel writes its answer, closes, and reads nothing more: the
-    request it refused is never rendered.
-    """
-
-    MAX_LENGTH = MAX_HEADER_LINE
-    refused = False
-
-    def refuse(self, status: int, message: str) -> None:
-        """Answer `status` with a JSON error and close the connection (once)."""
-        if self.refused:
-            return
-        self.refused = True
-        body = json.dumps({"error": message}, separators=(",", ":")).encode()
-        head = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error"))
-        if self.transport is None:
-            return
-        self.transport.write(
-            head
-            + b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body)
-            + b"connection: close\r\n\r\n"
-            + body
-        )
-        self.setTimeout(None)
-        self.loseConnection()
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self.refuse(431, f"request line or header line over {self.MAX_LENGTH} bytes")
-
-    def dataReceived(self, data: bytes) -> None:
-        if not self.refused:
-            super().dataReceived(data)
-
-    def lineReceived(self, line: bytes) -> None:
-        if not self.refused:
-            super().lineReceived(line)
-
-    def rawDataReceived(self, data: bytes) -> None:
-        if not self.refused:
-            super().rawDataReceived(data)
-
-
-class LimitedRequest(Request):
-    """A request whose body is refused with 413 as soon as it is known to be over
-    `max_body` (its Content-Length, or the chunks received so far)."""
-
-    max_body = MAX_BODY
-
-    def gotLength(self, length: int | None) -> None:
-        self._body_bytes = 0
-        if length is not None and length > self.max_body:
-            self.content = None
-            self._refuse_body()
-            return
-        super().gotLength(length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self._refused_channel():
-            return
-        self._body_bytes += len(data)
-        if self._body_bytes > self.max_body:
-            self._refuse_body()
-            return
-        super().handleContentChunk(data)
-
-    def process(self) -> None:
-        if not self._refused_channel():
-            super().process()
-
-    def _refused_channel(self) -> bool:
-        return bool(getattr(self.channel, "refused", False))
-
-    def _refuse_body(self) -> None:
-        refuse = getattr(self.channel, "refuse", None)
-        if refuse is not None:
-            refuse(413, f"request body over {self.max_body} bytes")
-
-
-def limited_site(root: Resource, timeout: float) -> Site:
-    """The server's Site: header lines and bodies beyond their limits answered at once."""
-    site = Site(root, timeout=timeout)
-    site.protocol = LimitedChannel  # type: ignore[assignment]
-    site.requestFactory = LimitedRequest
-    site.displayTracebacks = False
-    return site

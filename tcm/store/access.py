@@ -181,9 +181,32 @@ class AccessStore:
             c.execute(
                 n.update()
                 .where(n.c.name == name)
-                .values(fingerprint=fingerprint, enrolled_at=now, token_hash=None)
+                .values(
+                    fingerprint=fingerprint,
+                    previous_fingerprint=None,
+                    enrolled_at=now,
+                    token_hash=None,
+                )
             )
             return str(row.role)
+
+        return self._db.transaction(op)
+
+    def renew_node(self, name: str, old: str, new: str) -> Deferred[bool]:
+        """A node renewed its certificate: `new` is its fingerprint from now on, `old` (the
+        one it renewed with) still accepted until it expires. Compare-and-set: False if the
+        node is gone, revoked or enrolled again meanwhile."""
+        n = t.nodes
+
+        def op(c: Connection) -> bool:
+            done = c.execute(
+                n.update()
+                .where(n.c.name == name)
+                .where(n.c.revoked == sa.false())
+                .where(sa.or_(n.c.fingerprint == old, n.c.previous_fingerprint == old))
+                .values(fingerprint=new, previous_fingerprint=n.c.fingerprint)
+            )
+            return bool(done.rowcount)
 
         return self._db.transaction(op)
 

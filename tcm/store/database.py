@@ -119,7 +119,7 @@ class WriteQueue:
         self._transaction = transaction
         self._batched: dict[str, Executable] = {}
         self._rows: dict[str, list[dict[str, Any]]] = {}
-        self._ops: list[Callable[[Connection], None]] = []
+        self._ops: list[tuple[Callable[[Connection], Any], Deferred[Any]]] = []
         self._waiters: list[Deferred[None]] = []
         self._running = False
         self.flushes = 0
@@ -130,10 +130,12 @@ class WriteQueue:
             raise ValueError(f"batched kind {kind!r} registered twice")
         self._batched[kind] = statement
 
-    def submit(self, op: Callable[[Connection], None]) -> Deferred[None]:
-        """Queue an operation of its own (run after the batched rows)."""
-        self._ops.append(op)
-        return self._wait()
+    def submit(self, op: Callable[[Connection], T]) -> Deferred[T]:
+        """Queue an operation of its own (run after the batched rows); fires with what it
+        returned, once committed."""
+        d: Deferred[Any] = self._wait()
+        self._ops.append((op, d))
+        return d
 
     def add(self, kind: str, rows: list[dict[str, Any]]) -> Deferred[None]:
         """Queue rows of a registered batched kind."""
@@ -155,14 +157,15 @@ class WriteQueue:
         ops, self._ops = self._ops, []
         waiters, self._waiters = self._waiters, []
         count = sum(len(r) for r in rows.values()) + len(ops)
+        returned: dict[int, Any] = {}  # id(waiter) -> what its operation returned
 
         def write(conn: Connection) -> None:
             for kind, statement in self._batched.items():
                 batch = rows.get(kind)
                 if batch:
                     conn.execute(statement, batch)
-            for op in ops:
-                op(conn)
+            for op, waiter in ops:
+                returned[id(waiter)] = op(conn)
 
         d = self._transaction(write)
 
@@ -172,7 +175,8 @@ class WriteQueue:
                 if isinstance(result, Exception):
                     waiter.errback(result)
                 else:
-                    waiter.callback(None)
+                    waiter.callback(returned.get(id(waiter)))
+            returned.clear()
             if self._waiters:
                 self._reactor.callLater(0, self._flush)
             else:
@@ -222,8 +226,66 @@ class Database:
     # -- lifecycle ---------------------------------------------------------------------
     def open(self) -> None:
         """Migrate the schema (blocking, at startup) and start the database's threads."""
+        self._incremental_vacuum()
         upgrade(self.engine)
         self._pool.start()
+
+    def _incremental_vacuum(self) -> None:
+        """SQLite: free pages go back to the file system on `reclaim()` (auto_vacuum =
+        INCREMENTAL). The mode must be set before the first table is made; a database made
+        without it is converted once, with a VACUUM (blocking, at startup: it rewrites the
+        file, and needs as much free disk as the file takes)."""
+        if self.engine.dialect.name != "sqlite":
+            return
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+            mode = c.exec_driver_sql("PRAGMA auto_vacuum").scalar()
+            if mode == 2:  # INCREMENTAL already
+                return
+            pages = c.exec_driver_sql("PRAGMA page_count").scalar()
+            c.exec_driver_sql("PRAGMA auto_vacuum=INCREMENTAL")
+            if pages:
+                self._log.info(
+                    "converting the database to incremental vacuum, once ({mb:.0f} MB)",
+                    mb=pages * (c.exec_driver_sql("PRAGMA page_size").scalar() or 4096) / 2**20,
+                )
+                c.exec_driver_sql("VACUUM")
+
+    def reclaim(self) -> Deferred[int]:
+        """Give the space of deleted rows back: SQLite frees its free pages (incremental
+        vacuum) and fires with the bytes the file shrank by; PostgreSQL's autovacuum makes
+        the space reusable by itself (docs/operating.md says how to shrink the files)."""
+
+        def run() -> int:
+            if self.engine.dialect.name != "sqlite":
+                return 0
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+                size = c.exec_driver_sql("PRAGMA page_size").scalar() or 4096
+                free = c.exec_driver_sql("PRAGMA freelist_count").scalar() or 0
+                if free:
+                    c.exec_driver_sql("PRAGMA incremental_vacuum")
+                    c.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                return int(free * size)
+
+        return self.run(run)
+
+    def size(self) -> Deferred[int]:
+        """Bytes the database takes: SQLite's pages (and its write-ahead log), or what
+        PostgreSQL reports for the database."""
+
+        def run() -> int:
+            with self.engine.connect() as c:
+                if self.engine.dialect.name == "postgresql":
+                    return int(
+                        c.exec_driver_sql("SELECT pg_database_size(current_database())").scalar()
+                        or 0
+                    )
+                pages = c.exec_driver_sql("PRAGMA page_count").scalar() or 0
+                size = c.exec_driver_sql("PRAGMA page_size").scalar() or 4096
+                path = self.engine.url.database or ""
+                wal = os.path.getsize(path + "-wal") if os.path.exists(path + "-wal") else 0
+                return int(pages * size + wal)
+
+        return self.run(run)
 
     def close(self) -> None:
         self._pool.stop()

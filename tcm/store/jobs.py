@@ -7,6 +7,7 @@ keeps its first result, and a state change that arrives after it is a no-op.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -67,8 +68,25 @@ BATCHED: dict[str, sa.Update] = {
             sa.bindparam("started", type_=sa.Float), t.job_targets.c.started_at
         ),
         received_at=sa.bindparam("received", type_=sa.Float),
+        result_bytes=sa.bindparam("size", type_=sa.Integer),
     ),
 }
+
+
+def result_size(result: Any, error: str | None) -> int:
+    """Bytes a result takes in the store (its JSON and its error text), about: what
+    retention by size counts."""
+    size = len(error.encode("utf-8")) if error else 0
+    if result is not None:
+        size += len(json.dumps(result, separators=(",", ":"), default=str).encode("utf-8"))
+    return size
+
+
+def _text_bytes(c: Connection, text: Any) -> Any:
+    """The UTF-8 size of a text column, in SQL."""
+    if c.dialect.name == "postgresql":
+        return sa.func.octet_length(text)
+    return sa.func.length(sa.cast(text, sa.LargeBinary))  # SQLite: the text as a blob
 
 
 class JobStore:
@@ -139,6 +157,7 @@ class JobStore:
             "finished": finished,
             "received": received,
             "stored": stored if stored is not None else finished,
+            "size": result_size(result, error),
         }
         if not checked:
             return self._writes.add("result", [row])
@@ -473,5 +492,130 @@ class JobStore:
                 total += n
                 if n < batch:
                     return total
+
+        return purge_all()
+
+    # -- retention by size (issue 18) ------------------------------------------------------
+    def sizes(self) -> Deferred[dict[str, Any]]:
+        """Bytes of results and of output per job: {"jobs": {job: [results, output]},
+        "results": total, "output": total}."""
+        jt, out = t.job_targets, t.job_output
+
+        def q(c: Connection) -> dict[str, Any]:
+            per_job: dict[str, list[int]] = {}
+            for job_id, size in c.execute(
+                sa.select(jt.c.job_id, sa.func.sum(jt.c.result_bytes)).group_by(jt.c.job_id)
+            ):
+                per_job.setdefault(job_id, [0, 0])[0] = int(size or 0)
+            for job_id, size in c.execute(
+                sa.select(out.c.job_id, sa.func.sum(_text_bytes(c, out.c.text))).group_by(
+                    out.c.job_id
+                )
+            ):
+                per_job.setdefault(job_id, [0, 0])[1] = int(size or 0)
+            return {
+                "jobs": per_job,
+                "results": sum(r for r, _ in per_job.values()),
+                "output": sum(o for _, o in per_job.values()),
+            }
+
+        return self._db.read(q)
+
+    def trim_job(self, job_id: str, over: int, now: float) -> Deferred[dict[str, int]]:
+        """Free at least `over` bytes of one job: its oldest output chunks first, then the
+        results of its oldest finished targets (their result and error replaced by a note
+        saying so). Fires with {"output_chunks", "results", "bytes"} deleted."""
+        jt, out = t.job_targets, t.job_output
+        note = "result purged: over the bytes kept per job (--result-bytes-per-job)"
+
+        def op(c: Connection) -> dict[str, int]:
+            freed = chunks = results = 0
+            size = _text_bytes(c, out.c.text)
+            doomed: list[int] = []
+            for chunk_id, n in c.execute(
+                sa.select(out.c.id, size).where(out.c.job_id == job_id).order_by(out.c.id)
+            ):
+                if freed >= over:
+                    break
+                doomed.append(chunk_id)
+                freed += int(n or 0)
+            for i in range(0, len(doomed), 500):
+                c.execute(out.delete().where(out.c.id.in_(doomed[i : i + 500])))
+            chunks = len(doomed)
+            if freed < over:
+                rows = c.execute(
+                    sa.select(jt.c.agent_id, jt.c.result_bytes)
+                    .where(jt.c.job_id == job_id, jt.c.result_bytes > len(note))
+                    .order_by(jt.c.updated_at, jt.c.agent_id)
+                )
+                agents: list[str] = []
+                for agent_id, n in rows:
+                    if freed >= over:
+                        break
+                    agents.append(agent_id)
+                    freed += int(n) - len(note)
+                for i in range(0, len(agents), 500):
+                    c.execute(
+                        jt.update()
+                        .where(jt.c.job_id == job_id, jt.c.agent_id.in_(agents[i : i + 500]))
+                        .values(result=None, error=note, result_bytes=len(note))
+                    )
+                results = len(agents)
+            return {"output_chunks": chunks, "results": results, "bytes": freed}
+
+        return self._db.transaction(op)
+
+    def purge_oldest(
+        self, over: int, active_states: Iterable[str], batch: int = 100
+    ) -> Deferred[dict[str, int]]:
+        """Delete the oldest jobs that are over (no target in `active_states`), with their
+        targets and output, until at least `over` bytes of results and output are gone.
+        Fires with {"jobs", "bytes"} deleted."""
+        jt, j, out = t.job_targets, t.jobs, t.job_output
+        active = list(active_states)
+
+        def op(c: Connection) -> tuple[int, int]:
+            ids = [
+                r[0]
+                for r in c.execute(
+                    sa.select(j.c.id)
+                    .where(~sa.exists().where(jt.c.job_id == j.c.id, jt.c.state.in_(active)))
+                    .order_by(j.c.created_at, j.c.id)
+                    .limit(batch)
+                )
+            ]
+            gone = 0
+            chosen: list[str] = []
+            for job_id in ids:
+                results = c.execute(
+                    sa.select(sa.func.coalesce(sa.func.sum(jt.c.result_bytes), 0)).where(
+                        jt.c.job_id == job_id
+                    )
+                ).scalar()
+                output = c.execute(
+                    sa.select(sa.func.coalesce(sa.func.sum(_text_bytes(c, out.c.text)), 0)).where(
+                        out.c.job_id == job_id
+                    )
+                ).scalar()
+                chosen.append(job_id)
+                gone += int(results or 0) + int(output or 0)
+                if gone >= over:
+                    break
+            if chosen:
+                c.execute(out.delete().where(out.c.job_id.in_(chosen)))
+                c.execute(jt.delete().where(jt.c.job_id.in_(chosen)))
+                c.execute(j.delete().where(j.c.id.in_(chosen)))
+            return len(chosen), gone
+
+        @inlineCallbacks
+        def purge_all():
+            jobs = freed = 0
+            while freed < over:
+                n, gone = yield self._db.transaction(op)
+                jobs += n
+                freed += gone
+                if n == 0:
+                    break
+            return {"jobs": jobs, "bytes": freed}
 
         return purge_all()

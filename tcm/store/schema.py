@@ -65,6 +65,8 @@ job_targets = sa.Table(
     sa.Column("finished_at", sa.Float),
     sa.Column("result", sa.JSON),
     sa.Column("error", sa.Text),
+    # bytes of the result's JSON and error (what retention by size counts)
+    sa.Column("result_bytes", sa.Integer, nullable=False, server_default="0"),
     sa.Index("ix_job_targets_agent_state", "agent_id", "state"),
     sa.Index("ix_job_targets_state", "state"),
 )
@@ -192,7 +194,24 @@ inventory = sa.Table(
     sa.Column("digest", sa.String(64), nullable=False),
     sa.Column("collected_at", sa.Float, nullable=False),
     sa.Column("changed_at", sa.Float, nullable=False),
+    # 1 for the first version of the class collected from the agent, +1 at each change
+    sa.Column("version", sa.Integer, nullable=False, server_default="1"),
     sa.Index("ix_inventory_class_digest", "class", "digest"),
+)
+
+# The versions of a class an agent had before its current one (in `inventory`), the last
+# --inventory-history of each (agent, class).
+inventory_history = sa.Table(
+    "inventory_history",
+    metadata,
+    sa.Column("agent_id", sa.String(64), primary_key=True),
+    sa.Column("class", sa.String(64), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("data", sa.JSON, nullable=False),
+    sa.Column("digest", sa.String(64), nullable=False),
+    sa.Column("collected_at", sa.Float, nullable=False),
+    sa.Column("changed_at", sa.Float, nullable=False),
+    sa.Column("replaced_at", sa.Float, nullable=False),
 )
 
 api_tokens = sa.Table(
@@ -230,6 +249,8 @@ nodes = sa.Table(
     sa.Column("url", sa.String(512)),  # where agents reach it (reported by the node)
     sa.Column("max_clients", sa.Integer),  # NULL: the server's default
     sa.Column("fingerprint", sa.String(64)),  # of its certificate, once enrolled
+    # of the certificate it renewed last: accepted too until it expires
+    sa.Column("previous_fingerprint", sa.String(64)),
     sa.Column("registered_at", sa.Float, nullable=False),
     sa.Column("enrolled_at", sa.Float),
     sa.Column("token_hash", sa.String(64)),  # one-time enrollment secret, until used

@@ -20,24 +20,28 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from tcm.httplimits import limited_site
 from tcm.process import raise_descriptor_limit
 from tcm.protocol import codes, link
 from tcm.relay.downstream import DownLinkFactory
 from tcm.relay.edge import EdgeFactory
 from tcm.relay.node import (
     NodeEnrollmentError,
+    NodeRenewal,
     NodeService,
     NodeState,
+    Running,
     client_endpoint,
     enroll_node,
+    https_issuer,
 )
 from tcm.relay.relays import TaskServerRelay
 from tcm.relay.upstream import UpstreamFactory, upstream_service
 from tcm.taskserver import WS_PATH
-from tcm.tls import pki
 from tcm.tls.endpoints import listeners, port_description
 from tcm.tls.handshake import HandshakeLogger
-from tcm.tls.server import server_tls_options
+from tcm.tls.identity import Identity
+from tcm.tls.renewal import DEFAULT_FRACTION
 
 
 @attrs.define
@@ -53,7 +57,9 @@ class TaskServerConfig:
     max_clients: int = 5000
     keepalive: float = 50.0  # what agents are told to ping at comes from the server
     drain_grace: float = 2.0  # seconds between telling agents to go and stopping
+    renew_fraction: float = DEFAULT_FRACTION  # of the node certificate's life, then renewed
     metrics_port: int | None = None  # /metrics and /status on loopback
+    tls_groups: str | None = None  # key exchange groups (None: OpenSSL's default list)
 
     def url(self) -> str:
         host = self.hostnames[0] if self.hostnames else self.interface
@@ -74,9 +80,7 @@ def edge_site(resource: Resource, gateway_links: Resource | None = None) -> Site
         root.putChild(path, top)
         top.putChild(b"v1", v1)
         v1.putChild(b"ws", child)
-    site = Site(root, timeout=60)
-    site.displayTracebacks = False
-    return site
+    return limited_site(root, 60)  # lines and bodies over limits: 431/413 at once
 
 
 class TaskServerService(NodeService):
@@ -92,6 +96,8 @@ class TaskServerService(NodeService):
         self.state = NodeState(config.state_dir)
         self.relay = TaskServerRelay(reactor, config.max_clients)
         self.node_name: str | None = None
+        self.identity: Identity | None = None  # its node certificate, renewed in place
+        self.renewal: NodeRenewal | None = None
 
     @inlineCallbacks
     def _prepare(self):
@@ -109,10 +115,20 @@ class TaskServerService(NodeService):
         meta = self.state.meta()
         self.node_name = self.relay.node_name = meta["name"]
         server = cfg.server or meta["server"]
-        ca_pem, cert_pem, key_pem = self.state.tls()
-        self.build(server, ca_pem, cert_pem, key_pem)
+        self.identity = identity = self.state.identity()
+        self.build(server, identity)
+        self.renew_with(https_issuer(self.reactor, server, identity))
 
-    def build(self, server: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> None:
+    def renew_with(self, issue: Any) -> None:
+        """Renew the node certificate through `issue` when it is due (started with the
+        node); new connections, both ways, present the renewed one."""
+        assert self.identity is not None
+        self.renewal = NodeRenewal(
+            self.reactor, self.state, self.identity, issue, self.config.renew_fraction
+        )
+        Running(self.renewal).setServiceParent(self)
+
+    def build(self, server: str, identity: Identity) -> None:
         cfg = self.config
         assert self.node_name is not None
         edge = EdgeFactory(self.relay, cfg.url())
@@ -121,11 +137,11 @@ class TaskServerService(NodeService):
         for listener in listeners(
             self.reactor,
             cfg.listen or [port_description(cfg.port, cfg.interface)],
-            server_tls_options(key_pem, cert_pem, [ca_pem]),
+            identity.server_tls([identity.ca_pem], cfg.tls_groups),
             HandshakeLogger(site),  # TLS failures logged, as the server's and gateway's
         ):
             listener.setServiceParent(self)
-        self.add_link(server, ca_pem, cert_pem, key_pem, cfg.url())
+        self.add_link(server, identity, cfg.url())
         if cfg.metrics_port is not None:
             from twisted.internet.endpoints import TCP4ServerEndpoint
 
@@ -138,12 +154,12 @@ class TaskServerService(NodeService):
                 ),
             ).setServiceParent(self)
 
-    def add_link(self, server: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes, url: str):
+    def add_link(self, server: str, identity: Identity, url: str):
         from urllib.parse import urlsplit
 
         assert self.node_name is not None
         host = urlsplit(server).hostname or "127.0.0.1"
-        tls = pki.client_tls_options(host, ca_pem, cert_pem, key_pem)
+        tls = identity.tls_options(host)
         factory = UpstreamFactory(self.relay, server, self.node_name, "taskserver", url)
         upstream_service(
             self.reactor, client_endpoint(self.reactor, server, tls), factory
@@ -222,7 +238,11 @@ class EmbeddedTaskServer(TaskServerService):
         server.root.putChild(b"task", task)
         task.putChild(b"v1", v1)
         v1.putChild(b"ws", WebSocketResource(edge))
-        self.add_link(url, server.ca_pem, cert_pem, state.key_pem(), cfg.url())
+        self.identity = identity = Identity(server.ca_pem, cert_pem, state.key_pem())
+        self.add_link(url, identity, cfg.url())
+        self.renew_with(
+            lambda csr: server.renew_node_certificate(self.NAME, identity.cert_pem, csr)
+        )
 
 
 def _resource(r: Any) -> Resource:

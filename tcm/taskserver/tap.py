@@ -6,6 +6,7 @@ from twisted.python import usage
 
 from tcm.taskserver.service import TaskServerConfig, make_taskserver_service
 from tcm.tls.endpoints import listen_addresses
+from tcm.tls.server import tls_groups
 
 
 class Options(usage.Options):
@@ -28,6 +29,22 @@ class Options(usage.Options):
         ["max-clients", None, 5000, "Most agent sessions this task server holds.", int],
         ["metrics-port", None, None, "Loopback port for /metrics and /status.", int],
         ["keepalive", None, 50.0, "Seconds between the agents' pings (as the server's).", float],
+        [
+            "renew-at",
+            None,
+            2 / 3,
+            "Renew the node certificate when this part of its life has passed (0 to 1).",
+            float,
+        ],
+        [
+            "tls-groups",
+            None,
+            None,
+            "TLS key exchange groups offered to agents, colon-separated in OpenSSL's form "
+            "(default: OpenSSL's list, hybrid post-quantum X25519MLKEM768 first where "
+            "available; X25519 alone takes less memory per session: docs/operating.md).",
+            tls_groups,
+        ],
     ]
 
     def __init__(self):
@@ -50,6 +67,8 @@ class Options(usage.Options):
             raise usage.UsageError("--state-dir is required")
         if self["max-clients"] < 1:
             raise usage.UsageError("--max-clients must be at least 1")
+        if not 0 < self["renew-at"] < 1:
+            raise usage.UsageError("--renew-at must be between 0 and 1, e.g. 0.66")
         from twisted.internet import reactor
 
         try:
@@ -73,6 +92,8 @@ def makeService(options: Options):
             token=options["token"],
             max_clients=options["max-clients"],
             keepalive=options["keepalive"],
+            renew_fraction=options["renew-at"],
             metrics_port=options["metrics-port"],
+            tls_groups=options["tls-groups"],
         )
     )

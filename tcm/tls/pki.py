@@ -158,19 +158,21 @@ def fingerprint(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex()
 
 
-def names_in(cert_pem: bytes, names: Iterable[str]) -> bool:
-    """Whether the certificate names every one of ``names`` (DNS or IP subject alt names)."""
-    wanted = set(names)
-    if not wanted:
-        return True
-    cert = load_certificate(cert_pem)
+def server_names(cert: x509.Certificate) -> list[str]:
+    """The DNS names and IP addresses a certificate names (subject alt names), in order."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
-        return False
-    have = {str(v) for v in san.get_values_for_type(x509.DNSName)}
-    have |= {str(v) for v in san.get_values_for_type(x509.IPAddress)}
-    return wanted <= have
+        return []
+    return [str(v) for v in san.get_values_for_type(x509.DNSName)] + [
+        str(v) for v in san.get_values_for_type(x509.IPAddress)
+    ]
+
+
+def names_in(cert_pem: bytes, names: Iterable[str]) -> bool:
+    """Whether the certificate names every one of ``names`` (DNS or IP subject alt names)."""
+    wanted = set(names)
+    return not wanted or wanted <= set(server_names(load_certificate(cert_pem)))
 
 
 def not_after(cert: x509.Certificate) -> float:

@@ -13,12 +13,22 @@ from collections.abc import Sequence
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from OpenSSL import SSL, crypto
+from OpenSSL._util import lib as _openssl
 from twisted.internet import ssl
 
 from tcm.tls import pki
 from tcm.tls.pki import CertificateError
 
-__all__ = ["TLS12_CIPHERS", "server_tls_options"]
+__all__ = ["DEFAULT_TLS_GROUPS", "TLS12_CIPHERS", "server_tls_options"]
+
+#: `--tls-groups` when not given: OpenSSL's own list, which puts the hybrid post-quantum
+#: X25519MLKEM768 first where the OpenSSL has it (3.5+), then X25519 and the NIST curves.
+DEFAULT_TLS_GROUPS = None
+
+#: Seconds a TLS session stays resumable (its ticket's lifetime): a reconnecting agent that
+#: offers its last session skips the certificate signature and verification. Bounded, since a
+#: resumed session does not verify the client certificate again (its expiry included).
+RESUMABLE_FOR = 600
 
 # TLS 1.2 suites: ECDHE (forward secrecy) with AEAD only, ECDSA and RSA certificates (the tcm
 # CA makes ECDSA, an admin's --cert may be RSA). No CBC (LUCKY13, padding oracles), no SHA-1
@@ -35,13 +45,33 @@ TLS12_CIPHERS = ":".join(
 )
 
 
+def tls_groups(value: str) -> str:
+    """`--tls-groups` checked against this OpenSSL: the value, or ValueError naming it."""
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    if not value or not _openssl.SSL_CTX_set1_curves_list(
+        ctx._context, value.encode("ascii", "replace")
+    ):
+        raise ValueError(
+            f"TLS groups {value!r}: not known to this OpenSSL "
+            f"(e.g. X25519MLKEM768:X25519 or X25519)"
+        )
+    return value
+
+
 class _ServerCertificateOptions(ssl.CertificateOptions):
     """``CertificateOptions`` whose context also names the acceptable client CAs and uses
     a fixed session id context."""
 
-    def __init__(self, *, clientCAs: Sequence[x509.Certificate], **kwargs: object):
+    def __init__(
+        self,
+        *,
+        clientCAs: Sequence[x509.Certificate],
+        groups: str | None = None,
+        **kwargs: object,
+    ):
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self._clientCAs = list(clientCAs)
+        self._groups = groups
         self._prepared: SSL.Context | None = None
 
     def getContext(self) -> SSL.Context:
@@ -57,6 +87,14 @@ class _ServerCertificateOptions(ssl.CertificateOptions):
             # Twisted sets a random session id context per context; a fixed one keeps the
             # meaning clear. Resuming a session with a verified client certificate needs one.
             ctx.set_session_id(b"tcm")
+            ctx.set_timeout(RESUMABLE_FOR)
+            if self._groups and not _openssl.SSL_CTX_set1_curves_list(
+                ctx._context, self._groups.encode("ascii", "replace")
+            ):
+                raise CertificateError(
+                    f"TLS groups {self._groups!r}: not known to this OpenSSL "
+                    f"(e.g. X25519MLKEM768:X25519 or X25519)"
+                )
             self._prepared = ctx
         return ctx
 
@@ -66,6 +104,7 @@ def server_tls_options(
     cert_pem: bytes,
     ca_pems: Sequence[bytes],
     chain_pems: Sequence[bytes] = (),
+    groups: str | None = DEFAULT_TLS_GROUPS,
 ) -> ssl.CertificateOptions:
     """TLS 1.2+ server options: the server's key and certificate, optional client
     certificates verified against ``ca_pems``, session tickets on, TLS 1.2 limited to
@@ -78,7 +117,9 @@ def server_tls_options(
     certificates pose as agents. Certificates after the
     first in ``cert_pem`` (a full chain file) and those in ``chain_pems`` are sent as the
     chain. The context is built at once, so a key that does not fit the certificate fails
-    here and not at the first handshake.
+    here and not at the first handshake. ``groups``: the key exchange groups offered, in
+    OpenSSL's colon-separated form (``--tls-groups``; None: OpenSSL's default, hybrid
+    post-quantum first).
     """
     try:
         key = pki.load_key(key_pem)
@@ -105,6 +146,7 @@ def server_tls_options(
         enableSessionTickets=True,
         acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS),
         clientCAs=authorities,
+        groups=groups,
     )
     options.getContext()
     return options

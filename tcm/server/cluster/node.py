@@ -26,7 +26,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from tcm.interfaces import ICluster, IClusterBus
+from tcm.interfaces import ICluster, IClusterBus, IEventPublisher
+from tcm.server.events import Event
 
 HEARTBEAT = 2.0
 DOWN_AFTER = 3 * HEARTBEAT + 1.0
@@ -73,6 +74,10 @@ class ClusterNode(service.Service):
         self.counts = {"jobs_sent": 0, "jobs_received": 0, "changes_received": 0}
         # other nodes' events of a type, to the service that waits for them here
         self.event_listeners: dict[str, Callable[[dict[str, Any]], None]] = {}
+        # the console's hub here (tcm/server/events.py), and what the other nodes' consoles
+        # follow (so that only those events cross: ClusterEvents)
+        self.hub: Any = None
+        self.remote_topics: set[str] = set()
         self._handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
             "job": self._on_job,
             "change": self._on_change,
@@ -134,7 +139,14 @@ class ClusterNode(service.Service):
         stored.addErrback(lambda f: self._log.warn("heartbeat not stored: {e}", e=f.value))
         if not self.bus.up:
             return stored
+        if self.hub is not None:
+            shared = self.bus.share_topics(DOWN_AFTER, self.hub.topics())
+            shared.addCallback(self._remote_topics)
+            shared.addErrback(lambda f: None)
         return self._write_presence(self.local_agents())
+
+    def _remote_topics(self, topics: set[str]) -> None:
+        self.remote_topics = set(topics)
 
     def _presence_changed(self) -> Any:
         """Between heartbeats: write presence as soon as sessions opened or closed here (so
@@ -272,6 +284,15 @@ class ClusterNode(service.Service):
                 continue
             if event.get("type") in ("result", "output"):
                 self._jobs.wake(str(event.get("job")))
+            if event.get("type") == "hub" and self.hub is not None:
+                self.hub.publish(
+                    Event(
+                        str(event.get("topic")),
+                        str(event.get("kind")),
+                        event.get("key"),
+                        dict(event.get("data") or {}),
+                    )
+                )
             listener = self.event_listeners.get(str(event.get("type")))
             if listener is not None:
                 listener(event)
@@ -319,3 +340,27 @@ class ClusterNode(service.Service):
                 }
             )
         return out
+
+
+@implementer(IEventPublisher)
+class ClusterEvents:
+    """What the parts of a node publish to in a cluster: the node's own hub, and, for the
+    topics other nodes' consoles follow, the events channel (batched), so a console on any
+    node sees every node's changes."""
+
+    def __init__(self, hub: Any, node: ClusterNode):
+        self._hub = hub
+        self._node = node
+
+    def publish(self, event: Event) -> None:
+        self._hub.publish(event)
+        if event.topic in self._node.remote_topics:
+            self._node.event(
+                {
+                    "type": "hub",
+                    "topic": event.topic,
+                    "kind": event.kind,
+                    "key": event.key,
+                    "data": event.data,
+                }
+            )

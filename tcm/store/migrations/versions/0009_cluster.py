@@ -1,14 +1,14 @@
 """Cluster: the secrets nodes share (the CA sealed, the admin token) and the server nodes.
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0009"
-down_revision = "0007"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 

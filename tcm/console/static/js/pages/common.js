@@ -1,0 +1,71 @@
+// What several pages share: the agents snapshot with its live deltas, simple tables.
+import { api } from "../api.js";
+import { h, message } from "../dom.js";
+
+// Agent rows by id, kept current by `agent` events (mode, via, state...).
+export async function loadAgents() {
+  const { agents } = await api("GET", "/agents");
+  return new Map(agents.map((a) => [a.id, a]));
+}
+
+export async function applyAgentEvents(agents, events) {
+  const fresh = [];
+  for (const e of events) {
+    if (e.kind !== "agent") continue;
+    const row = agents.get(e.id);
+    if (!row || e.new) {
+      fresh.push(e.id);
+      continue;
+    }
+    const { kind, key, new: _n, ...fields } = e;
+    Object.assign(row, fields);
+  }
+  for (const id of fresh) {
+    try {
+      agents.set(id, await api("GET", `/agents/${encodeURIComponent(id)}`));
+    } catch {
+      /* deleted meanwhile: the next listing says so */
+    }
+  }
+}
+
+// A plain table of a few hundred rows at most (audit, targets, nodes): cells as text.
+export function table(columns, rows, { empty = "Nothing yet.", label } = {}) {
+  if (!rows.length) return h("p", { class: "empty" }, empty);
+  return h(
+    "table",
+    { class: "grid", "aria-label": label || null },
+    h("thead", {}, h("tr", {}, columns.map(([title]) => h("th", {}, title)))),
+    h(
+      "tbody",
+      {},
+      rows.map((r) =>
+        h(
+          "tr",
+          {},
+          columns.map(([, value]) => {
+            const v = value(r);
+            return h("td", {}, v instanceof Node ? v : v === null || v === undefined ? "" : String(v));
+          }),
+        ),
+      ),
+    ),
+  );
+}
+
+// Run `action` (an async function), showing its refusal (the server's reason) in `where`.
+export async function attempt(where, action, success) {
+  where.replaceChildren();
+  try {
+    const result = await action();
+    if (success) where.append(message("ok", success(result)));
+    return result;
+  } catch (e) {
+    where.append(message("error", e.message));
+    return undefined;
+  }
+}
+
+export function section(title, ...children) {
+  return h("section", {}, h("h2", {}, title), ...children);
+}

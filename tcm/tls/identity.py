@@ -1,0 +1,138 @@
+"""A TLS identity that can change while connections come and go: agents and relay nodes.
+
+`Identity` holds the trusted CA, the certificate and its key. The TLS objects handed to
+endpoints (`CurrentClientTLS`, `CurrentServerTLS`) look the identity up at each new
+connection, so a renewed certificate is presented from the next connection on while open
+ones keep theirs. The OpenSSL contexts behind them are built once per certificate: each
+holds a certificate, a key and a trust store, costly to build per connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+from OpenSSL import SSL
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+)
+from zope.interface import implementer
+
+from tcm.tls import pki
+
+
+@attrs.define
+class Identity:
+    """What an agent or a node presents and trusts on every connection."""
+
+    ca_pem: bytes
+    cert_pem: bytes | None = None
+    key_pem: bytes | None = None
+    _options: dict[Any, Any] = attrs.field(factory=dict, repr=False)
+    # The TLS session of the last welcomed session per host, offered for resumption at the
+    # next connection there: the server skips signing and verifying certificates (issue 17).
+    _tls_sessions: dict[str, Any] = attrs.field(factory=dict, repr=False)
+
+    def tls_options(self, hostname: str) -> CurrentClientTLS:
+        """TLS client options for `hostname`, as the identity is at each connection (an
+        endpoint made once presents a renewed certificate from its next connection on)."""
+        return CurrentClientTLS(self, hostname)
+
+    def server_tls(
+        self, client_cas: Sequence[bytes], groups: str | None = None
+    ) -> CurrentServerTLS:
+        """TLS server options presenting this identity, verifying client certificates of
+        `client_cas`, offering key exchange `groups` (None: OpenSSL's list), as the
+        identity is at each connection."""
+        return CurrentServerTLS(self, tuple(client_cas), groups)
+
+    def options_now(self, hostname: str):
+        """The client options for `hostname` now, made once per certificate."""
+        options = self._options.get(hostname)
+        if options is None:
+            options = self._options[hostname] = pki.client_tls_options(
+                hostname, self.ca_pem, self.cert_pem, self.key_pem
+            )
+        return options
+
+    def server_options_now(self, client_cas: tuple[bytes, ...], groups: str | None = None):
+        """The server options now, made once per certificate."""
+        from tcm.tls.server import server_tls_options
+
+        key = ("server", client_cas, groups)
+        options = self._options.get(key)
+        if options is None:
+            if self.cert_pem is None or self.key_pem is None:
+                raise ValueError("an identity without a certificate cannot serve TLS")
+            options = self._options[key] = server_tls_options(
+                self.key_pem, self.cert_pem, list(client_cas), groups=groups
+            )
+        return options
+
+    def renewed(self, cert_pem: bytes, key_pem: bytes) -> None:
+        """A renewed certificate and its key: presented on every new connection from now."""
+        self.cert_pem, self.key_pem = cert_pem, key_pem
+        self._options.clear()
+        self._tls_sessions.clear()  # a resumed session would carry the old certificate
+
+    def tls_session_for(self, hostname: str) -> Any:
+        """The TLS session to offer `hostname` for resumption, or None."""
+        return self._tls_sessions.get(hostname)
+
+    def remember_tls_session(self, transport: Any) -> bool:
+        """Keep the TLS session of a connection the server welcomed, to resume it at the
+        next connection to the same host. By the welcome, TLS 1.3's session tickets (sent
+        right after the handshake) have arrived. True if one was kept."""
+        try:
+            handle = transport.getHandle()
+            hostname = getattr(handle, RESUME_KEY, None)
+            session = handle.get_session() if hostname is not None else None
+        except Exception:  # not TLS, or a connection already gone: nothing to keep
+            return False
+        if session is None or hostname is None:
+            return False
+        self._tls_sessions[hostname] = session
+        return True
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class CurrentClientTLS:
+    """An identity's client TLS for one host, looked up at each connection."""
+
+    __slots__ = ("_identity", "_hostname")
+
+    def __init__(self, identity: Identity, hostname: str):
+        self._identity = identity
+        self._hostname = hostname
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> Any:
+        identity, hostname = self._identity, self._hostname
+        connection = identity.options_now(hostname).clientConnectionForTLS(tlsProtocol)
+        session = identity.tls_session_for(hostname)
+        if session is not None:
+            connection.set_session(session)  # offered; a server that cannot resume says so
+        setattr(connection, RESUME_KEY, hostname)
+        return connection
+
+
+#: The attribute of a client TLS connection naming the host its session may be resumed at.
+RESUME_KEY = "_tcm_resume_host"
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class CurrentServerTLS:
+    """An identity's server TLS, looked up at each connection."""
+
+    __slots__ = ("_identity", "_cas", "_groups")
+
+    def __init__(self, identity: Identity, client_cas: tuple[bytes, ...], groups: str | None):
+        self._identity = identity
+        self._cas = client_cas
+        self._groups = groups
+        identity.server_options_now(client_cas, groups)  # a key that does not fit fails here
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        options = self._identity.server_options_now(self._cas, self._groups)
+        return SSL.Connection(options.getContext(), None)
