@@ -601,6 +601,10 @@ class IClusterBus(Interface):
     def routes(agent_ids):  # type: ignore[misc]
         """Deferred {node: [agent ids it holds]} over every live node."""
 
+    def share_topics(ttl, topics):  # type: ignore[misc]
+        """Deferred: this node's console subscribers' topics (kept `ttl` seconds), fired with
+        the union of every other live node's topics."""
+
 
 class ICluster(Interface):
     """This server's place in a cluster of nodes: what the other services tell it, and what

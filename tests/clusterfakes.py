@@ -20,6 +20,7 @@ class FakeRedis:
         self.agents: dict[str, set[str]] = {}
         self.buses: dict[str, FakeBus] = {}
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.topics: dict[str, set[str]] = {}
         self.running = True
 
     def stop(self) -> None:
@@ -111,7 +112,15 @@ class FakeBus:
     def leave(self) -> Deferred[Any]:
         self.redis.alive.discard(self.node)
         self.redis.agents.pop(self.node, None)
+        self.redis.topics.pop(self.node, None)
         return succeed(None)
+
+    def share_topics(self, ttl: float, topics: Iterable[str]) -> Deferred[set[str]]:
+        failed = self._check()
+        if failed:
+            return failed
+        self.redis.topics[self.node] = set(topics)
+        return succeed({t for n, ts in self.redis.topics.items() if n != self.node for t in ts})
 
     def routes(self, agent_ids: Iterable[str]) -> Deferred[dict[str, list[str]]]:
         failed = self._check()

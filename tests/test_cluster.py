@@ -375,6 +375,31 @@ def test_changes_reach_every_node(cluster: Cluster) -> None:
         0.2,
         "the setting on n2",
     )
+    # PushPolicy from n1 to an agent on n2: notified by n2, its report heard on n1
+    wait_until(
+        lambda: {a["id"]: a.get("node") for a in n1.agents()} == {agent.agent_id: "n2"},
+        10,
+        0.2,
+        "n1 knowing the agent is on n2",
+    )
+    from tcm.cli.admin import Api
+
+    with open(os.path.join(n1.state_dir, "admin.token")) as f:
+        api = Api(n1.url, n1.ca, f.read().strip())
+    api.call("POST", "/targets", {"name": "on-n2", "agents": [agent.agent_id]})
+    api.call(
+        "POST",
+        "/policies",
+        {
+            "name": "inventory-hourly",
+            "type": "inventory.schedule",
+            "document": {"every": 3600, "classes": ["hostname"]},
+            "targets": ["on-n2"],
+        },
+    )
+    pushed = n1.cli_json("policies", "push", "inventory-hourly", "--wait", "20")
+    assert pushed["agents"][agent.agent_id]["status"] == "pushed"
+
     n1.cli("agents", "revoke", agent.agent_id)
     wait_until(lambda: "revoked" in agent.log(), 10, 0.2, "the agent told it is revoked")
     # a node stopped cleanly is down at once (not after its heartbeat's expiry)
@@ -520,3 +545,29 @@ def test_an_agent_enrolls_through_any_node_and_keeps_the_list(cluster: Cluster) 
     agent.args = ["tcm-agent", "--state-dir", agent.state_dir, "--backoff-max", "1"]
     agent.start()  # back, through the second server again
     assert _nodes(n1)["n1"]["state"] == "up"
+
+
+def test_destinations_move_to_the_next_node_when_one_is_lost() -> None:
+    """An agent with several nodes: a session lost without a close (the node killed) goes to
+    the next node at once, not to the lost one first; gateways keep their rule (after a
+    gateway, the first node is preferred again)."""
+    from tcm.agent.gateways import Destinations
+
+    d = Destinations(["https://n1:1", "https://n2:2", "https://n3:3", "https://gw:4"], servers=3)
+    d.session_ended(1006)
+    assert d.current == "https://n2:2"
+    d.session_ended(None)
+    assert d.current == "https://n3:3"
+    d.session_ended(1006)
+    assert d.current == "https://n1:1"  # round the nodes, never to the gateway for a loss
+    d.session_ended(4012)  # a node that says it restarts: the first is preferred
+    assert d.current == "https://n1:1"
+    d.move_on("unreachable")
+    d.move_on("unreachable")
+    d.move_on("unreachable")
+    assert d.current == "https://gw:4"
+    d.session_ended(1006)
+    assert d.current == "https://n1:1"
+    single = Destinations(["https://srv:1", "https://gw:2"])  # one server: as before
+    single.session_ended(1006)
+    assert single.current == "https://srv:1"

@@ -126,3 +126,15 @@ async def test_events_reach_listeners(nodes: Callable[[str], Node]) -> None:
     await until(lambda: heard)
     assert heard == [{"node": "n1", "events": [{"type": "result", "job": "j", "agent": "a"}]}]
     assert n1.messages == n2.messages == []  # events are not node messages
+
+
+@pytest_twisted.ensureDeferred
+async def test_topics_are_shared_between_nodes(nodes: Callable[[str], Node]) -> None:
+    n1, n2 = nodes("n1"), nodes("n2")
+    await until(lambda: n1.bus.up and n2.bus.up)
+    await n1.bus.refresh_presence(30, (), (), [])
+    await n2.bus.refresh_presence(30, (), (), [])
+    assert await n1.bus.share_topics(30, {"jobs", "job:j1"}) == set()
+    assert await n2.bus.share_topics(30, {"agents"}) == {"jobs", "job:j1"}
+    assert await n1.bus.share_topics(30, set()) == {"agents"}
+    assert await n2.bus.share_topics(30, {"agents"}) == set()  # n1 follows nothing now

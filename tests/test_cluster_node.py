@@ -62,11 +62,15 @@ class NodeUnderTest:
             db.cluster,
             self.presence,
             self.jobs,
-            {"settings": self.settings.reload},
+            {
+                "settings": self.settings.reload,
+                "cancel": lambda ids: self.jobs.cancel_here(ids[0], ids[1:]) if ids else None,
+            },
             reactor,
         )
         self.jobs.on_created = self.node.job_created
         self.jobs.on_stored = self.node.event
+        self.jobs.on_canceled = lambda j, agents: self.node.changed("cancel", [j, *agents])
         self.transports: dict[str, FakeTransport] = {}
 
     def connect(self, agent_id: str) -> FakeTransport:
@@ -298,3 +302,49 @@ async def test_an_agent_enrolled_on_another_node_a_moment_ago_is_served_at_its_n
         admission.check_agent("a-new")
     await _settle()
     assert admission.check_agent("a-new") == "a-new"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cancel_on_one_node_stops_a_target_running_on_another(two_nodes) -> None:
+    """n1 thinks b-1's target is pending (n2 took its accept): the cancel takes the store's
+    view, so b-1 is told to stop (by n2, which holds its session), not marked canceled."""
+    a, b, db = two_nodes
+    b.connect("b-1")
+    _start(a, b)
+    job_id = await a.jobs.create("ping", {}, ["b-1", "a-2"], 60, None)
+    assert await b.jobs.accept("b-1", job_id) is Accept.RUN
+    result = await a.jobs.cancel(job_id, None, by="admin")
+    assert result == {"canceled": ["a-2"], "stopping": ["b-1"]}
+    await _settle()
+    sent = [decode(f) for f in b.transports["b-1"].frames]
+    assert [e.type for e in sent if e.type == "action.cancel"] == ["action.cancel"]
+    assert _states(db, job_id)["b-1"][0] == "running"  # until the agent reports
+    assert _states(db, job_id)["a-2"][0] == "canceled"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_console_on_one_node_sees_events_of_another(two_nodes) -> None:
+    """n1's console follows `jobs`: n2's job events for that topic cross the bus (only
+    topics some other node follows do) and reach n1's subscribers."""
+    from tcm.server.cluster.node import ClusterEvents
+    from tcm.server.events import EventHub, job_event
+
+    a, b, db = two_nodes
+    hubs = {}
+    for n in (a, b):
+        hubs[n.name] = n.node.hub = EventHub(reactor, interval=0.01)
+    seen: list[dict[str, Any]] = []
+    hubs["n1"].subscribe(["jobs"], seen.append, lambda why: None)
+    _start(a, b)
+    await a.node.heartbeat()
+    await b.node.heartbeat()
+    assert b.node.remote_topics == {"jobs"} and a.node.remote_topics == set()
+    publisher = ClusterEvents(hubs["n2"], b.node)
+    publisher.publish(job_event("j-on-n2", action="ping", total=1))
+    publisher.publish(job_event("j-other", action="ping", total=1).__class__(
+        "job:j-other", "job", None, {}
+    ))  # fmt: skip
+    await _settle()
+    kinds = [e for batch in seen for e in batch.get("events", [batch])]
+    assert any("j-on-n2" in str(e) for e in kinds)
+    assert not any("j-other" in str(e) for e in kinds)  # nobody follows that topic elsewhere

@@ -144,7 +144,8 @@ class ServerConnection:
             self.destinations = None
             return endpoint_for(self.server), ws_url(self.server)
         # the server first, then the other nodes of its cluster, then its gateways
-        self.destinations = Destinations([self.server, *cfg.servers, *cfg.gateways])
+        servers = [self.server, *(u for u in cfg.servers if u != self.server)]
+        self.destinations = Destinations([*servers, *cfg.gateways], servers=len(servers))
         rotating = RotatingEndpoint(self.destinations, endpoint_for, self._destination_switched)
         return rotating, ws_url(self.server)
 

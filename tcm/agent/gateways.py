@@ -18,6 +18,8 @@ from twisted.logger import Logger
 from tcm.protocol import codes
 
 MOVE_ON = frozenset({codes.CLOSE_DRAIN, codes.CLOSE_UPSTREAM_LOST})
+# a session that ended without a close frame (1006, or no code): its server went away
+LOST = frozenset({None, 1006})
 
 
 class Destinations:
@@ -25,7 +27,9 @@ class Destinations:
 
     _log = Logger()
 
-    def __init__(self, urls: list[str]):
+    def __init__(self, urls: list[str], servers: int = 1):
+        """`servers`: how many of the first URLs are nodes of the server's cluster (the
+        rest are gateways)."""
         if not urls:
             raise ValueError("an agent needs a server or a gateway to connect to")
         seen: list[str] = []
@@ -34,6 +38,7 @@ class Destinations:
             if url not in seen:
                 seen.append(url)
         self.urls = seen
+        self.servers = max(1, min(servers, len(seen)))
         self.index = 0
 
     @property
@@ -50,6 +55,12 @@ class Destinations:
     def session_ended(self, code: int | None) -> None:
         if code in MOVE_ON:
             self.move_on(f"closed the session with {code}")
+        elif code in LOST and self.index < self.servers and self.servers > 1:
+            # a node of the cluster went away (killed, unreachable): the next node now,
+            # rather than the lost one first; the agent stays there (nodes are equal)
+            old = self.current
+            self.index = (self.index + 1) % self.servers
+            self._log.info("{old} lost: next is {new}", old=old, new=self.current)
         elif self.index != 0:
             self.index = 0  # prefer the first (direct) destination again
 

@@ -293,6 +293,10 @@ class EventHub:
                 if not subscribers:
                     del self._by_topic[topic]
 
+    def topics(self) -> list[str]:
+        """The topics someone follows here now (a cluster tells the other nodes)."""
+        return list(self._by_topic)
+
     def subscribers(self, topic: str | None = None) -> int:
         """How many subscriptions there are (of `topic`)."""
         if topic is not None:

@@ -107,6 +107,7 @@ class JobService:
         # each result committed here (the cluster's events)
         self.on_created: Callable[[str, list[str]], None] | None = None
         self.on_stored: Callable[[dict[str, Any]], None] | None = None
+        self.on_canceled: Callable[[str, list[str]], None] | None = None
         self._opened: set[str] = set()  # sessions opened, not asked of the store yet
         self._opened_call: Any = None
 
@@ -321,6 +322,10 @@ class JobService:
             unknown = sorted(set(agent_ids) - set(known))
             if unknown:
                 raise Invalid("agents", f"not targets of job {job_id}: {', '.join(unknown[:20])}")
+        if self.shared:  # another node may run some: the store's view, not this node's
+            loaded = yield self.store.load_job(job_id)
+            if loaded is not None:
+                self._settle(*loaded)
         now = self.clock.seconds()
         not_started, running = self.book.cancel(job_id, agent_ids, now)
         why = f"canceled by {by}" if by else "canceled"
@@ -330,6 +335,8 @@ class JobService:
         if ended:
             yield gatherResults(ended)
         self._send_cancel(job_id, running, why)
+        if self.on_canceled is not None:
+            self.on_canceled(job_id, running)  # the other nodes tell theirs
         self._log.info(
             "job {job}: {n} targets canceled, {m} running told to stop",
             job=job_id,
@@ -527,6 +534,20 @@ class JobService:
             if job_id not in seen and now - job.created_at > keep_younger:
                 self.book.settle(job, {})
         return sum(self._deliver_here(job_id, ()) for job_id in list(self.book.jobs))
+
+    @inlineCallbacks
+    def cancel_here(self, job_id: str, agent_ids: list[str]):
+        """Another node canceled a job whose running targets include these agents: those
+        whose sessions are here are told to stop (again at their next session here)."""
+        loaded = yield self.store.load_job(job_id)
+        if loaded is None:
+            return []
+        self._settle(*loaded)
+        running = [a for a in agent_ids if self.book.state(job_id, a) is TargetState.RUNNING]
+        self.book.cancel(job_id, running, self.clock.seconds())
+        here = [a for a in running if self.dispatcher.is_reachable(a)]
+        self._send_cancel(job_id, here, "canceled")
+        return here
 
     def _settle(self, row: dict[str, Any], states: dict[str, str]) -> None:
         job = self.book.jobs.get(row["id"]) or Job(

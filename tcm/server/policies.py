@@ -7,7 +7,7 @@ version now and waits for each agent's report.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import fastjsonschema
@@ -69,6 +69,11 @@ class PolicyService:
         self.agent_policy_types: dict[str, set[str]] = {}  # agent -> types from its hello
         self.policies: dict[str, dict[str, Any]] = {}
         self._waiters: dict[tuple[str, str], list[tuple[int, Deferred]]] = {}
+        # nodes of a cluster (tcm/server/cluster): which agents other nodes hold, telling the
+        # other nodes to notify theirs, and each report stored here (for waits elsewhere)
+        self.elsewhere: Callable[[list[str]], Deferred] | None = None
+        self.on_push: Callable[[], None] | None = None
+        self.on_report: Callable[[dict[str, Any]], None] | None = None
 
     @inlineCallbacks
     def load(self):
@@ -236,6 +241,13 @@ class PolicyService:
             return {"policy": name, "version": version, "agents": dict(sorted(results.items()))}
         waits = {a: self._wait_report(a, name, version, wait) for a in agents}
         sent, offline = self.book.notify(agents, "policies", version, name)
+        if offline and self.elsewhere is not None:
+            # sessions on other nodes: those nodes notify them, their reports come as events
+            held = yield self.elsewhere(offline)
+            if held and self.on_push is not None:
+                self.on_push()
+            sent = sorted([*sent, *(a for a in offline if a in held)])
+            offline = [a for a in offline if a not in held]
         for agent_id in offline:
             self._drop_waiter(agent_id, name, waits.pop(agent_id))
             results[agent_id] = {
@@ -325,11 +337,9 @@ class PolicyService:
                     error=(report.get("error") or None),
                 )
             )
-            for version, d in self._waiters.pop((agent_id, name), []):
-                if report["version"] >= version or report["state"] == "removed":
-                    d.callback(report)
-                else:
-                    self._waiters.setdefault((agent_id, name), []).append((version, d))
+            self._report_heard(agent_id, name, report)
+        if self.on_report is not None:
+            self.on_report({"type": "policy.report", "agent": agent_id, "reports": reports})
         row["policies"] = merged
         row["reported_at"] = self.clock.seconds()
         self.book.agent_store.set_agent_config(
@@ -346,6 +356,23 @@ class PolicyService:
             return {**answer, "inventory_known": known.known(agent_id)}
 
         return gatherResults(stored_inventory).addCallback(told)
+
+    def _report_heard(self, agent_id: str, name: str, report: dict[str, Any]) -> None:
+        for version, d in self._waiters.pop((agent_id, name), []):
+            if report.get("version", -1) >= version or report.get("state") == "removed":
+                d.callback(report)
+            else:
+                self._waiters.setdefault((agent_id, name), []).append((version, d))
+
+    def reports_elsewhere(self, event: dict[str, Any]) -> None:
+        """An agent's policy report stored by another node of the cluster: a PushPolicy
+        waiting here for it is answered."""
+        reports = event.get("reports")
+        if not isinstance(reports, dict):
+            return
+        for name, report in reports.items():
+            if isinstance(report, dict):
+                self._report_heard(str(event.get("agent")), str(name), report)
 
     def _keep_inventory(
         self, agent_id: str, name: str, report: dict[str, Any]

@@ -69,7 +69,7 @@ from tcm.server.audit import AuditLog
 from tcm.server.ca import CertificateAuthority
 from tcm.server.certificates import SERVER_CERT_CHECK, Certificates, ServerTLS
 from tcm.server.cluster.bus import RedisBus
-from tcm.server.cluster.node import ClusterNode
+from tcm.server.cluster.node import ClusterEvents, ClusterNode
 from tcm.server.cluster.secrets import ClusterIdentity, join, load_or_create_key
 from tcm.server.config import ServerConfig
 from tcm.server.console import ConsoleResource
@@ -481,8 +481,19 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
         provides(ICluster, cluster)
         jobs.on_created = cluster.job_created
         jobs.on_stored = cluster.event
+        jobs.on_canceled = lambda job_id, agents: cluster.changed("cancel", [job_id, *agents])
         admission.on_changed = lambda ids: cluster.changed("agents", ids)
         admission.shared = True
+        # PushPolicy on any node: agents on other nodes notified there, their reports heard
+        policies.elsewhere = cluster.where
+        policies.on_push = lambda: cluster.changed("policies")
+        policies.on_report = cluster.event
+        cluster.event_listeners["policy.report"] = policies.reports_elsewhere
+        # the console on any node: other nodes' events for the topics followed here
+        cluster.hub = events
+        publisher = ClusterEvents(events, cluster)
+        jobs.events = presence.events = admission.events = hub.events = publisher
+        policies.events = publisher
 
     # -- the consumers: the HTTP and WebSocket endpoints ----------------------------------
     url = f"wss://{config.interface}"
@@ -633,9 +644,6 @@ _AREAS = {
 def _tell_cluster(cluster: ClusterNode) -> Callable[[str, str], None]:
     def written(method: str, path: str) -> None:
         parts = path.strip("/").split("/")
-        if parts[0] == "jobs" and parts[-1] == "cancel" and len(parts) == 3:
-            cluster.changed("jobs", [parts[1]])  # every node reads the job again
-            return
         area = _AREAS.get(parts[0])
         if area is not None:
             cluster.changed(area)
@@ -674,16 +682,12 @@ def _cluster_reloads(
     def targets_changed(_ids: Any) -> None:
         agent_config.forget_members()
 
-    @inlineCallbacks
-    def jobs_changed(ids: list[str] | None):
-        if ids is None:
-            yield jobs.resync()
-            return
-        for job_id in ids:
-            yield jobs.adopt(job_id)
+    def canceled(ids: list[str] | None) -> Any:
+        # [job, running agents...]: a cancel on another node (None: the bus came back)
+        return jobs.cancel_here(ids[0], ids[1:]) if ids else None
 
     return {
-        "jobs": jobs_changed,
+        "cancel": canceled,
         "settings": settings.reload,
         "access": lambda _ids: access.load(),
         "agents": admission.refresh,

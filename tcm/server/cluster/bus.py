@@ -142,7 +142,11 @@ class RedisBus:
     def leave(self) -> Deferred[Any]:
         """This node stops: its presence goes now, not at its expiry."""
         return self.call(
-            lambda c: c.delete(self.key("alive", self.node), self.key("agents", self.node))
+            lambda c: c.delete(
+                self.key("alive", self.node),
+                self.key("agents", self.node),
+                self.key("topics", self.node),
+            )
         )
 
     def routes(self, agent_ids: Iterable[str]) -> Deferred[dict[str, list[str]]]:
@@ -163,6 +167,22 @@ class RedisBus:
             return {n: sorted(wanted & set(ids)) for n, ids in zip(alive, held, strict=True)}
 
         return self.call(read)
+
+    def share_topics(self, ttl: float, topics: Iterable[str]) -> Deferred[set[str]]:
+        """Write the topics this node's console subscribers follow (expiring like its
+        presence); the union of the other live nodes' topics."""
+        mine = json.dumps(sorted(topics))
+        seconds = max(1, int(ttl + 0.999))
+
+        def exchange(c: Any) -> set[str]:
+            c.set(self.key("topics", self.node), mine, ex=seconds)
+            nodes = sorted(n for n in c.smembers(self.key("nodes")) if n != self.node)
+            if not nodes:
+                return set()
+            values = c.mget([self.key("topics", n) for n in nodes])
+            return {t for v in values if v for t in json.loads(v)}
+
+        return self.call(exchange)
 
     # -- the subscriber thread -------------------------------------------------------------
     def _listen(self) -> None:

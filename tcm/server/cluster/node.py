@@ -26,10 +26,12 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from tcm.interfaces import ICluster, IClusterBus
+from tcm.interfaces import ICluster, IClusterBus, IEventPublisher
+from tcm.server.events import Event
 
 HEARTBEAT = 2.0
 DOWN_AFTER = 3 * HEARTBEAT + 1.0
+PRESENCE = 0.5  # seconds between checks for sessions opened or closed (written when changed)
 RESYNC = 10.0
 EVENT_BATCH = 0.2  # seconds of events sent as one message
 
@@ -67,7 +69,15 @@ class ClusterNode(service.Service):
         self._beat.clock = clock
         self._resync = LoopingCall(self.resync)
         self._resync.clock = clock
+        self._presence_check = LoopingCall(self._presence_changed)
+        self._presence_check.clock = clock
         self.counts = {"jobs_sent": 0, "jobs_received": 0, "changes_received": 0}
+        # other nodes' events of a type, to the service that waits for them here
+        self.event_listeners: dict[str, Callable[[dict[str, Any]], None]] = {}
+        # the console's hub here (tcm/server/events.py), and what the other nodes' consoles
+        # follow (so that only those events cross: ClusterEvents)
+        self.hub: Any = None
+        self.remote_topics: set[str] = set()
         self._handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
             "job": self._on_job,
             "change": self._on_change,
@@ -82,10 +92,11 @@ class ClusterNode(service.Service):
         self.bus.start(self._received, self._bus_state)
         self._beat.start(HEARTBEAT, now=True)
         self._resync.start(RESYNC, now=False)
+        self._presence_check.start(PRESENCE, now=False)
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
-        for loop in (self._beat, self._resync):
+        for loop in (self._beat, self._resync, self._presence_check):
             if loop.running:
                 loop.stop()
         left = self.bus.leave() if self.bus.up else succeed(None)
@@ -128,24 +139,39 @@ class ClusterNode(service.Service):
         stored.addErrback(lambda f: self._log.warn("heartbeat not stored: {e}", e=f.value))
         if not self.bus.up:
             return stored
+        if self.hub is not None:
+            shared = self.bus.share_topics(DOWN_AFTER, self.hub.topics())
+            shared.addCallback(self._remote_topics)
+            shared.addErrback(lambda f: None)
+        return self._write_presence(self.local_agents())
+
+    def _remote_topics(self, topics: set[str]) -> None:
+        self.remote_topics = set(topics)
+
+    def _presence_changed(self) -> Any:
+        """Between heartbeats: write presence as soon as sessions opened or closed here (so
+        routes and `where` are at most PRESENCE seconds behind)."""
+        if not self.bus.up or self._published is None:
+            return None
         now = self.local_agents()
+        if now == self._published:
+            return None
+        return self._write_presence(now)
+
+    def _write_presence(self, now: set[str]) -> Deferred[Any]:
         if self._published is None:
             d = self.bus.refresh_presence(DOWN_AFTER, (), (), sorted(now))
         else:
             d = self.bus.refresh_presence(
                 DOWN_AFTER, now - self._published, self._published - now, None
             )
-        previous = self._published
 
         def failed(f: Any) -> None:
             self._published = None  # written whole next time
             self._log.warn("presence not refreshed: {e}", e=f.value)
 
         self._published = now
-        d.addErrback(failed)
-        if previous is None:
-            d.addCallback(lambda _: None)
-        return d
+        return d.addErrback(failed)
 
     def _bus_state(self, up: bool) -> None:
         if up:
@@ -155,7 +181,8 @@ class ClusterNode(service.Service):
             self.resync()
             # changes other nodes made while the bus was away
             for area, reload in self._reloads.items():
-                maybeDeferred(reload, None).addErrback(self._reload_failed, area)
+                if area != "cancel":  # (a cancel's message is not replayed)
+                    maybeDeferred(reload, None).addErrback(self._reload_failed, area)
         else:
             self._log.warn(
                 "bus down ({why}): serving this node's sessions", why=self.bus.down_reason
@@ -253,8 +280,22 @@ class ClusterNode(service.Service):
         if batch.get("node") == self.name:
             return
         for event in batch.get("events") or ():
-            if isinstance(event, dict) and event.get("type") in ("result", "output"):
+            if not isinstance(event, dict):
+                continue
+            if event.get("type") in ("result", "output"):
                 self._jobs.wake(str(event.get("job")))
+            if event.get("type") == "hub" and self.hub is not None:
+                self.hub.publish(
+                    Event(
+                        str(event.get("topic")),
+                        str(event.get("kind")),
+                        event.get("key"),
+                        dict(event.get("data") or {}),
+                    )
+                )
+            listener = self.event_listeners.get(str(event.get("type")))
+            if listener is not None:
+                listener(event)
 
     # -- reading ---------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -299,3 +340,27 @@ class ClusterNode(service.Service):
                 }
             )
         return out
+
+
+@implementer(IEventPublisher)
+class ClusterEvents:
+    """What the parts of a node publish to in a cluster: the node's own hub, and, for the
+    topics other nodes' consoles follow, the events channel (batched), so a console on any
+    node sees every node's changes."""
+
+    def __init__(self, hub: Any, node: ClusterNode):
+        self._hub = hub
+        self._node = node
+
+    def publish(self, event: Event) -> None:
+        self._hub.publish(event)
+        if event.topic in self._node.remote_topics:
+            self._node.event(
+                {
+                    "type": "hub",
+                    "topic": event.topic,
+                    "kind": event.kind,
+                    "key": event.key,
+                    "data": event.data,
+                }
+            )
