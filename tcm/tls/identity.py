@@ -75,7 +75,11 @@ class Identity:
         """A renewed certificate and its key: presented on every new connection from now."""
         self.cert_pem, self.key_pem = cert_pem, key_pem
         self._options.clear()
-        self._tls_sessions.clear()  # a resumed session would carry the old certificate
+        self.forget_tls_sessions()  # a resumed session would carry the old certificate
+
+    def forget_tls_sessions(self) -> None:
+        """Offer no session: the next connection to each host is a full handshake."""
+        self._tls_sessions.clear()
 
     def tls_session_for(self, hostname: str) -> Any:
         """The TLS session to offer `hostname` for resumption, or None."""
