@@ -312,6 +312,11 @@ def agent_event(agent_id: str, **fields: Any) -> Event:
     return Event("agents", "agent", agent_id, {"id": agent_id, **fields})
 
 
+def node_event(name: str, **fields: Any) -> Event:
+    """A task server's or gateway's link came up or went down."""
+    return Event("agents", "node", name, {"name": name, **fields})
+
+
 def target_event(job_id: str, agent_id: str, state: str, at: float, **fields: Any) -> Event:
     """A job target's state changed."""
     return Event(

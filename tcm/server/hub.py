@@ -23,7 +23,7 @@ from tcm.protocol.envelope import Envelope
 from tcm.server.agents import is_direct
 from tcm.server.config import ServerConfig
 from tcm.server.envelope_http import serve_envelope
-from tcm.server.events import NO_EVENTS, agent_event
+from tcm.server.events import NO_EVENTS, agent_event, node_event
 from tcm.server.sessions import AgentSession, SessionState
 from tcm.server.web import JsonRouter
 
@@ -185,6 +185,7 @@ class AgentHub:
             max=node.max_clients,
         )
         self._nodes.link_up(node)
+        self.events.publish(node_event(node.name, role=node.role, linked=True))
         if node.role != "taskserver":
             return
         # Agents that found no task server so far get this one (behind a gateway: if that
@@ -245,6 +246,7 @@ class AgentHub:
 
     def link_closed(self, node: Any) -> None:
         moved = self._nodes.link_down(node)
+        self.events.publish(node_event(node.name, role=node.role, linked=False))
         for agent_id in moved or ():
             session = self._presence.registry.get(agent_id)
             if session is not None:

@@ -11,7 +11,7 @@ export async function loadAgents() {
 export async function applyAgentEvents(agents, events) {
   const fresh = [];
   for (const e of events) {
-    if (e.kind !== "agent") continue;
+    if (e.kind !== "agent") continue; // (`node` events: a task server's or gateway's link)
     const row = agents.get(e.id);
     if (!row || e.new) {
       fresh.push(e.id);

@@ -96,6 +96,7 @@ export async function overview(main, ctx) {
     apply: async (events) => {
       await applyAgentEvents(agents, events);
       if (events.some((e) => e.kind === "job")) refreshStatus();
+      if (events.some((e) => e.kind === "node")) loadNodes();
       if (events.some((e) => e.kind === "target" && e.final)) refreshStatus();
       draw();
     },
