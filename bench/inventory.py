@@ -170,6 +170,20 @@ def phase(
     }
 
 
+def wait_sessions(server: BenchServer, n: int, timeout: float) -> None:
+    """Until n agents have a session; a status request lost in the agents' reconnect storm
+    (the admin API shares their port and handshake gate) is asked again."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if server.status()["sessions"] >= n:
+                return
+        except CliError as e:
+            print(f"waiting for sessions: {e}", file=sys.stderr)
+        time.sleep(1)
+    raise AssertionError(f"fewer than {n} sessions after {timeout} s")
+
+
 def forget_inventory(db_path: str) -> None:
     """Start from an empty inventory and no jobs (the agents' identities are kept: a second
     run reconnects without enrolling)."""
@@ -206,7 +220,7 @@ def bench_count(n: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     try:
         swarm.start()
-        server.wait_sessions(n, timeout=max(300, n / 20))
+        wait_sessions(server, n, timeout=max(300, n / 20))
         time.sleep(3)
         limit = int(args.rss_limit_gb * 2**30)
         timeout = max(300.0, n / 10)
