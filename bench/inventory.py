@@ -16,8 +16,11 @@ DIR`): the before figures of the same agents against the code before issue 18.
 
 Usage: .venv/bin/python bench/inventory.py [--counts 1000] [--packages 2000]
        [--server-code DIR] [--label after] [--work DIR]
-(10,000 agents: under `flock /work/wt/_notes/bench.lock ...`.) Everything it starts, it
-stops; every wait is bounded.
+(10,000 agents: under `flock /work/wt/_notes/bench.lock ...`, and with `--server-option
+--keepalive=300`: on two shared cores the swarm processes, busy making and sending thousands
+of package lists, would not send their pings within the default 120 s of silence allowed,
+which real agents on their own machines do.) Everything it starts, it stops; every wait is
+bounded.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import BenchServer, SwarmProcs, emit  # noqa: E402
 
 from tcm.agent.swarm import CHANGES_FILE  # noqa: E402
+from tcm.cli.api import CliError  # noqa: E402
 
 
 def swarm_bytes(state_dir: str, after: float, timeout: float = 30.0) -> int:
@@ -127,7 +131,12 @@ def phase(
     )["job"]
     counts: dict[str, Any] = {}
     while time.monotonic() - t0 < timeout and not sampler.over:
-        counts = api.call("GET", f"/jobs/{job}?results=false")["counts"]
+        try:
+            counts = api.call("GET", f"/jobs/{job}?results=false")["counts"]
+        except CliError as e:  # a server too busy to answer now: ask again
+            print(f"{name}: {e}", file=sys.stderr)
+            time.sleep(1)
+            continue
         if counts["completed"] >= n:
             break
         time.sleep(0.2)
@@ -161,8 +170,39 @@ def phase(
     }
 
 
+def wait_sessions(server: BenchServer, n: int, timeout: float) -> None:
+    """Until n agents have a session; a status request lost in the agents' reconnect storm
+    (the admin API shares their port and handshake gate) is asked again."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if server.status()["sessions"] >= n:
+                return
+        except CliError as e:
+            print(f"waiting for sessions: {e}", file=sys.stderr)
+        time.sleep(1)
+    raise AssertionError(f"fewer than {n} sessions after {timeout} s")
+
+
+def forget_inventory(db_path: str) -> None:
+    """Start from an empty inventory and no jobs (the agents' identities are kept: a second
+    run reconnects without enrolling)."""
+    if not os.path.exists(db_path):
+        return
+    conn = sqlite3.connect(db_path)
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        for table in ("inventory", "inventory_history", "job_output", "job_targets", "jobs"):
+            if table in tables:
+                conn.execute(f"DELETE FROM {table}")
+        conn.commit()
+    finally:
+        conn.close()
+
+
 def bench_count(n: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     base = os.path.join(args.work, f"{args.label}-n{n}")
+    forget_inventory(os.path.join(base, "server", "tcm.sqlite"))
     server = BenchServer(base, port=None, extra=list(args.server_option or []))
     if args.server_code:
         server.env = {"PYTHONPATH": os.path.abspath(args.server_code)}
@@ -180,7 +220,7 @@ def bench_count(n: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     try:
         swarm.start()
-        server.wait_sessions(n, timeout=max(300, n / 20))
+        wait_sessions(server, n, timeout=max(300, n / 20))
         time.sleep(3)
         limit = int(args.rss_limit_gb * 2**30)
         timeout = max(300.0, n / 10)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest_twisted
 
-from tcm.server.inventory import digest
+from tcm.server.inventory import DIGEST_PREFIX, digest
 from tcm.server.targets import most_specific
 from tests.inproc import inproc_server, wait_for  # noqa: F401
 
@@ -273,7 +273,11 @@ async def test_inventory_freshness_stale_and_refresh_of_just_what_is_stale(inpro
     )
     assert pushed["data"]["args"] == {
         "classes": ["os", "memory"],
-        "known": {"os": [digest(os_data)], "memory": [digest({"total": GiB})]},
+        # the digests the server holds, as prefixes (DIGEST_PREFIX hex digits; issue 18)
+        "known": {
+            "os": digest(os_data)[:DIGEST_PREFIX],
+            "memory": digest({"total": GiB})[:DIGEST_PREFIX],
+        },
     }
     after = await ok(await server.admin("GET", f"/api/v1/agents/{agent}/inventory"))
     assert after["classes"]["os"]["data"] == os_data

@@ -24,8 +24,9 @@ import time
 from typing import Any
 
 from twisted.application import service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from tcm.agent.config import AgentConfig
@@ -115,7 +116,14 @@ class SwarmInventory(InventoryAction):
         return made[cls]
 
     def run(self, context: IActionContext, args: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        """In the reactor's thread pool, as the built-in action: thousands of members' runs
+        at once must not keep the swarm's reactor from its sessions' keepalive."""
         member = int(context.state_dir.path.rstrip("/").rsplit("-", 1)[-1])
+        reactor = context.reactor
+        d = deferToThreadPool(reactor, reactor.getThreadPool(), self._collect, member, args)
+        return d.addCallback(lambda r: {**r, "collected_at": float(reactor.seconds())})
+
+    def _collect(self, member: int, args: dict[str, Any]) -> dict[str, Any]:
         requested = args.get("classes")
         classes = list(self.make_classes()) if requested is None else list(requested)
         known = args.get("known") or {}
@@ -138,14 +146,7 @@ class SwarmInventory(InventoryAction):
             else:
                 digests[cls] = cached[1]
                 sent[cls] = data if data is not None else self.make(cls, member, release)
-        return succeed(
-            {
-                "classes": sent,
-                "digests": digests,
-                "unchanged": unchanged,
-                "collected_at": float(context.reactor.seconds()),
-            }
-        )
+        return {"classes": sent, "digests": digests, "unchanged": unchanged}
 
     @staticmethod
     def make_classes() -> tuple[str, ...]:

@@ -893,7 +893,14 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             },
             required=("policies",),
         ),
-        responses={200: STORED},
+        responses={
+            200: fields(
+                "stored",
+                stored=_INT,
+                # after a scheduled inventory collection: the known digests of its next run
+                inventory_known={"type": "object", "additionalProperties": _STR},
+            )
+        },
     ),
     ("GET", f"{AGENT}/profile"): _op(
         "The connection profile that applies to this agent (null: none)",

@@ -718,11 +718,6 @@ class JobService:
     def _finish(self, job_id, agent_id, state, result, error, started, finished, received=None):
         previous = self.book.state(job_id, agent_id)
         job = self.book.jobs.get(job_id)
-        changes = self.book.finish(job_id, agent_id, state, self.clock.seconds())
-        if not changes:
-            return succeed(None)
-        self.outputs.forget(job_id, agent_id)
-        key = (job_id, agent_id)
         collected = None
         if job is not None and job.action == inventory.ACTION:
             collected = inventory.read_result(
@@ -744,6 +739,11 @@ class JobService:
                     error = problem if error is None else f"{error}; {problem}"
                     if state is TargetState.SUCCEEDED:
                         state = TargetState.FAILED
+        changes = self.book.finish(job_id, agent_id, state, self.clock.seconds())
+        if not changes:
+            return succeed(None)
+        self.outputs.forget(job_id, agent_id)
+        key = (job_id, agent_id)
         d = self.store.store_result(
             job_id,
             agent_id,
