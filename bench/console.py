@@ -27,16 +27,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import BenchServer, SwarmProcs, emit  # noqa: E402
-
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+from tests.harness import launch_chromium  # noqa: E402
 
 
 def heap(page, cdp) -> dict:
@@ -78,7 +69,7 @@ def measure(n: int, work: str, timeout: float) -> dict:
         server.wait_sessions(n, timeout=max(300, n / 20))
         time.sleep(2)
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=ARGS)
+            browser = launch_chromium(p)
             context = browser.new_context(
                 ignore_https_errors=True, viewport={"width": 1400, "height": 900}
             )

@@ -19,17 +19,8 @@ sys.path.insert(0, ROOT)
 import requests  # noqa: E402
 
 from tcm.tls import pki  # noqa: E402
-from tests.harness import Server, start_agents  # noqa: E402
+from tests.harness import Server, launch_chromium, start_agents  # noqa: E402
 
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 HOSTILE = "<img src=x onerror=alert(1)>"
 
 
@@ -58,7 +49,7 @@ def shoot(base: str, out: str, n: int) -> list[str]:
         with open(os.path.join(server.state_dir, "admin.token")) as f:
             admin = f.read().strip()
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=ARGS)
+            browser = launch_chromium(p)
             page = browser.new_context(
                 ignore_https_errors=True, viewport={"width": 1360, "height": 820}
             ).new_page()

@@ -433,3 +433,24 @@ class GatewayProc(Process):
             )
 
         wait_until(up, timeout, 0.1, f"gateway {self.node} links")
+
+
+# Debian's chromium as this machine runs it headless: no sandbox as root, no GPU, and none of
+# its background connections (refused by the closed network, many at a time).
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def launch_chromium(playwright: Any) -> Any:
+    """Debian's chromium under Playwright (`executable_path=shutil.which("chromium")`:
+    Playwright's own browser download is not reachable here)."""
+    import shutil
+
+    return playwright.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)

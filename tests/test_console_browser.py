@@ -19,20 +19,11 @@ import pytest
 import requests
 
 from tcm.tls import pki
-from tests.harness import Server, start_agents
+from tests.harness import Server, launch_chromium, start_agents
 
 pytestmark = pytest.mark.integration
 
 CHROMIUM = shutil.which("chromium")
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 HOSTILE = "<img src=x onerror=alert(1)>"
 TIMEOUT = 30_000  # ms: bounded waits for what the page shows
 
@@ -76,7 +67,7 @@ def browser():
         pytest.skip("chromium is not installed")
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        b = launch_chromium(p)
         try:
             yield b
         finally:

@@ -7,7 +7,7 @@ from twisted.python import usage
 from tcm.gateway.service import GatewayConfig, make_gateway_service
 from tcm.protocol.names import NODE_NAME
 from tcm.tls.endpoints import listen_addresses
-from tcm.tls.server import tls_groups
+from tcm.tls.server import TLS_GROUPS_OPTION
 
 
 class Options(usage.Options):
@@ -43,15 +43,7 @@ class Options(usage.Options):
         ["drain-grace", None, 5.0, "Seconds between telling agents to go and stopping.", float],
         ["metrics-port", None, None, "Loopback port for /metrics and /status (+ worker).", int],
         ["workers", None, 1, "Processes sharing the port (SO_REUSEPORT).", int],
-        [
-            "tls-groups",
-            None,
-            None,
-            "TLS key exchange groups offered to agents, colon-separated in OpenSSL's form "
-            "(default: OpenSSL's list, hybrid post-quantum X25519MLKEM768 first where "
-            "available; X25519 alone takes less memory per session: docs/operating.md).",
-            tls_groups,
-        ],
+        TLS_GROUPS_OPTION,
         ["worker-index", None, None, "(internal) this worker's number.", int],
     ]
 

@@ -6,7 +6,7 @@ from twisted.python import usage
 
 from tcm.server.service import ServerConfig, make_server_service
 from tcm.tls.endpoints import listen_addresses, parse
-from tcm.tls.server import tls_groups
+from tcm.tls.server import TLS_GROUPS_OPTION
 
 
 class Options(usage.Options):
@@ -115,15 +115,7 @@ class Options(usage.Options):
             int,
         ],
         ["max-message-size", None, 1024 * 1024, "Largest accepted message, bytes.", int],
-        [
-            "tls-groups",
-            None,
-            None,
-            "TLS key exchange groups offered to agents, colon-separated in OpenSSL's form "
-            "(default: OpenSSL's list, hybrid post-quantum X25519MLKEM768 first where "
-            "available; X25519 alone takes less memory per session: docs/operating.md).",
-            tls_groups,
-        ],
+        TLS_GROUPS_OPTION,
         ["max-in-flight", None, 64, "Most requests one session may have unanswered.", int],
         [
             "agent-cert-lifetime",

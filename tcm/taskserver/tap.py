@@ -6,7 +6,7 @@ from twisted.python import usage
 
 from tcm.taskserver.service import TaskServerConfig, make_taskserver_service
 from tcm.tls.endpoints import listen_addresses
-from tcm.tls.server import tls_groups
+from tcm.tls.server import TLS_GROUPS_OPTION
 
 
 class Options(usage.Options):
@@ -36,15 +36,7 @@ class Options(usage.Options):
             "Renew the node certificate when this part of its life has passed (0 to 1).",
             float,
         ],
-        [
-            "tls-groups",
-            None,
-            None,
-            "TLS key exchange groups offered to agents, colon-separated in OpenSSL's form "
-            "(default: OpenSSL's list, hybrid post-quantum X25519MLKEM768 first where "
-            "available; X25519 alone takes less memory per session: docs/operating.md).",
-            tls_groups,
-        ],
+        TLS_GROUPS_OPTION,
     ]
 
     def __init__(self):

@@ -58,6 +58,18 @@ def tls_groups(value: str) -> str:
     return value
 
 
+#: `--tls-groups`, the same on server, task server and gateway (twisted.python.usage form).
+TLS_GROUPS_OPTION = [
+    "tls-groups",
+    None,
+    None,
+    "TLS key exchange groups offered to agents, colon-separated in OpenSSL's form "
+    "(default: OpenSSL's list, hybrid post-quantum X25519MLKEM768 first where "
+    "available; X25519 alone takes less memory per session: docs/operating.md).",
+    tls_groups,
+]
+
+
 class _ServerCertificateOptions(ssl.CertificateOptions):
     """``CertificateOptions`` whose context also names the acceptable client CAs and uses
     a fixed session id context."""
