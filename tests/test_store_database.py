@@ -150,6 +150,34 @@ class TestWriteQueue(StoreTest):
         await db.audit.audit("admin", "a", "kept", {}, NOW)  # the queue goes on
         assert [r["object"] for r in self.rows(db, t.audit_log)] == ["kept"]
 
+    @pytest_twisted.ensureDeferred
+    async def test_a_flush_takes_a_bounded_share_in_order_and_the_rest_follows(self, db):
+        """What piles up behind a long commit is written in bounded transactions, oldest
+        first: no flush holds more than its byte budget (one entry at least)."""
+        await db.jobs.create_job(
+            dict(id="j", action="ping", args={}, created_at=NOW, expires_at=NOW + 60),
+            [f"a-{i}" for i in range(6)],
+            NOW,
+        )
+        db.writes.max_flush_bytes = 2500
+        flushes = db.writes.flushes
+        big = {"blob": "x" * 1000}  # ~1 KB each: two fit in a flush, a third does not
+        stored = [
+            db.jobs.store_result("j", f"a-{i}", "succeeded", big, None, None, NOW) for i in range(5)
+        ]
+        assert db.writes.queued_bytes > 5000
+        huge = db.jobs.store_result("j", "a-5", "succeeded", {"b": "y" * 9000}, None, None, NOW)
+        await gatherResults([*stored, huge])
+        # 2 + 2 + 1 (the next, 9 KB, does not fit beside it) + 1 (alone, over the budget)
+        assert db.writes.flushes == flushes + 4
+        assert db.writes.queued_bytes == 0
+        rows = self.rows(db, t.job_targets)
+        assert sorted(r["agent_id"] for r in rows if r["state"] == "succeeded") == [
+            f"a-{i}" for i in range(6)
+        ]
+        await next_turn()
+        assert db.writes.idle()
+
     def test_batched_kinds_are_declared_once(self, db):
         with pytest.raises(ValueError, match="registered twice"):
             db.writes.register("result", t.settings.update())

@@ -273,6 +273,8 @@ class AgentPresence:
         for session in self.registry.idle_since(deadline):
             if not is_direct(session):
                 continue  # relayed: the node watches its agents, the link watches the node
+            if getattr(session.transport, "reading_paused", False):
+                continue  # not read, not silent: waiting for the intake budget
             self._log.info(
                 "agent {agent} silent since {t:.0f}: closing",
                 agent=session.agent_id,

@@ -34,6 +34,8 @@ class ServerConfig:
     handshake_timeout: float = 30.0
     max_handshakes: int = 100  # TLS handshakes in progress at once (tcm/server/admission.py)
     max_message_size: int = 1024 * 1024
+    # bytes of agents' large messages received and not yet handled, at once (intake.py)
+    intake_budget: int = 64 * 1024 * 1024
     tls_groups: str | None = None  # key exchange groups (None: OpenSSL's default list)
     max_in_flight: int = 64
     max_output: int = 8 * 1024 * 1024  # bytes of output kept per job target (issue 16.1)

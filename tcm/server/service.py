@@ -78,6 +78,7 @@ from tcm.server.events import EventHub
 from tcm.server.heap import HeapSettler
 from tcm.server.history import JobHistory, SizeLimits
 from tcm.server.hub import AgentHub, AgentRequests
+from tcm.server.intake import IntakeBudget
 from tcm.server.jobservice import JobService
 from tcm.server.links import NodeLinkFactory
 from tcm.server.metrics import ServerMetrics, server_metrics_site
@@ -198,6 +199,7 @@ class ServerParts:
     admin_api: AdminAPI
     agent_api: AgentAPI
     handshakes: HandshakeLogger
+    intake: IntakeBudget
 
 
 class ServerService(service.MultiService):
@@ -522,8 +524,16 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     agent_api = AgentAPI(
         admission, presence, settings, jobs, policies, profiles, clock, config.keepalive
     )
+    intake = IntakeBudget(config.intake_budget)
     agent_ws = AgentServerFactory(
-        url, hub, admission, settings, clock, config.max_message_size, config.handshake_timeout
+        url,
+        hub,
+        admission,
+        settings,
+        clock,
+        config.max_message_size,
+        config.handshake_timeout,
+        intake,
     )
     link_ws = NodeLinkFactory(
         url,
@@ -608,6 +618,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
         admin_api=admin_api,
         agent_api=agent_api,
         handshakes=handshakes,
+        intake=intake,
     )
     return top
 

@@ -120,8 +120,9 @@ class AgentSession:
         self.tls: dict[str, Any] | None = None
 
     # -- input -------------------------------------------------------------------------
-    def frame_received(self, payload: bytes, now: float) -> None:
-        """One text frame from the agent."""
+    def frame_received(self, payload: bytes, now: float) -> Any:
+        """One text frame from the agent. Returns, for a request, the Deferred that fires
+        once it is answered (a result: once committed); else None (handled already)."""
         self.last_rx = now
         try:
             env = decode(payload, self.max_message_size)
@@ -135,18 +136,18 @@ class AgentSession:
             self.send(error_for(e))
             if self.state is SessionState.AWAITING_HELLO:
                 self.close(codes.CLOSE_PROTOCOL_ERROR, "first message must be a valid hello")
-            return
+            return None
         if self.state is SessionState.AWAITING_HELLO and env.type != "hello":
             self.send(env.error_reply(codes.ERR_UNEXPECTED, "first message must be hello"))
             self.close(codes.CLOSE_PROTOCOL_ERROR, "first message must be hello")
-            return
+            return None
         name = self._HANDLERS.get(env.type)
         if name is None:
             self.send(env.error_reply(codes.ERR_UNEXPECTED, f"agents may not send {env.type!r}"))
-            return
-        handler: Callable[[Envelope], None] = getattr(self, name)
+            return None
+        handler: Callable[[Envelope], Any] = getattr(self, name)
         try:
-            handler(env)
+            return handler(env)
         except Exception:
             self._log.failure(
                 "handling {type} {id} from agent {agent}",
@@ -157,6 +158,7 @@ class AgentSession:
             self.send(
                 env.error_reply(codes.ERR_INTERNAL, "the server failed to handle this message")
             )
+            return None
 
     def _on_hello(self, env: Envelope) -> None:
         if self.state is not SessionState.AWAITING_HELLO:
@@ -173,14 +175,14 @@ class AgentSession:
         self.send(env.reply("welcome", welcome))
         self.hub.session_opened(self, data)
 
-    def _on_request(self, env: Envelope) -> None:
+    def _on_request(self, env: Envelope) -> Any:
         if self.in_flight >= self.hub.max_in_flight:
             self.send(
                 env.error_reply(
                     codes.ERR_IN_FLIGHT, f"more than {self.hub.max_in_flight} requests in flight"
                 )
             )
-            return
+            return None
         self.in_flight += 1
 
         def answered(response: Envelope) -> None:
@@ -197,7 +199,7 @@ class AgentSession:
             )
             return env.error_reply(codes.ERR_INTERNAL, "the server failed to answer this request")
 
-        self.hub.handle_request(self, env).addErrback(failed).addCallback(answered)
+        return self.hub.handle_request(self, env).addErrback(failed).addCallback(answered)
 
     def _on_error(self, env: Envelope) -> None:
         self._log.info(

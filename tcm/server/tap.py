@@ -115,6 +115,14 @@ class Options(usage.Options):
             int,
         ],
         ["max-message-size", None, 1024 * 1024, "Largest accepted message, bytes.", int],
+        [
+            "intake-budget",
+            None,
+            64 * 1024 * 1024,
+            "Bytes of agents' large messages (16 KiB and more: results, inventories) received "
+            "and not yet stored, at once; connections beyond it wait before they are read.",
+            int,
+        ],
         TLS_GROUPS_OPTION,
         ["max-in-flight", None, 64, "Most requests one session may have unanswered.", int],
         [
@@ -356,6 +364,7 @@ def config_from(options: Options) -> ServerConfig:
         handshake_timeout=options["handshake-timeout"],
         max_handshakes=options["max-handshakes"],
         max_message_size=options["max-message-size"],
+        intake_budget=options["intake-budget"],
         max_in_flight=options["max-in-flight"],
         max_output=options["max-output"],
         inventory_history=options["inventory-history"],

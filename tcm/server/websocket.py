@@ -7,6 +7,7 @@ off (503). After the upgrade every frame goes to the session unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -18,6 +19,7 @@ from tcm.protocol import codes
 from tcm.server.dispatcher import DirectRoute
 from tcm.server.envelope_http import PeerView
 from tcm.server.errors import DomainError
+from tcm.server.intake import IntakeBudget
 from tcm.server.sessions import AgentSession, SessionHub, intern
 from tcm.server.web import http_status
 from tcm.tls import pki
@@ -30,6 +32,10 @@ class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type:
     _log = Logger()
     session: AgentSession | None = None
     tls_buffers_released = False
+    # the intake budget (tcm/server/intake.py): bytes granted to the message being received,
+    # and while its frame waits for them, the callback that resumes reading
+    _intake_held = 0
+    _intake_wait: Callable[[], None] | None = None
 
     factory: AgentServerFactory
 
@@ -82,14 +88,68 @@ class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type:
             self.session.last_rx = self.factory.clock.seconds()
         super().onPing(payload)
 
+    def onMessageFrameBegin(self, length: int) -> None:
+        super().onMessageFrameBegin(length)
+        budget = self.factory.intake
+        if self.failedByMe or self.session is None or not budget.counts(length):
+            return
+
+        def granted() -> None:
+            self._intake_wait = None
+            self._intake_held += length
+            if self.session is not None:  # not silent: it was not read
+                self.session.last_rx = self.factory.clock.seconds()
+            self._read(True)
+            # what was read before the pause is parsed on the next turn, not inside the
+            # release that granted it (another connection's commit)
+            self.factory.clock.callLater(0, self._parse_held)
+
+        if budget.request(length, granted):
+            self._intake_held += length
+        else:  # read and parse no more of this connection until the bytes are there
+            self._intake_wait = granted
+            self._read(False)
+
+    def processData(self) -> bool:
+        """Autobahn's frame parser, one step; none while the frame begun waits for the
+        intake budget: what was read stays in Autobahn's buffer (``data``), in order."""
+        if self._intake_wait is not None:
+            return False
+        return bool(super().processData())
+
+    def _parse_held(self) -> None:
+        if self._intake_wait is None and self.state in (self.STATE_OPEN, self.STATE_CLOSING):
+            self.consumeData()
+
+    def _read(self, on: bool) -> None:
+        transport: Any = self.transport
+        if transport is not None and self.state != self.STATE_CLOSED:
+            if on:
+                transport.resumeProducing()
+            else:
+                transport.pauseProducing()
+
+    @property
+    def reading_paused(self) -> bool:
+        """Waiting for the intake budget: silent because not read (the sweep spares it)."""
+        return self._intake_wait is not None
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         session = self.session
+        held, self._intake_held = self._intake_held, 0
         if session is None:
             return
         if isBinary:
+            self.factory.intake.release(held)
             self.sendClose(codes.CLOSE_PROTOCOL_ERROR, "tcm.v1 uses text frames")
             return
-        session.frame_received(payload, self.factory.clock.seconds())
+        handled = session.frame_received(payload, self.factory.clock.seconds())
+        del payload
+        if held:
+            if handled is None:
+                self.factory.intake.release(held)
+            else:  # a request: its bytes count until it is answered (a result: committed)
+                handled.addBoth(_release, self.factory.intake, held)
         if session.state.value == "open" and getattr(self, "_hello_timer", None) is not None:
             self._hello_timer.cancel()
             self._hello_timer = None
@@ -98,6 +158,12 @@ class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type:
         timer = getattr(self, "_hello_timer", None)
         if timer is not None and timer.active():
             timer.cancel()
+        if self._intake_wait is not None:
+            self.factory.intake.cancel(self._intake_wait)
+            self._intake_wait = None
+        if self._intake_held:  # a message begun and never finished
+            self.factory.intake.release(self._intake_held)
+            self._intake_held = 0
         if self.session is not None:
             self.session.connection_lost()
 
@@ -119,6 +185,11 @@ class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type:
         return self.peer_view
 
 
+def _release(result: Any, budget: IntakeBudget, size: int) -> Any:
+    budget.release(size)
+    return result
+
+
 class AgentServerFactory(WebSocketServerFactory):
     """The agents' WebSocket endpoint: admits a connection (admission, settings) and gives
     its session to the hub; every direct session shares `route` (one prepared frame)."""
@@ -134,8 +205,10 @@ class AgentServerFactory(WebSocketServerFactory):
         clock: Any,
         max_message_size: int,
         handshake_timeout: float,
+        intake: IntakeBudget | None = None,
     ):
         super().__init__(url, protocols=[codes.SUBPROTOCOL])
+        self.intake = intake if intake is not None else IntakeBudget()
         self.hub = hub
         self.admission = admission
         self.settings = settings

@@ -15,6 +15,7 @@ clock is injected.
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -101,6 +102,11 @@ def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
+# a queued write: its kind (None: an operation of its own), its rows or the operation, its
+# weight (bytes, about), and the Deferred of its caller
+_Entry = tuple[str | None, Any, int, Deferred[Any]]
+
+
 class WriteQueue:
     """Group commit. Rows and operations queued while a transaction runs are written by the
     next one, in one transaction; rows of the same kind go in one executemany. Each caller's
@@ -108,21 +114,33 @@ class WriteQueue:
 
     A component registers each batched kind with its prebuilt statement; in a flush the kinds
     are written in the order they were registered (so a component that registers its state
-    changes before its results has them written first), then the queued operations."""
+    changes before its results has them written first), then the queued operations.
+
+    A flush takes what was queued in the order it came, up to `max_flush_bytes` of the
+    weights callers give (the bytes of the rows' text, about) and `max_flush_items` entries;
+    the rest waits for the next flush. Without the bound, what piles up behind a long flush
+    (10,000 inventories behind the first thousand) became one transaction of a gigabyte that
+    committed nothing for minutes while the process held all of it (issue 18)."""
 
     _log = Logger()
 
     def __init__(
-        self, reactor: Any, transaction: Callable[[Callable[[Connection], Any]], Deferred]
+        self,
+        reactor: Any,
+        transaction: Callable[[Callable[[Connection], Any]], Deferred],
+        max_flush_bytes: int = 32 * 1024 * 1024,
+        max_flush_items: int = 5000,
     ):
         self._reactor = reactor
         self._transaction = transaction
+        self.max_flush_bytes = max_flush_bytes
+        self.max_flush_items = max_flush_items
         self._batched: dict[str, Executable] = {}
-        self._rows: dict[str, list[dict[str, Any]]] = {}
-        self._ops: list[tuple[Callable[[Connection], Any], Deferred[Any]]] = []
-        self._waiters: list[Deferred[None]] = []
+        # (kind or None for an operation, rows or the operation, its weight, its waiter)
+        self._queue: deque[_Entry] = deque()
         self._running = False
         self.flushes = 0
+        self.queued_bytes = 0  # the weight of what waits for a flush
 
     def register(self, kind: str, statement: Executable) -> None:
         """Declare a batched kind: its rows are the parameters of one executemany."""
@@ -130,32 +148,48 @@ class WriteQueue:
             raise ValueError(f"batched kind {kind!r} registered twice")
         self._batched[kind] = statement
 
-    def submit(self, op: Callable[[Connection], T]) -> Deferred[T]:
-        """Queue an operation of its own (run after the batched rows); fires with what it
-        returned, once committed."""
-        d: Deferred[Any] = self._wait()
-        self._ops.append((op, d))
-        return d
+    def submit(self, op: Callable[[Connection], T], weight: int = 0) -> Deferred[T]:
+        """Queue an operation of its own (run after the batched rows of its flush); fires
+        with what it returned, once committed. `weight`: the bytes it writes, about."""
+        return self._enqueue(None, op, weight)
 
-    def add(self, kind: str, rows: list[dict[str, Any]]) -> Deferred[None]:
-        """Queue rows of a registered batched kind."""
+    def add(self, kind: str, rows: list[dict[str, Any]], weight: int = 0) -> Deferred[None]:
+        """Queue rows of a registered batched kind (`weight`: their bytes, about)."""
         if kind not in self._batched:
             raise KeyError(f"no batched kind {kind!r}")
-        self._rows.setdefault(kind, []).extend(rows)
-        return self._wait()
+        return self._enqueue(kind, rows, weight)
 
-    def _wait(self) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        self._waiters.append(d)
+    def _enqueue(self, kind: str | None, item: Any, weight: int) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self._queue.append((kind, item, weight, d))
+        self.queued_bytes += weight
         if not self._running:
             self._running = True
             self._reactor.callLater(0, self._flush)
         return d
 
+    def _take(self) -> list[_Entry]:
+        """The next flush's entries: from the front, within the bounds (one at least)."""
+        queue, size = self._queue, 0
+        taken: list[_Entry] = []
+        while queue and len(taken) < self.max_flush_items:
+            weight = queue[0][2]
+            if taken and size + weight > self.max_flush_bytes:
+                break
+            taken.append(queue.popleft())
+            size += weight
+        self.queued_bytes -= size
+        return taken
+
     def _flush(self) -> None:
-        rows, self._rows = self._rows, {}
-        ops, self._ops = self._ops, []
-        waiters, self._waiters = self._waiters, []
+        taken = self._take()
+        rows: dict[str, list[dict[str, Any]]] = {}
+        ops: list[tuple[Callable[[Connection], Any], Deferred[Any]]] = []
+        for kind, item, _weight, waiter in taken:
+            if kind is None:
+                ops.append((item, waiter))
+            else:
+                rows.setdefault(kind, []).extend(item)
         count = sum(len(r) for r in rows.values()) + len(ops)
         returned: dict[int, Any] = {}  # id(waiter) -> what its operation returned
 
@@ -171,13 +205,16 @@ class WriteQueue:
 
         def done(result: Any) -> None:
             self.flushes += 1
-            for waiter in waiters:
+            rows.clear()
+            ops.clear()
+            for _kind, _item, _weight, waiter in taken:
                 if isinstance(result, Exception):
                     waiter.errback(result)
                 else:
                     waiter.callback(returned.get(id(waiter)))
+            taken.clear()
             returned.clear()
-            if self._waiters:
+            if self._queue:
                 self._reactor.callLater(0, self._flush)
             else:
                 self._running = False
@@ -189,7 +226,7 @@ class WriteQueue:
         d.addCallbacks(done, failed)
 
     def idle(self) -> bool:
-        return not self._running and not self._waiters
+        return not self._running and not self._queue
 
 
 class Database:

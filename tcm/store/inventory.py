@@ -143,7 +143,8 @@ class InventoryStore:
                     missing.append(cls)
             return missing
 
-        return self._writes.submit(op)
+        weight = sum(len(d) for d, _ in collected.changed.values() if isinstance(d, str))
+        return self._writes.submit(op, weight=weight)
 
     def get_inventory(self, agent_id: str) -> Deferred[dict[str, dict[str, Any]]]:
         """class -> {data, digest, version, collected_at, changed_at} of one agent."""

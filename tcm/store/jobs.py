@@ -160,13 +160,14 @@ class JobStore:
             "size": result_size(result, error),
         }
         if not checked:
-            return self._writes.add("result", [row])
+            return self._writes.add("result", [row], weight=row["size"])
         updated: list[int] = []
 
         def op(c: Connection) -> None:
             updated.append(c.execute(BATCHED["result"], row).rowcount)
 
-        return self._writes.submit(op).addCallback(lambda _: bool(updated and updated[0]))
+        d = self._writes.submit(op, weight=row["size"])
+        return d.addCallback(lambda _: bool(updated and updated[0]))
 
     def add_output(
         self, job_id: str, agent_id: str, seq: int, stream: str, text: str, at: float
@@ -185,7 +186,7 @@ class JobStore:
             if exists is None:  # output is redelivered after a reconnect: keep one copy
                 c.execute(jo.insert().values(**row))
 
-        return self._writes.submit(op)
+        return self._writes.submit(op, weight=len(text))
 
     def output_bytes(self, job_id: str, agent_id: str) -> Deferred[int]:
         """How many bytes (UTF-8) of output one target has stored."""
