@@ -116,15 +116,7 @@ class JobService:
         """Rebuild the working set from the store (at startup)."""
         active = yield self.store.load_active()
         for row, states in active:
-            job = Job(
-                id=row["id"],
-                action=row["action"],
-                args=row["args"],
-                created_at=row["created_at"],
-                expires_at=row["expires_at"],
-                timeout=row["timeout"],
-                created_by=row["created_by"],
-            )
+            job = _job_of(row)
             self.book.add(job, {a: TargetState(s) for a, s in states.items()})
             self._loaded_jobs.add(job.id)
         self._log.info("loaded {n} unfinished jobs", n=len(self.book.jobs))
@@ -550,15 +542,7 @@ class JobService:
         return here
 
     def _settle(self, row: dict[str, Any], states: dict[str, str]) -> None:
-        job = self.book.jobs.get(row["id"]) or Job(
-            id=row["id"],
-            action=row["action"],
-            args=row["args"],
-            created_at=row["created_at"],
-            expires_at=row["expires_at"],
-            timeout=row["timeout"],
-            created_by=row["created_by"],
-        )
+        job = self.book.jobs.get(row["id"]) or _job_of(row)
         unfinished = {
             a: TargetState(s) for a, s in states.items() if (job.id, a) not in self._committing
         }
@@ -933,3 +917,16 @@ class JobService:
                     data.get(agent, {}),
                     [cls for cls in summary["changed"] if (agent, cls) in over],
                 )
+
+
+def _job_of(row: dict[str, Any]) -> Job:
+    """A job of the working set from its stored row."""
+    return Job(
+        id=row["id"],
+        action=row["action"],
+        args=row["args"],
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        timeout=row["timeout"],
+        created_by=row["created_by"],
+    )
