@@ -26,6 +26,7 @@ __all__ = [
     "ignore_lost_notification",
     "request_disconnected",
     "reschedule_auto_ping",
+    "ping_is_proof_of_life",
     "swap_memory_bios",
 ]
 
@@ -221,3 +222,15 @@ def reschedule_auto_ping(protocol: Any, clock: Any, interval: float) -> None:
     pending.cancel()
     send: Callable[[], None] = protocol._sendAutoPing
     protocol.autoPingPendingCall = clock.callLater(interval, send)
+
+
+def ping_is_proof_of_life(protocol: Any) -> None:
+    """A ping from the peer counts as its answer to our own pending ping.
+
+    Autobahn restarts its ping timeout on any *data* frame (``autoPingRestartOnAnyTraffic``)
+    but not on the peer's pings. A server that holds an agent's connection unread (its intake
+    budget, tcm/server/intake.py) cannot answer the agent's pings; it pings the agent instead.
+    Reaches ``autoPingTimeoutCall`` and the private ``_cancelAutoPingTimeoutCall``, which
+    cancels the timeout and schedules the next ping, as a data frame would."""
+    if getattr(protocol, "autoPingTimeoutCall", None) is not None:
+        protocol._cancelAutoPingTimeoutCall()

@@ -112,6 +112,7 @@ class WsClient(WebSocketClientProtocol):
         self.settled: Deferred = Deferred()  # open, or closed before it opened
         self.closed: Deferred = Deferred()  # fires with close_info
         self._waiting: list[tuple[Any, Deferred]] = []
+        self.pings = 0  # pings the server sent (answered by Autobahn)
 
     # Autobahn callbacks
     def onConnect(self, response):
@@ -121,6 +122,10 @@ class WsClient(WebSocketClientProtocol):
         self.opened_ok = True
         if not self.settled.called:
             self.settled.callback(self)
+
+    def onPing(self, payload: bytes) -> None:
+        self.pings += 1
+        super().onPing(payload)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:

@@ -314,3 +314,22 @@ def test_auto_ping_can_be_rescheduled():
         "_sendAutoPing sent no ping: compat.reschedule_auto_ping is off"
     )
     assert protocol.autoPingPendingCall is None  # sent; nothing left on the real reactor
+
+
+def test_a_peer_ping_can_stand_for_the_pong():
+    clock = Clock()
+    factory = _open(_Plain, autoPingInterval=600, autoPingTimeout=20)
+    protocol, transport = _connect(factory)
+    protocol.dataReceived(UPGRADE)
+    compat.reschedule_auto_ping(protocol, clock, 1.0)
+    clock.advance(1.0)  # our ping is out; its timeout runs
+    assert protocol.autoPingTimeoutCall is not None and protocol.autoPingPending, (
+        "Autobahn keeps no autoPingTimeoutCall: compat.ping_is_proof_of_life does nothing"
+    )
+    compat.ping_is_proof_of_life(protocol)
+    assert protocol.autoPingTimeoutCall is None and protocol.autoPingPending is None, (
+        "_cancelAutoPingTimeoutCall left the timeout: compat.ping_is_proof_of_life is off"
+    )
+    assert protocol.autoPingPendingCall is not None  # the next ping is scheduled
+    protocol.autoPingPendingCall.cancel()  # nothing left on the real reactor
+    compat.ping_is_proof_of_life(protocol)  # nothing pending: nothing to do

@@ -2,8 +2,9 @@
 
 Unit tests of the bookkeeping, and a real server over real TLS whose store is held: the
 first large result is read and waits for its commit; the next ones are not read at all
-until it is stored; a connection that goes away while waiting leaves nothing behind
-(its loss is seen when its turn comes and reading resumes)."""
+until it is stored (and the server pings those it holds, whose own pings it cannot read);
+a connection that goes away while waiting leaves nothing behind (its loss is seen when its
+turn comes and reading resumes)."""
 
 from __future__ import annotations
 
@@ -107,6 +108,8 @@ async def test_large_results_beyond_the_budget_wait_unread_until_the_first_is_st
         assert budget.used < 2 * BIG  # one result in transit, the others not read
         paused = [c for c, _ in agents if c is not agents[0][0]]
         assert all(not c.messages for c in paused)
+        # their own pings are not read: the server pings them, as proof it is alive
+        await wait_for(lambda: all(c.pings for c in paused), what="pings to the held")
 
         # one waiting agent goes away: an unread connection's loss is seen when its turn
         # comes (reading resumes), and what it was granted is given back

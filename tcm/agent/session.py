@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 import tcm
+from tcm import compat
 from tcm.agent.link import CallFailed, Response
 from tcm.interfaces import ISessionHost
 from tcm.protocol import codes
@@ -212,6 +213,11 @@ class AgentClientProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type:
             # Autobahn would swallow it and leave the session waiting for a welcome forever.
             self._log.failure("could not start the session")
             self.sendClose(codes.CLOSE_NORMAL, "agent failed to start the session")
+
+    def onPing(self, payload: bytes) -> None:
+        # the server is alive: it pings a session whose messages it holds back unread
+        compat.ping_is_proof_of_life(self)
+        super().onPing(payload)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.connection is not None and not isBinary:

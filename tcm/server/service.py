@@ -534,6 +534,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
         config.max_message_size,
         config.handshake_timeout,
         intake,
+        hold_ping=config.keepalive_timeout / 2,
     )
     link_ws = NodeLinkFactory(
         url,

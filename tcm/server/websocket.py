@@ -36,6 +36,7 @@ class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type:
     # and while its frame waits for them, the callback that resumes reading
     _intake_held = 0
     _intake_wait: Callable[[], None] | None = None
+    _hold_pings: Any = None  # the timer of the next ping to a connection held unread
 
     factory: AgentServerFactory
 
@@ -96,6 +97,7 @@ class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type:
 
         def granted() -> None:
             self._intake_wait = None
+            self._stop_hold_pings()
             self._intake_held += length
             if self.session is not None:  # not silent: it was not read
                 self.session.last_rx = self.factory.clock.seconds()
@@ -109,6 +111,22 @@ class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type:
         else:  # read and parse no more of this connection until the bytes are there
             self._intake_wait = granted
             self._read(False)
+            self._hold_ping()
+
+    def _hold_ping(self) -> None:
+        """Ping a connection held unread, now and every `hold_ping` seconds: its own pings
+        are not read, so their pongs cannot come; an agent takes the server's ping as proof
+        of life instead (tcm.compat.ping_is_proof_of_life)."""
+        self._hold_pings = None
+        if self._intake_wait is None or self.state != self.STATE_OPEN:
+            return
+        self.sendPing()
+        self._hold_pings = self.factory.clock.callLater(self.factory.hold_ping, self._hold_ping)
+
+    def _stop_hold_pings(self) -> None:
+        if self._hold_pings is not None and self._hold_pings.active():
+            self._hold_pings.cancel()
+        self._hold_pings = None
 
     def processData(self) -> bool:
         """Autobahn's frame parser, one step; none while the frame begun waits for the
@@ -161,6 +179,7 @@ class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type:
         if self._intake_wait is not None:
             self.factory.intake.cancel(self._intake_wait)
             self._intake_wait = None
+        self._stop_hold_pings()
         if self._intake_held:  # a message begun and never finished
             self.factory.intake.release(self._intake_held)
             self._intake_held = 0
@@ -206,9 +225,12 @@ class AgentServerFactory(WebSocketServerFactory):
         max_message_size: int,
         handshake_timeout: float,
         intake: IntakeBudget | None = None,
+        hold_ping: float = 10.0,
     ):
         super().__init__(url, protocols=[codes.SUBPROTOCOL])
         self.intake = intake if intake is not None else IntakeBudget()
+        # seconds between pings to a connection held unread (half the agents' ping timeout)
+        self.hold_ping = hold_ping
         self.hub = hub
         self.admission = admission
         self.settings = settings
