@@ -28,6 +28,8 @@ class ServerMetrics:
         dispatcher: Dispatcher,  # pushes
         handshakes: Any,  # the TLS HandshakeLogger (failures, admission gate)
         cluster: Any = None,  # ICluster of a node of a cluster (bus state, messages)
+        intake: Any = None,  # the IntakeBudget of agents' large messages in transit
+        writes: Any = None,  # the store's WriteQueue (what waits for a commit)
     ):
         self.name = name
         self.presence = presence
@@ -37,6 +39,8 @@ class ServerMetrics:
         self.dispatcher = dispatcher
         self.handshakes = handshakes
         self.cluster = cluster
+        self.intake = intake
+        self.writes = writes
         self.registry = CollectorRegistry()
         self.registry.register(SnapshotCollector(self.families))  # type: ignore[arg-type]
 
@@ -116,6 +120,26 @@ class ServerMetrics:
         yield gauge(
             f"{PREFIX}_active_jobs", "Jobs with unfinished targets", self.jobs.active_count()
         )
+        if self.intake is not None:  # tcm/server/intake.py
+            yield gauge(
+                f"{PREFIX}_intake_bytes",
+                "Bytes of agents' large messages received or being received, not yet stored",
+                self.intake.used,
+            )
+            yield gauge(
+                f"{PREFIX}_intake_waiting",
+                "Sessions held unread until large messages before theirs are stored",
+                self.intake.waiting,
+            )
+            yield counter(
+                f"{PREFIX}_intake_waits", "Large messages that had to wait", self.intake.waits
+            )
+        if self.writes is not None:
+            yield gauge(
+                f"{PREFIX}_store_queued_bytes",
+                "Bytes of results and inventories waiting for a commit, about",
+                self.writes.queued_bytes,
+            )
         if self.cluster is not None:
             yield gauge(
                 f"{PREFIX}_cluster_bus_up",

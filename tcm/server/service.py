@@ -586,7 +586,16 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     HeapSettler(lambda: len(presence.registry)).setServiceParent(top)
     if config.metrics_port is not None:
         metrics = ServerMetrics(
-            name, presence, admission, nodes, jobs, dispatcher, handshakes, cluster
+            name,
+            presence,
+            admission,
+            nodes,
+            jobs,
+            dispatcher,
+            handshakes,
+            cluster,
+            intake=intake,
+            writes=db.writes,
         )
         StreamServerEndpointService(
             TCP4ServerEndpoint(reactor, config.metrics_port, interface="127.0.0.1"),
