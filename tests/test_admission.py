@@ -55,6 +55,25 @@ def test_the_oldest_waiting_starts_as_one_finishes():
     assert reading(later) and gate.in_progress == 1
 
 
+def test_a_connection_that_waited_too_long_is_closed_unserved_when_its_turn_comes():
+    """Its client gave up (and is queued again on a new connection): serving it would only
+    make the live ones behind it wait longer."""
+    clock = Clock()
+    gate = HandshakeGate(clock, limit=1, hold=100.0, max_wait=40.0)
+    first = gate.admit(StringTransport())
+    old = [StringTransport() for _ in range(2)]
+    for c in old:
+        gate.admit(c)
+    clock.advance(41.0)
+    fresh = StringTransport()
+    gate.admit(fresh)
+    gate.done(first)
+    assert [c.disconnected for c in old] == [True, True]
+    assert not any(reading(c) for c in old)
+    assert reading(fresh) and not fresh.disconnected
+    assert gate.stale == 2 and gate.in_progress == 1 and gate.waiting == 0
+
+
 def test_a_stalled_handshake_counts_for_hold_seconds_only():
     clock = Clock()
     gate = HandshakeGate(clock, limit=2, hold=5.0)

@@ -15,6 +15,14 @@ admin's CLI call among them (seen: a status call timing out after 60 s).
 A connection counts from the moment it starts its handshake until the handshake completes or
 the connection is lost, and for at most `hold` seconds: a peer that stalls mid-handshake
 holds its place `hold` seconds, not longer.
+
+A connection that waited `max_wait` seconds is closed when its turn comes, not served: its
+client has most likely given up (an agent's opening handshake times out after 60 s) and
+is trying again on a new connection, behind it in the queue. Served in order regardless, a
+queue longer than clients wait only serves connections nobody waits for any more: a
+reconnect storm of 10,000 agents retrying every few seconds kept 4,000 dead connections
+queued and brought almost none back (issue 18's bench). Waiting is not read, so a client's
+close is not seen before then.
 """
 
 from __future__ import annotations
@@ -30,21 +38,23 @@ class Ticket:
 
     WAITING, RUNNING, DONE = 0, 1, 2
 
-    def __init__(self, transport: Any):
+    def __init__(self, transport: Any, now: float = 0.0):
         self.transport = transport  # the TCP connection, paused while it waits
         self.state = Ticket.WAITING
-        self.started = 0.0
+        self.started = now  # accepted (while waiting), then its handshake started
 
 
 class HandshakeGate:
     """Counts handshakes in progress; holds the connections beyond `limit` in a queue."""
 
-    def __init__(self, clock: Any, limit: int, hold: float = 5.0):
+    def __init__(self, clock: Any, limit: int, hold: float = 5.0, max_wait: float = 40.0):
         if limit < 1:
             raise ValueError(f"limit must be at least 1, not {limit}")
         self.clock = clock
         self.limit = limit
         self.hold = hold
+        self.max_wait = max_wait
+        self.stale = 0  # connections closed unserved after waiting max_wait seconds
         self.in_progress = 0
         self.waiting = 0
         self.queued = 0  # connections that ever had to wait
@@ -56,7 +66,7 @@ class HandshakeGate:
     def admit(self, transport: Any) -> Ticket:
         """A connection was accepted, nothing read from it yet. `transport`: its TCP
         connection (an IPushProducer), paused while it waits."""
-        ticket = Ticket(transport)
+        ticket = Ticket(transport, self.clock.seconds())
         if self.in_progress < self.limit and not self.waiting:
             self._start(ticket)
             return ticket
@@ -88,11 +98,18 @@ class HandshakeGate:
     def _next(self) -> None:
         """Start waiting connections while there is room, oldest first."""
         queue = self._queue
+        stale_before = self.clock.seconds() - self.max_wait
         while self.in_progress < self.limit and queue:
             ticket = queue.popleft()
             if ticket.state != Ticket.WAITING:
                 continue
             self.waiting -= 1
+            if ticket.started < stale_before:
+                transport, ticket.transport = ticket.transport, None
+                ticket.state = Ticket.DONE
+                self.stale += 1
+                transport.abortConnection()
+                continue
             self._start(ticket)
             ticket.transport.resumeProducing()
         running = self._running

@@ -113,6 +113,11 @@ class ServerMetrics:
                 f"{PREFIX}_handshakes_queued", "Connections that had to wait", gate.queued
             )
             yield counter(
+                f"{PREFIX}_handshakes_stale",
+                "Connections closed unserved after waiting too long (their clients gave up)",
+                gate.stale,
+            )
+            yield counter(
                 f"{PREFIX}_handshakes_expired",
                 "Handshakes that stopped counting after the hold time (stalled peers)",
                 gate.expired,
