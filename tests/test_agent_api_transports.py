@@ -125,6 +125,25 @@ def test_direct_call_body_rules():
     with pytest.raises(ApiError) as e:
         json_body(DirectCall("POST", "/a", {"t": ["ok", "\ud800"]}, None, "websocket"))
     assert "lone surrogate" in e.value.message
+    # a body whose text had no \ud escape holds no lone surrogate: not walked
+    assert DirectCall("POST", "/a", {"t": "\ud800"}, None, "websocket", escapes=False).json(True)
+
     call = DirectCall("GET", "/agent/v1/work?wait=5&x=", None, None, "websocket")
     assert call.path == "/agent/v1/work"
     assert call.args == {b"wait": [b"5"], b"x": [b""]}
+
+
+def test_an_envelope_knows_whether_its_text_could_hold_a_lone_surrogate():
+    """Only a \\ud escape makes one (UTF-8 text cannot): a session's request whose text had
+    none is not walked for them, one that had is, and refused as over HTTPS."""
+    import pytest
+
+    from tcm.protocol.envelope import decode
+    from tcm.server.web import ApiError
+
+    frame = b'{"id":"m","type":"request","data":{"method":"POST","path":"/a","body":"%s"}}'
+    plain, escaped = decode(frame % b"\\u00e9"), decode(frame % b"\\uD800")
+    assert not plain.escapes and escaped.escapes
+    body = escaped.data["body"]
+    with pytest.raises(ApiError, match="lone surrogate"):
+        DirectCall("POST", "/a", body, None, "websocket", escaped.escapes).json(True)

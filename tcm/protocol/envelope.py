@@ -44,6 +44,9 @@ class Envelope:
     in_reply_to: str | None = None
     expires: float | None = None
     trace: list[str] | None = None
+    # whether its JSON text had \ud... escapes, the only way to a lone surrogate (not valid
+    # text: no store holds it); not on the wire. True unless decoded: then checked once.
+    escapes: bool = attrs.field(default=True, eq=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "type": self.type}
@@ -152,6 +155,7 @@ def decode(payload: bytes | str, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> En
         in_reply_to=obj.get("in_reply_to"),
         expires=obj.get("expires"),
         trace=obj.get("trace"),
+        escapes="\\ud" in payload or "\\uD" in payload,
     )
 
 

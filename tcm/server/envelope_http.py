@@ -184,7 +184,9 @@ def serve_envelope(
         and not data.get("headers")
         and data["path"].isascii()
     ):
-        call = DirectCall(data["method"], data["path"], data.get("body"), transport, "websocket")
+        call = DirectCall(
+            data["method"], data["path"], data.get("body"), transport, "websocket", env.escapes
+        )
         d = router.serve_direct(call)
         if d is not None:
             return d.addCallback(_response_envelope, env)
