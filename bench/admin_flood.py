@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import BenchServer, emit, free_port  # noqa: E402
+from common import BenchServer, emit  # noqa: E402
 
 
 def admin_latency(port: int, ca: str, token: str, timeout: float) -> float | None:
@@ -59,10 +59,8 @@ def stall(port: int, n: int) -> list[socket.socket]:
 
 def run(n: int, timeout: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="tcm-bench-") as base:
-        admin_port = free_port()
-        server = BenchServer(
-            base, extra=["--admin-listen", f"tcm:{admin_port}:interface=127.0.0.1"]
-        )
+        server = BenchServer(base)
+        admin_port = server.admin_port
         server.start()
         held: list[socket.socket] = []
         try:

@@ -191,3 +191,52 @@ def test_a_keepalive_learned_after_open_moves_the_first_ping(tmp_path):
     assert pings == []  # the ping of the old interval was cancelled
     clock.advance(20.0)
     assert pings == [50.0]
+
+
+class _ServerTime:
+    def learn_server_time(self, t) -> None:
+        pass
+
+
+def test_a_request_the_server_holds_does_not_time_out_while_the_server_pings():
+    """A server that holds the session unread (its intake budget) pings it: the agent's
+    unanswered request then waits its full timeout again instead of failing over to HTTPS
+    (a second copy of a result behind the first); without pings it times out."""
+    from tcm.agent.link import CallFailed
+    from tcm.agent.session import AgentConnection
+
+    clock = Clock()
+    sent: list[bytes] = []
+    conn = AgentConnection(_ServerTime(), sent.append, lambda code, reason: None, clock)
+    welcome = {"session": "s-1", "keepalive": 50, "poll_interval": 60}
+    conn.frame_received(json.dumps({"id": "w", "type": "welcome", "data": welcome}).encode())
+    held = conn.request("POST", "/agent/v1/jobs/j/result", {"state": "succeeded"}, timeout=30)
+    alone = conn.request("GET", "/agent/v1/settings", timeout=30)
+    failures: list[str] = []
+    alone.addErrback(lambda f: failures.append(f.trap(CallFailed) and "alone"))
+    clock.advance(25)
+    conn.server_pinged()
+    alone_id = json.loads(sent[-1])["id"]
+    conn.frame_received(
+        json.dumps(
+            {"id": "r", "type": "response", "in_reply_to": alone_id, "data": {"status": 200}}
+        ).encode()
+    )
+    clock.advance(25)  # 50 s after it was sent, 25 after the ping: still waiting
+    assert not held.called
+    held_id = json.loads(sent[-2])["id"]
+    conn.frame_received(
+        json.dumps(
+            {
+                "id": "s",
+                "type": "response",
+                "in_reply_to": held_id,
+                "data": {"status": 200, "body": {"stored": True}},
+            }
+        ).encode()
+    )
+    assert held.result.body == {"stored": True}
+    late = conn.request("GET", "/agent/v1/settings", timeout=30)
+    late.addErrback(lambda f: failures.append(f.trap(CallFailed) and "late"))
+    clock.advance(30)  # no ping: timed out
+    assert failures == ["late"]

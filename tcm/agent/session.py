@@ -57,7 +57,7 @@ class AgentConnection:
         self.protocol: Any = None  # the WebSocket protocol carrying this connection
         self.welcome: dict[str, Any] | None = None
         self.welcomed: Deferred[AgentConnection] = Deferred()
-        self._pending: dict[str, tuple[Deferred[Response], Any]] = {}
+        self._pending: dict[str, tuple[Deferred[Response], Any, float]] = {}
         self._open = False
         self._handlers: dict[str, Callable[[Envelope], None]] = {
             "welcome": self._on_welcome,
@@ -124,7 +124,7 @@ class AgentConnection:
         pending = self._pending.pop(env.in_reply_to or "", None)
         if pending is None:
             return
-        d, timer = pending
+        d, timer, _ = pending
         timer.cancel()
         d.callback(Response(env.data["status"], env.data.get("body"), "websocket"))
 
@@ -132,7 +132,7 @@ class AgentConnection:
         pending = self._pending.pop(env.in_reply_to or "", None)
         msg = f"{env.data['code']}: {env.data['message']}"
         if pending is not None:
-            d, timer = pending
+            d, timer, _ = pending
             timer.cancel()
             d.errback(CallFailed(f"server error {msg}"))
             return
@@ -149,10 +149,20 @@ class AgentConnection:
             data["body"] = body
         env = Envelope(type="request", data=data)
         d: Deferred[Response] = Deferred()
-        timer = self.clock.callLater(timeout or 30.0, self._timed_out, env.id)
-        self._pending[env.id] = (d, timer)
+        timeout = timeout or 30.0
+        timer = self.clock.callLater(timeout, self._timed_out, env.id)
+        self._pending[env.id] = (d, timer, timeout)
         self.send(env)
         return d
+
+    def server_pinged(self) -> None:
+        """The server pings only a session it holds unread (its intake budget: what this
+        agent sent waits behind other agents' results): it is alive and will answer, so the
+        requests it has not answered yet wait again in full rather than time out and go
+        again over HTTPS, a second copy behind the first."""
+        for _d, timer, timeout in self._pending.values():
+            if timer.active():
+                timer.reset(timeout)
 
     def _timed_out(self, msg_id: str) -> None:
         pending = self._pending.pop(msg_id, None)
@@ -165,7 +175,7 @@ class AgentConnection:
         if not self.welcomed.called:
             self.welcomed.errback(SessionRefused(code, reason))
         pending, self._pending = self._pending, {}
-        for d, timer in pending.values():
+        for d, timer, _ in pending.values():
             if timer.active():
                 timer.cancel()
             d.errback(CallFailed(f"session closed ({code} {reason or ''})"))
@@ -217,6 +227,8 @@ class AgentClientProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type:
     def onPing(self, payload: bytes) -> None:
         # the server is alive: it pings a session whose messages it holds back unread
         compat.ping_is_proof_of_life(self)
+        if self.connection is not None:
+            self.connection.server_pinged()
         super().onPing(payload)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
