@@ -650,6 +650,19 @@ class ICertificates(Interface):
         """This server's (key_pem, cert_pem)."""
 
 
+class IInstallPackages(Interface):
+    """Agent install packages built by the server (tcm/server/packages.py), off the reactor
+    thread: the wheels first (cached per tcm version), then the archive."""
+
+    def wheels():  # type: ignore[misc]
+        """Deferred of the package's `Wheels` (tcm/installpackage.py); Unavailable (with
+        the reason) when they cannot be had."""
+
+    def assemble(profile, ca_pem, server, token, uses, ttl, wheels):  # type: ignore[misc]
+        """Deferred of the package (.tar.gz bytes) holding these (the token valid `ttl`
+        seconds from now); Invalid for a server URL an agent cannot take."""
+
+
 # -- the agent's parts, as its composition root (tcm/agent/service.py) wires them ------------
 
 

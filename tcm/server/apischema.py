@@ -23,11 +23,13 @@ from typing import Any
 
 import attrs
 
+from tcm.installpackage import SERVER_URL_PATTERN
 from tcm.protocol.schemas import NAME_PATTERN, PROFILE_SETTINGS
 from tcm.server.roles import ROLES
 
 MAX_SECONDS = 10 * 365 * 86400.0  # ten years: the longest time span a request may name
 CSV_TEXT = {"type": "string", "contentMediaType": "text/csv"}  # a text/csv answer
+PACKAGE_ARCHIVE = {"type": "string", "contentMediaType": "application/gzip"}  # a .tar.gz
 MAX_EPOCH = 1e11  # epoch seconds (year 5138): any real clock's time
 MAX_INT32 = 2**31 - 1  # integer columns of the store
 MAX_ITEMS = 100_000  # agent ids in one list
@@ -703,6 +705,30 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ),
     ("DELETE", f"{ADMIN}/profiles/{{name}}"): _op(
         "Delete a connection profile", responses={200: fields("deleted", deleted=_STR)}
+    ),
+    ("POST", f"{ADMIN}/profiles/{{name}}/package"): _op(
+        "Build an agent install package for the profile (application/gzip, a .tar.gz: wheels, "
+        "CA, profile, install script and a new enrollment token scoped to the profile); 503 "
+        "with the `reason` when its wheels cannot be had",
+        obj(
+            {
+                "uses": said(
+                    "'uses' must be a positive integer (at most 1000000000)",
+                    integer(1, 1_000_000_000),
+                ),
+                "ttl": said(
+                    "'ttl' must be a positive number of seconds",
+                    number(0, MAX_SECONDS, exclusive=True),
+                ),
+                "server": said(
+                    "'server' must be the https://HOST:PORT agents use",
+                    string(520, SERVER_URL_PATTERN),
+                ),
+            },
+            unknown="unknown field(s) {names} for an install package",
+        ),
+        body_required=False,
+        responses={200: PACKAGE_ARCHIVE},
     ),
     # -- task servers and gateways ------------------------------------------------------------
     ("GET", f"{ADMIN}/events"): _op(
