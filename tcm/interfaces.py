@@ -176,6 +176,10 @@ class IAgentPresence(Interface):
     def http_mode_of(agent_id):  # type: ignore[misc]
         """ "http" for an agent without a session that polled lately; else None."""
 
+    def sweep_polls():  # type: ignore[misc]
+        """Publish `offline` for agents in HTTP mode whose poll window passed (Deferred of
+        their ids)."""
+
     def last_seen(agent_id, stored):  # type: ignore[misc]
         """When the agent was last heard of."""
 

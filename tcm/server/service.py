@@ -489,6 +489,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
         admission.shared = True
         # PushPolicy on any node: agents on other nodes notified there, their reports heard
         policies.elsewhere = cluster.where
+        presence.elsewhere = cluster.where  # an HTTP agent polling another node is not offline
         policies.on_push = lambda: cluster.changed("policies")
         policies.on_report = cluster.event
         cluster.event_listeners["policy.report"] = policies.reports_elsewhere
@@ -585,6 +586,8 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
         cluster.setServiceParent(top)  # started once the store is open (ServerService)
     packages.setServiceParent(top)  # its thread pool
     TimerService(config.keepalive, presence.sweep_silent_sessions).setServiceParent(top)
+    # agents in HTTP mode that stopped polling: offline, and the console is told
+    TimerService(HTTP_SWEEP, presence.sweep_polls).setServiceParent(top)
     # tcm/server/heap.py: full garbage collections kept off long-lived objects (sessions)
     HeapSettler(lambda: len(presence.registry)).setServiceParent(top)
     if config.metrics_port is not None:
@@ -624,6 +627,9 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
         handshakes=handshakes,
     )
     return top
+
+
+HTTP_SWEEP = 5.0  # seconds between two looks for HTTP-mode agents that stopped polling
 
 
 def _join_cluster(config: ServerConfig, db: Database, name: str) -> ClusterIdentity:
