@@ -217,6 +217,10 @@ class IAgentAdmission(Interface):
     def list_agents():  # type: ignore[misc]
         """Deferred of every agent's row."""
 
+    def agents_page(after, limit, include_deleted, state):  # type: ignore[misc]
+        """Deferred of (rows in id order after `after`, at most `limit`; the next page's
+        `after` or None)."""
+
     def get_agent(agent_id):  # type: ignore[misc]
         """Deferred of an agent's row; NotFound."""
 

@@ -326,17 +326,44 @@ class AdminAPI(JsonRouter):
 
     @inlineCallbacks
     def agents(self, request):
-        """Agents (not deleted ones unless ?include=deleted; ?state= picks one state)."""
-        rows = yield self.admission.list_agents()
+        """Agents (not deleted ones unless ?include=deleted; ?state= picks one state).
+        `?limit=N[&after=ID]`: a page of at most N, in agent id order, after agent ID;
+        `next` is the `after` of the following page (null: the last one; a page may hold
+        fewer than N and still have a next, when cloned agents were left out of a state).
+        Without `limit`: every agent, in the order they enrolled (`next` null)."""
         include = request.args.get(b"include", [b""])[0] == b"deleted"
-        rows = [r for r in rows if include or not r.get("deleted")]
-        where = yield self._where([r["id"] for r in rows])
-        views = [self._agent_view(r, where.get(r["id"])) for r in rows]
         wanted = request.args.get(b"state", [None])[0]
+        state = None
         if wanted is not None:
             state = {b"pending": "awaiting approval"}.get(wanted, wanted.decode())
-            views = [v for v in views if v["state"] == state]
-        return {"agents": views}
+        limit = _query(request, "limit")
+        following = None
+        if limit is not None:
+            rows, following = yield self.admission.agents_page(
+                _query(request, "after"), int(limit), include, state
+            )
+        else:
+            rows = yield self.admission.list_agents()
+            rows = [r for r in rows if include or not r.get("deleted")]
+        if state is not None:  # (a cloned agent's state is "cloned", which no page is of)
+            rows = [r for r in rows if self._row_state(r) == state]
+        where = yield self._where([r["id"] for r in rows])
+        return {
+            "agents": [self._agent_view(r, where.get(r["id"])) for r in rows],
+            "next": following,
+        }
+
+    def _row_state(self, row: dict[str, Any]) -> str:
+        """The `state` an agent's view shows (`_agent_view`), without building the view."""
+        if self.presence.clones.is_cloned(row["id"]):
+            return "cloned"
+        if row.get("deleted"):
+            return "deleted"
+        if row["revoked"]:
+            return "revoked"
+        if not row.get("approved", True):
+            return "awaiting approval"
+        return "ok"
 
     # -- the fleet's state and removals (issue 15.5) ---------------------------------------
     @inlineCallbacks

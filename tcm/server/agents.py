@@ -443,6 +443,12 @@ class AgentAdmission:
         """Every agent's stored row."""
         return self._agents.list_agents()
 
+    def agents_page(
+        self, after: str | None, limit: int, include_deleted: bool, state: str | None
+    ) -> Deferred[tuple[list[dict[str, Any]], str | None]]:
+        """A page of stored rows in id order, and the cursor of the next (AgentStore)."""
+        return self._agents.agents_page(after, limit, include_deleted, state)
+
     @inlineCallbacks
     def get_agent(self, agent_id: str):
         """An agent's stored row; NotFound without it."""

@@ -973,14 +973,17 @@ AGENT_LABEL = obj(
 
 OPERATIONS[("GET", f"{ADMIN}/agents")] = _op(
     "Every enrolled agent (deleted ones with ?include=deleted); ?state=pending: those "
-    "awaiting approval",
+    "awaiting approval; ?limit=N&after=ID: a page of at most N in agent id order after ID "
+    "(`next`: the `after` of the following page, null after the last)",
     query={
         "include": said("'include' must be 'deleted'", {"enum": ["deleted"]}),
         "state": said(
             "'state' must be ok, pending or revoked", {"enum": ["ok", "pending", "revoked"]}
         ),
+        "limit": said("'limit' must be an integer 1..100000", integer(1, MAX_ITEMS)),
+        "after": said("'after' must be an agent id", AGENT_ID),
     },
-    responses={200: listing("agents", AGENT_VIEW)},
+    responses={200: listing("agents", AGENT_VIEW, next=_OPT_STR)},
 )
 OPERATIONS.update(
     {
