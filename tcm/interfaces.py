@@ -176,6 +176,10 @@ class IAgentPresence(Interface):
     def http_mode_of(agent_id):  # type: ignore[misc]
         """ "http" for an agent without a session that polled lately; else None."""
 
+    def sweep_polls():  # type: ignore[misc]
+        """Publish `offline` for agents in HTTP mode whose poll window passed (Deferred of
+        their ids)."""
+
     def last_seen(agent_id, stored):  # type: ignore[misc]
         """When the agent was last heard of."""
 
@@ -212,6 +216,10 @@ class IAgentAdmission(Interface):
 
     def list_agents():  # type: ignore[misc]
         """Deferred of every agent's row."""
+
+    def agents_page(after, limit, include_deleted, state):  # type: ignore[misc]
+        """Deferred of (rows in id order after `after`, at most `limit`; the next page's
+        `after` or None)."""
 
     def get_agent(agent_id):  # type: ignore[misc]
         """Deferred of an agent's row; NotFound."""
@@ -648,6 +656,19 @@ class ICertificates(Interface):
 
     def server_identity(config):  # type: ignore[misc]
         """This server's (key_pem, cert_pem)."""
+
+
+class IInstallPackages(Interface):
+    """Agent install packages built by the server (tcm/server/packages.py), off the reactor
+    thread: the wheels first (cached per tcm version), then the archive."""
+
+    def wheels():  # type: ignore[misc]
+        """Deferred of the package's `Wheels` (tcm/installpackage.py); Unavailable (with
+        the reason) when they cannot be had."""
+
+    def assemble(profile, ca_pem, server, token, uses, ttl, wheels):  # type: ignore[misc]
+        """Deferred of the package (.tar.gz bytes) holding these (the token valid `ttl`
+        seconds from now); Invalid for a server URL an agent cannot take."""
 
 
 # -- the agent's parts, as its composition root (tcm/agent/service.py) wires them ------------

@@ -418,3 +418,42 @@ async def test_resolve_targets_and_the_most_specific_target(inproc_server):  # n
     assert most_specific(everything, idb.agent_id) == "everyone"  # a tie: by name
     await a.shut()
     await b.shut()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_agent_list_in_pages_follows_next_to_every_agent_once(
+    inproc_server,  # noqa: F811
+):
+    """GET /api/v1/agents?limit=N&after=ID (the console reads the list so at 10,000 agents):
+    pages in id order, `next` chained to the last page, each agent once; ?state= applies
+    before paging; without `limit` the whole list as before, `next` null."""
+    server = inproc_server
+    ids = [(await server.enroll_identity(hostname=f"h{i}")).agent_id for i in range(5)]
+    await ok(await server.admin("POST", f"/api/v1/agents/{ids[2]}/revoke"))
+    everything = await ok(await server.admin("GET", "/api/v1/agents"))
+    assert [a["id"] for a in everything["agents"]] == ids  # enrolled order, as before
+    assert everything["next"] is None
+
+    seen, after, pages = [], None, 0
+    while True:
+        path = "/api/v1/agents?limit=2" + (f"&after={after}" if after else "")
+        page = await ok(await server.admin("GET", path))
+        pages += 1
+        assert 0 < len(page["agents"]) <= 2
+        seen += [a["id"] for a in page["agents"]]
+        after = page["next"]
+        if after is None:
+            break
+        assert after == seen[-1]
+    assert seen == sorted(ids) and pages == 3
+    assert (await ok(await server.admin("GET", "/api/v1/agents?limit=5")))["next"] is None
+
+    revoked = await ok(await server.admin("GET", "/api/v1/agents?state=revoked&limit=1"))
+    assert [a["id"] for a in revoked["agents"]] == [ids[2]] and revoked["next"] is None
+    ok_agents = await ok(await server.admin("GET", "/api/v1/agents?state=ok&limit=3"))
+    assert [a["id"] for a in ok_agents["agents"]] == sorted(set(ids) - {ids[2]})[:3]
+    assert ok_agents["next"] == ok_agents["agents"][-1]["id"]
+
+    for bad, words in (("limit=0", "'limit' must be"), ("limit=x", "'limit' must be")):
+        reply = await server.admin("GET", f"/api/v1/agents?{bad}")
+        assert reply.status == 400 and words in reply.body["error"], reply

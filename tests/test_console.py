@@ -18,7 +18,7 @@ from tcm.server.events import EventHub, agent_event
 from tcm.server.jobservice import JobService
 from tcm.server.sessions import SessionRegistry
 from tcm.store import Database
-from tests.inproc import inproc_server, wait_for, within  # noqa: F401 (a fixture)
+from tests.inproc import inproc_server, start_server, wait_for, within  # noqa: F401 (a fixture)
 
 # -- the static files ---------------------------------------------------------------------
 
@@ -241,3 +241,34 @@ async def test_the_servers_stream_carries_sessions_opened_and_closed(inproc_serv
     assert seen["online"] is False and seen["mode"] == "offline"
     assert seen["state"] == "revoked" and seen["revoked"] is True
     assert hub.subscribers() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_http_agent_that_stops_polling_goes_offline_on_the_stream(tmp_path):
+    """No poll for 2 x poll_interval + long_poll: the server's own sweep (every 5 s) tells
+    the console the agent is offline, as a session's close does for a persistent one."""
+    server = await start_server(str(tmp_path / "server"), poll_interval=1.0, long_poll=0.0)
+    try:
+        hub = server.parts.admin_api.eventhub
+        batches: list = []
+        subscription = hub.subscribe(["agents"], batches.append, lambda reason: None)
+        identity = await server.enroll_identity()
+        polled = await server.agent_https("GET", "/agent/v1/work", identity=identity)
+        assert polled.status == 200
+
+        def modes():
+            return [
+                e["mode"]
+                for b in batches
+                for e in b["events"]
+                if e.get("id") == identity.agent_id and "mode" in e
+            ]
+
+        await wait_for(lambda: "http" in modes(), what="the agent in HTTP mode")
+        await wait_for(lambda: "offline" in modes(), 15, 0.05, "the agent told offline")
+        assert modes()[-1] == "offline"
+        agent = await server.admin("GET", f"/api/v1/agents/{identity.agent_id}")
+        assert agent.body["mode"] == "offline"  # the stream and the REST view agree
+        subscription.cancel()
+    finally:
+        await server.stop()

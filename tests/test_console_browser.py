@@ -11,9 +11,11 @@ Skipped when chromium or the playwright package is missing (`.ci/run` installs b
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import tarfile
 
 import pytest
 import requests
@@ -242,5 +244,69 @@ def test_every_page_renders_without_a_browser_error(fleet, browser, role):
                 page.locator(".msg-error").all_text_contents(),
             )
         assert w.errors == [] and w.dialogs == []
+    finally:
+        w.close()
+
+
+def test_install_package_downloads_the_archive(fleet, browser, tmp_path):
+    """Profiles → install package: the server builds the package (POST, the token in the
+    header), the page saves the archive: the wheels, the CA, the profile, install.sh and an
+    enrollment token scoped to the profile. A viewer's click shows the server's refusal."""
+    server = fleet["server"]
+    server.cli("profiles", "create", "browser-pkg", "--set", "keepalive=45")
+    w = Watched(browser)
+    page = w.page
+    urls: list[str] = []
+    page.on("request", lambda r: urls.append(r.url))
+    try:
+        w.sign_in(server.url, fleet["admin"], path="profiles")
+        row = page.locator('table[aria-label="profiles"] tr', has_text="browser-pkg")
+        button = row.get_by_role("button", name="install package")
+        # the first package waits for the server's wheel build (its cache is empty)
+        with page.expect_download(timeout=600_000) as info:
+            button.click()
+        download = info.value
+        assert download.suggested_filename == "tcm-agent-browser-pkg.tar.gz"
+        saved = tmp_path / download.suggested_filename
+        download.save_as(saved)
+        with tarfile.open(saved) as tar:
+            names = tar.getnames()
+            env_file = tar.extractfile("tcm-agent-browser-pkg/agent.env")
+            assert env_file is not None
+            env = env_file.read().decode()
+            profile_file = tar.extractfile("tcm-agent-browser-pkg/profile.json")
+            assert profile_file is not None
+            profile = json.loads(profile_file.read())
+        top = "tcm-agent-browser-pkg/"
+        for name in ("install.sh", "ca.pem", "agent-requirements.txt", "tcm-agent.service"):
+            assert top + name in names
+        wheels = [n for n in names if n.startswith(top + "wheels/") and n.endswith(".whl")]
+        assert any("/tcm-" in n for n in wheels) and any("/twisted-" in n for n in wheels)
+        assert profile["name"] == "browser-pkg" and profile["settings"] == {"keepalive": 45}
+        assert env.startswith(f"TCM_SERVER='{server.url}'\n")  # the address the console used
+        token_id = env.split("TCM_TOKEN='", 1)[1].split(".", 1)[0]
+        token = next(t for t in server.cli_json("token", "list") if t["id"] == token_id)
+        assert token["profile"] == "browser-pkg" and token["uses_left"] == 100
+        done = page.locator("#profiles-result .msg-ok")
+        done.wait_for()
+        assert "tcm-agent-browser-pkg.tar.gz downloaded" in (done.text_content() or "")
+        assert any(u.endswith("/api/v1/profiles/browser-pkg/package") for u in urls)
+        assert not [u for u in urls if fleet["admin"] in u]  # the token is never in a URL
+        assert w.errors == [] and w.dialogs == []
+    finally:
+        w.close()
+
+    w = Watched(browser)
+    page = w.page
+    try:
+        w.sign_in(server.url, fleet["viewer"], path="profiles")
+        row = page.locator('table[aria-label="profiles"] tr', has_text="browser-pkg")
+        row.get_by_role("button", name="install package").click()
+        refusal = page.locator("#profiles-result .msg-error")
+        refusal.wait_for()
+        text = refusal.text_content() or ""
+        assert "Refused (403)" in text and "'viewer'" in text
+        assert "may not build install packages" in text
+        assert all("status of 403" in e for e in w.errors), w.errors
     finally:
         w.close()

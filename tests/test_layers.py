@@ -78,7 +78,7 @@ def test_agent_install_requirements_cover_what_the_agent_imports():
     server's is."""
     from importlib import metadata
 
-    from tcm.cli.package import AGENT_REQUIREMENTS
+    from tcm.installpackage import AGENT_REQUIREMENTS
 
     probe = (
         "import json, sys, tcm.agent.tap, tcm.cli.agent, tcm.plugins; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import pytest_twisted
 
 from tests.storedb import StoreTest
@@ -121,3 +122,32 @@ class TestAgentStore(StoreTest):
             "policies": policies,
             "reported_at": NOW,
         }
+
+    @pytest_twisted.ensureDeferred
+    async def test_agents_in_pages_by_id_with_states(self, db):
+        for i, agent in enumerate(["a-5", "a-1", "a-4", "a-2", "a-3", "a-6"]):
+            await db.agents.add_agent(agent, agent, "00" * 32, NOW + i, approved=agent != "a-4")
+        await db.agents.revoke_agent("a-2")
+        await db.agents.delete_agent("a-6")
+        pages, after = [], None
+        while True:
+            rows, after = await db.agents.agents_page(after, 2)
+            pages.append([r["id"] for r in rows])
+            if after is None:
+                break
+            assert after == rows[-1]["id"]
+        assert pages == [["a-1", "a-2"], ["a-3", "a-4"], ["a-5"]]  # a-6 deleted
+        rows, after = await db.agents.agents_page(None, 10, include_deleted=True)
+        assert [r["id"] for r in rows] == ["a-1", "a-2", "a-3", "a-4", "a-5", "a-6"]
+        assert after is None
+        for state, ids in [
+            ("ok", ["a-1", "a-3", "a-5"]),
+            ("revoked", ["a-2"]),
+            ("awaiting approval", ["a-4"]),
+        ]:
+            rows, _ = await db.agents.agents_page(None, 10, include_deleted=True, state=state)
+            assert [r["id"] for r in rows] == ids, state
+        rows, after = await db.agents.agents_page("a-1", 1, state="ok")
+        assert [r["id"] for r in rows] == ["a-3"] and after == "a-3"
+        with pytest.raises(ValueError):
+            db.agents.agents_page(None, 1, state="cloned")

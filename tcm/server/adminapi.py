@@ -19,6 +19,7 @@ import attrs
 from twisted.internet.defer import inlineCallbacks, succeed
 
 import tcm
+from tcm.installpackage import PackageError, agent_server, check_server_url, package_name
 from tcm.interfaces import (
     IAccessTokens,
     IAgentAdmission,
@@ -27,6 +28,7 @@ from tcm.interfaces import (
     ICertificates,
     ICluster,
     IEventHub,
+    IInstallPackages,
     IInventory,
     IJobHistory,
     IJobs,
@@ -87,6 +89,7 @@ class AdminServices:
     certificates: ICertificates
     events: IEventHub | None = None  # the console's live events (GET /events)
     cluster: ICluster | None = None  # a node of a cluster (tcm/server/cluster); None: alone
+    packages: IInstallPackages | None = None  # agent install packages (tcm/server/packages.py)
 
 
 class AdminAPI(JsonRouter):
@@ -111,6 +114,7 @@ class AdminAPI(JsonRouter):
         self.certificates = s.certificates
         self.eventhub = s.events
         self.cluster = s.cluster
+        self.packages = s.packages
         self._permissions: dict[Any, tuple[str, str]] = {}
         self.route("GET", "/status", self.status)
         self.route("GET", "/openapi.json", openapi.serve)
@@ -164,6 +168,14 @@ class AdminAPI(JsonRouter):
         self.route("GET", "/profiles/{name}", self.profile)
         self.route("PUT", "/profiles/{name}", self.update_profile, "admin", "change profiles")
         self.route("DELETE", "/profiles/{name}", self.delete_profile, "admin", "delete profiles")
+        # the console's "install package" download (issue 14): it holds an enrollment token
+        self.route(
+            "POST",
+            "/profiles/{name}/package",
+            self.build_package,
+            "admin",
+            "build install packages (each holds a new enrollment token)",
+        )
 
         self.route("GET", "/taskservers", self.taskservers)
         self.route(
@@ -314,17 +326,44 @@ class AdminAPI(JsonRouter):
 
     @inlineCallbacks
     def agents(self, request):
-        """Agents (not deleted ones unless ?include=deleted; ?state= picks one state)."""
-        rows = yield self.admission.list_agents()
+        """Agents (not deleted ones unless ?include=deleted; ?state= picks one state).
+        `?limit=N[&after=ID]`: a page of at most N, in agent id order, after agent ID;
+        `next` is the `after` of the following page (null: the last one; a page may hold
+        fewer than N and still have a next, when cloned agents were left out of a state).
+        Without `limit`: every agent, in the order they enrolled (`next` null)."""
         include = request.args.get(b"include", [b""])[0] == b"deleted"
-        rows = [r for r in rows if include or not r.get("deleted")]
-        where = yield self._where([r["id"] for r in rows])
-        views = [self._agent_view(r, where.get(r["id"])) for r in rows]
         wanted = request.args.get(b"state", [None])[0]
+        state = None
         if wanted is not None:
             state = {b"pending": "awaiting approval"}.get(wanted, wanted.decode())
-            views = [v for v in views if v["state"] == state]
-        return {"agents": views}
+        limit = _query(request, "limit")
+        following = None
+        if limit is not None:
+            rows, following = yield self.admission.agents_page(
+                _query(request, "after"), int(limit), include, state
+            )
+        else:
+            rows = yield self.admission.list_agents()
+            rows = [r for r in rows if include or not r.get("deleted")]
+        if state is not None:  # (a cloned agent's state is "cloned", which no page is of)
+            rows = [r for r in rows if self._row_state(r) == state]
+        where = yield self._where([r["id"] for r in rows])
+        return {
+            "agents": [self._agent_view(r, where.get(r["id"])) for r in rows],
+            "next": following,
+        }
+
+    def _row_state(self, row: dict[str, Any]) -> str:
+        """The `state` an agent's view shows (`_agent_view`), without building the view."""
+        if self.presence.clones.is_cloned(row["id"]):
+            return "cloned"
+        if row.get("deleted"):
+            return "deleted"
+        if row["revoked"]:
+            return "revoked"
+        if not row.get("approved", True):
+            return "awaiting approval"
+        return "ok"
 
     # -- the fleet's state and removals (issue 15.5) ---------------------------------------
     @inlineCallbacks
@@ -923,9 +962,83 @@ class AdminAPI(JsonRouter):
         yield self.auditlog.record(request.who, "profile.delete", name)
         return result
 
+    @inlineCallbacks
+    def build_package(self, request, name: str):
+        """An agent install package for the profile (.tar.gz, tcm/installpackage.py): the
+        wheels (cached per tcm version), the CA, the profile, a new enrollment token scoped
+        to the profile (`uses`, default 100; `ttl` seconds, default 30 days) and the server
+        URL agents use (`server`; default: the profile's first https:// server, else the URL
+        this request came to)."""
+        if self.packages is None:
+            raise Unavailable("this server builds no install packages")
+        body = json_body(request, required=False)
+        profile = self.profileservice.profile_view(self.profileservice.get_profile(name))
+        uses = body.get("uses", PACKAGE_USES)
+        ttl = body.get("ttl", PACKAGE_TTL)
+        server = body.get("server") or agent_server(profile["settings"], _own_url(request))
+        try:
+            check_server_url(server)
+        except PackageError as e:
+            raise Invalid("server", str(e)) from None
+        wheels = yield self.packages.wheels()  # Unavailable (503, with the reason)
+        # the token only once the wheels are there: a failed build leaves no live token
+        description = f"install package for profile {name}"
+        token = yield self.access.create_enrollment_token(ttl, uses, description, name)
+        token_id = token.partition(".")[0]
+        try:
+            data = yield self.packages.assemble(
+                profile, self.certificates.ca_pem.decode(), server, token, uses, ttl, wheels.paths
+            )
+        except BaseException:
+            yield self.access.revoke_enrollment_token(token_id)
+            raise
+        yield self.auditlog.record(
+            request.who,
+            "token.create",
+            token_id,
+            {"ttl": ttl, "uses": uses, "description": description, "profile": name},
+        )
+        yield self.auditlog.record(
+            request.who,
+            "package.build",
+            name,
+            {
+                "profile_version": profile["version"],
+                "token": token_id,
+                "server": server,
+                "wheels": len(wheels.paths),
+                "wheels_built": wheels.built,
+                "bytes": len(data),
+            },
+        )
+        return Reply(
+            data,
+            headers={
+                "content-type": "application/gzip",
+                "content-disposition": f'attachment; filename="{package_name(name)}.tar.gz"',
+                "x-tcm-token-id": token_id,
+                "x-tcm-wheels": "built" if wheels.built else "cached",
+            },
+        )
+
     def _audit_profile(self, request, action: str, view: dict[str, Any]):
         details = {k: view[k] for k in ("version", "settings", "assignments")}
         return self.auditlog.record(request.who, action, view["name"], details)
+
+
+PACKAGE_USES = 100  # enrollments an install package's token allows (as `tcm package build`)
+PACKAGE_TTL = 30 * 86400.0  # seconds it is valid
+
+
+def _own_url(request) -> str:
+    """The https:// URL this request came to (its Host header, else the local address)."""
+    raw = request.getHeader(b"host")
+    if raw:
+        host = raw.decode("latin-1") if isinstance(raw, bytes) else raw
+        return f"https://{host}"
+    address = request.getHost()
+    host = f"[{address.host}]" if ":" in address.host else address.host
+    return f"https://{host}:{address.port}"
 
 
 def _int_arg(request, name: str) -> int | None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tcm.interfaces import (
@@ -163,6 +164,10 @@ class AgentPresence:
         self.clones = CloneWatch()
         self.on_cloned: Any = None  # called (agent_id, why) when an identity is found cloned
         self.events: IEventPublisher = NO_EVENTS  # the console's live events (set where wired)
+        # {agent: node} of those agents other nodes of a cluster hold a session or a poll
+        # of (ICluster.where; None: a single server)
+        self.elsewhere: Callable[[list[str]], Deferred[dict[str, str]]] | None = None
+        self._polls_swept_at = clock.seconds()
 
     def session(self, agent_id: str) -> AgentSession | None:
         """The agent's own live session here, if any."""
@@ -181,10 +186,57 @@ class AgentPresence:
     def http_mode_of(self, agent_id: str) -> str | None:
         """ "http" for an agent without a session that polled lately; else None."""
         last = self.last_poll.get(agent_id)
-        window = 2 * float(self._settings["poll_interval"]) + float(self._settings["long_poll"])
-        if last is not None and self.clock.seconds() - last <= window:
+        if last is not None and self.clock.seconds() - last <= self._http_window():
             return "http"
         return None
+
+    def _http_window(self) -> float:
+        return 2 * float(self._settings["poll_interval"]) + float(self._settings["long_poll"])
+
+    def sweep_polls(self) -> Deferred[list[str]]:
+        """Agents in HTTP mode whose window passed since the last sweep without a poll are
+        offline now: an `agent` event says so (the console's endpoints and overview pages),
+        as a session's close does for a persistent agent. Nothing else changes: `http_mode_of`
+        already answers "offline" for them. Each expiry is told once (the sweep whose period
+        holds it); agents with a session here, or with a session or held poll on another node
+        of a cluster, are not told. Fires with the agents told offline."""
+        now = self.clock.seconds()
+        since, self._polls_swept_at = self._polls_swept_at, now
+        window = self._http_window()
+        gone = [
+            agent_id
+            for agent_id, last in self.last_poll.items()
+            if since <= last + window < now and agent_id not in self.registry
+        ]
+        if not gone:
+            return succeed([])
+        where = self.elsewhere(gone) if self.elsewhere is not None else succeed({})
+
+        def tell(elsewhere: dict[str, str]) -> list[str]:
+            told = []
+            for agent_id in gone:
+                if agent_id in elsewhere or agent_id in self.registry:
+                    continue
+                if self.polls.get(agent_id) is not None:
+                    continue
+                if self.http_mode_of(agent_id) is not None:
+                    continue  # it polled while the cluster was asked
+                told.append(agent_id)
+                self.events.publish(
+                    agent_event(
+                        agent_id,
+                        mode="offline",
+                        online=False,
+                        last_seen=self.last_poll.get(agent_id),
+                    )
+                )
+            return told
+
+        def failed(f: Failure) -> list[str]:
+            self._log.failure("could not tell HTTP agents offline", f)
+            return []
+
+        return where.addCallback(tell).addErrback(failed)
 
     def last_seen(self, agent_id: str, stored: float | None) -> float | None:
         """When the agent was last heard of: now if it has a session, else the later of the
@@ -392,6 +444,12 @@ class AgentAdmission:
     def list_agents(self) -> Deferred[list[dict[str, Any]]]:
         """Every agent's stored row."""
         return self._agents.list_agents()
+
+    def agents_page(
+        self, after: str | None, limit: int, include_deleted: bool, state: str | None
+    ) -> Deferred[tuple[list[dict[str, Any]], str | None]]:
+        """A page of stored rows in id order, and the cursor of the next (AgentStore)."""
+        return self._agents.agents_page(after, limit, include_deleted, state)
 
     @inlineCallbacks
     def get_agent(self, agent_id: str):

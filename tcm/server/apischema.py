@@ -23,11 +23,13 @@ from typing import Any
 
 import attrs
 
+from tcm.installpackage import SERVER_URL_PATTERN
 from tcm.protocol.schemas import NAME_PATTERN, PROFILE_SETTINGS
 from tcm.server.roles import ROLES
 
 MAX_SECONDS = 10 * 365 * 86400.0  # ten years: the longest time span a request may name
 CSV_TEXT = {"type": "string", "contentMediaType": "text/csv"}  # a text/csv answer
+PACKAGE_ARCHIVE = {"type": "string", "contentMediaType": "application/gzip"}  # a .tar.gz
 MAX_EPOCH = 1e11  # epoch seconds (year 5138): any real clock's time
 MAX_INT32 = 2**31 - 1  # integer columns of the store
 MAX_ITEMS = 100_000  # agent ids in one list
@@ -704,6 +706,30 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("DELETE", f"{ADMIN}/profiles/{{name}}"): _op(
         "Delete a connection profile", responses={200: fields("deleted", deleted=_STR)}
     ),
+    ("POST", f"{ADMIN}/profiles/{{name}}/package"): _op(
+        "Build an agent install package for the profile (application/gzip, a .tar.gz: wheels, "
+        "CA, profile, install script and a new enrollment token scoped to the profile); 503 "
+        "with the `reason` when its wheels cannot be had",
+        obj(
+            {
+                "uses": said(
+                    "'uses' must be a positive integer (at most 1000000000)",
+                    integer(1, 1_000_000_000),
+                ),
+                "ttl": said(
+                    "'ttl' must be a positive number of seconds",
+                    number(0, MAX_SECONDS, exclusive=True),
+                ),
+                "server": said(
+                    "'server' must be the https://HOST:PORT agents use",
+                    string(520, SERVER_URL_PATTERN),
+                ),
+            },
+            unknown="unknown field(s) {names} for an install package",
+        ),
+        body_required=False,
+        responses={200: PACKAGE_ARCHIVE},
+    ),
     # -- task servers and gateways ------------------------------------------------------------
     ("GET", f"{ADMIN}/events"): _op(
         "The console's live events (text/event-stream): a `hello` event, then `batch` events "
@@ -947,14 +973,17 @@ AGENT_LABEL = obj(
 
 OPERATIONS[("GET", f"{ADMIN}/agents")] = _op(
     "Every enrolled agent (deleted ones with ?include=deleted); ?state=pending: those "
-    "awaiting approval",
+    "awaiting approval; ?limit=N&after=ID: a page of at most N in agent id order after ID "
+    "(`next`: the `after` of the following page, null after the last)",
     query={
         "include": said("'include' must be 'deleted'", {"enum": ["deleted"]}),
         "state": said(
             "'state' must be ok, pending or revoked", {"enum": ["ok", "pending", "revoked"]}
         ),
+        "limit": said("'limit' must be an integer 1..100000", integer(1, MAX_ITEMS)),
+        "after": said("'after' must be an agent id", AGENT_ID),
     },
-    responses={200: listing("agents", AGENT_VIEW)},
+    responses={200: listing("agents", AGENT_VIEW, next=_OPT_STR)},
 )
 OPERATIONS.update(
     {

@@ -55,6 +55,9 @@ class ServerConfig:
     # a cluster of nodes (tcm/server/cluster): Redis URL, and the key file sealing the CA
     redis: str | None = None
     cluster_key: str | None = None
+    # the wheels of agent install packages (tcm/installpackage.py WheelCache): built there per
+    # tcm version, or put there prebuilt; default STATE_DIR/package-wheels
+    package_wheels: str | None = None
 
     @property
     def clustered(self) -> bool:

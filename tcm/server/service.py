@@ -3,7 +3,7 @@ and gives each consumer only the ones it uses.
 
     consumer               services it gets
     AdminAPI (/api/v1)     access, admission, presence, settings, jobs, targets, inventory,
-                           audit, policies, profiles, nodes, certificates
+                           audit, policies, profiles, nodes, certificates, packages
     AgentAPI (/agent/v1)   admission, presence, settings, jobs, policies, profiles
     NodeAPI (/link/v1)     nodes
     AgentServerFactory     hub, admission, settings (the agents' WebSocket endpoint)
@@ -38,6 +38,7 @@ from zope.interface.interface import InterfaceClass
 from zope.interface.verify import verifyObject
 
 from tcm.httplimits import limited_site
+from tcm.installpackage import WheelCache
 from tcm.interfaces import (
     IAccessTokens,
     IAgentAdmission,
@@ -47,6 +48,7 @@ from tcm.interfaces import (
     ICluster,
     IClusterBus,
     IEventHub,
+    IInstallPackages,
     IInventory,
     IJobHistory,
     IJobs,
@@ -85,6 +87,7 @@ from tcm.server.metrics import ServerMetrics, server_metrics_site
 from tcm.server.nodeapi import NodeAPI
 from tcm.server.noderegistry import NodeRegistry
 from tcm.server.nodes import TaskServerAssignments
+from tcm.server.packages import InstallPackages
 from tcm.server.policies import PolicyService
 from tcm.server.profiles import ProfileService
 from tcm.server.selection import InventoryService, TargetService
@@ -488,6 +491,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
         admission.shared = True
         # PushPolicy on any node: agents on other nodes notified there, their reports heard
         policies.elsewhere = cluster.where
+        presence.elsewhere = cluster.where  # an HTTP agent polling another node is not offline
         policies.on_push = lambda: cluster.changed("policies")
         policies.on_report = cluster.event
         cluster.event_listeners["policy.report"] = policies.reports_elsewhere
@@ -496,6 +500,15 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
         publisher = ClusterEvents(events, cluster)
         jobs.events = presence.events = admission.events = hub.events = publisher
         policies.events = publisher
+
+    # agent install packages for the console (tcm/server/packages.py): own thread, own cache
+    packages = provides(
+        IInstallPackages,
+        InstallPackages(
+            reactor,
+            WheelCache(config.package_wheels or os.path.join(config.state_dir, "package-wheels")),
+        ),
+    )
 
     # -- the consumers: the HTTP and WebSocket endpoints ----------------------------------
     url = f"wss://{config.interface}"
@@ -517,6 +530,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
             certificates=certificates,
             events=events,
             cluster=cluster,
+            packages=packages,
         )
     )
     if cluster is not None:
@@ -581,7 +595,10 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     top.add_listeners(config, certificates, handshakes, site)
     if cluster is not None:
         cluster.setServiceParent(top)  # started once the store is open (ServerService)
+    packages.setServiceParent(top)  # its thread pool
     TimerService(config.keepalive, presence.sweep_silent_sessions).setServiceParent(top)
+    # agents in HTTP mode that stopped polling: offline, and the console is told
+    TimerService(HTTP_SWEEP, presence.sweep_polls).setServiceParent(top)
     # tcm/server/heap.py: full garbage collections kept off long-lived objects (sessions)
     HeapSettler(lambda: len(presence.registry)).setServiceParent(top)
     if config.metrics_port is not None:
@@ -633,6 +650,9 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     return top
 
 
+HTTP_SWEEP = 5.0  # seconds between two looks for HTTP-mode agents that stopped polling
+
+
 def _join_cluster(config: ServerConfig, db: Database, name: str) -> ClusterIdentity:
     """Migrate the shared database and take the cluster's CA and admin token from it (the
     first node puts its own there): before the CA is loaded below. Blocking, at startup."""
@@ -665,6 +685,8 @@ _AREAS = {
 def _tell_cluster(cluster: ClusterNode) -> Callable[[str, str], None]:
     def written(method: str, path: str) -> None:
         parts = path.strip("/").split("/")
+        if parts[-1] == "package":  # an install package: its token is in the store already
+            return
         area = _AREAS.get(parts[0])
         if area is not None:
             cluster.changed(area)

@@ -76,6 +76,15 @@ class Options(usage.Options):
             "state directory).",
         ],
         [
+            "package-wheels",
+            None,
+            None,
+            "Directory of the wheels of agent install packages (the console's download): built "
+            "there per tcm version from this tcm's source tree, or put there prebuilt (the tcm "
+            "wheel and the agent's dependencies; default: package-wheels in the state "
+            "directory).",
+        ],
+        [
             "cert",
             None,
             None,
@@ -382,6 +391,7 @@ def config_from(options: Options) -> ServerConfig:
         tls_groups=options["tls-groups"],
         redis=options["redis"],
         cluster_key=options["cluster-key"],
+        package_wheels=options["package-wheels"],
     )
 
 

@@ -128,6 +128,44 @@ class AgentStore:
             ]
         )
 
+    #: the agent states a page can be of (as the admin API's views say them), in columns
+    PAGE_STATES = ("ok", "awaiting approval", "revoked")
+
+    def agents_page(
+        self,
+        after: str | None,
+        limit: int,
+        include_deleted: bool = False,
+        state: str | None = None,
+    ) -> Deferred[tuple[list[dict[str, Any]], str | None]]:
+        """A page of the agents in id order: at most `limit` after agent id `after`, and the
+        `after` of the next page (None: this is the last). `state`: only those whose view
+        says it (a deleted agent's state is "deleted", then "revoked", then "awaiting
+        approval" for one not approved, else "ok"). One indexed range read: a page of 1,000
+        costs the same at 10,000 agents as at 1,000."""
+        a = t.agents.c
+        q = sa.select(t.agents).order_by(a.id).limit(limit + 1)
+        if after is not None:
+            q = q.where(a.id > after)
+        if not include_deleted or state is not None:
+            q = q.where(a.deleted == sa.false())
+        if state == "revoked":
+            q = q.where(a.revoked == sa.true())
+        elif state == "awaiting approval":
+            q = q.where(a.revoked == sa.false(), a.approved == sa.false())
+        elif state == "ok":
+            q = q.where(a.revoked == sa.false(), a.approved == sa.true())
+        elif state is not None:
+            raise ValueError(f"no page of agents in state {state!r}")
+
+        def read(c: Connection) -> tuple[list[dict[str, Any]], str | None]:
+            rows = [dict(r._mapping) for r in c.execute(q)]
+            if len(rows) > limit:
+                return rows[:limit], rows[limit - 1]["id"]
+            return rows, None
+
+        return self._db.read(read)
+
     def agent_ids(self, include_revoked: bool = False) -> Deferred[list[str]]:
         q = sa.select(t.agents.c.id)
         if not include_revoked:

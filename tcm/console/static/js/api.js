@@ -54,9 +54,21 @@ export async function api(method, path, body) {
   return data;
 }
 
-export async function apiBlob(path) {
-  const r = await fetch(`/api/v1${path}`, { headers: headers(), cache: "no-store" });
-  if (!r.ok) throw new ApiError(r.status, await r.json().catch(() => ({})));
+// A file the API answers (a CSV, an install package): GET, or `method` with a JSON `body`.
+// The token goes in the header, as for every call; the caller saves the Blob (downloadBlob).
+export async function apiBlob(path, { method = "GET", body, onResponse } = {}) {
+  const init = { method, headers: headers(), cache: "no-store", credentials: "omit" };
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const r = await fetch(`/api/v1${path}`, init);
+  if (!r.ok) {
+    const e = new ApiError(r.status, await r.json().catch(() => ({})));
+    if (r.status === 401) unauthorized(e);
+    throw e;
+  }
+  if (onResponse) onResponse(r);
   return r.blob();
 }
 

@@ -2,10 +2,23 @@
 import { api } from "../api.js";
 import { h, message } from "../dom.js";
 
-// Agent rows by id, kept current by `agent` events (mode, via, state...).
-export async function loadAgents() {
-  const { agents } = await api("GET", "/agents");
-  return new Map(agents.map((a) => [a.id, a]));
+// Agents per request: the whole list is about 0.5 kB an agent (5 MB at 10,000), read in
+// pages so that a page can draw the first ones while the rest arrive.
+const AGENT_PAGE = 1000;
+
+// Agent rows by id (in id order), kept current by `agent` events (mode, via, state...).
+// `onPage(agents)`, if given, is called after each page with the rows so far.
+export async function loadAgents(onPage) {
+  const agents = new Map();
+  let after = null;
+  for (;;) {
+    const cursor = after === null ? "" : `&after=${encodeURIComponent(after)}`;
+    const page = await api("GET", `/agents?limit=${AGENT_PAGE}${cursor}`);
+    for (const a of page.agents) agents.set(a.id, a);
+    if (onPage) onPage(agents);
+    if (!page.next) return agents;
+    after = page.next;
+  }
 }
 
 export async function applyAgentEvents(agents, events) {

@@ -164,7 +164,11 @@ export async function endpoints(main, ctx) {
   };
   const view = live(["agents"], {
     load: async () => {
-      agents = await loadAgents();
+      // drawn as each page of the list arrives: the first rows show before the last load
+      agents = await loadAgents((sofar) => {
+        agents = sofar;
+        draw();
+      });
       draw();
       loadInventoryAges().catch(() => {});
     },
