@@ -46,7 +46,7 @@ class BenchServer(Server):
             self.extra = [
                 *self.extra,
                 "--admin-listen",
-                f"tcp:{self.admin_port}:interface=127.0.0.1",
+                f"tcm:{self.admin_port}:interface=127.0.0.1",
             ]
             self._set_args()
 

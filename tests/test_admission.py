@@ -74,6 +74,23 @@ def test_a_connection_that_waited_too_long_is_closed_unserved_when_its_turn_come
     assert gate.stale == 2 and gate.in_progress == 1 and gate.waiting == 0
 
 
+def test_under_congestion_the_newest_waiting_goes_first():
+    """Once the oldest has waited a quarter of max_wait, clients behind are giving up:
+    the newest (whose client surely still waits) is served first."""
+    clock = Clock()
+    gate = HandshakeGate(clock, limit=1, hold=100.0, max_wait=40.0)
+    first = gate.admit(StringTransport())
+    older = StringTransport()
+    gate.admit(older)
+    clock.advance(11.0)
+    newer = [StringTransport() for _ in range(2)]
+    for c in newer:
+        gate.admit(c)
+    gate.done(first)
+    assert [reading(c) for c in (older, *newer)] == [False, False, True]
+    assert gate.waiting == 2 and not older.disconnected
+
+
 def test_a_stalled_handshake_counts_for_hold_seconds_only():
     clock = Clock()
     gate = HandshakeGate(clock, limit=2, hold=5.0)

@@ -16,13 +16,15 @@ A connection counts from the moment it starts its handshake until the handshake 
 the connection is lost, and for at most `hold` seconds: a peer that stalls mid-handshake
 holds its place `hold` seconds, not longer.
 
-A connection that waited `max_wait` seconds is closed when its turn comes, not served: its
-client has most likely given up (an agent's opening handshake times out after 60 s) and
-is trying again on a new connection, behind it in the queue. Served in order regardless, a
-queue longer than clients wait only serves connections nobody waits for any more: a
-reconnect storm of 10,000 agents retrying every few seconds kept 4,000 dead connections
-queued and brought almost none back (issue 18's bench). Waiting is not read, so a client's
-close is not seen before then.
+Under congestion the newest waiting connection goes first (adaptive LIFO): once the oldest
+has waited `max_wait / 4` seconds, clients are giving up behind the queue (an agent's
+opening handshake times out after 60 s, and it tries again on a new connection), and served
+in order a queue longer than clients wait only serves connections nobody waits for any
+more: a reconnect storm of 10,000 agents retrying every few seconds kept 4,000 dead
+connections queued and brought almost none back (issue 18's bench). Served newest first,
+every handshake started is one a client still waits for. A connection that waited
+`max_wait` seconds is closed unserved (it would hold a descriptor for a client that has
+left; waiting is not read, so its close is not seen otherwise).
 """
 
 from __future__ import annotations
@@ -96,20 +98,25 @@ class HandshakeGate:
         self._running.append(ticket)
 
     def _next(self) -> None:
-        """Start waiting connections while there is room, oldest first."""
+        """Start waiting connections while there is room: oldest first, newest first under
+        congestion; those that waited too long are closed."""
         queue = self._queue
-        stale_before = self.clock.seconds() - self.max_wait
-        while self.in_progress < self.limit and queue:
+        now = self.clock.seconds()
+        stale_before = now - self.max_wait
+        while queue and (queue[0].state != Ticket.WAITING or queue[0].started < stale_before):
             ticket = queue.popleft()
-            if ticket.state != Ticket.WAITING:
-                continue
-            self.waiting -= 1
-            if ticket.started < stale_before:
+            if ticket.state == Ticket.WAITING:  # waited too long: closed unserved
+                self.waiting -= 1
                 transport, ticket.transport = ticket.transport, None
                 ticket.state = Ticket.DONE
                 self.stale += 1
                 transport.abortConnection()
+        congested = bool(queue) and queue[0].started < now - self.max_wait / 4
+        while self.in_progress < self.limit and queue:
+            ticket = queue.pop() if congested else queue.popleft()
+            if ticket.state != Ticket.WAITING:
                 continue
+            self.waiting -= 1
             self._start(ticket)
             ticket.transport.resumeProducing()
         running = self._running
