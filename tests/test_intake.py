@@ -81,7 +81,10 @@ def _send_result(client, job: str) -> str:
 
 @pytest_twisted.ensureDeferred
 async def test_large_results_beyond_the_budget_wait_unread_until_the_first_is_stored(tmp_path):
-    server = await start_server(str(tmp_path / "server"), intake_budget=40_000)
+    # pings every 0.2 s to the sessions held or waiting for an answer (keepalive_timeout / 2)
+    server = await start_server(
+        str(tmp_path / "server"), intake_budget=40_000, keepalive_timeout=0.4
+    )
     budget = server.parts.intake
     inside, release = threading.Event(), threading.Event()
     try:
@@ -110,6 +113,9 @@ async def test_large_results_beyond_the_budget_wait_unread_until_the_first_is_st
         assert all(not c.messages for c in paused)
         # their own pings are not read: the server pings them, as proof it is alive
         await wait_for(lambda: all(c.pings for c in paused), what="pings to the held")
+        # the one read waits for its commit: pinged too, so that it waits for the answer
+        # rather than send its result again over HTTPS
+        await wait_for(lambda: agents[0][0].pings >= 2, what="pings to the one waiting")
 
         # one waiting agent goes away: an unread connection's loss is seen when its turn
         # comes (reading resumes), and what it was granted is given back

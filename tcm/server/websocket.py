@@ -37,6 +37,7 @@ class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type:
     _intake_held = 0
     _intake_wait: Callable[[], None] | None = None
     _hold_pings: Any = None  # the timer of the next ping to a connection held unread
+    _unanswered = 0  # large requests read and not answered yet (a result: not committed)
 
     factory: AgentServerFactory
 
@@ -116,12 +117,20 @@ class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type:
     def _hold_ping(self) -> None:
         """Ping a connection held unread, now and every `hold_ping` seconds: its own pings
         are not read, so their pongs cannot come; an agent takes the server's ping as proof
-        of life instead (tcm.compat.ping_is_proof_of_life)."""
+        of life instead (tcm.compat.ping_is_proof_of_life). Also every `hold_ping` seconds
+        while a large request it sent waits for its answer (a result in the queue for a
+        commit): the agent then waits for it again instead of sending it a second time over
+        HTTPS after its request timeout (tcm.agent.session.AgentConnection.server_pinged)."""
         self._hold_pings = None
-        if self._intake_wait is None or self.state != self.STATE_OPEN:
+        if self.state != self.STATE_OPEN or (self._intake_wait is None and not self._unanswered):
             return
         self.sendPing()
         self._hold_pings = self.factory.clock.callLater(self.factory.hold_ping, self._hold_ping)
+
+    def _answered(self, result: Any, size: int) -> Any:
+        self._unanswered -= 1
+        self.factory.intake.release(size)
+        return result
 
     def _stop_hold_pings(self) -> None:
         if self._hold_pings is not None and self._hold_pings.active():
@@ -167,7 +176,11 @@ class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type:
             if handled is None:
                 self.factory.intake.release(held)
             else:  # a request: its bytes count until it is answered (a result: committed)
-                handled.addBoth(_release, self.factory.intake, held)
+                self._unanswered += 1
+                handled.addBoth(self._answered, held)
+                if self._hold_pings is None:
+                    clock = self.factory.clock
+                    self._hold_pings = clock.callLater(self.factory.hold_ping, self._hold_ping)
         if session.state.value == "open" and getattr(self, "_hello_timer", None) is not None:
             self._hello_timer.cancel()
             self._hello_timer = None
@@ -202,11 +215,6 @@ class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type:
     @property
     def peer_transport(self):
         return self.peer_view
-
-
-def _release(result: Any, budget: IntakeBudget, size: int) -> Any:
-    budget.release(size)
-    return result
 
 
 class AgentServerFactory(WebSocketServerFactory):
