@@ -27,6 +27,7 @@ class EdgeProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type: ignore
     _log = Logger()
     relay_conn: int | None = None
     relay_upstream: str | None = None
+    relay_link: Any = None
     agent_id: str | None = None
     last_rx = 0.0
     down = None  # an agent's own connection (a gateway's carried ones have their link)

@@ -110,6 +110,28 @@ class _Endpoints:
 
 
 @inlineCallbacks
+def enroll_any(
+    reactor: Any,
+    state: NodeState,
+    servers: list[str],
+    ca_pem: bytes,
+    token: str,
+    hostnames: list[str],
+):
+    """Enroll through the first of `servers` that answers (the nodes of a cluster share one
+    store: any of them takes the token). The name."""
+    log = Logger(namespace="tcm.relay.enroll")
+    for i, server in enumerate(servers):
+        try:
+            name = yield enroll_node(reactor, state, server, ca_pem, token, hostnames)
+            return name
+        except NodeEnrollmentError as e:
+            if i == len(servers) - 1 or not str(e).startswith("cannot reach"):
+                raise
+            log.warn("{why}; trying {server}", why=str(e), server=servers[i + 1])
+
+
+@inlineCallbacks
 def enroll_node(
     reactor: Any,
     state: NodeState,
@@ -215,10 +237,15 @@ class Running(service.Service):
 class NodeService(service.MultiService):
     """What a relay node's service (task server, gateway) does at start: prepare (enroll,
     build its children), then start the children; a failed start says why and ends the
-    process with status 1."""
+    process with status 1.
+
+    Its links: one per node of each upstream (`links`, `link_services`: upstream -> node
+    address -> factory, service). An upstream that is a cluster of server nodes names its
+    nodes over the link (`cluster`): the node links to each one that is up (`cluster_told`)."""
 
     _log = Logger()
     what = "node"
+    relay: Any
 
     def __init__(self, reactor: Any = None):
         super().__init__()
@@ -227,6 +254,52 @@ class NodeService(service.MultiService):
 
             reactor = _reactor
         self.reactor = reactor
+        self.links: dict[str, dict[str, Any]] = {}
+        self.link_services: dict[str, dict[str, Any]] = {}
+
+    def addresses_of(self, name: str) -> list[str]:
+        """Every configured address of upstream `name` (one, or a cluster's nodes)."""
+        raise NotImplementedError
+
+    def add_link_to(self, name: str, url: str) -> None:
+        """Link to upstream `name` at `url` (one node of it)."""
+        raise NotImplementedError
+
+    def cluster_told(self, name: str, nodes: dict[str, dict[str, Any]]) -> None:
+        """Upstream `name` is a cluster with these nodes: link to each node that is up and
+        not linked yet; stop trying a node learned of this way that is down (and not
+        linked) until the cluster says it is up again. Configured addresses are kept."""
+        configured = set(self.addresses_of(name))
+        services = self.link_services.setdefault(name, {})
+        factories = self.links.setdefault(name, {})
+        # nodes linked (or once welcomed) under another spelling of their address: a second
+        # link of this node to one server node would supersede the first, and so on
+        known = {f.server_name for f in factories.values() if f.server_name}
+        for node, info in sorted(nodes.items()):
+            url = str(info["url"]).rstrip("/")
+            if info.get("state") == "up":
+                if url not in services and node not in known and self.running:
+                    self._log.info(
+                        "upstream {name}: linking to cluster node {node} at {url}",
+                        name=name,
+                        node=node,
+                        url=url,
+                    )
+                    self.add_link_to(name, url)
+            elif url in services and url not in configured:
+                factory = factories[url]
+                if not any(
+                    getattr(up, "factory", None) is factory for up in self.relay.links.all(name)
+                ):
+                    self._log.info(
+                        "upstream {name}: cluster node {node} is down; not linking to {url} "
+                        "until it is up",
+                        name=name,
+                        node=node,
+                        url=url,
+                    )
+                    del factories[url]
+                    services.pop(url).disownServiceParent()
 
     def privilegedStartService(self):
         # No port is bound before the node is enrolled and built (startService below).

@@ -49,6 +49,9 @@ class AgentHub:
 
     _log = Logger()
     events: IEventPublisher = NO_EVENTS  # the console's live events (set where wired)
+    # a node of a cluster: the cluster's nodes ({"node", "url", "state"}), told to the relay
+    # nodes linked here (they link to every node); None for a server alone
+    cluster_members: list[dict[str, str]] | None = None
 
     def __init__(
         self,
@@ -175,6 +178,13 @@ class AgentHub:
             "task_server": {"name": name, "url": assignments.url_of(name)},
             "task_server_status": why,
         }
+
+    def cluster_changed(self, members: list[dict[str, str]]) -> None:
+        """The cluster's nodes changed (one joined, went down, came back): every relay node
+        linked here is told, and links to the nodes that are up."""
+        self.cluster_members = members
+        for node in list(self._nodes.links.values()):
+            node.cluster(members)
 
     def link_opened(self, node: Any) -> None:
         self._log.info(
