@@ -350,3 +350,30 @@ def test_the_node_links_to_each_node_the_cluster_names_up_and_lets_down_ones_res
     f.relay.links.up("up", live, "https://n2:2")
     f.cluster_told("up", {"n2": {"url": "https://n2:2", "state": "down"}})
     assert "https://n2:2" in f.link_services["up"]
+
+
+def test_one_node_under_two_addresses_is_linked_once():
+    """An address the cluster named that leads to a node linked already (another spelling
+    of a configured address) stops; two configured spellings are an error logged."""
+    f = Follower(["https://n1:1"])
+    f.startService()
+    f.cluster_told("up", {"n1": {"url": "https://localhost:1", "state": "up"}})  # not welcomed
+    assert sorted(f.link_services["up"]) == ["https://localhost:1", "https://n1:1"]
+    f.links["up"]["https://n1:1"].server_name = "n1"
+    f.welcomed("up", "https://n1:1", "n1")
+    f.links["up"]["https://localhost:1"].server_name = "n1"
+    discovered = f.link_services["up"]["https://localhost:1"]
+    f.welcomed("up", "https://localhost:1", "n1")
+    assert sorted(f.link_services["up"]) == ["https://n1:1"] and not discovered.running
+    # the configured one welcomed after the discovered one: the discovered one goes too
+    f.cluster_told("up", {"n1b": {"url": "https://n1b:1", "state": "up"}})
+    f.links["up"]["https://n1b:1"].server_name = "n1"
+    f.welcomed("up", "https://n1:1", "n1")
+    assert sorted(f.link_services["up"]) == ["https://n1:1"]
+    # two configured spellings: both kept (the operator's to fix), the error said
+    both = Follower(["https://n1:1", "https://localhost:1"])
+    both.startService()
+    for factory in both.links["up"].values():
+        factory.server_name = "n1"
+    both.welcomed("up", "https://localhost:1", "n1")
+    assert sorted(both.link_services["up"]) == ["https://localhost:1", "https://n1:1"]

@@ -197,6 +197,7 @@ class GatewayService(NodeService):
         self.identities: dict[str, Identity] = {}
         self.renewals: dict[str, NodeRenewal | FollowRenewals] = {}
         self.relay.on_cluster = self.cluster_told
+        self.relay.on_welcomed = self.welcomed
         self.root: GatewayRoot | None = None
         self.children_procs: list[Any] = []
         self.started_at = reactor.seconds()

@@ -265,6 +265,40 @@ class NodeService(service.MultiService):
         """Link to upstream `name` at `url` (one node of it)."""
         raise NotImplementedError
 
+    def welcomed(self, name: str, url: str | None, server: str | None) -> None:
+        """A link of upstream `name` at `url` was welcomed by server node `server`. When
+        another address of the upstream leads to the same node (one node, two spellings of
+        its address), the one learned from the cluster stops: two links of one relay node
+        to one server node would replace each other there, again and again."""
+        if url is None or server is None:
+            return
+        configured = set(self.addresses_of(name))
+        factories = self.links.get(name, {})
+        twins = [u for u, f in factories.items() if u != url and f.server_name == server]
+        for twin in twins:
+            drop = url if url not in configured else twin if twin not in configured else None
+            if drop is None:
+                self._log.error(
+                    "upstream {name}: {a} and {b} both lead to node {server}: give one",
+                    name=name,
+                    a=twin,
+                    b=url,
+                    server=server,
+                )
+                continue
+            self._log.info(
+                "upstream {name}: {drop} leads to node {server}, linked already; not linking",
+                name=name,
+                drop=drop,
+                server=server,
+            )
+            service = self.link_services.get(name, {}).pop(drop, None)
+            factories.pop(drop, None)
+            if service is not None:
+                service.disownServiceParent()
+            if drop == url:
+                return
+
     def cluster_told(self, name: str, nodes: dict[str, dict[str, Any]]) -> None:
         """Upstream `name` is a cluster with these nodes: link to each node that is up and
         not linked yet; stop trying a node learned of this way that is down (and not

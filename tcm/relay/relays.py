@@ -67,6 +67,8 @@ class Relay(ABC):
         self.draining = False
         # told of each upstream cluster's nodes ({name: address}): the node links to them
         self.on_cluster: Any = None
+        # told of each link welcomed: (upstream, node key, the server node's name)
+        self.on_welcomed: Any = None
         self.clusters: dict[str, dict[str, dict[str, Any]]] = {}  # upstream -> its nodes
 
     # -- the edge ------------------------------------------------------------------------

@@ -104,6 +104,8 @@ class UpstreamProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type: ig
             return
         self.up = True
         f.server_name = server
+        if f.relay.on_welcomed is not None:
+            f.relay.on_welcomed(f.upstream_name, f.node_key, server)
         self._log.info("link to {server} up (server {name})", server=f.server, name=server)
         assert self.welcomed is not None
         self.welcomed.callback(self)

@@ -99,6 +99,7 @@ class TaskServerService(NodeService):
         self.state = NodeState(config.state_dir)
         self.relay = TaskServerRelay(reactor, config.max_clients)
         self.relay.on_cluster = self.cluster_told
+        self.relay.on_welcomed = self.welcomed
         self.node_name: str | None = None
         self.identity: Identity | None = None  # its node certificate, renewed in place
         self.renewal: NodeRenewal | None = None
