@@ -377,3 +377,42 @@ def test_one_node_under_two_addresses_is_linked_once():
         factory.server_name = "n1"
     both.welcomed("up", "https://localhost:1", "n1")
     assert sorted(both.link_services["up"]) == ["https://localhost:1", "https://n1:1"]
+
+
+class Capture:
+    """A node link that keeps what is sent on it."""
+
+    def __init__(self, server_name: str | None = None) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.factory = FakeFactory(server_name)
+
+    def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        self.sent.append(header)
+
+
+def test_a_task_session_goes_to_the_node_its_url_names():
+    """?node=NAME in the task server URL (the node holding the agent's own session): the
+    task server takes the session to that node when linked to it, else by the spread; a
+    gateway passes the name on to a task server in `open`."""
+    from tcm.relay.relays import TaskServerRelay
+
+    ts = TaskServerRelay(Clock(), max_clients=10)
+    links = {n: Capture(n) for n in ("n1", "n2", "n3")}
+    for n, up in links.items():
+        ts.link_up("server", up, n, key=f"https://{n}:1")
+    keys = sorted(f"https://{n}:1" for n in links)
+    agent = next(f"a-{i}" for i in range(50) if choose_node(f"a-{i}", keys) == "https://n1:1")
+    ts.opened(Conn(agent), agent, "tcp4:1.2.3.4:5", {}, node="n3")
+    assert [h["agent"] for h in links["n3"].sent] == [agent] and not links["n1"].sent
+    other = agent + "x"
+    ts.opened(Conn(other), other, "tcp4:1.2.3.4:5", {}, node="n9")  # not linked: the spread
+    assert [h["agent"] for up in links.values() for h in up.sent].count(other) == 1
+
+    gw = GatewayRelay(Clock(), max_clients=10, upstreams=["up", "ts"], task_server_upstreams=["ts"])
+    server, task_server = Capture("n1"), Capture()
+    gw.link_up("up", server, "n1", key="https://n1:1")
+    gw.link_up("ts", task_server, "n1", role="taskserver", node="ts1")
+    gw.opened(Conn("a-1"), "a-1", "tcp4:1.2.3.4:5", {}, "ts", "task", node="n2")
+    gw.opened(Conn("a-2"), "a-2", "tcp4:1.2.3.4:5", {}, "up", "core", node="n2")
+    assert [h.get("node") for h in task_server.sent if h["t"] == "open"] == ["n2"]
+    assert all("node" not in h for h in server.sent if h["t"] == "open")  # not to a server

@@ -11,6 +11,8 @@ payload (an agent's tcm.v1 frame, byte for byte: it is never re-encoded).
 Node -> server:
   {"t": "hello", "name", "role", "url", "max_clients"}   first message of the link
   {"t": "open", "c", "agent", "peer", "tls", "channel"}   an agent connection was accepted
+      (+ "gateway", "node" from a gateway to a task server: the gateway, and the server node
+      holding the agent's own session, which the task server takes the session on to)
   {"t": "frame", "c"} + payload                           a frame from that agent
   {"t": "closed", "c"}                                    the agent connection is gone
   {"t": "request", "r", "agent"} + request envelope       an agent's HTTPS call (gateways)
@@ -136,6 +138,7 @@ HEADERS: dict[str, dict[str, Any]] = {
             "description": f"link message 'open': channel must be one of {sorted(CHANNELS)}",
         },
         gateway=_text("open", "gateway"),
+        node=_text("open", "node"),
     ),
     "closed": _header("closed", ("c",), c=_count("closed", "c")),
     "request": _header(

@@ -164,6 +164,7 @@ class DownLink:
             tls if isinstance(tls, dict) else {},
             channel="task",
             gateway=self.name,
+            node=header.get("node"),
         )
 
     def _on_frame(self, header: dict[str, Any], payload: bytes) -> None:

@@ -107,12 +107,13 @@ class Relay(ABC):
         upstream: str | None = None,
         channel: str | None = None,
         gateway: str | None = None,
+        node: str | None = None,
     ) -> int:
         """An agent connection was accepted: number it and open it on a link of its
         upstream (of a cluster: the node link its agent's other sessions use, else the one
         the spread picks)."""
         name = self.links.default if upstream is None else upstream
-        up = self.link_for(name, agent_id)
+        up = self.link_for(name, agent_id, node)
         c = self.conns.add(conn, name, up, agent_id)
         self.counters.accepted += 1
         header = {
@@ -125,16 +126,28 @@ class Relay(ABC):
         }
         if gateway is not None:
             header["gateway"] = gateway  # a task server: the gateway this session came by
+        if node is not None and up is not None and self._passes_node(name):
+            header["node"] = node  # a task server behind a gateway: where to take it on
         up.send(header)
         return c
 
-    def link_for(self, upstream: str, agent_id: str | None) -> Any:
+    def _passes_node(self, upstream: str) -> bool:
+        """Whether an `open` on upstream `upstream` carries the agent's server node (to a
+        task server, which links to every node of the cluster)."""
+        return False
+
+    def link_for(self, upstream: str, agent_id: str | None, node: str | None = None) -> Any:
         """The node link of `upstream` an agent's new connection or call goes over: where
-        its other sessions are, else the spread's choice among the live ones."""
+        its other sessions are; else to server node `node` if linked (the node holding its
+        core session named itself in the task session's URL); else the spread's choice."""
         if agent_id is not None:
             held = self.conns.link_of_agent(upstream, agent_id)
             if held is not None and self.links.holds(upstream, held):
                 return held
+        if node is not None:
+            for up in self.links.all(upstream):
+                if getattr(getattr(up, "factory", None), "server_name", None) == node:
+                    return up
         return self.links.pick(upstream, agent_id)
 
     def from_agent(self, c: int, payload: bytes) -> None:
@@ -431,6 +444,9 @@ class GatewayRelay(Relay):
         if not self.links.is_up(name) and self.routing.forget(name):
             self.announce_reach()
         self.requests.lose(name, link)
+
+    def _passes_node(self, upstream: str) -> bool:
+        return upstream in self.routing.ts_names
 
     def _cluster_nodes(self, upstream: str, servers: list[str]) -> None:
         for server in self.routing.learn(upstream, servers):

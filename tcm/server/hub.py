@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -156,7 +157,7 @@ class AgentHub:
                     return {
                         "task_server": {
                             "name": name,
-                            "url": f"{base}/taskserver/{name}/task/v1/ws",
+                            "url": self._to_this_node(f"{base}/taskserver/{name}/task/v1/ws"),
                         },
                         "task_server_status": f"{why}, through gateway {route.name}",
                     }
@@ -175,9 +176,17 @@ class AgentHub:
         if name is None:
             return {"task_server": None, "task_server_status": why}
         return {
-            "task_server": {"name": name, "url": assignments.url_of(name)},
+            "task_server": {"name": name, "url": self._to_this_node(assignments.url_of(name))},
             "task_server_status": why,
         }
+
+    def _to_this_node(self, url: str | None) -> str | None:
+        """A task server URL naming this node when it is a node of a cluster (?node=NAME):
+        the task server, linked to every node, takes the task session on to this one, where
+        the agent's own session is (one node holds both)."""
+        if self.cluster_members is None or not url:
+            return url
+        return url + ("&" if "?" in url else "?") + "node=" + quote(self._name, safe="")
 
     def cluster_changed(self, members: list[dict[str, str]]) -> None:
         """The cluster's nodes changed (one joined, went down, came back): every relay node
