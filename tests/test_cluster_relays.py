@@ -4,6 +4,7 @@ processes on the local PostgreSQL and Redis (as tests/test_cluster.py)."""
 
 from __future__ import annotations
 
+import time
 import urllib.request
 from collections import Counter
 from typing import Any
@@ -104,9 +105,13 @@ def test_gateway_links_every_node_and_moves_agents_when_one_is_killed(
     held = Counter(want.values())
     victim = n2 if held["n2"] >= held["n3"] else n3
     moved = [a for a in agents if want[a.agent_id] == victim.name]
+    opened = {a.name: a.count(a.SESSION_OPEN) for a in moved}
+    killed_at = time.monotonic()
     victim.kill()
     for a in moved:
-        a.wait_session(2, timeout=40)  # back through the gateway, on another node
+        a.wait_session(opened[a.name] + 1, timeout=40)  # back through the gateway, elsewhere
+        assert "4010 the relay lost its link to the server" in a.log()
+    back_s = time.monotonic() - killed_at  # printed, not asserted
     survivors = [n for n in (n1, n2, n3) if n is not victim]
     after = expected([n.url for n in survivors])
     assert all(after[a] == want[a] for a in want if want[a] != victim.name)  # others stayed
@@ -119,9 +124,15 @@ def test_gateway_links_every_node_and_moves_agents_when_one_is_killed(
     assert Counter(r["state"] for r in stored["results"]) == {"succeeded": 6}  # none lost
     assert _runs(runs) == {a.name: 1 for a in agents}  # none ran twice
     assert 'tcm_gateway_upstream_nodes_up{upstream="up"} 2.0' in _metrics(metrics_port)
+    # the status page: each node's link (the lost one down, no sessions)
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/status", timeout=10) as r:
+        page = r.read().decode()
+    assert "<h2>Nodes</h2>" in page
+    assert f"<td>up</td><td>{victim.url}</td><td>{victim.name}</td><td>down</td><td>0</td>" in page
+    assert "<td>2 / 3</td>" in page  # nodes up, in the Upstreams table
     print(
-        f"gateway node kill: targets 6, moved {len(moved)}, stored 6, lost 0, twice 0 "
-        f"({dict(_runs(runs))})"
+        f"gateway node kill: targets 6, moved {len(moved)} (back in {back_s:.1f} s), stored 6, "
+        f"lost 0, twice 0 ({dict(_runs(runs))})"
     )
 
     # the node comes back: linked again, and an agent that hashes to it lands there
