@@ -239,3 +239,64 @@ def test_task_server_server_option() -> None:
     assert (o["server"], o["servers"]) == ("https://n1:1", ["https://n2:2"])
     with pytest.raises(usage.UsageError, match="--server wants https://HOST:PORT"):
         Options().parseOptions(["--state-dir", "/tmp/x", "--server", "n1:1"])
+
+
+def test_task_sessions_through_a_gateway_reach_the_node_of_the_agents_own_session(
+    cluster: Cluster,  # noqa: F811 (the fixture)
+    tmp_path: Any,
+) -> None:
+    """A gateway and a task server in front of a two-node cluster, each given only n1: agents
+    behind the gateway spread over the nodes, and each one's task session goes gateway ->
+    task server -> the node holding its own session (the node names itself in the URL, the
+    gateway passes it on in `open`). A node killed mid-task: every target stored once."""
+    n1, n2 = cluster.node("n1"), cluster.node("n2")
+    ts = TaskServerProc(str(tmp_path), "ts1", n1)
+    cluster.agents.append(ts)  # type: ignore[arg-type]  # stopped with the cluster
+    ts.start()
+    gw = GatewayProc(
+        str(tmp_path), "gw1", {"up": n1}, extra=["--upstream", f"ts1=https://127.0.0.1:{ts.port}"]
+    )
+    cluster.agents.append(gw)  # type: ignore[arg-type]
+    gw.start()
+
+    def reaches(node: Server) -> bool:
+        g = _gateway_links(node, "gw1")
+        return g is not None and g["state"] == "up" and g["task_servers"] == ["ts1"]
+
+    wait_until(lambda: reaches(n1) and reaches(n2), 40, 0.3, "gw1 reaching ts1 on both nodes")
+    token = n1.token(uses=4)
+    agents = []
+    for i in range(4):
+        agent = AgentProc(
+            str(tmp_path),
+            f"a{i}",
+            extra=["--server", f"{gw.url}/upstream/up", "--ca-cert", n1.ca, "--token", token],
+        )
+        agent.env = {"TCM_TEST_AGENT": agent.name}
+        cluster.agents.append(agent)
+        agents.append(agent)
+        agent.start(wait=False)
+    for a in agents:
+        a.wait_session(1)
+        wait_until(lambda a=a: a.count("task session open with ts1") >= 1, 30, 0.2, a.name)
+    # every agent listed online, with its node (other nodes' sessions from Redis presence)
+    where = wait_until(lambda: (lambda w: w if len(w) == 4 else None)(_where(n1)), 20, 0.3)
+    for node in (n1, n2):
+        mine = sum(1 for n in where.values() if n == node.name)
+        wait_until(
+            lambda node=node, mine=mine: (
+                node.count("task session open via taskserver:ts1 via gateway:gw1") == mine
+            ),
+            20,
+            0.3,
+            f"{mine} task sessions on {node.name}",
+        )
+    runs, gate = str(tmp_path / "runs.log"), str(tmp_path / "gate")
+    job = _gated_job(n1, runs, gate)
+    wait_until(lambda: sum(_runs(runs).values()) == 4, 30, 0.2, "four targets started")
+    n2.kill()
+    with open(gate, "w"):
+        pass
+    wait_until(lambda: _states(n1, job)["succeeded"] == 4, 60, 0.3, "four results after the kill")
+    assert _runs(runs) == {a.name: 1 for a in agents}
+    print(f"gateway + task server node kill: targets 4, stored 4, lost 0, twice 0 ({where})")

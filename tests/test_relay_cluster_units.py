@@ -416,3 +416,29 @@ def test_a_task_session_goes_to_the_node_its_url_names():
     gw.opened(Conn("a-2"), "a-2", "tcp4:1.2.3.4:5", {}, "up", "core", node="n2")
     assert [h.get("node") for h in task_server.sent if h["t"] == "open"] == ["n2"]
     assert all("node" not in h for h in server.sent if h["t"] == "open")  # not to a server
+
+
+def test_every_node_hears_which_task_servers_the_gateway_reaches():
+    """A task server linked to another node of the cluster than the one the gateway heard
+    of first: once the cluster names that node, every node link is told the reach."""
+    gw = GatewayRelay(
+        Clock(), max_clients=10, upstreams=["up", "ts1"], task_server_upstreams=["ts1"]
+    )
+    n1, ts = Capture("n1"), Capture()
+    gw.link_up("up", n1, "n1", key="https://n1:1")
+    gw.link_up("ts1", ts, "n2", role="taskserver", node="ts1")  # ts1 says its server is n2
+    assert [h for h in n1.sent if h["t"] == "reach"][-1]["task_servers"] == []
+    gw.from_server(
+        {
+            "t": "cluster",
+            "nodes": [{"node": "n1", "url": "https://n1:1"}, {"node": "n2", "url": "https://n2:2"}],
+        },
+        b"",
+        "up",
+    )
+    assert [h for h in n1.sent if h["t"] == "reach"][-1]["task_servers"] == ["ts1"]
+    n2 = Capture("n2")
+    gw.link_up("up", n2, "n2", key="https://n2:2")
+    assert [h for h in n2.sent if h["t"] == "reach"][-1]["task_servers"] == ["ts1"]
+    # an agent whose certificate names n1 may use ts1 (linked to n2: the same cluster)
+    assert gw.routing.route_task_server("n1", "ts1") == ("ts1", None)

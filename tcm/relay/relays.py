@@ -426,11 +426,9 @@ class GatewayRelay(Relay):
             return problem
         self.links.up(name, link, key)
         # a task server's link changes what every server's agents reach; a server node's
-        # link only needs that node told
-        if role == "taskserver":
-            self.announce_reach()
-        else:
-            self.announce_reach(name, link)
+        # link tells every node of its upstream (its server's name may be the one a task
+        # server named: what the upstream reaches may change); a node hears only changes
+        self.announce_reach(None if role == "taskserver" else name)
         return None
 
     def announce_reach(self, only: str | None = None, link: Any = None) -> None:
@@ -455,6 +453,8 @@ class GatewayRelay(Relay):
                 server=server,
                 upstream=upstream,
             )
+        # a task server linked to one of these nodes now counts for this upstream
+        self.announce_reach(upstream)
 
     def _on_response(
         self, upstream: str, header: dict[str, Any], payload: bytes, via: Any = None
