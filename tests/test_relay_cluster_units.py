@@ -442,3 +442,37 @@ def test_every_node_hears_which_task_servers_the_gateway_reaches():
     assert [h for h in n2.sent if h["t"] == "reach"][-1]["task_servers"] == ["ts1"]
     # an agent whose certificate names n1 may use ts1 (linked to n2: the same cluster)
     assert gw.routing.route_task_server("n1", "ts1") == ("ts1", None)
+
+
+def test_the_certificate_renews_through_any_node_that_answers():
+    """Renewal goes to the first node that answers (a node down does not block it); a node
+    that refuses is the answer (not passed over); the list is asked at each renewal."""
+    from twisted.internet.defer import fail, succeed
+
+    from tcm.relay.node import any_issuer
+    from tcm.tls.renewal import RenewalFailed
+
+    asked: list[str] = []
+
+    def issuer_for(url: str):
+        def issue(csr: bytes):
+            asked.append(url)
+            if "down" in url:
+                return fail(RenewalFailed(f"cannot reach {url}: connection refused"))
+            if "refuses" in url:
+                return fail(RenewalFailed(f"refused by {url} (403): node 'gw1' is revoked"))
+            return succeed(b"CERT from " + url.encode())
+
+        return issue
+
+    servers = ["https://down:1", "https://n2:2"]
+    issue = any_issuer(lambda: list(servers), issuer_for)
+    results: list[Any] = []
+    issue(b"CSR").addBoth(results.append)
+    assert results == [b"CERT from https://n2:2"] and asked == servers
+    servers[:] = ["https://refuses:1", "https://n2:2"]
+    issue(b"CSR").addBoth(results.append)
+    assert results[-1].check(RenewalFailed) and "revoked" in str(results[-1].value)
+    servers[:] = ["https://down:1", "https://down:2"]
+    issue(b"CSR").addBoth(results.append)
+    assert results[-1].check(RenewalFailed) and "down:2" in str(results[-1].value)

@@ -46,6 +46,7 @@ from tcm.relay.node import (
     NodeService,
     NodeState,
     Running,
+    any_issuer,
     client_endpoint,
     enroll_any,
     https_issuer,
@@ -227,7 +228,10 @@ class GatewayService(NodeService):
 
     def issuer(self, name: str, url: str, identity: Identity) -> Any:
         """How the node identity from management server upstream `name` renews."""
-        return https_issuer(self.reactor, url, identity)
+        return any_issuer(
+            lambda: self.node_addresses(name),
+            lambda address: https_issuer(self.reactor, address, identity),
+        )
 
     @inlineCallbacks
     def _prepare(self):

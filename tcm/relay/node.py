@@ -190,6 +190,32 @@ def https_issuer(
     return issue
 
 
+def any_issuer(
+    servers: Callable[[], list[str]],
+    issuer_for: Callable[[str], Callable[[bytes], Deferred[bytes]]],
+) -> Callable[[bytes], Deferred[bytes]]:
+    """A renewal call to the first of `servers` (asked at each renewal: the nodes of a
+    cluster, configured and learned) that answers: a node down does not keep the relay
+    node's certificate from being renewed by another."""
+    issuers: dict[str, Callable[[bytes], Deferred[bytes]]] = {}
+
+    @inlineCallbacks
+    def issue(csr_pem: bytes):
+        urls = servers()
+        for i, url in enumerate(urls):
+            if url not in issuers:
+                issuers[url] = issuer_for(url)
+            try:
+                cert = yield issuers[url](csr_pem)
+                return cert
+            except RenewalFailed as e:
+                if i == len(urls) - 1 or not str(e).startswith("cannot reach"):
+                    raise
+        raise RenewalFailed("no server to renew with")
+
+    return issue
+
+
 class NodeRenewal(CertificateRenewal):
     """A relay node's certificate renewal: a CSR for a new key with the node's subject to
     `issue` (its server's /link/v1/renew, or an embedded node's own server)."""
@@ -264,6 +290,11 @@ class NodeService(service.MultiService):
     def add_link_to(self, name: str, url: str) -> None:
         """Link to upstream `name` at `url` (one node of it)."""
         raise NotImplementedError
+
+    def node_addresses(self, name: str) -> list[str]:
+        """Upstream `name`'s addresses: configured first, then those its cluster named."""
+        configured = self.addresses_of(name)
+        return configured + [u for u in self.links.get(name, {}) if u not in configured]
 
     def welcomed(self, name: str, url: str | None, server: str | None) -> None:
         """A link of upstream `name` at `url` was welcomed by server node `server`. When

@@ -31,6 +31,7 @@ from tcm.relay.node import (
     NodeService,
     NodeState,
     Running,
+    any_issuer,
     client_endpoint,
     enroll_any,
     https_issuer,
@@ -124,7 +125,12 @@ class TaskServerService(NodeService):
         server = cfg.server or meta["server"]
         self.identity = identity = self.state.identity()
         self.build(server, identity)
-        self.renew_with(https_issuer(self.reactor, server, identity))
+        self.renew_with(
+            any_issuer(
+                lambda: self.node_addresses(TaskServerRelay.UPSTREAM),
+                lambda address: https_issuer(self.reactor, address, identity),
+            )
+        )
 
     def addresses_of(self, name: str = TaskServerRelay.UPSTREAM) -> list[str]:
         """Its server's configured addresses: --server, then the cluster's other nodes."""
