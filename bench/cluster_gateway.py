@@ -61,7 +61,7 @@ def measure(k: int, n: int, work: str, database: str, redis: str) -> list[dict[s
         gw.start()
 
         def linked() -> bool:
-            listings = [x.api().call("GET", "/gateways") for x in nodes]
+            listings = [x.api().call("GET", "/gateways")["gateways"] for x in nodes]
             return all(any(g["state"] == "up" for g in listing) for listing in listings)
 
         wait_until(linked, 60, 0.5, "the gateway linked to every node")
