@@ -396,9 +396,11 @@ class GatewayProc(Process):
         servers: dict[str, Server],
         port: int | None = None,
         extra: list[str] | None = None,
+        nodes: dict[str, list[Server]] | None = None,
     ):
         self.node = name
         self.servers = servers
+        self.nodes = nodes or {}  # upstream -> further nodes of its cluster (NAME=URL1,URL2)
         self.state_dir = os.path.join(base, name)
         os.makedirs(self.state_dir, exist_ok=True)
         self.port = port or free_port()
@@ -413,7 +415,8 @@ class GatewayProc(Process):
         args = ["tcm-gateway", "--state-dir", self.state_dir, "--port", str(self.port)]
         first = next(iter(self.servers.values()))
         for upstream, server in self.servers.items():
-            args += ["--upstream", f"{upstream}={server.url}"]
+            urls = [server.url, *(n.url for n in self.nodes.get(upstream, []))]
+            args += ["--upstream", f"{upstream}={','.join(urls)}"]
             if not os.path.exists(os.path.join(self.state_dir, "upstreams", upstream, "cert.pem")):
                 token = server.cli("gateways", "enroll", self.node).strip()
                 args += ["--upstream-token", f"{upstream}={token}"]

@@ -44,13 +44,16 @@ class GatewayMetrics:
         per = relay.sessions_per_upstream()
         upstreams = []
         for name, url in gw.config.upstreams:
-            factory = gw.links.get(name)
+            factories = gw.links.get(name, {})
+            servers = sorted({f.server_name for f in factories.values() if f.server_name})
+            links = relay.node_links(name)
             upstreams.append(
                 {
                     "upstream": name,
                     "url": url,
-                    "server": (factory.server_name if factory is not None else None) or "-",
+                    "server": ", ".join(servers) or "-",
                     "link": "up" if relay.links.is_up(name) else "down",
+                    "nodes up": f"{len(relay.links.all(name))} / {max(len(links), 1)}",
                     "sessions": per.get(name, 0),
                     "revoked agents": relay.access.revoked_count(name),
                 }

@@ -46,8 +46,9 @@ from tcm.relay.node import (
     NodeService,
     NodeState,
     Running,
+    any_issuer,
     client_endpoint,
-    enroll_node,
+    enroll_any,
     https_issuer,
 )
 from tcm.relay.relays import GatewayRelay
@@ -63,6 +64,9 @@ from tcm.tls.server import server_tls_options
 class GatewayConfig:
     state_dir: str
     upstreams: list[tuple[str, str]]  # (NAME, https://SERVER:PORT), the first is the default
+    # NAME -> every address of that upstream when it is a cluster of server nodes (the one
+    # in `upstreams` first); the gateway links to each, and to nodes the cluster names later
+    addresses: dict[str, list[str]] = attrs.field(factory=dict)
     tokens: dict[str, str] = attrs.field(factory=dict)  # NAME -> NODE.SECRET (first start)
     # task server upstream -> the management server upstream whose identity it is linked with
     # (default: the first management server upstream)
@@ -193,8 +197,8 @@ class GatewayService(NodeService):
         # the node identity from each management server upstream, renewed in place
         self.identities: dict[str, Identity] = {}
         self.renewals: dict[str, NodeRenewal | FollowRenewals] = {}
-        self.links: dict[str, UpstreamFactory] = {}
-        self.link_services: dict[str, Any] = {}
+        self.relay.on_cluster = self.cluster_told
+        self.relay.on_welcomed = self.welcomed
         self.root: GatewayRoot | None = None
         self.children_procs: list[Any] = []
         self.started_at = reactor.seconds()
@@ -224,7 +228,10 @@ class GatewayService(NodeService):
 
     def issuer(self, name: str, url: str, identity: Identity) -> Any:
         """How the node identity from management server upstream `name` renews."""
-        return https_issuer(self.reactor, url, identity)
+        return any_issuer(
+            lambda: self.node_addresses(name),
+            lambda address: https_issuer(self.reactor, address, identity),
+        )
 
     @inlineCallbacks
     def _prepare(self):
@@ -237,6 +244,12 @@ class GatewayService(NodeService):
                 raise NodeEnrollmentError(
                     f"--upstream-server {name}={server}: {server} is not a management server "
                     "upstream of this gateway"
+                )
+        for name in ts_names:
+            if len(self.addresses_of(name)) > 1:
+                raise NodeEnrollmentError(
+                    f"--upstream {name}: a task server upstream takes one address, "
+                    "not a list (a list is for the nodes of a management server's cluster)"
                 )
         if len(ts_names) == len(cfg.upstreams):
             raise NodeEnrollmentError(
@@ -255,8 +268,11 @@ class GatewayService(NodeService):
                 )
             with open(cfg.ca_cert, "rb") as f:
                 ca_pem = f.read()
-            yield enroll_node(self.reactor, state, url, ca_pem, token, names)
+            yield enroll_any(self.reactor, state, self.addresses_of(name), ca_pem, token, names)
         self.build()
+
+    def addresses_of(self, name: str) -> list[str]:
+        return self.config.addresses.get(name) or [dict(self.config.upstreams)[name]]
 
     def build(self) -> None:
         cfg = self.config
@@ -305,25 +321,9 @@ class GatewayService(NodeService):
             endpoints = cfg.listen or [port_description(cfg.port, cfg.interface)]
             for listener in listeners(self.reactor, endpoints, tls, self.handshakes):
                 listener.setServiceParent(self)
-        for name, url in cfg.upstreams:
-            state = self.identity_of(name)
-            host = urlsplit(url).hostname or "127.0.0.1"
-            client_tls = self.identities[self.server_of(name)].tls_options(host)
-            factory = UpstreamFactory(
-                self.relay,
-                url,
-                state.meta()["name"],
-                "gateway",
-                cfg.url(),
-                upstream_name=name,
-                worker=(cfg.worker or 0) if cfg.workers > 1 else None,
-            )
-            self.links[name] = factory
-            svc = upstream_service(
-                self.reactor, client_endpoint(self.reactor, url, client_tls), factory
-            )
-            svc.setServiceParent(self)
-            self.link_services[name] = svc
+        for name, _ in cfg.upstreams:
+            for url in self.addresses_of(name):
+                self.add_link_to(name, url)
         TimerService(cfg.keepalive, self._sweep).setServiceParent(self)
         if cfg.metrics_port is not None:
             from tcm.gateway.metrics import GatewayMetrics, metrics_site_for
@@ -335,6 +335,34 @@ class GatewayService(NodeService):
                 ),
                 metrics_site_for(self.metrics),
             ).setServiceParent(self)
+
+    def add_link_to(self, name: str, url: str) -> None:
+        """Link to upstream `name` at `url` (one node of it), kept up by its own service;
+        started at once when the gateway runs already (a node its cluster named later)."""
+        cfg = self.config
+        state = self.identity_of(name)
+        host = urlsplit(url).hostname or "127.0.0.1"
+        client_tls = self.identities[self.server_of(name)].tls_options(host)
+        factory = UpstreamFactory(
+            self.relay,
+            url,
+            state.meta()["name"],
+            "gateway",
+            cfg.url(),
+            upstream_name=name,
+            worker=(cfg.worker or 0) if cfg.workers > 1 else None,
+            node_key=url,
+        )
+        self.links.setdefault(name, {})[url] = factory
+        svc = upstream_service(
+            self.reactor, client_endpoint(self.reactor, url, client_tls), factory
+        )
+        self.link_services.setdefault(name, {})[url] = svc
+        svc.setServiceParent(self)
+
+    def cluster_told(self, name: str, nodes: dict[str, dict[str, Any]]) -> None:
+        if name not in self.relay.routing.ts_names:  # a task server is no cluster
+            super().cluster_told(name, nodes)
 
     def tls_failures(self) -> dict[str, int]:
         handshakes = getattr(self, "handshakes", None)

@@ -52,18 +52,32 @@ class Options(usage.Options):
         self["upstreams"] = []
         self["tokens"] = {}
         self["upstream_servers"] = {}
+        self["upstream_addresses"] = {}
         self["hostnames"] = []
         self["listen"] = []
 
     def opt_upstream(self, value):
         """NAME=https://HOST:PORT, a management server this gateway serves, or one of its
-        task servers (an upstream without enrollment token or identity; repeatable)."""
-        name, sep, url = value.partition("=")
-        if not sep or not NODE_NAME.match(name) or not url.startswith("https://"):
-            raise usage.UsageError(f"--upstream wants NAME=https://HOST:PORT, not {value!r}")
+        task servers (an upstream without enrollment token or identity; repeatable). A
+        cluster's nodes: NAME=https://N1:PORT,https://N2:PORT (the gateway links to each,
+        and to every node the cluster names later)."""
+        name, sep, urls = value.partition("=")
+        addresses = [u.strip().rstrip("/") for u in urls.split(",")] if sep else []
+        if (
+            not sep
+            or not NODE_NAME.match(name)
+            or not addresses
+            or not all(u.startswith("https://") and len(u) > 8 for u in addresses)
+        ):
+            raise usage.UsageError(
+                f"--upstream wants NAME=https://HOST:PORT[,https://HOST2:PORT...], not {value!r}"
+            )
         if any(n == name for n, _ in self["upstreams"]):
             raise usage.UsageError(f"--upstream {name} given twice")
-        self["upstreams"].append((name, url.rstrip("/")))
+        if len(set(addresses)) != len(addresses):
+            raise usage.UsageError(f"--upstream {name}: an address given twice")
+        self["upstreams"].append((name, addresses[0]))
+        self["upstream_addresses"][name] = addresses
 
     def opt_upstream_server(self, value):
         """TS=NAME: task server upstream TS belongs to management server upstream NAME (its
@@ -125,6 +139,7 @@ def makeService(options: Options):
         GatewayConfig(
             state_dir=options["state-dir"],
             upstreams=options["upstreams"],
+            addresses=options["upstream_addresses"],
             tokens=options["tokens"],
             upstream_servers=options["upstream_servers"],
             port=options["addresses"].port,

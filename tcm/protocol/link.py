@@ -11,6 +11,8 @@ payload (an agent's tcm.v1 frame, byte for byte: it is never re-encoded).
 Node -> server:
   {"t": "hello", "name", "role", "url", "max_clients"}   first message of the link
   {"t": "open", "c", "agent", "peer", "tls", "channel"}   an agent connection was accepted
+      (+ "gateway", "node" from a gateway to a task server: the gateway, and the server node
+      holding the agent's own session, which the task server takes the session on to)
   {"t": "frame", "c"} + payload                           a frame from that agent
   {"t": "closed", "c"}                                    the agent connection is gone
   {"t": "request", "r", "agent"} + request envelope       an agent's HTTPS call (gateways)
@@ -25,6 +27,8 @@ Server -> node:
   {"t": "pending", "agents": [...], "approved", "full"}   agents awaiting approval (refused)
   {"t": "nodes", "gateways": {name: fingerprint}}         gateways a task server may accept
       (+ "previous": {name: fingerprint}: the certificate each renewed last, until it expires)
+  {"t": "cluster", "nodes": [{"node", "url", "state"}]}   a cluster's server nodes (after the
+      welcome, and when they change): the relay node links to each node that is up
 Either way:
   {"t": "batch", "n": [len1, len2, ...]} + messages       several link messages, back to back
 
@@ -53,7 +57,18 @@ NODE_PREFIX = "node:"  # the CN of a node's certificate; agent ids never contain
 
 NODE_SENDS = frozenset({"hello", "open", "frame", "closed", "request", "reach", "batch"})
 SERVER_SENDS = frozenset(
-    {"welcome", "frame", "push", "close", "response", "revoked", "pending", "nodes", "batch"}
+    {
+        "welcome",
+        "frame",
+        "push",
+        "close",
+        "response",
+        "revoked",
+        "pending",
+        "nodes",
+        "cluster",
+        "batch",
+    }
 )
 MAX_BATCH = 256 * 1024  # bytes of messages gathered before a batch goes out anyway
 ROLES = frozenset({"taskserver", "gateway"})
@@ -123,6 +138,7 @@ HEADERS: dict[str, dict[str, Any]] = {
             "description": f"link message 'open': channel must be one of {sorted(CHANNELS)}",
         },
         gateway=_text("open", "gateway"),
+        node=_text("open", "node"),
     ),
     "closed": _header("closed", ("c",), c=_count("closed", "c")),
     "request": _header(
@@ -203,6 +219,24 @@ HEADERS: dict[str, dict[str, Any]] = {
             "type": "object",
             "additionalProperties": {"type": "string"},
             "description": "link message 'nodes': 'previous' is {name: fingerprint}",
+        },
+    ),
+    "cluster": _header(
+        "cluster",
+        ("nodes",),
+        nodes={
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["node", "url"],
+                "properties": {
+                    "node": {"type": "string"},
+                    "url": {"type": "string", "pattern": "^https://"},
+                    "state": {"enum": ["up", "down"]},
+                },
+            },
+            "description": "link message 'cluster' needs nodes as [{node, url (https://...), "
+            "state (up or down)}]",
         },
     ),
     # either way

@@ -12,6 +12,7 @@ class AgentConnection(Protocol):
 
     relay_conn: int | None  # its number here, while the relay holds it
     relay_upstream: str | None  # set by the table
+    relay_link: Any  # the upstream's node link it was opened on (set by the table)
 
     @property
     def agent_id(self) -> str | None: ...
@@ -34,6 +35,10 @@ class ConnectionTable:
         self.default_upstream = default_upstream
         self._conns: dict[int, AgentConnection] = {}
         self._next = 0
+        # (upstream, agent) -> the agent's latest connection: its other sessions go over
+        # the same node link (one node holds all of an agent's sessions)
+        self._agents: dict[tuple[str, str], int] = {}
+        self._keys: dict[int, tuple[str, str]] = {}
 
     def __len__(self) -> int:
         return len(self._conns)
@@ -41,32 +46,68 @@ class ConnectionTable:
     def __iter__(self) -> Iterator[AgentConnection]:
         return iter(list(self._conns.values()))  # a copy: closing one may remove it
 
-    def add(self, conn: AgentConnection, upstream: str) -> int:
-        """Number a new connection to `upstream`."""
+    def add(
+        self, conn: AgentConnection, upstream: str, link: Any = None, agent_id: str | None = None
+    ) -> int:
+        """Number a new connection of agent `agent_id` to `upstream`, over its node link
+        `link`."""
         self._next += 1
         self._conns[self._next] = conn
         conn.relay_upstream = upstream
+        conn.relay_link = link
+        if agent_id is not None:
+            key = (upstream, agent_id)
+            self._agents[key] = self._next
+            self._keys[self._next] = key
         return self._next
 
     def get(self, c: int) -> AgentConnection | None:
         return self._conns.get(c)
 
     def pop(self, c: int) -> AgentConnection | None:
-        return self._conns.pop(c, None)
+        conn = self._conns.pop(c, None)
+        key = self._keys.pop(c, None)
+        if key is not None and self._agents.get(key) == c:
+            del self._agents[key]
+        return conn
+
+    def link_of_agent(self, upstream: str, agent_id: str | None) -> Any:
+        """The node link an agent's live connection to `upstream` is on, or None."""
+        if agent_id is None:
+            return None
+        c = self._agents.get((upstream, agent_id))
+        conn = self._conns.get(c) if c is not None else None
+        return getattr(conn, "relay_link", None) if conn is not None else None
 
     def upstream_of(self, conn: AgentConnection) -> str:
         return conn.relay_upstream or self.default_upstream
 
-    def of(self, c: int, upstream: str) -> AgentConnection | None:
-        """Connection `c` if it goes to `upstream`: a server speaks only for its own agents."""
+    def of(self, c: int, upstream: str, link: Any = None) -> AgentConnection | None:
+        """Connection `c` if it goes to `upstream` (over `link`, when given): a server, or
+        a node of a cluster, speaks only for its own agents."""
         conn = self._conns.get(c)
         if conn is None or self.upstream_of(conn) != upstream:
             return None
+        if link is not None and conn.relay_link is not None and conn.relay_link is not link:
+            return None
         return conn
 
-    def on(self, upstream: str) -> list[int]:
-        """The numbers of the connections to `upstream`."""
-        return [c for c, conn in self._conns.items() if self.upstream_of(conn) == upstream]
+    def on(self, upstream: str, link: Any = None) -> list[int]:
+        """The numbers of the connections to `upstream` (over `link`, when given)."""
+        return [
+            c
+            for c, conn in self._conns.items()
+            if self.upstream_of(conn) == upstream and (link is None or conn.relay_link is link)
+        ]
+
+    def per_link(self, upstream: str) -> dict[Any, int]:
+        """How many connections to `upstream` each of its node links carries."""
+        counts: dict[Any, int] = {}
+        for conn in self._conns.values():
+            if self.upstream_of(conn) == upstream:
+                link = conn.relay_link
+                counts[link] = counts.get(link, 0) + 1
+        return counts
 
     def per_upstream(self, names: list[str]) -> dict[str, int]:
         """How many connections go to each upstream (every configured one, even at 0)."""

@@ -32,7 +32,7 @@ from tcm.wsbase import LeanWebSocketMixin, LinkEndMixin, link_end_options
 class CarriedAgent:
     """An agent connection held by a gateway, as an entry of this task server's relay."""
 
-    __slots__ = ("down", "c", "agent_id", "relay_conn", "relay_upstream", "last_rx")
+    __slots__ = ("down", "c", "agent_id", "relay_conn", "relay_upstream", "relay_link", "last_rx")
 
     def __init__(self, down: DownLink, c: int, agent_id: str):
         self.down = down
@@ -40,6 +40,7 @@ class CarriedAgent:
         self.agent_id = agent_id
         self.relay_conn: int | None = None
         self.relay_upstream: str | None = None
+        self.relay_link: Any = None
         self.last_rx = float("inf")  # the gateway watches the agent's keepalive
 
     def sendMessage(self, payload: bytes, isBinary: bool = False) -> None:
@@ -163,6 +164,7 @@ class DownLink:
             tls if isinstance(tls, dict) else {},
             channel="task",
             gateway=self.name,
+            node=header.get("node"),
         )
 
     def _on_frame(self, header: dict[str, Any], payload: bytes) -> None:

@@ -27,6 +27,8 @@ class EdgeProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type: ignore
     _log = Logger()
     relay_conn: int | None = None
     relay_upstream: str | None = None
+    relay_link: Any = None
+    relay_node: str | None = None
     agent_id: str | None = None
     last_rx = 0.0
     down = None  # an agent's own connection (a gateway's carried ones have their link)
@@ -53,6 +55,10 @@ class EdgeProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type: ignore
             raise ConnectionDeny(*refusal)
         self.agent_id = agent_id
         self.relay_upstream = upstream
+        # ?node=NAME: the server node holding the agent's core session (a cluster's), where
+        # its task session goes too when this relay node links to it
+        named = request.params.get("node") or [None]
+        self.relay_node = named[0] if isinstance(named[0], str) and len(named[0]) <= 128 else None
         return codes.SUBPROTOCOL
 
     def onOpen(self):
@@ -75,6 +81,7 @@ class EdgeProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type: ignore
             pki.negotiated_tls(self.transport),
             self.relay_upstream,
             self.factory.channel,
+            node=self.relay_node,
         )
 
     def onPing(self, payload: bytes) -> None:

@@ -41,6 +41,12 @@ def relay_families(
         labels={u: 1.0 if relay.links.is_up(u) else 0.0 for u in relay.links.names},
         label="upstream",
     )
+    yield gauge(
+        f"{prefix}_upstream_nodes_up",
+        "Node links up to each upstream (a cluster's nodes; 1 for a single server)",
+        labels={u: float(len(relay.links.all(u))) for u in relay.links.names},
+        label="upstream",
+    )
     yield counter(f"{prefix}_handshakes", "Agent WebSocket upgrades accepted", n.accepted)
     yield counter(
         f"{prefix}_handshake_failures",
@@ -98,6 +104,10 @@ def relay_status(relay: Relay) -> dict[str, Any]:
                     "sessions": per.get(u, 0),
                 }
                 for u in relay.links.names
+            ],
+            # each node link of each upstream (a cluster's nodes, up or down)
+            "Nodes": [
+                {"upstream": u, **node} for u in relay.links.names for node in relay.node_links(u)
             ],
             **(
                 {

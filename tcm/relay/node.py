@@ -110,6 +110,28 @@ class _Endpoints:
 
 
 @inlineCallbacks
+def enroll_any(
+    reactor: Any,
+    state: NodeState,
+    servers: list[str],
+    ca_pem: bytes,
+    token: str,
+    hostnames: list[str],
+):
+    """Enroll through the first of `servers` that answers (the nodes of a cluster share one
+    store: any of them takes the token). The name."""
+    log = Logger(namespace="tcm.relay.enroll")
+    for i, server in enumerate(servers):
+        try:
+            name = yield enroll_node(reactor, state, server, ca_pem, token, hostnames)
+            return name
+        except NodeEnrollmentError as e:
+            if i == len(servers) - 1 or not str(e).startswith("cannot reach"):
+                raise
+            log.warn("{why}; trying {server}", why=str(e), server=servers[i + 1])
+
+
+@inlineCallbacks
 def enroll_node(
     reactor: Any,
     state: NodeState,
@@ -168,6 +190,32 @@ def https_issuer(
     return issue
 
 
+def any_issuer(
+    servers: Callable[[], list[str]],
+    issuer_for: Callable[[str], Callable[[bytes], Deferred[bytes]]],
+) -> Callable[[bytes], Deferred[bytes]]:
+    """A renewal call to the first of `servers` (asked at each renewal: the nodes of a
+    cluster, configured and learned) that answers: a node down does not keep the relay
+    node's certificate from being renewed by another."""
+    issuers: dict[str, Callable[[bytes], Deferred[bytes]]] = {}
+
+    @inlineCallbacks
+    def issue(csr_pem: bytes):
+        urls = servers()
+        for i, url in enumerate(urls):
+            if url not in issuers:
+                issuers[url] = issuer_for(url)
+            try:
+                cert = yield issuers[url](csr_pem)
+                return cert
+            except RenewalFailed as e:
+                if i == len(urls) - 1 or not str(e).startswith("cannot reach"):
+                    raise
+        raise RenewalFailed("no server to renew with")
+
+    return issue
+
+
 class NodeRenewal(CertificateRenewal):
     """A relay node's certificate renewal: a CSR for a new key with the node's subject to
     `issue` (its server's /link/v1/renew, or an embedded node's own server)."""
@@ -215,10 +263,15 @@ class Running(service.Service):
 class NodeService(service.MultiService):
     """What a relay node's service (task server, gateway) does at start: prepare (enroll,
     build its children), then start the children; a failed start says why and ends the
-    process with status 1."""
+    process with status 1.
+
+    Its links: one per node of each upstream (`links`, `link_services`: upstream -> node
+    address -> factory, service). An upstream that is a cluster of server nodes names its
+    nodes over the link (`cluster`): the node links to each one that is up (`cluster_told`)."""
 
     _log = Logger()
     what = "node"
+    relay: Any
 
     def __init__(self, reactor: Any = None):
         super().__init__()
@@ -227,6 +280,91 @@ class NodeService(service.MultiService):
 
             reactor = _reactor
         self.reactor = reactor
+        self.links: dict[str, dict[str, Any]] = {}
+        self.link_services: dict[str, dict[str, Any]] = {}
+
+    def addresses_of(self, name: str) -> list[str]:
+        """Every configured address of upstream `name` (one, or a cluster's nodes)."""
+        raise NotImplementedError
+
+    def add_link_to(self, name: str, url: str) -> None:
+        """Link to upstream `name` at `url` (one node of it)."""
+        raise NotImplementedError
+
+    def node_addresses(self, name: str) -> list[str]:
+        """Upstream `name`'s addresses: configured first, then those its cluster named."""
+        configured = self.addresses_of(name)
+        return configured + [u for u in self.links.get(name, {}) if u not in configured]
+
+    def welcomed(self, name: str, url: str | None, server: str | None) -> None:
+        """A link of upstream `name` at `url` was welcomed by server node `server`. When
+        another address of the upstream leads to the same node (one node, two spellings of
+        its address), the one learned from the cluster stops: two links of one relay node
+        to one server node would replace each other there, again and again."""
+        if url is None or server is None:
+            return
+        configured = set(self.addresses_of(name))
+        factories = self.links.get(name, {})
+        twins = [u for u, f in factories.items() if u != url and f.server_name == server]
+        for twin in twins:
+            drop = url if url not in configured else twin if twin not in configured else None
+            if drop is None:
+                self._log.error(
+                    "upstream {name}: {a} and {b} both lead to node {server}: give one",
+                    name=name,
+                    a=twin,
+                    b=url,
+                    server=server,
+                )
+                continue
+            self._log.info(
+                "upstream {name}: {drop} leads to node {server}, linked already; not linking",
+                name=name,
+                drop=drop,
+                server=server,
+            )
+            service = self.link_services.get(name, {}).pop(drop, None)
+            factories.pop(drop, None)
+            if service is not None:
+                service.disownServiceParent()
+            if drop == url:
+                return
+
+    def cluster_told(self, name: str, nodes: dict[str, dict[str, Any]]) -> None:
+        """Upstream `name` is a cluster with these nodes: link to each node that is up and
+        not linked yet; stop trying a node learned of this way that is down (and not
+        linked) until the cluster says it is up again. Configured addresses are kept."""
+        configured = set(self.addresses_of(name))
+        services = self.link_services.setdefault(name, {})
+        factories = self.links.setdefault(name, {})
+        # nodes linked (or once welcomed) under another spelling of their address: a second
+        # link of this node to one server node would supersede the first, and so on
+        known = {f.server_name for f in factories.values() if f.server_name}
+        for node, info in sorted(nodes.items()):
+            url = str(info["url"]).rstrip("/")
+            if info.get("state") == "up":
+                if url not in services and node not in known and self.running:
+                    self._log.info(
+                        "upstream {name}: linking to cluster node {node} at {url}",
+                        name=name,
+                        node=node,
+                        url=url,
+                    )
+                    self.add_link_to(name, url)
+            elif url in services and url not in configured:
+                factory = factories[url]
+                if not any(
+                    getattr(up, "factory", None) is factory for up in self.relay.links.all(name)
+                ):
+                    self._log.info(
+                        "upstream {name}: cluster node {node} is down; not linking to {url} "
+                        "until it is up",
+                        name=name,
+                        node=node,
+                        url=url,
+                    )
+                    del factories[url]
+                    services.pop(url).disownServiceParent()
 
     def privilegedStartService(self):
         # No port is bound before the node is enrolled and built (startService below).

@@ -54,6 +54,7 @@ class Relay(ABC):
         "frame": "_on_frame",
         "push": "_on_push",
         "close": "_on_close",
+        "cluster": "_on_cluster",
     }
 
     def __init__(self, clock: Any, max_clients: int, upstreams: list[str]):
@@ -64,6 +65,11 @@ class Relay(ABC):
         self.counters = RelayCounters()
         self.prepare: Any = None  # the edge factory's prepareMessage: frame a push once
         self.draining = False
+        # told of each upstream cluster's nodes ({name: address}): the node links to them
+        self.on_cluster: Any = None
+        # told of each link welcomed: (upstream, node key, the server node's name)
+        self.on_welcomed: Any = None
+        self.clusters: dict[str, dict[str, dict[str, Any]]] = {}  # upstream -> its nodes
 
     # -- the edge ------------------------------------------------------------------------
     @abstractmethod
@@ -101,10 +107,14 @@ class Relay(ABC):
         upstream: str | None = None,
         channel: str | None = None,
         gateway: str | None = None,
+        node: str | None = None,
     ) -> int:
-        """An agent connection was accepted: number it and open it on its upstream's link."""
+        """An agent connection was accepted: number it and open it on a link of its
+        upstream (of a cluster: the node link its agent's other sessions use, else the one
+        the spread picks)."""
         name = self.links.default if upstream is None else upstream
-        c = self.conns.add(conn, name)
+        up = self.link_for(name, agent_id, node)
+        c = self.conns.add(conn, name, up, agent_id)
         self.counters.accepted += 1
         header = {
             "t": "open",
@@ -116,14 +126,36 @@ class Relay(ABC):
         }
         if gateway is not None:
             header["gateway"] = gateway  # a task server: the gateway this session came by
-        self.links.get(name).send(header)
+        if node is not None and up is not None and self._passes_node(name):
+            header["node"] = node  # a task server behind a gateway: where to take it on
+        up.send(header)
         return c
+
+    def _passes_node(self, upstream: str) -> bool:
+        """Whether an `open` on upstream `upstream` carries the agent's server node (to a
+        task server, which links to every node of the cluster)."""
+        return False
+
+    def link_for(self, upstream: str, agent_id: str | None, node: str | None = None) -> Any:
+        """The node link of `upstream` an agent's new connection or call goes over: where
+        its other sessions are; else to server node `node` if linked (the node holding its
+        core session named itself in the task session's URL); else the spread's choice."""
+        if agent_id is not None:
+            held = self.conns.link_of_agent(upstream, agent_id)
+            if held is not None and self.links.holds(upstream, held):
+                return held
+        if node is not None:
+            for up in self.links.all(upstream):
+                if getattr(getattr(up, "factory", None), "server_name", None) == node:
+                    return up
+        return self.links.pick(upstream, agent_id)
 
     def from_agent(self, c: int, payload: bytes) -> None:
         conn = self.conns.get(c)
         if conn is None:
             return
-        upstream = self.links.get(self.conns.upstream_of(conn))
+        # a connection in the table is on a live link (a lost link's are taken out)
+        upstream = conn.relay_link or self.links.get(self.conns.upstream_of(conn))
         if upstream is not None:
             self.counters.to_server(payload)
             upstream.send({"t": "frame", "c": c}, payload)
@@ -131,7 +163,7 @@ class Relay(ABC):
     def closed(self, c: int) -> None:
         conn = self.conns.pop(c)
         if conn is not None:
-            upstream = self.links.get(self.conns.upstream_of(conn))
+            upstream = conn.relay_link or self.links.get(self.conns.upstream_of(conn))
             if upstream is not None:
                 upstream.send({"t": "closed", "c": c})
 
@@ -157,6 +189,27 @@ class Relay(ABC):
     def sessions_per_upstream(self) -> dict[str, int]:
         return self.conns.per_upstream(self.links.names)
 
+    def node_links(self, upstream: str) -> list[dict[str, Any]]:
+        """Upstream `upstream`'s node links: each node's address, name (from its welcome),
+        state and sessions; the nodes its cluster named that are not linked are down."""
+        per = self.conns.per_link(upstream)
+        out: dict[str, dict[str, Any]] = {}
+        for key, up in self.links.nodes(upstream).items():
+            address = str(key) if key is not None else "-"
+            out[address] = {
+                "address": address,
+                "node": getattr(getattr(up, "factory", None), "server_name", None) or "-",
+                "link": "up",
+                "sessions": per.get(up, 0),
+            }
+        for node, info in sorted(self.clusters.get(upstream, {}).items()):
+            address = str(info.get("url") or "-")
+            if address in out:
+                out[address]["node"] = node
+            else:
+                out[address] = {"address": address, "node": node, "link": "down", "sessions": 0}
+        return [out[k] for k in sorted(out)]
+
     def gateway_links(self) -> dict[str, Any] | None:
         """The links of gateways that carry agents here (a task server's), else None."""
         return None
@@ -170,16 +223,20 @@ class Relay(ABC):
         server: str | None = None,
         role: str = "server",
         node: str | None = None,
+        key: Any = None,
     ) -> str | None:
         """The link to upstream `name` was welcomed (by a `role`, server `server`, task
         server `node`); why it cannot be used, or None."""
 
     def link_lost(self, name: str, link: Any = None) -> None:
-        """No link: that server has forgotten these sessions; the agents must come again."""
-        if not self.links.down(name, link):
+        """No link: that server (that node of a cluster) has forgotten the sessions it
+        carried; their agents must come again (and land on a node still linked)."""
+        current = self.links.down(name, link)
+        if current:
+            self._link_gone(name, link)
+        elif link is None:
             return
-        self._link_gone(name)
-        lost = self.conns.on(name)
+        lost = self.conns.on(name, link)
         if lost:
             self._log.warn(
                 "link {name} lost: closing {n} agent connections", name=name, n=len(lost)
@@ -193,31 +250,38 @@ class Relay(ABC):
             )
 
     @abstractmethod
-    def _link_gone(self, name: str) -> None:
-        """What else goes with upstream `name`'s link."""
+    def _link_gone(self, name: str, link: Any = None) -> None:
+        """What else goes with upstream `name`'s link `link` (None: every link)."""
 
     def from_server(
-        self, header: dict[str, Any], payload: bytes, upstream: str | None = None
+        self, header: dict[str, Any], payload: bytes, upstream: str | None = None, via: Any = None
     ) -> None:
-        """One checked link message from upstream `upstream` (the default one if None), to
-        its handler by type; LinkError for a type this relay does not take."""
+        """One checked link message from upstream `upstream` (the default one if None) over
+        its node link `via`, to its handler by type; LinkError for a type this relay does
+        not take."""
         name = self._HANDLERS.get(header["t"])
         if name is None:
             raise link.LinkError(f"a {self.role} does not take link message {header['t']!r}")
-        getattr(self, name)(self.links.default if upstream is None else upstream, header, payload)
+        getattr(self, name)(
+            self.links.default if upstream is None else upstream, header, payload, via
+        )
 
-    def _on_frame(self, upstream: str, header: dict[str, Any], payload: bytes) -> None:
-        conn = self.conns.of(header["c"], upstream)
+    def _on_frame(
+        self, upstream: str, header: dict[str, Any], payload: bytes, via: Any = None
+    ) -> None:
+        conn = self.conns.of(header["c"], upstream, via)
         if conn is not None:
             self.counters.to_agents(payload)
             conn.sendMessage(payload, isBinary=False)
 
-    def _on_push(self, upstream: str, header: dict[str, Any], payload: bytes) -> None:
+    def _on_push(
+        self, upstream: str, header: dict[str, Any], payload: bytes, via: Any = None
+    ) -> None:
         prepared = self.prepare(payload) if self.prepare is not None else None
         n = 0
         onward: dict[Any, list[int]] | None = None  # gateway links -> their connections
         for c in header["c"]:
-            conn: Any = self.conns.of(c, upstream)
+            conn: Any = self.conns.of(c, upstream, via)
             if conn is None:
                 continue
             n += 1
@@ -234,10 +298,30 @@ class Relay(ABC):
                 down.push(conns, payload)
         self.counters.pushed(payload, n)
 
-    def _on_close(self, upstream: str, header: dict[str, Any], payload: bytes) -> None:
-        conn = self.conns.of(header["c"], upstream)
+    def _on_close(
+        self, upstream: str, header: dict[str, Any], payload: bytes, via: Any = None
+    ) -> None:
+        conn = self.conns.of(header["c"], upstream, via)
         if conn is not None:
             conn.sendClose(header["code"], str(header.get("reason", ""))[:120])
+
+    def _on_cluster(
+        self, upstream: str, header: dict[str, Any], payload: bytes, via: Any = None
+    ) -> None:
+        """The upstream is a cluster of server nodes: their names and addresses. Agents
+        whose certificates name any node go to this upstream; a node not linked yet is
+        linked (by the service, `on_cluster`)."""
+        nodes = {
+            str(n["node"]): {"url": str(n["url"]), "state": str(n.get("state", "up"))}
+            for n in header["nodes"]
+        }
+        self.clusters[upstream] = nodes
+        self._cluster_nodes(upstream, list(nodes))
+        if self.on_cluster is not None:
+            self.on_cluster(upstream, nodes)
+
+    def _cluster_nodes(self, upstream: str, servers: list[str]) -> None:  # noqa: B027
+        """What the relay learns from a cluster's node names (the gateway: routing)."""
 
 
 class GatewayRelay(Relay):
@@ -293,12 +377,12 @@ class GatewayRelay(Relay):
     def request(
         self, upstream: str, agent_id: str | None, peer: str, envelope: bytes
     ) -> Deferred[bytes]:
-        """Carry an agent's HTTPS call to its server; fires with the response envelope."""
-        r, d = self.requests.start(upstream)
+        """Carry an agent's HTTPS call to its server (the node its sessions are on, or the
+        spread's choice); fires with the response envelope."""
+        up = self.link_for(upstream, agent_id)
+        r, d = self.requests.start(upstream, up)
         self.counters.to_server(envelope)
-        self.links.get(upstream).send(
-            {"t": "request", "r": r, "agent": agent_id, "peer": peer}, envelope
-        )
+        up.send({"t": "request", "r": r, "agent": agent_id, "peer": peer}, envelope)
         return d
 
     def revoke(self, upstream: str, agent_ids: list[str], full: bool = False) -> int:
@@ -335,34 +419,57 @@ class GatewayRelay(Relay):
         server: str | None = None,
         role: str = "server",
         node: str | None = None,
+        key: Any = None,
     ) -> str | None:
         problem = self.routing.accept(name, server, role, node)
         if problem is not None:
             return problem
-        self.links.up(name, link)
-        # a task server's link changes what every server's agents reach; a server's link
-        # only needs that server told
+        self.links.up(name, link, key)
+        # a task server's link changes what every server's agents reach; a server node's
+        # link tells every node of its upstream (its server's name may be the one a task
+        # server named: what the upstream reaches may change); a node hears only changes
         self.announce_reach(None if role == "taskserver" else name)
         return None
 
-    def announce_reach(self, only: str | None = None) -> None:
-        """Tell each management server which of its task servers this gateway links to."""
+    def announce_reach(self, only: str | None = None, link: Any = None) -> None:
+        """Tell each management server (every node of a cluster; only `link` when given)
+        which of its task servers this gateway links to."""
         for name, reach in self.routing.reach(only).items():
-            self.links.get(name).send({"t": "reach", "task_servers": reach})
+            for up in [link] if link is not None else self.links.all(name):
+                up.send({"t": "reach", "task_servers": reach})
 
-    def _link_gone(self, name: str) -> None:
-        if self.routing.forget(name):
+    def _link_gone(self, name: str, link: Any = None) -> None:
+        if not self.links.is_up(name) and self.routing.forget(name):
             self.announce_reach()
-        self.requests.lose(name)
+        self.requests.lose(name, link)
 
-    def _on_response(self, upstream: str, header: dict[str, Any], payload: bytes) -> None:
-        if self.requests.answer(header["r"], upstream, payload):
+    def _passes_node(self, upstream: str) -> bool:
+        return upstream in self.routing.ts_names
+
+    def _cluster_nodes(self, upstream: str, servers: list[str]) -> None:
+        for server in self.routing.learn(upstream, servers):
+            self._log.warn(
+                "cluster node {server} of upstream {upstream} is another upstream's server",
+                server=server,
+                upstream=upstream,
+            )
+        # a task server linked to one of these nodes now counts for this upstream
+        self.announce_reach(upstream)
+
+    def _on_response(
+        self, upstream: str, header: dict[str, Any], payload: bytes, via: Any = None
+    ) -> None:
+        if self.requests.answer(header["r"], upstream, payload, via):
             self.counters.to_agents(payload)
 
-    def _on_revoked(self, upstream: str, header: dict[str, Any], payload: bytes) -> None:
+    def _on_revoked(
+        self, upstream: str, header: dict[str, Any], payload: bytes, via: Any = None
+    ) -> None:
         self.revoke(upstream, header["agents"], bool(header.get("full")))
 
-    def _on_pending(self, upstream: str, header: dict[str, Any], payload: bytes) -> None:
+    def _on_pending(
+        self, upstream: str, header: dict[str, Any], payload: bytes, via: Any = None
+    ) -> None:
         self.set_pending(
             upstream, header["agents"], header.get("approved", []), bool(header.get("full"))
         )
@@ -397,6 +504,7 @@ class TaskServerRelay(Relay):
         server: str | None = None,
         role: str = "server",
         node: str | None = None,
+        key: Any = None,
     ) -> str | None:
         if role != "server":
             return (
@@ -404,13 +512,15 @@ class TaskServerRelay(Relay):
                 "give the management server's URL"
             )
         self.server_name = server
-        self.links.up(name, link)
+        self.links.up(name, link, key)
         return None
 
-    def _link_gone(self, name: str) -> None:
+    def _link_gone(self, name: str, link: Any = None) -> None:
         """Nothing else: the gateways' links stay up, and what they open is refused (no link)
         until the server's link is back."""
 
-    def _on_nodes(self, upstream: str, header: dict[str, Any], payload: bytes) -> None:
+    def _on_nodes(
+        self, upstream: str, header: dict[str, Any], payload: bytes, via: Any = None
+    ) -> None:
         """The gateways this task server may accept (from its server); links of others go."""
         self.gateways.set_allowed(header["gateways"], header.get("previous"))

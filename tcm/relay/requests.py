@@ -32,42 +32,57 @@ class PendingRequests:
         self.clock = clock
         self.timeout = timeout
         self._pending: dict[int, tuple[str, Deferred[bytes], Any]] = {}
+        self._links: dict[int, Any] = {}  # call -> the node link it went over (if given)
         self._next = 0
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def start(self, upstream: str) -> tuple[int, Deferred[bytes]]:
-        """A new call to `upstream`: its number, and a Deferred that fires with the answer."""
+    def start(self, upstream: str, link: Any = None) -> tuple[int, Deferred[bytes]]:
+        """A new call to `upstream` (over its node link `link`): its number, and a Deferred
+        that fires with the answer."""
         self._next += 1
         r = self._next
         d: Deferred[bytes] = Deferred(lambda _: self._forget(r))
         timer = self.clock.callLater(self.timeout, self._expire, r)
         self._pending[r] = (upstream, d, timer)
+        if link is not None:
+            self._links[r] = link
         return r, d
 
-    def answer(self, r: int, upstream: str, payload: bytes) -> bool:
-        """The answer to call `r` from `upstream`; False when there is no such call (gone, or
-        another upstream's: a server answers only its own calls)."""
+    def answer(self, r: int, upstream: str, payload: bytes, link: Any = None) -> bool:
+        """The answer to call `r` from `upstream` (its node link `link`); False when there
+        is no such call (gone, or another upstream's or node's: each answers only its own)."""
         pending = self._pending.get(r)
         if pending is None or pending[0] != upstream:
             return False
+        went = self._links.get(r)
+        if link is not None and went is not None and went is not link:
+            return False
         del self._pending[r]
+        self._links.pop(r, None)
         _stop(pending[2])
         pending[1].callback(payload)
         return True
 
-    def lose(self, upstream: str) -> int:
-        """The link to `upstream` went down: its calls fail with RequestLost. How many."""
-        lost = [r for r, (name, _, _) in self._pending.items() if name == upstream]
+    def lose(self, upstream: str, link: Any = None) -> int:
+        """The link to `upstream` (its node link `link`, when given) went down: the calls
+        over it fail with RequestLost. How many."""
+        lost = [
+            r
+            for r, (name, _, _) in self._pending.items()
+            if name == upstream and (link is None or self._links.get(r) in (None, link))
+        ]
         for r in lost:
             _, d, timer = self._pending.pop(r)
+            self._links.pop(r, None)
             _stop(timer)
             d.errback(RequestLost(f"the link to {upstream} went down"))
         return len(lost)
 
     def _expire(self, r: int) -> None:
         pending = self._pending.pop(r, None)
+        self._links.pop(r, None)
         if pending is not None:
             pending[1].errback(
                 RequestTimedOut(f"{pending[0]} did not answer within {self.timeout:g} s")
@@ -76,6 +91,7 @@ class PendingRequests:
     def _forget(self, r: int) -> None:
         # cancelled: the agent went away; a late answer is dropped
         pending = self._pending.pop(r, None)
+        self._links.pop(r, None)
         if pending is not None:
             _stop(pending[2])
 

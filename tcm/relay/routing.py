@@ -9,6 +9,7 @@ task session at /taskserver/NAME/... goes to task server NAME).
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 UPSTREAM_PREFIX = "/upstream/"  # /upstream/NAME/...: the agent names its server's upstream
@@ -17,35 +18,89 @@ TASK_SERVER_PREFIX = "/taskserver/"  # /taskserver/NAME/task/v1/ws: through to t
 Refusal = tuple[int, str]  # HTTP status, reason
 
 
+def spread_score(agent_id: str, key: str) -> int:
+    """Rendezvous (highest random weight) score of an agent on one node link: the agent goes
+    to the live link with the highest score. The same agent lands on the same node while it
+    is up (its core and task sessions and its calls together), agents spread evenly, and a
+    lost node's agents spread over the others while the rest stay where they are."""
+    digest = hashlib.blake2b(f"{key}\x00{agent_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def choose_node(agent_id: str | None, keys: list[Any]) -> Any:
+    """The node link key an agent's new connection goes to (None without any); an agent
+    without an id yet (enrolling) takes the first."""
+    if not keys:
+        return None
+    if agent_id is None or len(keys) == 1:
+        return keys[0]
+    return max(keys, key=lambda k: spread_score(agent_id, str(k)))
+
+
 class UpstreamLinks:
-    """Configured upstreams (the first is the default) and the link of each once welcomed."""
+    """Configured upstreams (the first is the default) and the live links of each once
+    welcomed: one link per node, several when the upstream is a cluster of server nodes
+    (keyed by the node's address; None for a single link)."""
 
     def __init__(self, names: list[str]):
         if not names:
             raise ValueError("a relay node needs an upstream")
         self.names = list(names)
-        self._links: dict[str, Any] = {}
+        self._links: dict[str, dict[Any, Any]] = {}
 
     @property
     def default(self) -> str:
         return self.names[0]
 
     def get(self, name: str | None) -> Any:
-        """The link to upstream `name` if it is up, else None."""
-        return self._links.get(name) if name is not None else None
+        """A link to upstream `name` if one is up (the first to come up), else None."""
+        if name is None:
+            return None
+        links = self._links.get(name)
+        return next(iter(links.values())) if links else None
+
+    def all(self, name: str) -> list[Any]:
+        """Every live link of upstream `name` (one per node)."""
+        return list(self._links.get(name, {}).values())
+
+    def nodes(self, name: str) -> dict[Any, Any]:
+        """{node key: link} of upstream `name`'s live links."""
+        return dict(self._links.get(name, {}))
 
     def is_up(self, name: str) -> bool:
-        return name in self._links
+        return bool(self._links.get(name))
 
-    def up(self, name: str, link: Any) -> None:
-        self._links[name] = link
+    def holds(self, name: str, link: Any) -> bool:
+        """Whether `link` is one of upstream `name`'s live links."""
+        return any(v is link for v in self._links.get(name, {}).values())
+
+    def pick(self, name: str, agent_id: str | None) -> Any:
+        """The link an agent's new connection (or call) to upstream `name` goes over."""
+        links = self._links.get(name)
+        if not links:
+            return None
+        if len(links) == 1:
+            return next(iter(links.values()))
+        keys = sorted(links, key=str)
+        return links[choose_node(agent_id, keys)]
+
+    def up(self, name: str, link: Any, key: Any = None) -> None:
+        self._links.setdefault(name, {})[key] = link
 
     def down(self, name: str, link: Any = None) -> bool:
-        """Upstream `name` has no link now (when `link` is given: if it is still that one)."""
-        if link is not None and self._links.get(name) is not link:
-            return False  # an older link's loss, after a newer one came up
-        self._links.pop(name, None)
-        return True
+        """Upstream `name` lost `link` (without `link`: every link). False when `link` is
+        not one of its live links (an older link's loss, after a newer one came up)."""
+        if link is None:
+            self._links.pop(name, None)
+            return True
+        links = self._links.get(name, {})
+        for key, held in list(links.items()):
+            if held is link:
+                del links[key]
+                if not links:
+                    del self._links[name]
+                return True
+        return False
 
 
 class GatewayRouting:
@@ -90,6 +145,22 @@ class GatewayRouting:
             self.servers[server] = name
         return None
 
+    def learn(self, name: str, servers: list[str]) -> list[str]:
+        """Upstream `name` is a cluster whose nodes are `servers` (its `cluster` message):
+        agents whose certificates name any of them go to it. The names another upstream
+        holds already (a conflict, logged by the caller)."""
+        conflicts = []
+        for server in servers:
+            other = self.servers.get(server)
+            if other is not None and other != name and self.links.is_up(other):
+                conflicts.append(server)
+                continue
+            self.servers[server] = name
+        return conflicts
+
+    def upstream_of_server(self, server: str | None) -> str | None:
+        return self.servers.get(server) if server is not None else None
+
     def forget(self, name: str) -> bool:
         """Upstream `name`'s link is gone: a task server's is no longer reachable. True when
         that changes what the gateway reaches."""
@@ -105,13 +176,15 @@ class GatewayRouting:
         if not self.ts_names:
             return {}  # no task server upstreams: nothing to announce
         out = {}
-        for server, name in self.servers.items():
+        # by upstream, not by server name: the nodes of a cluster are several servers of
+        # one upstream, and a task server linked to any of them serves its agents
+        for name in sorted(set(self.servers.values())):
             if not self.links.is_up(name) or (only is not None and name != only):
                 continue
             out[name] = sorted(
                 node
                 for node, up in self.task_servers.items()
-                if self.links.is_up(up) and self.ts_server.get(up) == server
+                if self.links.is_up(up) and self.upstream_of_server(self.ts_server.get(up)) == name
             )
         return out
 
@@ -161,7 +234,13 @@ class GatewayRouting:
         if name is None or not self.links.is_up(name):
             return None, (503, f"task server {node!r} is not reachable from here now")
         belongs = self.ts_server.get(name)
-        if server is not None and belongs is not None and server != belongs:
+        if (
+            server is not None
+            and belongs is not None
+            and server != belongs
+            and (self.upstream_of_server(server) or server)
+            != (self.upstream_of_server(belongs) or belongs)
+        ):
             return None, (
                 403,
                 f"task server {node!r} serves server {belongs!r}, not this agent's {server!r}",

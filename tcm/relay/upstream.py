@@ -83,7 +83,7 @@ class UpstreamProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type: ig
         if name is not None:
             getattr(self, name)(header, body)
         else:
-            self.factory.relay.from_server(header, body, self.factory.upstream_name)
+            self.factory.relay.from_server(header, body, self.factory.upstream_name, self)
 
     def _on_welcome(self, header: dict[str, Any], body: bytes) -> None:
         f = self.factory
@@ -96,6 +96,7 @@ class UpstreamProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type: ig
             server,
             role=header.get("role", "server"),
             node=header.get("node"),
+            key=f.node_key,
         )
         if problem is not None:
             self._log.error("link to {server} refused here: {why}", server=f.server, why=problem)
@@ -103,6 +104,8 @@ class UpstreamProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type: ig
             return
         self.up = True
         f.server_name = server
+        if f.relay.on_welcomed is not None:
+            f.relay.on_welcomed(f.upstream_name, f.node_key, server)
         self._log.info("link to {server} up (server {name})", server=f.server, name=server)
         assert self.welcomed is not None
         self.welcomed.callback(self)
@@ -144,6 +147,7 @@ class UpstreamFactory(WebSocketClientFactory):
         keepalive: float = 25.0,
         upstream_name: str | None = None,
         worker: int | None = None,
+        node_key: str | None = None,
     ):
         ws_url = "wss://" + server.split("://", 1)[1].rstrip("/") + link.WS_PATH
         super().__init__(ws_url, protocols=[link.SUBPROTOCOL])
@@ -155,6 +159,9 @@ class UpstreamFactory(WebSocketClientFactory):
         self.upstream_name = upstream_name or relay.links.default
         self.worker = worker  # a gateway worker process's number, None for a single process
         self.server_name: str | None = None  # the server's own name, from its welcome
+        # which node of the upstream this link goes to (its address), when the upstream
+        # may be a cluster of several; None: the upstream's only link
+        self.node_key = node_key
         size = 64 * 1024 * 1024
         self.setProtocolOptions(
             autoPingInterval=keepalive,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -49,6 +50,9 @@ class AgentHub:
 
     _log = Logger()
     events: IEventPublisher = NO_EVENTS  # the console's live events (set where wired)
+    # a node of a cluster: the cluster's nodes ({"node", "url", "state"}), told to the relay
+    # nodes linked here (they link to every node); None for a server alone
+    cluster_members: list[dict[str, str]] | None = None
 
     def __init__(
         self,
@@ -153,7 +157,7 @@ class AgentHub:
                     return {
                         "task_server": {
                             "name": name,
-                            "url": f"{base}/taskserver/{name}/task/v1/ws",
+                            "url": self._to_this_node(f"{base}/taskserver/{name}/task/v1/ws"),
                         },
                         "task_server_status": f"{why}, through gateway {route.name}",
                     }
@@ -172,9 +176,24 @@ class AgentHub:
         if name is None:
             return {"task_server": None, "task_server_status": why}
         return {
-            "task_server": {"name": name, "url": assignments.url_of(name)},
+            "task_server": {"name": name, "url": self._to_this_node(assignments.url_of(name))},
             "task_server_status": why,
         }
+
+    def _to_this_node(self, url: str | None) -> str | None:
+        """A task server URL naming this node when it is a node of a cluster (?node=NAME):
+        the task server, linked to every node, takes the task session on to this one, where
+        the agent's own session is (one node holds both)."""
+        if self.cluster_members is None or not url:
+            return url
+        return url + ("&" if "?" in url else "?") + "node=" + quote(self._name, safe="")
+
+    def cluster_changed(self, members: list[dict[str, str]]) -> None:
+        """The cluster's nodes changed (one joined, went down, came back): every relay node
+        linked here is told, and links to the nodes that are up."""
+        self.cluster_members = members
+        for node in list(self._nodes.links.values()):
+            node.cluster(members)
 
     def link_opened(self, node: Any) -> None:
         self._log.info(

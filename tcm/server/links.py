@@ -173,6 +173,9 @@ class NodeLink:
             self.send({"t": "pending", "agents": self.hub.pending_agents(), "full": True})
         else:
             self.nodes(self.hub.gateway_fingerprints(), self.hub.gateway_fingerprints(True))
+        members = getattr(self.hub, "cluster_members", None)
+        if members:
+            self.cluster(members)
         self.hub.link_opened(self)
 
     def _on_open(self, header: dict[str, Any], payload: bytes) -> None:
@@ -266,6 +269,12 @@ class NodeLink:
             if previous:
                 message["previous"] = previous
             self.send(message)
+
+    def cluster(self, members: list[dict[str, str]]) -> None:
+        """Tell a relay node the cluster's server nodes (`{"node", "url", "state"}`): it
+        links to each one that is up, and spreads its agents over them."""
+        if self.ready:
+            self.send({"t": "cluster", "nodes": members})
 
     def pending(self, agent_ids: list[str], approved: list[str] | None = None) -> None:
         """Tell a gateway which agents wait for approval (it refuses them until then)."""

@@ -42,6 +42,8 @@ class NodeRegistry:
         self.clock = clock
         self.cert_days = cert_days
         self.directory = NodeDirectory()
+        # told when the records change here (a node of a cluster: the others reload them)
+        self.on_changed: Any = None
 
     @property
     def links(self) -> dict[str, Any]:
@@ -57,6 +59,10 @@ class NodeRegistry:
         previous = self.directory.gateway_fingerprints(previous=True)
         for node in list(self.links.values()):
             node.nodes(gateways, previous)
+
+    def _changed(self) -> None:
+        if self.on_changed is not None:
+            self.on_changed()
 
     def refusal(self, name: str, fingerprint: str | None) -> str | None:
         """Why a link (or a forwarded certificate) from this node is refused, or None."""
@@ -77,6 +83,7 @@ class NodeRegistry:
         except TokenRefused as e:
             raise Conflict(str(e)) from None
         yield self.reload()
+        self._changed()
         return secret
 
     @inlineCallbacks
@@ -94,6 +101,7 @@ class NodeRegistry:
             self._log.warn("node enrollment refused for {name}: {why}", name=name, why=str(e))
             raise Forbidden(str(e)) from None
         yield self.reload()
+        self._changed()
         self._log.info("node {name} ({role}) enrolled", name=name, role=role)
         return {
             "name": name,
@@ -121,6 +129,7 @@ class NodeRegistry:
         if not (yield self._store.renew_node(name, fingerprint, renewed)):
             raise Conflict(f"node {name!r} was removed or enrolled again meanwhile")
         yield self.reload()
+        self._changed()
         cert = pki.load_certificate(cert_pem)
         self._log.info(
             "node {name} renewed its certificate (serial {serial:x}, until {until})",
@@ -139,6 +148,7 @@ class NodeRegistry:
         if changed is None:
             raise NotFound(f"no {role} {name}")
         yield self.reload()
+        self._changed()
         for node in [n for n in self.links.values() if n.name == name]:
             node._close(codes.CLOSE_REVOKED, f"{role} {name} was removed by an admin")
         if changed and role == "taskserver":

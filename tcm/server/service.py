@@ -479,7 +479,15 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
             presence,
             jobs,
             _cluster_reloads(
-                settings, access, admission, policies, profiles, agent_config, presence, jobs
+                settings,
+                access,
+                admission,
+                policies,
+                profiles,
+                agent_config,
+                presence,
+                jobs,
+                nodes,
             ),
             clock,
         )
@@ -495,6 +503,10 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
         policies.on_push = lambda: cluster.changed("policies")
         policies.on_report = cluster.event
         cluster.event_listeners["policy.report"] = policies.reports_elsewhere
+        # relay nodes linked here learn the cluster's nodes, and link to every one; a relay
+        # node registered, enrolled, renewed or removed on one node may link to every node
+        cluster.on_members = hub.cluster_changed
+        nodes.on_changed = lambda: cluster.changed("nodes")
         # the console on any node: other nodes' events for the topics followed here
         cluster.hub = events
         publisher = ClusterEvents(events, cluster)
@@ -703,6 +715,7 @@ def _cluster_reloads(
     agent_config: AgentConfigBook,
     presence: AgentPresence,
     jobs: JobService,
+    nodes: NodeRegistry,
 ) -> dict[str, Callable[[list[str] | None], Any]]:
     """What a node does when another node changed an area: read it again from the store,
     and tell its own agents where they must fetch again."""
@@ -737,6 +750,7 @@ def _cluster_reloads(
         "policies": policies_changed,
         "profiles": profiles_changed,
         "targets": targets_changed,
+        "nodes": lambda _ids: nodes.reload(),
     }
 
 

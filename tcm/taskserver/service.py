@@ -31,8 +31,9 @@ from tcm.relay.node import (
     NodeService,
     NodeState,
     Running,
+    any_issuer,
     client_endpoint,
-    enroll_node,
+    enroll_any,
     https_issuer,
 )
 from tcm.relay.relays import TaskServerRelay
@@ -48,6 +49,9 @@ from tcm.tls.renewal import DEFAULT_FRACTION
 class TaskServerConfig:
     state_dir: str
     server: str | None = None  # the management server's URL
+    # the other nodes of its cluster (the task server links to every node, and to each node
+    # the cluster names later)
+    servers: list[str] = attrs.field(factory=list)
     port: int = 8444
     interface: str = "127.0.0.1"
     listen: list[str] = attrs.field(factory=list)  # endpoint strings (empty: port/interface)
@@ -95,6 +99,8 @@ class TaskServerService(NodeService):
         self.config = config
         self.state = NodeState(config.state_dir)
         self.relay = TaskServerRelay(reactor, config.max_clients)
+        self.relay.on_cluster = self.cluster_told
+        self.relay.on_welcomed = self.welcomed
         self.node_name: str | None = None
         self.identity: Identity | None = None  # its node certificate, renewed in place
         self.renewal: NodeRenewal | None = None
@@ -111,13 +117,26 @@ class TaskServerService(NodeService):
             with open(cfg.ca_cert, "rb") as f:
                 ca_pem = f.read()
             names = sorted({cfg.interface, *cfg.hostnames} - {"0.0.0.0", "::", ""})
-            yield enroll_node(self.reactor, self.state, cfg.server, ca_pem, cfg.token, names)
+            yield enroll_any(
+                self.reactor, self.state, self.addresses_of(), ca_pem, cfg.token, names
+            )
         meta = self.state.meta()
         self.node_name = self.relay.node_name = meta["name"]
         server = cfg.server or meta["server"]
         self.identity = identity = self.state.identity()
         self.build(server, identity)
-        self.renew_with(https_issuer(self.reactor, server, identity))
+        self.renew_with(
+            any_issuer(
+                lambda: self.node_addresses(TaskServerRelay.UPSTREAM),
+                lambda address: https_issuer(self.reactor, address, identity),
+            )
+        )
+
+    def addresses_of(self, name: str = TaskServerRelay.UPSTREAM) -> list[str]:
+        """Its server's configured addresses: --server, then the cluster's other nodes."""
+        cfg = self.config
+        first = cfg.server or self.state.meta().get("server")
+        return [u for u in [first, *cfg.servers] if u]
 
     def renew_with(self, issue: Any) -> None:
         """Renew the node certificate through `issue` when it is due (started with the
@@ -141,7 +160,9 @@ class TaskServerService(NodeService):
             HandshakeLogger(site),  # TLS failures logged, as the server's and gateway's
         ):
             listener.setServiceParent(self)
-        self.add_link(server, identity, cfg.url())
+        for address in [server, *[u for u in cfg.servers if u != server]]:
+            self.add_link(address, identity, cfg.url())
+        TimerService(cfg.keepalive, self._sweep).setServiceParent(self)
         if cfg.metrics_port is not None:
             from twisted.internet.endpoints import TCP4ServerEndpoint
 
@@ -155,16 +176,25 @@ class TaskServerService(NodeService):
             ).setServiceParent(self)
 
     def add_link(self, server: str, identity: Identity, url: str):
+        """Link to its server at `server` (one node of a cluster), kept up by its own
+        service (started at once when the task server runs already)."""
         from urllib.parse import urlsplit
 
         assert self.node_name is not None
         host = urlsplit(server).hostname or "127.0.0.1"
         tls = identity.tls_options(host)
-        factory = UpstreamFactory(self.relay, server, self.node_name, "taskserver", url)
-        upstream_service(
-            self.reactor, client_endpoint(self.reactor, server, tls), factory
-        ).setServiceParent(self)
-        TimerService(self.config.keepalive, self._sweep).setServiceParent(self)
+        factory = UpstreamFactory(
+            self.relay, server, self.node_name, "taskserver", url, node_key=server
+        )
+        svc = upstream_service(self.reactor, client_endpoint(self.reactor, server, tls), factory)
+        name = TaskServerRelay.UPSTREAM
+        self.links.setdefault(name, {})[server] = factory
+        self.link_services.setdefault(name, {})[server] = svc
+        svc.setServiceParent(self)
+
+    def add_link_to(self, name: str, url: str) -> None:
+        assert self.identity is not None
+        self.add_link(url, self.identity, self.config.url())
 
     def started(self) -> None:
         self._log.info(
@@ -240,6 +270,7 @@ class EmbeddedTaskServer(TaskServerService):
         v1.putChild(b"ws", WebSocketResource(edge))
         self.identity = identity = Identity(server.ca_pem, cert_pem, state.key_pem())
         self.add_link(url, identity, cfg.url())
+        TimerService(cfg.keepalive, self._sweep).setServiceParent(self)
         self.renew_with(
             lambda csr: server.renew_node_certificate(self.NAME, identity.cert_pem, csr)
         )

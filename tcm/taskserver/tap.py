@@ -20,7 +20,6 @@ class Options(usage.Options):
         "with `tcm taskservers enroll NAME`; the first start enrolls with that token."
     )
     optParameters = [
-        ["server", "s", None, "The management server's URL (https://HOST:PORT)."],
         ["state-dir", "d", None, "Directory for the node's key, certificate and CA."],
         ["port", "p", None, "TCP port for the agents' task sessions (WSS; default 8444).", int],
         ["interface", "i", None, "Address to listen on (default 127.0.0.1)."],
@@ -43,6 +42,22 @@ class Options(usage.Options):
         super().__init__()
         self["hostnames"] = []
         self["listen"] = []
+        self["server"] = None
+        self["servers"] = []
+
+    def opt_server(self, url):
+        """The management server's URL, https://HOST:PORT. Repeatable: the nodes of its
+        cluster; the task server links to every one (and to nodes the cluster names later),
+        and enrolls through the first that answers."""
+        if not url.startswith("https://"):
+            raise usage.UsageError(f"--server wants https://HOST:PORT, not {url!r}")
+        url = url.rstrip("/")
+        if self["server"] is None:
+            self["server"] = url
+        elif url not in (self["server"], *self["servers"]):
+            self["servers"].append(url)
+
+    opt_s = opt_server
 
     def opt_listen(self, description):
         """An endpoint string to listen on as well (repeatable; alone, instead of --port),
@@ -76,6 +91,7 @@ def makeService(options: Options):
         TaskServerConfig(
             state_dir=options["state-dir"],
             server=options["server"],
+            servers=options["servers"],
             port=options["addresses"].port,
             interface=options["addresses"].interface,
             listen=options["addresses"].endpoints,

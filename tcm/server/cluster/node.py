@@ -10,6 +10,9 @@
                                     PostgreSQL and applies it to its own agents
     resync (every RESYNC s, and     every unfinished job read from PostgreSQL again; what
     when the bus comes back)        waits for an agent whose session is here is pushed
+    members (every MEMBERS s)       the nodes, their addresses and states read again; when
+                                    they changed, `on_members` is told (the relay nodes
+                                    linked here learn them: they link to every node)
 
 A node is *up* while its heartbeat is younger than DOWN_AFTER seconds (and it did not stop);
 Redis forgets a dead node's presence after the same time.
@@ -33,6 +36,7 @@ HEARTBEAT = 2.0
 DOWN_AFTER = 3 * HEARTBEAT + 1.0
 PRESENCE = 0.5  # seconds between checks for sessions opened or closed (written when changed)
 RESYNC = 10.0
+MEMBERS = 2 * HEARTBEAT
 EVENT_BATCH = 0.2  # seconds of events sent as one message
 
 
@@ -71,6 +75,11 @@ class ClusterNode(service.Service):
         self._resync.clock = clock
         self._presence_check = LoopingCall(self._presence_changed)
         self._presence_check.clock = clock
+        self._members_check = LoopingCall(self.members)
+        self._members_check.clock = clock
+        # the nodes and their states as last read: [{"node", "url", "state"}]
+        self.known_members: list[dict[str, str]] | None = None
+        self.on_members: Callable[[list[dict[str, str]]], None] | None = None
         self.counts = {"jobs_sent": 0, "jobs_received": 0, "changes_received": 0}
         # other nodes' events of a type, to the service that waits for them here
         self.event_listeners: dict[str, Callable[[dict[str, Any]], None]] = {}
@@ -93,10 +102,11 @@ class ClusterNode(service.Service):
         self._beat.start(HEARTBEAT, now=True)
         self._resync.start(RESYNC, now=False)
         self._presence_check.start(PRESENCE, now=False)
+        self._members_check.start(MEMBERS, now=True)
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
-        for loop in (self._beat, self._resync, self._presence_check):
+        for loop in (self._beat, self._resync, self._presence_check, self._members_check):
             if loop.running:
                 loop.stop()
         left = self.bus.leave() if self.bus.up else succeed(None)
@@ -296,6 +306,26 @@ class ClusterNode(service.Service):
             listener = self.event_listeners.get(str(event.get("type")))
             if listener is not None:
                 listener(event)
+
+    # -- members -------------------------------------------------------------------------
+    def members(self) -> Deferred[Any]:
+        """Read the nodes again; tell `on_members` when their addresses or states changed."""
+        d = self.nodes()
+
+        def read(rows: list[dict[str, Any]]) -> None:
+            members = [
+                {"node": str(r["node"]), "url": str(r["address"]), "state": str(r["state"])}
+                for r in sorted(rows, key=lambda r: str(r["node"]))
+                if str(r["address"]).startswith("https://")
+            ]
+            if members != self.known_members:
+                self.known_members = members
+                if self.on_members is not None:
+                    self.on_members(members)
+
+        d.addCallback(read)
+        d.addErrback(lambda f: self._log.warn("cluster members not read: {e}", e=f.value))
+        return d
 
     # -- reading ---------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
