@@ -320,6 +320,16 @@ def test_redis_restarted(tmp_path: Any, database: str, own_redis: dict[str, Any]
         a0.wait_session(1)
         a1.wait_session(1)
         wait_until(lambda: _nodes(n1)["n2"]["sessions"]["core"] == 1, 20, 0.3, "a1 on n2")
+        # /metrics on one node gives the whole cluster's sessions, node by node
+        wait_until(
+            lambda: "tcm_server_cluster_sessions_total 2.0" in _metrics(metrics_port),
+            20,
+            0.5,
+            "the cluster's sessions on n2's /metrics",
+        )
+        text = _metrics(metrics_port)
+        assert 'tcm_server_cluster_sessions{node="n1"} 1.0' in text
+        assert "tcm_server_cluster_nodes_up 2.0" in text
 
         opened = a0.count(a0.SESSION_OPEN), a1.count(a1.SESSION_OPEN)
         own_redis["stop"]()

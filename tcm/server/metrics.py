@@ -151,6 +151,19 @@ class ServerMetrics:
                 "1 while this node's bus (Redis) is connected, 0 while it is down",
                 1 if self.cluster.status()["bus"] == "up" else 0,
             )
+            up = [n for n in getattr(self.cluster, "last_nodes", []) if n["state"] == "up"]
+            yield gauge(f"{PREFIX}_cluster_nodes_up", "Nodes of the cluster up", len(up))
+            yield gauge(
+                f"{PREFIX}_cluster_sessions",
+                "Agents' own sessions on each node up (from the nodes' heartbeats)",
+                labels={n["node"]: float(n["sessions"]["core"]) for n in up},
+                label="node",
+            )
+            yield gauge(
+                f"{PREFIX}_cluster_sessions_total",
+                "Agents' own sessions on all nodes up (from the nodes' heartbeats)",
+                sum(n["sessions"]["core"] for n in up),
+            )
             for key, text in (
                 ("jobs_sent", "Job messages sent to other nodes"),
                 ("jobs_received", "Job messages received from other nodes"),
@@ -169,7 +182,15 @@ class ServerMetrics:
                 "active jobs": self.jobs.active_count(),
                 "pushed": self.dispatcher.pushed,
                 **(
-                    {"node": self.name, "bus": self.cluster.status()["bus"]}
+                    {
+                        "node": self.name,
+                        "bus": self.cluster.status()["bus"],
+                        "cluster sessions": sum(
+                            n["sessions"]["core"]
+                            for n in getattr(self.cluster, "last_nodes", [])
+                            if n["state"] == "up"
+                        ),
+                    }
                     if self.cluster is not None
                     else {}
                 ),

@@ -79,6 +79,9 @@ class ClusterNode(service.Service):
         self._members_check.clock = clock
         # the nodes and their states as last read: [{"node", "url", "state"}]
         self.known_members: list[dict[str, str]] | None = None
+        # every node as `nodes()` read it last (every MEMBERS s): the cluster-wide figures
+        # of /metrics and /status on whichever node is asked
+        self.last_nodes: list[dict[str, Any]] = []
         self.on_members: Callable[[list[dict[str, str]]], None] | None = None
         self.counts = {"jobs_sent": 0, "jobs_received": 0, "changes_received": 0}
         # other nodes' events of a type, to the service that waits for them here
@@ -313,6 +316,7 @@ class ClusterNode(service.Service):
         d = self.nodes()
 
         def read(rows: list[dict[str, Any]]) -> None:
+            self.last_nodes = rows
             members = [
                 {"node": str(r["node"]), "url": str(r["address"]), "state": str(r["state"])}
                 for r in sorted(rows, key=lambda r: str(r["node"]))
