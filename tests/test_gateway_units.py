@@ -358,3 +358,25 @@ def test_only_a_gateway_link_carries_https_calls():
     env = encode(Envelope(type="request", data={"method": "GET", "path": "/agent/v1/whoami"}))
     node.message_received(link.encode({"t": "request", "r": 1, "agent": "a-1"}, env))
     assert closes == [(codes.CLOSE_PROTOCOL_ERROR, "only a gateway carries agents' HTTPS calls")]
+
+
+def test_a_frame_for_a_connection_closed_meanwhile_is_dropped_quietly():
+    """During a drain (or an agent's own close) the table may still name a connection whose
+    close has begun: Autobahn refuses to send on it; the frame is dropped, not an error."""
+    from autobahn.exception import Disconnected
+
+    _, relay, _hubs, _nodes = _gateway()
+
+    class Closing(Conn):
+        def sendMessage(self, payload: bytes, isBinary: bool = False) -> None:
+            raise Disconnected("closing")
+
+        def sendPreparedMessage(self, prepared) -> None:
+            raise Disconnected("closing")
+
+    gone, live = Closing("a-1"), Conn("a-2")
+    gone.relay_conn = relay.opened(gone, "a-1", "tcp4:1.2.3.4:5", {}, "up-a", "core")
+    live.relay_conn = relay.opened(live, "a-2", "tcp4:1.2.3.4:6", {}, "up-a", "core")
+    relay.from_server({"t": "frame", "c": gone.relay_conn}, b'{"x":1}', "up-a")
+    relay.from_server({"t": "push", "c": [gone.relay_conn, live.relay_conn]}, b'{"y":2}', "up-a")
+    assert live.prepared == [("prepared", b'{"y":2}')]

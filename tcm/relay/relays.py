@@ -25,6 +25,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
+from autobahn.exception import Disconnected
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
@@ -272,7 +273,7 @@ class Relay(ABC):
         conn = self.conns.of(header["c"], upstream, via)
         if conn is not None:
             self.counters.to_agents(payload)
-            conn.sendMessage(payload, isBinary=False)
+            _send(conn, payload)
 
     def _on_push(
         self, upstream: str, header: dict[str, Any], payload: bytes, via: Any = None
@@ -290,9 +291,12 @@ class Relay(ABC):
                     onward = {}
                 onward.setdefault(conn.down, []).append(conn.c)
             elif prepared is not None:
-                conn.sendPreparedMessage(prepared)
+                try:
+                    conn.sendPreparedMessage(prepared)
+                except Disconnected:  # closed meanwhile (a drain): nothing to send to
+                    pass
             else:
-                conn.sendMessage(payload, isBinary=False)
+                _send(conn, payload)
         if onward is not None:
             for down, conns in onward.items():
                 down.push(conns, payload)
@@ -524,3 +528,13 @@ class TaskServerRelay(Relay):
     ) -> None:
         """The gateways this task server may accept (from its server); links of others go."""
         self.gateways.set_allowed(header["gateways"], header.get("previous"))
+
+
+def _send(conn: Any, payload: bytes) -> None:
+    """A frame to an agent's connection; one closed meanwhile (its close begun by a drain, or
+    by the agent, before the table forgot it) gets nothing, and the frame is not an error:
+    the agent reconnects and the server sends what it still owes it."""
+    try:
+        conn.sendMessage(payload, isBinary=False)
+    except Disconnected:
+        pass
