@@ -128,6 +128,12 @@ async def test_large_results_beyond_the_budget_wait_unread_until_the_first_is_st
             assert answer["data"]["status"] == 200, answer
             assert answer["data"]["body"] == {"stored": True}
         await wait_for(lambda: budget.used == 0 and budget.waiting == 0, what="all released")
+        # and each connection that carried one gave its TLS memory BIOs back (after the
+        # upgrade, once; after its large result, again)
+        sessions = {s.agent_id: s for s in server.parts.presence.registry.all()}
+        for _, agent_id in agents[:2]:
+            protocol = sessions[agent_id].transport
+            await wait_for(lambda p=protocol: p.tls_buffer_releases >= 2, what="BIOs released")
         assert budget.waits >= 2
 
         shown = await server.admin("GET", f"/api/v1/jobs/{job}")

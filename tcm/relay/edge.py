@@ -33,6 +33,7 @@ class EdgeProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type: ignore
     last_rx = 0.0
     down = None  # an agent's own connection (a gateway's carried ones have their link)
     tls_buffers_released = False
+    tls_buffer_releases = 0
 
     def onConnect(self, request):
         relay: Relay = self.factory.relay

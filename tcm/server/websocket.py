@@ -23,7 +23,12 @@ from tcm.server.intake import IntakeBudget
 from tcm.server.sessions import AgentSession, SessionHub, intern
 from tcm.server.web import http_status
 from tcm.tls import pki
-from tcm.wsbase import LeanWebSocketMixin, bind_options, settle_upgrade
+from tcm.wsbase import (
+    LeanWebSocketMixin,
+    bind_options,
+    release_tls_buffers_soon,
+    settle_upgrade,
+)
 
 
 class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type: ignore[misc]
@@ -32,6 +37,7 @@ class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type:
     _log = Logger()
     session: AgentSession | None = None
     tls_buffers_released = False
+    tls_buffer_releases = 0  # times the TLS memory BIOs were given back (wsbase)
     # the intake budget (tcm/server/intake.py): bytes granted to the message being received,
     # and while its frame waits for them, the callback that resumes reading
     _intake_held = 0
@@ -130,6 +136,8 @@ class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type:
     def _answered(self, result: Any, size: int) -> Any:
         self._unanswered -= 1
         self.factory.intake.release(size)
+        if not self._unanswered:  # the answer goes out now: then the BIOs are empty
+            release_tls_buffers_soon(self, self.factory.clock)
         return result
 
     def _stop_hold_pings(self) -> None:
