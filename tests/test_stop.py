@@ -25,7 +25,7 @@ def test_a_stop_closes_every_session_with_one_line_and_one_write(tmp_path):
             clients.append(client)
         yield wait_for(lambda: len(parts.presence.registry) == 3, what="three sessions")
         # each session's open was recorded; wait for those writes to be committed
-        yield within(parts.db.writes._wait())
+        yield within(parts.db.writes.flushed())
         stop_at = parts.clock.seconds()
         with capturedLogs() as events:
             stopped = True

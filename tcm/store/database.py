@@ -102,6 +102,10 @@ def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
+def _nothing(conn: Connection) -> None:
+    return None
+
+
 # a queued write: its kind (None: an operation of its own), its rows or the operation, its
 # weight (bytes, about), and the Deferred of its caller
 _Entry = tuple[str | None, Any, int, Deferred[Any]]
@@ -158,6 +162,10 @@ class WriteQueue:
         if kind not in self._batched:
             raise KeyError(f"no batched kind {kind!r}")
         return self._enqueue(kind, rows, weight)
+
+    def flushed(self) -> Deferred[None]:
+        """Fires once everything queued so far is committed (queued after it, in order)."""
+        return self._enqueue(None, _nothing, 0)
 
     def _enqueue(self, kind: str | None, item: Any, weight: int) -> Deferred[Any]:
         d: Deferred[Any] = Deferred()
