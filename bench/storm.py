@@ -179,7 +179,13 @@ def main() -> int:
             groups = None
             if "--tls-groups" in extra:
                 groups = extra[extra.index("--tls-groups") + 1]
-            floor = measure_connect(row["agents"], tls_groups=groups)
+            print(json.dumps({"storm": row}), flush=True)  # kept if the floor fails below
+            try:
+                floor = measure_connect(row["agents"], tls_groups=groups)
+            except Exception as e:  # the floor's own clients failed: say so, keep the row
+                row["floor_error"] = f"{type(e).__name__}: {e}"
+                print(f"floor failed: {row['floor_error']}", file=sys.stderr)
+                continue
             row["floor_cpu_per_connect_ms"] = floor["floor_cpu_per_connect_ms"]
             row["floor_connect_all_s"] = floor["connect_all_s"]
             mine = row["server_cpu_per_reconnect_ms"]

@@ -75,20 +75,22 @@ def test_a_connection_that_waited_too_long_is_closed_unserved_when_its_turn_come
 
 
 def test_under_congestion_the_newest_waiting_goes_first():
-    """Once the oldest has waited a quarter of max_wait, clients behind are giving up:
-    the newest (whose client surely still waits) is served first."""
+    """Once the oldest has waited three quarters of max_wait, clients behind are giving up:
+    the newest (whose client surely still waits) is served first; before that, in order."""
     clock = Clock()
-    gate = HandshakeGate(clock, limit=1, hold=100.0, max_wait=40.0)
-    first = gate.admit(StringTransport())
-    older = StringTransport()
-    gate.admit(older)
-    clock.advance(11.0)
-    newer = [StringTransport() for _ in range(2)]
-    for c in newer:
-        gate.admit(c)
-    gate.done(first)
-    assert [reading(c) for c in (older, *newer)] == [False, False, True]
-    assert gate.waiting == 2 and not older.disconnected
+    gate = HandshakeGate(clock, limit=1, hold=100.0, max_wait=40.0)  # newest first after 30 s
+    running = gate.admit(StringTransport())
+    b, c, d = (StringTransport() for _ in range(3))
+    tb = gate.admit(b)
+    gate.admit(c)
+    clock.advance(29.0)
+    gate.admit(d)
+    gate.done(running)
+    assert [reading(x) for x in (b, c, d)] == [True, False, False]  # 29 s: in order
+    clock.advance(2.0)
+    gate.done(tb)
+    assert [reading(x) for x in (c, d)] == [False, True]  # c waited 31 s: newest first
+    assert gate.waiting == 1 and not c.disconnected
 
 
 def test_a_stalled_handshake_counts_for_hold_seconds_only():
