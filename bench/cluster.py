@@ -67,7 +67,8 @@ def wait_spread(api: Any, total: int, timeout: float) -> None:
     raise AssertionError(f"{total} sessions not reached in {timeout} s: {cluster_sessions(api)}")
 
 
-def measure(k: int, n: int, work: str, database: str, redis: str) -> list[dict[str, Any]]:
+def cluster_nodes(work: str, k: int, database: str, redis: str) -> tuple[str, list[BenchServer]]:
+    """A fresh directory `work`/nodesK and K nodes of one cluster in it (not started)."""
     base = os.path.join(work, f"nodes{k}")
     shutil.rmtree(base, ignore_errors=True)
     os.makedirs(base)
@@ -84,6 +85,11 @@ def measure(k: int, n: int, work: str, database: str, redis: str) -> list[dict[s
         )
         for i in range(k)
     ]
+    return base, nodes
+
+
+def measure(k: int, n: int, work: str, database: str, redis: str) -> list[dict[str, Any]]:
+    base, nodes = cluster_nodes(work, k, database, redis)
     swarms: list[SwarmProcs] = []
     rows: list[dict[str, Any]] = []
     try:

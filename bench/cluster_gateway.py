@@ -29,29 +29,20 @@ import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cluster import cluster_sessions, cpu_seconds, fresh_database, wait_spread  # noqa: E402
-from common import BenchServer, SwarmProcs, emit, run_job, summary, wait_until  # noqa: E402
+from cluster import (  # noqa: E402
+    cluster_nodes,
+    cluster_sessions,
+    cpu_seconds,
+    fresh_database,
+    wait_spread,
+)
+from common import SwarmProcs, emit, run_job, summary, wait_until  # noqa: E402
 
 from tests.harness import GatewayProc  # noqa: E402
 
 
 def measure(k: int, n: int, work: str, database: str, redis: str) -> list[dict[str, Any]]:
-    base = os.path.join(work, f"nodes{k}")
-    shutil.rmtree(base, ignore_errors=True)
-    os.makedirs(base)
-    key = os.path.join(base, "cluster.key")
-    nodes = [
-        BenchServer(
-            base,
-            name=f"n{i + 1}",
-            extra=[
-                *("--database", database, "--redis", redis),
-                *("--node-name", f"n{i + 1}", "--cluster-key", key),
-                *("--max-handshakes", "200"),
-            ],
-        )
-        for i in range(k)
-    ]
+    base, nodes = cluster_nodes(work, k, database, redis)
     gw = GatewayProc(base, "gw", {"up": nodes[0]}, extra=["--max-clients", str(n + 100)])
     swarm: SwarmProcs | None = None
     rows: list[dict[str, Any]] = []

@@ -47,6 +47,26 @@ def _where(server: Server) -> dict[str, str]:
     return {a["id"]: a.get("node") for a in server.agents() if a["online"]}
 
 
+def _agents_behind(owner: Any, base: str, gw: Any, server: Server, n: int) -> list[AgentProc]:
+    """`n` real agents enrolled through the gateway's upstream `up`, each with a session
+    (stopped with the cluster `owner`)."""
+    token = server.token(uses=n)
+    agents = []
+    for i in range(n):
+        agent = AgentProc(
+            base,
+            f"a{i}",
+            extra=["--server", f"{gw.url}/upstream/up", "--ca-cert", server.ca, "--token", token],
+        )
+        agent.env = {"TCM_TEST_AGENT": agent.name}
+        owner.agents.append(agent)
+        agents.append(agent)
+        agent.start(wait=False)
+    for a in agents:
+        a.wait_session(1)
+    return agents
+
+
 def test_gateway_links_every_node_and_moves_agents_when_one_is_killed(
     cluster: Cluster,  # noqa: F811 (the fixture)
     tmp_path: Any,
@@ -73,20 +93,7 @@ def test_gateway_links_every_node_and_moves_agents_when_one_is_killed(
     assert "linking to cluster node n3" in gw.log()
     assert 'tcm_gateway_upstream_nodes_up{upstream="up"} 3.0' in _metrics(metrics_port)
 
-    token = n1.token(uses=6)
-    agents = []
-    for i in range(6):
-        agent = AgentProc(
-            str(tmp_path),
-            f"a{i}",
-            extra=["--server", f"{gw.url}/upstream/up", "--ca-cert", n1.ca, "--token", token],
-        )
-        agent.env = {"TCM_TEST_AGENT": agent.name}
-        cluster.agents.append(agent)
-        agents.append(agent)
-        agent.start(wait=False)
-    for a in agents:
-        a.wait_session(1)
+    agents = _agents_behind(cluster, str(tmp_path), gw, n1, 6)
 
     # each agent on the node its id hashes to among the gateway's live node links
     def expected(urls: list[str]) -> dict[str, str]:
@@ -264,20 +271,8 @@ def test_task_sessions_through_a_gateway_reach_the_node_of_the_agents_own_sessio
         return g is not None and g["state"] == "up" and g["task_servers"] == ["ts1"]
 
     wait_until(lambda: reaches(n1) and reaches(n2), 40, 0.3, "gw1 reaching ts1 on both nodes")
-    token = n1.token(uses=4)
-    agents = []
-    for i in range(4):
-        agent = AgentProc(
-            str(tmp_path),
-            f"a{i}",
-            extra=["--server", f"{gw.url}/upstream/up", "--ca-cert", n1.ca, "--token", token],
-        )
-        agent.env = {"TCM_TEST_AGENT": agent.name}
-        cluster.agents.append(agent)
-        agents.append(agent)
-        agent.start(wait=False)
+    agents = _agents_behind(cluster, str(tmp_path), gw, n1, 4)
     for a in agents:
-        a.wait_session(1)
         wait_until(lambda a=a: a.count("task session open with ts1") >= 1, 30, 0.2, a.name)
     # every agent listed online, with its node (other nodes' sessions from Redis presence)
     where = wait_until(lambda: (lambda w: w if len(w) == 4 else None)(_where(n1)), 20, 0.3)
