@@ -88,6 +88,27 @@ def cluster_nodes(work: str, k: int, database: str, redis: str) -> tuple[str, li
     return base, nodes
 
 
+def kill_node(
+    victim: BenchServer, survivors: list[BenchServer], moving: int
+) -> tuple[dict[str, float], list[float]]:
+    """SIGKILL `victim`; seconds until 50, 99 and 100 % of its `moving` agents have a
+    session on the survivors (their own /status: the nodes table lags a heartbeat), and
+    each survivor's CPU seconds meanwhile. Bounded: 300 s."""
+    before = [cpu_seconds(x) for x in survivors]
+    held = {x.name: x.status()["sessions"] for x in survivors}
+    t0 = time.monotonic()
+    victim.kill()
+    marks: dict[str, float] = {}
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and "100" not in marks:
+        back = sum(x.status()["sessions"] - held[x.name] for x in survivors)
+        for name, frac in (("50", 0.5), ("99", 0.99), ("100", 1.0)):
+            if name not in marks and back >= frac * moving:
+                marks[name] = round(time.monotonic() - t0, 1)
+        time.sleep(0.25)
+    return marks, [cpu_seconds(x) - b for x, b in zip(survivors, before, strict=True)]
+
+
 def measure(k: int, n: int, work: str, database: str, redis: str) -> list[dict[str, Any]]:
     base, nodes = cluster_nodes(work, k, database, redis)
     swarms: list[SwarmProcs] = []
@@ -146,20 +167,7 @@ def measure(k: int, n: int, work: str, database: str, redis: str) -> list[dict[s
             victim = nodes[-1]
             survivors = nodes[:-1]
             moving = spread.get(victim.name, 0)
-            before = [cpu_seconds(x) for x in survivors]
-            # live counts from each survivor's own /status (the nodes table lags a heartbeat)
-            held = {x.name: x.status()["sessions"] for x in survivors}
-            t0 = time.monotonic()
-            victim.kill()
-            marks: dict[str, float] = {}
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline and "100" not in marks:
-                back = sum(x.status()["sessions"] - held[x.name] for x in survivors)
-                for name, frac in (("50", 0.5), ("99", 0.99), ("100", 1.0)):
-                    if name not in marks and back >= frac * moving:
-                        marks[name] = round(time.monotonic() - t0, 1)
-                time.sleep(0.25)
-            used = [cpu_seconds(x) - b for x, b in zip(survivors, before, strict=True)]
+            marks, used = kill_node(victim, survivors, moving)
             after = run_job(api, {"action": "ping", "targets": "all", "ttl": 300}, n, 180)
             rows.append(
                 {

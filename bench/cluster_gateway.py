@@ -32,8 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cluster import (  # noqa: E402
     cluster_nodes,
     cluster_sessions,
-    cpu_seconds,
     fresh_database,
+    kill_node,
     wait_spread,
 )
 from common import SwarmProcs, emit, run_job, summary, wait_until  # noqa: E402
@@ -88,19 +88,7 @@ def measure(k: int, n: int, work: str, database: str, redis: str) -> list[dict[s
         moving = spread.get(victim.name, 0)
         gw_ps = psutil.Process(gw.proc.pid)  # type: ignore[union-attr]
         gw_before = sum(gw_ps.cpu_times()[:2])
-        before = [cpu_seconds(x) for x in survivors]
-        held = {x.name: x.status()["sessions"] for x in survivors}
-        t0 = time.monotonic()
-        victim.kill()
-        marks: dict[str, float] = {}
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and "100" not in marks:
-            back = sum(x.status()["sessions"] - held[x.name] for x in survivors)
-            for name, frac in (("50", 0.5), ("99", 0.99), ("100", 1.0)):
-                if name not in marks and back >= frac * moving:
-                    marks[name] = round(time.monotonic() - t0, 1)
-            time.sleep(0.25)
-        used = [cpu_seconds(x) - b for x, b in zip(survivors, before, strict=True)]
+        marks, used = kill_node(victim, survivors, moving)
         gw_used = sum(gw_ps.cpu_times()[:2]) - gw_before
         after = run_job(api, {"action": "ping", "targets": "all", "ttl": 300}, n, 180)
         rows.append(
