@@ -50,6 +50,22 @@ class ClusterSwarm(SwarmProcs):
         self.extra = [*self.extra, *(x for o in others for x in ("--server", o.url))]
 
 
+#: The columns the cluster benches share (bench/cluster_gateway.py adds its own CPU figures).
+COLUMNS = [
+    ("nodes", "nodes"),
+    ("test", "test"),
+    ("agents", "N"),
+    ("spread", "spread"),
+    ("ok", "ok"),
+    ("delivery.p50", "deliver p50 s"),
+    ("delivery.last", "last s"),
+    ("all_stored_s", "all stored s"),
+    ("back_50_s", "back 50%"),
+    ("back_99_s", "99%"),
+    ("back_100_s", "100%"),
+]
+
+
 def cluster_sessions(api: Any) -> dict[str, int]:
     return {
         n["node"]: n["sessions"]["core"]
@@ -230,17 +246,7 @@ def main() -> int:
         "cluster",
         rows,
         [
-            ("nodes", "nodes"),
-            ("test", "test"),
-            ("agents", "N"),
-            ("spread", "spread"),
-            ("ok", "ok"),
-            ("delivery.p50", "deliver p50 s"),
-            ("delivery.last", "last s"),
-            ("all_stored_s", "all stored s"),
-            ("back_50_s", "back 50%"),
-            ("back_99_s", "99%"),
-            ("back_100_s", "100%"),
+            *COLUMNS,
             ("cpu_s_per_1000", "node CPU s/1000"),
             ("total_cpu_s_per_1000", "all nodes CPU s/1000"),
         ],

@@ -30,6 +30,7 @@ import psutil
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from cluster import (  # noqa: E402
+    COLUMNS,
     cluster_nodes,
     cluster_sessions,
     fresh_database,
@@ -137,17 +138,7 @@ def main() -> int:
         "cluster_gateway",
         rows,
         [
-            ("nodes", "nodes"),
-            ("test", "test"),
-            ("agents", "N"),
-            ("spread", "spread"),
-            ("ok", "ok"),
-            ("delivery.p50", "deliver p50 s"),
-            ("delivery.last", "last s"),
-            ("all_stored_s", "all stored s"),
-            ("back_50_s", "back 50%"),
-            ("back_99_s", "99%"),
-            ("back_100_s", "100%"),
+            *COLUMNS,
             ("node_cpu_per_1000", "survivors CPU s/1000"),
             ("gw_cpu_per_1000", "gateway CPU s/1000"),
         ],
