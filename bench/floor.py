@@ -5,7 +5,11 @@ message to N WebSocket connections, with no tcm code in the path.
 `python bench/floor.py --count N` starts one server process (ECDSA P-256 certificate, like
 tcm's) and client processes (up to 9,000 connections each, over several loopback source
 addresses), waits until all N are open, broadcasts once, and prints the arrival times
-(client clock minus the send time written in the message: one machine, one clock).
+(client clock minus the send time written in the message: one machine, one clock). Each
+client then answers with a message the size of a tcm `ping` result and the server answers
+each with one the size of its acknowledgement: the server process's CPU from the broadcast
+until the last answer is sent, per answer (`cpu_per_result_ms`), is the floor of a result's
+cost — a TLS record and WebSocket frame in, one out — with nothing stored.
 
 `python bench/floor.py --connect --count N` is the floor of a reconnect: the server
 requires a client certificate (tcm's own server TLS options and a client certificate of its
@@ -29,6 +33,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 PER_PROCESS = 9000
+# A `ping` job's result as a tcm agent sends it, and the server's acknowledgement (sizes as
+# on the wire: the floor's cost per result is for messages of the same size).
+RESULT = json.dumps(
+    {
+        "type": "request",
+        "id": "r1" + "0" * 30,
+        "method": "POST",
+        "path": "/api/v1/jobs/" + "0" * 32 + "/results",
+        "body": {"status": "succeeded", "exit_code": 0, "output": {"pong": True}, "x": "0" * 90},
+    }
+).encode()
+ACK = json.dumps({"type": "response", "id": "r1" + "0" * 30, "status": 200, "body": {}}).encode()
 
 
 def serve(args) -> int:
@@ -62,13 +78,25 @@ def serve(args) -> int:
             raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
         )
     conns: list = []
+    push = {"expected": 0, "answered": 0, "cpu0": 0.0}
+
+    def cpu_now() -> float:
+        t = os.times()
+        return t.user + t.system
 
     class Proto(WebSocketServerProtocol):
         def onOpen(self):
             conns.append(self)
 
         def onMessage(self, payload, is_binary):
-            self.sendMessage(payload, is_binary)  # one message each way
+            if args.mtls:
+                self.sendMessage(payload, is_binary)  # one message each way
+                return
+            self.sendMessage(ACK)  # a result in, its acknowledgement out
+            push["answered"] += 1
+            if push["answered"] == push["expected"]:
+                done = {"answered": push["answered"], "cpu_s": cpu_now() - push["cpu0"]}
+                print(json.dumps(done), flush=True)
 
         def onClose(self, *a):
             if self in conns:
@@ -88,6 +116,7 @@ def serve(args) -> int:
                 t = os.times()
                 self.sendLine(str(t.user + t.system).encode())
             elif line == b"go":
+                push["expected"], push["answered"], push["cpu0"] = len(conns), 0, cpu_now()
                 sent = time.time()
                 prepared = factory.prepareMessage(json.dumps({"t": sent}).encode())
                 for c in conns:
@@ -131,6 +160,7 @@ def clients(args) -> int:
     arrivals: list[float] = []
     opened = [0]
     echoed = [0]
+    acked = [0]
 
     class Proto(WebSocketClientProtocol):
         def onOpen(self):
@@ -146,10 +176,15 @@ def clients(args) -> int:
                 if echoed[0] == args.count:
                     print(json.dumps({"echoed": echoed[0]}), flush=True)
                 return
+            if payload.startswith(b'{"type": "response"'):  # our result's acknowledgement
+                acked[0] += 1
+                if acked[0] == args.count:
+                    reactor.callLater(0.5, reactor.stop)
+                return
             arrivals.append(time.time() - json.loads(payload)["t"])
+            self.sendMessage(RESULT)
             if len(arrivals) == args.count:
                 print(json.dumps({"arrivals": arrivals}), flush=True)
-                reactor.callLater(0.5, reactor.stop)
 
     factory = WebSocketClientFactory(f"wss://127.0.0.1:{args.port}")
     factory.protocol = Proto
@@ -231,6 +266,7 @@ def measure(count: int, timeout: float = 180.0) -> dict:
             for p in procs:
                 assert p.stdout is not None
                 arrivals.extend(json.loads(p.stdout.readline())["arrivals"])
+            answered = json.loads(server.stdout.readline())  # every result acknowledged
         finally:
             for p in procs:
                 p.kill()
@@ -243,6 +279,8 @@ def measure(count: int, timeout: float = 180.0) -> dict:
         "p50": arrivals[len(arrivals) // 2],
         "p99": arrivals[int(len(arrivals) * 0.99) - 1],
         "last": arrivals[-1],
+        "cpu_s": answered["cpu_s"],
+        "cpu_per_result_ms": 1000 * answered["cpu_s"] / answered["answered"],
     }
 
 

@@ -127,6 +127,11 @@ def bench_count(
                     "n": n,
                 },
                 "all_stored_s": None,
+                # the floor's CPU from its broadcast until every result is acknowledged
+                "server_cpu_s": round(sorted(f["cpu_s"] for f in floors)[rounds // 2], 3),
+                "server_cpu_per_result_ms": round(
+                    sorted(f["cpu_per_result_ms"] for f in floors)[rounds // 2], 4
+                ),
             }
         )
     floor_last = next((r["delivery"]["last"] for r in rows if r["mode"] == "floor"), None)

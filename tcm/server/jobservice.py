@@ -241,7 +241,9 @@ class JobService:
                 known=names,
             )
         unsupported = set()
-        schemas: dict[str, Any] = {}
+        # by identity first: sessions share equal capabilities (interned), so ten thousand
+        # targets usually hold one schema object, encoded once here rather than per target
+        held: dict[int, Any] = {}
         for agent_id in agent_ids:
             caps = everyone.get(agent_id)
             if caps is None:
@@ -251,7 +253,8 @@ class JobService:
                 unsupported.add(agent_id)
             elif isinstance(capability.get("schema"), dict):
                 schema = capability["schema"]
-                schemas.setdefault(json.dumps(schema, sort_keys=True), schema)
+                held.setdefault(id(schema), schema)
+        schemas = {json.dumps(schema, sort_keys=True): schema for schema in held.values()}
         for key, schema in schemas.items():
             problem = self._args_problem(key, schema, args)
             if problem is not None:
