@@ -8,6 +8,7 @@ The parts of Autobahn this reaches below its public API are in ``tcm.compat``.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from autobahn.twisted.util import peer2str
@@ -30,7 +31,17 @@ def bind_options(factory: Any) -> None:
 
 class LeanWebSocketMixin(compat.AutobahnOpenHook):
     """Mix in before Autobahn's Twisted WebSocket protocol class. At open, the handshake's
-    leftovers are dropped (``compat.AutobahnOpenHook``)."""
+    leftovers are dropped and the connection's idle state left to the class
+    (``compat.AutobahnOpenHook``), and so is Autobahn's send queue while it is empty."""
+
+    # Autobahn's queue of chopped and synced sends, which tcm does not make: an empty deque
+    # is 760 bytes a connection. Empty and shared until a send needs one (``sendData``).
+    send_queue: Any = ()
+
+    def _onOpen(self) -> None:
+        if type(self.send_queue) is deque and not self.send_queue:
+            del self.send_queue  # the class's empty one
+        super()._onOpen()
 
     def connectionMade(self) -> None:
         details = TransportDetails(
@@ -48,11 +59,18 @@ class LeanWebSocketMixin(compat.AutobahnOpenHook):
 
     def dataReceived(self, data: bytes) -> None:
         compat.autobahn_data_received(self, data)
+        # a frame put its state back into the connection's dict: once between frames, compact
+        state = self.__dict__
+        if "current_frame" in state and state["current_frame"] is None:
+            if self.state == self.STATE_OPEN:
+                compat.compact_websocket_state(self)
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         """Autobahn's sendData, without the debug line it formats on every send (its
         arguments cost more than the write itself; a fan-out makes one per connection)."""
         if sync or chopsize or self.send_queue:
+            if type(self.send_queue) is not deque:
+                self.send_queue = deque()  # Autobahn appends to it
             super().sendData(data, sync, chopsize)
             return
         self.transport.write(data)

@@ -20,6 +20,7 @@ from twisted.web import http
 from tcm import compat
 from tcm.server.ca import CertificateAuthority
 from tcm.tls.server import server_tls_options
+from tcm.wsbase import LeanWebSocketMixin
 
 UPGRADE = (
     b"GET / HTTP/1.1\r\nHost: 127.0.0.1:1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -283,6 +284,59 @@ def test_handshake_leftovers_are_what_autobahn_keeps():
     )
     compat.drop_websocket_handshake(protocol)
     assert all(protocol.__dict__[name] is None for name in compat.HANDSHAKE_LEFTOVERS)
+
+
+def test_idle_state_names_are_no_class_attributes_of_autobahn():
+    from autobahn.twisted.websocket import WebSocketClientProtocol
+
+    missing = object()
+    for cls in (WebSocketServerProtocol, WebSocketClientProtocol):
+        shadowed = [n for n in compat.IDLE_STATE if getattr(cls, n, missing) is not missing]
+        assert not shadowed, (
+            f"Autobahn's {cls.__name__} now has class attributes {shadowed}: "
+            "compat.AutobahnOpenHook's idle defaults would shadow them"
+        )
+
+
+def _masked(payload: bytes) -> bytes:
+    mask = b"\x01\x02\x03\x04"
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([0x82, 0x80 | len(payload)]) + mask + body
+
+
+class _Lean(LeanWebSocketMixin, _Plain):
+    def onMessage(self, payload, isBinary):
+        self.sendMessage(payload[::-1], isBinary)
+
+
+def _idle_values_held(protocol) -> list[str]:
+    state = protocol.__dict__
+    return [n for n, v in compat.IDLE_STATE.items() if n in state and state[n] is v]
+
+
+def test_open_connection_keeps_no_idle_state_of_its_own_and_still_works():
+    factory = _open(_Lean)
+    compat.bind_websocket_options(factory)
+    protocol, transport = _connect(factory)
+    transport.setTcpNoDelay = lambda on: None
+    protocol.dataReceived(UPGRADE)
+    assert b"101 Switching Protocols" in transport.value()
+    assert _idle_values_held(protocol) == []
+    assert "send_queue" not in protocol.__dict__, "an empty send queue per connection"
+    assert len(protocol.__dict__) <= 21, sorted(protocol.__dict__)
+    transport.clear()
+    whole = _masked(b"abcdefgh")
+    protocol.dataReceived(whole[:7])  # a frame half read: its state is the connection's
+    assert protocol.__dict__.get("current_frame") is not None
+    protocol.dataReceived(whole[7:] + _masked(b"xy"))
+    assert transport.value() == b"\x82\x08hgfedcba\x82\x02yx"
+    assert _idle_values_held(protocol) == [], "compacted again between frames"
+    assert "current_frame_masker" not in protocol.__dict__
+    transport.clear()
+    protocol.sendMessage(b"z", isBinary=True, sync=True)  # Autobahn's queue, made on demand
+    assert transport.value() == b"\x82\x01z"
+    protocol.sendClose(1000)
+    assert protocol.closedByMe is True and protocol.state == protocol.STATE_CLOSING
 
 
 def test_autobahn_copies_the_options_named_in_config_attrs():
