@@ -206,7 +206,6 @@ IDLE_STATE: dict[str, Any] = {
             "autoPingTimeoutCall",
             "closeHandshakeTimeoutCall",
             "current_frame",
-            "current_frame_masker",
             "frame_data",
             "localCloseCode",
             "localCloseReason",
@@ -242,33 +241,41 @@ IDLE_STATE: dict[str, Any] = {
     "data": b"",
 }
 
-for _name, _value in IDLE_STATE.items():
+#: Autobahn's state of the message being received, set at each message's (or frame's)
+#: start and read until its end: between messages a connection keeps none of it (the last
+#: frame's unmasker among it; Autobahn makes one at each frame's header).
+MESSAGE_STATE: dict[str, Any] = {
+    "current_frame_masker": None,
+    "frame_length": 0,
+    "message_data_total_length": 0,
+    "message_is_binary": False,
+}
+
+for _name, _value in {**IDLE_STATE, **MESSAGE_STATE}.items():
     setattr(AutobahnOpenHook, _name, _value)
 
 
 def compact_websocket_state(protocol: Any) -> None:
-    """Give an open connection a fresh ``__dict__`` without the attributes that hold their
-    idle value (``IDLE_STATE``, the same object as the class attribute): reads find the
-    class's, and the first write puts the attribute back on the connection.
-
-    Between frames, the last frame's unmasker goes too (Autobahn makes one per frame).
+    """Give an open connection a fresh ``__dict__`` without the attributes that hold the
+    very object its class holds under that name (Autobahn's idle values, ``IDLE_STATE``,
+    and the class defaults of tcm's own protocols): reads find the class's, the first write
+    puts the attribute back on the connection. Between messages, the received message's
+    state (``MESSAGE_STATE``) goes too.
 
     Why: Autobahn sets some sixty attributes per connection; a dict that grew to that many
     keeps a table for them (1.6 KB) though most hold None, False or 0 for the connection's
-    whole idle life. Rebuilt with the fifteen to twenty that differ it takes 464 bytes.
+    whole idle life. Rebuilt with the twenty or fewer that differ it takes 464 bytes.
     ``AutobahnOpenHook`` calls it at open, after ``drop_websocket_handshake``; a frame
     received adds some back, and ``tcm.wsbase`` compacts again when a read leaves the
     connection between frames.
     """
     cls = type(protocol)
     state = protocol.__dict__
-    between_frames = state.get("current_frame") is None
+    between = state.get("current_frame") is None and not state.get("inside_message")
     protocol.__dict__ = {
         name: value
         for name, value in state.items()
-        if not (name in IDLE_STATE and getattr(cls, name, state) is value)
-        # the last frame's unmasker: Autobahn makes one at each frame's header
-        and not (between_frames and name == "current_frame_masker")
+        if getattr(cls, name, state) is not value and not (between and name in MESSAGE_STATE)
     }
 
 

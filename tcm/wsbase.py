@@ -101,9 +101,7 @@ def release_tls_buffers_soon(protocol: Any, clock: Any) -> None:
 def _release_tls_buffers(protocol: Any) -> None:
     transport = protocol.transport  # the TLS connection (ISystemHandle)
     if protocol.state == protocol.STATE_OPEN and transport is not None:
-        released = release_handshake_buffers(transport.getHandle())
-        protocol.tls_buffers_released = released
-        if released:
+        if release_handshake_buffers(transport.getHandle()):
             protocol.tls_buffer_releases += 1
 
 

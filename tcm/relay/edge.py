@@ -32,7 +32,6 @@ class EdgeProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type: ignore
     agent_id: str | None = None
     last_rx = 0.0
     down = None  # an agent's own connection (a gateway's carried ones have their link)
-    tls_buffers_released = False
     tls_buffer_releases = 0
 
     def onConnect(self, request):

@@ -36,13 +36,13 @@ class AgentServerProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type:
 
     _log = Logger()
     session: AgentSession | None = None
-    tls_buffers_released = False
     tls_buffer_releases = 0  # times the TLS memory BIOs were given back (wsbase)
     # the intake budget (tcm/server/intake.py): bytes granted to the message being received,
     # and while its frame waits for them, the callback that resumes reading
     _intake_held = 0
     _intake_wait: Callable[[], None] | None = None
     _hold_pings: Any = None  # the timer of the next ping to a connection held unread
+    _hello_timer: Any = None  # until the hello, the timer that closes a silent session
     _unanswered = 0  # large requests read and not answered yet (a result: not committed)
 
     factory: AgentServerFactory
