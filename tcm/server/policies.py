@@ -66,7 +66,8 @@ class PolicyService:
             policy_handlers if policy_handlers is not None else policy_types_on_server()
         )
         self._validators: dict[str, Any] = {}
-        self.agent_policy_types: dict[str, set[str]] = {}  # agent -> types from its hello
+        self.agent_policy_types: dict[str, frozenset[str]] = {}  # agent -> types from its hello
+        self._type_sets: dict[frozenset[str], frozenset[str]] = {}  # one shared set per kind
         self.policies: dict[str, dict[str, Any]] = {}
         self._waiters: dict[tuple[str, str], list[tuple[int, Deferred]]] = {}
         # nodes of a cluster (tcm/server/cluster): which agents other nodes hold, telling the
@@ -96,7 +97,11 @@ class PolicyService:
         self.book.session_opened(agent_id)
         types = hello.get("policy_types")
         if isinstance(types, list):
-            self.agent_policy_types[agent_id] = set(types)
+            kind = frozenset(t for t in types if isinstance(t, str))
+            if len(self._type_sets) > 1024:  # agents of many versions: stay bounded
+                self._type_sets.clear()
+            # most agents know the same types: they share one set
+            self.agent_policy_types[agent_id] = self._type_sets.setdefault(kind, kind)
 
     def known_policy_types(self) -> set[str]:
         known = set(self.policy_handlers)
