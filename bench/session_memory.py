@@ -10,7 +10,8 @@ allocations is OpenSSL's (connection, buffers, peer certificate) and the allocat
 
 Identities are kept in --work: a second run reconnects without enrolling.
 
-Usage: .venv/bin/python bench/session_memory.py [--count 2000] [--tracemalloc] [--work DIR]
+Usage: .venv/bin/python bench/session_memory.py [--count 2000] [--tracemalloc] [--trim]
+       [--tls-groups X25519] [--work DIR]
 """
 
 from __future__ import annotations
@@ -37,6 +38,20 @@ from twisted.internet.task import deferLater  # noqa: E402
 
 from tests.harness import PYTHON, free_port  # noqa: E402
 from tests.inproc import start_server  # noqa: E402
+
+
+class _MallInfo2(ctypes.Structure):
+    _FIELDS = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+    _fields_ = [(name, ctypes.c_size_t) for name in _FIELDS.split()]
+
+
+def heap_in_use() -> int:
+    """Bytes glibc's malloc has handed out and not had back (all arenas): what RSS holds
+    beyond it is free memory malloc keeps (fragments), code and stacks."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
 
 
 def type_counts() -> collections.Counter:
@@ -120,7 +135,9 @@ async def run(args: argparse.Namespace) -> None:
         port = free_port()
         with open(port_file, "w") as f:
             f.write(str(port))
-    server = await start_server(os.path.join(base, "server"), port=port, keepalive=3600.0)
+    server = await start_server(
+        os.path.join(base, "server"), port=port, keepalive=3600.0, tls_groups=args.tls_groups
+    )
     presence = server.parts.presence
     proc = psutil.Process()
     swarm = None
@@ -134,6 +151,7 @@ async def run(args: argparse.Namespace) -> None:
         if args.trim:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         rss0 = proc.memory_info().rss
+        heap0 = heap_in_use()
         if args.tracemalloc:
             tracemalloc.start(args.frames)
             snap0 = tracemalloc.take_snapshot()
@@ -178,6 +196,8 @@ async def run(args: argparse.Namespace) -> None:
         after = type_counts()
         print(f"{n} sessions in {connect_s:.1f} s")
         print(f"RSS per session: {(rss1 - rss0) / n / 1024:.1f} KB")
+        heap1 = heap_in_use()
+        print(f"C heap in use per session (glibc): {(heap1 - heap0) / n / 1024:.1f} KB")
         if args.trim:
             # What of that is memory freed but kept by the C allocator (glibc malloc)?
             ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -226,6 +246,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--count", type=int, default=2000)
     p.add_argument("--tracemalloc", action="store_true")
+    p.add_argument("--tls-groups", default=None, help="the server's --tls-groups")
     p.add_argument("--dump", action="store_true", help="print one session's objects")
     p.add_argument("--jobs", type=int, default=0, help="ping jobs to all, timing the GC")
     p.add_argument(

@@ -49,6 +49,7 @@ def measure(n: int, idle: float, work: str, server_args: list[str] | None = None
         time.sleep(5)  # settle: handshakes, hellos and their store writes done
         rss1 = server.ps().memory_info().rss
         cpu = cpu_percent(server.ps(), idle)
+        rss_idle = server.ps().memory_info().rss  # after the idle window: the heap settled
         sessions = server.status()["sessions"]
         swarm_rss = swarm.rss()
     finally:
@@ -63,6 +64,9 @@ def measure(n: int, idle: float, work: str, server_args: list[str] | None = None
         "first_run_enrolled": not enrolled,
         "server_rss_mb": round(rss1 / 2**20, 1),
         "rss_per_session_kb": round((rss1 - rss0) / n / 1024, 1),
+        # the same at the end of the idle window (the server settles its heap by itself once
+        # the fleet holds steady: tcm/server/heap.py): what an idle fleet costs
+        "rss_per_idle_session_kb": round((rss_idle - rss0) / n / 1024, 1),
         "idle_cpu_pct": round(cpu, 2),
         "idle_window_s": idle,
         "swarm_rss_per_agent_kb": round(swarm_rss / n / 1024, 1),
@@ -93,6 +97,7 @@ def main() -> int:
             ("connect_s", "connect s"),
             ("accepts_per_s", "accepts/s"),
             ("rss_per_session_kb", "KB/session"),
+            ("rss_per_idle_session_kb", "KB/idle session"),
             ("server_cpu_per_connect_ms", "srv CPU ms/connect"),
             ("server_rss_mb", "server MB"),
             ("idle_cpu_pct", "idle CPU %"),

@@ -34,6 +34,15 @@ def test_settling_freezes_what_lives_and_reclaims_dead_cycles_at_the_next_one():
     assert ref() is None  # the next settling gives it back and collects it
 
 
+def test_settling_gives_freed_memory_back_after_the_collection():
+    steps = []
+    node = _Node()
+    ref = weakref.ref(node)
+    del node
+    settle_heap(release=lambda: steps.append(("released", ref() is None)))
+    assert steps == [("released", True)]  # trimmed once, after the cycle was collected
+
+
 def test_settler_settles_when_the_population_changes_and_every_interval():
     clock = Clock()
     population = [0]
