@@ -140,10 +140,9 @@ def tcp_endpoint(reactor: Any, host: str, port: int, bind: str | None = None, ti
 
 
 class HttpsClient:
-    """JSON calls to the agent API over HTTPS with mutual TLS.
-
-    Its HTTP client (treq, its connection pool) is made at the first call: an agent that
-    keeps its session never makes one (webclient.py says why)."""
+    """JSON calls to the agent API over HTTPS with mutual TLS. The HTTP client (connection
+    pool, agent, cookie jar) is made at the first call, and treq and `twisted.web` imported
+    then: an agent whose session stays up never makes one (issue 17; webclient.py)."""
 
     _log = Logger()
 
@@ -159,24 +158,23 @@ class HttpsClient:
         self._reactor = reactor
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self.traffic = Traffic()  # bytes on the wire of every HTTPS connection, TLS included
         self._identity = identity
         self._proxy = proxy
         self._bind = bind
         self._pool: Any = None
-        self._client: Any = None
-        self.traffic = Traffic()  # bytes on the wire of every HTTPS connection, TLS included
+        self._http: Any = None
 
-    @property
-    def _http(self) -> Any:
-        if self._client is None:
+    def _client(self) -> Any:
+        if self._http is None:
             from tcm.agent import webclient
 
             self._pool = webclient.persistent_pool(self._reactor)
             endpoints = webclient.EndpointFactory(
                 self._reactor, self._identity, self._proxy, self._bind, self.traffic
             )
-            self._client = webclient.http_client(self._reactor, endpoints, self._pool)
-        return self._client
+            self._http = webclient.http_client(self._reactor, endpoints, self._pool)
+        return self._http
 
     @inlineCallbacks
     def call(self, method: str, path: str, body: Any = None, timeout: float | None = None):
@@ -185,7 +183,7 @@ class HttpsClient:
             {b"content-type": [b"application/json"]} if data is not None else {}
         )
         try:
-            resp = yield self._http.request(
+            resp = yield self._client().request(
                 method,
                 self.base_url + path,
                 data=data,
@@ -204,7 +202,7 @@ class HttpsClient:
         return Response(resp.code, parsed, "https")
 
     def close(self) -> Deferred:
-        if self._pool is None:
+        if self._pool is None:  # never called: nothing to close
             return succeed(None)
         return self._pool.closeCachedConnections()
 
