@@ -15,7 +15,7 @@ disconnect/reconnect`. Nothing else starts, stops or reads the session.
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application import service
@@ -33,11 +33,16 @@ from tcm.agent.link import HttpsClient, Identity, ServerLink, server_endpoint
 from tcm.agent.modes import ConnectionMode
 from tcm.agent.poller import Poller
 from tcm.agent.profile import gateway_base
-from tcm.agent.proxy import HTTPProxy, ProxyError
 from tcm.agent.session import AgentClientFactory, SessionRefused
 from tcm.interfaces import IProfileFollower, IServerConnection, ISessionHost, ISessionObserver
 from tcm.protocol import codes
 from tcm.tls import pki
+
+if TYPE_CHECKING:
+    from tcm.agent.proxy import HTTPProxy
+
+# proxy.py is imported only by an agent that has a proxy (issue 17: an idle agent's memory)
+PROXY_ERROR = "tcm.agent.proxy.ProxyError"
 
 
 @implementer(IServerConnection, IProfileFollower)
@@ -301,7 +306,7 @@ class ServerConnection:
             cfg.servers = servers
             reconnect.append(f"servers {', '.join([server, *servers])}")
         if (proxy_text or None) != (str(self.proxy) if self.proxy is not None else None):
-            self.proxy = HTTPProxy.parse(proxy_text) if proxy_text else None
+            self.proxy = parse_proxy(proxy_text)
             reconnect.append(f"proxy {proxy_text or 'none'}")
         gateways = [gateway_base(u) for u in s["gateways"]] if "gateways" in s else d.gateways
         if gateways != cfg.gateways:
@@ -450,6 +455,15 @@ def _reschedule_ping(clock: Any, protocol: Any, keepalive: float) -> None:
     compat.reschedule_auto_ping(protocol, clock, keepalive)
 
 
+def parse_proxy(text: str | None) -> HTTPProxy | None:
+    """The proxy a URL names (None for none), importing proxy.py only then."""
+    if not text:
+        return None
+    from tcm.agent.proxy import HTTPProxy
+
+    return HTTPProxy.parse(text)
+
+
 def switched_off(refusal: Any) -> bool:
     """Did the server refuse the session because persistent connections are off?"""
     text = f"{refusal.code} {refusal.reason or ''}"
@@ -479,7 +493,7 @@ class _AttemptWatcher:
     def connect(self, factory: Any):
         def failed(f):
             if not f.check(CancelledError):
-                self._on_failure(pki.describe_tls_error(f.value), bool(f.check(ProxyError)))
+                self._on_failure(pki.describe_tls_error(f.value), bool(f.check(PROXY_ERROR)))
             return f
 
         return self._inner.connect(factory).addErrback(failed)

@@ -18,15 +18,13 @@ import os
 import socket
 from typing import Any
 
-import treq
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.web.client import Agent
 
 from tcm.agent.backoff import backoff_policy
 from tcm.agent.config import AgentConfig
-from tcm.agent.link import Identity, _EndpointFactory
+from tcm.agent.link import Identity
 from tcm.agent.renewal import promote_renewed
 from tcm.statedir import StateDir
 from tcm.tls import pki
@@ -106,9 +104,9 @@ def enroll(
         pki.write_private(state.path("key.pem"), key_pem)
     csr = pki.make_csr(pki.load_key(key_pem))
     identity = Identity(ca_pem=ca_pem)
-    http = treq.client.HTTPClient(
-        Agent.usingEndpointFactory(reactor, _EndpointFactory(reactor, identity, proxy, bind))
-    )
+    from tcm.agent import webclient  # only here, at enrollment (webclient.py says why)
+
+    http = webclient.http_client(reactor, webclient.EndpointFactory(reactor, identity, proxy, bind))
     url = server.rstrip("/") + "/agent/v1/enroll"
     body = {"token": token, "csr": csr.decode(), "hostname": socket.gethostname()}
     try:

@@ -12,9 +12,8 @@ import json
 from typing import Any
 
 import attrs
-import treq
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -25,8 +24,6 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from tcm.interfaces import IAgentAPI
@@ -142,36 +139,10 @@ def tcp_endpoint(reactor: Any, host: str, port: int, bind: str | None = None, ti
     return HostnameEndpoint(reactor, host, port, timeout=timeout, bindAddress=bind_address)
 
 
-@implementer(IAgentEndpointFactory)
-class _EndpointFactory:
-    def __init__(
-        self,
-        reactor: Any,
-        identity: Identity,
-        proxy: Any,
-        bind: str | None = None,
-        traffic: Traffic | None = None,
-    ):
-        self._reactor = reactor
-        self._identity = identity
-        self._proxy = proxy
-        self._bind = bind
-        self._traffic = traffic
-
-    def endpointForURI(self, uri):
-        url = f"https://{uri.host.decode()}:{uri.port}"
-        return server_endpoint(
-            self._reactor,
-            url,
-            self._identity,
-            self._proxy,
-            bind=self._bind,
-            traffic=self._traffic,
-        )
-
-
 class HttpsClient:
-    """JSON calls to the agent API over HTTPS with mutual TLS."""
+    """JSON calls to the agent API over HTTPS with mutual TLS. The HTTP client (connection
+    pool, agent, cookie jar) is made at the first call, and treq and `twisted.web` imported
+    then: an agent whose session stays up never makes one (issue 17; webclient.py)."""
 
     _log = Logger()
 
@@ -187,15 +158,23 @@ class HttpsClient:
         self._reactor = reactor
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
-        pool = HTTPConnectionPool(reactor, persistent=True)
-        pool.maxPersistentPerHost = 2
-        pool.cachedConnectionTimeout = 60
-        self._pool = pool
         self.traffic = Traffic()  # bytes on the wire of every HTTPS connection, TLS included
-        agent = Agent.usingEndpointFactory(
-            reactor, _EndpointFactory(reactor, identity, proxy, bind, self.traffic), pool=pool
-        )
-        self._http = treq.client.HTTPClient(agent)
+        self._identity = identity
+        self._proxy = proxy
+        self._bind = bind
+        self._pool: Any = None
+        self._http: Any = None
+
+    def _client(self) -> Any:
+        if self._http is None:
+            from tcm.agent import webclient
+
+            self._pool = webclient.persistent_pool(self._reactor)
+            endpoints = webclient.EndpointFactory(
+                self._reactor, self._identity, self._proxy, self._bind, self.traffic
+            )
+            self._http = webclient.http_client(self._reactor, endpoints, self._pool)
+        return self._http
 
     @inlineCallbacks
     def call(self, method: str, path: str, body: Any = None, timeout: float | None = None):
@@ -204,7 +183,7 @@ class HttpsClient:
             {b"content-type": [b"application/json"]} if data is not None else {}
         )
         try:
-            resp = yield self._http.request(
+            resp = yield self._client().request(
                 method,
                 self.base_url + path,
                 data=data,
@@ -223,6 +202,8 @@ class HttpsClient:
         return Response(resp.code, parsed, "https")
 
     def close(self) -> Deferred:
+        if self._pool is None:  # never called: nothing to close
+            return succeed(None)
         return self._pool.closeCachedConnections()
 
 

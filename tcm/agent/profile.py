@@ -37,7 +37,13 @@ from tcm.tls import pki
 
 STORED_ONLY = ("task_servers",)
 APPLIED = tuple(k for k in PROFILE_SETTINGS["properties"] if k not in STORED_ONLY)
-_validate = fastjsonschema.compile(PROFILE_SETTINGS)
+_validators: list[Any] = []  # compiled at the first profile to check, not at import
+
+
+def _validate(settings: Any) -> None:
+    if not _validators:
+        _validators.append(fastjsonschema.compile(PROFILE_SETTINGS))
+    _validators[0](settings)
 
 
 @implementer(ISessionObserver)

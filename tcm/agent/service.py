@@ -30,7 +30,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from tcm.agent.config import DEFAULT_KEEPALIVE, AgentConfig
-from tcm.agent.connection import ServerConnection, describe_close, switched_off
+from tcm.agent.connection import ServerConnection, describe_close, parse_proxy, switched_off
 from tcm.agent.control import control_service
 from tcm.agent.enrollment import (
     AgentState,
@@ -44,7 +44,6 @@ from tcm.agent.ledger import FINISHED, Ledger
 from tcm.agent.link import HttpsClient, Identity, ServerLink
 from tcm.agent.policies import PolicyEngine, load_policy_handlers
 from tcm.agent.profile import ProfileKeeper
-from tcm.agent.proxy import HTTPProxy
 from tcm.agent.renewal import CertificateRenewal
 from tcm.agent.runner import ActionRunner, load_handlers
 from tcm.agent.taskclient import TaskClient
@@ -186,7 +185,7 @@ def make_agent(
     server = config.server or meta["server"]
     if not config.servers and not config.server:
         config.servers = [u for u in meta.get("servers", []) if u != server]
-    proxy = HTTPProxy.parse(config.proxy) if config.proxy else None
+    proxy = parse_proxy(config.proxy)
     ledger = Ledger(state.path("jobs"), fsync=config.spool_fsync)
     link = ServerLink(HttpsClient(reactor, server, identity, proxy, bind=config.bind_address))
     runner = ActionRunner(handlers, ledger, link, reactor, FilePath(state.dir))
@@ -280,7 +279,7 @@ class AgentService(service.MultiService):
 
     def startService(self):
         service.Service.startService(self)
-        proxy = HTTPProxy.parse(self.config.proxy) if self.config.proxy else None
+        proxy = parse_proxy(self.config.proxy)
         d = enroll_if_needed(self.reactor, self.config, self.state, proxy)
         d.addCallback(self._enrolled)
         d.addErrback(self._failed)

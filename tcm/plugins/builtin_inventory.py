@@ -17,7 +17,6 @@ import subprocess
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import psutil
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.plugin import IPlugin
@@ -118,6 +117,8 @@ def _cpu_model() -> str:
 
 def collect_cpu() -> dict[str, Any]:
     """CPU model, logical and physical core counts, frequency in MHz (None where unknown)."""
+    import psutil  # here, not at import: an idle agent does not load it
+
     try:
         freq = psutil.cpu_freq()
     except (OSError, NotImplementedError):
@@ -136,6 +137,8 @@ def collect_cpu() -> dict[str, Any]:
 
 def collect_memory() -> dict[str, Any]:
     """Physical memory and swap, in bytes."""
+    import psutil  # here, not at import: an idle agent does not load it
+
     vm = psutil.virtual_memory()
     swap = psutil.swap_memory()
     return {
@@ -149,6 +152,8 @@ def collect_memory() -> dict[str, Any]:
 
 def collect_disks() -> dict[str, Any]:
     """Mounted filesystems with their capacity in bytes, skipping pseudo filesystems."""
+    import psutil  # here, not at import: an idle agent does not load it
+
     partitions = []
     # all=True and our own filter: psutil's all=False drops "nodev" filesystems, which in a
     # container includes the overlay root, the one disk that matters there.
@@ -182,6 +187,8 @@ def _address_family(family: int) -> str:
 
 def collect_network() -> dict[str, Any]:
     """Network interfaces: IP addresses, MAC, whether up, link speed (Mbit/s, None unknown)."""
+    import psutil  # here, not at import: an idle agent does not load it
+
     stats = psutil.net_if_stats()
     interfaces = []
     for name, addrs in sorted(psutil.net_if_addrs().items()):
@@ -283,6 +290,8 @@ def collect_software(dpkg_status_path: str = DPKG_STATUS_PATH) -> dict[str, Any]
 
 def collect_users() -> dict[str, Any]:
     """Users logged in now (from utmp)."""
+    import psutil  # here, not at import: an idle agent does not load it
+
     return {
         "users": [
             {

@@ -79,7 +79,16 @@ def _compile(schema: dict[str, Any]):
 
 
 _validate_envelope = _compile(schemas.ENVELOPE)
-_validate_data = {name: _compile(schema) for name, schema in schemas.DATA.items()}
+# Each type's validator is compiled when a message of that type first comes: the generated
+# code of all of them is a megabyte and a half, and an agent sees a few types only (issue 17).
+_validate_data: dict[str, Callable[[Any], Any]] = {}
+
+
+def _data_validator(mtype: str) -> Callable[[Any], Any] | None:
+    validator = _validate_data.get(mtype)
+    if validator is None and mtype in schemas.DATA:
+        validator = _validate_data[mtype] = _compile(schemas.DATA[mtype])
+    return validator
 
 
 def encode(envelope: Envelope) -> bytes:
@@ -100,7 +109,7 @@ def _check(obj: dict[str, Any]) -> str:
     except fastjsonschema.JsonSchemaValueException as e:
         raise ProtocolError(codes.ERR_SCHEMA, f"envelope: {e.message}", msg_id) from None
     mtype = obj["type"]
-    validator = _validate_data.get(mtype)
+    validator = _validate_data.get(mtype) or _data_validator(mtype)
     if validator is None:
         raise ProtocolError(codes.ERR_UNKNOWN_TYPE, f"unknown message type {mtype!r}", msg_id)
     try:
