@@ -9,6 +9,7 @@ Content-Length, or the chunks received so far), with a JSON error, and the conne
 from __future__ import annotations
 
 import json
+from io import BytesIO
 
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
@@ -78,6 +79,11 @@ class LimitedRequest(Request):
         if length is not None and length > self.max_body:
             self.content = None
             self._refuse_body()
+            return
+        if length is None and not self.requestHeaders.hasHeader(b"transfer-encoding"):
+            # No body at all (a GET, a WebSocket upgrade). Twisted opens a temporary file
+            # for a request of unknown length: a file created and deleted per request.
+            self.content = BytesIO()
             return
         super().gotLength(length)
 

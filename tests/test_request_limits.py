@@ -162,3 +162,31 @@ async def test_enrollment_refuses_a_csr_the_ca_does_not_accept(server, csr, why)
     reply = await _enroll(server, csr())
     assert reply.status == 400, reply
     assert why in reply.body["error"]
+
+
+def test_a_request_without_a_body_gets_no_temporary_file(monkeypatch):
+    """twisted.web opens a temporary file for a request of unknown length; one that has no
+    body at all (no Content-Length, no Transfer-Encoding: a GET, a WebSocket upgrade) gets
+    an empty in-memory one. A chunked body still goes where Twisted puts it."""
+    from twisted.web import http
+    from twisted.web.test.requesthelper import DummyChannel
+
+    opened = []
+    real = http._getContentFile
+    monkeypatch.setattr(http, "_getContentFile", lambda n: opened.append(n) or real(n))
+
+    def request(*headers: tuple[bytes, bytes]) -> web.LimitedRequest:
+        req = web.LimitedRequest(DummyChannel())
+        for name, value in headers:
+            req.requestHeaders.addRawHeader(name, value)
+        return req
+
+    get = request((b"host", b"x"))
+    get.gotLength(None)
+    assert get.content.read() == b"" and opened == []
+    chunked = request((b"host", b"x"), (b"transfer-encoding", b"chunked"))
+    chunked.gotLength(None)
+    assert opened == [None]  # Twisted's own choice (a temporary file) for an unknown size
+    sized = request((b"content-length", b"5"))
+    sized.gotLength(5)
+    assert opened == [None, 5]

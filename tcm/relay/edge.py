@@ -123,7 +123,7 @@ class EdgeFactory(WebSocketServerFactory):
             maxMessagePayloadSize=max_message_size,
             failByDrop=False,
             autoPingInterval=0,  # agents ping; the node sweeps silent connections
-            openHandshakeTimeout=30,
+            openHandshakeTimeout=0,  # whole within twisted.web's request (as on the server)
             closeHandshakeTimeout=5,
             perMessageCompressionAccept=lambda offers: None,
         )

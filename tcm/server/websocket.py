@@ -259,7 +259,11 @@ class AgentServerFactory(WebSocketServerFactory):
             maxMessagePayloadSize=max_message_size,
             failByDrop=False,
             autoPingInterval=0,  # agents ping; the server sweeps silent sessions (cheaper)
-            openHandshakeTimeout=handshake_timeout,
+            # no timer of Autobahn's per connection: served through twisted.web
+            # (WebSocketResource), the upgrade request is whole when the protocol starts and
+            # the opening handshake completes in that call. The TLS handshake has the
+            # admission gate's deadline, the request twisted.web's, the hello its own timer.
+            openHandshakeTimeout=0,
             closeHandshakeTimeout=5,
             perMessageCompressionAccept=lambda offers: None,
         )
