@@ -253,7 +253,7 @@ def main() -> int:
         "--freeze",
         action="store_true",
         help="gc.freeze() before each job (the server also "
-        "settles its heap by itself: tcm/server/heap.py)",
+        "settles its heap by itself: tcm/heap.py)",
     )
     p.add_argument("--trim", action="store_true", help="also RSS after glibc malloc_trim(0)")
     p.add_argument("--frames", type=int, default=1, help="traceback depth for --tracemalloc")

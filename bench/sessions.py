@@ -65,7 +65,7 @@ def measure(n: int, idle: float, work: str, server_args: list[str] | None = None
         "server_rss_mb": round(rss1 / 2**20, 1),
         "rss_per_session_kb": round((rss1 - rss0) / n / 1024, 1),
         # the same at the end of the idle window (the server settles its heap by itself once
-        # the fleet holds steady: tcm/server/heap.py): what an idle fleet costs
+        # the fleet holds steady: tcm/heap.py): what an idle fleet costs
         "rss_per_idle_session_kb": round((rss_idle - rss0) / n / 1024, 1),
         "idle_cpu_pct": round(cpu, 2),
         "idle_window_s": idle,

@@ -107,6 +107,7 @@ class EmbeddedGateway(GatewayService):
     one upstream is the server over loopback, under the server's name."""
 
     NAME = "local-gateway"
+    settles_heap = False  # in the server's process, whose HeapSettler settles it all
 
     def __init__(self, server: Any, addresses: ListenAddresses):
         cfg = server.config

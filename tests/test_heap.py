@@ -1,4 +1,4 @@
-"""tcm.server.heap: long-lived objects kept out of full collections, never leaked."""
+"""tcm.heap: long-lived objects kept out of full collections, never leaked."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import weakref
 import pytest
 from twisted.internet.task import Clock
 
-from tcm.server.heap import HeapSettler, settle_heap
+from tcm.heap import HeapSettler, settle_heap
 
 
 class _Node:

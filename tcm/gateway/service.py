@@ -37,6 +37,7 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from tcm.gateway.forward import AgentApiForwarder
+from tcm.heap import HeapSettler
 from tcm.httplimits import limited_site
 from tcm.process import raise_descriptor_limit
 from tcm.relay.edge import EdgeFactory
@@ -176,6 +177,8 @@ class ReusePortTLSEndpoint:
 class GatewayService(NodeService):
     """Enroll where needed; then the agents' listener, the upstream links, the sweep, the
     metrics site; drain on stop."""
+
+    settles_heap = True  # a process of its own (tcm/heap.py); the all-in-one's server does
 
     _log = Logger()
     what = "gateway"
@@ -325,6 +328,10 @@ class GatewayService(NodeService):
             for url in self.addresses_of(name):
                 self.add_link_to(name, url)
         TimerService(cfg.keepalive, self._sweep).setServiceParent(self)
+        # tcm/heap.py: full collections kept off the agents' connections, and the memory
+        # their handshakes freed given back once they hold steady (as on the server)
+        if self.settles_heap:
+            HeapSettler(lambda: len(self.relay.conns)).setServiceParent(self)
         if cfg.metrics_port is not None:
             from tcm.gateway.metrics import GatewayMetrics, metrics_site_for
 

@@ -37,6 +37,7 @@ from twisted.web.server import Site
 from zope.interface.interface import InterfaceClass
 from zope.interface.verify import verifyObject
 
+from tcm.heap import HeapSettler
 from tcm.httplimits import limited_site
 from tcm.installpackage import WheelCache
 from tcm.interfaces import (
@@ -77,7 +78,6 @@ from tcm.server.config import ServerConfig
 from tcm.server.console import ConsoleResource
 from tcm.server.dispatcher import Dispatcher
 from tcm.server.events import EventHub
-from tcm.server.heap import HeapSettler
 from tcm.server.history import JobHistory, SizeLimits
 from tcm.server.hub import AgentHub, AgentRequests
 from tcm.server.intake import IntakeBudget
@@ -611,7 +611,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     TimerService(config.keepalive, presence.sweep_silent_sessions).setServiceParent(top)
     # agents in HTTP mode that stopped polling: offline, and the console is told
     TimerService(HTTP_SWEEP, presence.sweep_polls).setServiceParent(top)
-    # tcm/server/heap.py: full garbage collections kept off long-lived objects (sessions)
+    # tcm/heap.py: full garbage collections kept off long-lived objects (sessions)
     HeapSettler(lambda: len(presence.registry)).setServiceParent(top)
     if config.metrics_port is not None:
         metrics = ServerMetrics(

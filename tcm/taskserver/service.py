@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from tcm.heap import HeapSettler
 from tcm.httplimits import limited_site
 from tcm.process import raise_descriptor_limit
 from tcm.protocol import codes, link
@@ -163,6 +164,7 @@ class TaskServerService(NodeService):
         for address in [server, *[u for u in cfg.servers if u != server]]:
             self.add_link(address, identity, cfg.url())
         TimerService(cfg.keepalive, self._sweep).setServiceParent(self)
+        HeapSettler(lambda: len(self.relay.conns)).setServiceParent(self)  # tcm/heap.py
         if cfg.metrics_port is not None:
             from twisted.internet.endpoints import TCP4ServerEndpoint
 
@@ -270,7 +272,7 @@ class EmbeddedTaskServer(TaskServerService):
         v1.putChild(b"ws", WebSocketResource(edge))
         self.identity = identity = Identity(server.ca_pem, cert_pem, state.key_pem())
         self.add_link(url, identity, cfg.url())
-        TimerService(cfg.keepalive, self._sweep).setServiceParent(self)
+        TimerService(cfg.keepalive, self._sweep).setServiceParent(self)  # the server settles
         self.renew_with(
             lambda csr: server.renew_node_certificate(self.NAME, identity.cert_pem, csr)
         )
