@@ -1,12 +1,15 @@
-"""The swarm's process-level tuning: full garbage collections kept off settled agents."""
+"""The swarm: real agents of their own (identity, mutual TLS, session) in one process, and
+its process-level tuning (full garbage collections kept off settled agents)."""
 
 from __future__ import annotations
 
 import gc
 
+import pytest_twisted
 from twisted.internet.task import Clock
 
 from tcm.agent.swarm import Swarm, parse_sources
+from tests.inproc import inproc_server  # noqa: F401
 
 
 def _counts(started: int, persistent: int) -> dict:
@@ -47,3 +50,44 @@ def test_swarm_members_have_inventories_of_their_own(tmp_path):
     changed = action._collect(1, {"known": known})
     assert list(changed["classes"]) == ["software"]
     assert action._collect(2, {"known": {}})["digests"] == other["digests"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_members_are_real_agents_of_their_own_over_one_shared_tls_context(
+    inproc_server,  # noqa: F811
+    tmp_path,
+):
+    """Three members against the real server: each enrolls and holds a mutual-TLS session
+    as itself (the server sees three agents), while their client identities share one
+    OpenSSL context (issue 17), and each releases its TLS buffers once its session is open."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(inproc_server.ca_pem)
+    token = await inproc_server.create_token(uses=3)
+    swarm = Swarm(
+        reactor, 3, str(tmp_path / "swarm"), inproc_server.base_url, str(ca), token,
+        parse_sources(None), rate=100, keepalive=3600,
+    )  # fmt: skip
+    swarm.startService()
+    try:
+        for _ in range(200):  # at most 20 s
+            if swarm.counts()["persistent"] == 3:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        assert swarm.counts()["persistent"] == 3
+        agents = [member.agent for member in swarm.members]
+        assert len({a.agent_id for a in agents}) == 3
+        registry = inproc_server.parts.presence.registry
+        assert {s.agent_id for s in registry.all()} == {a.agent_id for a in agents}
+        shared = {id(a.connection.identity.options_now("127.0.0.1")._shared) for a in agents}
+        assert len(shared) == 1
+        assert len({a.connection.identity.cert_pem for a in agents}) == 3
+        await deferLater(reactor, 0.1, lambda: None)  # the release waits a turn
+        assert all(a.connection.protocol.tls_buffers_released for a in agents)
+        reply = await agents[0].connection.link.call("GET", "/agent/v1/whoami")
+        assert reply.body == {"agent_id": agents[0].agent_id, "transport": "websocket"}
+    finally:
+        await swarm.stopService()
+        gc.unfreeze()

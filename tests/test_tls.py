@@ -297,6 +297,38 @@ def test_agent_certificate_is_seen_by_the_server(ca, agent, server_options, list
     assert server.logger.failures == {}
 
 
+@pytest_twisted.inlineCallbacks
+def test_identities_share_one_context_and_each_presents_its_own(ca, server_options, listen):
+    """Agents trusting the same CA share the OpenSSL context (issue 17: a context per
+    identity was about 30 KB); each connection still carries its own identity's certificate."""
+    server = yield listen(server_options)
+    names = ["agent-0101", "agent-0102", "agent-0103"]
+    creators = []
+    for name in names:
+        key = pki.generate_key()
+        cert = ca.sign_csr(pki.make_csr(key), name)
+        key_pem = pki.key_to_pem(key)
+        creators.append(pki.client_tls_options("tcm.example", ca.cert_pem, cert, key_pem))
+    contexts = set()
+    for creator in creators:
+        assert isinstance(creator, pki.PresentingClientTLS)
+        contexts.add(id(creator._shared))
+    assert len(contexts) == 1
+    clients = yield defer.gatherResults([exchange(server, c) for c in creators + creators[:1]])
+    for client in clients:
+        _check_echoed(client)
+    assert sorted(echo.peer_cn for echo in server.connections.seen) == sorted([*names, names[0]])
+    yield server.connections.settle()
+    assert server.logger.failures == {}
+
+
+def test_a_key_that_is_not_the_certificates_is_refused(ca, agent):
+    cert_pem, _ = agent
+    other = pki.key_to_pem(pki.generate_key())
+    with pytest.raises(pki.CertificateError, match="does not belong"):
+        pki.client_tls_options("tcm.example", ca.cert_pem, cert_pem, other)
+
+
 class WatchedGate(HandshakeGate):
     """The real gate, noting the most handshakes it ever counted at once."""
 

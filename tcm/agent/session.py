@@ -26,7 +26,7 @@ from tcm.interfaces import ISessionHost
 from tcm.protocol import codes
 from tcm.protocol.envelope import Envelope, ProtocolError, decode, encode, error_for
 from tcm.tls import pki
-from tcm.wsbase import LeanWebSocketMixin, bind_options
+from tcm.wsbase import LeanWebSocketMixin, bind_options, release_tls_buffers_soon
 
 
 class SessionRefused(Exception):
@@ -186,6 +186,8 @@ class AgentClientProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type:
 
     _log = Logger()
     connection: AgentConnection | None = None
+    tls_buffers_released = False  # TLS memory BIOs given back after the open (wsbase)
+    tls_buffer_releases = 0
 
     def connectionMade(self):
         host = self.factory.session_host
@@ -223,6 +225,10 @@ class AgentClientProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type:
             # Autobahn would swallow it and leave the session waiting for a welcome forever.
             self._log.failure("could not start the session")
             self.sendClose(codes.CLOSE_NORMAL, "agent failed to start the session")
+            return
+        # The TLS handshake's flights and tickets and the upgrade are in: the TLS memory BIOs
+        # need not keep their size for the session's lifetime (as the server's do not).
+        release_tls_buffers_soon(self, self.connection.clock)
 
     def onPing(self, payload: bytes) -> None:
         # the server is alive: it pings a session whose messages it holds back unread

@@ -8,6 +8,7 @@ the server side of TLS next to this module (``tcm.tls.server``).
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 from collections.abc import Iterable, Sequence
@@ -25,9 +26,11 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from zope.interface import implementer
 
 __all__ = [
     "CertificateError",
+    "PresentingClientTLS",
     "cert_to_pem",
     "client_tls_options",
     "common_name",
@@ -250,9 +253,63 @@ def client_tls_options(
     server certificate's IP SANs and is not sent as SNI. With ``cert_pem`` and ``key_pem``
     the client presents that certificate (mutual TLS); extra certificates after the first
     one in ``cert_pem`` are sent as its chain.
+
+    The OpenSSL context (trust store, protocol settings) is made once per process for a
+    ``hostname`` and ``ca_pem`` and shared; a client certificate is set on each connection
+    it makes (``SSL_use_certificate``). A context of its own per identity cost about 30 KB
+    once used, most of a swarm agent's memory beside its connection (issue 17); what
+    identities may share, they share: a server and a relay node hold a few, a swarm
+    thousands. A certificate with a chain still gets a context of its own (pyOpenSSL sets
+    no chain on a connection).
     """
     if (cert_pem is None) != (key_pem is None):
         raise ValueError("give both cert_pem and key_pem, or neither")
+    if cert_pem is None or key_pem is None:
+        return _shared_client_options(hostname, ca_pem)
+    leaf, *chain = load_certificates(cert_pem)
+    key = load_key(key_pem)
+    if public_key_der(leaf.public_key()) != public_key_der(key.public_key()):
+        raise CertificateError("the private key does not belong to the certificate")
+    if chain:
+        return _client_options(hostname, ca_pem, leaf, key, chain)
+    return PresentingClientTLS(_shared_client_options(hostname, ca_pem), cert_pem, key_pem)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class PresentingClientTLS:
+    """Client options that present a certificate: shared options (context, trust, host
+    check) with this certificate and key set on each connection they make. The certificate
+    and key are kept as PEM and loaded at each connection (tens of microseconds beside a
+    handshake's milliseconds), so an identity without a connection holds no parsed copy."""
+
+    __slots__ = ("_shared", "_cert_pem", "_key_pem")
+
+    def __init__(self, shared: IOpenSSLClientConnectionCreator, cert_pem: bytes, key_pem: bytes):
+        self._shared = shared
+        self._cert_pem = cert_pem
+        self._key_pem = key_pem
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = self._shared.clientConnectionForTLS(tlsProtocol)
+        connection.use_certificate(load_certificate(self._cert_pem))
+        # load_key returns only the key types a connection takes (no ML-DSA)
+        connection.use_privatekey(load_key(self._key_pem))  # type: ignore[arg-type]
+        return connection
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_client_options(hostname: str, ca_pem: bytes) -> IOpenSSLClientConnectionCreator:
+    """The options every client identity trusting ``ca_pem`` uses for ``hostname``."""
+    return _client_options(hostname, ca_pem)
+
+
+def _client_options(
+    hostname: str,
+    ca_pem: bytes,
+    leaf: x509.Certificate | None = None,
+    key: CertificateIssuerPrivateKeyTypes | None = None,
+    chain: Sequence[x509.Certificate] = (),
+) -> IOpenSSLClientConnectionCreator:
     authorities = load_certificates(ca_pem)
     if not authorities:
         raise ValueError("ca_pem holds no certificate")
@@ -260,13 +317,12 @@ def client_tls_options(
         [ssl.Certificate(crypto.X509.from_cryptography(ca)) for ca in authorities]
     )
     extra: dict[str, Any] = {"raiseMinimumTo": ssl.TLSVersion.TLSv1_2}
-    if cert_pem is not None and key_pem is not None:
+    if leaf is not None and key is not None:
         # cryptography objects rather than ssl.PrivateCertificate: the latter hands
         # pyOpenSSL X509/PKey objects to the context, which pyOpenSSL 26 deprecates.
-        leaf, *chain = load_certificates(cert_pem)
-        extra.update(privateKey=load_key(key_pem), certificate=leaf)
+        extra.update(privateKey=key, certificate=leaf)
         if chain:
-            extra["extraCertChain"] = chain
+            extra["extraCertChain"] = list(chain)
     if hostname.startswith("[") and hostname.endswith("]"):
         hostname = hostname[1:-1]
     return ssl.optionsForClientTLS(hostname, trustRoot=trust_root, extraCertificateOptions=extra)
