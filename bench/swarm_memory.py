@@ -23,6 +23,7 @@ import argparse
 import collections
 import ctypes
 import gc
+import inspect
 import os
 import sys
 import time
@@ -38,6 +39,7 @@ from twisted.internet.defer import ensureDeferred  # noqa: E402
 from twisted.internet.task import deferLater  # noqa: E402
 
 from tcm.agent.swarm import Swarm, parse_sources  # noqa: E402
+from tcm.process import release_memory  # noqa: E402
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -72,6 +74,25 @@ def c_heap() -> int:
 def type_counts() -> collections.Counter:
     gc.collect()
     return collections.Counter(type(o).__qualname__ for o in gc.get_objects())
+
+
+def detail(n: int) -> None:
+    """Bound methods, functions and timers per agent, by what they are."""
+    kinds: collections.Counter = collections.Counter()
+    for o in gc.get_objects():
+        if inspect.ismethod(o):
+            kinds[f"method {type(o.__self__).__qualname__}.{o.__func__.__name__}"] += 1
+        elif inspect.isfunction(o):
+            kinds[f"function {o.__qualname__}"] += 1
+        elif type(o).__name__ == "DelayedCall":
+            func = getattr(o, "func", None) or getattr(o, "callback", o)
+            name = getattr(func, "__qualname__", type(func).__qualname__)
+            kinds[f"timer {name}"] += 1
+    print("Bound methods, functions and timers per agent (>= 0.5):")
+    for name, count in kinds.most_common():
+        if count / n < 0.5:
+            break
+        print(f"  {count / n:7.2f}  {name}")
 
 
 def sleep(seconds: float):
@@ -127,6 +148,9 @@ async def run(args: argparse.Namespace) -> None:
         after = type_counts()
         print(f"RSS per agent: {(rss1 - rss0) / n / 1024:.1f} KB")
         print(f"C heap in use (mallinfo2) per agent: {(heap1 - heap0) / n / 1024:.1f} KB")
+        if args.trim and release_memory():
+            rss2 = proc.memory_info().rss
+            print(f"RSS per agent after malloc_trim: {(rss2 - rss0) / n / 1024:.1f} KB")
         print("Python objects per agent by type (gc-tracked, >= 0.5 per agent):")
         total = 0
         for name, count in sorted(
@@ -136,6 +160,8 @@ async def run(args: argparse.Namespace) -> None:
                 print(f"  {count / n:7.2f}  {name}")
             total += count
         print(f"  {total / n:7.2f}  all gc-tracked objects")
+        if args.detail:
+            detail(n)
         if args.tracemalloc:
             key = "traceback" if args.frames > 1 else "lineno"
             stats = snap1.compare_to(snap0, key)
@@ -159,6 +185,8 @@ def main() -> int:
     p.add_argument("--tracemalloc", action="store_true")
     p.add_argument("--frames", type=int, default=1, help="traceback depth for --tracemalloc")
     p.add_argument("--top", type=int, default=40)
+    p.add_argument("--detail", action="store_true", help="methods, functions, timers")
+    p.add_argument("--trim", action="store_true", help="also RSS after glibc malloc_trim(0)")
     p.add_argument("--settle", type=float, default=5.0)
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--work", default="/tmp/tcm-bench")
@@ -173,7 +201,7 @@ def main() -> int:
     reactor.callWhenRunning(go)
     reactor.run()
     if failure:
-        failure[0].printTraceback()
+        failure[0].printTraceback(file=sys.stderr)
         return 1
     return 0
 

@@ -12,6 +12,7 @@ This module imports no other tcm module.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -279,24 +280,59 @@ def compact_websocket_state(protocol: Any) -> None:
     }
 
 
+#: The protocol classes bind_websocket_options made, by base class and options: factories
+#: with the same options share one (a swarm's thousands of agents, one factory each).
+_BOUND_CLASSES: dict[tuple[Any, ...], type] = {}
+_BOUND_CLASSES_MAX = 256  # past that, classes are made but not kept for sharing
+
+
 def bind_websocket_options(factory: Any) -> None:
-    """Give ``factory`` its own subclass of its protocol that carries the factory's
-    WebSocket options as class attributes, and an empty ``CONFIG_ATTRS``.
+    """Give ``factory`` a subclass of its protocol that carries the factory's WebSocket
+    options as class attributes, and an empty ``CONFIG_ATTRS``; factories with equal options
+    share it. Called again (an option changed), it binds from the same base class.
 
     Reaches ``CONFIG_ATTRS``, the list of option names Autobahn's ``_connectionMade`` copies
     from the factory into each connection's ``__dict__`` (some forty of them) and then
     ``pformat()``s for a debug line that is never shown: a fifth of a swarm's CPU in a
     reconnect storm. With the options on the class they cost nothing per connection and
     each factory keeps its own values; an empty list skips the copy and the line. Nothing
-    else in Autobahn reads ``CONFIG_ATTRS``.
+    else in Autobahn reads ``CONFIG_ATTRS``. A class is about 3 KB: one per factory was a
+    swarm agent's largest Python object (issue 17), hence the sharing; a bound class must
+    not be changed afterwards (bind again instead).
     """
-    base = factory.protocol
+    base = factory.protocol.__dict__.get("_tcm_unbound", factory.protocol)
     options: Mapping[str, object] = {name: getattr(factory, name) for name in base.CONFIG_ATTRS}
-    factory.protocol = type(
-        base.__name__,
-        (base,),
-        {**options, "CONFIG_ATTRS": (), "__module__": base.__module__},
-    )
+    key = _options_key(base, options)
+    bound = _BOUND_CLASSES.get(key) if key is not None else None
+    if bound is None:
+        bound = type(
+            base.__name__,
+            (base,),
+            {**options, "CONFIG_ATTRS": (), "_tcm_unbound": base, "__module__": base.__module__},
+        )
+        if key is not None and len(_BOUND_CLASSES) < _BOUND_CLASSES_MAX:
+            _BOUND_CLASSES[key] = bound
+    factory.protocol = bound
+
+
+def _options_key(base: type, options: Mapping[str, object]) -> tuple[Any, ...] | None:
+    """A key for equal options, or None if one is unhashable. Lists compare by value, and so
+    do functions without a closure (Autobahn gives each factory a `lambda _: None` of its
+    own: the same code and defaults, the same behaviour)."""
+    items = []
+    for name, value in sorted(options.items()):
+        if isinstance(value, list):
+            value = ("list", *value)
+        elif isinstance(value, types.FunctionType) and not (
+            value.__closure__ or value.__kwdefaults__
+        ):
+            value = ("function", value.__code__, value.__defaults__)
+        try:
+            hash(value)
+        except TypeError:
+            return None
+        items.append((name, type(value), value))
+    return (base, *items)
 
 
 def reschedule_auto_ping(protocol: Any, clock: Any, interval: float) -> None:

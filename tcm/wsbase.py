@@ -24,8 +24,9 @@ _Base: Any = Any if TYPE_CHECKING else object
 
 
 def bind_options(factory: Any) -> None:
-    """Give `factory` its own protocol subclass that carries the factory's WebSocket options
-    as class attributes, so connections copy none of them (``compat.bind_websocket_options``)."""
+    """Give `factory` a protocol subclass that carries the factory's WebSocket options as
+    class attributes, so connections copy none of them; factories with equal options share
+    it (``compat.bind_websocket_options``)."""
     compat.bind_websocket_options(factory)
 
 

@@ -167,7 +167,8 @@ def test_a_profile_keepalive_applies_to_the_live_session(tmp_path):
     protocol = open_session(agent, {"session": "s-4", "profile_count": 0, "policy_count": 0})
     agent.connection.follow_profile({"keepalive": 40}, live=True)
     assert agent.connection.session_keepalive() == 40.0
-    assert type(protocol).autoPingInterval == 40.0  # type: ignore[attr-defined]
+    factory = agent.connection._session_factory
+    assert factory is not None and factory.protocol.autoPingInterval == 40.0  # the next ones
     assert protocol.closes == []  # no reconnect for a keepalive
 
 

@@ -1,5 +1,5 @@
-"""tcm.wsbase: per-factory protocol classes carry the WebSocket options, so connections copy
-nothing, and the handshake's leftovers are dropped once a connection is open."""
+"""tcm.wsbase: protocol classes carry the WebSocket options (one per set of options), so
+connections copy nothing, and the handshake's leftovers are dropped once a connection is open."""
 
 from __future__ import annotations
 
@@ -44,6 +44,23 @@ def test_options_live_on_a_class_of_each_factory():
     assert b.protocol.maxFramePayloadSize == 99
     assert a.protocol.CONFIG_ATTRS == ()  # nothing to copy per connection
     assert _Server.CONFIG_ATTRS  # the base class is untouched
+
+
+def test_factories_with_equal_options_share_their_class_and_rebind_when_one_changes():
+    """A swarm's agents have a factory each with the same options: one class for all (a
+    class is about 3 KB; issue 17). A factory whose option changes binds again, from the
+    base class, and the others keep theirs."""
+    a = _factory(maxFramePayloadSize=777, autoPingInterval=50, allowedOrigins=["*"])
+    b = _factory(maxFramePayloadSize=777, autoPingInterval=50, allowedOrigins=["*"])
+    assert a.protocol is b.protocol
+    shared = a.protocol
+    a.autoPingInterval = 40
+    bind_options(a)
+    assert a.protocol is not shared and a.protocol.__bases__ == (_Server,)
+    assert a.protocol.autoPingInterval == 40
+    assert b.protocol is shared and shared.autoPingInterval == 50
+    c = _factory(maxFramePayloadSize=777, autoPingInterval=40, allowedOrigins=["*"])
+    assert c.protocol is a.protocol
 
 
 def test_connection_copies_no_option_and_drops_the_handshake_after_open():

@@ -263,6 +263,8 @@ class ServerConnection:
         if not isinstance(keepalive, (int, float)) or keepalive <= 0:
             return
         keepalive = self._keepalive = float(keepalive)
+        if self._session_factory is not None:
+            self._session_factory.set_keepalive(keepalive)  # later connections
         _reschedule_ping(self.reactor, protocol, keepalive)
 
     def session_lost(self, protocol: Any, code: int | None, reason: str | None) -> None:
@@ -444,10 +446,8 @@ def _running(service: Any) -> bool:
 
 
 def _reschedule_ping(clock: Any, protocol: Any, keepalive: float) -> None:
-    """Ping every `keepalive` seconds on `protocol` from its next ping, and on the
-    connections made after it."""
+    """Ping every `keepalive` seconds on `protocol` from its next ping."""
     old = getattr(protocol, "autoPingInterval", None)
-    type(protocol).autoPingInterval = keepalive  # later connections (wsbase.bind_options)
     if old == keepalive:
         return
     protocol.autoPingInterval = keepalive

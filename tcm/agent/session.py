@@ -285,3 +285,11 @@ class AgentClientFactory(WebSocketClientFactory):
             perMessageCompressionOffers=[],
         )
         bind_options(self)
+
+    def set_keepalive(self, interval: float) -> None:
+        """Ping every `interval` seconds on the connections made from now on (an open one
+        is rescheduled by its owner). The options' class may be shared with other factories:
+        it is not changed, this factory binds to one with the new interval."""
+        if self.autoPingInterval != interval:
+            self.autoPingInterval = interval
+            bind_options(self)
