@@ -291,5 +291,5 @@ class AgentClientFactory(WebSocketClientFactory):
         is rescheduled by its owner). The options' class may be shared with other factories:
         it is not changed, this factory binds to one with the new interval."""
         if self.autoPingInterval != interval:
-            self.autoPingInterval = interval
+            self.autoPingInterval = interval  # type: ignore[assignment]  # (Autobahn: int)
             bind_options(self)
