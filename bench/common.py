@@ -162,7 +162,35 @@ class SwarmProcs:
             first += n
 
     def rss(self) -> int:
+        """The swarm processes' resident memory, each process's own share included."""
         return sum(psutil.Process(p.pid).memory_info().rss for p in self.procs)
+
+    def rss_at_start(self) -> int:
+        """What the swarm processes held before their first agent (interpreter, modules,
+        handlers), from their status files: paid once per process, not per agent."""
+        total = 0
+        first = 0
+        per = -(-self.count // len(self.procs)) if self.procs else 0
+        for _ in self.procs:
+            path = os.path.join(self.state_dir, f"swarm-{first}.json")
+            with open(path) as f:
+                total += json.load(f).get("rss_at_start") or 0
+            first += per
+        return total
+
+    def rss_per_agent(self, agents: int) -> dict[str, float]:
+        """KB per agent: `total` (the processes' RSS / agents) and `marginal` (less what
+        each process held before its first agent: what one more agent costs), and
+        `state_kb` (the agents' state directories, in memory where /dev/shm holds them:
+        tmpfs pages are the machine's memory but no process's RSS)."""
+        rss = self.rss()
+        row = {
+            "total_kb": round(rss / agents / 1024, 1),
+            "marginal_kb": round((rss - self.rss_at_start()) / agents / 1024, 1),
+        }
+        if os.path.realpath(self.state_dir).startswith("/dev/shm"):
+            row["state_kb"] = round(disk_usage(self.state_dir) / agents / 1024, 1)
+        return row
 
     def stop(self) -> None:
         for p in self.procs:
@@ -175,6 +203,18 @@ class SwarmProcs:
                 p.kill()
                 p.wait(10)
         self.procs = []
+
+
+def disk_usage(path: str) -> int:
+    """Bytes of storage the files and directories under `path` take (as du counts)."""
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
 
 
 def cpu_percent(proc: psutil.Process, seconds: float) -> float:

@@ -7,9 +7,11 @@ loopback source addresses). Agents enroll through the gateway on a first run and
 identities in --work.
 
 Measured once every session is open: memory per session on each side (server, gateway
-workers, swarms: RSS), the idle CPU of the server and gateway processes over --idle seconds
-(agents ping every 50 s), then one `ping` job to all: last delivery (agent clock) and all
-results stored (server clock), from the job's creation.
+workers, swarms: RSS; for the swarms also less what each process held before its first
+agent, and the agents' state directories in /dev/shm, memory outside any RSS), the idle
+CPU of the server and gateway processes over --idle seconds (agents ping every 50 s), then
+one `ping` job to all: last delivery (agent clock) and all results stored (server clock),
+from the job's creation.
 
 Usage: .venv/bin/python bench/moonshot.py [--agents 100000] [--workers 6] [--idle 60]
        [--tls-groups X25519] [--max-seconds 1800] [--work /tmp/tcm-bench-moonshot]
@@ -106,7 +108,13 @@ def measure(args: argparse.Namespace) -> dict:
         if sessions:
             row["server_kb_per_session"] = round((rss(srv) - rss_server0) / sessions / 1024, 1)
             row["gateway_kb_per_session"] = round((rss(gw_procs) - rss_gw0) / sessions / 1024, 1)
-            row["swarm_kb_per_agent"] = round(rss(swarm_procs) / sessions / 1024, 1)
+            # the swarm processes' RSS / agents, the same less what each process held
+            # before its first agent (what one more agent costs), and the agents' state
+            # directories in /dev/shm (the machine's memory, but no process's RSS)
+            swarm_mem = swarm.rss_per_agent(sessions)
+            row["swarm_kb_per_agent"] = swarm_mem["total_kb"]
+            row["swarm_marginal_kb_per_agent"] = swarm_mem["marginal_kb"]
+            row["swarm_state_kb_per_agent"] = swarm_mem.get("state_kb")
         c0 = cpu(srv + gw_procs)
         window = min(args.idle, left())
         time.sleep(window)
@@ -159,6 +167,8 @@ def main() -> int:
             ("server_kb_per_session", "server KB/s"),
             ("gateway_kb_per_session", "gateway KB/s"),
             ("swarm_kb_per_agent", "swarm KB/agent"),
+            ("swarm_marginal_kb_per_agent", "marginal"),
+            ("swarm_state_kb_per_agent", "state KB"),
             ("idle_cpu_pct_server_and_gateway", "idle CPU %"),
             ("push_last_s", "last delivery s"),
             ("all_stored_s", "all stored s"),

@@ -51,7 +51,7 @@ def measure(n: int, idle: float, work: str, server_args: list[str] | None = None
         cpu = cpu_percent(server.ps(), idle)
         rss_idle = server.ps().memory_info().rss  # after the idle window: the heap settled
         sessions = server.status()["sessions"]
-        swarm_rss = swarm.rss()
+        swarm_mem = swarm.rss_per_agent(n)
     finally:
         swarm.stop()
         server.stop()
@@ -69,7 +69,9 @@ def measure(n: int, idle: float, work: str, server_args: list[str] | None = None
         "rss_per_idle_session_kb": round((rss_idle - rss0) / n / 1024, 1),
         "idle_cpu_pct": round(cpu, 2),
         "idle_window_s": idle,
-        "swarm_rss_per_agent_kb": round(swarm_rss / n / 1024, 1),
+        "swarm_rss_per_agent_kb": swarm_mem["total_kb"],  # the processes' RSS / agents
+        "swarm_marginal_kb_per_agent": swarm_mem["marginal_kb"],  # less each process's start
+        "swarm_state_kb_per_agent": swarm_mem.get("state_kb"),  # state dirs in /dev/shm
     }
 
 
@@ -102,9 +104,16 @@ def main() -> int:
             ("server_rss_mb", "server MB"),
             ("idle_cpu_pct", "idle CPU %"),
             ("swarm_rss_per_agent_kb", "swarm KB/agent"),
+            ("swarm_marginal_kb_per_agent", "marginal"),
+            ("swarm_state_kb_per_agent", "state KB"),
             ("first_run_enrolled", "enrolled now"),
         ],
-        notes=["connect s includes enrollment when 'enrolled now' is True (first run)."],
+        notes=[
+            "connect s includes enrollment when 'enrolled now' is True (first run).",
+            "swarm KB/agent: the swarm processes' RSS / agents; marginal: less what each "
+            "process held before its first agent; state KB: the agents' state directories "
+            "in /dev/shm (memory, outside RSS).",
+        ],
     )
     return 0
 

@@ -153,6 +153,15 @@ class SwarmInventory(InventoryAction):
         return ("os", "hostname", "cpu", "memory", "disks", "network", "software", "users")
 
 
+def resident_bytes() -> int | None:
+    """This process's resident memory (Linux /proc), or None where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def parse_sources(spec: str | None) -> list[str | None]:
     """`127.0.0.2-127.0.0.9` or `127.0.0.2,127.0.0.3` -> addresses; None -> [None]."""
     if not spec:
@@ -218,6 +227,7 @@ class Swarm(service.MultiService):
         self._reporter = LoopingCall(self.report)
         self._reporter.clock = reactor
         self.started_at = 0.0
+        self.rss_at_start: int | None = None
         self.gc_frozen = False
         self._sessions: dict[int, tuple[Any, int, int]] = {}  # member -> its session's count
         self._wire = [0, 0]  # bytes sent, received by sessions, counted so far
@@ -229,6 +239,8 @@ class Swarm(service.MultiService):
         super().startService()
         os.makedirs(self.state_dir, exist_ok=True)
         self.started_at = time.time()
+        self.rss_at_start = resident_bytes()  # the process before any agent (the benches'
+        # memory per agent leaves it out: it is paid once per process)
         limit = raise_descriptor_limit()
         if self.count + 64 > limit:
             self._log.warn(
@@ -309,6 +321,7 @@ class Swarm(service.MultiService):
             "bytes_received": received + self._wire[1],
             "uptime": time.time() - self.started_at,
             "pid": os.getpid(),
+            "rss_at_start": self.rss_at_start,
         }
 
     def _count_session(self, member: Any, traffic: Any) -> None:
