@@ -241,3 +241,27 @@ def test_a_request_the_server_holds_does_not_time_out_while_the_server_pings():
     late.addErrback(lambda f: failures.append(f.trap(CallFailed) and "late"))
     clock.advance(30)  # no ping: timed out
     assert failures == ["late"]
+
+
+def test_the_mode_keeps_the_last_twenty_changes():
+    from tcm.agent.modes import HISTORY, ConnectionMode
+
+    clock = Clock()
+    mode = ConnectionMode(clock)
+    for i in range(HISTORY + 5):
+        clock.advance(1)
+        assert mode.event("poll_ok" if i % 2 == 0 else "poll_failed", f"change {i}")
+    assert len(mode.history) == HISTORY
+    assert mode.history[0]["reason"] == "change 5" and mode.history[-1]["reason"] == "change 24"
+
+
+def test_the_https_client_is_made_at_the_first_call(tmp_path):
+    """An agent whose session stays up never calls over HTTPS: no pool, agent, cookie jar
+    (issue 17: a swarm holds thousands of agents); closing it is immediate."""
+    agent, _clock, _ = wired_agent(tmp_path)
+    https = agent.connection.link.https
+    assert https._pool is None and https._http is None
+    closed = https.close()
+    assert closed.called
+    client = https._client()
+    assert https._client() is client and https._pool is not None

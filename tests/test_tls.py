@@ -618,3 +618,12 @@ def test_unknown_tls_groups_are_refused_at_start(ca):
         server_tls_options(key_pem, cert_pem, [ca.cert_pem], groups="nosuchgroup")
     with pytest.raises(usage.UsageError):
         Options().parseOptions(["--state-dir", "/nonexistent", "--tls-groups", "nosuchgroup"])
+
+
+def test_identities_keep_one_copy_of_the_ca_bundle(ca, agent):
+    """Each agent of a swarm reads its own ca.pem: the identities keep one copy of it."""
+    from tcm.tls.identity import Identity
+
+    a = Identity(bytes(bytearray(ca.cert_pem)), *agent)
+    b = Identity(bytes(bytearray(ca.cert_pem)), *agent)
+    assert a.ca_pem == ca.cert_pem and a.ca_pem is b.ca_pem

@@ -10,11 +10,11 @@ see why the agent is where it is.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 PERSISTENT, HTTP, DISCONNECTED = "persistent", "http", "disconnected"
+HISTORY = 20  # changes kept
 
 # event -> {from state: to state}; a state missing from a row ignores that event
 _TRANSITIONS: dict[str, dict[str, str]] = {
@@ -34,7 +34,9 @@ class ConnectionMode:
         self.clock = clock
         self.state = DISCONNECTED
         self.since = clock.seconds()
-        self.history: deque[dict[str, Any]] = deque(maxlen=20)
+        # the last HISTORY changes (a list: an empty deque holds a 0.5 KB block, a swarm
+        # holds thousands of these; issue 17)
+        self.history: list[dict[str, Any]] = []
         self._on_change = on_change
 
     def event(self, name: str, reason: str) -> bool:
@@ -45,6 +47,8 @@ class ConnectionMode:
         old, self.state = self.state, new
         self.since = self.clock.seconds()
         self.history.append({"at": self.since, "from": old, "to": new, "reason": reason})
+        if len(self.history) > HISTORY:
+            del self.history[0]
         if self._on_change is not None:
             self._on_change(old, new, reason)
         return True

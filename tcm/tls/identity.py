@@ -22,12 +22,25 @@ from zope.interface import implementer
 
 from tcm.tls import pki
 
+#: One copy of each CA bundle identities trust (at most 64): a swarm's thousands of agents
+#: each read the same ca.pem, and the bundle is the key of their shared TLS context.
+_CA_COPIES: dict[bytes, bytes] = {}
+
+
+def _one_copy(ca_pem: bytes) -> bytes:
+    kept = _CA_COPIES.get(ca_pem)
+    if kept is None:
+        kept = ca_pem
+        if len(_CA_COPIES) < 64:
+            _CA_COPIES[ca_pem] = ca_pem
+    return kept
+
 
 @attrs.define
 class Identity:
     """What an agent or a node presents and trusts on every connection."""
 
-    ca_pem: bytes
+    ca_pem: bytes = attrs.field(converter=_one_copy)
     cert_pem: bytes | None = None
     key_pem: bytes | None = None
     _options: dict[Any, Any] = attrs.field(factory=dict, repr=False)
