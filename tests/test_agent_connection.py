@@ -265,3 +265,12 @@ def test_the_https_client_is_made_at_the_first_call(tmp_path):
     assert closed.called
     client = https._client()
     assert https._client() is client and https._pool is not None
+
+
+def test_session_factories_share_the_process_timer_wheel():
+    """Autobahn's per-factory timer wheel (about 1.5 KB) is one per process (issue 17)."""
+    url = "wss://127.0.0.1:8443/agent/v1/ws"
+    a = AgentClientFactory(object(), lambda *_: None, url, 50, 20, 1024)
+    b = AgentClientFactory(object(), lambda *_: None, url, 30, 20, 1024)
+    assert a._batched_timer is b._batched_timer
+    assert a.protocol is not b.protocol  # other options: classes of their own

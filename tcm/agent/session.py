@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import txaio
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.types import ConnectingRequest
 from twisted.internet.defer import Deferred
@@ -256,6 +257,19 @@ class AgentClientProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type:
         return pki.negotiated_tls(self.transport)
 
 
+_BATCHED_TIMER: Any = None
+
+
+def _shared_batched_timer() -> Any:
+    """The process's timer wheel for sessions' pings and timeouts, as Autobahn makes one
+    for each factory (0.2 s buckets, 1,000 calls at a time)."""
+    global _BATCHED_TIMER
+    if _BATCHED_TIMER is None:
+        make = txaio.make_batched_timer  # type: ignore[attr-defined]  # (set at use_twisted)
+        _BATCHED_TIMER = make(bucket_seconds=0.2, chunk_size=1000)
+    return _BATCHED_TIMER
+
+
 class AgentClientFactory(WebSocketClientFactory):
     """Sessions of one agent with one server (or task server): what arrives goes to
     `session_host`, and `lost(protocol, code, reason)` is told when one closes."""
@@ -272,6 +286,11 @@ class AgentClientFactory(WebSocketClientFactory):
         max_message_size: int,
     ):
         super().__init__(url, protocols=[codes.SUBPROTOCOL])
+        # Autobahn gives each factory a timer wheel of its own (a timer, its bucket table,
+        # two closures and a reactor call per 0.2 s bucket: about 1.5 KB). It is there to
+        # batch the timers of many connections: one per process serves every agent there
+        # (one in an agent process, thousands in a swarm; issue 17).
+        self._batched_timer = _shared_batched_timer()
         self.session_host = host  # not `host`: Autobahn's factory keeps the URL's host there
         self.lost = lost
         self.setProtocolOptions(
