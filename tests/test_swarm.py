@@ -85,7 +85,7 @@ async def test_members_are_real_agents_of_their_own_over_one_shared_tls_context(
         assert len(shared) == 1
         assert len({a.connection.identity.cert_pem for a in agents}) == 3
         await deferLater(reactor, 0.1, lambda: None)  # the release waits a turn
-        assert all(a.connection.protocol.tls_buffers_released for a in agents)
+        assert all(a.connection.protocol.tls_buffer_releases == 1 for a in agents)
         reply = await agents[0].connection.link.call("GET", "/agent/v1/whoami")
         assert reply.body == {"agent_id": agents[0].agent_id, "transport": "websocket"}
     finally:

@@ -187,8 +187,7 @@ class AgentClientProtocol(LeanWebSocketMixin, WebSocketClientProtocol):  # type:
 
     _log = Logger()
     connection: AgentConnection | None = None
-    tls_buffers_released = False  # TLS memory BIOs given back after the open (wsbase)
-    tls_buffer_releases = 0
+    tls_buffer_releases = 0  # times the TLS memory BIOs were given back (wsbase)
 
     def connectionMade(self):
         host = self.factory.session_host
