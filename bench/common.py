@@ -4,6 +4,9 @@ and as JSON. Nothing here is a stand-in: the server is `twistd tcm-server`, the 
 
 from __future__ import annotations
 
+import collections
+import ctypes
+import gc
 import json
 import os
 import shutil
@@ -11,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import psutil
@@ -24,6 +28,90 @@ from tests.harness import PYTHON, Server, free_port, wait_until  # noqa: E402
 # Sessions one swarm process holds at most: the descriptor limit (20,000) less headroom.
 PER_SWARM = 9000
 SOURCES = "127.0.0.2-127.0.0.17"
+
+
+class _MallInfo2(ctypes.Structure):
+    _FIELDS = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+    _fields_ = [(name, ctypes.c_size_t) for name in _FIELDS.split()]
+
+
+def heap_in_use() -> int:
+    """Bytes glibc's malloc has handed out and not had back (brk heap, other arenas, mmapped
+    blocks: OpenSSL's allocations and Python's blocks over 512 bytes); 0 elsewhere. What RSS
+    holds beyond it is free memory malloc keeps, Python's own arenas, code and stacks."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return 0
+    info = libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+def type_counts() -> collections.Counter:
+    """Python's gc-tracked objects by type, after a full collection."""
+    gc.collect()
+    return collections.Counter(type(o).__qualname__ for o in gc.get_objects())
+
+
+def print_growth(
+    before: collections.Counter, after: collections.Counter, n: int, unit: str
+) -> None:
+    """The gc-tracked objects per `unit` (session, agent) that came between the two counts."""
+    print(f"Python objects per {unit} by type (gc-tracked, >= 0.5 per {unit}):")
+    total = 0
+    for name, count in sorted(
+        ((k, after[k] - before.get(k, 0)) for k in after), key=lambda kv: -kv[1]
+    ):
+        if count / n >= 0.5:
+            print(f"  {count / n:7.2f}  {name}")
+        total += count
+    print(f"  {total / n:7.2f}  all gc-tracked objects")
+
+
+def print_traced(snap0: Any, snap1: Any, n: int, unit: str, frames: int, top: int) -> None:
+    """Python's allocations per `unit` between two tracemalloc snapshots, by source line
+    (by traceback when `frames` > 1), down to 16 bytes per unit."""
+    stats = snap1.compare_to(snap0, "traceback" if frames > 1 else "lineno")
+    traced = sum(s.size_diff for s in stats)
+    print(f"Python allocations per {unit} (tracemalloc): {traced / n / 1024:.1f} KB")
+    for s in stats[:top]:
+        if s.size_diff / n < 16:
+            break
+        print(f"  {s.size_diff / n:8.0f} B  {s.count_diff / n:6.2f} blocks")
+        for line in s.traceback.format()[-2 * frames :]:
+            print("     ", line)
+
+
+def memory_arguments(p: Any) -> None:
+    """The options the in-process memory benches share (session_memory, swarm_memory)."""
+    p.add_argument("--trim", action="store_true", help="also RSS after glibc malloc_trim(0)")
+    p.add_argument("--frames", type=int, default=1, help="traceback depth for --tracemalloc")
+    p.add_argument("--top", type=int, default=40)
+    p.add_argument("--settle", type=float, default=5.0)
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--work", default="/tmp/tcm-bench")
+
+
+def run_async(main: Callable[[], Coroutine[Any, Any, Any]]) -> int:
+    """Run the coroutine `main()` as the reactor's one task, then stop: 0, or 1 with its
+    traceback printed if it failed (the in-process benches)."""
+    from twisted.internet import reactor
+    from twisted.internet.defer import ensureDeferred
+
+    failure: list = []
+
+    def go() -> None:
+        d = ensureDeferred(main())
+        d.addErrback(failure.append)
+        d.addBoth(lambda _: reactor.stop())  # type: ignore[attr-defined]
+
+    reactor.callWhenRunning(go)  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+    if failure:
+        failure[0].printTraceback(file=sys.stderr)
+        return 1
+    return 0
 
 
 def machine() -> dict[str, Any]:
@@ -109,7 +197,9 @@ class SwarmProcs:
         token: str,
         extra: list[str] | None = None,
         url: str | None = None,
+        nice: int = 0,
     ):
+        self.nice = nice  # the agents' machines run below the server's priority here
         self.base = base
         self.server = server
         self.url = url or server.url  # where the agents connect (a gateway, a proxy)
@@ -156,6 +246,7 @@ class SwarmProcs:
                     ],
                     stdout=log,
                     stderr=subprocess.STDOUT,
+                    preexec_fn=(lambda: os.nice(self.nice)) if self.nice else None,
                 )
             )
             log.close()

@@ -14,7 +14,8 @@ one `ping` job to all: last delivery (agent clock) and all results stored (serve
 from the job's creation.
 
 Usage: .venv/bin/python bench/moonshot.py [--agents 100000] [--workers 6] [--idle 60]
-       [--tls-groups X25519] [--max-seconds 1800] [--work /tmp/tcm-bench-moonshot]
+       [--tls-groups X25519] [--enroll-rate 120] [--swarm-nice 5] [--max-seconds 1800]
+       [--work /tmp/tcm-bench-moonshot]
 Heavy: run it under the bench lock. Everything it starts, it stops; every wait is bounded
 and the whole run gives up after --max-seconds.
 """
@@ -30,7 +31,7 @@ import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import BenchServer, SwarmProcs, cpu_seconds, emit, run_job, summary  # noqa: E402
+from common import PER_SWARM, BenchServer, SwarmProcs, cpu_seconds, emit, run_job, summary  # noqa: E402
 
 from tests.harness import GatewayProc  # noqa: E402
 
@@ -89,7 +90,21 @@ def measure(args: argparse.Namespace) -> dict:
         srv = [server.ps()]
         rss_server0, rss_gw0 = rss(srv), rss(gw_procs)
         token = server.token(uses=n + 10)
-        swarm = SwarmProcs(base, server, n, token, extra=["--backoff-max", "10"], url=gw.url)
+        # First run: CSR signing is the server's dearest request, so the swarm processes
+        # together start no more agents that must enroll than the server signs
+        # (--enroll-rate); and, sharing two cores with the server and the gateway workers
+        # where the agents would have machines of their own, they run at a lower priority.
+        processes = -(-n // PER_SWARM)
+        enroll_rate = max(1.0, args.enroll_rate / processes)
+        swarm = SwarmProcs(
+            base,
+            server,
+            n,
+            token,
+            extra=["--backoff-max", "10", "--enroll-rate", str(enroll_rate)],
+            url=gw.url,
+            nice=args.swarm_nice,
+        )
         t0 = time.monotonic()
         swarm.start()
         sessions = 0
@@ -150,6 +165,13 @@ def main() -> int:
     p.add_argument("--agents", type=int, default=100000)
     p.add_argument("--workers", type=int, default=0, help="gateway workers (0: agents/19,000)")
     p.add_argument("--idle", type=float, default=60.0)
+    p.add_argument(
+        "--enroll-rate",
+        type=float,
+        default=120.0,
+        help="agents enrolling per second, all swarm processes together (first run)",
+    )
+    p.add_argument("--swarm-nice", type=int, default=5, help="the swarm processes' niceness")
     p.add_argument("--tls-groups", default=None)
     p.add_argument("--connect-timeout", type=float, default=900.0)
     p.add_argument("--max-seconds", type=float, default=1800.0)

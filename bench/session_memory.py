@@ -17,7 +17,6 @@ Usage: .venv/bin/python bench/session_memory.py [--count 2000] [--tracemalloc] [
 from __future__ import annotations
 
 import argparse
-import collections
 import ctypes
 import gc
 import os
@@ -32,31 +31,19 @@ import psutil
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from common import (  # noqa: E402
+    heap_in_use,
+    memory_arguments,
+    print_growth,
+    print_traced,
+    run_async,
+    type_counts,
+)
 from twisted.internet import reactor  # noqa: E402
-from twisted.internet.defer import ensureDeferred  # noqa: E402
 from twisted.internet.task import deferLater  # noqa: E402
 
 from tests.harness import PYTHON, free_port  # noqa: E402
 from tests.inproc import start_server  # noqa: E402
-
-
-class _MallInfo2(ctypes.Structure):
-    _FIELDS = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
-    _fields_ = [(name, ctypes.c_size_t) for name in _FIELDS.split()]
-
-
-def heap_in_use() -> int:
-    """Bytes glibc's malloc has handed out and not had back (all arenas): what RSS holds
-    beyond it is free memory malloc keeps (fragments), code and stacks."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _MallInfo2
-    info = libc.mallinfo2()
-    return info.uordblks + info.hblkhd
-
-
-def type_counts() -> collections.Counter:
-    gc.collect()
-    return collections.Counter(type(o).__qualname__ for o in gc.get_objects())
 
 
 def dump(presence) -> None:
@@ -203,26 +190,10 @@ async def run(args: argparse.Namespace) -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
             rss2 = proc.memory_info().rss
             print(f"RSS per session after malloc_trim: {(rss2 - rss0) / n / 1024:.1f} KB")
-        print("Python objects per session by type (gc-tracked, >= 0.5 per session):")
-        total = 0
-        for name, count in sorted(
-            ((k, after[k] - before.get(k, 0)) for k in after), key=lambda kv: -kv[1]
-        ):
-            if count / n >= 0.5:
-                print(f"  {count / n:7.2f}  {name}")
-            total += count
-        print(f"  {total / n:7.2f}  all gc-tracked objects")
+        print_growth(before, after, n, "session")
         if args.tracemalloc:
             snap1 = tracemalloc.take_snapshot()
-            stats = snap1.compare_to(snap0, "traceback" if args.frames > 1 else "lineno")
-            traced = sum(s.size_diff for s in stats)
-            print(f"Python allocations per session (tracemalloc): {traced / n / 1024:.1f} KB")
-            for s in stats[: args.top]:
-                if s.size_diff / n < 16:
-                    break
-                print(f"  {s.size_diff / n:8.0f} B  {s.count_diff / n:6.2f} blocks")
-                for line in s.traceback.format()[-2 * args.frames :]:
-                    print("     ", line)
+            print_traced(snap0, snap1, n, "session", args.frames, args.top)
         if args.dump:
             dump(presence)
         for round_ in range(args.jobs):
@@ -255,26 +226,9 @@ def main() -> int:
         help="gc.freeze() before each job (the server also "
         "settles its heap by itself: tcm/heap.py)",
     )
-    p.add_argument("--trim", action="store_true", help="also RSS after glibc malloc_trim(0)")
-    p.add_argument("--frames", type=int, default=1, help="traceback depth for --tracemalloc")
-    p.add_argument("--top", type=int, default=40)
-    p.add_argument("--settle", type=float, default=5.0)
-    p.add_argument("--timeout", type=float, default=600.0)
-    p.add_argument("--work", default="/tmp/tcm-bench")
+    memory_arguments(p)
     args = p.parse_args()
-    failure: list = []
-
-    def go():
-        d = ensureDeferred(run(args))
-        d.addErrback(failure.append)
-        d.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(go)
-    reactor.run()
-    if failure:
-        failure[0].printTraceback()
-        return 1
-    return 0
+    return run_async(lambda: run(args))
 
 
 if __name__ == "__main__":

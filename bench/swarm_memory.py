@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import gc
 import inspect
 import os
@@ -33,47 +32,21 @@ import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import SOURCES, BenchServer  # noqa: E402
+from common import (  # noqa: E402
+    SOURCES,
+    BenchServer,
+    heap_in_use,
+    memory_arguments,
+    print_growth,
+    print_traced,
+    run_async,
+    type_counts,
+)
 from twisted.internet import reactor  # noqa: E402
-from twisted.internet.defer import ensureDeferred  # noqa: E402
 from twisted.internet.task import deferLater  # noqa: E402
 
 from tcm.agent.swarm import Swarm, parse_sources  # noqa: E402
 from tcm.process import release_memory  # noqa: E402
-
-
-class _Mallinfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        )
-    ]
-
-
-def c_heap() -> int:
-    """Bytes in use from glibc malloc (brk heap and mmapped blocks), 0 elsewhere."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = _Mallinfo2
-    except (OSError, AttributeError):
-        return 0
-    info = libc.mallinfo2()
-    return int(info.uordblks + info.hblkhd)
-
-
-def type_counts() -> collections.Counter:
-    gc.collect()
-    return collections.Counter(type(o).__qualname__ for o in gc.get_objects())
 
 
 def detail(n: int) -> None:
@@ -122,7 +95,7 @@ async def run(args: argparse.Namespace) -> None:
         )
         enrolled = os.path.exists(os.path.join(swarm.member_dir(0), "cert.pem"))
         before = type_counts()
-        rss0, heap0 = proc.memory_info().rss, c_heap()
+        rss0, heap0 = proc.memory_info().rss, heap_in_use()
         if args.tracemalloc:
             tracemalloc.start(args.frames)
             snap0 = tracemalloc.take_snapshot()
@@ -139,8 +112,7 @@ async def run(args: argparse.Namespace) -> None:
         print(f"{args.count} sessions in {took:.1f} s (enrolled now: {not enrolled})")
         await sleep(args.settle)
         n = args.count
-        rss1, heap1 = proc.memory_info().rss, c_heap()
-        traced = 0
+        rss1, heap1 = proc.memory_info().rss, heap_in_use()
         if args.tracemalloc:
             snap1 = tracemalloc.take_snapshot()
             tracemalloc.stop()
@@ -151,28 +123,11 @@ async def run(args: argparse.Namespace) -> None:
         if args.trim and release_memory():
             rss2 = proc.memory_info().rss
             print(f"RSS per agent after malloc_trim: {(rss2 - rss0) / n / 1024:.1f} KB")
-        print("Python objects per agent by type (gc-tracked, >= 0.5 per agent):")
-        total = 0
-        for name, count in sorted(
-            ((k, after[k] - before.get(k, 0)) for k in after), key=lambda kv: -kv[1]
-        ):
-            if count / n >= 0.5:
-                print(f"  {count / n:7.2f}  {name}")
-            total += count
-        print(f"  {total / n:7.2f}  all gc-tracked objects")
+        print_growth(before, after, n, "agent")
         if args.detail:
             detail(n)
         if args.tracemalloc:
-            key = "traceback" if args.frames > 1 else "lineno"
-            stats = snap1.compare_to(snap0, key)
-            traced = sum(s.size_diff for s in stats)
-            print(f"Python allocations per agent (tracemalloc): {traced / n / 1024:.1f} KB")
-            for s in stats[: args.top]:
-                if s.size_diff / n < 16:
-                    break
-                print(f"  {s.size_diff / n:8.0f} B  {s.count_diff / n:6.2f} blocks")
-                for line in s.traceback.format()[-2 * args.frames :]:
-                    print("     ", line)
+            print_traced(snap0, snap1, n, "agent", args.frames, args.top)
     finally:
         if swarm is not None:
             await swarm.stopService()
@@ -183,27 +138,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--count", type=int, default=1000)
     p.add_argument("--tracemalloc", action="store_true")
-    p.add_argument("--frames", type=int, default=1, help="traceback depth for --tracemalloc")
-    p.add_argument("--top", type=int, default=40)
     p.add_argument("--detail", action="store_true", help="methods, functions, timers")
-    p.add_argument("--trim", action="store_true", help="also RSS after glibc malloc_trim(0)")
-    p.add_argument("--settle", type=float, default=5.0)
-    p.add_argument("--timeout", type=float, default=600.0)
-    p.add_argument("--work", default="/tmp/tcm-bench")
+    memory_arguments(p)
     args = p.parse_args()
-    failure: list = []
-
-    def go():
-        d = ensureDeferred(run(args))
-        d.addErrback(failure.append)
-        d.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(go)
-    reactor.run()
-    if failure:
-        failure[0].printTraceback(file=sys.stderr)
-        return 1
-    return 0
+    return run_async(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Usage: .venv/bin/python bench/tls_memory.py [--count 2000] [--tls-groups X25519]
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import os
 import sys
@@ -24,27 +23,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import emit  # noqa: E402
+from common import emit, heap_in_use  # noqa: E402
 from OpenSSL import SSL  # noqa: E402
 
 from tcm.server.ca import CertificateAuthority  # noqa: E402
 from tcm.tls import pki  # noqa: E402
 from tcm.tls.buffers import release_handshake_buffers  # noqa: E402
 from tcm.tls.server import server_tls_options  # noqa: E402
-
-
-class _MallInfo2(ctypes.Structure):
-    _FIELDS = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
-    _fields_ = [(name, ctypes.c_size_t) for name in _FIELDS.split()]
-
-
-_libc = ctypes.CDLL("libc.so.6")
-_libc.mallinfo2.restype = _MallInfo2
-
-
-def heap_in_use() -> int:
-    info = _libc.mallinfo2()
-    return info.uordblks + info.hblkhd
 
 
 class _Factory:  # what Twisted's client connection creator asks of its protocol

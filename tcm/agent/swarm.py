@@ -400,6 +400,7 @@ def run(args: Any) -> int:
         args.token,
         parse_sources(args.source_addresses),
         rate=args.rate,
+        enroll_rate=args.enroll_rate,
         first=args.first,
         inventory_packages=args.inventory_packages,
         servers=list(args.server[1:]) if args.server else [],

@@ -216,6 +216,13 @@ def _main(argv: list[str] | None = None) -> int:
     )
     s.add_argument("--rate", type=float, default=500.0, help="agents started per second")
     s.add_argument(
+        "--enroll-rate",
+        type=float,
+        default=200.0,
+        help="agents started per second while they still have to enroll (CSR signing is the "
+        "server's dearest request: several swarm processes share what it can sign)",
+    )
+    s.add_argument(
         "--keepalive",
         type=float,
         default=None,
