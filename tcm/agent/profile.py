@@ -22,6 +22,7 @@ Stored and shown, not acted on (the server assigns task servers): task_servers.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -37,13 +38,16 @@ from tcm.tls import pki
 
 STORED_ONLY = ("task_servers",)
 APPLIED = tuple(k for k in PROFILE_SETTINGS["properties"] if k not in STORED_ONLY)
-_validators: list[Any] = []  # compiled at the first profile to check, not at import
+
+
+@functools.cache
+def _validator() -> Any:
+    """The settings' compiled check, made at the first profile to check, not at import."""
+    return fastjsonschema.compile(PROFILE_SETTINGS)
 
 
 def _validate(settings: Any) -> None:
-    if not _validators:
-        _validators.append(fastjsonschema.compile(PROFILE_SETTINGS))
-    _validators[0](settings)
+    _validator()(settings)
 
 
 @implementer(ISessionObserver)

@@ -153,15 +153,6 @@ class SwarmInventory(InventoryAction):
         return ("os", "hostname", "cpu", "memory", "disks", "network", "software", "users")
 
 
-def resident_bytes() -> int | None:
-    """This process's resident memory (Linux /proc), or None where it cannot be read."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def parse_sources(spec: str | None) -> list[str | None]:
     """`127.0.0.2-127.0.0.9` or `127.0.0.2,127.0.0.3` -> addresses; None -> [None]."""
     if not spec:
@@ -239,8 +230,11 @@ class Swarm(service.MultiService):
         super().startService()
         os.makedirs(self.state_dir, exist_ok=True)
         self.started_at = time.time()
-        self.rss_at_start = resident_bytes()  # the process before any agent (the benches'
-        # memory per agent leaves it out: it is paid once per process)
+        import psutil  # (the agents' inventory imports it too, when one is collected)
+
+        # the process before any agent: the benches' memory per agent leaves it out (it is
+        # paid once per process)
+        self.rss_at_start = psutil.Process().memory_info().rss
         limit = raise_descriptor_limit()
         if self.count + 64 > limit:
             self._log.warn(
