@@ -23,13 +23,18 @@ __all__ = [
     "autobahn_connection_made",
     "autobahn_data_received",
     "bind_websocket_options",
+    "client_options_context",
     "compact_websocket_state",
     "drop_websocket_handshake",
     "ignore_lost_notification",
     "request_disconnected",
     "reschedule_auto_ping",
     "ping_is_proof_of_life",
+    "psk_find_session",
+    "psk_use_session",
+    "set_tls_groups",
     "swap_memory_bios",
+    "tls_session_reused",
 ]
 
 
@@ -78,6 +83,181 @@ def swap_memory_bios(connection: object) -> bool:
     connection._into_ssl = new_into  # type: ignore[attr-defined]
     connection._from_ssl = new_out  # type: ignore[attr-defined]
     return True
+
+
+#: The libssl calls of TLS 1.3's external PSKs (psk_find_session, psk_use_session).
+PSK_CALLS = (
+    "SSL_CTX_set_psk_find_session_callback",
+    "SSL_CTX_set_psk_use_session_callback",
+    "SSL_CTX_set_session_id_context",
+    "Cryptography_SSL_SESSION_new",
+    "SSL_SESSION_set1_master_key",
+    "SSL_SESSION_set_cipher",
+    "SSL_SESSION_set_protocol_version",
+    "SSL_SESSION_free",
+    "SSL_CIPHER_find",
+    "TLS1_3_VERSION",
+)
+try:
+    _HAVE_PSK = all(hasattr(_lib, name) for name in PSK_CALLS) and hasattr(
+        SSL.Connection, "_reverse_mapping"
+    )
+except NameError:  # pragma: no cover - no binding at all
+    _HAVE_PSK = False
+
+_PSK_FIND = "_tcm_psk_find"  # the Context attribute holding (find, suite)
+_PSK_USE = "_tcm_psk_use"  # the Context attribute holding (use, suite)
+
+
+def _psk_session(ssl: Any, psk: bytes, suite: bytes) -> Any:
+    """A new TLS 1.3 SSL_SESSION for `psk` and the cipher suite `suite` (its two bytes),
+    handed to OpenSSL by the caller; NULL when it cannot be made."""
+    cipher = _lib.SSL_CIPHER_find(ssl, suite)
+    if cipher == _ffi.NULL:
+        return _ffi.NULL
+    session = _lib.Cryptography_SSL_SESSION_new()
+    if session == _ffi.NULL:
+        return _ffi.NULL
+    if not (
+        _lib.SSL_SESSION_set1_master_key(session, psk, len(psk))
+        and _lib.SSL_SESSION_set_cipher(session, cipher)
+        and _lib.SSL_SESSION_set_protocol_version(session, _lib.TLS1_3_VERSION)
+    ):
+        _lib.SSL_SESSION_free(session)
+        return _ffi.NULL
+    return session
+
+
+def _psk_connection(ssl: Any) -> Any:
+    # pyOpenSSL's own callbacks find their Connection the same way
+    return SSL.Connection._reverse_mapping.get(ssl)  # type: ignore[attr-defined]
+
+
+if _HAVE_PSK:
+
+    @_ffi.callback("int(SSL *, unsigned char *, size_t, SSL_SESSION **)")
+    def _find_session(ssl: Any, identity: Any, length: int, found: Any) -> int:
+        found[0] = _ffi.NULL
+        try:
+            connection = _psk_connection(ssl)
+            installed = getattr(connection.get_context(), _PSK_FIND, None) if connection else None
+            if installed is None:
+                return 1
+            find, suite = installed
+            psk = find(connection, bytes(_ffi.buffer(identity, length)))
+            if psk is not None:
+                found[0] = _psk_session(ssl, psk, suite)
+        except Exception:  # never raise into OpenSSL: the handshake goes on without a PSK
+            found[0] = _ffi.NULL
+        return 1
+
+    @_ffi.callback("int(SSL *, EVP_MD *, unsigned char **, size_t *, SSL_SESSION **)")
+    def _use_session(ssl: Any, md: Any, identity: Any, length: Any, session: Any) -> int:
+        session[0] = _ffi.NULL
+        try:
+            if md != _ffi.NULL:
+                # a second hello (HelloRetryRequest): the suite the server chose has a hash
+                # this binding cannot compare with the PSK's, so go on without it
+                return 1
+            connection = _psk_connection(ssl)
+            installed = getattr(connection.get_context(), _PSK_USE, None) if connection else None
+            if installed is None:
+                return 1
+            use, suite = installed
+            offered = use(connection)
+            if offered is None:
+                return 1
+            token, psk = offered[0], offered[1]
+            made = _psk_session(ssl, psk, suite)
+            if made == _ffi.NULL:
+                return 1
+            # OpenSSL copies the identity after this returns: keep the buffer alive with
+            # the connection
+            buffer = _ffi.new("unsigned char[]", token)
+            connection._tcm_psk_identity = buffer
+            identity[0] = buffer
+            length[0] = len(token)
+            session[0] = made
+        except Exception:
+            session[0] = _ffi.NULL
+        return 1
+
+
+def psk_find_session(
+    context: SSL.Context, find: Callable[[SSL.Connection, bytes], bytes | None], suite: bytes
+) -> bool:
+    """Let a server context resume TLS 1.3 handshakes with external PSKs: ``find(connection,
+    identity)`` returns the PSK of an identity a client offers (a session with cipher suite
+    `suite` is made for it), or None (the handshake goes on with certificates). True if set.
+
+    Reaches pyOpenSSL's private cffi binding (``SSL_CTX_set_psk_find_session_callback``,
+    ``Cryptography_SSL_SESSION_new``, ``SSL_SESSION_set1_master_key``,
+    ``SSL_SESSION_set_cipher``, ``SSL_SESSION_set_protocol_version``, ``SSL_CIPHER_find``),
+    the context's ``_context`` and ``SSL.Connection._reverse_mapping`` (how pyOpenSSL's own
+    callbacks find their Connection). Why: OpenSSL's session tickets are sealed with keys
+    made per process, which pyOpenSSL gives no way to set, so nothing resumes across a
+    restart; pyOpenSSL has no PSK API of its own (tcm.tls.resumption)."""
+    if not _HAVE_PSK:
+        return False
+    setattr(context, _PSK_FIND, (find, suite))
+    _lib.SSL_CTX_set_psk_find_session_callback(context._context, _find_session)  # type: ignore[attr-defined]
+    return True
+
+
+def psk_use_session(
+    context: SSL.Context, use: Callable[[SSL.Connection], Any], suite: bytes
+) -> bool:
+    """Let a client context's connections offer a TLS 1.3 external PSK: ``use(connection)``
+    returns (identity, psk) to offer, or None. Empties the context's session id context:
+    OpenSSL refuses to resume a session whose context differs from the connection's, a
+    session made for a PSK has none, and on a client it serves nothing else. Set before the
+    context makes its first connection (a connection copies it when made). True if set.
+
+    Reaches what psk_find_session does, with ``SSL_CTX_set_psk_use_session_callback`` and
+    ``SSL_CTX_set_session_id_context`` (pyOpenSSL refuses set_session_id on a used context)."""
+    if not _HAVE_PSK:
+        return False
+    setattr(context, _PSK_USE, (use, suite))
+    raw = context._context  # type: ignore[attr-defined]
+    _lib.SSL_CTX_set_session_id_context(raw, b"", 0)
+    _lib.SSL_CTX_set_psk_use_session_callback(raw, _use_session)
+    return True
+
+
+def tls_session_reused(connection: SSL.Connection) -> bool:
+    """Whether this TLS connection's handshake resumed a session (a ticket or a PSK).
+
+    Reaches the binding's ``SSL_session_reused`` and the connection's ``_ssl``: pyOpenSSL
+    only has it for a session set before the handshake."""
+    return bool(_lib.SSL_session_reused(connection._ssl))  # type: ignore[attr-defined]
+
+
+def set_tls_groups(context: SSL.Context, groups: str) -> bool:
+    """Set the key exchange groups a context offers, in OpenSSL's colon-separated form;
+    False when this OpenSSL knows one of them not.
+
+    Reaches the binding's ``SSL_CTX_set1_curves_list`` and the context's ``_context``:
+    pyOpenSSL's ``set_tmp_ecdh`` takes one curve object, not a list, and knows no hybrid
+    post-quantum group."""
+    return bool(
+        _lib.SSL_CTX_set1_curves_list(
+            context._context,  # type: ignore[attr-defined]
+            groups.encode("ascii", "replace"),
+        )
+    )
+
+
+def client_options_context(options: Any) -> SSL.Context | None:
+    """The OpenSSL context behind ``twisted.internet.ssl.optionsForClientTLS``'s options,
+    or None.
+
+    Reaches ``ClientTLSOptions._createConnection`` (a bound method of the
+    ``CertificateOptions`` that hold the context). Why: a client context's settings must
+    be made before its first connection, and Twisted hands out only connections."""
+    make = getattr(options, "_createConnection", None)
+    holder = getattr(make, "__self__", None)
+    get_context = getattr(holder, "getContext", None)
+    return get_context() if get_context is not None else None
 
 
 # -- Twisted -------------------------------------------------------------------------------

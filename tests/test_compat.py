@@ -41,6 +41,42 @@ def test_openssl_binding_has_the_bio_calls():
     assert not missing, f"OpenSSL._util.lib lacks {missing}: compat.swap_memory_bios is off"
 
 
+def test_openssl_binding_has_the_psk_calls():
+    """compat.psk_find_session / psk_use_session (resumption tokens, tcm.tls.resumption)."""
+    from OpenSSL._util import lib
+
+    missing = [name for name in compat.PSK_CALLS if not hasattr(lib, name)]
+    assert not missing, f"OpenSSL._util.lib lacks {missing}: resumption tokens are off"
+    assert hasattr(SSL.Connection, "_reverse_mapping"), (
+        "pyOpenSSL's Connection._reverse_mapping is gone: compat.psk_* cannot find the "
+        "connection of a callback"
+    )
+    assert compat.psk_use_session(SSL.Context(SSL.TLS_METHOD), lambda c: None, b"\x13\x02")
+
+
+def test_client_options_context_is_the_context_of_the_connections():
+    from twisted.internet import ssl
+
+    options = ssl.optionsForClientTLS("tcm.example")
+    context = compat.client_options_context(options)
+    assert isinstance(context, SSL.Context), (
+        "ClientTLSOptions._createConnection is no longer a bound method of the "
+        "CertificateOptions: compat.client_options_context"
+    )
+
+    class FakeTLS:
+        class factory:
+            wrappedFactory = None
+
+    assert options.clientConnectionForTLS(FakeTLS()).get_context() is context
+
+
+def test_tls_groups_are_set_or_refused():
+    context = SSL.Context(SSL.TLS_METHOD)
+    assert compat.set_tls_groups(context, "X25519:P-256")
+    assert not compat.set_tls_groups(context, "X25519:nosuchgroup")
+
+
 @pytest.fixture(scope="module")
 def tls_pair(tmp_path_factory):
     """A function making a server and a client SSL.Connection over memory BIOs, handshaken."""

@@ -379,8 +379,9 @@ def test_peer_common_name(ca):
 
 
 def test_negotiated_tls_without_tls():
-    assert pki.negotiated_tls(StringTransport()) == {"version": None, "cipher": None}
-    assert pki.negotiated_tls(object()) == {"version": None, "cipher": None}
+    none = {"version": None, "cipher": None, "handshake": None}
+    assert pki.negotiated_tls(StringTransport()) == none
+    assert pki.negotiated_tls(object()) == none
 
 
 def test_describe_tls_error():

@@ -220,7 +220,9 @@ class ServerConnection:
         def welcomed(conn):
             # ClientService hands us a proxy of the protocol; keep the protocol itself.
             self.protocol = conn.protocol
-            self.identity.remember_tls_session(getattr(conn.protocol, "transport", None))
+            self.identity.remember_tls_session(
+                getattr(conn.protocol, "transport", None), conn.welcome.get("resume")
+            )
             self.connected_since = self.reactor.seconds()
             self.last_refusal = None
             self.restart_hint.reconnected()

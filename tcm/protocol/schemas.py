@@ -77,6 +77,15 @@ DATA: dict[str, dict[str, Any]] = {
             "server_time": {"type": "number"},
             "policy_count": {"type": "integer", "minimum": 0},
             "profile_count": {"type": "integer", "minimum": 0},
+            "resume": {
+                "type": "object",
+                "required": ["identity", "key", "lifetime"],
+                "properties": {
+                    "identity": {"type": "string", "maxLength": 1368},
+                    "key": {"type": "string", "maxLength": 64},
+                    "lifetime": {"type": "number", "exclusiveMinimum": 0},
+                },
+            },
         },
     },
     # server -> agent: run an action. The same bytes go to every target of a job.

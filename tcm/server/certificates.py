@@ -20,6 +20,7 @@ from tcm.protocol import link
 from tcm.server.ca import CertificateAuthority
 from tcm.server.config import ServerConfig
 from tcm.tls import pki
+from tcm.tls.resumption import ResumptionKeys
 from tcm.tls.server import server_tls_options
 
 #: A self-made server certificate is issued again when this part of its life has passed.
@@ -112,9 +113,15 @@ class ServerTLS:
 
     _log = Logger()
 
-    def __init__(self, certificates: Certificates, config: ServerConfig):
+    def __init__(
+        self,
+        certificates: Certificates,
+        config: ServerConfig,
+        resumption: tuple[ResumptionKeys, Callable[[], float]] | None = None,
+    ):
         self._certificates = certificates
         self._config = config
+        self._resumption = resumption  # resumes handshakes with the tokens of welcomes
         self.cert_pem = b""
         self.options: Any = None
         self.check()
@@ -125,7 +132,11 @@ class ServerTLS:
         if cert_pem == self.cert_pem:
             return False
         options = server_tls_options(
-            key_pem, cert_pem, [self._certificates.ca_pem], groups=self._config.tls_groups
+            key_pem,
+            cert_pem,
+            [self._certificates.ca_pem],
+            groups=self._config.tls_groups,
+            resumption=self._resumption,
         )
         if self.options is not None:
             cert = pki.load_certificate(cert_pem)

@@ -27,6 +27,8 @@ from tcm.server.envelope_http import serve_envelope
 from tcm.server.events import NO_EVENTS, agent_event, node_event
 from tcm.server.sessions import AgentSession, SessionState
 from tcm.server.web import JsonRouter
+from tcm.tls import pki
+from tcm.tls.resumption import ResumptionKeys, token_message
 
 
 class AgentRequests:
@@ -53,6 +55,8 @@ class AgentHub:
     # a node of a cluster: the cluster's nodes ({"node", "url", "state"}), told to the relay
     # nodes linked here (they link to every node); None for a server alone
     cluster_members: list[dict[str, str]] | None = None
+    # seals the resumption tokens of welcomes (tcm.tls.resumption); None: no token
+    resumption: ResumptionKeys | None = None
 
     def __init__(
         self,
@@ -99,7 +103,22 @@ class AgentHub:
             # none of either: an agent that has none need not fetch them at session start
             "policy_count": len(self._policies.policies),
             "profile_count": len(self._profiles.profiles),
+            **self._resume(session),
         }
+
+    def _resume(self, session: AgentSession) -> dict[str, Any]:
+        """A welcome's resumption token, for a session on a TLS connection of this process
+        (behind a node the agent's TLS ends at the node)."""
+        if self.resumption is None or not is_direct(session):
+            return {}
+        peer = pki.resumption_peer(session.transport.peer_transport)
+        if peer is None or peer.agent_id != session.agent_id:
+            return {}
+        try:
+            identity, psk, lifetime = self.resumption.issue(peer, self._clock.seconds())
+        except ValueError:  # its certificate has expired
+            return {}
+        return {"resume": token_message(identity, psk, lifetime)}
 
     # -- node links ----------------------------------------------------------------------
     @property

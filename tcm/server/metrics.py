@@ -101,6 +101,14 @@ class ServerMetrics:
             labels={k: float(v) for k, v in failures.items()},
             label="reason",
         )
+        completed = self.handshakes.completed if self.handshakes is not None else {}
+        yield counter(
+            f"{PREFIX}_tls_handshakes",
+            "Completed TLS handshakes on the agents' port, by kind: full, ticket (a session "
+            "of this process resumed), token (a resumption token, across restarts)",
+            labels={k: float(v) for k, v in completed.items()},
+            label="kind",
+        )
         gate = getattr(self.handshakes, "gate", None)
         if gate is not None:  # admission control (tcm/server/admission.py)
             yield gauge(

@@ -98,6 +98,7 @@ from tcm.store import Database
 from tcm.tls import pki
 from tcm.tls.endpoints import TLSServerEndpoint, listeners, parse, port_description
 from tcm.tls.handshake import HandshakeLogger
+from tcm.tls.resumption import ResumptionKeys
 
 __all__ = ["ServerConfig", "ServerService", "make_server_service"]
 
@@ -230,12 +231,18 @@ class ServerService(service.MultiService):
     admin_handshakes: HandshakeLogger  # the admin listener's TLS failures (no gate)
 
     def add_listeners(
-        self, config: ServerConfig, certificates: Certificates, factory: Any, site: Site
+        self,
+        config: ServerConfig,
+        certificates: Certificates,
+        factory: Any,
+        site: Site,
+        resumption: ResumptionKeys | None = None,
     ) -> None:
         """Every listen address (tcm/tls/endpoints.py): `tcm:` ones with this server's
         certificate and its CA for client certificates, serving `factory`; plain ones (an
         admin API behind a TLS-terminating proxy) serve `site` without TLS, where no agent
-        certificate can be presented."""
+        certificate can be presented. `resumption`: the keys of the welcomes' resumption
+        tokens, to resume handshakes that offer one."""
         # the admin listener's address is one of the names the certificate must carry
         admin_names = [
             e.address[0]
@@ -243,7 +250,9 @@ class ServerService(service.MultiService):
             if isinstance(e, TLSServerEndpoint) and e.address is not None and e.address[0]
         ]
         named = attrs.evolve(config, hostnames=[*config.hostnames, *admin_names])
-        tls = ServerTLS(certificates, named)
+        tls = ServerTLS(
+            certificates, named, None if resumption is None else (resumption, self.reactor.seconds)
+        )
         # the self-made certificate renews itself before it expires, for new connections
         TimerService(SERVER_CERT_CHECK, tls.check).setServiceParent(self)
         endpoints = config.listen or [port_description(config.port, config.interface)]
@@ -462,6 +471,8 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
         profiles,
         requests,
     )
+    # welcomes give agents resumption tokens: a restart's reconnects skip the certificates
+    hub.resumption = _resumption_keys(config)
 
     # the console's live events: every part where state changes publishes to the one hub
     events = provides(IEventHub, EventHub(clock))
@@ -604,7 +615,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
     # a reconnect storm's handshakes run a few at a time, in order, instead of all at once
     gate = HandshakeGate(clock, config.max_handshakes) if config.max_handshakes > 0 else None
     handshakes = HandshakeLogger(site, gate)
-    top.add_listeners(config, certificates, handshakes, site)
+    top.add_listeners(config, certificates, handshakes, site, hub.resumption)
     if cluster is not None:
         cluster.setServiceParent(top)  # started once the store is open (ServerService)
     packages.setServiceParent(top)  # its thread pool
@@ -663,6 +674,16 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
 
 
 HTTP_SWEEP = 5.0  # seconds between two looks for HTTP-mode agents that stopped polling
+
+
+def _resumption_keys(config: ServerConfig) -> ResumptionKeys:
+    """The keys of resumption tokens (tcm.tls.resumption): derived from the cluster key on
+    a node of a cluster (every node opens every node's tokens), else from a secret of the
+    state directory's own."""
+    if config.clustered:
+        with open(config.cluster_key or os.path.join(config.state_dir, "cluster.key"), "rb") as f:
+            return ResumptionKeys.from_shared_secret(f.read().strip())
+    return ResumptionKeys.load_or_create(os.path.join(config.state_dir, "resumption.key"))
 
 
 def _join_cluster(config: ServerConfig, db: Database, name: str) -> ClusterIdentity:

@@ -51,6 +51,9 @@ class _HandshakeWatcher(ProtocolWrapper):
         super().makeConnection(transport)
 
     def handshakeCompleted(self) -> None:
+        kinds = self.factory.completed
+        kind = pki.handshake_kind(self.transport)
+        kinds[kind] = kinds.get(kind, 0) + 1
         if self.ticket is not None:
             self.factory.gate.done(self.ticket)
             self.ticket = None
@@ -83,6 +86,9 @@ class HandshakeLogger(WrappingFactory[_HandshakeWatcher]):
         super().__init__(wrappedFactory)
         #: OpenSSL reason -> number of connections that failed with it.
         self.failures: dict[str, int] = {}
+        #: completed handshakes by kind: "full" (certificates), "ticket" (a session of
+        #: this process resumed), "token" (a resumption token: tcm.tls.resumption)
+        self.completed: dict[str, int] = {}
         #: admission control: each connection waits its turn, then counts until its
         #: handshake is done (tcm/server/admission.py)
         self.gate = gate

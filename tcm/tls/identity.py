@@ -9,7 +9,8 @@ holds a certificate, a key and a trust store, costly to build per connection.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -20,7 +21,7 @@ from twisted.internet.interfaces import (
 )
 from zope.interface import implementer
 
-from tcm.tls import pki
+from tcm.tls import pki, resumption
 
 #: One copy of each CA bundle identities trust (at most 64): a swarm's thousands of agents
 #: each read the same ca.pem, and the bundle is the key of their shared TLS context.
@@ -47,6 +48,10 @@ class Identity:
     # The TLS session of the last welcomed session per host, offered for resumption at the
     # next connection there: the server skips signing and verifying certificates (issue 17).
     _tls_sessions: dict[str, Any] = attrs.field(factory=dict, repr=False)
+    # The resumption token of the last welcome per host, (identity, psk, offered until):
+    # resumes even after the server restarted (tcm.tls.resumption).
+    _tokens: dict[str, tuple[bytes, bytes, float]] = attrs.field(factory=dict, repr=False)
+    clock: Callable[[], float] = attrs.field(default=time.time, repr=False)
 
     def tls_options(self, hostname: str) -> CurrentClientTLS:
         """TLS client options for `hostname`, as the identity is at each connection (an
@@ -93,23 +98,42 @@ class Identity:
     def forget_tls_sessions(self) -> None:
         """Offer no session: the next connection to each host is a full handshake."""
         self._tls_sessions.clear()
+        self._tokens.clear()
+
+    def token_for(self, hostname: str) -> tuple[bytes, bytes] | None:
+        """The resumption token (identity, psk) to offer `hostname`, or None."""
+        token = self._tokens.get(hostname)
+        if token is None:
+            return None
+        if self.clock() >= token[2]:
+            del self._tokens[hostname]
+            return None
+        return token[0], token[1]
 
     def tls_session_for(self, hostname: str) -> Any:
         """The TLS session to offer `hostname` for resumption, or None."""
         return self._tls_sessions.get(hostname)
 
-    def remember_tls_session(self, transport: Any) -> bool:
+    def remember_tls_session(self, transport: Any, resume: Any = None) -> bool:
         """Keep the TLS session of a connection the server welcomed, to resume it at the
         next connection to the same host. By the welcome, TLS 1.3's session tickets (sent
-        right after the handshake) have arrived. True if one was kept."""
+        right after the handshake) have arrived. `resume`: the welcome's resumption token,
+        offered instead from then on (it survives a restart of the server). True if either
+        was kept."""
         try:
             handle = transport.getHandle()
             hostname = getattr(handle, RESUME_KEY, None)
             session = handle.get_session() if hostname is not None else None
         except Exception:  # not TLS, or a connection already gone: nothing to keep
             return False
-        if session is None or hostname is None:
+        if hostname is None:
             return False
+        token = resumption.read_token_message(resume)
+        if token is not None:
+            identity, psk, lifetime = token
+            self._tokens[hostname] = (identity, psk, self.clock() + lifetime)
+        if session is None:
+            return token is not None
         self._tls_sessions[hostname] = session
         return True
 
@@ -127,9 +151,13 @@ class CurrentClientTLS:
     def clientConnectionForTLS(self, tlsProtocol: Any) -> Any:
         identity, hostname = self._identity, self._hostname
         connection = identity.options_now(hostname).clientConnectionForTLS(tlsProtocol)
-        session = identity.tls_session_for(hostname)
-        if session is not None:
-            connection.set_session(session)  # offered; a server that cannot resume says so
+        token = identity.token_for(hostname)
+        if token is not None:
+            resumption.offer(connection, *token)  # one the server cannot open: certificates
+        else:
+            session = identity.tls_session_for(hostname)
+            if session is not None:
+                connection.set_session(session)  # offered; a server that cannot resume says so
         setattr(connection, RESUME_KEY, hostname)
         return connection
 

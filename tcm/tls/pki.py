@@ -28,6 +28,9 @@ from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
 
+from tcm import compat
+from tcm.tls.resumption import Resumed, offer_resumption, offered_token, resumed_peer
+
 __all__ = [
     "CertificateError",
     "PresentingClientTLS",
@@ -325,7 +328,11 @@ def _client_options(
             extra["extraCertChain"] = list(chain)
     if hostname.startswith("[") and hostname.endswith("]"):
         hostname = hostname[1:-1]
-    return ssl.optionsForClientTLS(hostname, trustRoot=trust_root, extraCertificateOptions=extra)
+    options = ssl.optionsForClientTLS(hostname, trustRoot=trust_root, extraCertificateOptions=extra)
+    context = compat.client_options_context(options)
+    if context is not None:
+        offer_resumption(context)  # a connection may offer a resumption token
+    return options
 
 
 def peer_certificate(transport: object) -> x509.Certificate | None:
@@ -349,10 +356,12 @@ def peer_certificate(transport: object) -> x509.Certificate | None:
 
 
 def peer_common_name(transport: object) -> str | None:
-    """The subject CN of the peer's certificate on ``transport`` (see peer_certificate)."""
+    """The subject CN of the peer's certificate on ``transport`` (see peer_certificate), or
+    on a connection resumed with a token, the agent id the token names (tcm.tls.resumption)."""
     peer = peer_certificate(transport)
     if peer is None:
-        return None
+        resumed = resumed_peer(transport)
+        return None if resumed is None else resumed.agent_id
     try:
         return common_name(peer)
     except ValueError:
@@ -361,7 +370,8 @@ def peer_common_name(transport: object) -> str | None:
 
 def peer_subject(transport: object) -> tuple[str | None, str | None]:
     """(CN, OU) of the peer's verified certificate: for an agent, its id and the name of
-    the server it enrolled with (None when the certificate predates server names)."""
+    the server it enrolled with (None when the certificate predates server names). On a
+    connection resumed with a token, what the token says of them."""
     get_peer_certificate = getattr(transport, "getPeerCertificate", None)
     if get_peer_certificate is None:
         return None, None
@@ -370,7 +380,8 @@ def peer_subject(transport: object) -> tuple[str | None, str | None]:
     except (AttributeError, SSL.Error):
         return None, None
     if peer is None:
-        return None, None
+        resumed = resumed_peer(transport)
+        return (None, None) if resumed is None else (resumed.agent_id, resumed.server)
     if not isinstance(peer, crypto.X509):
         peer = crypto.X509.from_cryptography(peer)
     subject = peer.get_subject()
@@ -378,9 +389,44 @@ def peer_subject(transport: object) -> tuple[str | None, str | None]:
 
 
 def peer_fingerprint(transport: object) -> str | None:
-    """The SHA-256 fingerprint of the peer's certificate on ``transport``, or None."""
+    """The SHA-256 fingerprint of the peer's certificate on ``transport`` (on a connection
+    resumed with a token: of the certificate the token was given for), or None."""
     peer = peer_certificate(transport)
-    return None if peer is None else fingerprint(peer)
+    if peer is None:
+        resumed = resumed_peer(transport)
+        return None if resumed is None else resumed.fingerprint
+    return fingerprint(peer)
+
+
+def resumption_peer(transport: object) -> Resumed | None:
+    """What a resumption token for the agent on ``transport`` names (tcm.tls.resumption):
+    from its verified certificate, or on a connection resumed with a token, from that
+    token. None without either."""
+    peer = peer_certificate(transport)
+    if peer is None:
+        return resumed_peer(transport)
+    try:
+        cn = common_name(peer)
+    except ValueError:
+        return None
+    units = peer.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    unit = units[0].value if units else None
+    return Resumed(cn, unit if isinstance(unit, str) else None, fingerprint(peer), not_after(peer))
+
+
+def handshake_kind(transport: object) -> str:
+    """How the TLS handshake on ``transport`` went: "token" (resumed with a resumption
+    token, tcm.tls.resumption), "ticket" (a session resumed otherwise), "full", or "none"
+    (not a TLS connection)."""
+    get_handle = getattr(transport, "getHandle", None)
+    handle = get_handle() if get_handle is not None else None
+    if not isinstance(handle, SSL.Connection):
+        return "none"
+    if resumed_peer(transport) is not None:
+        return "token"  # the server's side
+    if not compat.tls_session_reused(handle):
+        return "full"
+    return "token" if offered_token(handle) else "ticket"  # the client's
 
 
 def split_url(url: str) -> tuple[str, int]:
@@ -392,11 +438,12 @@ def split_url(url: str) -> tuple[str, int]:
 
 
 def negotiated_tls(transport: object) -> dict[str, str | None]:
-    """``{"version": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384"}`` for a TLS transport.
+    """``{"version": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384", "handshake": "full"}``
+    for a TLS transport; ``handshake`` as ``handshake_kind`` says (full, ticket, token).
 
-    Both values are None when the transport is not TLS or the handshake has not completed.
+    All values are None when the transport is not TLS or the handshake has not completed.
     """
-    result: dict[str, str | None] = {"version": None, "cipher": None}
+    result: dict[str, str | None] = {"version": None, "cipher": None, "handshake": None}
     get_handle = getattr(transport, "getHandle", None)
     if get_handle is None:
         return result
@@ -410,6 +457,7 @@ def negotiated_tls(transport: object) -> dict[str, str | None]:
     if cipher is not None:
         result["version"] = handle.get_protocol_version_name()
         result["cipher"] = cipher
+        result["handshake"] = handshake_kind(transport)
     return result
 
 

@@ -8,16 +8,17 @@ certificate is for the resource to decide (``tcm.tls.pki.peer_common_name``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from OpenSSL import SSL, crypto
-from OpenSSL._util import lib as _openssl
 from twisted.internet import ssl
 
+from tcm import compat
 from tcm.tls import pki
 from tcm.tls.pki import CertificateError
+from tcm.tls.resumption import ResumptionKeys, serve_resumption
 
 __all__ = ["DEFAULT_TLS_GROUPS", "TLS12_CIPHERS", "server_tls_options"]
 
@@ -48,9 +49,7 @@ TLS12_CIPHERS = ":".join(
 def tls_groups(value: str) -> str:
     """`--tls-groups` checked against this OpenSSL: the value, or ValueError naming it."""
     ctx = SSL.Context(SSL.TLS_METHOD)
-    if not value or not _openssl.SSL_CTX_set1_curves_list(
-        ctx._context, value.encode("ascii", "replace")
-    ):
+    if not value or not compat.set_tls_groups(ctx, value):
         raise ValueError(
             f"TLS groups {value!r}: not known to this OpenSSL "
             f"(e.g. X25519MLKEM768:X25519 or X25519)"
@@ -79,11 +78,13 @@ class _ServerCertificateOptions(ssl.CertificateOptions):
         *,
         clientCAs: Sequence[x509.Certificate],
         groups: str | None = None,
+        resumption: tuple[ResumptionKeys, Callable[[], float]] | None = None,
         **kwargs: object,
     ):
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self._clientCAs = list(clientCAs)
         self._groups = groups
+        self._resumption = resumption
         self._prepared: SSL.Context | None = None
 
     def getContext(self) -> SSL.Context:
@@ -100,13 +101,13 @@ class _ServerCertificateOptions(ssl.CertificateOptions):
             # meaning clear. Resuming a session with a verified client certificate needs one.
             ctx.set_session_id(b"tcm")
             ctx.set_timeout(RESUMABLE_FOR)
-            if self._groups and not _openssl.SSL_CTX_set1_curves_list(
-                ctx._context, self._groups.encode("ascii", "replace")
-            ):
+            if self._groups and not compat.set_tls_groups(ctx, self._groups):
                 raise CertificateError(
                     f"TLS groups {self._groups!r}: not known to this OpenSSL "
                     f"(e.g. X25519MLKEM768:X25519 or X25519)"
                 )
+            if self._resumption is not None:
+                serve_resumption(ctx, *self._resumption)
             self._prepared = ctx
         return ctx
 
@@ -117,6 +118,7 @@ def server_tls_options(
     ca_pems: Sequence[bytes],
     chain_pems: Sequence[bytes] = (),
     groups: str | None = DEFAULT_TLS_GROUPS,
+    resumption: tuple[ResumptionKeys, Callable[[], float]] | None = None,
 ) -> ssl.CertificateOptions:
     """TLS 1.2+ server options: the server's key and certificate, optional client
     certificates verified against ``ca_pems``, session tickets on, TLS 1.2 limited to
@@ -131,7 +133,8 @@ def server_tls_options(
     chain. The context is built at once, so a key that does not fit the certificate fails
     here and not at the first handshake. ``groups``: the key exchange groups offered, in
     OpenSSL's colon-separated form (``--tls-groups``; None: OpenSSL's default, hybrid
-    post-quantum first).
+    post-quantum first). ``resumption``: (keys, clock) to resume TLS 1.3 handshakes that
+    offer a token those keys sealed, across restarts (``tcm.tls.resumption``).
     """
     try:
         key = pki.load_key(key_pem)
@@ -159,6 +162,7 @@ def server_tls_options(
         acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS),
         clientCAs=authorities,
         groups=groups,
+        resumption=resumption,
     )
     options.getContext()
     return options

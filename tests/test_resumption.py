@@ -1,0 +1,97 @@
+"""Resumption tokens (tcm.tls.resumption): what a token seals, when it opens, and the
+welcome's `resume` field as the agent reads it. The handshakes themselves, over real TLS on
+loopback: tests/test_tls.py ("resumption tokens")."""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+
+import pytest
+
+from tcm.tls.resumption import (
+    EPOCH,
+    TOKEN_LIFETIME,
+    Resumed,
+    ResumptionKeys,
+    read_token_message,
+    token_message,
+)
+
+NOW = 1_800_000_000.0
+PEER = Resumed("a-0123456789abcdef0123", "alpha", "ab" * 32, NOW + 365 * 86400)
+
+
+def test_a_token_opens_with_what_it_sealed_and_the_same_psk():
+    keys = ResumptionKeys(b"s" * 32)
+    identity, psk, lifetime = keys.issue(PEER, NOW)
+    assert lifetime == TOKEN_LIFETIME and len(psk) == 48
+    assert PEER.agent_id.encode() not in identity  # sealed: the identity goes in the clear
+    # a server restarted with the same secret opens it, days later
+    assert ResumptionKeys(b"s" * 32).open(identity, NOW + 3 * 86400) == (PEER, psk)
+    # two tokens for the same agent differ (nonce), and so do their PSKs
+    again, psk2, _ = keys.issue(PEER, NOW)
+    assert again != identity and psk2 != psk
+
+
+def test_a_token_does_not_open_elsewhere_late_or_altered():
+    keys = ResumptionKeys(b"s" * 32)
+    identity, _, lifetime = keys.issue(PEER, NOW)
+    assert ResumptionKeys(b"t" * 32).open(identity, NOW) is None  # another server's
+    assert keys.open(identity, NOW + lifetime) is None  # expired
+    assert keys.open(identity, NOW - 2 * EPOCH) is None  # from an epoch to come
+    for at in (0, 5, 20, len(identity) - 1):  # header, nonce, sealed text, tag
+        flipped = bytearray(identity)
+        flipped[at] ^= 1
+        assert keys.open(bytes(flipped), NOW) is None, at
+    assert keys.open(identity[:20], NOW) is None
+    assert keys.open(b"\x01" + os.urandom(2000), NOW) is None  # too long to be one
+
+
+def test_a_token_never_outlives_its_certificate():
+    keys = ResumptionKeys(b"s" * 32)
+    soon = Resumed("a-1", None, "cd" * 32, NOW + 3600)
+    identity, psk, lifetime = keys.issue(soon, NOW)
+    assert lifetime == 3600
+    assert keys.open(identity, NOW + 3599) == (soon, psk)
+    assert keys.open(identity, NOW + 3600) is None
+    with pytest.raises(ValueError, match="expired"):
+        keys.issue(Resumed("a-1", None, "cd" * 32, NOW - 1), NOW)
+
+
+def test_the_secret_is_made_once_private_and_a_cluster_derives_one():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "resumption.key")
+        first = ResumptionKeys.load_or_create(path)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        identity, psk, _ = first.issue(PEER, NOW)
+        assert ResumptionKeys.load_or_create(path).open(identity, NOW) == (PEER, psk)
+    node_a = ResumptionKeys.from_shared_secret(b"the cluster key")
+    node_b = ResumptionKeys.from_shared_secret(b"the cluster key")
+    identity, psk, _ = node_a.issue(PEER, NOW)
+    assert node_b.open(identity, NOW) == (PEER, psk)
+    with pytest.raises(ValueError, match="16 bytes"):
+        ResumptionKeys(b"short")
+
+
+def test_the_welcome_field_round_trips_and_bad_ones_are_ignored():
+    keys = ResumptionKeys(b"s" * 32)
+    identity, psk, lifetime = keys.issue(PEER, NOW)
+    message = token_message(identity, psk, lifetime)
+    assert read_token_message(message) == (identity, psk, round(lifetime, 1))
+    b64 = base64.b64encode
+    for bad in (
+        None,
+        "token",
+        {},
+        {**message, "identity": "not base64!"},
+        {**message, "key": b64(b"short").decode()},
+        {**message, "lifetime": 0},
+        {**message, "lifetime": "soon"},
+        {**message, "identity": ""},
+        {**message, "identity": b64(b"x" * 2000).decode()},
+    ):
+        assert read_token_message(bad) is None, bad
