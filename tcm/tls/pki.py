@@ -29,7 +29,13 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
 
 from tcm import compat
-from tcm.tls.resumption import Resumed, offer_resumption, offered_token, resumed_peer
+from tcm.tls.resumption import (
+    Resumed,
+    connection_of,
+    offer_resumption,
+    offered_token,
+    resumed_peer,
+)
 
 __all__ = [
     "CertificateError",
@@ -418,9 +424,8 @@ def handshake_kind(transport: object) -> str:
     """How the TLS handshake on ``transport`` went: "token" (resumed with a resumption
     token, tcm.tls.resumption), "ticket" (a session resumed otherwise), "full", or "none"
     (not a TLS connection)."""
-    get_handle = getattr(transport, "getHandle", None)
-    handle = get_handle() if get_handle is not None else None
-    if not isinstance(handle, SSL.Connection):
+    handle = connection_of(transport)
+    if handle is None:
         return "none"
     if resumed_peer(transport) is not None:
         return "token"  # the server's side
@@ -444,14 +449,8 @@ def negotiated_tls(transport: object) -> dict[str, str | None]:
     All values are None when the transport is not TLS or the handshake has not completed.
     """
     result: dict[str, str | None] = {"version": None, "cipher": None, "handshake": None}
-    get_handle = getattr(transport, "getHandle", None)
-    if get_handle is None:
-        return result
-    try:
-        handle = get_handle()
-    except AttributeError:
-        return result
-    if not isinstance(handle, SSL.Connection):
+    handle = connection_of(transport)
+    if handle is None:
         return result
     cipher = handle.get_cipher_name()
     if cipher is not None:

@@ -52,6 +52,7 @@ from tcm import compat
 __all__ = [
     "EPOCH",
     "TOKEN_LIFETIME",
+    "connection_of",
     "Resumed",
     "ResumptionKeys",
     "offer",
@@ -228,14 +229,20 @@ def offered_token(connection: SSL.Connection) -> bool:
     return getattr(connection, _OFFER_ATTRIBUTE, None) is not None
 
 
-def resumed_peer(transport: object) -> Resumed | None:
-    """What the token said on a connection that resumed with one, else None. `transport`
-    as for ``tcm.tls.pki.peer_certificate``."""
+def connection_of(transport: object) -> SSL.Connection | None:
+    """The TLS connection under `transport` (as for ``tcm.tls.pki.peer_certificate``), or
+    None when it is not TLS or already gone."""
     get_handle = getattr(transport, "getHandle", None)
     if get_handle is None:
         return None
     try:
         handle = get_handle()
-    except Exception:
+    except AttributeError:
         return None
-    return getattr(handle, RESUMED_ATTRIBUTE, None)
+    return handle if isinstance(handle, SSL.Connection) else None
+
+
+def resumed_peer(transport: object) -> Resumed | None:
+    """What the token said on a connection that resumed with one, else None. `transport`
+    as for ``tcm.tls.pki.peer_certificate``."""
+    return getattr(connection_of(transport), RESUMED_ATTRIBUTE, None)
