@@ -15,7 +15,7 @@ memory is reclaimed at most one interval late, never lost.
 
 `QuietSettler` does the same for a process that holds one agent, which has no population to
 watch: it settles once things have been quiet for a few seconds after its start, the opening
-of a session or a job (docs/performance.md, "Lean agent": 0.6 MiB of an idle agent's RSS).
+of a session or a job (docs/performance.md, "Lean agent": 1.1 MiB of an idle agent's RSS).
 """
 
 from __future__ import annotations
@@ -153,6 +153,11 @@ class QuietSettler:
             self._call.reset(delay)
         else:
             self._call = self._clock.callLater(delay, self._fire)
+
+    @property
+    def pending(self) -> bool:
+        """Whether a settling is scheduled."""
+        return self._call is not None and self._call.active()
 
     def _fire(self) -> None:
         self._call = None

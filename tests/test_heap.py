@@ -116,12 +116,13 @@ def test_quiet_settler_settles_once_quiet_after_the_last_poke():
     )
     assert clock.getDelayedCalls() == []  # nothing happened: no timer at all
     settler.poke()
+    assert settler.pending
     clock.advance(9)
     settler.poke()  # more activity: wait again
     clock.advance(9)
     assert settled == []
     clock.advance(1)
-    assert settled == [19] and settler.settled == 1
+    assert settled == [19] and settler.settled == 1 and not settler.pending
     assert clock.getDelayedCalls() == []  # idle again: no timer
 
 

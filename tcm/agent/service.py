@@ -257,7 +257,7 @@ class AgentService(service.MultiService):
 
     `settles_heap`: the agent has the process to itself (`twistd tcm-agent`, not a swarm's
     member): its heap is settled once quiet after its start, each session opened and each job
-    (tcm.heap.QuietSettler; 0.6 MiB of an idle agent's RSS, docs/performance.md)."""
+    (tcm.heap.QuietSettler; 1.1 MiB of an idle agent's RSS, docs/performance.md)."""
 
     _log = Logger()
 
