@@ -12,7 +12,8 @@ machine), over --jobs jobs created at random moments. Idle bytes: the agent coun
 connections' bytes below TLS (records, handshakes, HTTP included) and reports them in
 `tcm-agent status --json`; read at the start and end of an idle window, scaled to an hour.
 Each row also has the agent process's memory at the end of its idle window (`agent_rss_mib`,
-`agent_uss_mib`, `agent_pss_mib`) and its CPU during it (`agent_cpu_pct_idle`, % of one core,
+`agent_uss_mib`, `agent_pss_mib`; the RSS split into `agent_anon_mib`, anonymous memory, and
+`agent_file_mib`, pages of mapped files) and its CPU during it (`agent_cpu_pct_idle`, % of one core,
 from the kernel's per-thread run time in nanoseconds).
 
 `--idle-only`: the cost of one idle agent (issue 17) and nothing else. The agent enrolls, is
@@ -86,12 +87,26 @@ def run_ns(pid: int) -> int:
     return total
 
 
+def anonymous_kib(pid: int) -> int:
+    """The process's anonymous memory resident (Python's heap, the C heap, relocated data of
+    the shared libraries, stacks), from /proc/PID/smaps_rollup; the rest of its RSS is pages
+    of files it maps (the interpreter, cryptography's Rust extension, libcrypto...)."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Anonymous:"):
+                return int(line.split()[1])
+    raise ValueError(f"no Anonymous line in /proc/{pid}/smaps_rollup")
+
+
 def memory(pid: int) -> dict:
     m = psutil.Process(pid).memory_full_info()
+    anonymous = anonymous_kib(pid) * 1024
     return {
         "agent_rss_mib": round(m.rss / 2**20, 1),
         "agent_uss_mib": round(m.uss / 2**20, 1),
         "agent_pss_mib": round(m.pss / 2**20, 1),
+        "agent_anon_mib": round(anonymous / 2**20, 1),
+        "agent_file_mib": round((m.rss - anonymous) / 2**20, 1),
     }
 
 
@@ -224,6 +239,8 @@ def main() -> int:
         ("agent_rss_mib", "RSS MiB"),
         ("agent_uss_mib", "USS MiB"),
         ("agent_pss_mib", "PSS MiB"),
+        ("agent_anon_mib", "anon MiB"),
+        ("agent_file_mib", "file MiB"),
         ("agent_cpu_pct_idle", "CPU % idle"),
     ]
     if args.idle_only:

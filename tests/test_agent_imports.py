@@ -74,7 +74,8 @@ ports = [port for host, port, *_ in reactor.tcpClients]
 if sys.argv[2] == "https":
     service.agent.connection.link.call_over_https("GET", "/agent/v1/profile")
     ports = [port for host, port, *_ in reactor.tcpClients]
-print(json.dumps({"modules": sorted(sys.modules), "ports": ports}))
+settling = service.settler is not None and service.settler.pending
+print(json.dumps({"modules": sorted(sys.modules), "ports": ports, "settling": settling}))
 """
 
 
@@ -138,6 +139,7 @@ def test_started_agent_loads_nothing_it_does_not_run(tmp_path):
     assert out["ports"] == [48443]  # it started and asked for its session's connection
     assert "tcm.agent.session" in out["modules"]
     assert loaded(out["modules"], FORBIDDEN) == []
+    assert out["settling"]  # its heap is settled once quiet after the start (tcm.heap)
 
 
 def test_the_first_https_call_loads_the_http_client(tmp_path):

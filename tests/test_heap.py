@@ -8,7 +8,9 @@ import weakref
 import pytest
 from twisted.internet.task import Clock
 
-from tcm.heap import HeapSettler, settle_heap
+from tcm.agent.config import AgentConfig
+from tcm.agent.service import AgentService, make_agent_service
+from tcm.heap import HeapSettler, QuietSettler, settle_heap
 
 
 class _Node:
@@ -104,3 +106,59 @@ def test_settler_settles_a_growing_population_at_the_latest_after_the_wait():
     finally:
         settler.stopService()
     assert gc.get_freeze_count() == 0
+
+
+def test_quiet_settler_settles_once_quiet_after_the_last_poke():
+    clock = Clock()
+    settled: list[float] = []
+    settler = QuietSettler(
+        clock, quiet=10, at_latest=60, settle=lambda: settled.append(clock.seconds())
+    )
+    assert clock.getDelayedCalls() == []  # nothing happened: no timer at all
+    settler.poke()
+    assert settler.pending
+    clock.advance(9)
+    settler.poke()  # more activity: wait again
+    clock.advance(9)
+    assert settled == []
+    clock.advance(1)
+    assert settled == [19] and settler.settled == 1 and not settler.pending
+    assert clock.getDelayedCalls() == []  # idle again: no timer
+
+
+def test_quiet_settler_settles_at_the_latest_after_a_while_of_steady_activity():
+    clock = Clock()
+    settled: list[float] = []
+    settler = QuietSettler(
+        clock, quiet=10, at_latest=60, settle=lambda: settled.append(clock.seconds())
+    )
+    for _ in range(30):  # a job every 5 s for 150 s: never quiet for 10 s
+        settler.poke()
+        clock.advance(5)
+    assert settled == [60, 120]  # 60 s after the first poke, then 60 s after the next one
+    clock.advance(5)
+    assert settled == [60, 120, 155]  # quiet 10 s after the last one
+    settler.stop()
+
+
+def test_quiet_settler_really_settles_and_stop_gives_everything_back():
+    clock = Clock()
+    settler = QuietSettler(clock, quiet=1)
+    node = _Node()
+    ref = weakref.ref(node)
+    settler.poke()
+    clock.advance(1)
+    assert gc.get_freeze_count() > 0
+    del node
+    settler.poke()
+    settler.stop()
+    assert clock.getDelayedCalls() == []
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert ref() is None
+
+
+def test_only_an_agent_with_the_process_to_itself_settles_the_heap(tmp_path):
+    config = AgentConfig(state_dir=str(tmp_path))
+    assert isinstance(make_agent_service(config, Clock()).settler, QuietSettler)  # twistd
+    assert AgentService(config, Clock(), handlers={}, policy_handlers={}).settler is None  # swarm

@@ -623,3 +623,22 @@ def test_stop_ends_handlers_and_leaves_them_interrupted(w):
     again.recover()
     assert w.outcome()["state"] == "failed"
     assert "interrupted" in w.outcome()["error"]
+
+
+def test_activity_is_told_when_a_session_opens_a_job_concludes_and_its_result_is_stored(w):
+    told: list[str | None] = []
+    w.runner = ActionRunner(
+        w.handlers,
+        w.ledger,
+        w.link,
+        w.clock,
+        FilePath(str(w.dir.parent)),
+        activity=lambda: told.append(w.state()),
+    )
+    w.runner.session_opened({})
+    assert told == [None]
+    w.push()
+    w.link.answer(200, {"decision": "run"})
+    assert told == [None, FINISHED]  # concluded and spooled
+    w.link.answer(200, {"stored": True})
+    assert told == [None, FINISHED, ACKED]

@@ -20,6 +20,7 @@ process group, SIGTERM then SIGKILL) and the job is reported `canceled`.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -72,6 +73,7 @@ class ActionRunner:
         link: IAgentAPI,
         reactor: Any,
         state_dir: Any,
+        activity: Callable[[], object] | None = None,
     ):
         self.handlers = handlers
         self.ledger = ledger
@@ -87,6 +89,13 @@ class ActionRunner:
         self._stopping = False  # the agent stops: handlers end, their jobs stay "started"
         self.clock_offset = 0.0  # server clock minus this machine's clock
         self.completed = 0
+        # told when a session opened, a job concluded and a result was acknowledged (what
+        # leaves garbage behind): a QuietSettler's poke in an agent process (tcm.heap)
+        self._activity = activity
+
+    def _active(self) -> None:
+        if self._activity is not None:
+            self._activity()
 
     def running_jobs(self) -> list[str]:
         return sorted(self._running)
@@ -275,6 +284,7 @@ class ActionRunner:
         )
         self.completed += 1
         self.send_result(job_id)
+        self._active()
 
     def send_result(self, job_id: str) -> None:
         """Send a spooled result; on success mark it acknowledged, else keep it spooled."""
@@ -292,6 +302,7 @@ class ActionRunner:
             if response.status == 200:
                 self.ledger.record(job_id, ACKED)
                 self._via.pop(job_id, None)
+                self._active()
             else:
                 self._log.warn(
                     "result of job {job} refused ({status}): {body}; kept",
@@ -316,6 +327,7 @@ class ActionRunner:
     # -- told by the agent's connection ------------------------------------------------------
     def session_opened(self, welcome: dict[str, Any]) -> None:
         self.flush()  # results spooled while there was no session go now
+        self._active()
 
     def session_lost(self, reason: str, switched_off: bool) -> None:
         """Results keep their spool entries: they go over HTTPS or the next session."""
