@@ -223,6 +223,18 @@ def _main(argv: list[str] | None = None) -> int:
         "server's dearest request: several swarm processes share what it can sign)",
     )
     s.add_argument(
+        "--enroll-only",
+        action="store_true",
+        help="only enroll the agents not enrolled yet (at --enroll-rate), hold no session, "
+        "and exit: 0 once all are enrolled (a benchmark's first phase)",
+    )
+    s.add_argument(
+        "--enroll-concurrency",
+        type=int,
+        default=64,
+        help="with --enroll-only: enrollments in flight at most",
+    )
+    s.add_argument(
         "--keepalive",
         type=float,
         default=None,
