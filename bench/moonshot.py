@@ -206,6 +206,8 @@ def measure(args: argparse.Namespace) -> dict:
         gw_procs += gw_procs[0].children()
         srv = [server.ps()]
         row["enroll"] = enroll(args, base, server, n, left)
+        if args.enroll_only:
+            return row
         rss_server0, rss_gw0 = rss(srv), rss(gw_procs)  # after the signing's heap
         # The measured phase: enrolled agents only, started at --connect-rate (all swarm
         # processes together): the swarms' handshakes, the gateway workers' and the server's
@@ -217,7 +219,15 @@ def measure(args: argparse.Namespace) -> dict:
             server,
             n,
             server.token(uses=1),  # unused: every agent is enrolled
-            extra=["--backoff-max", str(args.backoff_max)],
+            extra=[
+                "--backoff-max",
+                str(args.backoff_max),
+                *(
+                    ["--keepalive-timeout", str(args.agent_ping_timeout)]
+                    if args.agent_ping_timeout
+                    else []
+                ),
+            ],
             url=gw.url,
             nice=args.swarm_nice,
             rate=args.connect_rate / processes,
@@ -229,7 +239,9 @@ def measure(args: argparse.Namespace) -> dict:
         sessions = 0
         peak = 0
         next_line = t0
-        while time.monotonic() - t0 < min(left(), args.connect_timeout):
+        # one deadline, fixed now (the time left must not be compared with the time elapsed)
+        connect_deadline = t0 + min(left(), args.connect_timeout)
+        while time.monotonic() < connect_deadline:
             sessions = server.status()["sessions"]
             peak = max(peak, sessions)
             if time.monotonic() >= next_line:
@@ -313,6 +325,9 @@ def main() -> int:
     )
     p.add_argument("--enroll-processes", type=int, default=2)
     p.add_argument(
+        "--enroll-only", action="store_true", help="the first phase only: enroll, then stop"
+    )
+    p.add_argument(
         "--enroll-concurrency", type=int, default=32, help="enrollments in flight per process"
     )
     p.add_argument(
@@ -322,6 +337,13 @@ def main() -> int:
         help="enrolled agents starting their session per second, all swarm processes together",
     )
     p.add_argument("--backoff-max", type=float, default=30.0, help="the agents' reconnect backoff")
+    p.add_argument(
+        "--agent-ping-timeout",
+        type=float,
+        default=0,
+        help="seconds an agent waits for a pong before it drops its session (0: the agent's "
+        "20 s); a swarm process answering a push for 8,000 agents lags longer than that",
+    )
     p.add_argument("--watch-every", type=float, default=30.0, help="seconds between status lines")
     p.add_argument("--swarm-nice", type=int, default=5, help="the swarm processes' niceness")
     p.add_argument("--tls-groups", default=None)

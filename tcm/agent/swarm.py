@@ -486,6 +486,12 @@ def run(args: Any) -> int:
         servers=list(args.server[1:]) if args.server else [],
         keepalive=args.keepalive,
         backoff_max=args.backoff_max,
+        # a swarm process's reactor serves thousands of agents: its lag is not the network's
+        **(
+            {"keepalive_timeout": args.keepalive_timeout}
+            if getattr(args, "keepalive_timeout", None) is not None
+            else {}
+        ),
     )
     failed: list[int] = []
     if swarm.enroll_only:  # done once every member is enrolled (or could not be)

@@ -240,6 +240,13 @@ def _main(argv: list[str] | None = None) -> int:
         default=None,
         help="seconds between pings (default: as the server says)",
     )
+    s.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        default=None,
+        help="seconds an agent waits for its ping's answer before it drops the session "
+        "(default: the agent's, 20)",
+    )
     s.add_argument("--backoff-max", type=float, default=60.0)
     s.add_argument(
         "--inventory-packages",
