@@ -198,8 +198,12 @@ class SwarmProcs:
         extra: list[str] | None = None,
         url: str | None = None,
         nice: int = 0,
+        rate: float = 1500.0,
+        processes: int | None = None,
     ):
         self.nice = nice  # the agents' machines run below the server's priority here
+        self.rate = rate  # agents started per second by each process (enrolled ones)
+        self.processes = processes  # default: as few as the descriptor limit allows
         self.base = base
         self.server = server
         self.url = url or server.url  # where the agents connect (a gateway, a proxy)
@@ -213,11 +217,16 @@ class SwarmProcs:
         # As few processes as the descriptor limit allows, with the agents spread evenly over
         # them: 10,000 as 2 x 5,000 rather than 9,000 + 1,000, so that neither process is the
         # one every other waits for.
-        processes = -(-self.count // PER_SWARM)
+        processes = self.processes or -(-self.count // PER_SWARM)
         per = -(-self.count // processes) if processes else 0
         first = 0
         while first < self.count:
             n = min(per, self.count - first)
+            for stale in ("swarm", "enroll"):  # an earlier run's status, maybe other counts
+                try:
+                    os.unlink(os.path.join(self.state_dir, f"{stale}-{first}.json"))
+                except FileNotFoundError:
+                    pass
             log = open(os.path.join(self.base, f"swarm-{first}.log"), "ab")
             self.procs.append(
                 subprocess.Popen(
@@ -241,7 +250,7 @@ class SwarmProcs:
                         "--state-dir",
                         self.state_dir,
                         "--rate",
-                        "1500",
+                        str(self.rate),
                         *self.extra,
                     ],
                     stdout=log,
@@ -282,6 +291,29 @@ class SwarmProcs:
         if os.path.realpath(self.state_dir).startswith("/dev/shm"):
             row["state_kb"] = round(disk_usage(self.state_dir) / agents / 1024, 1)
         return row
+
+    def statuses(self, prefix: str = "swarm") -> list[dict[str, Any]]:
+        """Each process's last status file (`swarm-<first>.json`; `enroll-<first>.json` for
+        --enroll-only), those not written yet left out."""
+        out = []
+        per = -(-self.count // len(self.procs)) if self.procs else 0
+        for k in range(len(self.procs)):
+            try:
+                with open(os.path.join(self.state_dir, f"{prefix}-{k * per}.json")) as f:
+                    out.append(json.load(f))
+            except (OSError, ValueError):
+                pass
+        return out
+
+    def wait(self, timeout: float) -> list[int | None]:
+        """Wait (bounded) for every process to exit; their exit codes (None: still running)."""
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        return [p.poll() for p in self.procs]
 
     def stop(self) -> None:
         for p in self.procs:

@@ -4,6 +4,7 @@ its process-level tuning (full garbage collections kept off settled agents)."""
 from __future__ import annotations
 
 import gc
+import json
 
 import pytest_twisted
 from twisted.internet.task import Clock
@@ -91,3 +92,48 @@ async def test_members_are_real_agents_of_their_own_over_one_shared_tls_context(
     finally:
         await swarm.stopService()
         gc.unfreeze()
+
+
+@pytest_twisted.ensureDeferred
+async def test_enroll_only_enrolls_each_member_once_and_holds_no_session(
+    inproc_server,  # noqa: F811
+    tmp_path,
+):
+    """`--enroll-only` (a benchmark's first phase): each member gets an identity of its own
+    and no session; a second run passes the enrolled members without asking the server."""
+    from twisted.internet import reactor
+
+    from tcm.agent.enrollment import AgentState
+
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(inproc_server.ca_pem)
+    state = str(tmp_path / "swarm")
+    token = await inproc_server.create_token(uses=3)
+    swarm = Swarm(
+        reactor, 3, state, inproc_server.base_url, str(ca), token, parse_sources(None),
+        enroll_rate=100, enroll_only=True, enroll_concurrency=2,
+    )  # fmt: skip
+    swarm.startService()
+    try:
+        failed = await swarm.enrollment_done
+    finally:
+        await swarm.stopService()
+    assert failed == 0
+    assert swarm.members == []  # no agent service, no session
+    assert not list(inproc_server.parts.presence.registry.all())
+    ids = {AgentState(swarm.member_dir(i)).meta()["agent_id"] for i in range(3)}
+    assert len(ids) == 3
+    counts = json.loads((tmp_path / "swarm" / "enroll-0.json").read_text())
+    assert (counts["enrolled"], counts["already"], counts["failed"]) == (3, 0, 0)
+
+    again = Swarm(
+        reactor, 3, state, inproc_server.base_url, str(ca), "spent-token",
+        parse_sources(None), enroll_only=True,
+    )  # fmt: skip
+    again.startService()
+    try:
+        assert await again.enrollment_done == 0
+    finally:
+        await again.stopService()
+    assert again.enroll_counts()["already"] == 3 and again.enroll_counts()["enrolled"] == 0
+    assert {AgentState(again.member_dir(i)).meta()["agent_id"] for i in range(3)} == ids

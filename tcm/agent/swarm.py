@@ -8,6 +8,9 @@ every 2 s. Only what cannot be shared per process differs: no control socket per
 ledger is not fsynced (it still survives the process, not the machine), and connections come
 from several source addresses so that one (source, destination) pair does not run out of
 ports. Identities are kept in the state directory: a second run reconnects without enrolling.
+With `--enroll-only` the process only enrolls the members that are not enrolled yet (at
+`--enroll-rate`, at most `--enroll-concurrency` at once), holds no session, writes its counts
+to `enroll-<first>.json` and exits: 0 once every member is enrolled.
 
 The process raises its descriptor limit to the hard limit; past that (20,000 here), run
 several swarm processes.
@@ -30,6 +33,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from tcm.agent.config import AgentConfig
+from tcm.agent.enrollment import AgentState, enroll_if_needed
 from tcm.agent.modes import DISCONNECTED, HTTP, PERSISTENT
 from tcm.agent.policies import load_policy_handlers
 from tcm.agent.runner import load_handlers
@@ -191,6 +195,8 @@ class Swarm(service.MultiService):
         enroll_rate: float = 200.0,
         first: int = 0,
         inventory_packages: int = 0,
+        enroll_only: bool = False,
+        enroll_concurrency: int = 64,
         **agent_options: Any,
     ):
         super().__init__()
@@ -205,6 +211,12 @@ class Swarm(service.MultiService):
         self.enroll_rate = enroll_rate
         self.first = first
         self.agent_options = agent_options
+        self.enroll_only = enroll_only
+        self.enroll_concurrency = enroll_concurrency
+        # --enroll-only: fires (with the number that failed) once every member is done
+        self.enrollment_done: Deferred[int] = Deferred()
+        self._enrolling = 0
+        self._enroll_counts = {"already": 0, "enrolled": 0, "failed": 0}
         self.handlers = load_handlers()
         if inventory_packages:  # each member an inventory of its own (bench/inventory.py)
             self.handlers = {
@@ -244,16 +256,37 @@ class Swarm(service.MultiService):
                 limit=limit,
             )
         enrolled = os.path.exists(os.path.join(self.member_dir(0), "cert.pem"))
-        rate = self.rate if enrolled else min(self.rate, self.enroll_rate)
+        rate = self.rate if enrolled and not self.enroll_only else min(self.rate, self.enroll_rate)
         tick = 0.05
-        self._per_tick = max(1, int(rate * tick))
-        self._starter = LoopingCall(self._start_some)
+        # a fraction of an agent per tick (a low rate spread over many processes) is kept
+        self._per_tick_rate = rate * tick
+        self._credit = 0.0
+        self._starter = LoopingCall(self._enroll_some if self.enroll_only else self._start_some)
         self._starter.clock = self.reactor
         self._starter.start(tick, now=True)
         self._reporter.start(2.0, now=False)
 
+    def _config(self, i: int) -> AgentConfig:
+        return AgentConfig(
+            state_dir=self.member_dir(i),
+            server=self.server,
+            ca_cert=self.ca_cert,
+            token=self.token,
+            spool_fsync=False,
+            control_socket=False,
+            bind_address=self.sources[i % len(self.sources)],
+            **self.agent_options,
+        )
+
+    def _take(self) -> int:
+        """How many agents this tick may start: the rate's share, fractions carried over."""
+        self._credit = min(self._credit + self._per_tick_rate, max(1.0, self._per_tick_rate))
+        n = int(self._credit)
+        self._credit -= n
+        return n
+
     def _start_some(self) -> None:
-        for _ in range(self._per_tick):
+        for _ in range(self._take()):
             if self._next >= self.count:
                 assert self._starter is not None
                 self._starter.stop()
@@ -261,16 +294,7 @@ class Swarm(service.MultiService):
                 return
             i = self._next
             self._next += 1
-            config = AgentConfig(
-                state_dir=self.member_dir(i),
-                server=self.server,
-                ca_cert=self.ca_cert,
-                token=self.token,
-                spool_fsync=False,
-                control_socket=False,
-                bind_address=self.sources[i % len(self.sources)],
-                **self.agent_options,
-            )
+            config = self._config(i)
             member = AgentService(
                 config,
                 self.reactor,
@@ -280,6 +304,54 @@ class Swarm(service.MultiService):
             )
             self.members.append(member)
             member.setServiceParent(self)
+
+    def _enroll_some(self) -> None:
+        """--enroll-only: enroll the next members (those enrolled already are passed at once),
+        at the rate and at most `enroll_concurrency` at once; no session, nothing kept open."""
+        budget = self._take()
+        while self._next < self.count and self._enrolling < self.enroll_concurrency:
+            i = self._next
+            state = AgentState(self.member_dir(i))
+            if state.enrolled():
+                self._next += 1
+                self._enroll_counts["already"] += 1
+                continue
+            if budget <= 0:
+                break
+            budget -= 1
+            self._next += 1
+            self._enrolling += 1
+            d = enroll_if_needed(self.reactor, self._config(i), state, None)
+            d.addCallbacks(self._member_enrolled, self._member_failed, errbackArgs=(i,))
+        if self._next >= self.count and self._enrolling == 0:
+            assert self._starter is not None
+            if self._starter.running:
+                self._starter.stop()
+            self.report()
+            self._log.info(
+                "enrollment done: {enrolled} enrolled now, {already} already, {failed} failed",
+                **self._enroll_counts,
+            )
+            self.enrollment_done.callback(self._enroll_counts["failed"])
+
+    def _member_enrolled(self, _identity: Any) -> None:
+        self._enrolling -= 1
+        self._enroll_counts["enrolled"] += 1
+
+    def _member_failed(self, f: Any, i: int) -> None:
+        self._enrolling -= 1
+        self._enroll_counts["failed"] += 1
+        self._log.error("agent {i} could not enroll: {why}", i=self.first + i, why=f.value)
+
+    def enroll_counts(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            **self._enroll_counts,
+            "in_flight": self._enrolling,
+            "passed": self._next,
+            "uptime": time.time() - self.started_at,
+            "pid": os.getpid(),
+        }
 
     def counts(self) -> dict[str, Any]:
         modes = {PERSISTENT: 0, HTTP: 0, DISCONNECTED: 0}
@@ -328,6 +400,18 @@ class Swarm(service.MultiService):
         self._sessions[id(member)] = (traffic, traffic.sent, traffic.received)
 
     def report(self) -> None:
+        if self.enroll_only:
+            counts = self.enroll_counts()
+            path = os.path.join(self.state_dir, f"enroll-{self.first}.json")
+            with open(path + ".tmp", "w") as f:
+                json.dump(counts, f)
+            os.replace(path + ".tmp", path)
+            self._log.info(
+                "swarm enrollment: {passed}/{count} passed, {enrolled} enrolled now, "
+                "{already} already, {in_flight} in flight, {failed} failed",
+                **counts,
+            )
+            return
         counts = self.counts()
         self._tune_gc(counts)
         path = os.path.join(self.state_dir, f"swarm-{self.first}.json")
@@ -397,13 +481,27 @@ def run(args: Any) -> int:
         enroll_rate=args.enroll_rate,
         first=args.first,
         inventory_packages=args.inventory_packages,
+        enroll_only=getattr(args, "enroll_only", False),
+        enroll_concurrency=getattr(args, "enroll_concurrency", 64),
         servers=list(args.server[1:]) if args.server else [],
         keepalive=args.keepalive,
         backoff_max=args.backoff_max,
+        # a swarm process's reactor serves thousands of agents: its lag is not the network's
+        **(
+            {"keepalive_timeout": args.keepalive_timeout}
+            if getattr(args, "keepalive_timeout", None) is not None
+            else {}
+        ),
     )
+    failed: list[int] = []
+    if swarm.enroll_only:  # done once every member is enrolled (or could not be)
+        swarm.enrollment_done.addCallback(failed.append)
+        swarm.enrollment_done.addCallback(lambda _: reactor.stop())
     reactor.callWhenRunning(swarm.startService)
     reactor.addSystemEventTrigger("before", "shutdown", swarm.stopService)
     if args.duration:
         reactor.callLater(args.duration, reactor.stop)
     reactor.run()
+    if swarm.enroll_only and (not failed or failed[0]):
+        return 1  # not all enrolled: some failed, or --duration ended it first
     return 0

@@ -223,10 +223,29 @@ def _main(argv: list[str] | None = None) -> int:
         "server's dearest request: several swarm processes share what it can sign)",
     )
     s.add_argument(
+        "--enroll-only",
+        action="store_true",
+        help="only enroll the agents not enrolled yet (at --enroll-rate), hold no session, "
+        "and exit: 0 once all are enrolled (a benchmark's first phase)",
+    )
+    s.add_argument(
+        "--enroll-concurrency",
+        type=int,
+        default=64,
+        help="with --enroll-only: enrollments in flight at most",
+    )
+    s.add_argument(
         "--keepalive",
         type=float,
         default=None,
         help="seconds between pings (default: as the server says)",
+    )
+    s.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        default=None,
+        help="seconds an agent waits for its ping's answer before it drops the session "
+        "(default: the agent's, 20)",
     )
     s.add_argument("--backoff-max", type=float, default=60.0)
     s.add_argument(
