@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -163,7 +164,10 @@ def clients(args) -> int:
     acked = [0]
 
     class Proto(WebSocketClientProtocol):
+        was_open = False
+
         def onOpen(self):
+            self.was_open = True
             opened[0] += 1
             if args.mtls:
                 self.sendMessage(b'{"type":"hello"}')
@@ -186,6 +190,16 @@ def clients(args) -> int:
             if len(arrivals) == args.count:
                 print(json.dumps({"arrivals": arrivals}), flush=True)
 
+        def onClose(self, was_clean, code, reason):
+            if not self.was_open:  # refused or dropped under the burst: once more, later
+                retry()
+
+    retries = [0]
+
+    def retry() -> None:
+        retries[0] += 1
+        reactor.callLater(0.5 + random.random(), connect, retries[0])
+
     factory = WebSocketClientFactory(f"wss://127.0.0.1:{args.port}")
     factory.protocol = Proto
     factory.setProtocolOptions(autoPingInterval=0, failByDrop=False)
@@ -195,7 +209,7 @@ def clients(args) -> int:
         ep = HostnameEndpoint(
             reactor, "127.0.0.1", args.port, bindAddress=(sources[i % len(sources)], 0)
         )
-        wrapClientTLS(creator, ep).connect(factory).addErrback(lambda f: None)
+        wrapClientTLS(creator, ep).connect(factory).addErrback(lambda f: retry())
 
     def start(i=0):
         for j in range(i, min(args.count, i + 50)):
