@@ -399,13 +399,17 @@ class Swarm(service.MultiService):
         self._wire[1] += traffic.received - seen[2]
         self._sessions[id(member)] = (traffic, traffic.sent, traffic.received)
 
+    def _write_counts(self, kind: str, counts: dict[str, Any]) -> None:
+        """`<kind>-<first>.json` in the state directory, replaced whole (benches read it)."""
+        path = os.path.join(self.state_dir, f"{kind}-{self.first}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(counts, f)
+        os.replace(path + ".tmp", path)
+
     def report(self) -> None:
         if self.enroll_only:
             counts = self.enroll_counts()
-            path = os.path.join(self.state_dir, f"enroll-{self.first}.json")
-            with open(path + ".tmp", "w") as f:
-                json.dump(counts, f)
-            os.replace(path + ".tmp", path)
+            self._write_counts("enroll", counts)
             self._log.info(
                 "swarm enrollment: {passed}/{count} passed, {enrolled} enrolled now, "
                 "{already} already, {in_flight} in flight, {failed} failed",
@@ -414,10 +418,7 @@ class Swarm(service.MultiService):
             return
         counts = self.counts()
         self._tune_gc(counts)
-        path = os.path.join(self.state_dir, f"swarm-{self.first}.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(counts, f)
-        os.replace(path + ".tmp", path)
+        self._write_counts("swarm", counts)
         self._log.info(
             "swarm: {started}/{count} started, {persistent} persistent, {http} http, "
             "{disconnected} disconnected, {completed} jobs done",
