@@ -93,6 +93,14 @@ def memory_arguments(p: Any) -> None:
     p.add_argument("--work", default="/tmp/tcm-bench")
 
 
+def sleep(seconds: float) -> Any:
+    """A Deferred that fires after `seconds` on the global reactor (the in-process benches)."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    return deferLater(reactor, seconds, lambda: None)  # type: ignore[arg-type]
+
+
 def run_async(main: Callable[[], Coroutine[Any, Any, Any]]) -> int:
     """Run the coroutine `main()` as the reactor's one task, then stop: 0, or 1 with its
     traceback printed if it failed (the in-process benches)."""

@@ -37,10 +37,9 @@ from common import (  # noqa: E402
     print_growth,
     print_traced,
     run_async,
+    sleep,
     type_counts,
 )
-from twisted.internet import reactor  # noqa: E402
-from twisted.internet.task import deferLater  # noqa: E402
 
 from tests.harness import PYTHON, free_port  # noqa: E402
 from tests.inproc import start_server  # noqa: E402
@@ -104,10 +103,6 @@ async def push_round(server, n: int, round_: int) -> None:
         f"job {round_}: {n} results in {time.monotonic() - t0:.2f} s, server CPU {cpu:.2f} s, "
         f"garbage collector {sum(clock.seconds):.2f} s ({gcs})"
     )
-
-
-def sleep(seconds: float):
-    return deferLater(reactor, seconds, lambda: None)
 
 
 async def run(args: argparse.Namespace) -> None:

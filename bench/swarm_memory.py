@@ -40,10 +40,10 @@ from common import (  # noqa: E402
     print_growth,
     print_traced,
     run_async,
+    sleep,
     type_counts,
 )
 from twisted.internet import reactor  # noqa: E402
-from twisted.internet.task import deferLater  # noqa: E402
 
 from tcm.agent.swarm import Swarm, parse_sources  # noqa: E402
 from tcm.process import release_memory  # noqa: E402
@@ -66,10 +66,6 @@ def detail(n: int) -> None:
         if count / n < 0.5:
             break
         print(f"  {count / n:7.2f}  {name}")
-
-
-def sleep(seconds: float):
-    return deferLater(reactor, seconds, lambda: None)
 
 
 async def run(args: argparse.Namespace) -> None:

@@ -58,8 +58,10 @@ __all__ = [
     "offer",
     "offer_resumption",
     "offered_token",
+    "read_token_message",
     "resumed_peer",
     "serve_resumption",
+    "token_message",
 ]
 
 #: How long a token may be offered: a session older than this resumes with certificates
