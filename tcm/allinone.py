@@ -23,6 +23,7 @@ from tcm.server.tap import Options as ServerOptions
 from tcm.server.tap import config_from
 from tcm.taskserver.service import EmbeddedTaskServer
 from tcm.tls.endpoints import ListenAddresses, TLSServerEndpoint, listen_addresses, parse
+from tcm.tls.resumption import ResumptionKeys
 
 GATEWAY_PORT = 8445  # the default of twistd tcm-gateway
 
@@ -128,6 +129,11 @@ class EmbeddedGateway(GatewayService):
             server.reactor,
         )
         self.server = server  # the EmbeddingServer of tcm/server/service.py
+
+    def resumption_keys(self) -> ResumptionKeys:
+        """The server's own: one process, one secret (an agent that moves between the
+        server's port and this one on the same host offers its token to both)."""
+        return self.server.resumption or super().resumption_keys()
 
     def issuer(self, name: str, url: str, identity: Any) -> Any:
         """Renewed by the server's own CA, in process, like it was issued."""

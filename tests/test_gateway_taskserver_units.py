@@ -107,14 +107,17 @@ class Chain:
             else:
                 self.gw.from_server(header, payload, "ts")
 
-    def agent(self, agent_id: str) -> AgentConn:
-        """An agent's task session at /taskserver/ts1/task/v1/ws of the gateway."""
+    def agent(self, agent_id: str, resume: dict[str, Any] | None = None) -> AgentConn:
+        """An agent's task session at /taskserver/ts1/task/v1/ws of the gateway (`resume`:
+        the token the gateway sealed for its connection)."""
         upstream, refusal = self.gw.routing.route_task_server("s1", "ts1")
         assert refusal is None and upstream == "ts"
         assert self.gw.refusal(agent_id, upstream) is None
         conn = AgentConn()
         conn.agent_id = agent_id  # type: ignore[attr-defined]
-        conn.relay_conn = self.gw.opened(conn, agent_id, "tcp4:10.1.1.1:999", {}, upstream, "task")
+        conn.relay_conn = self.gw.opened(
+            conn, agent_id, "tcp4:10.1.1.1:999", {}, upstream, "task", resume=resume
+        )
         self.clock.advance(0)
         self.gw.from_agent(conn.relay_conn, _hello())
         self.clock.advance(0)
@@ -147,6 +150,22 @@ def test_a_task_session_crosses_gateway_and_task_server_and_a_push_crosses_each_
     chain.clock.advance(0)
     chain.clock.advance(0)
     assert decode(agents[0].frames[-1], 0).type == "error"
+
+
+def test_the_gateways_token_crosses_the_task_server_to_the_servers_welcome():
+    from tcm.tls.resumption import Resumed, ResumptionKeys, issue_token
+
+    chain = Chain()
+    now = 1_800_000_000.0
+    token = issue_token(
+        ResumptionKeys(b"g" * 32), Resumed("a-1", "s1", "ab" * 32, now + 3600), "a-1", now
+    )
+    with_token, without = chain.agent("a-1", token), chain.agent("a-2")
+    opens = [h for h in chain.gw_ts_wire.sent if h["t"] == "open"]
+    assert [h.get("resume") for h in opens] == [token, None]  # gateway -> task server
+    assert decode(with_token.frames[0], 0).data["resume"] == token  # ... -> server -> agent
+    assert "resume" not in decode(without.frames[0], 0).data
+    assert chain.ts_link._tokens == {}  # taken by the welcome
 
 
 def test_closes_travel_both_ways():

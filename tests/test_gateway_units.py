@@ -22,6 +22,7 @@ from tcm.relay.relays import GatewayRelay
 from tcm.relay.requests import RequestLost
 from tcm.relay.routing import wanted_upstream
 from tcm.server.links import NodeLink
+from tcm.tls.resumption import Resumed, ResumptionKeys, issue_token, read_token_message
 from tests.test_relay_units import AgentConn, Hub, Upstream, _hello
 
 
@@ -380,3 +381,74 @@ def test_a_frame_for_a_connection_closed_meanwhile_is_dropped_quietly():
     relay.from_server({"t": "frame", "c": gone.relay_conn}, b'{"x":1}', "up-a")
     relay.from_server({"t": "push", "c": [gone.relay_conn, live.relay_conn]}, b'{"y":2}', "up-a")
     assert live.prepared == [("prepared", b'{"y":2}')]
+
+
+# -- resumption tokens: sealed where the agent's TLS ends (here), welcomed by the server ------
+
+NOW = 1_800_000_000.0
+
+
+def _welcome(conn: Conn) -> dict[str, Any]:
+    [welcome] = [e for e in (decode(f, 1 << 20) for f in conn.frames) if e.type == "welcome"]
+    return welcome.data
+
+
+def test_the_token_the_gateway_seals_comes_back_in_the_servers_welcome_once():
+    clock, relay, hubs, nodes = _gateway()
+    keys = ResumptionKeys(b"g" * 32)  # the gateway's: the server never holds them
+    peer = Resumed("a-1", "server-0", "ab" * 32, NOW + 86400)
+    token = issue_token(keys, peer, "a-1", NOW)
+    assert token is not None
+    a = Conn("a-1")
+    a.relay_conn = relay.opened(a, "a-1", "tcp4:1.2.3.4:5", {}, "up-a", "core", resume=token)
+    node = nodes["up-a"]
+    assert node._tokens == {a.relay_conn: token}  # held until the welcome
+    relay.from_agent(a.relay_conn, _hello())
+    resume = _welcome(a)["resume"]
+    assert resume == token
+    identity, psk, lifetime = read_token_message(resume)  # what the agent keeps
+    assert keys.open(identity, NOW + 60) == (peer, psk) and lifetime == 86400
+    assert node._tokens == {}  # taken: a session holds no token after its welcome
+
+    # a node that sends none (one of before, or without keys): a welcome without `resume`
+    b = Conn("a-2")
+    b.relay_conn = relay.opened(b, "a-2", "tcp4:1.2.3.4:6", {}, "up-a", "core")
+    relay.from_agent(b.relay_conn, _hello())
+    assert "resume" not in _welcome(b)
+
+    # a connection gone before its hello leaves nothing behind, nor does a lost link
+    c = Conn("a-3")
+    c.relay_conn = relay.opened(c, "a-3", "tcp4:1.2.3.4:7", {}, "up-a", "core", resume=token)
+    relay.closed(c.relay_conn)
+    assert node._tokens == {}
+    d = Conn("a-3")
+    d.relay_conn = relay.opened(d, "a-3", "tcp4:1.2.3.4:8", {}, "up-a", "core", resume=token)
+    node.lost()
+    assert node._tokens == {}
+
+
+def test_issue_token_gives_none_without_keys_peer_or_a_valid_certificate():
+    keys = ResumptionKeys(b"g" * 32)
+    peer = Resumed("a-1", "server-0", "ab" * 32, NOW + 86400)
+    assert issue_token(None, peer, "a-1", NOW) is None  # no keys: no token
+    assert issue_token(keys, None, "a-1", NOW) is None  # no certificate, no token offered
+    assert issue_token(keys, peer, "a-2", NOW) is None  # the peer is another agent
+    assert issue_token(keys, peer, "a-1", NOW + 86400) is None  # its certificate expired
+    assert read_token_message(issue_token(keys, peer, "a-1", NOW)) is not None
+
+
+def test_a_malformed_token_in_open_closes_the_link_with_the_reason():
+    closes: list[tuple[int, str]] = []
+    node = NodeLink("gw1", lambda data: None, lambda c, r: closes.append((c, r)), Hub(), Clock())
+    node.message_received(
+        link.encode({"t": "hello", "name": "gw1", "role": "gateway", "url": "wss://gw"})
+    )
+    bad = {"identity": "x", "key": "y"}  # no lifetime
+    node.message_received(link.encode({"t": "open", "c": 1, "agent": "a-1", "resume": bad}))
+    assert closes == [
+        (
+            codes.CLOSE_PROTOCOL_ERROR,
+            "link message 'open': 'resume' must be a resumption token {identity, key, lifetime}",
+        )
+    ]
+    assert node.sessions == {} and node._tokens == {}

@@ -53,6 +53,13 @@ def test_the_doc_examples_that_are_whole_headers_are_valid():
         (b'{"t":"close","c":1,"code":4000,"reason":7}\n', link.SERVER_SENDS, "'reason'"),
         (b'{"t":"welcome","role":"boss"}\n', link.SERVER_SENDS, "role must be"),
         (b'{"t":"open","c":1,"agent":"a","tls":"x"}\n', link.NODE_SENDS, "'tls'"),
+        (b'{"t":"open","c":1,"agent":"a","resume":"x"}\n', link.NODE_SENDS, "resumption token"),
+        (b'{"t":"open","c":1,"agent":"a","resume":{}}\n', link.NODE_SENDS, "resumption token"),
+        (
+            b'{"t":"open","c":1,"agent":"a","resume":{"identity":"i","key":"k","lifetime":0}}\n',
+            link.NODE_SENDS,
+            "resumption token",
+        ),
         (b'{"t":"hello","role":"gateway","url":"u","worker":true}\n', link.NODE_SENDS, "worker"),
         (b'{"t":7}\n', link.NODE_SENDS, "unexpected link message type 7"),
     ],
@@ -76,6 +83,7 @@ _VALUES = st.recursive(
 )
 _FIELDS = ["c", "r", "agent", "agents", "approved", "code", "reason", "full", "gateways"]
 _FIELDS += ["task_servers", "role", "url", "server", "node", "worker", "tls", "channel", "n"]
+_FIELDS += ["resume"]
 _HEADERS = st.builds(
     lambda t, fields: {"t": t, **fields},
     st.sampled_from(sorted(link.HEADERS) + ["bogus"]) | st.text(max_size=5),

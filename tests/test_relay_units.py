@@ -17,6 +17,7 @@ from tcm.protocol import codes, link
 from tcm.protocol.envelope import Envelope, decode, encode
 from tcm.relay.relays import GatewayRelay, TaskServerRelay
 from tcm.server.errors import Forbidden
+from tcm.server.hub import resume_field
 from tcm.server.links import NodeLink
 from tcm.server.nodes import TaskServerAssignments
 from tcm.server.sessions import SessionState
@@ -158,7 +159,9 @@ class Hub:
         return agent_id
 
     def welcome_for(self, session) -> dict[str, Any]:
-        return {"session": session.id, "keepalive": 50, "poll_interval": 60}
+        # `resume` as the server's AgentHub makes it: the token the node sent in `open`
+        resume = resume_field(session, None, 0.0)
+        return {"session": session.id, "keepalive": 50, "poll_interval": 60, **resume}
 
     def session_opened(self, session, hello) -> None:
         self.opened.append(session)

@@ -95,3 +95,21 @@ def test_the_welcome_field_round_trips_and_bad_ones_are_ignored():
         {**message, "identity": b64(b"x" * 2000).decode()},
     ):
         assert read_token_message(bad) is None, bad
+
+
+def test_examine_says_why_a_token_does_not_open():
+    keys = ResumptionKeys(b"s" * 32)
+    identity, psk, lifetime = keys.issue(PEER, NOW)
+    assert keys.examine(identity, NOW) == (PEER, psk)
+    # another server's, another cluster's or gateway's, or a forged one: not sealed here
+    assert ResumptionKeys(b"t" * 32).examine(identity, NOW) == "sealed with other keys"
+    assert keys.examine(b"\x01" + os.urandom(60), NOW) == "sealed with other keys"
+    assert keys.examine(identity, NOW - 2 * EPOCH) == "sealed with other keys"  # epoch to come
+    assert keys.examine(identity, NOW + lifetime) == "expired"
+    assert keys.examine(identity, NOW + lifetime + 3 * EPOCH) == "expired"  # keys long gone
+    soon = Resumed("a-1", None, "cd" * 32, NOW + 3600)
+    short, _, _ = ResumptionKeys(b"s" * 32, lifetime=86400).issue(soon, NOW)
+    assert keys.examine(short, NOW + 3600) == "its certificate has expired"
+    assert keys.examine(b"\x02" + identity[1:], NOW) == "not a token"  # another version
+    assert keys.examine(identity[:20], NOW) == "not a token"
+    assert keys.examine(b"\x01" + os.urandom(2000), NOW) == "not a token"

@@ -694,7 +694,7 @@ def token_server_identity(ca):
     return ca.issue_server_certificate(["127.0.0.1"])
 
 
-def _token_server(listen, ca, identity, master: bytes, groups=None):
+def _token_server(listen, ca, identity, master: bytes, groups=None, clock=None):
     import time
 
     from tcm.tls.resumption import ResumptionKeys
@@ -702,7 +702,7 @@ def _token_server(listen, ca, identity, master: bytes, groups=None):
     keys = ResumptionKeys(master)  # a new process: new contexts, new ticket keys
     key_pem, cert_pem = identity
     options = server_tls_options(
-        key_pem, cert_pem, [ca.cert_pem], groups=groups, resumption=(keys, time.time)
+        key_pem, cert_pem, [ca.cert_pem], groups=groups, resumption=(keys, clock or time.time)
     )
     return listen(options, TokenEchoFactory(keys))
 
@@ -748,15 +748,56 @@ def test_a_token_another_server_cannot_open_means_a_full_handshake(
     first = yield _token_server(listen, ca, token_server_identity, b"a" * 32)
     yield _token_exchange(first, identity)
     other = yield _token_server(listen, ca, token_server_identity, b"b" * 32)
-    client = yield _token_exchange(other, identity)
+    with capturedLogs() as events:
+        client = yield _token_exchange(other, identity)
+        yield other.connections.settle()
     assert client.reason.check(ConnectionDone) and client.kind == "full"
     [seen] = other.connections.seen
     assert seen.peer_chain is not None and seen.peer_cn == "agent-0001"
+    # the listener says why, once, naming the agent (its certificate) and its address
+    assert other.logger.tokens_refused == {"sealed with other keys": 1}
+    assert other.logger.completed == {"full": 1} and other.logger.failures == {}
+    [line] = [e for e in events if "resumption token" in e.get("log_format", "")]
+    assert line["agent"] == "agent-0001" and line["why"] == "sealed with other keys"
+    assert line["peer"].startswith("127.0.0.1:") and line["log_level"].name == "info"
     # a server that asks for another hello (its group is not among the client's key
     # shares) gets no PSK in it: a full handshake, not a failure
     retry = yield _token_server(listen, ca, token_server_identity, b"b" * 32, groups="P-256")
     client = yield _token_exchange(retry, identity)
     assert client.reason.check(ConnectionDone) and client.kind == "full"
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_expired_or_forged_token_means_a_full_handshake_and_a_log_line(
+    ca, agent, token_server_identity, listen
+):
+    import os
+    import time
+
+    from tcm.tls.identity import Identity
+
+    master = b"e" * 32
+    identity = Identity(ca.cert_pem, *agent)
+    first = yield _token_server(listen, ca, token_server_identity, master)
+    yield _token_exchange(first, identity)
+    # the same keys, 31 days later (the agent's clock kept it: the server judges)
+    later = yield _token_server(
+        listen, ca, token_server_identity, master, clock=lambda: time.time() + 31 * 86400
+    )
+    client = yield _token_exchange(later, identity)
+    yield later.connections.settle()
+    assert client.reason.check(ConnectionDone) and client.kind == "full"
+    assert later.logger.tokens_refused == {"expired": 1}
+    # an identity made up (a forged token, with some key): not sealed by these keys
+    server = yield _token_server(listen, ca, token_server_identity, master)
+    identity._tokens["127.0.0.1"] = (b"\x01" + os.urandom(80), os.urandom(48), time.time() + 60)
+    client = yield _token_exchange(server, identity)
+    yield server.connections.settle()
+    assert client.reason.check(ConnectionDone) and client.kind == "full"
+    assert server.logger.tokens_refused == {"sealed with other keys": 1}
+    assert server.logger.completed == {"full": 1} and server.logger.failures == {}
+    [seen] = server.connections.seen
+    assert seen.peer_cn == "agent-0001" and seen.peer_chain is not None
 
 
 @pytest_twisted.inlineCallbacks

@@ -36,7 +36,7 @@ class GatewayMetrics:
 
     def families(self):
         gw = self.gateway
-        return relay_families(PREFIX, gw.relay, gw.tls_failures(), self.https())
+        return relay_families(PREFIX, gw.relay, gw.handshakes, self.https())
 
     def status(self) -> dict[str, Any]:
         gw = self.gateway

@@ -3,6 +3,8 @@
 State directory:
     upstreams/NAME/    one node identity per upstream management server (tcm/relay/node.py's)
     cert.pem, key.pem  optional: the admin's certificate for the agents' side (--cert/--key)
+    resumption.key     the secret of the agents' resumption tokens (tcm.tls.resumption);
+                       gateways that answer at one name hold copies of one
 
 Agent-facing paths (one TLS port, client certificates from the tcm CA):
     /agent/v1/ws                 an agent's own (core) session -> the server in its certificate
@@ -58,6 +60,7 @@ from tcm.tls.endpoints import listeners, port_description
 from tcm.tls.handshake import HandshakeLogger
 from tcm.tls.identity import Identity
 from tcm.tls.renewal import DEFAULT_FRACTION, FollowRenewals
+from tcm.tls.resumption import ResumptionKeys
 from tcm.tls.server import server_tls_options
 
 
@@ -179,6 +182,8 @@ class GatewayService(NodeService):
     metrics site; drain on stop."""
 
     settles_heap = True  # a process of its own (tcm/heap.py); the all-in-one's server does
+    # the agents' listener's TLS record: failures, handshakes by kind (set by build)
+    handshakes: HandshakeLogger | None = None
 
     _log = Logger()
     what = "gateway"
@@ -299,18 +304,28 @@ class GatewayService(NodeService):
                     cfg.renew_fraction,
                 )
             Running(self.renewals[name]).setServiceParent(self)
+        # the agents' TLS ends here: this gateway seals their resumption tokens and resumes
+        # the handshakes that offer one, with its own keys (not its servers')
+        keys = self.resumption_keys()
+        resumption = (keys, self.reactor.seconds)
         if cfg.cert and cfg.key:
             with open(cfg.cert, "rb") as f:
                 cert_pem = f.read()
             with open(cfg.key, "rb") as f:
                 key_pem = f.read()
-            tls: Any = server_tls_options(key_pem, cert_pem, cas, groups=cfg.tls_groups)
+            tls: Any = server_tls_options(
+                key_pem, cert_pem, cas, groups=cfg.tls_groups, resumption=resumption
+            )
         else:
             tls = self.identities[self.server_of(cfg.upstreams[0][0])].server_tls(
-                cas, cfg.tls_groups
+                cas, cfg.tls_groups, resumption
             )
-        core = EdgeFactory(self.relay, cfg.url(), cfg.max_message_size, channel="core")
-        task = EdgeFactory(self.relay, cfg.url(), cfg.max_message_size, channel="task")
+        core = EdgeFactory(
+            self.relay, cfg.url(), cfg.max_message_size, channel="core", resumption=keys
+        )
+        task = EdgeFactory(
+            self.relay, cfg.url(), cfg.max_message_size, channel="task", resumption=keys
+        )
         self.root = GatewayRoot(
             self.relay, WebSocketResource(core), WebSocketResource(task), cfg.max_message_size
         )
@@ -343,6 +358,12 @@ class GatewayService(NodeService):
                 metrics_site_for(self.metrics),
             ).setServiceParent(self)
 
+    def resumption_keys(self) -> ResumptionKeys:
+        """The keys of the agents' resumption tokens: this gateway's own, from
+        STATE_DIR/resumption.key (made at the first start; its worker processes read the
+        same file, and gateways that answer at one name share it as a copy)."""
+        return ResumptionKeys.load_or_create(os.path.join(self.config.state_dir, "resumption.key"))
+
     def add_link_to(self, name: str, url: str) -> None:
         """Link to upstream `name` at `url` (one node of it), kept up by its own service;
         started at once when the gateway runs already (a node its cluster named later)."""
@@ -370,10 +391,6 @@ class GatewayService(NodeService):
     def cluster_told(self, name: str, nodes: dict[str, dict[str, Any]]) -> None:
         if name not in self.relay.routing.ts_names:  # a task server is no cluster
             super().cluster_told(name, nodes)
-
-    def tls_failures(self) -> dict[str, int]:
-        handshakes = getattr(self, "handshakes", None)
-        return dict(handshakes.failures) if handshakes is not None else {}
 
     def started(self) -> None:
         cfg = self.config

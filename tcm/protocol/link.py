@@ -12,7 +12,9 @@ Node -> server:
   {"t": "hello", "name", "role", "url", "max_clients"}   first message of the link
   {"t": "open", "c", "agent", "peer", "tls", "channel"}   an agent connection was accepted
       (+ "gateway", "node" from a gateway to a task server: the gateway, and the server node
-      holding the agent's own session, which the task server takes the session on to)
+      holding the agent's own session, which the task server takes the session on to;
+      + "resume": the resumption token the node that ended the agent's TLS sealed for it,
+      which the server puts in the session's welcome: tcm.tls.resumption)
   {"t": "frame", "c"} + payload                           a frame from that agent
   {"t": "closed", "c"}                                    the agent connection is gone
   {"t": "request", "r", "agent"} + request envelope       an agent's HTTPS call (gateways)
@@ -48,6 +50,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import fastjsonschema
+
+from tcm.protocol.schemas import RESUME
 
 SUBPROTOCOL = "tcm.link.v1"
 WS_PATH = "/link/v1/ws"
@@ -139,6 +143,11 @@ HEADERS: dict[str, dict[str, Any]] = {
         },
         gateway=_text("open", "gateway"),
         node=_text("open", "node"),
+        resume={
+            **RESUME,  # the welcome's `resume`, as tcm.v1 states it
+            "description": "link message 'open': 'resume' must be a resumption token "
+            "{identity, key, lifetime}",
+        },
     ),
     "closed": _header("closed", ("c",), c=_count("closed", "c")),
     "request": _header(

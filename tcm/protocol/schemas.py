@@ -42,6 +42,18 @@ CAPABILITY = {
 
 PRINTABLE = r"^[^\u0000-\u001f\u007f-\u009f]*$"  # no control characters
 
+#: A resumption token (tcm.tls.resumption): a welcome's `resume`, and the node link's `open`
+#: carries one from the relay node that sealed it (tcm/protocol/link.py)
+RESUME = {
+    "type": "object",
+    "required": ["identity", "key", "lifetime"],
+    "properties": {
+        "identity": {"type": "string", "maxLength": 1368},
+        "key": {"type": "string", "maxLength": 64},
+        "lifetime": {"type": "number", "exclusiveMinimum": 0},
+    },
+}
+
 DATA: dict[str, dict[str, Any]] = {
     # agent -> server, first message of a session
     "hello": {
@@ -77,15 +89,7 @@ DATA: dict[str, dict[str, Any]] = {
             "server_time": {"type": "number"},
             "policy_count": {"type": "integer", "minimum": 0},
             "profile_count": {"type": "integer", "minimum": 0},
-            "resume": {
-                "type": "object",
-                "required": ["identity", "key", "lifetime"],
-                "properties": {
-                    "identity": {"type": "string", "maxLength": 1368},
-                    "key": {"type": "string", "maxLength": 64},
-                    "lifetime": {"type": "number", "exclusiveMinimum": 0},
-                },
-            },
+            "resume": RESUME,
         },
     },
     # server -> agent: run an action. The same bytes go to every target of a job.

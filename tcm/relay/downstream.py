@@ -165,6 +165,7 @@ class DownLink:
             channel="task",
             gateway=self.name,
             node=header.get("node"),
+            resume=header.get("resume"),  # the gateway's, for the agent's TLS ended there
         )
 
     def _on_frame(self, header: dict[str, Any], payload: bytes) -> None:

@@ -3,7 +3,9 @@
 The edge checks the agent's client certificate (the TLS layer verified it against the tcm CA)
 and asks the relay (`relays.py`) where the connection goes; from then on it passes frames
 between the agent and the relay, which carries them over the node link to the server's session
-for the agent.
+for the agent. The agent's TLS ends here, so the edge seals the connection's resumption token
+(with the factory's keys, those of its listener) and the relay's `open` carries it to the
+server, which puts it in the welcome.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from tcm.protocol import codes
 from tcm.relay.counters import refusal_label
 from tcm.relay.relays import Relay
 from tcm.tls import pki
+from tcm.tls.resumption import ResumptionKeys, issue_token
 from tcm.wsbase import LeanWebSocketMixin, bind_options, settle_upgrade
 
 
@@ -74,6 +77,13 @@ class EdgeProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type: ignore
         peer = transport.getPeer()
         peer_text = f"tcp{'6' if ':' in peer.host else '4'}:{peer.host}:{peer.port}"
         assert self.agent_id is not None  # onConnect admitted it
+        # its TLS ends here: this node seals its resumption token (tcm.tls.resumption)
+        resume = issue_token(
+            self.factory.resumption,
+            pki.resumption_peer(self.transport),
+            self.agent_id,
+            relay.clock.seconds(),
+        )
         self.relay_conn = relay.opened(
             self,
             self.agent_id,
@@ -82,6 +92,7 @@ class EdgeProtocol(LeanWebSocketMixin, WebSocketServerProtocol):  # type: ignore
             self.relay_upstream,
             self.factory.channel,
             node=self.relay_node,
+            resume=resume,
         )
 
     def onPing(self, payload: bytes) -> None:
@@ -113,10 +124,14 @@ class EdgeFactory(WebSocketServerFactory):
         url: str,
         max_message_size: int = 1024 * 1024,
         channel: str | None = None,
+        resumption: ResumptionKeys | None = None,
     ):
         super().__init__(url, protocols=[codes.SUBPROTOCOL])
         self.relay = relay
         self.channel = channel or relay.channel
+        # the keys of the listener the agents' TLS ends at: each accepted connection's
+        # welcome brings a token they seal (None: no token)
+        self.resumption = resumption
         relay.prepare = self.prepareMessage
         self.setProtocolOptions(
             maxFramePayloadSize=max_message_size,

@@ -10,6 +10,7 @@ from twisted.web.server import Site
 
 from tcm.metrics import SnapshotCollector, counter, gauge, metrics_site
 from tcm.relay.relays import Relay
+from tcm.tls.handshake import HandshakeLogger
 
 FANOUT_BUCKETS = (1, 2, 5, 10, 50, 100, 500, 1000, 5000, 10000, 20000)
 
@@ -25,9 +26,15 @@ def fanout_histogram(prefix: str, registry: Any) -> Histogram:
 
 
 def relay_families(
-    prefix: str, relay: Relay, tls_failures: dict[str, int], https: dict[str, int] | None = None
+    prefix: str,
+    relay: Relay,
+    handshakes: HandshakeLogger | None,
+    https: dict[str, int] | None = None,
 ) -> Iterable[Any]:
+    """The relay's families; `handshakes`: the agents' listener's TLS record (None: not
+    listening yet)."""
     n = relay.counters
+    tls_failures = handshakes.failures if handshakes is not None else {}
     yield gauge(f"{prefix}_sessions", "Agent sessions held now", len(relay.conns))
     yield gauge(
         f"{prefix}_upstream_sessions",
@@ -55,6 +62,20 @@ def relay_families(
             **{k: float(v) for k, v in n.refused.items()},
             **{f"tls:{k}": float(v) for k, v in tls_failures.items()},
         },
+        label="reason",
+    )
+    yield counter(
+        f"{prefix}_tls_handshakes",
+        "Completed TLS handshakes on the agents' port, by kind: full, ticket (a session "
+        "of this process resumed), token (a resumption token, across restarts)",
+        labels={k: float(v) for k, v in (handshakes.completed if handshakes else {}).items()},
+        label="kind",
+    )
+    yield counter(
+        f"{prefix}_tls_tokens_refused",
+        "Resumption tokens agents offered that this node could not take, by reason (each "
+        "such handshake went on with certificates)",
+        labels={k: float(v) for k, v in (handshakes.tokens_refused if handshakes else {}).items()},
         label="reason",
     )
     yield counter(f"{prefix}_messages_in", "Messages from agents to servers", n.frames_in)
@@ -123,9 +144,11 @@ def relay_status(relay: Relay) -> dict[str, Any]:
     }
 
 
-def relay_metrics_site(prefix: str, title: str, relay: Relay) -> Site:
+def relay_metrics_site(
+    prefix: str, title: str, relay: Relay, handshakes: HandshakeLogger | None = None
+) -> Site:
     """/metrics and /status of a relay node without more to tell (the task server)."""
     registry = CollectorRegistry()
-    registry.register(SnapshotCollector(lambda: relay_families(prefix, relay, {})))  # type: ignore[arg-type]
+    registry.register(SnapshotCollector(lambda: relay_families(prefix, relay, handshakes)))  # type: ignore[arg-type]
     relay.counters.fanout = fanout_histogram(prefix, registry).observe
     return metrics_site(registry, title, lambda: relay_status(relay))

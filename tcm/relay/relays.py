@@ -109,10 +109,12 @@ class Relay(ABC):
         channel: str | None = None,
         gateway: str | None = None,
         node: str | None = None,
+        resume: dict[str, Any] | None = None,
     ) -> int:
         """An agent connection was accepted: number it and open it on a link of its
         upstream (of a cluster: the node link its agent's other sessions use, else the one
-        the spread picks)."""
+        the spread picks). `resume`: the resumption token sealed for it where its TLS ended
+        (here, or at the gateway that carries it), for its server to put in the welcome."""
         name = self.links.default if upstream is None else upstream
         up = self.link_for(name, agent_id, node)
         c = self.conns.add(conn, name, up, agent_id)
@@ -129,6 +131,8 @@ class Relay(ABC):
             header["gateway"] = gateway  # a task server: the gateway this session came by
         if node is not None and up is not None and self._passes_node(name):
             header["node"] = node  # a task server behind a gateway: where to take it on
+        if resume is not None:
+            header["resume"] = resume
         up.send(header)
         return c
 

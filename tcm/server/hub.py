@@ -28,7 +28,21 @@ from tcm.server.events import NO_EVENTS, agent_event, node_event
 from tcm.server.sessions import AgentSession, SessionState
 from tcm.server.web import JsonRouter
 from tcm.tls import pki
-from tcm.tls.resumption import ResumptionKeys, token_message
+from tcm.tls.resumption import ResumptionKeys, issue_token
+
+
+def resume_field(session: AgentSession, keys: ResumptionKeys | None, now: float) -> dict[str, Any]:
+    """A welcome's `resume`: the resumption token sealed by the process the agent's TLS
+    ends at. This one for a direct session, with `keys` (None: no token); behind a relay
+    node (a gateway, a task server), the node, with its own keys, sent in the connection's
+    `open` (the route's `token_of`). {} without a token."""
+    if is_direct(session):
+        token = issue_token(
+            keys, pki.resumption_peer(session.transport.peer_transport), session.agent_id, now
+        )
+    else:
+        token = session.route.token_of(session)
+    return {} if token is None else {"resume": token}
 
 
 class AgentRequests:
@@ -103,22 +117,8 @@ class AgentHub:
             # none of either: an agent that has none need not fetch them at session start
             "policy_count": len(self._policies.policies),
             "profile_count": len(self._profiles.profiles),
-            **self._resume(session),
+            **resume_field(session, self.resumption, self._clock.seconds()),
         }
-
-    def _resume(self, session: AgentSession) -> dict[str, Any]:
-        """A welcome's resumption token, for a session on a TLS connection of this process
-        (behind a node the agent's TLS ends at the node)."""
-        if self.resumption is None or not is_direct(session):
-            return {}
-        peer = pki.resumption_peer(session.transport.peer_transport)
-        if peer is None or peer.agent_id != session.agent_id:
-            return {}
-        try:
-            identity, psk, lifetime = self.resumption.issue(peer, self._clock.seconds())
-        except ValueError:  # its certificate has expired
-            return {}
-        return {"resume": token_message(identity, psk, lifetime)}
 
     # -- node links ----------------------------------------------------------------------
     @property

@@ -117,6 +117,9 @@ class NodeLink:
         self.worker: int | None = None  # a gateway's worker process number
         self.reach: tuple[str, ...] = ()  # task servers a gateway links to (its `reach`)
         self.sessions: dict[int, AgentSession] = {}
+        # connection -> the resumption token the node sealed for it (its `open`), until the
+        # session's welcome takes it (`token_of`): the node ended the agent's TLS
+        self._tokens: dict[int, dict[str, Any]] = {}
         self.frames_in = 0
         self.frames_out = 0
         self.pushes = 0
@@ -211,6 +214,14 @@ class NodeLink:
         tls = header.get("tls")
         session.tls = intern(tls) if isinstance(tls, dict) else None
         self.sessions[conn] = session
+        resume = header.get("resume")
+        if resume is not None:
+            self._tokens[conn] = resume
+
+    def token_of(self, session: AgentSession) -> dict[str, Any] | None:
+        """The resumption token the node sealed for this session's connection (for its
+        welcome, once: tcm.tls.resumption), or None when it sent none."""
+        return self._tokens.pop(session.transport.conn, None)  # type: ignore[attr-defined]
 
     def _on_frame(self, header: dict[str, Any], payload: bytes) -> None:
         session = self.sessions.get(header["c"])
@@ -220,6 +231,7 @@ class NodeLink:
         session.frame_received(payload, self.clock.seconds())
 
     def _on_closed(self, header: dict[str, Any], payload: bytes) -> None:
+        self._tokens.pop(header["c"], None)
         session = self.sessions.pop(header["c"], None)
         if session is not None:
             session.connection_lost()
@@ -289,6 +301,7 @@ class NodeLink:
     def lost(self) -> None:
         """The link is gone: every session it carried is gone with it."""
         self._writer.discard()
+        self._tokens.clear()
         sessions, self.sessions = self.sessions, {}
         for session in sessions.values():
             session.connection_lost()

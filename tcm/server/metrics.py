@@ -109,6 +109,14 @@ class ServerMetrics:
             labels={k: float(v) for k, v in completed.items()},
             label="kind",
         )
+        refused = self.handshakes.tokens_refused if self.handshakes is not None else {}
+        yield counter(
+            f"{PREFIX}_tls_tokens_refused",
+            "Resumption tokens agents offered that this server could not take, by reason "
+            "(each such handshake went on with certificates)",
+            labels={k: float(v) for k, v in refused.items()},
+            label="reason",
+        )
         gate = getattr(self.handshakes, "gate", None)
         if gate is not None:  # admission control (tcm/server/admission.py)
             yield gauge(

@@ -115,7 +115,8 @@ def provides(interface: InterfaceClass, obj: T) -> T:
 class EmbeddingServer:
     """What the all-in-one's embedded task server and gateway (tcm/allinone.py) use of this
     server: its settings and name, the resource tree the task server mounts `/task` on, the
-    CA certificate, and node identities issued straight by its CA (no token)."""
+    CA certificate, node identities issued straight by its CA (no token), and the keys of
+    its agents' resumption tokens."""
 
     config: ServerConfig
     reactor: Any
@@ -126,6 +127,9 @@ class EmbeddingServer:
     _ca: CertificateAuthority
     _reload_nodes: Callable[[], Deferred[None]]
     _renew_node: Callable[[str, Any, str], Deferred[dict[str, str]]]
+    # the keys of the resumption tokens of this process's listeners: the embedded task
+    # server's agents come through the server's, and the embedded gateway's are as trusted
+    resumption: ResumptionKeys | None = None
 
     @property
     def ca_pem(self) -> bytes:
@@ -642,7 +646,16 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
             server_metrics_site(metrics),
         ).setServiceParent(top)
     top.embedding = EmbeddingServer(
-        config, reactor, clock, name, root, db.access, ca, nodes.reload, nodes.renew
+        config,
+        reactor,
+        clock,
+        name,
+        root,
+        db.access,
+        ca,
+        nodes.reload,
+        nodes.renew,
+        hub.resumption,
     )
     top.parts = ServerParts(
         config=config,

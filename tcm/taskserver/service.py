@@ -44,6 +44,7 @@ from tcm.tls.endpoints import listeners, port_description
 from tcm.tls.handshake import HandshakeLogger
 from tcm.tls.identity import Identity
 from tcm.tls.renewal import DEFAULT_FRACTION
+from tcm.tls.resumption import ResumptionKeys
 
 
 @attrs.define
@@ -93,6 +94,8 @@ class TaskServerService(NodeService):
 
     _log = Logger()
     what = "task server"
+    # the agents' listener's TLS record: failures, handshakes by kind (set by build)
+    handshakes: HandshakeLogger | None = None
 
     def __init__(self, config: TaskServerConfig, reactor: Any = None):
         super().__init__(reactor)
@@ -151,14 +154,19 @@ class TaskServerService(NodeService):
     def build(self, server: str, identity: Identity) -> None:
         cfg = self.config
         assert self.node_name is not None
-        edge = EdgeFactory(self.relay, cfg.url())
+        # agents' TLS ends here: this task server seals their resumption tokens and resumes
+        # the handshakes that offer one, with its own keys (STATE_DIR/resumption.key)
+        keys = ResumptionKeys.load_or_create(os.path.join(cfg.state_dir, "resumption.key"))
+        edge = EdgeFactory(self.relay, cfg.url(), resumption=keys)
         gateways = DownLinkFactory(self.relay, cfg.url().replace(WS_PATH, link.WS_PATH))
         site = edge_site(_resource(WebSocketResource(edge)), _resource(WebSocketResource(gateways)))
+        # TLS failures logged and handshakes counted by kind, as the server's and gateway's
+        self.handshakes = HandshakeLogger(site)
         for listener in listeners(
             self.reactor,
             cfg.listen or [port_description(cfg.port, cfg.interface)],
-            identity.server_tls([identity.ca_pem], cfg.tls_groups),
-            HandshakeLogger(site),  # TLS failures logged, as the server's and gateway's
+            identity.server_tls([identity.ca_pem], cfg.tls_groups, (keys, self.reactor.seconds)),
+            self.handshakes,
         ):
             listener.setServiceParent(self)
         for address in [server, *[u for u in cfg.servers if u != server]]:
@@ -173,7 +181,10 @@ class TaskServerService(NodeService):
             StreamServerEndpointService(
                 TCP4ServerEndpoint(self.reactor, cfg.metrics_port, interface="127.0.0.1"),
                 relay_metrics_site(
-                    "tcm_taskserver", f"tcm task server {self.node_name}", self.relay
+                    "tcm_taskserver",
+                    f"tcm task server {self.node_name}",
+                    self.relay,
+                    self.handshakes,
                 ),
             ).setServiceParent(self)
 
@@ -264,7 +275,8 @@ class EmbeddedTaskServer(TaskServerService):
         cfg = self.config
         host = cfg.interface if cfg.interface not in ("0.0.0.0", "::", "") else "127.0.0.1"
         url = f"https://{f'[{host}]' if ':' in host else host}:{cfg.port}"
-        edge = EdgeFactory(self.relay, cfg.url())
+        # its agents' TLS ends at the server's listener: their tokens are the server's
+        edge = EdgeFactory(self.relay, cfg.url(), resumption=server.resumption)
         task = Resource()
         v1 = Resource()
         server.root.putChild(b"task", task)

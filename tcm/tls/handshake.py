@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tcm.tls import pki
+from tcm.tls.resumption import refused_token
 
 __all__ = ["HandshakeGate", "HandshakeLogger"]
 
@@ -54,6 +55,9 @@ class _HandshakeWatcher(ProtocolWrapper):
         kinds = self.factory.completed
         kind = pki.handshake_kind(self.transport)
         kinds[kind] = kinds.get(kind, 0) + 1
+        refused = refused_token(self.transport)
+        if refused is not None:
+            self.factory.tokenRefused(self.transport, refused)
         if self.ticket is not None:
             self.factory.gate.done(self.ticket)
             self.ticket = None
@@ -89,6 +93,9 @@ class HandshakeLogger(WrappingFactory[_HandshakeWatcher]):
         #: completed handshakes by kind: "full" (certificates), "ticket" (a session of
         #: this process resumed), "token" (a resumption token: tcm.tls.resumption)
         self.completed: dict[str, int] = {}
+        #: why the resumption tokens agents offered were not taken -> how many times
+        #: (each such handshake went on with certificates: a "full" one)
+        self.tokens_refused: dict[str, int] = {}
         #: admission control: each connection waits its turn, then counts until its
         #: handshake is done (tcm/server/admission.py)
         self.gate = gate
@@ -119,6 +126,17 @@ class HandshakeLogger(WrappingFactory[_HandshakeWatcher]):
         self.failures[reason] = self.failures.get(reason, 0) + 1
         self._log.warn(
             "TLS handshake with {peer} failed: {reason}", peer=_format_address(peer), reason=reason
+        )
+
+    def tokenRefused(self, transport: Any, why: str) -> None:
+        """Count and log a resumption token this listener could not take (the handshake
+        went on with the agent's certificate: it costs a full handshake, nothing more)."""
+        self.tokens_refused[why] = self.tokens_refused.get(why, 0) + 1
+        self._log.info(
+            "resumption token of agent {agent} at {peer} not taken ({why}): full handshake",
+            agent=pki.peer_common_name(transport) or "-",
+            peer=_format_address(transport.getPeer()),
+            why=why,
         )
 
 

@@ -23,6 +23,10 @@ from zope.interface import implementer
 
 from tcm.tls import pki, resumption
 
+#: What a listener resumes handshakes with: (the keys of its tokens, the clock they are
+#: judged by), as ``tcm.tls.server.server_tls_options`` takes it
+Resumption = tuple[resumption.ResumptionKeys, Callable[[], float]]
+
 #: One copy of each CA bundle identities trust (at most 64): a swarm's thousands of agents
 #: each read the same ca.pem, and the bundle is the key of their shared TLS context.
 _CA_COPIES: dict[bytes, bytes] = {}
@@ -59,12 +63,16 @@ class Identity:
         return CurrentClientTLS(self, hostname)
 
     def server_tls(
-        self, client_cas: Sequence[bytes], groups: str | None = None
+        self,
+        client_cas: Sequence[bytes],
+        groups: str | None = None,
+        resumption: Resumption | None = None,
     ) -> CurrentServerTLS:
         """TLS server options presenting this identity, verifying client certificates of
-        `client_cas`, offering key exchange `groups` (None: OpenSSL's list), as the
-        identity is at each connection."""
-        return CurrentServerTLS(self, tuple(client_cas), groups)
+        `client_cas`, offering key exchange `groups` (None: OpenSSL's list), resuming
+        handshakes with the tokens `resumption` (keys, clock) opens, as the identity is at
+        each connection."""
+        return CurrentServerTLS(self, tuple(client_cas), groups, resumption)
 
     def options_now(self, hostname: str):
         """The client options for `hostname` now, made once per certificate."""
@@ -75,17 +83,22 @@ class Identity:
             )
         return options
 
-    def server_options_now(self, client_cas: tuple[bytes, ...], groups: str | None = None):
+    def server_options_now(
+        self,
+        client_cas: tuple[bytes, ...],
+        groups: str | None = None,
+        resumption: Resumption | None = None,
+    ):
         """The server options now, made once per certificate."""
         from tcm.tls.server import server_tls_options
 
-        key = ("server", client_cas, groups)
+        key = ("server", client_cas, groups, resumption)
         options = self._options.get(key)
         if options is None:
             if self.cert_pem is None or self.key_pem is None:
                 raise ValueError("an identity without a certificate cannot serve TLS")
             options = self._options[key] = server_tls_options(
-                self.key_pem, self.cert_pem, list(client_cas), groups=groups
+                self.key_pem, self.cert_pem, list(client_cas), groups=groups, resumption=resumption
             )
         return options
 
@@ -170,14 +183,22 @@ RESUME_KEY = "_tcm_resume_host"
 class CurrentServerTLS:
     """An identity's server TLS, looked up at each connection."""
 
-    __slots__ = ("_identity", "_cas", "_groups")
+    __slots__ = ("_identity", "_cas", "_groups", "_resumption")
 
-    def __init__(self, identity: Identity, client_cas: tuple[bytes, ...], groups: str | None):
+    def __init__(
+        self,
+        identity: Identity,
+        client_cas: tuple[bytes, ...],
+        groups: str | None,
+        resumption: Resumption | None = None,
+    ):
         self._identity = identity
         self._cas = client_cas
         self._groups = groups
-        identity.server_options_now(client_cas, groups)  # a key that does not fit fails here
+        self._resumption = resumption
+        # a key that does not fit fails here
+        identity.server_options_now(client_cas, groups, resumption)
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
-        options = self._identity.server_options_now(self._cas, self._groups)
+        options = self._identity.server_options_now(self._cas, self._groups, self._resumption)
         return SSL.Connection(options.getContext(), None)

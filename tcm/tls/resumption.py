@@ -7,25 +7,32 @@ verifies the server's (issue 17: 10,000 agents back after a restart). The bindin
 TLS 1.3's external PSK callbacks (``SSL_CTX_set_psk_find_session_callback`` and
 ``..._use_session_callback``), and with them the server makes its own tickets:
 
-- at each welcome on a direct session the server gives the agent a *resumption token*:
+- at each welcome the agent gets a *resumption token* from the process its TLS ends at:
   an opaque identity (the agent's id, the name of the server it enrolled with, its
   certificate's fingerprint and expiry, the token's expiry, sealed with AES-GCM under a key
-  only the server can derive) and the PSK that goes with it (``HMAC(key, identity)``);
-- the agent offers it at its next connection to the same host; a server holding the same
-  master secret (the same state directory, or every node of a cluster) opens the identity,
-  derives the PSK again and resumes: no certificate on the wire, both sides prove they hold
-  the PSK (the binder, the Finished messages), and the key exchange still runs (psk_dhe_ke),
-  so the session keys stay forward secret;
-- a token the server cannot open (another server's, too old, a malformed one) is not an
-  error: the handshake goes on with certificates, as without one. A token that opens but
-  whose PSK the client does not hold fails the handshake ("binder does not verify").
+  only that process can derive) and the PSK that goes with it (``HMAC(key, identity)``).
+  On a direct session the server seals it; behind a relay node (a gateway, a task server)
+  the node seals it with its own keys when it accepts the connection (``issue_token``) and
+  sends it in the connection's `open` on the node link, and the server puts it in the
+  welcome it writes (docs/protocol.md, section 5): one welcome, whichever way it went;
+- the agent offers it at its next connection to the same host; a process holding the same
+  master secret (the same state directory, every node of a cluster, gateways holding
+  copies of one ``resumption.key``) opens the identity, derives the PSK again and resumes: no
+  certificate on the wire, both sides prove they hold the PSK (the binder, the Finished
+  messages), and the key exchange still runs (psk_dhe_ke), so the session keys stay
+  forward secret;
+- a token the process cannot open (another's, too old, a malformed one) is not an error:
+  the handshake goes on with certificates, as without one, and the listener logs why
+  (``refused_token``, ``tcm.tls.handshake``). A token that opens but whose PSK the client
+  does not hold fails the handshake ("binder does not verify").
 
 The subject a token names stands in for the certificate: ``tcm.tls.pki.peer_common_name``
 and its kin read it on a resumed connection, so revocation, approval and clone detection (by
 the certificate's fingerprint) hold as on a full handshake. A token lives at most
 ``TOKEN_LIFETIME`` and never past the certificate's expiry; every welcome gives a fresh one.
-Keys are derived per day (``EPOCH``) from one master secret: 32 random bytes in the server's
-state directory (``resumption.key``, 0600), or derived from the cluster key in a cluster.
+Keys are derived per day (``EPOCH``) from one master secret: 32 random bytes in the state
+directory of the server, gateway or task server (``resumption.key``, 0600), or derived from
+the cluster key on a server node.
 
 The PSK's cipher suite is TLS_AES_256_GCM_SHA384, OpenSSL's first choice on both sides; a
 server that picks a suite with another hash (or asks the client to retry its hello) makes a
@@ -57,8 +64,10 @@ __all__ = [
     "ResumptionKeys",
     "offer",
     "offer_resumption",
+    "issue_token",
     "offered_token",
     "read_token_message",
+    "refused_token",
     "resumed_peer",
     "serve_resumption",
     "token_message",
@@ -80,6 +89,8 @@ MAX_IDENTITY = 1024
 #: The attribute of a server connection that resumed with a token: its Resumed
 RESUMED_ATTRIBUTE = "tcm_resumed"
 _OFFER_ATTRIBUTE = "tcm_offer"
+#: The attribute of a server connection whose client offered a token it could not open: why
+_REFUSED_ATTRIBUTE = "tcm_token_refused"
 
 
 @attrs.frozen
@@ -148,29 +159,58 @@ class ResumptionKeys:
     def open(self, identity: bytes, now: float) -> tuple[Resumed, bytes] | None:
         """(what the token says, its PSK) for a token this master sealed that is still
         valid, else None."""
+        opened = self.examine(identity, now)
+        return None if isinstance(opened, str) else opened
+
+    def examine(self, identity: bytes, now: float) -> tuple[Resumed, bytes] | str:
+        """As `open`, but for a token that does not open, why not (for a log line): "not
+        a token", "sealed with other keys" (another server's or gateway's, another
+        cluster's, forged or altered), "expired", "its certificate has expired"."""
         if len(identity) > MAX_IDENTITY or len(identity) < _HEADER.size + _NONCE + 16:
-            return None
+            return "not a token"
         version, epoch = _HEADER.unpack_from(identity)
         if version != _VERSION:
-            return None
+            return "not a token"
         age = now // EPOCH - epoch
-        if age < 0 or age * EPOCH > self.lifetime + EPOCH:
-            return None
+        if age < 0:
+            return "sealed with other keys"  # an epoch to come: not one of ours
+        if age * EPOCH > self.lifetime + EPOCH:
+            return "expired"
         seal, psk_key = self._keys(epoch)
         header = identity[: _HEADER.size]
         nonce = identity[_HEADER.size : _HEADER.size + _NONCE]
         try:
             payload = seal.decrypt(nonce, identity[_HEADER.size + _NONCE :], header)
+        except InvalidTag:
+            return "sealed with other keys"
+        try:
             agent_id, server, fingerprint, cert_expires, expires = json.loads(payload)
-        except (InvalidTag, ValueError, TypeError):
-            return None
-        if now >= expires or now >= cert_expires:
-            return None
+            if now >= cert_expires:
+                return "its certificate has expired"  # (a token never outlives it)
+            if now >= expires:
+                return "expired"
+        except (ValueError, TypeError):
+            return "not a token"
         return Resumed(agent_id, server, fingerprint, cert_expires), _psk(psk_key, identity)
 
 
 def _psk(key: bytes, identity: bytes) -> bytes:
     return hmac.new(key, identity, hashlib.sha384).digest()
+
+
+def issue_token(
+    keys: ResumptionKeys | None, peer: Resumed | None, agent_id: str, now: float
+) -> dict[str, Any] | None:
+    """The `resume` field of a welcome for `agent_id` (`token_message`), sealed with `keys`
+    (those of the process its TLS ends at) for the agent `peer` describes
+    (``tcm.tls.pki.resumption_peer`` of its connection); None without keys or a peer, for
+    a peer that is another agent, or one whose certificate has expired."""
+    if keys is None or peer is None or peer.agent_id != agent_id:
+        return None
+    try:
+        return token_message(*keys.issue(peer, now))
+    except ValueError:  # its certificate has expired
+        return None
 
 
 def token_message(identity: bytes, psk: bytes, lifetime: float) -> dict[str, Any]:
@@ -205,8 +245,11 @@ def serve_resumption(context: SSL.Context, keys: ResumptionKeys, clock: Any) -> 
     `clock()` is the time tokens are judged by. False when this pyOpenSSL cannot."""
 
     def find(connection: SSL.Connection, identity: bytes) -> bytes | None:
-        opened = keys.open(identity, clock())
-        if opened is None:
+        opened = keys.examine(identity, clock())
+        if isinstance(opened, str):
+            # the handshake goes on with certificates; the listener's HandshakeLogger says
+            # so once it completes, with the agent and its address (refused_token)
+            setattr(connection, _REFUSED_ATTRIBUTE, opened)
             return None
         peer, psk = opened
         setattr(connection, RESUMED_ATTRIBUTE, peer)
@@ -242,6 +285,12 @@ def connection_of(transport: object) -> SSL.Connection | None:
     except AttributeError:
         return None
     return handle if isinstance(handle, SSL.Connection) else None
+
+
+def refused_token(transport: object) -> str | None:
+    """Why the server connection under `transport` did not resume with the token its
+    client offered (``ResumptionKeys.examine``), or None when it offered none or resumed."""
+    return getattr(connection_of(transport), _REFUSED_ATTRIBUTE, None)
 
 
 def resumed_peer(transport: object) -> Resumed | None:
