@@ -15,7 +15,7 @@ import pytest
 from cryptography import x509
 
 from tcm import httplimits
-from tests.harness import AgentProc, Server, free_port, tls_exchange, wait_until
+from tests.harness import AgentProc, Server, agent_status, free_port, tls_exchange, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -121,6 +121,12 @@ def test_an_agent_through_the_all_in_one_gateway_runs_a_job(stack):
         "the agent back through the gateway",
     )
     assert server.count(ISSUED) == issued == 1
+    # the embedded gateway seals tokens with the server's keys (one process, one secret):
+    # the restarted process resumed the agent's handshake at the gateway's port with the
+    # token its welcome gave
+    wait_until(lambda: agent_status(agent)["persistent"]["connected"], 30, 0.1, "the session back")
+    assert agent_status(agent)["persistent"]["tls"]["handshake"] == "token"
+    assert not os.path.exists(os.path.join(server.state_dir, "gateway", "resumption.key"))
 
 
 def test_without_gateway_port_the_all_in_one_has_no_gateway(stack):

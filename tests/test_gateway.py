@@ -454,3 +454,76 @@ def test_task_sessions_through_the_gateway_go_to_the_task_server_and_fail_over(s
             lambda a=a: a.count("task session open with ts1") >= 2, 60, 0.1, f"{a.name} back"
         )
     assert _gateway_listing(server, "gw1")["task_servers"] == ["ts1"]
+
+
+def _new_session(agent: AgentProc, other: str | None) -> dict:
+    """The agent's persistent status once it has a session other than `other`."""
+    seen: dict = {}
+
+    def opened() -> bool:
+        seen.update(agent_status(agent)["persistent"])
+        return bool(seen["connected"] and seen["session"] != other)
+
+    wait_until(opened, 60, 0.2, f"a new session of {agent.name}")
+    return seen
+
+
+def test_a_restarted_gateway_resumes_its_agents_with_the_tokens_it_sealed(stack):
+    """issue 17: the agent's TLS ends at the gateway, which seals its resumption token (the
+    server's welcome gives it); after the gateway's restart the agent's handshake resumes
+    with it, no certificate on the wire. A gateway with other keys makes a full handshake
+    and says why."""
+    import os
+
+    base, add = stack
+    alpha = add(Server(str(base), name="alpha", extra=["--name", "alpha"]))
+    alpha.start()
+    mport = free_port()
+    gw = add(
+        GatewayProc(
+            str(base),
+            "gw1",
+            {"up-a": alpha},
+            extra=["--metrics-port", str(mport), "--drain-grace", "0.5"],
+        )
+    )
+    gw.start()
+    key_path = os.path.join(gw.state_dir, "resumption.key")
+    assert os.stat(key_path).st_mode & 0o777 == 0o600
+    (agent,) = _agents_via(base, gw, "up-a", alpha, 1, add)
+    first = _new_session(agent, None)
+    assert first["tls"]["handshake"] == "full"
+
+    def server_side() -> dict:  # what the gateway's `open` told the server of the handshake
+        return {a["id"]: a for a in alpha.agents()}[agent.agent_id]["tls"]
+
+    assert server_side()["handshake"] == "full"
+
+    gw.stop()  # SIGTERM: drained (4006), then the process is gone
+    gw.start()
+    second = _new_session(agent, first["session"])
+    # the token of the first welcome, sealed by the gateway before its restart, resumed
+    # the handshake at the restarted gateway: both ends say so, and the server knows it
+    assert second["tls"]["handshake"] == "token"
+    wait_until(lambda: server_side()["handshake"] == "token", 20, 0.2, "the server told")
+    metrics = _metrics(mport)
+    assert metrics["tcm_gateway_tls_handshakes_total{kind=token}"] == 1
+    assert "tcm_gateway_tls_handshakes_total{kind=full}" not in metrics
+
+    # a gateway with other keys (another gateway's, or its secret lost): a full handshake,
+    # never a refusal, and a line that says why
+    gw.stop()
+    with open(key_path, "wb") as f:
+        f.write(os.urandom(32))
+    gw.start()
+    third = _new_session(agent, second["session"])
+    assert third["tls"]["handshake"] == "full"
+    assert gw.count("not taken (sealed with other keys): full handshake") == 1
+    assert f"resumption token of agent {agent.agent_id} at 127.0.0.1:" in gw.log()
+    metrics = _metrics(mport)
+    assert metrics["tcm_gateway_tls_tokens_refused_total{reason=sealed with other keys}"] == 1
+    assert metrics["tcm_gateway_tls_handshakes_total{kind=full}"] == 1
+    # and the new gateway's own token resumes from then on
+    gw.stop()
+    gw.start()
+    assert _new_session(agent, third["session"])["tls"]["handshake"] == "token"

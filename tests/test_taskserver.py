@@ -365,3 +365,33 @@ def test_server_killed_mid_task_with_a_task_server_loses_nothing(stack):
     )
     assert job["counts"]["succeeded"] == 2
     assert _taskservers(server)["ts1"]["state"] == "up"
+
+
+def test_a_restarted_task_server_resumes_task_sessions_with_its_own_tokens(stack):
+    """issue 17: the agent's task session ends its TLS at the task server, which seals its
+    token (the server's welcome of the task session gives it); restarted, the task server
+    resumes the agent's handshake with it. The core session on the same host keeps its own
+    token: tokens are kept per HOST:PORT."""
+    base, add = stack
+    server = add(Server(str(base)))
+    server.start()
+    ts = add(TaskServerProc(str(base), "ts1", server))
+    ts.start()
+    (agent,) = _agents(base, server, 1, add)
+    _wait_task_sessions([agent])
+    first = agent_status(agent)["task"]
+    assert first["task_server"] == "ts1" and first["tls"]["handshake"] == "full"
+    core = agent_status(agent)["persistent"]["session"]
+
+    ts.stop()
+    ts.start()
+    _wait_task_sessions([agent], 2)
+
+    def second_session() -> dict | None:
+        task = agent_status(agent)["task"]
+        return task if task["connected"] and task["session"] != first["session"] else None
+
+    second = wait_until(second_session, 30, 0.2, "the task session back at ts1")
+    assert second["task_server"] == "ts1" and second["tls"]["handshake"] == "token"
+    assert "resumption token" not in ts.log()  # the server's token never went to ts1
+    assert agent_status(agent)["persistent"]["session"] == core  # untouched meanwhile

@@ -123,7 +123,9 @@ def server_endpoint(
     if traffic is not None:  # add this connection's bytes to a running total
         inner = CountingEndpoint(inner, traffic)
     counting = CountingEndpoint(inner) if count else None
-    endpoint = wrapClientTLS(identity.tls_options(host), counting or inner)
+    # tokens and sessions kept per HOST:PORT: a server and a gateway or task server on
+    # one host each resume only their own
+    endpoint = wrapClientTLS(identity.tls_options(host, port), counting or inner)
     return (endpoint, counting) if count else endpoint
 
 

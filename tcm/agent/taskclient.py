@@ -160,6 +160,11 @@ class TaskClient:
 
         def welcomed(conn):
             self.protocol = conn.protocol
+            # the task server (or gateway) the agent's TLS ends at sealed a token for it:
+            # kept for the next connection there, as the core session keeps its own
+            self.identity.remember_tls_session(
+                getattr(conn.protocol, "transport", None), conn.welcome.get("resume")
+            )
             self.connected_since = self.clock.seconds()
             self.last_refusal = None
             self._api.task_session = conn

@@ -49,18 +49,21 @@ class Identity:
     cert_pem: bytes | None = None
     key_pem: bytes | None = None
     _options: dict[Any, Any] = attrs.field(factory=dict, repr=False)
-    # The TLS session of the last welcomed session per host, offered for resumption at the
-    # next connection there: the server skips signing and verifying certificates (issue 17).
+    # The TLS session of the last welcomed session per host (or HOST:PORT, `tls_options`),
+    # offered for resumption at the next connection there: the server skips signing and
+    # verifying certificates (issue 17).
     _tls_sessions: dict[str, Any] = attrs.field(factory=dict, repr=False)
-    # The resumption token of the last welcome per host, (identity, psk, offered until):
-    # resumes even after the server restarted (tcm.tls.resumption).
+    # The resumption token of the last welcome per host (or HOST:PORT), (identity, psk,
+    # offered until): resumes even after the server restarted (tcm.tls.resumption).
     _tokens: dict[str, tuple[bytes, bytes, float]] = attrs.field(factory=dict, repr=False)
     clock: Callable[[], float] = attrs.field(default=time.time, repr=False)
 
-    def tls_options(self, hostname: str) -> CurrentClientTLS:
+    def tls_options(self, hostname: str, port: int | None = None) -> CurrentClientTLS:
         """TLS client options for `hostname`, as the identity is at each connection (an
-        endpoint made once presents a renewed certificate from its next connection on)."""
-        return CurrentClientTLS(self, hostname)
+        endpoint made once presents a renewed certificate from its next connection on).
+        With `port`, what it resumes with is kept per HOST:PORT (a server, a gateway and a
+        task server on one host each seal their own tokens), else per host."""
+        return CurrentClientTLS(self, hostname, hostname if port is None else f"{hostname}:{port}")
 
     def server_tls(
         self,
@@ -114,7 +117,8 @@ class Identity:
         self._tokens.clear()
 
     def token_for(self, hostname: str) -> tuple[bytes, bytes] | None:
-        """The resumption token (identity, psk) to offer `hostname`, or None."""
+        """The resumption token (identity, psk) to offer `hostname` (or HOST:PORT, as the
+        connection's `tls_options` keep them), or None."""
         token = self._tokens.get(hostname)
         if token is None:
             return None
@@ -124,7 +128,7 @@ class Identity:
         return token[0], token[1]
 
     def tls_session_for(self, hostname: str) -> Any:
-        """The TLS session to offer `hostname` for resumption, or None."""
+        """The TLS session to offer `hostname` (or HOST:PORT) for resumption, or None."""
         return self._tls_sessions.get(hostname)
 
     def remember_tls_session(self, transport: Any, resume: Any = None) -> bool:
@@ -155,27 +159,29 @@ class Identity:
 class CurrentClientTLS:
     """An identity's client TLS for one host, looked up at each connection."""
 
-    __slots__ = ("_identity", "_hostname")
+    __slots__ = ("_identity", "_hostname", "_resume_at")
 
-    def __init__(self, identity: Identity, hostname: str):
+    def __init__(self, identity: Identity, hostname: str, resume_at: str | None = None):
         self._identity = identity
         self._hostname = hostname
+        self._resume_at = resume_at or hostname  # the key of its tokens and sessions
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> Any:
-        identity, hostname = self._identity, self._hostname
+        identity, hostname, resume_at = self._identity, self._hostname, self._resume_at
         connection = identity.options_now(hostname).clientConnectionForTLS(tlsProtocol)
-        token = identity.token_for(hostname)
+        token = identity.token_for(resume_at)
         if token is not None:
             resumption.offer(connection, *token)  # one the server cannot open: certificates
         else:
-            session = identity.tls_session_for(hostname)
+            session = identity.tls_session_for(resume_at)
             if session is not None:
                 connection.set_session(session)  # offered; a server that cannot resume says so
-        setattr(connection, RESUME_KEY, hostname)
+        setattr(connection, RESUME_KEY, resume_at)
         return connection
 
 
-#: The attribute of a client TLS connection naming the host its session may be resumed at.
+#: The attribute of a client TLS connection naming where its session may be resumed (the
+#: host, or HOST:PORT).
 RESUME_KEY = "_tcm_resume_host"
 
 
