@@ -9,7 +9,16 @@ agent is back, less what the same server's start took without a storm, per sessi
 in the same run `floor_cpu_per_connect_ms`, bench/floor.py's bare Twisted + Autobahn server
 for the same kind of clients (mutual TLS, WebSocket upgrade, one message each way).
 
+With --via-gateway the agents connect through a `twistd tcm-gateway` (one upstream: the
+server), and the *gateway* is restarted: its agents come back through the new gateway
+process while the server runs on. Cost per unit there: `gw_cpu_per_reconnect_ms` (the
+restarted gateway's CPU until every agent is back, less what its start took without a
+storm) and `server_cpu_per_reconnect_ms` (the server's CPU over the same window: the
+sessions it opens again on the gateway's link), each per session opened; the handshakes'
+kinds from the gateway's /metrics (`gw_handshakes`).
+
 Usage: .venv/bin/python bench/storm.py [--counts 10000] [--kill] [--work DIR] [--no-floor]
+       [--via-gateway]
        --kill restarts with SIGKILL instead of SIGTERM (a crash, not a shutdown).
 """
 
@@ -27,7 +36,16 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import BenchServer, KeptApi, SwarmProcs, cpu_seconds, emit, run_job  # noqa: E402
+import psutil  # noqa: E402
+from common import (  # noqa: E402
+    BenchServer,
+    KeptApi,
+    SwarmProcs,
+    cpu_seconds,
+    emit,
+    free_port,
+    run_job,
+)
 from floor import measure_connect  # noqa: E402
 
 
@@ -159,6 +177,112 @@ def measure(n: int, kill: bool, work: str, server_args: list[str] | None = None)
     }
 
 
+def gateway_handshakes(port: int) -> dict[str, float]:
+    """The gateway's TLS handshakes by kind, from its /metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {
+        sample.labels["kind"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "tcm_gateway_tls_handshakes_total"
+    }
+
+
+def measure_gateway(n: int, kill: bool, work: str, server_args: list[str] | None = None) -> dict:
+    """The storm through a gateway: N agents' sessions on its link, the gateway restarted."""
+    from tests.harness import GatewayProc
+
+    base = os.path.join(work, f"gw-n{n}")
+    os.makedirs(base, exist_ok=True)
+    server = BenchServer(base, extra=["--name", "bench", *(server_args or [])])
+    server.start()
+    mport = free_port()
+    gw = GatewayProc(
+        base,
+        "gw",
+        {"s": server},
+        extra=["--max-clients", "19500", "--drain-grace", "1", "--metrics-port", str(mport)],
+    )
+    gw.start()
+    gw_startup_cpu = cpu_seconds(psutil.Process(gw.proc.pid))  # type: ignore[union-attr]
+    # enrolled through the gateway (/upstream/s), their sessions through it as well
+    swarm = SwarmProcs(base, server, n, server.token(uses=n + 10), url=f"{gw.url}/upstream/s")
+    try:
+        swarm.start()
+        server.wait_sessions(n, timeout=max(600, n / 10))
+        time.sleep(3)
+        before = gateway_handshakes(mport)
+        attempts_before = swarm_attempts(swarm.state_dir)
+        log_offset = os.path.getsize(server.log_path)
+        server_cpu0 = cpu_seconds(server.ps())
+        t0 = time.monotonic()
+        t0_epoch = time.time()
+        if kill:
+            gw.kill()
+        else:
+            gw.stop(60)  # SIGTERM: every agent told 4006, the grace, then gone
+        down_s = time.monotonic() - t0
+        gw.start(wait=False)  # same port, same state directory
+        gw_ps = psutil.Process(gw.proc.pid)  # type: ignore[union-attr]
+        marks: dict[str, float] = {}
+        deadline = time.monotonic() + 300
+        kept = KeptApi(server.api())
+        cpu_back = server_cpu_back = None
+        sessions_back = 0
+        while time.monotonic() < deadline:
+            s = kept.call("GET", "/status")["sessions"]
+            for name, frac in (("50", 0.5), ("99", 0.99), ("100", 1.0)):
+                if name not in marks and s >= frac * n:
+                    marks[name] = time.monotonic() - t0
+            if "100" in marks:
+                cpu_back, server_cpu_back = cpu_seconds(gw_ps), cpu_seconds(server.ps())
+                sessions_back = s
+                break
+            time.sleep(0.25)
+        kept.close()
+        after = gateway_handshakes(mport)
+        opened = sorted(sessions_opened(server.log_path, log_offset))
+        logged = {
+            name: round(opened[int(frac * n) - 1] + 1 - t0_epoch, 1)
+            for name, frac in (("50", 0.5), ("99", 0.99), ("100", 1.0))
+            if len(opened) >= int(frac * n)
+        }
+        job = run_job(server.api(), {"action": "ping", "targets": "all"}, n, 120)
+        attempts = swarm_attempts(swarm.state_dir) - attempts_before
+    finally:
+        swarm.stop()
+        gw.stop()
+        server.stop()
+
+    def per(cpu: float) -> float | None:
+        return round(1000 * cpu / sessions_back, 3) if sessions_back else None
+
+    return {
+        "agents": n,
+        "restart": ("SIGKILL" if kill else "SIGTERM") + " gateway",
+        "server_down_s": round(down_s, 2),
+        "back_50pct_s": logged.get("50"),
+        "back_99pct_s": logged.get("99"),
+        "back_100pct_s": logged.get("100"),
+        "api_saw_99pct_s": marks.get("99"),
+        "failed_attempts": attempts,
+        "gw_handshakes_before": before,
+        "gw_handshakes": after,
+        "job_after": job["counts"],
+        "gw_cpu_per_reconnect_ms": (
+            per(cpu_back - gw_startup_cpu) if cpu_back is not None else None
+        ),
+        "server_cpu_per_reconnect_ms": (
+            per(server_cpu_back - server_cpu0) if server_cpu_back is not None else None
+        ),
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--counts", default="10000")
@@ -170,9 +294,15 @@ def main() -> int:
         default="",
         help="more tcm-server options, e.g. '--max-handshakes 0' (admission control off)",
     )
+    p.add_argument(
+        "--via-gateway",
+        action="store_true",
+        help="agents through a tcm-gateway, and the gateway is restarted (not the server)",
+    )
     args = p.parse_args()
     extra = args.server_args.split()
-    rows = [measure(int(n), args.kill, args.work, extra) for n in args.counts.split(",")]
+    run = measure_gateway if args.via_gateway else measure
+    rows = [run(int(n), args.kill, args.work, extra) for n in args.counts.split(",")]
     for row in rows:
         row["server_args"] = args.server_args
         if not args.no_floor:
@@ -189,6 +319,8 @@ def main() -> int:
             row["floor_cpu_per_connect_ms"] = floor["floor_cpu_per_connect_ms"]
             row["floor_connect_all_s"] = floor["connect_all_s"]
             mine = row["server_cpu_per_reconnect_ms"]
+            if args.via_gateway and mine is not None and row["gw_cpu_per_reconnect_ms"]:
+                mine += row["gw_cpu_per_reconnect_ms"]  # the TLS is the gateway's there
             row["reconnect_vs_floor"] = (
                 round(mine / floor["floor_cpu_per_connect_ms"], 2) if mine else None
             )
@@ -205,6 +337,9 @@ def main() -> int:
             ("failed_attempts", "failed attempts"),
             ("peak_cpu_pct", "peak CPU %"),
             ("server_cpu_per_reconnect_ms", "srv CPU ms/reconnect"),
+            ("gw_cpu_per_reconnect_ms", "gw CPU ms/reconnect"),
+            ("gw_handshakes.full", "gw full hs"),
+            ("gw_handshakes.token", "gw token hs"),
             ("floor_cpu_per_connect_ms", "floor CPU ms/connect"),
             ("reconnect_vs_floor", "x floor"),
             ("peak_rss_mb", "peak RSS MB"),
