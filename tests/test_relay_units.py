@@ -390,3 +390,32 @@ def test_agents_awaiting_approval_are_refused_until_approved():
     assert relay.refusal("a-2", name) == (403, "agent a-2 is awaiting approval")
     with pytest.raises(link.LinkError, match="approved"):
         link.decode(link.encode({"t": "pending", "agents": [], "approved": [1]}), link.SERVER_SENDS)
+
+
+def test_a_relay_nodes_metrics_count_handshakes_by_kind_and_tokens_not_taken():
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tcm.metrics import SnapshotCollector
+    from tcm.relay.metrics import relay_families
+    from tcm.tls.handshake import HandshakeLogger
+
+    relay = TaskServerRelay(Clock(), max_clients=2)
+    logger = HandshakeLogger(object())
+    logger.completed.update({"full": 3, "token": 5})
+    logger.tokens_refused["sealed with other keys"] = 2
+    registry = CollectorRegistry()
+    registry.register(SnapshotCollector(lambda: relay_families("tcm_taskserver", relay, logger)))  # type: ignore[arg-type]
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in f.samples
+    }
+    kind = "tcm_taskserver_tls_handshakes_total"
+    assert samples[(kind, (("kind", "full"),))] == 3
+    assert samples[(kind, (("kind", "token"),))] == 5
+    refused = ("tcm_taskserver_tls_tokens_refused_total", (("reason", "sealed with other keys"),))
+    assert samples[refused] == 2
+    # not listening yet: the families are there, empty
+    quiet = list(relay_families("tcm_taskserver", relay, None))
+    assert {f.name for f in quiet} >= {"tcm_taskserver_tls_handshakes"}

@@ -113,3 +113,34 @@ def test_examine_says_why_a_token_does_not_open():
     assert keys.examine(b"\x02" + identity[1:], NOW) == "not a token"  # another version
     assert keys.examine(identity[:20], NOW) == "not a token"
     assert keys.examine(b"\x01" + os.urandom(2000), NOW) == "not a token"
+
+
+def test_the_agent_keeps_a_token_per_place_and_drops_it_for_a_welcome_without_one():
+    from tcm.tls.identity import RESUME_KEY, Identity
+
+    class Handle:
+        def __init__(self, where: str) -> None:
+            setattr(self, RESUME_KEY, where)
+
+        def get_session(self):
+            return None  # no ticket: only the token is at stake here
+
+    class Transport:
+        def __init__(self, where: str) -> None:
+            self.handle = Handle(where)
+
+        def getHandle(self):
+            return self.handle
+
+    identity = Identity(b"ca", clock=lambda: NOW)
+    keys = ResumptionKeys(b"s" * 32)
+    message = token_message(*keys.issue(PEER, NOW))
+    gateway, server = Transport("gw.example:8445"), Transport("gw.example:8443")
+    assert identity.remember_tls_session(gateway, message)
+    assert identity.token_for("gw.example:8445") is not None
+    assert identity.token_for("gw.example:8443") is None  # another port, another process
+    assert identity.remember_tls_session(server, message)
+    # a welcome from there without a token (a gateway of an older version): dropped
+    assert not identity.remember_tls_session(gateway, None)
+    assert identity.token_for("gw.example:8445") is None
+    assert identity.token_for("gw.example:8443") is not None

@@ -149,6 +149,10 @@ class Identity:
         if token is not None:
             identity, psk, lifetime = token
             self._tokens[hostname] = (identity, psk, self.clock() + lifetime)
+        else:
+            # what is there seals no token (now: an older gateway, say): offer its ticket
+            # from now on, not a token it could not open
+            self._tokens.pop(hostname, None)
         if session is None:
             return token is not None
         self._tls_sessions[hostname] = session
