@@ -18,7 +18,6 @@ from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
-    wrapClientTLS,
 )
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
@@ -26,6 +25,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import implementer
 
+from tcm.compat import wrap_client_tls
 from tcm.interfaces import IAgentAPI
 from tcm.tls import pki
 
@@ -123,7 +123,7 @@ def server_endpoint(
     if traffic is not None:  # add this connection's bytes to a running total
         inner = CountingEndpoint(inner, traffic)
     counting = CountingEndpoint(inner) if count else None
-    endpoint = wrapClientTLS(identity.tls_options(host), counting or inner)
+    endpoint = wrap_client_tls(identity.tls_options(host), counting or inner)
     return (endpoint, counting) if count else endpoint
 
 
