@@ -81,6 +81,9 @@ class _CountingProtocol(ProtocolWrapper):
 
 class _CountingFactory(WrappingFactory):
     protocol = _CountingProtocol
+    # made per connection: no "Starting factory" line per connection (the log call and its
+    # level filter were a seventh of a swarm's CPU in a reconnect storm)
+    noisy = False
 
     def __init__(self, wrapped: Any, traffic: Traffic):
         super().__init__(wrapped)
