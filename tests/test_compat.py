@@ -423,3 +423,93 @@ def test_a_peer_ping_can_stand_for_the_pong():
     assert protocol.autoPingPendingCall is not None  # the next ping is scheduled
     protocol.autoPingPendingCall.cancel()  # nothing left on the real reactor
     compat.ping_is_proof_of_life(protocol)  # nothing pending: nothing to do
+
+
+# -- Twisted: LeanTLSProtocol, wrap_client_tls ----------------------------------------------
+
+
+class _Collect(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.shook = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+
+@pytest.fixture(scope="module")
+def tls_creators(tmp_path_factory):
+    """Server options and a client connection creator of one CA, for tcm.example."""
+    from tcm.tls import pki
+
+    ca = CertificateAuthority.load_or_create(str(tmp_path_factory.mktemp("leanca")))
+    key_pem, cert_pem = ca.issue_server_certificate(["tcm.example"])
+    server = server_tls_options(key_pem, cert_pem, [ca.cert_pem])
+    return server, pki.client_tls_options("tcm.example", ca.cert_pem)
+
+
+def _tls_connection(factory_class, tls_creators):
+    """A server and a client protocol of `factory_class` over iosim, handshaken, data sent
+    both ways."""
+    from twisted.test import iosim
+
+    server_opts, client_opts = tls_creators
+    clock = Clock()  # the TLS layer sends small writes at the next turn of this clock
+    inner_server, inner_client = _Collect(), _Collect()
+    server = factory_class(server_opts, False, Factory.forProtocol(lambda: inner_server), clock)
+    client = factory_class(client_opts, True, Factory.forProtocol(lambda: inner_client), clock)
+    sp, cp = server.buildProtocol(None), client.buildProtocol(None)
+    pump = iosim.connect(sp, iosim.makeFakeServer(sp), cp, iosim.makeFakeClient(cp))
+    inner_client.transport.write(b"hello up")
+    inner_server.transport.write(b"hello down")
+    clock.advance(0)
+    pump.flush()
+    return sp, cp, inner_server, inner_client
+
+
+def test_lean_tls_protocol_sets_what_twisted_s_makeconnection_sets(tls_creators):
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    lean = _tls_connection(compat.LeanTLSFactory, tls_creators)
+    plain = _tls_connection(TLSMemoryBIOFactory, tls_creators)
+    for mine, twisted_s in zip(lean[:2], plain[:2], strict=True):
+        assert set(vars(mine)) == set(vars(twisted_s)), (
+            "TLSMemoryBIOProtocol.makeConnection sets other attributes now: "
+            "look at compat.LeanTLSProtocol"
+        )
+
+
+def test_lean_tls_protocol_carries_data_and_the_transport_s_interfaces(tls_creators):
+    from twisted.internet.interfaces import ISSLTransport
+    from zope.interface import providedBy
+
+    server, client, inner_server, inner_client = _tls_connection(
+        compat.LeanTLSFactory, tls_creators
+    )
+    assert inner_server.data == b"hello up" and inner_client.data == b"hello down"
+    assert inner_server.transport is server and inner_client.transport is client
+    for tls in (server, client):
+        assert set(providedBy(tls.transport)) <= set(providedBy(tls))
+        assert ISSLTransport.providedBy(tls)
+
+
+def test_lean_tls_protocol_declares_interfaces_once(tls_creators, monkeypatch):
+    calls = []
+    real = compat.directlyProvides
+    monkeypatch.setattr(compat, "directlyProvides", lambda *a: calls.append(a) or real(*a))
+    _tls_connection(compat.LeanTLSFactory, tls_creators)
+    assert len(calls) == 2  # one per connection: server and client
+
+
+def test_wrap_client_tls_connects_to_the_protocol_inside_tls(tls_creators):
+    from twisted.internet.interfaces import IStreamClientEndpoint
+
+    _server_opts, client_opts = tls_creators
+    endpoint = _Endpoint()
+    connected = []
+    wrapped = compat.wrap_client_tls(client_opts, endpoint)
+    assert IStreamClientEndpoint.providedBy(wrapped)
+    wrapped.connect(Factory.forProtocol(_Collect)).addCallback(connected.append)
+    (tls,) = endpoint.protocols
+    assert isinstance(tls, compat.LeanTLSProtocol)
+    assert connected == [tls.wrappedProtocol] and isinstance(connected[0], _Collect)

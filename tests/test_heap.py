@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 
 from tcm.agent.config import AgentConfig
 from tcm.agent.service import AgentService, make_agent_service
-from tcm.heap import HeapSettler, QuietSettler, settle_heap
+from tcm.heap import HeapSettler, QuietSettler, load_then_settle, settle_heap
 
 
 class _Node:
@@ -43,6 +43,45 @@ def test_settling_gives_freed_memory_back_after_the_collection():
     del node
     settle_heap(release=lambda: steps.append(("released", ref() is None)))
     assert steps == [("released", True)]  # trimmed once, after the cycle was collected
+
+
+def test_a_start_s_load_runs_with_the_collector_paused_then_settles():
+    from twisted.internet.defer import Deferred
+
+    loading: Deferred[str] = Deferred()
+    seen = []
+    done = load_then_settle(lambda: loading, release=lambda: seen.append("released"))
+    done.addCallback(seen.append)
+    assert not gc.isenabled()  # paused while the working set is read
+    kept = _Node()  # the working set: lives on
+    dead = weakref.ref(_Node())  # garbage of the load: a cycle left for the collector
+    loading.callback("loaded")
+    assert gc.isenabled()
+    assert seen == ["released", "loaded"]  # settled (collected, frozen, trimmed), then fired
+    assert dead() is None
+    assert gc.get_freeze_count() > 0 and kept is not None
+
+
+def test_a_failed_load_gives_the_collector_back_and_fails():
+    from twisted.internet.defer import fail
+
+    failures = []
+    load_then_settle(lambda: fail(ValueError("no store")), release=lambda: None).addErrback(
+        failures.append
+    )
+    assert gc.isenabled()
+    assert [f.type for f in failures] == [ValueError]
+
+
+def test_a_collector_paused_before_the_load_stays_paused():
+    from twisted.internet.defer import succeed
+
+    gc.disable()
+    try:
+        load_then_settle(lambda: succeed(None), release=lambda: None)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_settler_settles_when_the_population_changes_and_every_interval():

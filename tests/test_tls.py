@@ -1,7 +1,8 @@
 """Real TLS handshakes over loopback: one port, optional client certificates from the tcm CA.
 
 The server side is the stack tcm runs: TLS (``server_tls_options``) -> ``HandshakeLogger``
--> the application factory, listening with ``SSL4ServerEndpoint``.
+-> the application factory, listening with ``TLSServerEndpoint`` (``tcm:`` endpoints: TCP
+with ``tcm.compat.LeanTLSFactory``).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import defer, reactor, ssl
 from twisted.internet.endpoints import (
-    SSL4ServerEndpoint,
     TCP4ClientEndpoint,
+    TCP4ServerEndpoint,
     connectProtocol,
     wrapClientTLS,
 )
@@ -32,9 +33,11 @@ from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from tcm.compat import LeanTLSProtocol
 from tcm.server.admission import HandshakeGate
 from tcm.server.ca import CertificateAuthority
 from tcm.tls import pki
+from tcm.tls.endpoints import TLSServerEndpoint
 from tcm.tls.handshake import HandshakeLogger
 from tcm.tls.server import server_tls_options
 
@@ -186,7 +189,7 @@ async def listen():
             factory = EchoFactory()
         factory.connections = connections
         logger = HandshakeLogger(factory, gate)
-        endpoint = SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1")
+        endpoint = TLSServerEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), options)
 
         def started(port):
             servers.append(Server(port, logger, connections))
@@ -290,6 +293,8 @@ def test_agent_certificate_is_seen_by_the_server(ca, agent, server_options, list
     [echo] = server.connections.seen
     assert echo.peer_cn == "agent-0001"
     assert echo.handshake_done  # HandshakeLogger passes handshakeCompleted on
+    # ... and hands the TLS layer itself to the protocol above as its transport
+    assert isinstance(echo.transport, LeanTLSProtocol)
     assert echo.tls["version"] in ("TLSv1.2", "TLSv1.3")
     assert echo.tls["cipher"]
     assert client.tls == echo.tls

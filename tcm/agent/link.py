@@ -18,7 +18,6 @@ from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
-    wrapClientTLS,
 )
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
@@ -26,6 +25,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import implementer
 
+from tcm.compat import wrap_client_tls
 from tcm.interfaces import IAgentAPI
 from tcm.tls import pki
 
@@ -81,6 +81,9 @@ class _CountingProtocol(ProtocolWrapper):
 
 class _CountingFactory(WrappingFactory):
     protocol = _CountingProtocol
+    # made per connection: no "Starting factory" line per connection (the log call and its
+    # level filter were a seventh of a swarm's CPU in a reconnect storm)
+    noisy = False
 
     def __init__(self, wrapped: Any, traffic: Traffic):
         super().__init__(wrapped)
@@ -125,7 +128,7 @@ def server_endpoint(
     counting = CountingEndpoint(inner) if count else None
     # tokens and sessions kept per HOST:PORT: a server and a gateway or task server on
     # one host each resume only their own
-    endpoint = wrapClientTLS(identity.tls_options(host, port), counting or inner)
+    endpoint = wrap_client_tls(identity.tls_options(host, port), counting or inner)
     return (endpoint, counting) if count else endpoint
 
 

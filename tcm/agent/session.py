@@ -274,6 +274,7 @@ class AgentClientFactory(WebSocketClientFactory):
     `session_host`, and `lost(protocol, code, reason)` is told when one closes."""
 
     protocol = AgentClientProtocol
+    noisy = False  # no "Starting factory" line at each connection (it starts at each one)
 
     def __init__(
         self,

@@ -34,10 +34,10 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
+from tcm.compat import LeanTLSFactory
 from tcm.gateway.forward import AgentApiForwarder
 from tcm.heap import HeapSettler
 from tcm.httplimits import limited_site
@@ -170,7 +170,7 @@ class ReusePortTLSEndpoint:
         sock.setblocking(False)
         try:
             port = self.reactor.adoptStreamPort(
-                sock.fileno(), family, TLSMemoryBIOFactory(self.tls, False, factory)
+                sock.fileno(), family, LeanTLSFactory(self.tls, False, factory)
             )
         finally:
             sock.close()  # the reactor holds its own copy of the descriptor

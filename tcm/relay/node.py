@@ -20,12 +20,13 @@ import treq
 from twisted.application import service
 from twisted.internet.abstract import isIPAddress
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint
 from twisted.logger import Logger
 from twisted.web.client import Agent
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
+from tcm.compat import wrap_client_tls
 from tcm.process import stop_with_failure
 from tcm.protocol import link
 from tcm.statedir import StateDir
@@ -89,7 +90,7 @@ def client_endpoint(reactor: Any, url: str, tls_options: Any):
         inner: Any = TCP4ClientEndpoint(reactor, host, port, timeout=30)
     else:
         inner = HostnameEndpoint(reactor, host, port, timeout=30)
-    return wrapClientTLS(tls_options, inner)
+    return wrap_client_tls(tls_options, inner)
 
 
 @implementer(IAgentEndpointFactory)

@@ -37,7 +37,7 @@ from twisted.web.server import Site
 from zope.interface.interface import InterfaceClass
 from zope.interface.verify import verifyObject
 
-from tcm.heap import HeapSettler
+from tcm.heap import HeapSettler, load_then_settle
 from tcm.httplimits import limited_site
 from tcm.installpackage import WheelCache
 from tcm.interfaces import (
@@ -594,11 +594,7 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
 
     # -- lifecycle -----------------------------------------------------------------------
     @inlineCallbacks
-    def start():
-        """Migrate and open the store, then load agents, tokens, nodes, settings, policies
-        and profiles, and unfinished jobs."""
-        _write_server_json(config, admin_url(reactor, config))
-        db.open()
+    def load():
         yield admission.load()
         yield access.load()
         yield nodes.reload()
@@ -607,6 +603,15 @@ def make_server_service(config: ServerConfig, reactor: Any = None) -> ServerServ
         yield profiles.load()
         yield agent_config.load()
         yield jobs.load()
+
+    @inlineCallbacks
+    def start():
+        """Migrate and open the store, then load agents, tokens, nodes, settings, policies
+        and profiles, and unfinished jobs (tcm/heap.py: the collector paused meanwhile, the
+        heap settled after)."""
+        _write_server_json(config, admin_url(reactor, config))
+        db.open()
+        yield load_then_settle(load)
         jobs.start()
         history.start()  # purges jobs past the retention now and every hour
 

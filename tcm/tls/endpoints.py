@@ -81,9 +81,9 @@ class TLSServerEndpoint:
                     "(twistd tcm-server --listen tcm:...)"
                 )
             )
-        from twisted.protocols.tls import TLSMemoryBIOFactory
+        from tcm.compat import LeanTLSFactory
 
-        return self.wrapped.listen(TLSMemoryBIOFactory(self.tls, False, protocolFactory))
+        return self.wrapped.listen(LeanTLSFactory(self.tls, False, protocolFactory))
 
 
 @implementer(IPlugin, IStreamServerEndpointStringParser)

@@ -12,6 +12,7 @@ from twisted.internet.interfaces import (
     IProtocol,
     IProtocolNegotiationFactory,
 )
+from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
@@ -49,7 +50,13 @@ class _HandshakeWatcher(ProtocolWrapper):
         gate = self.factory.gate
         if gate is not None:
             self.ticket = gate.admit(transport.transport)
-        super().makeConnection(transport)
+        # Not ProtocolWrapper's makeConnection: the wrapped protocol gets the TLS connection
+        # itself as its transport, so that its writes and lookups go straight there, and no
+        # interface declarations are copied onto this watcher (a walk of zope.interface's
+        # specifications per connection). The watcher stays below the wrapped protocol only
+        # for what the TLS layer tells it: data, handshake done, connection lost.
+        TwistedProtocol.makeConnection(self, transport)
+        self.wrappedProtocol.makeConnection(transport)
 
     def handshakeCompleted(self) -> None:
         kinds = self.factory.completed
