@@ -15,7 +15,7 @@ process while the server runs on. Cost per unit there: `gw_cpu_per_reconnect_ms`
 restarted gateway's CPU until every agent is back, less what its start took without a
 storm) and `server_cpu_per_reconnect_ms` (the server's CPU over the same window: the
 sessions it opens again on the gateway's link), each per session opened; the handshakes'
-kinds from the gateway's /metrics (`gw_handshakes`).
+kinds from the gateway's /metrics (`gw_handshakes`); peak CPU and RSS are the gateway's.
 
 Usage: .venv/bin/python bench/storm.py [--counts 10000] [--kill] [--work DIR] [--no-floor]
        [--via-gateway]
@@ -33,6 +33,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,9 +62,10 @@ def swarm_attempts(state_dir: str) -> int:
 
 
 class Sampler(threading.Thread):
-    """Peak CPU (% of one core) and RSS of the server process, sampled every 0.5 s."""
+    """Peak CPU (% of one core) and RSS of the server process (anything with `ps()`: the
+    gateway's, with --via-gateway), sampled every 0.5 s."""
 
-    def __init__(self, server: BenchServer):
+    def __init__(self, server: Any):
         super().__init__(daemon=True)
         self.server = server
         self.peak_cpu = 0.0
@@ -229,6 +231,8 @@ def measure_gateway(n: int, kill: bool, work: str, server_args: list[str] | None
         down_s = time.monotonic() - t0
         gw.start(wait=False)  # same port, same state directory
         gw_ps = psutil.Process(gw.proc.pid)  # type: ignore[union-attr]
+        sampler = Sampler(type("Gateway", (), {"ps": lambda self: gw_ps})())
+        sampler.start()
         marks: dict[str, float] = {}
         deadline = time.monotonic() + 300
         kept = KeptApi(server.api())
@@ -245,6 +249,7 @@ def measure_gateway(n: int, kill: bool, work: str, server_args: list[str] | None
                 break
             time.sleep(0.25)
         kept.close()
+        sampler.running = False
         after = gateway_handshakes(mport)
         opened = sorted(sessions_opened(server.log_path, log_offset))
         logged = {
@@ -271,6 +276,8 @@ def measure_gateway(n: int, kill: bool, work: str, server_args: list[str] | None
         "back_100pct_s": logged.get("100"),
         "api_saw_99pct_s": marks.get("99"),
         "failed_attempts": attempts,
+        "peak_cpu_pct": sampler.peak_cpu,  # the gateway's, here
+        "peak_rss_mb": round(sampler.peak_rss / 2**20, 1),
         "gw_handshakes_before": before,
         "gw_handshakes": after,
         "job_after": job["counts"],
