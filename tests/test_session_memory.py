@@ -11,6 +11,7 @@ import pytest_twisted
 from OpenSSL import SSL
 from twisted.web.http import Request
 
+from tcm.compat import LeanTLSProtocol
 from tcm.server.ca import CertificateAuthority
 from tcm.tls.buffers import release_handshake_buffers
 from tcm.tls.server import server_tls_options
@@ -21,7 +22,8 @@ def _server_side(server, agent_id):
     session = server.parts.presence.registry.get(agent_id)
     assert session is not None
     protocol = session.transport
-    tls = protocol.transport.transport  # _HandshakeWatcher -> TLSMemoryBIOProtocol
+    tls = protocol.transport  # the TLS layer itself: the handshake watcher hands it up
+    assert isinstance(tls, LeanTLSProtocol)
     return session, protocol, tls
 
 
