@@ -126,6 +126,26 @@ def test_subscribers_are_told_a_session_opened_and_was_lost(tmp_path):
     assert connection.poller.polls == 1
 
 
+def test_a_drain_is_retried_every_few_seconds_as_a_restart_is(tmp_path):
+    """4006: a gateway (or task server) stopping; with no other destination it is the one
+    that comes back, so the agent retries every few seconds instead of climbing its
+    backoff while it is away."""
+    agent, clock, _ = wired_agent(tmp_path)
+    connection = agent.connection
+    protocol = open_session(
+        agent, {"session": "s-1", "task_server": None, "profile_count": 0, "policy_count": 0}
+    )
+    connection.session_lost(protocol, codes.CLOSE_DRAIN, None)
+    assert connection.restart_hint.until > clock.seconds()
+    assert 1.0 <= connection.restart_hint.delay(7, lambda attempt: 64.0) <= 4.0
+    protocol = open_session(
+        agent, {"session": "s-2", "task_server": None, "profile_count": 0, "policy_count": 0}
+    )
+    connection.session_lost(protocol, codes.CLOSE_NORMAL, None)  # any other end: no hint
+    assert connection.restart_hint.until == 0.0
+    assert connection.restart_hint.delay(7, lambda attempt: 64.0) == 64.0
+
+
 def test_switching_persistent_connections_off_tells_subscribers_then_the_close_follows(tmp_path):
     agent, _, recorder = wired_agent(tmp_path)
     connection = agent.connection

@@ -278,7 +278,9 @@ class ServerConnection:
         self.link.session = None
         why = describe_close(code, reason)
         self._log.info("persistent session closed: {why}", why=why)
-        if code == codes.CLOSE_RESTARTING:
+        if code in (codes.CLOSE_RESTARTING, codes.CLOSE_DRAIN):
+            # restarting, or draining (a gateway or task server at its stop; the next
+            # destination, if any, is tried first): back in moments, here or there
             self.restart_hint.server_restarting()
         if self.destinations is not None:
             self.destinations.session_ended(code)
