@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -129,6 +130,7 @@ async def measure(args: argparse.Namespace) -> dict:
         }
     finally:
         await server.stop()
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def main() -> int:
