@@ -7,11 +7,16 @@ get it there, in one run on one machine:
   poll-60s      the same agents in HTTP mode polling every 60 s (the legacy way)
   floor         a bare Twisted + Autobahn TLS server broadcasting one prepared message to
                 N connections (bench/floor.py): what this stack cannot beat
+  gateway       the same agents' persistent sessions through `twistd tcm-gateway` (one
+                worker): the server gets their frames over the gateway's one link, in
+                `batch` link messages, and acknowledges them the same way; the gateway's
+                own CPU per result is reported beside the server's
 
 For tcm modes, times are from the job's creation (server clock) to each agent receiving the
 request (agent clock, same machine) and to each result being stored (server clock).
 
-Usage: .venv/bin/python bench/push.py [--counts 1000,10000] [--modes tcm,long-poll,poll-60s,floor]
+Usage: .venv/bin/python bench/push.py [--counts 1000,10000]
+       [--modes tcm,long-poll,poll-60s,floor,gateway]
        [--rounds 3] [--work DIR]
 Everything it starts, it stops; every wait is bounded.
 """
@@ -24,10 +29,15 @@ import shutil
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import psutil
 
-from common import BenchServer, SwarmProcs, emit, run_job, summary  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common import BenchServer, SwarmProcs, cpu_seconds, emit, run_job, summary  # noqa: E402
 from floor import measure as floor_measure  # noqa: E402
+
+from tests.harness import GatewayProc  # noqa: E402
 
 
 def wait_mode(server: BenchServer, persistent: bool, n: int, timeout: float) -> None:
@@ -72,13 +82,48 @@ def run_tcm_job(server: BenchServer, n: int, timeout: float) -> dict:
     )
 
 
+def gateway_row(base: str, n: int, rounds: int, settle: float) -> dict:
+    """The tcm row's rounds with every agent's session through one gateway worker."""
+    server = BenchServer(base, port=None, extra=["--name", "bench"])
+    server.start()
+    server.cli("settings", "set", "persistent_connections", "true")
+    gw = GatewayProc(base, "gw", {"s": server}, extra=["--max-clients", "19000", "--workers", "1"])
+    swarm: SwarmProcs | None = None
+    try:
+        gw.start()
+        assert gw.proc is not None
+        gw_proc = psutil.Process(gw.proc.pid)
+        swarm = SwarmProcs(
+            base, server, n, server.token(uses=n + 10), extra=["--backoff-max", "5"], url=gw.url
+        )
+        swarm.start()
+        server.wait_sessions(n, timeout=max(300, n / 20))
+        time.sleep(settle)
+        run_tcm_job(server, n, 60)  # warm-up
+        results, gw_cpu = [], []
+        for _ in range(rounds):
+            g0 = cpu_seconds(gw_proc)
+            results.append(run_tcm_job(server, n, 60))
+            gw_cpu.append(cpu_seconds(gw_proc) - g0)
+        row = tcm_rows("gateway", n, results)
+        stored = row["succeeded"]
+        cpu = sorted(gw_cpu)[len(gw_cpu) // 2]
+        row["gateway_cpu_per_result_ms"] = round(1000 * cpu / stored, 4) if stored else None
+        return row
+    finally:
+        if swarm is not None:
+            swarm.stop()
+        gw.stop(timeout=30)
+        server.stop(timeout=30)
+
+
 def bench_count(
     n: int, modes: list[str], rounds: int, work: str, settle: float = 2.0
 ) -> list[dict]:
     rows: list[dict] = []
     base = os.path.join(work, f"n{n}")
     os.makedirs(base, exist_ok=True)
-    tcm_modes = [m for m in modes if m != "floor"]
+    tcm_modes = [m for m in modes if m not in ("floor", "gateway")]
     if tcm_modes:
         server = BenchServer(base, port=None, extra=["--poll-interval", "60", "--long-poll", "30"])
         server.start()
@@ -112,6 +157,8 @@ def bench_count(
         finally:
             swarm.stop()
             server.stop()
+    if "gateway" in modes:
+        rows.append(gateway_row(base, n, rounds, settle))
     if "floor" in modes:
         floors = [floor_measure(n) for _ in range(rounds)]
         rows.append(
@@ -180,6 +227,7 @@ def main() -> int:
             ("delivery.last", "last s"),
             ("all_stored_s", "all stored s"),
             ("server_cpu_per_result_ms", "srv CPU ms/result"),
+            ("gateway_cpu_per_result_ms", "gw CPU ms/result"),
             ("last_vs_floor", "x floor"),
             ("faster_than_poll_60s", "x faster than poll"),
         ],

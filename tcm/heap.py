@@ -37,6 +37,14 @@ GROWTH = 0.1  # settle early when the population changed by this fraction ...
 MIN_CHANGE = 1000  # ... and at least this many, ...
 STEADY = 0.01  # ... once it moved by less than this fraction between two looks ...
 STEADY_WAIT = 30.0  # ... or this many seconds after the change was first seen
+# Allocations between two young collections in a server (CPython's default: 700). Every
+# result leaves a hundred or so container objects behind until its commit's callbacks have
+# run; at 700 a push of a thousand results made ~150 young collections, and every hundredth
+# allocation batch cascaded into a full one over whatever was not frozen yet: up to half of
+# the server's CPU per result two seconds after a fleet connected (bench/link_ingest.py,
+# docs/performance.md, issue 17). Unreachable cycles then wait for at most this many
+# allocations (a few megabytes) before they are collected.
+YOUNG_COLLECTION_EVERY = 10_000
 QUIET = 10.0  # QuietSettler: seconds without activity before it settles ...
 AT_LATEST = 60.0  # ... or this many after the first activity not settled for yet
 
@@ -95,7 +103,9 @@ class HeapSettler(TimerService):
     looks (every 5 s), so that a fleet that just connected is settled within seconds of its
     last session, not in the middle of its first push (issue 17: a full collection of ten
     thousand young sessions costs a push more than its results); at the latest 30 s after
-    the change was seen; and every ten minutes anyway. Gives everything back at stop."""
+    the change was seen; and every ten minutes anyway. While it runs, young collections come
+    every `YOUNG_COLLECTION_EVERY` allocations instead of 700. Gives everything back at
+    stop."""
 
     _log = Logger()
 
@@ -115,6 +125,7 @@ class HeapSettler(TimerService):
         self._settled_population = 0
         self._last_population = 0
         self._changed_at: float | None = None  # when the change to settle for was first seen
+        self._threshold = gc.get_threshold()  # the collector's, given back at stop
 
     def _check(self) -> None:
         now = self.clock.seconds() if self.clock is not None else time.monotonic()
@@ -143,9 +154,15 @@ class HeapSettler(TimerService):
                 p=population,
             )
 
+    def startService(self):
+        self._threshold = gc.get_threshold()
+        gc.set_threshold(max(YOUNG_COLLECTION_EVERY, self._threshold[0]), *self._threshold[1:])
+        super().startService()
+
     def stopService(self):
         d = super().stopService()
         gc.unfreeze()
+        gc.set_threshold(*self._threshold)
         return d
 
 

@@ -147,3 +147,34 @@ def test_an_envelope_knows_whether_its_text_could_hold_a_lone_surrogate():
     body = escaped.data["body"]
     with pytest.raises(ApiError, match="lone surrogate"):
         DirectCall("POST", "/a", body, None, "websocket", escaped.escapes).json(True)
+
+
+def test_direct_calls_are_routed_by_path_each_with_its_own_parameters():
+    """The routing of a direct call is kept per path (ten thousand results of one job are
+    one path): each path still gets its own parameters, a non-direct route still refuses
+    the direct way, and past the bound the routing is found again."""
+    from twisted.internet.defer import Deferred
+
+    from tcm.server import web
+
+    router = web.JsonRouter("/x/v1")
+    router.route("GET", "/jobs/{job}/result", lambda request, job: {"get": job})
+    router.direct_route("POST", "/jobs/{job}/result", lambda request, job: {"job": job})
+
+    def answer(method: str, path: str):
+        d = router.serve_direct(DirectCall(method, path, {}, None, "websocket"))
+        if d is None:
+            return None
+        out: list = []
+        assert isinstance(d, Deferred)
+        d.addCallback(out.append)
+        return out[0]
+
+    for _ in range(2):
+        assert answer("POST", "/x/v1/jobs/a/result") == (200, {"job": "a"})
+        assert answer("POST", "/x/v1/jobs/b/result") == (200, {"job": "b"})
+        assert answer("GET", "/x/v1/jobs/a/result") is None  # not direct: rendered instead
+        assert answer("POST", "/x/v1/nothing") is None
+    for i in range(web.DIRECT_PATHS_KEPT + 5):
+        assert answer("POST", f"/x/v1/jobs/j{i}/result") == (200, {"job": f"j{i}"})
+    assert len(router._direct_paths) <= web.DIRECT_PATHS_KEPT

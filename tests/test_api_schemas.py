@@ -219,3 +219,13 @@ def test_declarations_are_plain_data():
     for op in OPERATIONS.values():
         assert isinstance(op, apischema.Operation)
         assert op.body is None or op.body["type"] == "object"
+
+
+def test_a_query_is_checked_each_time_though_no_query_is_checked_once():
+    op = apischema.Operation("t", query={"n": {"type": "integer", "minimum": 1}})
+    check = CheckedOperation("GET", "/api/v1/t", op)
+    for _ in range(2):
+        check.check_query({})
+        check.check_query({b"n": [b"3"]})
+        with pytest.raises(InvalidRequest):
+            check.check_query({b"n": [b"0"]})

@@ -8,6 +8,7 @@ import weakref
 import pytest
 from twisted.internet.task import Clock
 
+from tcm import heap
 from tcm.agent.config import AgentConfig
 from tcm.agent.service import AgentService, make_agent_service
 from tcm.heap import HeapSettler, QuietSettler, load_then_settle, settle_heap
@@ -201,3 +202,21 @@ def test_only_an_agent_with_the_process_to_itself_settles_the_heap(tmp_path):
     config = AgentConfig(state_dir=str(tmp_path))
     assert isinstance(make_agent_service(config, Clock()).settler, QuietSettler)  # twistd
     assert AgentService(config, Clock(), handlers={}, policy_handlers={}).settler is None  # swarm
+
+
+def test_a_running_settler_makes_young_collections_rarer_and_gives_the_setting_back():
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        settler = HeapSettler(lambda: 0, clock=Clock())
+        settler.startService()
+        assert gc.get_threshold() == (heap.YOUNG_COLLECTION_EVERY, 10, 10)
+        settler.stopService()
+        assert gc.get_threshold() == (700, 10, 10)
+        gc.set_threshold(50_000, 5, 5)  # a process tuned higher already keeps its own
+        settler = HeapSettler(lambda: 0, clock=Clock())
+        settler.startService()
+        assert gc.get_threshold() == (50_000, 5, 5)
+        settler.stopService()
+    finally:
+        gc.set_threshold(*before)

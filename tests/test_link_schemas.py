@@ -178,3 +178,59 @@ def test_each_end_closes_on_a_type_it_does_not_take_with_the_reason():
         (codes.CLOSE_PROTOCOL_ERROR, "a gateway does not take link message 'nodes'")
     ]
     assert proto.up  # the welcome was taken; the close came from the relay's table
+
+
+# -- the frame header's short path (issue 17) ---------------------------------------------
+
+
+def _general(message: bytes, allowed: frozenset[str]) -> tuple[dict[str, Any], bytes]:
+    """What decode answers through the JSON codec and the schema alone."""
+    head, _, payload = message.partition(b"\n")
+    header = __import__("json").loads(head)
+    link._VALIDATORS[header["t"]](header)
+    return header, payload
+
+
+@given(st.integers(0, 10**17), st.binary(max_size=40))
+def test_frame_headers_are_written_and_read_as_the_codec_would(c, payload):
+    header = {"t": "frame", "c": c}
+    message = link.encode(header, payload)
+    assert message == __import__("json").dumps(header, separators=(",", ":")).encode() + (
+        b"\n" + payload
+    )
+    assert link.decode(message, link.NODE_SENDS) == (header, payload)
+    assert link.decode(message, link.NODE_SENDS) == _general(message, link.NODE_SENDS)
+
+
+@pytest.mark.parametrize(
+    "head, expected",
+    [
+        (b'{"t":"frame","c":7,"x":1}', {"t": "frame", "c": 7, "x": 1}),  # more fields: read
+        (b'{"t":"frame","c":7 }', {"t": "frame", "c": 7}),
+        (b'{"t":"frame","c":0}', {"t": "frame", "c": 0}),
+        (b'{"t":"frame","c":' + b"1" * 30 + b"}", {"t": "frame", "c": int("1" * 30)}),
+    ],
+)
+def test_frame_headers_written_otherwise_take_the_general_path(head, expected):
+    assert link.decode(head + b"\npay", link.NODE_SENDS) == (expected, b"pay")
+
+
+@pytest.mark.parametrize(
+    "message, why",
+    [
+        (b'{"t":"frame","c":07}\n', "not JSON"),
+        (b'{"t":"frame","c":-1}\n', "non-negative integer 'c'"),
+        (b'{"t":"frame","c":1.5}\n', "non-negative integer 'c'"),
+        (b'{"t":"frame","c":}\n', "not JSON"),
+        (b'{"t":"frame","c":1}', "without a header line"),
+        (b'{"t":"frame","c":1}x\n', "not JSON"),
+    ],
+)
+def test_bad_frame_headers_are_refused_as_before(message, why):
+    with pytest.raises(link.LinkError, match=why):
+        link.decode(message, link.NODE_SENDS)
+
+
+def test_a_frame_where_frames_are_not_taken_is_refused():
+    with pytest.raises(link.LinkError, match="unexpected link message type 'frame'"):
+        link.decode(link.encode({"t": "frame", "c": 1}, b"x"), frozenset({"hello"}))

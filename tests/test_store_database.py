@@ -183,3 +183,62 @@ class TestWriteQueue(StoreTest):
             db.writes.register("result", t.settings.update())
         with pytest.raises(KeyError, match="no batched kind"):
             db.writes.add("unknown", [{}])
+
+
+class TestPreparedBatches(StoreTest):
+    """The write queue's batched kinds run as SQL compiled once per dialect, with each row
+    turned into the driver's parameters: what SQLAlchemy's execute would have written."""
+
+    def test_each_kind_is_compiled_once_per_dialect(self, db):
+        first = db.writes.prepared(db.engine.dialect)
+        assert set(first) == {"delivered", "running", "expired", "result", "seen"}
+        assert db.writes.prepared(db.engine.dialect) is first
+
+    @pytest_twisted.ensureDeferred
+    async def test_literal_values_and_bind_processors_are_applied_to_every_row(self, db):
+        # a kind of this test's own: a literal value in the statement (key "fixed") beside
+        # a bind whose type processes its value (JSON), and a second kind with the literal
+        # in a row-bound statement: each written as SQLAlchemy would
+        for key in ("a", "b", "fixed"):
+            await db.transaction(
+                lambda c, k=key: c.execute(t.settings.insert().values(key=k, value=0))
+            )
+        db.writes.register(
+            "test-json",
+            t.settings.update()
+            .where(t.settings.c.key == sa.bindparam("k"))
+            .values(value=sa.bindparam("v", type_=sa.JSON)),
+        )
+        db.writes.register(
+            "test-literal",
+            t.settings.update().where(t.settings.c.key == "fixed").values(value=sa.bindparam("v")),
+        )
+        values = {"a": {"nested": [1, 2.5, None, "é"]}, "b": None}
+        await gatherResults(
+            [
+                db.writes.add("test-json", [{"k": k, "v": v} for k, v in values.items()]),
+                db.writes.add("test-literal", [{"v": [3]}]),
+            ]
+        )
+        stored = {r["key"]: r["value"] for r in self.rows(db, t.settings)}
+        assert stored == {"a": {"nested": [1, 2.5, None, "é"]}, "b": None, "fixed": [3]}
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_result_is_stored_as_its_json_once_and_counted_by_that(self, db):
+        await db.jobs.create_job(
+            dict(id="j", action="ping", args={}, created_at=NOW, expires_at=NOW + 60),
+            ["a-1", "a-2"],
+            NOW,
+        )
+        await gatherResults(
+            [
+                db.jobs.store_result("j", "a-1", "succeeded", {"x": "é", "n": 1.5}, None, 1.0, 2.0),
+                db.jobs.store_result("j", "a-2", "failed", None, "no route", None, 2.0),
+            ]
+        )
+        rows = {r["agent_id"]: r for r in self.rows(db, t.job_targets)}
+        assert rows["a-1"]["result"] == {"x": "é", "n": 1.5}
+        assert rows["a-1"]["result_bytes"] == len('{"x":"\\u00e9","n":1.5}')
+        assert rows["a-1"]["started_at"] == 1.0 and rows["a-1"]["finished_at"] == 2.0
+        assert rows["a-2"]["result"] is None and rows["a-2"]["error"] == "no route"
+        assert rows["a-2"]["result_bytes"] == len("no route")

@@ -91,9 +91,13 @@ def _data_validator(mtype: str) -> Callable[[Any], Any] | None:
     return validator
 
 
+# One encoder for every frame (json.dumps with options builds a JSONEncoder per call).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def encode(envelope: Envelope) -> bytes:
     """Serialise an envelope to the UTF-8 JSON text of one WebSocket text frame."""
-    return json.dumps(envelope.to_dict(), separators=(",", ":"), allow_nan=False).encode()
+    return _ENCODER.encode(envelope.to_dict()).encode()
 
 
 def validate(envelope: Envelope) -> None:
@@ -133,6 +137,10 @@ def _finite_float(text: str, _isinf: Callable[[float], bool] = math.isinf) -> fl
     return value
 
 
+# One decoder for every frame (json.loads with hooks builds a JSONDecoder per call).
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
 def decode(payload: bytes | str, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> Envelope:
     """Parse and validate one frame's payload into an Envelope.
 
@@ -145,7 +153,7 @@ def decode(payload: bytes | str, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> En
     try:
         if isinstance(payload, bytes):
             payload = payload.decode("utf-8")  # strictly: JSON text frames are UTF-8
-        obj = json.loads(payload, parse_constant=_reject_constant, parse_float=_finite_float)
+        obj = _DECODER.decode(payload)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ProtocolError(codes.ERR_MALFORMED, f"not valid JSON: {e}") from None
     if not isinstance(obj, dict):

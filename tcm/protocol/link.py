@@ -277,13 +277,43 @@ def _reason(kind: str, e: fastjsonschema.JsonSchemaValueException, header: dict)
     return described or f"link message {kind!r}: {e.message}"
 
 
+# Most link messages are an agent's frame: their header is written and read without the
+# JSON codec and the schema (the same bytes, the same checks: `_frame_header`), ten times
+# cheaper per message where every result of every agent behind a node passes (issue 17).
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+_FRAME_HEAD = b'{"t":"frame","c":'
+_FRAME_AT = len(_FRAME_HEAD)
+_MAX_DIGITS = 18  # what a connection number needs and JSON's int never exceeds here
+
+
 def encode(header: dict[str, Any], payload: bytes = b"") -> bytes:
-    return json.dumps(header, separators=(",", ":")).encode() + b"\n" + payload
+    if len(header) == 2 and header.get("t") == "frame":
+        c = header.get("c")
+        if type(c) is int and c >= 0:
+            return b'{"t":"frame","c":%d}\n' % c + payload
+    return _ENCODER.encode(header).encode() + b"\n" + payload
+
+
+def _frame_header(message: bytes) -> tuple[dict[str, Any], bytes] | None:
+    """A `frame` message written as `encode` writes it, split without the JSON codec: its
+    header exactly `{"t":"frame","c":N}` (N a JSON non-negative integer). None for anything
+    else, which the general path then reads (and refuses, if it must)."""
+    end = message.find(b"}\n", _FRAME_AT, _FRAME_AT + _MAX_DIGITS + 1)
+    if end < 0:
+        return None
+    digits = message[_FRAME_AT:end]
+    if not digits.isdigit() or (digits[0] == 48 and len(digits) > 1):  # no leading zero
+        return None
+    return {"t": "frame", "c": int(digits)}, message[end + 2 :]
 
 
 def decode(message: bytes, allowed: frozenset[str]) -> tuple[dict[str, Any], bytes]:
     """Split and check one link message against its type's schema; LinkError says what is
     wrong."""
+    if message.startswith(_FRAME_HEAD) and "frame" in allowed:
+        split = _frame_header(message)
+        if split is not None:
+            return split
     head, sep, payload = message.partition(b"\n")
     if not sep:
         raise LinkError("link message without a header line")

@@ -141,6 +141,7 @@ class CheckedOperation:
         # Path parameters found valid: a push to ten thousand agents brings ten thousand
         # results for one job id, checked once (issue 17). Bounded; only valid ones kept.
         self._valid_paths: set[tuple[str, ...]] = set()
+        self._no_query_valid = False  # a request without a query passed the check
 
     def check_path(self, params: dict[str, str]) -> None:
         key = tuple(params.values())
@@ -152,6 +153,8 @@ class CheckedOperation:
         self._valid_paths.add(key)
 
     def check_query(self, args: dict[bytes, list[bytes]]) -> None:
+        if not args and self._no_query_valid:
+            return  # the answer for no query at all does not change: checked once
         query: dict[str, Any] = {}
         for key, values in args.items():
             name = key.decode("utf-8", "replace")
@@ -159,6 +162,8 @@ class CheckedOperation:
             schema = self.operation.query.get(name)
             query[name] = texts[-1] if schema is None else _coerce(name, texts, schema)
         self._run(self._query, self.query_schema, query, "query parameter")
+        if not args:
+            self._no_query_valid = True
 
     @property
     def reads_body(self) -> bool:

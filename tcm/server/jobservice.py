@@ -50,6 +50,9 @@ SHOWN_INVENTORY_BYTES = 64 * 1024 * 1024
 DEFAULT_TTL = 3600.0
 
 
+_STATES = {s.value: s for s in TargetState}  # a target state by its name
+
+
 @implementer(IJobs)
 class JobService:
     """Jobs from creation to stored results."""
@@ -672,7 +675,8 @@ class JobService:
         adopted: bool = False,
     ) -> Deferred[bool]:
         """Record a target's outcome. Fires True when stored now, False for a duplicate."""
-        target_state = TargetState(state)
+        # a dict, not the enum's call (a tenth of this method's time per result)
+        target_state = _STATES.get(state) or TargetState(state)
         now = self.clock.seconds()
         committing = self._committing.get((job_id, agent_id))
         if committing is not None:  # the same result again while the first is committed:

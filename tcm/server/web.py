@@ -191,6 +191,9 @@ class Route:
     check: CheckedOperation | None
 
 
+DIRECT_PATHS_KEPT = 1024  # routed paths a router keeps for `serve_direct`
+
+
 class JsonRouter(Resource):
     """A leaf resource that routes (method, path pattern) to handlers."""
 
@@ -207,6 +210,11 @@ class JsonRouter(Resource):
         # (method, regex source) -> (full pattern, compiled declaration or None)
         self._declared: dict[tuple[str, str], tuple[str, CheckedOperation | None]] = {}
         self._direct: set[tuple[str, str]] = set()  # (method, regex source) callable directly
+        # (method, path) -> what `_find_direct` found: the results of a job's ten thousand
+        # agents are calls to one path, routed once (issue 17); bounded
+        self._direct_paths: dict[
+            tuple[str, str], tuple[Handler, CheckedOperation | None, dict[str, str]]
+        ] = {}
         # told (method, path below the prefix) of each write answered with success: the
         # cluster tells the other nodes (tcm/server/cluster)
         self.written: Callable[[str, str], None] | None = None
@@ -226,6 +234,7 @@ class JsonRouter(Resource):
         operation = None if self._operations is None else self._operations.get((method, full))
         check = None if operation is None else CheckedOperation(method, full, operation)
         self._routes.append((method, re.compile(regex), handler))
+        self._direct_paths.clear()  # routed before this route was there
         self._declared[(method, regex)] = (full, check)
         if direct:
             self._direct.add((method, regex))
@@ -278,20 +287,33 @@ class JsonRouter(Resource):
         path = call.path
         if not path.startswith(self._prefix):
             return None
-        sub = path[len(self._prefix) :] or "/"
+        key = (call.method, path)
+        found = self._direct_paths.get(key)
+        if found is None:
+            found = self._find_direct(call.method, path[len(self._prefix) :] or "/")
+            if found is None:
+                return None
+            if len(self._direct_paths) >= DIRECT_PATHS_KEPT:
+                self._direct_paths.clear()
+            self._direct_paths[key] = found
+        handler, check, params = found
+        d = maybeDeferred(self._call, call, handler, check, params)
+        return d.addCallbacks(self._status_body, lambda f: self._status_body(self._error(call, f)))
+
+    def _find_direct(
+        self, method: str, sub: str
+    ) -> tuple[Handler, CheckedOperation | None, dict[str, str]] | None:
+        """The handler, declaration and path parameters of a direct route for `sub`, or None
+        (no route, or the first route that matches is not direct)."""
         for m, regex, handler in self._routes:
-            if m != call.method:
+            if m != method:
                 continue
             match = regex.match(sub)
             if match is None:
                 continue
             if (m, regex.pattern) not in self._direct:
                 return None
-            check = self._declared[(m, regex.pattern)][1]
-            d = maybeDeferred(self._call, call, handler, check, match.groupdict())
-            return d.addCallbacks(
-                self._status_body, lambda f: self._status_body(self._error(call, f))
-            )
+            return handler, self._declared[(m, regex.pattern)][1], match.groupdict()
         return None
 
     @staticmethod

@@ -17,10 +17,11 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Callable
+from operator import itemgetter
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.sql.base import Executable
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
@@ -106,6 +107,62 @@ def _nothing(conn: Connection) -> None:
     return None
 
 
+class PreparedBatch:
+    """A batched kind's statement compiled once for a dialect: its SQL in the driver's
+    paramstyle and how a row (a dict by bind name) becomes the driver's parameters.
+
+    SQLAlchemy's `execute(statement, rows)` looks its compiled form up in a cache and then,
+    per row, builds the parameters dict and runs each bind's type processor: in a push that
+    was most of the store thread's Python (py-spy, docs/performance.md, issue 17). Here it is
+    compiled once and each row is one `itemgetter` call (positional paramstyles, SQLite's
+    qmark) or the row itself (named ones, psycopg2's pyformat); the executemany is the
+    dialect's (`exec_driver_sql`: psycopg2's batched pages included). Literal values of the
+    statement (`.values(state="delivered")`) are merged into each row; a bind whose type
+    processes its value (none of the batched kinds has one: their rows hold what the driver
+    takes, JSON already as text) is processed per row as SQLAlchemy would."""
+
+    __slots__ = ("sql", "params")
+
+    def __init__(self, statement: Executable, dialect: Dialect):
+        compiled: Any = statement.compile(dialect=dialect)  # type: ignore[attr-defined]
+        if compiled.escaped_bind_names:
+            raise ValueError(f"bind names the driver cannot take as they are: {compiled.string}")
+        self.sql: str = compiled.string
+        binds = dict(compiled.binds)  # by the name it has in the SQL
+        statics = {k: b.value for k, b in binds.items() if not b.required}
+        processors = {
+            k: p for k, p in ((k, b.type.bind_processor(dialect)) for k, b in binds.items()) if p
+        }
+        order = list(compiled.positiontup) if compiled.positional else None
+
+        def fill(row: dict[str, Any]) -> dict[str, Any]:
+            full = {**statics, **row} if statics else dict(row)
+            for k, process in processors.items():
+                full[k] = process(full[k])
+            return full
+
+        if order is None:
+            if statics or processors:
+                self.params: Callable[[list[dict[str, Any]]], list[Any]] = lambda rows: [
+                    fill(r) for r in rows
+                ]
+            else:
+                self.params = lambda rows: rows
+            return
+        if len(order) == 1:  # itemgetter of one name gives the value, not a tuple
+            one = order[0]
+            get: Callable[[dict[str, Any]], tuple[Any, ...]] = lambda r: (r[one],)  # noqa: E731
+        else:
+            get = itemgetter(*order)
+        if statics or processors:
+            self.params = lambda rows: [get(fill(r)) for r in rows]
+        else:
+            self.params = lambda rows: [get(r) for r in rows]
+
+    def executemany(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        conn.exec_driver_sql(self.sql, self.params(rows))
+
+
 # a queued write: its kind (None: an operation of its own), its rows or the operation, its
 # weight (bytes, about), and the Deferred of its caller
 _Entry = tuple[str | None, Any, int, Deferred[Any]]
@@ -140,6 +197,7 @@ class WriteQueue:
         self.max_flush_bytes = max_flush_bytes
         self.max_flush_items = max_flush_items
         self._batched: dict[str, Executable] = {}
+        self._prepared: dict[str, dict[str, PreparedBatch]] = {}  # dialect -> kind -> batch
         # (kind or None for an operation, rows or the operation, its weight, its waiter)
         self._queue: deque[_Entry] = deque()
         self._running = False
@@ -151,6 +209,14 @@ class WriteQueue:
         if kind in self._batched:
             raise ValueError(f"batched kind {kind!r} registered twice")
         self._batched[kind] = statement
+
+    def prepared(self, dialect: Dialect) -> dict[str, PreparedBatch]:
+        """The batched kinds' statements compiled for `dialect` (once)."""
+        batches = self._prepared.get(dialect.name)
+        if batches is None or len(batches) != len(self._batched):
+            batches = {k: PreparedBatch(s, dialect) for k, s in self._batched.items()}
+            self._prepared[dialect.name] = batches
+        return batches
 
     def submit(self, op: Callable[[Connection], T], weight: int = 0) -> Deferred[T]:
         """Queue an operation of its own (run after the batched rows of its flush); fires
@@ -202,10 +268,11 @@ class WriteQueue:
         returned: dict[int, Any] = {}  # id(waiter) -> what its operation returned
 
         def write(conn: Connection) -> None:
-            for kind, statement in self._batched.items():
+            prepared = self.prepared(conn.dialect)
+            for kind in self._batched:
                 batch = rows.get(kind)
                 if batch:
-                    conn.execute(statement, batch)
+                    prepared[kind].executemany(conn, batch)
             for op, waiter in ops:
                 returned[id(waiter)] = op(conn)
 

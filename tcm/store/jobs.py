@@ -60,7 +60,9 @@ BATCHED: dict[str, sa.Update] = {
     ),
     "result": _target_update(
         state=sa.bindparam("state"),
-        result=sa.bindparam("result", type_=sa.JSON),
+        # the result's JSON as text, serialized once (`result_json`): the size counted for
+        # retention is the size of what is stored, and no bind processor runs per row
+        result=sa.bindparam("result", type_=sa.Text),
         error=sa.bindparam("error"),
         finished_at=sa.bindparam("finished"),
         updated_at=sa.bindparam("stored"),
@@ -73,12 +75,22 @@ BATCHED: dict[str, sa.Update] = {
 }
 
 
-def result_size(result: Any, error: str | None) -> int:
+# made once: json.dumps with options builds an encoder per call
+_RESULT_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
+
+
+def result_json(result: Any) -> str:
+    """A result as the text stored in its JSON column (ASCII: non-ASCII escaped). None is
+    JSON's null, as SQLAlchemy's JSON type stores it."""
+    return _RESULT_ENCODER.encode(result)
+
+
+def result_size(result: Any, error: str | None, text: str | None = None) -> int:
     """Bytes a result takes in the store (its JSON and its error text), about: what
-    retention by size counts."""
+    retention by size counts. `text`: the result's JSON, when serialized already."""
     size = len(error.encode("utf-8")) if error else 0
     if result is not None:
-        size += len(json.dumps(result, separators=(",", ":"), default=str).encode("utf-8"))
+        size += len(text if text is not None else result_json(result))  # ASCII: 1 byte each
     return size
 
 
@@ -147,26 +159,28 @@ class JobStore:
         `checked` (nodes sharing the store, where another node may have stored it first):
         fires with whether this one was stored, at the price of a statement of its own in
         the group commit instead of a row of its batch."""
-        row = {
+        text = result_json(result)
+        size = result_size(result, error, text)
+        row: dict[str, Any] = {
             "j": job_id,
             "a": agent_id,
             "state": state,
-            "result": result,
+            "result": text,
             "error": error,
             "started": started,
             "finished": finished,
             "received": received,
             "stored": stored if stored is not None else finished,
-            "size": result_size(result, error),
+            "size": size,
         }
         if not checked:
-            return self._writes.add("result", [row], weight=row["size"])
+            return self._writes.add("result", [row], weight=size)
         updated: list[int] = []
 
         def op(c: Connection) -> None:
             updated.append(c.execute(BATCHED["result"], row).rowcount)
 
-        d = self._writes.submit(op, weight=row["size"])
+        d = self._writes.submit(op, weight=size)
         return d.addCallback(lambda _: bool(updated and updated[0]))
 
     def add_output(
