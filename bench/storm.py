@@ -101,6 +101,18 @@ def sessions_opened(log_path: str, offset: int) -> list[float]:
     return times
 
 
+def back_marks(log_path: str, offset: int, n: int, t0_epoch: float) -> dict[str, float]:
+    """Seconds from `t0_epoch` until 50, 99 and 100 % of `n` sessions had opened, per the
+    server's log after byte `offset` (its stamps are whole seconds: a mark is late by up to
+    1 s, never early)."""
+    opened = sorted(sessions_opened(log_path, offset))
+    return {
+        name: round(opened[int(frac * n) - 1] + 1 - t0_epoch, 1)
+        for name, frac in (("50", 0.5), ("99", 0.99), ("100", 1.0))
+        if len(opened) >= int(frac * n)
+    }
+
+
 def measure(n: int, kill: bool, work: str, server_args: list[str] | None = None) -> dict:
     base = os.path.join(work, f"n{n}")
     os.makedirs(base, exist_ok=True)
@@ -142,13 +154,7 @@ def measure(n: int, kill: bool, work: str, server_args: list[str] | None = None)
             time.sleep(0.25)
         kept.close()
         sampler.running = False
-        opened = sorted(sessions_opened(server.log_path, log_offset))
-        # the log's stamps are whole seconds: a mark is late by up to 1 s, never early
-        logged = {
-            name: round(opened[int(frac * n) - 1] + 1 - t0_epoch, 1)
-            for name, frac in (("50", 0.5), ("99", 0.99), ("100", 1.0))
-            if len(opened) >= int(frac * n)
-        }
+        logged = back_marks(server.log_path, log_offset, n, t0_epoch)
         job = run_job(server.api(), {"action": "ping", "targets": "all"}, n, 120)
         attempts = swarm_attempts(swarm.state_dir) - attempts_before
     finally:
@@ -251,12 +257,7 @@ def measure_gateway(n: int, kill: bool, work: str, server_args: list[str] | None
         kept.close()
         sampler.running = False
         after = gateway_handshakes(mport)
-        opened = sorted(sessions_opened(server.log_path, log_offset))
-        logged = {
-            name: round(opened[int(frac * n) - 1] + 1 - t0_epoch, 1)
-            for name, frac in (("50", 0.5), ("99", 0.99), ("100", 1.0))
-            if len(opened) >= int(frac * n)
-        }
+        logged = back_marks(server.log_path, log_offset, n, t0_epoch)
         job = run_job(server.api(), {"action": "ping", "targets": "all"}, n, 120)
         attempts = swarm_attempts(swarm.state_dir) - attempts_before
     finally:
