@@ -101,6 +101,23 @@ def sessions_opened(log_path: str, offset: int) -> list[float]:
     return times
 
 
+def watch_back(kept: KeptApi, n: int, t0: float, seconds: float = 300) -> tuple[dict, int]:
+    """Polls the server's /status every 0.25 s until all `n` agents have a session again (or
+    `seconds` passed): when /status first showed 50, 99 and 100 % (seconds since `t0`), and
+    the sessions counted at that last poll (0 if not all came back)."""
+    marks: dict[str, float] = {}
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        s = kept.call("GET", "/status")["sessions"]
+        for name, frac in (("50", 0.5), ("99", 0.99), ("100", 1.0)):
+            if name not in marks and s >= frac * n:
+                marks[name] = time.monotonic() - t0
+        if "100" in marks:
+            return marks, s
+        time.sleep(0.25)
+    return marks, 0
+
+
 def back_marks(log_path: str, offset: int, n: int, t0_epoch: float) -> dict[str, float]:
     """Seconds from `t0_epoch` until 50, 99 and 100 % of `n` sessions had opened, per the
     server's log after byte `offset` (its stamps are whole seconds: a mark is late by up to
@@ -138,20 +155,9 @@ def measure(n: int, kill: bool, work: str, server_args: list[str] | None = None)
         server.start()  # same port, same state
         sampler = Sampler(server)
         sampler.start()
-        marks: dict[str, float] = {}
-        deadline = time.monotonic() + 300
         kept = KeptApi(server.api())  # one connection: the polls cost no handshakes
-        cpu_back = None
-        sessions_back = 0
-        while time.monotonic() < deadline:
-            s = kept.call("GET", "/status")["sessions"]
-            for name, frac in (("50", 0.5), ("99", 0.99), ("100", 1.0)):
-                if name not in marks and s >= frac * n:
-                    marks[name] = time.monotonic() - t0
-            if "100" in marks:
-                cpu_back, sessions_back = cpu_seconds(server.ps()), s
-                break
-            time.sleep(0.25)
+        marks, sessions_back = watch_back(kept, n, t0)
+        cpu_back = cpu_seconds(server.ps()) if sessions_back else None
         kept.close()
         sampler.running = False
         logged = back_marks(server.log_path, log_offset, n, t0_epoch)
@@ -239,21 +245,11 @@ def measure_gateway(n: int, kill: bool, work: str, server_args: list[str] | None
         gw_ps = psutil.Process(gw.proc.pid)  # type: ignore[union-attr]
         sampler = Sampler(type("Gateway", (), {"ps": lambda self: gw_ps})())
         sampler.start()
-        marks: dict[str, float] = {}
-        deadline = time.monotonic() + 300
         kept = KeptApi(server.api())
+        marks, sessions_back = watch_back(kept, n, t0)
         cpu_back = server_cpu_back = None
-        sessions_back = 0
-        while time.monotonic() < deadline:
-            s = kept.call("GET", "/status")["sessions"]
-            for name, frac in (("50", 0.5), ("99", 0.99), ("100", 1.0)):
-                if name not in marks and s >= frac * n:
-                    marks[name] = time.monotonic() - t0
-            if "100" in marks:
-                cpu_back, server_cpu_back = cpu_seconds(gw_ps), cpu_seconds(server.ps())
-                sessions_back = s
-                break
-            time.sleep(0.25)
+        if sessions_back:
+            cpu_back, server_cpu_back = cpu_seconds(gw_ps), cpu_seconds(server.ps())
         kept.close()
         sampler.running = False
         after = gateway_handshakes(mport)
