@@ -362,7 +362,7 @@ class GatewayService(NodeService):
         """The keys of the agents' resumption tokens: this gateway's own, from
         STATE_DIR/resumption.key (made at the first start; its worker processes read the
         same file, and gateways that answer at one name share it as a copy)."""
-        return ResumptionKeys.load_or_create(os.path.join(self.config.state_dir, "resumption.key"))
+        return ResumptionKeys.of_state_dir(self.config.state_dir)
 
     def add_link_to(self, name: str, url: str) -> None:
         """Link to upstream `name` at `url` (one node of it), kept up by its own service;

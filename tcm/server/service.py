@@ -701,7 +701,7 @@ def _resumption_keys(config: ServerConfig) -> ResumptionKeys:
     if config.clustered:
         with open(config.cluster_key or os.path.join(config.state_dir, "cluster.key"), "rb") as f:
             return ResumptionKeys.from_shared_secret(f.read().strip())
-    return ResumptionKeys.load_or_create(os.path.join(config.state_dir, "resumption.key"))
+    return ResumptionKeys.of_state_dir(config.state_dir)
 
 
 def _join_cluster(config: ServerConfig, db: Database, name: str) -> ClusterIdentity:

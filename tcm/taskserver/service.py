@@ -156,7 +156,7 @@ class TaskServerService(NodeService):
         assert self.node_name is not None
         # agents' TLS ends here: this task server seals their resumption tokens and resumes
         # the handshakes that offer one, with its own keys (STATE_DIR/resumption.key)
-        keys = ResumptionKeys.load_or_create(os.path.join(cfg.state_dir, "resumption.key"))
+        keys = ResumptionKeys.of_state_dir(cfg.state_dir)
         edge = EdgeFactory(self.relay, cfg.url(), resumption=keys)
         gateways = DownLinkFactory(self.relay, cfg.url().replace(WS_PATH, link.WS_PATH))
         site = edge_site(_resource(WebSocketResource(edge)), _resource(WebSocketResource(gateways)))

@@ -58,6 +58,7 @@ from tcm import compat
 
 __all__ = [
     "EPOCH",
+    "KEY_FILE",
     "TOKEN_LIFETIME",
     "connection_of",
     "Resumed",
@@ -103,6 +104,10 @@ class Resumed:
     cert_expires: float  # the certificate's notAfter, epoch seconds
 
 
+#: The file of a service's own master secret in its state directory.
+KEY_FILE = "resumption.key"
+
+
 class ResumptionKeys:
     """Seals and opens resumption tokens with keys derived from one master secret."""
 
@@ -122,6 +127,11 @@ class ResumptionKeys:
             write_private(path, os.urandom(32))
         with open(path, "rb") as f:
             return cls(f.read())
+
+    @classmethod
+    def of_state_dir(cls, state_dir: str) -> ResumptionKeys:
+        """A service's own keys: ``STATE_DIR/resumption.key`` (made at its first start)."""
+        return cls.load_or_create(os.path.join(state_dir, KEY_FILE))
 
     @classmethod
     def from_shared_secret(cls, secret: bytes) -> ResumptionKeys:
